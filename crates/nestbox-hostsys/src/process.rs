@@ -1,0 +1,459 @@
+//! Child processes: the one place Nestbox starts `qemu-img`, `nft`, `debootstrap`, QEMU…
+//!
+//! A [`Cmd`] records its argv so every error names the command that failed. Short-lived
+//! tools run with [`Cmd::run`] (non-zero exit is an error carrying a stderr tail) or
+//! [`Cmd::output`] (exit status returned). Long-lived processes start with [`Cmd::spawn`],
+//! which returns a [`Supervised`] child that is killed and reaped when dropped.
+//!
+//! A command can be started inside a network namespace ([`Cmd::netns`]) and in a session of
+//! its own ([`Cmd::new_session`]) so terminal signals aimed at the agent do not reach it.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+/// How many bytes of stderr an error keeps.
+const STDERR_TAIL: usize = 2048;
+
+/// A failed child process operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The program is not installed.
+    #[error("`{program}` not found{}", hint_suffix(program))]
+    NotFound {
+        /// Program name as given.
+        program: String,
+    },
+    /// The program exists but could not be started.
+    #[error("could not start `{argv}`")]
+    Spawn {
+        /// The command line.
+        argv: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program ran and failed.
+    #[error("`{argv}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command line.
+        argv: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The last bytes it wrote to stderr (or stdout when stderr was empty).
+        stderr: String,
+    },
+    /// The program did not finish in time and was killed.
+    #[error("`{argv}` did not finish within {after:?}")]
+    Timeout {
+        /// The command line.
+        argv: String,
+        /// The limit.
+        after: Duration,
+    },
+    /// Reading from or writing to the program failed.
+    #[error("i/o with `{argv}`")]
+    Io {
+        /// The command line.
+        argv: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The network namespace to run in could not be opened.
+    #[error("cannot open network namespace {path}")]
+    Netns {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The Debian package that provides a tool, for "not found" errors.
+pub fn package_hint(program: &str) -> Option<&'static str> {
+    let name = Path::new(program).file_name()?.to_str()?;
+    Some(match name {
+        "qemu-system-x86_64" => "qemu-system-x86",
+        "qemu-img" | "qemu-nbd" => "qemu-utils",
+        "nft" => "nftables",
+        "ip" => "iproute2",
+        "debootstrap" => "debootstrap",
+        "mkfs.ext4" | "resize2fs" | "e2fsck" | "debugfs" | "tune2fs" => "e2fsprogs",
+        "lz4" => "lz4",
+        "cpio" => "cpio",
+        "dpkg-deb" => "dpkg",
+        "apt-get" | "apt-cache" => "apt",
+        "initdb" | "pg_ctl" | "postgres" => "postgresql",
+        _ => return None,
+    })
+}
+
+fn hint_suffix(program: &str) -> String {
+    match package_hint(program) {
+        Some(pkg) => format!("; install it with `apt-get install {pkg}`"),
+        None => "; install it or check PATH".to_string(),
+    }
+}
+
+/// Keeps the last [`STDERR_TAIL`] bytes of `bytes` as lossy text, trimmed.
+pub fn tail(bytes: &[u8]) -> String {
+    let start = bytes.len().saturating_sub(STDERR_TAIL);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+}
+
+/// Collected result of a finished command.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything written to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything written to stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    /// Stdout as trimmed lossy text.
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).trim().to_string()
+    }
+}
+
+/// A command to run. Built like [`std::process::Command`], but every failure names it.
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    program: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    cwd: Option<PathBuf>,
+    stdin: Option<Vec<u8>>,
+    timeout: Option<Duration>,
+    netns: Option<PathBuf>,
+    new_session: bool,
+    inherit_output: bool,
+}
+
+impl Cmd {
+    /// A command running `program`.
+    pub fn new(program: impl Into<OsString>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            cwd: None,
+            stdin: None,
+            timeout: None,
+            netns: None,
+            new_session: false,
+            inherit_output: false,
+        }
+    }
+
+    /// Appends one argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Appends arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Bytes written to stdin, which is then closed.
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(bytes.into());
+        self
+    }
+
+    /// Kills the command if it runs longer than `limit` ([`Cmd::run`] and [`Cmd::output`]).
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// Runs the command inside the network namespace at `path` (e.g. `/run/netns/x`).
+    pub fn netns(mut self, path: impl Into<PathBuf>) -> Self {
+        self.netns = Some(path.into());
+        self
+    }
+
+    /// Starts the command in a new session (its own process group, no controlling tty).
+    pub fn new_session(mut self) -> Self {
+        self.new_session = true;
+        self
+    }
+
+    /// Lets the command write to the agent's own stdout/stderr (for progress output of
+    /// long tools); errors then carry no stderr tail.
+    pub fn inherit_output(mut self) -> Self {
+        self.inherit_output = true;
+        self
+    }
+
+    /// The command line, for logs and errors.
+    pub fn argv(&self) -> String {
+        let mut s = self.program.to_string_lossy().into_owned();
+        for a in &self.args {
+            s.push(' ');
+            let a = a.to_string_lossy();
+            if a.is_empty() || a.contains(char::is_whitespace) {
+                s.push_str(&format!("{a:?}"));
+            } else {
+                s.push_str(&a);
+            }
+        }
+        s
+    }
+
+    /// Builds the tokio command. The returned fd (the network namespace, if any) must stay
+    /// open until the command has been spawned.
+    fn command(&self) -> Result<(tokio::process::Command, Option<OwnedFd>), ProcessError> {
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.args).kill_on_drop(true);
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        let netns: Option<OwnedFd> = match &self.netns {
+            Some(path) => Some(
+                std::fs::File::open(path)
+                    .map(OwnedFd::from)
+                    .map_err(|source| ProcessError::Netns { path: path.clone(), source })?,
+            ),
+            None => None,
+        };
+        let new_session = self.new_session;
+        if netns.is_some() || new_session {
+            let fd = netns.as_ref().map(|f| f.as_raw_fd());
+            // SAFETY: the closure runs in the forked child before exec and only makes
+            // async-signal-safe system calls (setns, setsid). `fd` stays open in the parent
+            // until spawn returns because the caller holds the returned `OwnedFd`.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(fd) = fd
+                        && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if new_session && libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Ok((cmd, netns))
+    }
+
+    fn spawn_error(&self, source: std::io::Error) -> ProcessError {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ProcessError::NotFound { program: self.program.to_string_lossy().into_owned() }
+        } else {
+            ProcessError::Spawn { argv: self.argv(), source }
+        }
+    }
+
+    /// Runs to completion and returns the output whatever the exit status.
+    pub async fn output(&self) -> Result<Output, ProcessError> {
+        let (mut cmd, _netns) = self.command()?;
+        cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        if self.inherit_output {
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        } else {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        tracing::debug!(argv = %self.argv(), "running");
+        let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
+        if let Some(input) = &self.stdin
+            && let Some(mut stdin) = child.stdin.take()
+        {
+            stdin
+                .write_all(input)
+                .await
+                .map_err(|source| ProcessError::Io { argv: self.argv(), source })?;
+            drop(stdin);
+        }
+        let wait = child.wait_with_output();
+        let out = match self.timeout {
+            Some(limit) => tokio::time::timeout(limit, wait)
+                .await
+                .map_err(|_| ProcessError::Timeout { argv: self.argv(), after: limit })?,
+            None => wait.await,
+        }
+        .map_err(|source| ProcessError::Io { argv: self.argv(), source })?;
+        Ok(Output { status: out.status, stdout: out.stdout, stderr: out.stderr })
+    }
+
+    /// Runs to completion; a non-zero exit is [`ProcessError::Failed`].
+    pub async fn run(&self) -> Result<Output, ProcessError> {
+        let out = self.output().await?;
+        if out.status.success() {
+            Ok(out)
+        } else {
+            let stderr = if out.stderr.is_empty() { tail(&out.stdout) } else { tail(&out.stderr) };
+            Err(ProcessError::Failed { argv: self.argv(), status: out.status, stderr })
+        }
+    }
+
+    /// Starts a long-lived process. Its stdout and stderr go to `log` when given (appended),
+    /// otherwise to /dev/null.
+    pub fn spawn(&self, log: Option<&Path>) -> Result<Supervised, ProcessError> {
+        let (mut cmd, _netns) = self.command()?;
+        cmd.stdin(Stdio::null());
+        match log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| ProcessError::Io { argv: self.argv(), source })?;
+                let err = file
+                    .try_clone()
+                    .map_err(|source| ProcessError::Io { argv: self.argv(), source })?;
+                cmd.stdout(file).stderr(err);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        tracing::debug!(argv = %self.argv(), "spawning");
+        let child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
+        let pid = child.id().unwrap_or(0);
+        Ok(Supervised { argv: self.argv(), pid, child })
+    }
+}
+
+impl fmt::Display for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.argv())
+    }
+}
+
+/// A long-lived child process. Dropping it kills and (in the background) reaps it.
+#[derive(Debug)]
+pub struct Supervised {
+    argv: String,
+    pid: u32,
+    child: tokio::process::Child,
+}
+
+impl Supervised {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The command line it was started with.
+    pub fn argv(&self) -> &str {
+        &self.argv
+    }
+
+    /// The exit status if it has exited, without waiting.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
+        self.child.wait().await.map_err(|source| ProcessError::Io { argv: self.argv.clone(), source })
+    }
+
+    /// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns once reaped.
+    pub async fn terminate(&mut self, grace: Duration) -> Result<ExitStatus, ProcessError> {
+        if let Some(status) = self.try_status() {
+            return Ok(status);
+        }
+        if let Ok(pid) = i32::try_from(self.pid) {
+            // SAFETY: plain kill(2) on a child we have not reaped yet, so the pid is ours.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(res) => res.map_err(|source| ProcessError::Io { argv: self.argv.clone(), source }),
+            Err(_) => self.kill().await,
+        }
+    }
+
+    /// Sends SIGKILL and returns once reaped.
+    pub async fn kill(&mut self) -> Result<ExitStatus, ProcessError> {
+        let _ = self.child.start_kill();
+        self.wait().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn run_collects_output() {
+        let out = Cmd::new("sh").args(["-c", "echo hi; echo err >&2"]).run().await.unwrap();
+        assert_eq!(out.stdout_text(), "hi");
+        assert_eq!(tail(&out.stderr), "err");
+    }
+
+    #[tokio::test]
+    async fn failure_names_command_and_stderr() {
+        let err = Cmd::new("sh").args(["-c", "echo boom >&2; exit 3"]).run().await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sh -c"), "{msg}");
+        assert!(msg.contains("boom"), "{msg}");
+        assert!(matches!(err, ProcessError::Failed { .. }));
+    }
+
+    #[tokio::test]
+    async fn missing_tool_names_package() {
+        let err = Cmd::new("qemu-img-definitely-missing").run().await.unwrap_err();
+        assert!(matches!(err, ProcessError::NotFound { .. }));
+        let err = ProcessError::NotFound { program: "nft".into() };
+        assert!(err.to_string().contains("apt-get install nftables"));
+    }
+
+    #[tokio::test]
+    async fn timeout_kills() {
+        let err = Cmd::new("sleep").arg("10").timeout(Duration::from_millis(100)).run().await;
+        assert!(matches!(err, Err(ProcessError::Timeout { .. })));
+    }
+
+    #[tokio::test]
+    async fn stdin_is_fed() {
+        let out = Cmd::new("cat").stdin(b"abc".to_vec()).run().await.unwrap();
+        assert_eq!(out.stdout, b"abc");
+    }
+
+    #[tokio::test]
+    async fn supervised_terminate() {
+        let mut child = Cmd::new("sleep").arg("30").new_session().spawn(None).unwrap();
+        assert!(child.pid() > 0);
+        let status = child.terminate(Duration::from_secs(5)).await.unwrap();
+        assert!(!status.success());
+    }
+}

@@ -1,0 +1,40 @@
+//! Defaults shared by the control plane, the host agent and the clients.
+
+/// Default vCPUs of a sandbox.
+pub const DEFAULT_VCPUS: u32 = 1;
+/// Default memory of a sandbox, MiB.
+pub const DEFAULT_MEMORY_MB: u32 = 512;
+/// Default root disk of a sandbox, MiB (the seed's 5 GB default).
+pub const DEFAULT_DISK_SIZE_MB: u32 = 5120;
+/// Default inactivity timeout of a sandbox, seconds.
+pub const DEFAULT_TIMEOUT_SEC: u32 = 300;
+/// The TCP port the guest agent listens on inside every sandbox (E2B's envd port).
+pub const GUEST_AGENT_PORT: u16 = 49983;
+/// Name of the template every installation ships.
+pub const DEFAULT_TEMPLATE: &str = "minimal";
+
+/// Whether `name` is an acceptable template or snapshot name: 1–64 characters, starting
+/// with a letter or digit, then letters, digits, `.`, `_` or `-`.
+pub fn is_valid_template_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_names() {
+        assert!(is_valid_template_name("minimal"));
+        assert!(is_valid_template_name("py-3.11_data"));
+        assert!(!is_valid_template_name(""));
+        assert!(!is_valid_template_name("-x"));
+        assert!(!is_valid_template_name("../etc"));
+        assert!(!is_valid_template_name("a b"));
+        assert!(!is_valid_template_name(&"a".repeat(65)));
+    }
+}

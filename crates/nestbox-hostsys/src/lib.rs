@@ -6,5 +6,10 @@
 //! - [`process`]: the one way to start a child process (records argv, kills on drop,
 //!   reaps, returns exit status and a stderr tail, names the package to install when a
 //!   tool is missing).
+//! - [`net`]: per-sandbox network namespaces, veth/TAP, nftables isolation, slot
+//!   allocation.
+//! - [`disk`]: template base images expanded per disk size, qcow2 copy-on-write overlays.
 
+pub mod disk;
+pub mod net;
 pub mod process;

@@ -241,14 +241,16 @@ impl Cmd {
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
         }
-        let netns: Option<OwnedFd> = match &self.netns {
-            Some(path) => Some(
-                std::fs::File::open(path)
-                    .map(OwnedFd::from)
-                    .map_err(|source| ProcessError::Netns { path: path.clone(), source })?,
-            ),
-            None => None,
-        };
+        let netns: Option<OwnedFd> =
+            match &self.netns {
+                Some(path) => Some(std::fs::File::open(path).map(OwnedFd::from).map_err(
+                    |source| ProcessError::Netns {
+                        path: path.clone(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
         let new_session = self.new_session;
         if netns.is_some() || new_session {
             let fd = netns.as_ref().map(|f| f.as_raw_fd());
@@ -274,16 +276,25 @@ impl Cmd {
 
     fn spawn_error(&self, source: std::io::Error) -> ProcessError {
         if source.kind() == std::io::ErrorKind::NotFound {
-            ProcessError::NotFound { program: self.program.to_string_lossy().into_owned() }
+            ProcessError::NotFound {
+                program: self.program.to_string_lossy().into_owned(),
+            }
         } else {
-            ProcessError::Spawn { argv: self.argv(), source }
+            ProcessError::Spawn {
+                argv: self.argv(),
+                source,
+            }
         }
     }
 
     /// Runs to completion and returns the output whatever the exit status.
     pub async fn output(&self) -> Result<Output, ProcessError> {
         let (mut cmd, _netns) = self.command()?;
-        cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         if self.inherit_output {
             cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
         } else {
@@ -297,18 +308,33 @@ impl Cmd {
             stdin
                 .write_all(input)
                 .await
-                .map_err(|source| ProcessError::Io { argv: self.argv(), source })?;
+                .map_err(|source| ProcessError::Io {
+                    argv: self.argv(),
+                    source,
+                })?;
             drop(stdin);
         }
         let wait = child.wait_with_output();
         let out = match self.timeout {
-            Some(limit) => tokio::time::timeout(limit, wait)
-                .await
-                .map_err(|_| ProcessError::Timeout { argv: self.argv(), after: limit })?,
+            Some(limit) => {
+                tokio::time::timeout(limit, wait)
+                    .await
+                    .map_err(|_| ProcessError::Timeout {
+                        argv: self.argv(),
+                        after: limit,
+                    })?
+            }
             None => wait.await,
         }
-        .map_err(|source| ProcessError::Io { argv: self.argv(), source })?;
-        Ok(Output { status: out.status, stdout: out.stdout, stderr: out.stderr })
+        .map_err(|source| ProcessError::Io {
+            argv: self.argv(),
+            source,
+        })?;
+        Ok(Output {
+            status: out.status,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
     }
 
     /// Runs to completion; a non-zero exit is [`ProcessError::Failed`].
@@ -317,8 +343,16 @@ impl Cmd {
         if out.status.success() {
             Ok(out)
         } else {
-            let stderr = if out.stderr.is_empty() { tail(&out.stdout) } else { tail(&out.stderr) };
-            Err(ProcessError::Failed { argv: self.argv(), status: out.status, stderr })
+            let stderr = if out.stderr.is_empty() {
+                tail(&out.stdout)
+            } else {
+                tail(&out.stderr)
+            };
+            Err(ProcessError::Failed {
+                argv: self.argv(),
+                status: out.status,
+                stderr,
+            })
         }
     }
 
@@ -333,10 +367,14 @@ impl Cmd {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| ProcessError::Io { argv: self.argv(), source })?;
-                let err = file
-                    .try_clone()
-                    .map_err(|source| ProcessError::Io { argv: self.argv(), source })?;
+                    .map_err(|source| ProcessError::Io {
+                        argv: self.argv(),
+                        source,
+                    })?;
+                let err = file.try_clone().map_err(|source| ProcessError::Io {
+                    argv: self.argv(),
+                    source,
+                })?;
                 cmd.stdout(file).stderr(err);
             }
             None => {
@@ -346,7 +384,11 @@ impl Cmd {
         tracing::debug!(argv = %self.argv(), "spawning");
         let child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
         let pid = child.id().unwrap_or(0);
-        Ok(Supervised { argv: self.argv(), pid, child })
+        Ok(Supervised {
+            argv: self.argv(),
+            pid,
+            child,
+        })
     }
 }
 
@@ -382,7 +424,10 @@ impl Supervised {
 
     /// Waits for the process to exit.
     pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
-        self.child.wait().await.map_err(|source| ProcessError::Io { argv: self.argv.clone(), source })
+        self.child.wait().await.map_err(|source| ProcessError::Io {
+            argv: self.argv.clone(),
+            source,
+        })
     }
 
     /// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns once reaped.
@@ -397,7 +442,10 @@ impl Supervised {
             }
         }
         match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(res) => res.map_err(|source| ProcessError::Io { argv: self.argv.clone(), source }),
+            Ok(res) => res.map_err(|source| ProcessError::Io {
+                argv: self.argv.clone(),
+                source,
+            }),
             Err(_) => self.kill().await,
         }
     }
@@ -415,14 +463,22 @@ mod tests {
 
     #[tokio::test]
     async fn run_collects_output() {
-        let out = Cmd::new("sh").args(["-c", "echo hi; echo err >&2"]).run().await.unwrap();
+        let out = Cmd::new("sh")
+            .args(["-c", "echo hi; echo err >&2"])
+            .run()
+            .await
+            .unwrap();
         assert_eq!(out.stdout_text(), "hi");
         assert_eq!(tail(&out.stderr), "err");
     }
 
     #[tokio::test]
     async fn failure_names_command_and_stderr() {
-        let err = Cmd::new("sh").args(["-c", "echo boom >&2; exit 3"]).run().await.unwrap_err();
+        let err = Cmd::new("sh")
+            .args(["-c", "echo boom >&2; exit 3"])
+            .run()
+            .await
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("sh -c"), "{msg}");
         assert!(msg.contains("boom"), "{msg}");
@@ -431,15 +487,24 @@ mod tests {
 
     #[tokio::test]
     async fn missing_tool_names_package() {
-        let err = Cmd::new("qemu-img-definitely-missing").run().await.unwrap_err();
+        let err = Cmd::new("qemu-img-definitely-missing")
+            .run()
+            .await
+            .unwrap_err();
         assert!(matches!(err, ProcessError::NotFound { .. }));
-        let err = ProcessError::NotFound { program: "nft".into() };
+        let err = ProcessError::NotFound {
+            program: "nft".into(),
+        };
         assert!(err.to_string().contains("apt-get install nftables"));
     }
 
     #[tokio::test]
     async fn timeout_kills() {
-        let err = Cmd::new("sleep").arg("10").timeout(Duration::from_millis(100)).run().await;
+        let err = Cmd::new("sleep")
+            .arg("10")
+            .timeout(Duration::from_millis(100))
+            .run()
+            .await;
         assert!(matches!(err, Err(ProcessError::Timeout { .. })));
     }
 
@@ -451,7 +516,11 @@ mod tests {
 
     #[tokio::test]
     async fn supervised_terminate() {
-        let mut child = Cmd::new("sleep").arg("30").new_session().spawn(None).unwrap();
+        let mut child = Cmd::new("sleep")
+            .arg("30")
+            .new_session()
+            .spawn(None)
+            .unwrap();
         assert!(child.pid() > 0);
         let status = child.terminate(Duration::from_secs(5)).await.unwrap();
         assert!(!status.success());

@@ -6,6 +6,8 @@
 
 use nestbox_types::ErrorCode;
 
+pub mod auth;
+
 /// Generated types and services of `nestbox.hostagent.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod hostagent {
@@ -88,7 +90,13 @@ mod tests {
 
     #[test]
     fn bare_statuses_map_sensibly() {
-        assert_eq!(error_code(&tonic::Status::unavailable("down")), ErrorCode::HostUnavailable);
-        assert_eq!(error_code(&tonic::Status::not_found("x")), ErrorCode::NotFound);
+        assert_eq!(
+            error_code(&tonic::Status::unavailable("down")),
+            ErrorCode::HostUnavailable
+        );
+        assert_eq!(
+            error_code(&tonic::Status::not_found("x")),
+            ErrorCode::NotFound
+        );
     }
 }

@@ -192,13 +192,25 @@ mod tests {
     fn wrong_prefix_is_rejected() {
         let team = TeamId::new().to_string();
         let err = team.parse::<SandboxId>().unwrap_err();
-        assert!(matches!(err, IdParseError::WrongPrefix { expected: "sb-", .. }));
+        assert!(matches!(
+            err,
+            IdParseError::WrongPrefix {
+                expected: "sb-",
+                ..
+            }
+        ));
     }
 
     #[test]
     fn bad_uuid_is_rejected() {
         let err = "sb-not-a-uuid".parse::<SandboxId>().unwrap_err();
-        assert!(matches!(err, IdParseError::BadUuid { kind: "sandbox", .. }));
+        assert!(matches!(
+            err,
+            IdParseError::BadUuid {
+                kind: "sandbox",
+                ..
+            }
+        ));
         assert!("sb-".parse::<SandboxId>().is_err());
         assert!("".parse::<SandboxId>().is_err());
     }
@@ -210,13 +222,19 @@ mod tests {
         assert_eq!(json, format!("\"{id}\""));
         let back: UserId = serde_json::from_str(&json).unwrap();
         assert_eq!(back, id);
-        assert!(serde_json::from_str::<UserId>("\"team-00000000-0000-0000-0000-000000000000\"").is_err());
+        assert!(
+            serde_json::from_str::<UserId>("\"team-00000000-0000-0000-0000-000000000000\"")
+                .is_err()
+        );
     }
 
     #[test]
     fn platform_team_is_nil() {
         assert!(PLATFORM_TEAM.is_platform());
-        assert_eq!(PLATFORM_TEAM.to_string(), "team-00000000-0000-0000-0000-000000000000");
+        assert_eq!(
+            PLATFORM_TEAM.to_string(),
+            "team-00000000-0000-0000-0000-000000000000"
+        );
         assert!(!TeamId::new().is_platform());
     }
 }

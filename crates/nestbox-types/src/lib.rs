@@ -5,6 +5,7 @@
 //! human-readable sizes. It performs no I/O and depends on nothing heavier than `serde`, so
 //! the guest agent, the host agent and the control plane can all use it.
 
+pub mod api;
 pub mod error;
 pub mod ids;
 pub mod limits;

@@ -45,7 +45,9 @@ impl FromStr for ByteSize {
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let err = || SizeParseError(input.chars().take(40).collect());
         let s = input.trim();
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         if num.is_empty() {
             return Err(err());
@@ -73,11 +75,11 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b >= Self::GIB && b % Self::GIB == 0 {
+        if b >= Self::GIB && b.is_multiple_of(Self::GIB) {
             write!(f, "{}G", b / Self::GIB)
-        } else if b >= Self::MIB && b % Self::MIB == 0 {
+        } else if b >= Self::MIB && b.is_multiple_of(Self::MIB) {
             write!(f, "{}M", b / Self::MIB)
-        } else if b >= Self::KIB && b % Self::KIB == 0 {
+        } else if b >= Self::KIB && b.is_multiple_of(Self::KIB) {
             write!(f, "{}K", b / Self::KIB)
         } else {
             write!(f, "{b}")

@@ -1,0 +1,86 @@
+//! Hosts: admin management, agent registration and heartbeats.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use nestbox_types::api::{
+    CreateHostRequest, CreatedHost, HeartbeatRequest, Host, Page, RegisterHostRequest,
+    RegisterHostResponse,
+};
+use nestbox_types::{ErrorBody, HostId};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, Json, Path};
+use crate::state::AppState;
+
+/// Creates a host and its one-time registration token (platform admins).
+#[utoipa::path(post, path = "/v1/admin/hosts", tag = "admin", security(("session" = [])), request_body = CreateHostRequest,
+    responses((status = 201, body = CreatedHost), (status = 403, body = ErrorBody)))]
+pub async fn create_host(
+    State(s): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateHostRequest>,
+) -> ApiResult<(StatusCode, axum::Json<CreatedHost>)> {
+    s.services
+        .create_host(&caller, &req.name)
+        .await
+        .map(|h| (StatusCode::CREATED, axum::Json(h)))
+}
+
+/// Lists hosts (platform admins).
+#[utoipa::path(get, path = "/v1/admin/hosts", tag = "admin", security(("session" = [])),
+    responses((status = 200, body = Page<Host>), (status = 403, body = ErrorBody)))]
+pub async fn list_hosts(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<axum::Json<Page<Host>>> {
+    s.services.list_hosts(&caller).await.map(|items| {
+        axum::Json(Page {
+            items,
+            next_cursor: None,
+        })
+    })
+}
+
+/// Deletes a host without sandboxes (platform admins).
+#[utoipa::path(delete, path = "/v1/admin/hosts/{host_id}", tag = "admin", security(("session" = [])), params(("host_id" = HostId, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete_host(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(host): Path<HostId>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .delete_host(&caller, host)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}
+
+/// An agent trades its one-time registration token for credentials.
+#[utoipa::path(post, path = "/v1/hosts/register", tag = "hosts", request_body = RegisterHostRequest,
+    responses((status = 200, body = RegisterHostResponse), (status = 401, body = ErrorBody)))]
+pub async fn register_host(
+    State(s): State<AppState>,
+    Json(req): Json<RegisterHostRequest>,
+) -> ApiResult<axum::Json<RegisterHostResponse>> {
+    s.services.register_host(&req).await.map(axum::Json)
+}
+
+/// An agent reports that it is alive (host token as bearer).
+#[utoipa::path(post, path = "/v1/hosts/{host_id}/heartbeat", tag = "hosts", params(("host_id" = HostId, Path)), request_body = HeartbeatRequest,
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn heartbeat(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(host): Path<HostId>,
+    Json(req): Json<HeartbeatRequest>,
+) -> ApiResult<StatusCode> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("missing host token"))?;
+    s.services
+        .heartbeat(host, token, &req)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,300 @@
+//! Sandboxes, commands, files, templates and the audit log.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use nestbox_types::api::{
+    AuditLog, CreateSandboxRequest, EntryInfo, ExecEvent, ExecRequest, ExecResult, FileList,
+    MkdirRequest, Page, PageQuery, PathQuery, Sandbox, SandboxListQuery, Template,
+};
+use nestbox_types::{ErrorBody, SandboxId};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, Json, Path, Query};
+use crate::state::AppState;
+
+/// Templates the caller's team can start sandboxes from.
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", security(("api_key" = []), ("session" = [])),
+    responses((status = 200, body = Page<Template>), (status = 401, body = ErrorBody)))]
+pub async fn list_templates(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<axum::Json<Page<Template>>> {
+    s.services.list_templates(&caller).await.map(axum::Json)
+}
+
+/// Creates a sandbox and returns once it runs.
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", security(("api_key" = []), ("session" = [])), request_body = CreateSandboxRequest,
+    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, description = "unknown template", body = ErrorBody),
+              (status = 503, description = "no capacity (retryable)", body = ErrorBody)))]
+pub async fn create_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateSandboxRequest>,
+) -> ApiResult<(StatusCode, axum::Json<Sandbox>)> {
+    s.services
+        .create_sandbox(&caller, &req)
+        .await
+        .map(|sb| (StatusCode::CREATED, axum::Json(sb)))
+}
+
+/// The team's sandboxes, newest first.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", security(("api_key" = []), ("session" = [])), params(SandboxListQuery),
+    responses((status = 200, body = Page<Sandbox>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn list_sandboxes(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<SandboxListQuery>,
+) -> ApiResult<axum::Json<Page<Sandbox>>> {
+    s.services.list_sandboxes(&caller, &q).await.map(axum::Json)
+}
+
+/// One sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
+pub async fn get_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+) -> ApiResult<axum::Json<Sandbox>> {
+    s.services.get_sandbox(&caller, id).await.map(axum::Json)
+}
+
+/// Destroys a sandbox (idempotent).
+#[utoipa::path(delete, path = "/v1/sandboxes/{sandbox_id}", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn destroy_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .destroy_sandbox(&caller, id)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}
+
+/// Runs a command to completion and returns its output.
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/exec", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)), request_body = ExecRequest,
+    responses((status = 200, body = ExecResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn exec(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Json(req): Json<ExecRequest>,
+) -> ApiResult<axum::Json<ExecResult>> {
+    s.services.exec(&caller, id, &req).await.map(axum::Json)
+}
+
+fn sse_event(ev: &ExecEvent) -> Event {
+    let name = match ev {
+        ExecEvent::Started { .. } => "started",
+        ExecEvent::Stdout { .. } => "stdout",
+        ExecEvent::Stderr { .. } => "stderr",
+        ExecEvent::Exit { .. } => "exit",
+        ExecEvent::Error { .. } => "error",
+    };
+    Event::default()
+        .event(name)
+        .json_data(ev)
+        .unwrap_or_else(|_| Event::default().event("error"))
+}
+
+/// Runs a command and streams its output as server-sent events (`started`, `stdout`,
+/// `stderr`, then `exit` or `error`; data is JSON, output base64).
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/exec/stream", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)), request_body = ExecRequest,
+    responses((status = 200, description = "text/event-stream of ExecEvent", body = ExecEvent, content_type = "text/event-stream"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn exec_stream(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Json(req): Json<ExecRequest>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let events = s.services.exec_stream(&caller, id, &req).await?;
+    Ok(Sse::new(events.map(|ev| Ok(sse_event(&ev)))).keep_alive(KeepAlive::default()))
+}
+
+/// Lists a directory.
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}/files", tag = "files", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path), PathQuery),
+    responses((status = 200, body = FileList), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn list_files(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<axum::Json<FileList>> {
+    let items = s
+        .services
+        .list_files(&caller, id, &q.path, q.depth.unwrap_or(1), &q.user)
+        .await?;
+    Ok(axum::Json(FileList { items }))
+}
+
+/// Removes a file or directory tree.
+#[utoipa::path(delete, path = "/v1/sandboxes/{sandbox_id}/files", tag = "files", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path), PathQuery),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn remove_path(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .remove_path(&caller, id, &q.path, &q.user)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}
+
+/// Describes a path.
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}/files/stat", tag = "files", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path), PathQuery),
+    responses((status = 200, body = EntryInfo), (status = 404, body = ErrorBody)))]
+pub async fn stat(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<axum::Json<EntryInfo>> {
+    s.services
+        .stat(&caller, id, &q.path, &q.user)
+        .await
+        .map(axum::Json)
+}
+
+/// Creates a directory and its parents.
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/files/mkdir", tag = "files", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)), request_body = MkdirRequest,
+    responses((status = 201, body = EntryInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn mkdir(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Json(req): Json<MkdirRequest>,
+) -> ApiResult<(StatusCode, axum::Json<EntryInfo>)> {
+    s.services
+        .mkdir(&caller, id, &req.path, &req.user)
+        .await
+        .map(|e| (StatusCode::CREATED, axum::Json(e)))
+}
+
+/// Downloads a file (streamed).
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}/files/content", tag = "files", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path), PathQuery),
+    responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream"),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn download(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<Response> {
+    let (entry, body) = s.services.download(&caller, id, &q.path, &q.user).await?;
+    let mut resp = Body::from_stream(body).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(len) = HeaderValue::from_str(&entry.size.to_string()) {
+        headers.insert(header::CONTENT_LENGTH, len);
+    }
+    let safe: String = entry
+        .name
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\')
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// Uploads a file (the raw request body, streamed), creating parent directories and
+/// replacing an existing file.
+#[utoipa::path(put, path = "/v1/sandboxes/{sandbox_id}/files/content", tag = "files", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path), PathQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = EntryInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 413, description = "larger than the upload limit", body = ErrorBody)))]
+pub async fn upload(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Query(q): Query<PathQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<axum::Json<EntryInfo>> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    s.services
+        .upload(
+            &caller,
+            id,
+            &q.path,
+            &q.user,
+            declared,
+            body.into_data_stream(),
+        )
+        .await
+        .map(axum::Json)
+}
+
+/// The team's audit log, newest first.
+#[utoipa::path(get, path = "/v1/audit-logs", tag = "teams", security(("api_key" = []), ("session" = [])), params(PageQuery),
+    responses((status = 200, body = Page<AuditLog>), (status = 403, body = ErrorBody)))]
+pub async fn audit_logs(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<axum::Json<Page<AuditLog>>> {
+    if !caller.role.can_manage() {
+        return Err(ApiError::forbidden(
+            "only the team's owner and admins may read its audit log",
+        ));
+    }
+    let page = nestbox_db::Page {
+        limit: q.limit.unwrap_or(50).clamp(1, 200),
+        cursor: q.cursor,
+    };
+    let paged = nestbox_db::audit::list(
+        &s.services.db,
+        nestbox_db::audit::AuditScope::Team(caller.team),
+        &Default::default(),
+        &page,
+    )
+    .await?;
+    Ok(axum::Json(Page {
+        items: paged
+            .items
+            .into_iter()
+            .map(|a| AuditLog {
+                id: a.id,
+                team_id: a.team_id,
+                actor_type: a.actor_type.to_string(),
+                actor_id: a.actor_id,
+                action: a.action,
+                resource_type: a.resource_type,
+                resource_id: a.resource_id,
+                status: a.status.to_string(),
+                details: a.details,
+                created_at: a.created_at,
+            })
+            .collect(),
+        next_cursor: paged.next_cursor,
+    }))
+}

@@ -1,0 +1,182 @@
+//! Teams, members and API keys.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use nestbox_types::api::{
+    AddMemberRequest, ApiKey, CreateApiKeyRequest, CreatedApiKey, Member, Page, Team,
+    TeamMembership, TeamRequest, UpdateMemberRequest,
+};
+use nestbox_types::{ApiKeyId, ErrorBody, TeamId, UserId};
+
+use crate::error::ApiResult;
+use crate::extract::{Caller, Json, Path};
+use crate::state::AppState;
+
+fn page<T>(items: Vec<T>) -> axum::Json<Page<T>> {
+    axum::Json(Page {
+        items,
+        next_cursor: None,
+    })
+}
+
+/// The caller's teams.
+#[utoipa::path(get, path = "/v1/teams", tag = "teams", security(("session" = [])),
+    responses((status = 200, body = Page<TeamMembership>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn list_teams(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<axum::Json<Page<TeamMembership>>> {
+    s.services.list_teams(&caller).await.map(page)
+}
+
+/// Creates a team owned by the caller.
+#[utoipa::path(post, path = "/v1/teams", tag = "teams", security(("session" = [])), request_body = TeamRequest,
+    responses((status = 201, body = Team), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn create_team(
+    State(s): State<AppState>,
+    caller: Caller,
+    Json(req): Json<TeamRequest>,
+) -> ApiResult<(StatusCode, axum::Json<Team>)> {
+    s.services
+        .create_team(&caller, &req.name)
+        .await
+        .map(|t| (StatusCode::CREATED, axum::Json(t)))
+}
+
+/// One team.
+#[utoipa::path(get, path = "/v1/teams/{team_id}", tag = "teams", security(("session" = [])), params(("team_id" = TeamId, Path)),
+    responses((status = 200, body = Team), (status = 404, body = ErrorBody)))]
+pub async fn get_team(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+) -> ApiResult<axum::Json<Team>> {
+    s.services.get_team(&caller, team).await.map(axum::Json)
+}
+
+/// Renames a team (owners and admins).
+#[utoipa::path(patch, path = "/v1/teams/{team_id}", tag = "teams", security(("session" = [])), params(("team_id" = TeamId, Path)), request_body = TeamRequest,
+    responses((status = 200, body = Team), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn rename_team(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+    Json(req): Json<TeamRequest>,
+) -> ApiResult<axum::Json<Team>> {
+    s.services
+        .rename_team(&caller, team, &req.name)
+        .await
+        .map(axum::Json)
+}
+
+/// Deletes a team without live sandboxes (owner only).
+#[utoipa::path(delete, path = "/v1/teams/{team_id}", tag = "teams", security(("session" = [])), params(("team_id" = TeamId, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete_team(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .delete_team(&caller, team)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}
+
+/// Members of a team.
+#[utoipa::path(get, path = "/v1/teams/{team_id}/members", tag = "teams", security(("session" = [])), params(("team_id" = TeamId, Path)),
+    responses((status = 200, body = Page<Member>), (status = 404, body = ErrorBody)))]
+pub async fn list_members(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+) -> ApiResult<axum::Json<Page<Member>>> {
+    s.services.list_members(&caller, team).await.map(page)
+}
+
+/// Adds an existing user to a team (owners and admins).
+#[utoipa::path(post, path = "/v1/teams/{team_id}/members", tag = "teams", security(("session" = [])), params(("team_id" = TeamId, Path)), request_body = AddMemberRequest,
+    responses((status = 201, body = Member), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn add_member(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+    Json(req): Json<AddMemberRequest>,
+) -> ApiResult<(StatusCode, axum::Json<Member>)> {
+    s.services
+        .add_member(&caller, team, &req)
+        .await
+        .map(|m| (StatusCode::CREATED, axum::Json(m)))
+}
+
+/// Changes a member's role (owners and admins).
+#[utoipa::path(patch, path = "/v1/teams/{team_id}/members/{user_id}", tag = "teams", security(("session" = [])),
+    params(("team_id" = TeamId, Path), ("user_id" = UserId, Path)), request_body = UpdateMemberRequest,
+    responses((status = 200, body = Member), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn update_member(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((team, user)): Path<(TeamId, UserId)>,
+    Json(req): Json<UpdateMemberRequest>,
+) -> ApiResult<axum::Json<Member>> {
+    s.services
+        .set_member_role(&caller, team, user, req.role)
+        .await
+        .map(axum::Json)
+}
+
+/// Removes a member (owners and admins), or leaves the team (the member).
+#[utoipa::path(delete, path = "/v1/teams/{team_id}/members/{user_id}", tag = "teams", security(("session" = [])),
+    params(("team_id" = TeamId, Path), ("user_id" = UserId, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn remove_member(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((team, user)): Path<(TeamId, UserId)>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .remove_member(&caller, team, user)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}
+
+/// API keys of a team (without their secrets).
+#[utoipa::path(get, path = "/v1/teams/{team_id}/api-keys", tag = "teams", security(("session" = [])), params(("team_id" = TeamId, Path)),
+    responses((status = 200, body = Page<ApiKey>), (status = 404, body = ErrorBody)))]
+pub async fn list_api_keys(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+) -> ApiResult<axum::Json<Page<ApiKey>>> {
+    s.services.list_api_keys(&caller, team).await.map(page)
+}
+
+/// Creates an API key; the key is in this response only (owners and admins).
+#[utoipa::path(post, path = "/v1/teams/{team_id}/api-keys", tag = "teams", security(("session" = [])), params(("team_id" = TeamId, Path)), request_body = CreateApiKeyRequest,
+    responses((status = 201, body = CreatedApiKey), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn create_api_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+    Json(req): Json<CreateApiKeyRequest>,
+) -> ApiResult<(StatusCode, axum::Json<CreatedApiKey>)> {
+    s.services
+        .create_api_key(&caller, team, &req.name)
+        .await
+        .map(|k| (StatusCode::CREATED, axum::Json(k)))
+}
+
+/// Revokes an API key (owners and admins).
+#[utoipa::path(delete, path = "/v1/teams/{team_id}/api-keys/{key_id}", tag = "teams", security(("session" = [])),
+    params(("team_id" = TeamId, Path), ("key_id" = ApiKeyId, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn delete_api_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((team, key)): Path<(TeamId, ApiKeyId)>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .delete_api_key(&caller, team, key)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}

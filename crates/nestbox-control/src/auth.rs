@@ -1,0 +1,198 @@
+//! Credentials: passwords, API keys, session tokens, host tokens.
+//!
+//! - Passwords are hashed with argon2id (PHC strings); verification is constant-time.
+//! - API keys are `nbx_` + 64 hex digits of randomness; only their SHA-256 is stored (a
+//!   256-bit random key needs no slow hash) plus a short prefix to recognise them.
+//! - Session tokens are HS256 JWTs whose key derives from the master secret; they carry only
+//!   the user id. Every request re-reads the user, memberships and admin flag from the
+//!   database, so a disabled user or a removed member loses access at once.
+//! - Host heartbeat tokens are random like API keys and stored hashed.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use hmac::Mac;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use nestbox_types::UserId;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+
+/// Prefix of API keys.
+pub const API_KEY_PREFIX: &str = "nbx_";
+/// Characters of a key shown in lists.
+pub const SHOWN_PREFIX_LEN: usize = 12;
+
+/// `n` random bytes, hex encoded.
+pub fn random_hex(n: usize) -> Result<String, ApiError> {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
+    Ok(hex::encode(buf))
+}
+
+/// SHA-256 of a token, hex.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A new API key: (key shown once, its hash, its displayable prefix).
+pub fn new_api_key() -> Result<(String, String, String), ApiError> {
+    let key = format!("{API_KEY_PREFIX}{}", random_hex(32)?);
+    let hash = hash_token(&key);
+    let prefix = key[..SHOWN_PREFIX_LEN].to_string();
+    Ok((key, hash, prefix))
+}
+
+/// Hashes a password with argon2id.
+pub fn hash_password(password: &str) -> Result<String, ApiError> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
+    let salt = SaltString::encode_b64(&salt).map_err(ApiError::internal)?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(ApiError::internal)
+}
+
+/// Checks a password against its stored hash.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// A hash that never verifies, used to spend the same time on unknown emails.
+pub fn dummy_password_check(password: &str) {
+    const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2Qi3Jz3c1f8jWw4oQvQ4m0jG6Jv1Yh8Tq3k3iQ9X4a8";
+    let _ = verify_password(password, DUMMY);
+}
+
+/// Validates a new password.
+pub fn check_password_policy(password: &str) -> Result<(), ApiError> {
+    if password.chars().count() < 10 {
+        return Err(ApiError::invalid("password must be at least 10 characters"));
+    }
+    if password.len() > 1024 {
+        return Err(ApiError::invalid("password must be at most 1024 bytes"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SessionClaims {
+    sub: String,
+    typ: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Issues and checks user session tokens.
+#[derive(Clone)]
+pub struct Sessions {
+    key: Vec<u8>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sessions {
+    /// Sessions signed with a key derived from `master_secret`.
+    pub fn new(master_secret: &[u8], ttl: Duration) -> Self {
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(master_secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(b"nestbox user session v1");
+        Self {
+            key: mac.finalize().into_bytes().to_vec(),
+            ttl,
+        }
+    }
+
+    /// A token for `user` and when it expires.
+    pub fn issue(&self, user: UserId) -> Result<(String, chrono::DateTime<chrono::Utc>), ApiError> {
+        let iat = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let exp = iat + self.ttl.as_secs();
+        let claims = SessionClaims {
+            sub: user.to_string(),
+            typ: "user".into(),
+            iat,
+            exp,
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&self.key),
+        )
+        .map_err(ApiError::internal)?;
+        let expires = chrono::DateTime::from_timestamp(i64::try_from(exp).unwrap_or(i64::MAX), 0)
+            .unwrap_or_default();
+        Ok((token, expires))
+    }
+
+    /// The user a valid token belongs to.
+    pub fn verify(&self, token: &str) -> Result<UserId, ApiError> {
+        let validation = Validation::new(Algorithm::HS256);
+        let data = jsonwebtoken::decode::<SessionClaims>(
+            token,
+            &DecodingKey::from_secret(&self.key),
+            &validation,
+        )
+        .map_err(|_| ApiError::unauthorized("invalid or expired session token"))?;
+        if data.claims.typ != "user" {
+            return Err(ApiError::unauthorized("not a user session token"));
+        }
+        data.claims
+            .sub
+            .parse()
+            .map_err(|_| ApiError::unauthorized("invalid session token subject"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords() {
+        let h = hash_password("correct horse battery").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse battery", &h));
+        assert!(!verify_password("wrong", &h));
+        assert!(!verify_password("x", "not a hash"));
+        assert!(check_password_policy("short").is_err());
+    }
+
+    #[test]
+    fn api_keys() {
+        let (key, hash, prefix) = new_api_key().unwrap();
+        assert!(key.starts_with("nbx_"));
+        assert_eq!(key.len(), 4 + 64);
+        assert_eq!(hash, hash_token(&key));
+        assert!(key.starts_with(&prefix));
+        let (other, _, _) = new_api_key().unwrap();
+        assert_ne!(key, other);
+    }
+
+    #[test]
+    fn sessions() {
+        let s = Sessions::new(&[7u8; 32], Duration::from_secs(60));
+        let user = UserId::new();
+        let (token, _) = s.issue(user).unwrap();
+        assert_eq!(s.verify(&token).unwrap(), user);
+        let other = Sessions::new(&[8u8; 32], Duration::from_secs(60));
+        assert!(other.verify(&token).is_err());
+        assert!(s.verify("nope").is_err());
+    }
+}

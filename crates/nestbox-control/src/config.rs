@@ -1,0 +1,106 @@
+//! The control plane's configuration and its limits, validated at start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Upper bounds on what a request may ask for. Requests beyond them get 400
+/// `limit_exceeded` naming the limit.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// vCPUs per sandbox.
+    pub max_vcpus: u32,
+    /// Memory per sandbox, MiB.
+    pub max_memory_mb: u32,
+    /// Smallest memory per sandbox, MiB.
+    pub min_memory_mb: u32,
+    /// Disk per sandbox, MiB.
+    pub max_disk_mb: u32,
+    /// Inactivity timeout, seconds.
+    pub max_timeout_sec: u32,
+    /// Exec timeout, seconds.
+    pub max_exec_timeout_sec: u32,
+    /// Upload size, bytes.
+    pub max_upload_bytes: u64,
+    /// Environment variables per sandbox or command.
+    pub max_env_vars: usize,
+    /// Metadata pairs per sandbox.
+    pub max_metadata: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_vcpus: 8,
+            max_memory_mb: 16384,
+            min_memory_mb: 128,
+            max_disk_mb: 102_400,
+            max_timeout_sec: 7 * 24 * 3600,
+            max_exec_timeout_sec: 3600,
+            max_upload_bytes: 4 << 30,
+            max_env_vars: 128,
+            max_metadata: 64,
+        }
+    }
+}
+
+/// Everything the control plane needs.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Where the REST API listens.
+    pub listen: SocketAddr,
+    /// Database URL (`sqlite://…` or `postgres://…`).
+    pub database_url: String,
+    /// Secret that session tokens and host keys derive from (at least 32 bytes).
+    pub master_secret: Vec<u8>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Lifetime of user session tokens.
+    pub session_ttl: Duration,
+    /// A host without heartbeat for this long is unreachable.
+    pub host_grace: Duration,
+    /// How often the host monitor runs.
+    pub monitor_interval: Duration,
+    /// Heartbeat period announced to agents.
+    pub heartbeat_interval: Duration,
+    /// Memory overcommit factor the scheduler allows per host.
+    pub memory_overcommit: f64,
+    /// Deadline of a sandbox create call to an agent.
+    pub create_timeout: Duration,
+}
+
+impl ControlConfig {
+    /// Defaults around a listen address, database and secret.
+    pub fn new(
+        listen: SocketAddr,
+        database_url: impl Into<String>,
+        master_secret: Vec<u8>,
+    ) -> Self {
+        Self {
+            listen,
+            database_url: database_url.into(),
+            master_secret,
+            limits: Limits::default(),
+            session_ttl: Duration::from_secs(12 * 3600),
+            host_grace: Duration::from_secs(90),
+            monitor_interval: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(15),
+            memory_overcommit: 2.0,
+            create_timeout: Duration::from_secs(180),
+        }
+    }
+
+    /// Checks values that would fail later.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.master_secret.len() < 32 {
+            return Err("the master secret must be at least 32 bytes".into());
+        }
+        if self.limits.max_vcpus == 0 || self.limits.max_memory_mb < self.limits.min_memory_mb {
+            return Err("limits: max_vcpus must be ≥ 1 and max_memory_mb ≥ min_memory_mb".into());
+        }
+        if self.memory_overcommit < 1.0 {
+            return Err("memory_overcommit must be at least 1.0".into());
+        }
+        Ok(())
+    }
+}

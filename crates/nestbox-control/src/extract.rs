@@ -1,0 +1,249 @@
+//! Request extractors: who is calling ([`Caller`]), and JSON/query extractors whose
+//! rejections use our error shape.
+//!
+//! Authentication order: `X-API-Key` (a team API key), else `Authorization: Bearer` (a
+//! user session). A user's request acts for the team named in `X-Nestbox-Team`, else their
+//! default team. Membership, role, admin flag and account status are read from the
+//! database on every request.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use nestbox_db::{UserStatus, api_keys, teams, users};
+use nestbox_types::{ApiKeyId, ErrorCode, TeamId, TeamRole, UserId};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Header selecting the team a user acts for.
+pub const TEAM_HEADER: &str = "x-nestbox-team";
+
+/// Who makes a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    /// A signed-in user.
+    User {
+        /// The user.
+        id: UserId,
+        /// Platform admin (read from the database for this request).
+        is_admin: bool,
+    },
+    /// A team API key.
+    ApiKey {
+        /// The key.
+        id: ApiKeyId,
+    },
+}
+
+impl Actor {
+    /// Prefixed id, for audit logs and `created_by`.
+    pub fn id_string(&self) -> String {
+        match self {
+            Actor::User { id, .. } => id.to_string(),
+            Actor::ApiKey { id } => id.to_string(),
+        }
+    }
+
+    /// Audit actor type.
+    pub fn kind(&self) -> nestbox_db::ActorType {
+        match self {
+            Actor::User { .. } => nestbox_db::ActorType::User,
+            Actor::ApiKey { .. } => nestbox_db::ActorType::ApiKey,
+        }
+    }
+
+    /// The user, if the caller is one.
+    pub fn user(&self) -> Option<UserId> {
+        match self {
+            Actor::User { id, .. } => Some(*id),
+            Actor::ApiKey { .. } => None,
+        }
+    }
+
+    /// Whether the caller is a platform admin.
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Actor::User { is_admin: true, .. })
+    }
+}
+
+/// An authenticated caller and the team the request acts for.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// Who.
+    pub actor: Actor,
+    /// For which team.
+    pub team: TeamId,
+    /// Their role in it (API keys act as members).
+    pub role: TeamRole,
+}
+
+impl Caller {
+    /// Fails unless the caller is a user (not an API key).
+    pub fn require_user(&self) -> Result<UserId, ApiError> {
+        self.actor.user().ok_or_else(|| {
+            ApiError::forbidden("this operation needs a user session, not an API key")
+        })
+    }
+
+    /// Fails unless the caller is a platform admin.
+    pub fn require_admin(&self) -> Result<UserId, ApiError> {
+        match self.actor {
+            Actor::User { id, is_admin: true } => Ok(id),
+            _ => Err(ApiError::forbidden("platform admins only")),
+        }
+    }
+}
+
+fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let db = &state.services.db;
+        if let Some(key) = header(parts, "x-api-key") {
+            let hash = crate::auth::hash_token(key);
+            let (key, team) = api_keys::find_by_hash(db, &hash)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
+            if let Err(e) = api_keys::touch_last_used(db, key.id).await {
+                tracing::warn!(error = %e, "recording API key use");
+            }
+            return Ok(Caller {
+                actor: Actor::ApiKey { id: key.id },
+                team: team.id,
+                role: TeamRole::Member,
+            });
+        }
+        let Some(auth) = header(parts, "authorization") else {
+            return Err(ApiError::unauthorized(
+                "missing credentials: send X-API-Key or Authorization: Bearer",
+            ));
+        };
+        let token = auth
+            .strip_prefix("Bearer ")
+            .or_else(|| auth.strip_prefix("bearer "))
+            .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
+        let user_id = state.services.sessions.verify(token.trim())?;
+        let user = match users::get(db, user_id).await {
+            Ok(u) => u,
+            Err(e) if e.is_not_found() => {
+                return Err(ApiError::unauthorized("the account no longer exists"));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if user.status != UserStatus::Active {
+            return Err(ApiError::unauthorized("the account is disabled"));
+        }
+        let actor = Actor::User {
+            id: user.id,
+            is_admin: user.is_admin,
+        };
+        let (team, role) = match header(parts, TEAM_HEADER) {
+            Some(raw) => {
+                let team: TeamId = raw.parse().map_err(|e: nestbox_types::IdParseError| {
+                    ApiError::invalid(format!("{TEAM_HEADER}: {e}"))
+                })?;
+                let role = teams::membership(db, team, user.id).await?.ok_or_else(|| {
+                    ApiError::new(ErrorCode::TeamNotFound, format!("team {team} not found"))
+                })?;
+                (team, role)
+            }
+            None => {
+                let t = teams::default_team_for_user(db, user.id)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::new(ErrorCode::TeamNotFound, "you belong to no team")
+                    })?;
+                (t.team.id, t.role)
+            }
+        };
+        Ok(Caller { actor, team, role })
+    }
+}
+
+/// JSON body extractor with our error shape (and a size limit from the router).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rejection) => {
+                use axum::extract::rejection::JsonRejection::*;
+                Err(match rejection {
+                    MissingJsonContentType(_) => {
+                        ApiError::invalid("expected a JSON body (Content-Type: application/json)")
+                    }
+                    JsonSyntaxError(e) => {
+                        ApiError::invalid(format!("malformed JSON: {}", e.body_text()))
+                    }
+                    JsonDataError(e) => {
+                        ApiError::invalid(format!("invalid request body: {}", e.body_text()))
+                    }
+                    BytesRejection(e)
+                        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE =>
+                    {
+                        ApiError::new(ErrorCode::PayloadTooLarge, "request body too large")
+                    }
+                    other => ApiError::invalid(other.body_text()),
+                })
+            }
+        }
+    }
+}
+
+/// Query extractor with our error shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+/// Path extractor with our error shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| ApiError::invalid(format!("invalid path: {}", e.body_text())))
+    }
+}

@@ -1,0 +1,177 @@
+//! The host monitor: reconciles what the database says should exist with what hosts run.
+//!
+//! Every `monitor_interval`:
+//! 1. hosts without a heartbeat for `host_grace` become `unreachable`, and their running
+//!    sandboxes `missing` (reversible);
+//! 2. for each online host: refresh its platform templates, then compare its agent's list
+//!    with the database —
+//!    - `running` in the database but unknown to the agent (checked twice, so a destroy in
+//!      flight is not mistaken for a loss) → `error` ("lost by its host");
+//!    - `missing` in the database and known to the agent → `running` again;
+//!    - known to the agent but stopped, failed or unknown in the database → destroyed on
+//!      the agent (an orphan).
+//!
+//! Sandboxes in `pending`/`starting` are never touched: their create call owns them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use nestbox_db::{hosts, sandboxes};
+use nestbox_proto::hostagent::{DestroySandboxRequest, GetSandboxRequest, ListSandboxesRequest};
+use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
+
+use crate::service::{AuditActor, AuditEntry};
+use crate::state::Services;
+
+/// Runs the monitor until the task is aborted.
+pub async fn run(services: Arc<Services>) {
+    let mut tick = tokio::time::interval(services.cfg.monitor_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = pass(&services).await {
+            tracing::warn!(error = %e, "host monitor pass failed");
+        }
+    }
+}
+
+/// One monitor pass.
+pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
+    let cutoff = Utc::now()
+        - chrono::Duration::from_std(services.cfg.host_grace)
+            .unwrap_or(chrono::Duration::seconds(90));
+    for host in hosts::mark_stale_unreachable(&services.db, cutoff).await? {
+        tracing::warn!(host = %host, "host missed its heartbeats; marking it unreachable");
+        for sb in sandboxes::list_by_host(&services.db, host, &[SandboxStatus::Running]).await? {
+            sandboxes::transition(
+                &services.db,
+                sb.id,
+                &[SandboxStatus::Running],
+                SandboxStatus::Missing,
+                Some("its host stopped answering"),
+            )
+            .await?;
+        }
+        services
+            .audit(AuditEntry {
+                actor: AuditActor::System,
+                team: None,
+                action: "host.down",
+                resource_type: "host",
+                resource_id: Some(host.to_string()),
+                ok: true,
+                details: serde_json::json!({}),
+            })
+            .await;
+    }
+    for host in hosts::list_online(&services.db).await? {
+        let Some(address) = host.address.clone() else {
+            continue;
+        };
+        if let Err(e) = services.sync_host_templates(host.id, &address).await {
+            tracing::debug!(host = %host.id, error = %e, "template refresh");
+        }
+        if let Err(e) = reconcile(services, host.id, &address).await {
+            tracing::warn!(host = %host.id, error = %e, "reconciling sandboxes");
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile(
+    services: &Services,
+    host: nestbox_types::HostId,
+    address: &str,
+) -> Result<(), crate::error::ApiError> {
+    let mut client = services.pool.client(host, address)?;
+    let mut req = tonic::Request::new(ListSandboxesRequest {});
+    req.set_timeout(Duration::from_secs(10));
+    let listed = client
+        .list_sandboxes(req)
+        .await
+        .map_err(|s| crate::error::from_agent(&s))?
+        .into_inner();
+    let on_agent: HashSet<SandboxId> = listed
+        .sandboxes
+        .iter()
+        .filter_map(|s| s.sandbox_id.parse().ok())
+        .collect();
+
+    let in_db = sandboxes::list_by_host(
+        &services.db,
+        host,
+        &[SandboxStatus::Running, SandboxStatus::Missing],
+    )
+    .await?;
+    for sb in &in_db {
+        let present = on_agent.contains(&sb.id);
+        match (sb.status, present) {
+            (SandboxStatus::Missing, true) => {
+                sandboxes::transition(
+                    &services.db,
+                    sb.id,
+                    &[SandboxStatus::Missing],
+                    SandboxStatus::Running,
+                    None,
+                )
+                .await?;
+                tracing::info!(sandbox = %sb.id, "sandbox is back with its host");
+            }
+            (SandboxStatus::Running, false) => {
+                // Ask again: a destroy may have finished between the list and now.
+                let again = client
+                    .get_sandbox(GetSandboxRequest {
+                        sandbox_id: sb.id.to_string(),
+                    })
+                    .await;
+                let gone = matches!(&again, Err(s) if nestbox_proto::error_code(s) == ErrorCode::SandboxNotFound);
+                if gone {
+                    let applied = sandboxes::transition(
+                        &services.db,
+                        sb.id,
+                        &[SandboxStatus::Running],
+                        SandboxStatus::Error,
+                        Some("lost by its host (the VM exited or the host agent restarted)"),
+                    )
+                    .await?;
+                    if applied {
+                        tracing::warn!(sandbox = %sb.id, "sandbox lost by its host");
+                        services
+                            .audit(AuditEntry {
+                                actor: AuditActor::System,
+                                team: Some(sb.team_id),
+                                action: "sandbox.lost",
+                                resource_type: "sandbox",
+                                resource_id: Some(sb.id.to_string()),
+                                ok: false,
+                                details: serde_json::json!({ "host": host.to_string() }),
+                            })
+                            .await;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for id in on_agent {
+        let orphan = match sandboxes::get(&services.db, id).await {
+            Ok(sb) => sb.status.is_terminal() || sb.host_id != Some(host),
+            Err(e) if e.is_not_found() => true,
+            Err(e) => return Err(e.into()),
+        };
+        if orphan {
+            tracing::warn!(sandbox = %id, host = %host, "destroying an orphan sandbox");
+            if let Err(s) = client
+                .destroy_sandbox(DestroySandboxRequest {
+                    sandbox_id: id.to_string(),
+                })
+                .await
+            {
+                tracing::warn!(sandbox = %id, error = %s.message(), "destroying an orphan");
+            }
+        }
+    }
+    Ok(())
+}

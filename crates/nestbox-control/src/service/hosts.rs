@@ -1,0 +1,255 @@
+//! Hosts: creation with a one-time registration token, agent registration, heartbeats,
+//! listing and deletion.
+//!
+//! Rules: only platform admins create, list and delete hosts; a registration token works
+//! once and for one hour; a host's heartbeat token is stored hashed and only authenticates
+//! heartbeats of that host; a host with sandboxes holding resources cannot be deleted.
+
+use chrono::Utc;
+use nestbox_db::{HostKind, hosts, sandboxes};
+use nestbox_types::api::{
+    self, CreatedHost, HeartbeatRequest, RegisterHostRequest, RegisterHostResponse,
+};
+use nestbox_types::{ErrorCode, HostId};
+
+use super::{AuditActor, AuditEntry, validate_name};
+use crate::auth;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::Caller;
+use crate::state::Services;
+
+/// How long a registration token is valid.
+pub const REGISTRATION_TTL: chrono::Duration = chrono::Duration::hours(1);
+
+/// API view of a host.
+pub fn host_view(h: &hosts::Host) -> api::Host {
+    api::Host {
+        id: h.id,
+        name: h.name.clone(),
+        status: h.status,
+        address: h.address.clone(),
+        version: h.version.clone(),
+        vcpus: h.specs.vcpus,
+        memory_mb: u64::from(h.specs.memory_mb),
+        disk_mb: u64::from(h.specs.disk_mb),
+        max_sandboxes: h.specs.max_sandboxes.unwrap_or(0),
+        last_heartbeat_at: h.last_heartbeat_at,
+        created_at: h.created_at,
+    }
+}
+
+fn validate_address(address: &str) -> Result<(), ApiError> {
+    let ok = (address.starts_with("http://") || address.starts_with("https://"))
+        && address.len() <= 512
+        && !address.chars().any(char::is_whitespace)
+        && address
+            .split("://")
+            .nth(1)
+            .is_some_and(|rest| !rest.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("address must be an http(s) URL"))
+    }
+}
+
+impl Services {
+    /// Creates a pending host and its registration token. Platform admins only.
+    pub async fn create_host(&self, caller: &Caller, name: &str) -> ApiResult<CreatedHost> {
+        caller.require_admin()?;
+        let created = self.create_host_unchecked(name).await?;
+        self.audit(AuditEntry {
+            actor: AuditActor::Caller(*caller),
+            team: None,
+            action: "host.create",
+            resource_type: "host",
+            resource_id: Some(created.host.id.to_string()),
+            ok: true,
+            details: serde_json::json!({ "name": created.host.name }),
+        })
+        .await;
+        Ok(created)
+    }
+
+    /// Creates a pending host without an authorization check (the one-box bootstrap).
+    pub async fn create_host_unchecked(&self, name: &str) -> ApiResult<CreatedHost> {
+        let name = validate_name("name", name)?;
+        let token = format!("nbxreg_{}", auth::random_hex(32)?);
+        let expires_at = Utc::now() + REGISTRATION_TTL;
+        let host = hosts::create_pending(
+            &self.db,
+            &hosts::NewHost {
+                name,
+                kind: HostKind::Regular,
+                team_id: None,
+            },
+            &auth::hash_token(&token),
+            expires_at,
+        )
+        .await?;
+        Ok(CreatedHost {
+            host: host_view(&host),
+            registration_token: token,
+            expires_at,
+        })
+    }
+
+    /// An agent trades its registration token for credentials.
+    pub async fn register_host(
+        &self,
+        req: &RegisterHostRequest,
+    ) -> ApiResult<RegisterHostResponse> {
+        validate_address(&req.address)?;
+        if req.version.is_empty() || req.version.len() > 64 {
+            return Err(ApiError::invalid("version must be 1–64 characters"));
+        }
+        let host = hosts::consume_registration_token(&self.db, &auth::hash_token(&req.token))
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("invalid, used or expired registration token"))?;
+        let host_token = format!("nbxhost_{}", auth::random_hex(32)?);
+        let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        let reg = hosts::Registration {
+            address: req.address.clone(),
+            version: req.version.clone(),
+            specs: hosts::HostSpecs {
+                vcpus: req.vcpus,
+                memory_mb: clamp(req.memory_mb),
+                disk_mb: clamp(req.disk_mb),
+                max_sandboxes: Some(req.max_sandboxes),
+            },
+            token_hash: auth::hash_token(&host_token),
+        };
+        let host = hosts::mark_registered(&self.db, host.id, &reg).await?;
+        self.pool.evict(host.id);
+        self.audit(AuditEntry {
+            actor: AuditActor::Host(host.id.to_string()),
+            team: host.team_id,
+            action: "host.register",
+            resource_type: "host",
+            resource_id: Some(host.id.to_string()),
+            ok: true,
+            details: serde_json::json!({ "address": req.address, "version": req.version }),
+        })
+        .await;
+        Ok(RegisterHostResponse {
+            host_id: host.id,
+            host_token,
+            host_key: self.pool.host_key(host.id),
+            heartbeat_interval_sec: u32::try_from(self.cfg.heartbeat_interval.as_secs())
+                .unwrap_or(15),
+        })
+    }
+
+    /// Records a heartbeat of `host`, authenticated by its host token.
+    pub async fn heartbeat(
+        &self,
+        host: HostId,
+        token: &str,
+        _req: &HeartbeatRequest,
+    ) -> ApiResult<()> {
+        let found = hosts::find_by_token_hash(&self.db, &auth::hash_token(token))
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("invalid host token"))?;
+        if found.id != host {
+            return Err(ApiError::unauthorized(
+                "the host token belongs to another host",
+            ));
+        }
+        let came_back = hosts::heartbeat(&self.db, host).await.map_err(|e| {
+            if e.is_not_found() {
+                ApiError::new(ErrorCode::HostNotFound, format!("host {host} not found"))
+            } else {
+                e.into()
+            }
+        })?;
+        if came_back && found.status == nestbox_types::HostStatus::Unreachable {
+            self.audit(AuditEntry {
+                actor: AuditActor::Host(host.to_string()),
+                team: found.team_id,
+                action: "host.up",
+                resource_type: "host",
+                resource_id: Some(host.to_string()),
+                ok: true,
+                details: serde_json::json!({}),
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    /// All hosts. Platform admins only.
+    pub async fn list_hosts(&self, caller: &Caller) -> ApiResult<Vec<api::Host>> {
+        caller.require_admin()?;
+        Ok(hosts::list(&self.db).await?.iter().map(host_view).collect())
+    }
+
+    /// Deletes a host that holds no sandboxes. Platform admins only.
+    pub async fn delete_host(&self, caller: &Caller, host: HostId) -> ApiResult<()> {
+        caller.require_admin()?;
+        let load = sandboxes::host_load(&self.db, host).await?;
+        if load.sandboxes > 0 {
+            return Err(ApiError::conflict(format!(
+                "host {host} still has {} sandboxes; destroy them first",
+                load.sandboxes
+            )));
+        }
+        if !hosts::delete(&self.db, host).await? {
+            return Err(ApiError::new(
+                ErrorCode::HostNotFound,
+                format!("host {host} not found"),
+            ));
+        }
+        self.pool.evict(host);
+        self.audit(AuditEntry {
+            actor: AuditActor::Caller(*caller),
+            team: None,
+            action: "host.delete",
+            resource_type: "host",
+            resource_id: Some(host.to_string()),
+            ok: true,
+            details: serde_json::json!({}),
+        })
+        .await;
+        Ok(())
+    }
+}
+
+impl Services {
+    /// Records that every sandbox the host ran is gone because the host shut down cleanly
+    /// (its agent destroyed them). Returns how many were updated.
+    pub async fn host_shut_down(&self, host: HostId) -> ApiResult<usize> {
+        let live = [
+            nestbox_types::SandboxStatus::Running,
+            nestbox_types::SandboxStatus::Missing,
+        ];
+        let mut n = 0;
+        for sb in sandboxes::list_by_host(&self.db, host, &live).await? {
+            if sandboxes::transition(
+                &self.db,
+                sb.id,
+                &live,
+                nestbox_types::SandboxStatus::Stopped,
+                Some("its host shut down"),
+            )
+            .await?
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert!(validate_address("http://127.0.0.1:5000").is_ok());
+        assert!(validate_address("https://agent.example:443").is_ok());
+        assert!(validate_address("127.0.0.1:5000").is_err());
+        assert!(validate_address("http://").is_err());
+        assert!(validate_address("http://a b").is_err());
+    }
+}

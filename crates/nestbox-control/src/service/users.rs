@@ -1,0 +1,176 @@
+//! Users: login, the caller's own view, and platform-admin user management.
+//!
+//! Rules: logins answer the same way for an unknown email and a wrong password (and spend
+//! the same time); disabled users cannot log in and their sessions stop working at once;
+//! every new user gets a personal team they own.
+
+use nestbox_db::{Page, UserStatus, teams, users};
+use nestbox_types::api::{self, CreateUserRequest, CreatedUser, LoginResponse, Me, TeamMembership};
+use nestbox_types::{ErrorCode, TeamRole};
+
+use super::{AuditActor, AuditEntry, validate_email, validate_name};
+use crate::auth;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Actor, Caller};
+use crate::state::Services;
+
+/// API view of a user.
+pub fn user_view(u: &users::User) -> api::User {
+    api::User {
+        id: u.id,
+        email: u.email.clone(),
+        name: u.name.clone(),
+        is_admin: u.is_admin,
+        active: u.status == UserStatus::Active,
+        created_at: u.created_at,
+    }
+}
+
+/// API view of a team.
+pub fn team_view(t: &teams::Team) -> api::Team {
+    api::Team {
+        id: t.id,
+        name: t.name.clone(),
+        created_at: t.created_at,
+    }
+}
+
+impl Services {
+    /// Exchanges email and password for a session token.
+    pub async fn login(&self, email: &str, password: &str) -> ApiResult<LoginResponse> {
+        let invalid = || ApiError::unauthorized("invalid email or password");
+        let Some(user) = users::get_by_email(&self.db, email).await? else {
+            auth::dummy_password_check(password);
+            return Err(invalid());
+        };
+        let ok = user
+            .password_hash
+            .as_deref()
+            .is_some_and(|h| auth::verify_password(password, h));
+        let audit = |ok: bool| AuditEntry {
+            actor: AuditActor::User(user.id.to_string()),
+            team: None,
+            action: "user.login",
+            resource_type: "user",
+            resource_id: Some(user.id.to_string()),
+            ok,
+            details: serde_json::json!({}),
+        };
+        if !ok {
+            self.audit(audit(false)).await;
+            return Err(invalid());
+        }
+        if user.status != UserStatus::Active {
+            return Err(ApiError::unauthorized("the account is disabled"));
+        }
+        let (token, expires_at) = self.sessions.issue(user.id)?;
+        self.audit(audit(true)).await;
+        Ok(LoginResponse {
+            token,
+            expires_at,
+            user: user_view(&user),
+        })
+    }
+
+    /// The caller and their teams.
+    pub async fn me(&self, caller: &Caller) -> ApiResult<Me> {
+        match caller.actor {
+            Actor::User { id, .. } => {
+                let user = users::get(&self.db, id).await?;
+                let memberships = teams::list_for_user(&self.db, id).await?;
+                Ok(Me {
+                    user: Some(user_view(&user)),
+                    team_id: caller.team,
+                    teams: memberships
+                        .iter()
+                        .map(|m| TeamMembership {
+                            team: team_view(&m.team),
+                            role: m.role,
+                            is_default: m.is_default,
+                        })
+                        .collect(),
+                })
+            }
+            Actor::ApiKey { .. } => {
+                let team = teams::get(&self.db, caller.team).await?;
+                Ok(Me {
+                    user: None,
+                    team_id: caller.team,
+                    teams: vec![TeamMembership {
+                        team: team_view(&team),
+                        role: TeamRole::Member,
+                        is_default: true,
+                    }],
+                })
+            }
+        }
+    }
+
+    /// Creates a user with a personal team. Platform admins only.
+    pub async fn create_user(
+        &self,
+        caller: &Caller,
+        req: &CreateUserRequest,
+    ) -> ApiResult<CreatedUser> {
+        caller.require_admin()?;
+        let created = self.create_user_unchecked(req).await?;
+        self.audit(AuditEntry {
+            actor: AuditActor::Caller(*caller),
+            team: None,
+            action: "user.create",
+            resource_type: "user",
+            resource_id: Some(created.user.id.to_string()),
+            ok: true,
+            details: serde_json::json!({ "email": created.user.email, "is_admin": created.user.is_admin }),
+        })
+        .await;
+        Ok(created)
+    }
+
+    /// Creates a user and their team without an authorization check (first-run bootstrap).
+    pub async fn create_user_unchecked(&self, req: &CreateUserRequest) -> ApiResult<CreatedUser> {
+        let email = validate_email(&req.email)?;
+        let name = validate_name("name", &req.name)?;
+        auth::check_password_policy(&req.password)?;
+        let hash = auth::hash_password(&req.password)?;
+        let user = users::create(
+            &self.db,
+            &users::NewUser {
+                email,
+                name: name.clone(),
+                password_hash: Some(hash),
+                is_admin: req.is_admin,
+            },
+        )
+        .await
+        .map_err(|e| {
+            if e.is_conflict() {
+                ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    "a user with this email already exists",
+                )
+            } else {
+                e.into()
+            }
+        })?;
+        let team = teams::create_with_owner(&self.db, &format!("{name}'s team"), user.id).await?;
+        Ok(CreatedUser {
+            user: user_view(&user),
+            team: team_view(&team),
+        })
+    }
+
+    /// All users, paginated. Platform admins only.
+    pub async fn list_users(
+        &self,
+        caller: &Caller,
+        page: &Page,
+    ) -> ApiResult<api::Page<api::User>> {
+        caller.require_admin()?;
+        let paged = users::list(&self.db, page).await?;
+        Ok(api::Page {
+            items: paged.items.iter().map(user_view).collect(),
+            next_cursor: paged.next_cursor,
+        })
+    }
+}

@@ -1,0 +1,334 @@
+//! `hosts` and `host_registration_tokens`: machines running the host agent.
+//!
+//! Host life cycle as stored here:
+//!
+//! ```text
+//! create_pending ──(agent presents one-time token: consume_registration_token)──▶
+//! mark_registered → online ⇄ unreachable (heartbeat / mark_stale_unreachable) ──▶ delete
+//! ```
+//!
+//! Invariants: registration tokens and host credentials are stored only as hashes computed by
+//! the caller; a registration token is consumed at most once, atomically, and only before it
+//! expires. A BYOC host belongs to exactly one team, a regular host to none (schema `CHECK`).
+//! Deleting a host deletes its registration tokens and the templates whose files live only on
+//! it, and detaches its sandboxes (`host_id` set to NULL).
+
+use chrono::{DateTime, Utc};
+use nestbox_types::{HostId, HostStatus, TeamId};
+use uuid::Uuid;
+
+use crate::engine::{Db, DbRow, args, now};
+use crate::error::{DbError, found, missing_as_not_found};
+use crate::model::HostKind;
+
+/// A host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Host {
+    pub id: HostId,
+    pub name: String,
+    pub kind: HostKind,
+    /// The owning team of a BYOC host; `None` for regular hosts.
+    pub team_id: Option<TeamId>,
+    pub status: HostStatus,
+    /// The agent's gRPC URL, known once registered.
+    pub address: Option<String>,
+    /// The agent's version, known once registered.
+    pub version: Option<String>,
+    pub specs: HostSpecs,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a host offers. Zero until the agent registers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostSpecs {
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_mb: u32,
+    /// Upper bound of concurrent sandboxes; `None` = no explicit limit.
+    pub max_sandboxes: Option<u32>,
+}
+
+/// What [`create_pending`] needs.
+#[derive(Debug, Clone)]
+pub struct NewHost {
+    pub name: String,
+    pub kind: HostKind,
+    /// Required for [`HostKind::Byoc`], must be `None` for [`HostKind::Regular`].
+    pub team_id: Option<TeamId>,
+}
+
+/// What an agent reports when it registers.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub address: String,
+    pub version: String,
+    pub specs: HostSpecs,
+    /// Hash of the long-lived host credential issued at registration.
+    pub token_hash: String,
+}
+
+const COLUMNS: &str = "id, name, kind, team_id, status, address, version, vcpus, memory_mb, \
+                       disk_mb, max_sandboxes, last_heartbeat_at, created_at, updated_at";
+
+fn from_row(r: &dyn DbRow) -> Result<Host, DbError> {
+    Ok(Host {
+        id: r.id("id")?,
+        name: r.string("name")?,
+        kind: r.parse("kind")?,
+        team_id: r.id_opt("team_id")?,
+        status: r.parse("status")?,
+        address: r.string_opt("address")?,
+        version: r.string_opt("version")?,
+        specs: HostSpecs {
+            vcpus: r.u32("vcpus")?,
+            memory_mb: r.u32("memory_mb")?,
+            disk_mb: r.u32("disk_mb")?,
+            max_sandboxes: r.u32_opt("max_sandboxes")?,
+        },
+        last_heartbeat_at: r.time_opt("last_heartbeat_at")?,
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+/// Creates a `pending` host and its first one-time registration token, in one transaction.
+/// [`DbError::NotFound`] if the BYOC team does not exist; a schema `CHECK` rejects a BYOC
+/// host without a team and a regular host with one.
+pub async fn create_pending(
+    db: &Db,
+    new: &NewHost,
+    token_hash: &str,
+    token_expires_at: DateTime<Utc>,
+) -> Result<Host, DbError> {
+    let id = HostId::new();
+    let at = now();
+    let mut tx = db.begin().await?;
+    let host = tx
+        .conn()
+        .fetch_one(
+            &format!(
+                "INSERT INTO hosts (id, name, kind, team_id, status, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {COLUMNS}"
+            ),
+            args![
+                id,
+                &new.name,
+                new.kind,
+                new.team_id,
+                HostStatus::Pending,
+                at
+            ],
+            from_row,
+        )
+        .await
+        .map_err(|e| missing_as_not_found(e, "team", format_team(new.team_id)))?;
+    insert_token(&mut tx.conn(), id, token_hash, token_expires_at, at).await?;
+    tx.commit().await?;
+    Ok(host)
+}
+
+/// Issues another one-time registration token for an existing host (e.g. the first expired).
+pub async fn create_registration_token(
+    db: &Db,
+    host: HostId,
+    token_hash: &str,
+    expires_at: DateTime<Utc>,
+) -> Result<(), DbError> {
+    insert_token(
+        &mut db.acquire().await?.conn(),
+        host,
+        token_hash,
+        expires_at,
+        now(),
+    )
+    .await
+    .map_err(|e| missing_as_not_found(e, "host", host))
+}
+
+async fn insert_token(
+    conn: &mut crate::engine::Conn<'_>,
+    host: HostId,
+    token_hash: &str,
+    expires_at: DateTime<Utc>,
+    at: DateTime<Utc>,
+) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT INTO host_registration_tokens (id, host_id, token_hash, expires_at, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+        args![Uuid::new_v4(), host, token_hash, expires_at, at],
+    )
+    .await
+    .map(drop)
+}
+
+/// Consumes a registration token: atomically marks it used if it is unused and unexpired, and
+/// returns its host. `None` if the token is unknown, already used or expired (the caller
+/// cannot tell which, and should not tell the agent either).
+pub async fn consume_registration_token(
+    db: &Db,
+    token_hash: &str,
+) -> Result<Option<Host>, DbError> {
+    let mut conn = db.acquire().await?;
+    let host_id: Option<HostId> = conn
+        .conn()
+        .fetch_optional(
+            "UPDATE host_registration_tokens SET used_at = $2 \
+             WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2 RETURNING host_id",
+            args![token_hash, now()],
+            |r| r.id("host_id"),
+        )
+        .await?;
+    let Some(host_id) = host_id else {
+        return Ok(None);
+    };
+    conn.conn()
+        .fetch_optional(
+            &format!("SELECT {COLUMNS} FROM hosts WHERE id = $1"),
+            args![host_id],
+            from_row,
+        )
+        .await
+}
+
+/// Records a successful registration: address, specs, version and credential hash; the host
+/// becomes `online` with a fresh heartbeat.
+pub async fn mark_registered(db: &Db, id: HostId, reg: &Registration) -> Result<Host, DbError> {
+    let at = now();
+    db.fetch_optional(
+        &format!(
+            "UPDATE hosts SET address = $2, version = $3, vcpus = $4, memory_mb = $5, \
+             disk_mb = $6, max_sandboxes = $7, token_hash = $8, status = $9, \
+             last_heartbeat_at = $10, updated_at = $10 WHERE id = $1 RETURNING {COLUMNS}"
+        ),
+        args![
+            id,
+            &reg.address,
+            &reg.version,
+            reg.specs.vcpus,
+            reg.specs.memory_mb,
+            reg.specs.disk_mb,
+            reg.specs.max_sandboxes,
+            &reg.token_hash,
+            HostStatus::Online,
+            at,
+        ],
+        from_row,
+    )
+    .await?
+    .ok_or_else(|| DbError::not_found("host", id))
+}
+
+/// The host whose credential has this hash.
+pub async fn find_by_token_hash(db: &Db, token_hash: &str) -> Result<Option<Host>, DbError> {
+    db.fetch_optional(
+        &format!("SELECT {COLUMNS} FROM hosts WHERE token_hash = $1"),
+        args![token_hash],
+        from_row,
+    )
+    .await
+}
+
+/// Records a heartbeat: the host is `online` as of now. Returns `true` when it was not online
+/// before (it just came back), so the caller can reconcile its sandboxes.
+pub async fn heartbeat(db: &Db, id: HostId) -> Result<bool, DbError> {
+    let at = now();
+    // SET expressions see the old row: `updated_at` moves only when the status changes.
+    let changed_at = db
+        .fetch_optional(
+            "UPDATE hosts SET status = $3, last_heartbeat_at = $2, \
+             updated_at = CASE WHEN status <> $3 THEN $2 ELSE updated_at END \
+             WHERE id = $1 RETURNING updated_at",
+            args![id, at, HostStatus::Online],
+            |r| r.time("updated_at"),
+        )
+        .await?
+        .ok_or_else(|| DbError::not_found("host", id))?;
+    Ok(changed_at == at)
+}
+
+/// The host with `id`.
+pub async fn get(db: &Db, id: HostId) -> Result<Host, DbError> {
+    db.fetch_optional(
+        &format!("SELECT {COLUMNS} FROM hosts WHERE id = $1"),
+        args![id],
+        from_row,
+    )
+    .await?
+    .ok_or_else(|| DbError::not_found("host", id))
+}
+
+/// Every host, oldest first.
+pub async fn list(db: &Db) -> Result<Vec<Host>, DbError> {
+    db.fetch_all(
+        &format!("SELECT {COLUMNS} FROM hosts ORDER BY created_at, id"),
+        args![],
+        from_row,
+    )
+    .await
+}
+
+/// The BYOC hosts of a team, oldest first.
+pub async fn list_for_team(db: &Db, team: TeamId) -> Result<Vec<Host>, DbError> {
+    db.fetch_all(
+        &format!("SELECT {COLUMNS} FROM hosts WHERE team_id = $1 ORDER BY created_at, id"),
+        args![team],
+        from_row,
+    )
+    .await
+}
+
+/// Hosts that are `online`, oldest first (a stable order for round-robin scheduling).
+pub async fn list_online(db: &Db) -> Result<Vec<Host>, DbError> {
+    db.fetch_all(
+        &format!("SELECT {COLUMNS} FROM hosts WHERE status = $1 ORDER BY created_at, id"),
+        args![HostStatus::Online],
+        from_row,
+    )
+    .await
+}
+
+/// Marks `online` hosts whose last heartbeat is older than `older_than` as `unreachable`, in
+/// one statement; returns their ids.
+pub async fn mark_stale_unreachable(
+    db: &Db,
+    older_than: DateTime<Utc>,
+) -> Result<Vec<HostId>, DbError> {
+    db.fetch_all(
+        "UPDATE hosts SET status = $3, updated_at = $4 \
+         WHERE status = $2 AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $1) \
+         RETURNING id",
+        args![
+            older_than,
+            HostStatus::Online,
+            HostStatus::Unreachable,
+            now()
+        ],
+        |r| r.id("id"),
+    )
+    .await
+}
+
+/// Deletes a host; returns whether it existed. Cascades as described in the module docs.
+pub async fn delete(db: &Db, id: HostId) -> Result<bool, DbError> {
+    Ok(db
+        .execute("DELETE FROM hosts WHERE id = $1", args![id])
+        .await?
+        > 0)
+}
+
+/// Sets a host's status directly (e.g. an admin draining it back to `pending`).
+pub async fn set_status(db: &Db, id: HostId, status: HostStatus) -> Result<(), DbError> {
+    let n = db
+        .execute(
+            "UPDATE hosts SET status = $2, updated_at = $3 WHERE id = $1",
+            args![id, status, now()],
+        )
+        .await?;
+    found(n, "host", id)
+}
+
+fn format_team(team: Option<TeamId>) -> String {
+    team.map(|t| t.to_string()).unwrap_or_default()
+}

@@ -1,0 +1,474 @@
+//! `sandboxes` and `sandbox_metadata`: what should exist, per team.
+//!
+//! The database is the truth for what *should* exist; the host agent's memory is the truth for
+//! what runs. This module only records; the control plane's service layer decides which
+//! transitions are legal (see the state diagram in `nestbox_types::status`).
+//!
+//! Invariants:
+//! - status changes are compare-and-set ([`transition`]): a writer names the statuses it
+//!   expects to leave, so two concurrent writers cannot both win;
+//! - [`set_running`] never resurrects a terminal (`stopped`/`error`) sandbox;
+//! - reads for a team ([`get_for_team`], [`list_for_team`]) never return another team's rows:
+//!   another team's sandbox is "not found";
+//! - metadata is one row per key (`sandbox_metadata`), written with the sandbox in one
+//!   transaction and deleted with it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use nestbox_types::{HostId, SandboxId, SandboxStatus, TeamId, TemplateId};
+
+use crate::engine::{Arg, Conn, Db, DbRow, args, now};
+use crate::error::{DbError, missing_as_not_found};
+use crate::page::{Page, Paged, Sql, finish_page};
+
+/// A sandbox record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sandbox {
+    pub id: SandboxId,
+    pub team_id: TeamId,
+    /// Where it runs (or ran); `None` before placement or after its host was deleted.
+    pub host_id: Option<HostId>,
+    /// `None` if the template was deleted since.
+    pub template_id: Option<TemplateId>,
+    pub template_name: String,
+    pub status: SandboxStatus,
+    /// Why it is in `error` (or why the last operation failed).
+    pub error: Option<String>,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub timeout_sec: u32,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Prefixed id of the actor that created it (`usr-…`, `key-…`).
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub stopped_at: Option<DateTime<Utc>>,
+    pub last_active_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What [`insert`] needs. The sandbox starts `pending`.
+#[derive(Debug, Clone)]
+pub struct NewSandbox {
+    pub team_id: TeamId,
+    pub template_id: Option<TemplateId>,
+    pub template_name: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub timeout_sec: u32,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub created_by: String,
+}
+
+/// Which sandboxes [`list_for_team`] returns. Empty fields do not filter.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxFilter {
+    /// Any of these statuses.
+    pub statuses: Vec<SandboxStatus>,
+    /// All of these `key = value` metadata pairs.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Resources held on a host by its sandboxes (those whose status holds host resources).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostLoad {
+    pub sandboxes: u64,
+    pub vcpus: u64,
+    pub memory_mb: u64,
+}
+
+const COLUMNS: &str = "s.id, s.team_id, s.host_id, s.template_id, s.template_name, s.status, \
+                       s.error, s.vcpus, s.memory_mb, s.disk_size_mb, s.timeout_sec, s.env, \
+                       s.created_by, s.created_at, s.started_at, s.stopped_at, s.last_active_at, \
+                       s.updated_at";
+
+fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
+    let env = r.json("env")?;
+    let env: BTreeMap<String, String> = serde_json::from_value(env.clone())
+        .map_err(|_| DbError::corrupt("env", env.to_string()))?;
+    Ok(Sandbox {
+        id: r.id("id")?,
+        team_id: r.id("team_id")?,
+        host_id: r.id_opt("host_id")?,
+        template_id: r.id_opt("template_id")?,
+        template_name: r.string("template_name")?,
+        status: r.parse("status")?,
+        error: r.string_opt("error")?,
+        vcpus: r.u32("vcpus")?,
+        memory_mb: r.u32("memory_mb")?,
+        disk_size_mb: r.u32("disk_size_mb")?,
+        timeout_sec: r.u32("timeout_sec")?,
+        env,
+        metadata: BTreeMap::new(),
+        created_by: r.string("created_by")?,
+        created_at: r.time("created_at")?,
+        started_at: r.time_opt("started_at")?,
+        stopped_at: r.time_opt("stopped_at")?,
+        last_active_at: r.time_opt("last_active_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+/// Records a new `pending` sandbox with its metadata, in one transaction.
+/// [`DbError::NotFound`] if the team or template does not exist.
+pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
+    let id = SandboxId::new();
+    let at = now();
+    let env: serde_json::Map<String, serde_json::Value> = new
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let env = serde_json::Value::Object(env);
+    let mut tx = db.begin().await?;
+    tx.conn()
+        .execute(
+            "INSERT INTO sandboxes (id, team_id, template_id, template_name, status, vcpus, \
+                 memory_mb, disk_size_mb, timeout_sec, env, created_by, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+            args![
+                id,
+                new.team_id,
+                new.template_id,
+                &new.template_name,
+                SandboxStatus::Pending,
+                new.vcpus,
+                new.memory_mb,
+                new.disk_size_mb,
+                new.timeout_sec,
+                env,
+                &new.created_by,
+                at,
+            ],
+        )
+        .await
+        .map_err(|e| missing_as_not_found(e, "team or template", new.team_id))?;
+    for (key, value) in &new.metadata {
+        tx.conn()
+            .execute(
+                "INSERT INTO sandbox_metadata (sandbox_id, key, value) VALUES ($1, $2, $3)",
+                args![id, key, value],
+            )
+            .await?;
+    }
+    let sandbox = fetch_one_with_metadata(&mut tx.conn(), id).await?;
+    tx.commit().await?;
+    sandbox.ok_or_else(|| DbError::not_found("sandbox", id))
+}
+
+/// The team's sandbox `id`; [`DbError::NotFound`] if it does not exist *or belongs to another
+/// team*.
+pub async fn get_for_team(db: &Db, team: TeamId, id: SandboxId) -> Result<Sandbox, DbError> {
+    let mut conn = db.acquire().await?;
+    let sandbox = conn
+        .conn()
+        .fetch_optional(
+            &format!("SELECT {COLUMNS} FROM sandboxes s WHERE s.id = $1 AND s.team_id = $2"),
+            args![id, team],
+            from_row,
+        )
+        .await?;
+    let Some(mut sandbox) = sandbox else {
+        return Err(DbError::not_found("sandbox", id));
+    };
+    sandbox.metadata = metadata_of(&mut conn.conn(), &[id])
+        .await?
+        .remove(&id)
+        .unwrap_or_default();
+    Ok(sandbox)
+}
+
+/// The sandbox `id`, whatever its team (for the host monitor and platform admins).
+pub async fn get(db: &Db, id: SandboxId) -> Result<Sandbox, DbError> {
+    fetch_one_with_metadata(&mut db.acquire().await?.conn(), id)
+        .await?
+        .ok_or_else(|| DbError::not_found("sandbox", id))
+}
+
+async fn fetch_one_with_metadata(
+    conn: &mut Conn<'_>,
+    id: SandboxId,
+) -> Result<Option<Sandbox>, DbError> {
+    let sandbox = conn
+        .fetch_optional(
+            &format!("SELECT {COLUMNS} FROM sandboxes s WHERE s.id = $1"),
+            args![id],
+            from_row,
+        )
+        .await?;
+    let Some(mut sandbox) = sandbox else {
+        return Ok(None);
+    };
+    sandbox.metadata = metadata_of(conn, &[id])
+        .await?
+        .remove(&id)
+        .unwrap_or_default();
+    Ok(Some(sandbox))
+}
+
+/// A team's sandboxes, newest first, filtered and paginated.
+pub async fn list_for_team(
+    db: &Db,
+    team: TeamId,
+    filter: &SandboxFilter,
+    page: &Page,
+) -> Result<Paged<Sandbox>, DbError> {
+    let mut sql = Sql::new(&format!(
+        "SELECT {COLUMNS} FROM sandboxes s WHERE s.team_id = "
+    ));
+    sql.bind(team);
+    if !filter.statuses.is_empty() {
+        sql.push(" AND s.status IN ")
+            .bind_list(filter.statuses.iter().copied());
+    }
+    for (key, value) in &filter.metadata {
+        sql.push(
+            " AND EXISTS (SELECT 1 FROM sandbox_metadata m WHERE m.sandbox_id = s.id AND m.key = ",
+        );
+        sql.bind(key).push(" AND m.value = ").bind(value).push(")");
+    }
+    sql.page("s", page)?;
+    let mut conn = db.acquire().await?;
+    let rows = conn.conn().fetch_all(&sql.text, sql.args, from_row).await?;
+    let mut paged = finish_page(rows, page.effective_limit(), |s| {
+        (s.created_at, s.id.uuid())
+    });
+    attach_metadata(&mut conn.conn(), &mut paged.items).await?;
+    Ok(paged)
+}
+
+/// Sandboxes placed on `host` whose status is one of `statuses` (all statuses if empty),
+/// oldest first.
+pub async fn list_by_host(
+    db: &Db,
+    host: HostId,
+    statuses: &[SandboxStatus],
+) -> Result<Vec<Sandbox>, DbError> {
+    let mut sql = Sql::new(&format!(
+        "SELECT {COLUMNS} FROM sandboxes s WHERE s.host_id = "
+    ));
+    sql.bind(host);
+    if !statuses.is_empty() {
+        sql.push(" AND s.status IN ")
+            .bind_list(statuses.iter().copied());
+    }
+    sql.push(" ORDER BY s.created_at, s.id");
+    let mut conn = db.acquire().await?;
+    let mut rows = conn.conn().fetch_all(&sql.text, sql.args, from_row).await?;
+    attach_metadata(&mut conn.conn(), &mut rows).await?;
+    Ok(rows)
+}
+
+/// Sandboxes in any of `statuses`, whatever their team or host, oldest first (background jobs:
+/// stuck `pending` rows, idle `running` ones).
+pub async fn list_by_status(db: &Db, statuses: &[SandboxStatus]) -> Result<Vec<Sandbox>, DbError> {
+    if statuses.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::new(&format!(
+        "SELECT {COLUMNS} FROM sandboxes s WHERE s.status IN "
+    ));
+    sql.bind_list(statuses.iter().copied())
+        .push(" ORDER BY s.created_at, s.id");
+    let mut conn = db.acquire().await?;
+    let mut rows = conn.conn().fetch_all(&sql.text, sql.args, from_row).await?;
+    attach_metadata(&mut conn.conn(), &mut rows).await?;
+    Ok(rows)
+}
+
+/// Compare-and-set of the status: moves the sandbox to `to` (recording `error`, which `None`
+/// clears) only if its current status is one of `from`. Returns whether it applied. Entering a
+/// terminal status sets `stopped_at` (once).
+pub async fn transition(
+    db: &Db,
+    id: SandboxId,
+    from: &[SandboxStatus],
+    to: SandboxStatus,
+    error: Option<&str>,
+) -> Result<bool, DbError> {
+    if from.is_empty() {
+        return Ok(false);
+    }
+    let at = now();
+    let stopped_at = to.is_terminal().then_some(at);
+    let mut sql = Sql::new("UPDATE sandboxes SET status = ");
+    sql.bind(to)
+        .push(", error = ")
+        .bind(error)
+        .push(", updated_at = ")
+        .bind(at);
+    sql.push(", stopped_at = COALESCE(stopped_at, ")
+        .bind(stopped_at)
+        .push(")");
+    sql.push(" WHERE id = ")
+        .bind(id)
+        .push(" AND status IN ")
+        .bind_list(from.iter().copied());
+    Ok(db.execute(&sql.text, sql.args).await? > 0)
+}
+
+/// Records that the sandbox runs on `host` since `started_at`: status `running`, error cleared,
+/// last activity = `started_at`. Refuses (returns `false`) if the sandbox is missing or in a
+/// terminal status.
+pub async fn set_running(
+    db: &Db,
+    id: SandboxId,
+    host: HostId,
+    started_at: DateTime<Utc>,
+) -> Result<bool, DbError> {
+    let n = db
+        .execute(
+            "UPDATE sandboxes SET status = $2, host_id = $3, started_at = $4, \
+             last_active_at = $4, error = NULL, updated_at = $5 \
+             WHERE id = $1 AND status NOT IN ($6, $7)",
+            args![
+                id,
+                SandboxStatus::Running,
+                host,
+                started_at,
+                now(),
+                SandboxStatus::Stopped,
+                SandboxStatus::Error,
+            ],
+        )
+        .await
+        .map_err(|e| missing_as_not_found(e, "host", host))?;
+    Ok(n > 0)
+}
+
+/// Records activity (commands, file operations, proxied traffic) now.
+pub async fn touch_last_active(db: &Db, id: SandboxId) -> Result<(), DbError> {
+    db.execute(
+        "UPDATE sandboxes SET last_active_at = $2 WHERE id = $1",
+        args![id, now()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Places (or un-places, with `None`) the sandbox on a host. Returns whether it exists.
+pub async fn set_host(db: &Db, id: SandboxId, host: Option<HostId>) -> Result<bool, DbError> {
+    let n = db
+        .execute(
+            "UPDATE sandboxes SET host_id = $2, updated_at = $3 WHERE id = $1",
+            args![id, host, now()],
+        )
+        .await
+        .map_err(|e| {
+            missing_as_not_found(e, "host", host.map(|h| h.to_string()).unwrap_or_default())
+        })?;
+    Ok(n > 0)
+}
+
+/// What the sandboxes on `host` hold: count, vCPUs and memory of those whose status holds host
+/// resources ([`SandboxStatus::holds_host_resources`]).
+pub async fn host_load(db: &Db, host: HostId) -> Result<HostLoad, DbError> {
+    let holding = SandboxStatus::ALL
+        .iter()
+        .copied()
+        .filter(SandboxStatus::holds_host_resources);
+    let mut sql = Sql::new(
+        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
+         CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT) AS memory_mb FROM sandboxes WHERE host_id = ",
+    );
+    sql.bind(host).push(" AND status IN ").bind_list(holding);
+    db.fetch_one(&sql.text, sql.args, |r| {
+        Ok(HostLoad {
+            sandboxes: r.u64("n")?,
+            vcpus: r.u64("vcpus")?,
+            memory_mb: r.u64("memory_mb")?,
+        })
+    })
+    .await
+}
+
+/// How many sandboxes made from `template` are in one of `statuses` (all statuses if empty);
+/// lets the service refuse to delete a template in use.
+pub async fn count_by_template(
+    db: &Db,
+    template: TemplateId,
+    statuses: &[SandboxStatus],
+) -> Result<u64, DbError> {
+    let mut sql = Sql::new("SELECT COUNT(*) AS n FROM sandboxes WHERE template_id = ");
+    sql.bind(template);
+    if !statuses.is_empty() {
+        sql.push(" AND status IN ")
+            .bind_list(statuses.iter().copied());
+    }
+    db.fetch_one(&sql.text, sql.args, |r| r.u64("n")).await
+}
+
+/// Replaces a sandbox's metadata (one transaction). Returns whether the sandbox exists.
+pub async fn set_metadata(
+    db: &Db,
+    id: SandboxId,
+    metadata: &BTreeMap<String, String>,
+) -> Result<bool, DbError> {
+    let mut tx = db.begin().await?;
+    let n = tx
+        .conn()
+        .execute(
+            "UPDATE sandboxes SET updated_at = $2 WHERE id = $1",
+            args![id, now()],
+        )
+        .await?;
+    if n == 0 {
+        return Ok(false);
+    }
+    tx.conn()
+        .execute(
+            "DELETE FROM sandbox_metadata WHERE sandbox_id = $1",
+            args![id],
+        )
+        .await?;
+    for (key, value) in metadata {
+        tx.conn()
+            .execute(
+                "INSERT INTO sandbox_metadata (sandbox_id, key, value) VALUES ($1, $2, $3)",
+                args![id, key, value],
+            )
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn attach_metadata(conn: &mut Conn<'_>, sandboxes: &mut [Sandbox]) -> Result<(), DbError> {
+    let ids: Vec<SandboxId> = sandboxes.iter().map(|s| s.id).collect();
+    let mut all = metadata_of(conn, &ids).await?;
+    for sandbox in sandboxes {
+        sandbox.metadata = all.remove(&sandbox.id).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// Metadata of several sandboxes, in chunks small enough for any engine's parameter limit.
+async fn metadata_of(
+    conn: &mut Conn<'_>,
+    ids: &[SandboxId],
+) -> Result<BTreeMap<SandboxId, BTreeMap<String, String>>, DbError> {
+    let mut out: BTreeMap<SandboxId, BTreeMap<String, String>> = BTreeMap::new();
+    for chunk in ids.chunks(500) {
+        let mut sql =
+            Sql::new("SELECT sandbox_id, key, value FROM sandbox_metadata WHERE sandbox_id IN ");
+        sql.bind_list(chunk.iter().copied().map(Arg::from));
+        let rows = conn
+            .fetch_all(&sql.text, sql.args, |r| {
+                Ok((
+                    r.id::<SandboxId>("sandbox_id")?,
+                    r.string("key")?,
+                    r.string("value")?,
+                ))
+            })
+            .await?;
+        for (id, key, value) in rows {
+            out.entry(id).or_default().insert(key, value);
+        }
+    }
+    Ok(out)
+}

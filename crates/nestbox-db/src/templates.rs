@@ -1,0 +1,189 @@
+//! `templates`: what sandboxes boot or restore from.
+//!
+//! Visibility: a team sees its own templates and the platform team's (all-zero team id). When
+//! both have a template of the same name, the team's own shadows the platform's, in
+//! [`get_visible`] and [`list_visible`] alike. Names are unique per team. An [`upsert`] keeps
+//! the row's id; callers that keep files per generation must name them themselves.
+
+use chrono::{DateTime, Utc};
+use nestbox_types::{HostId, PLATFORM_TEAM, TeamId, TemplateId, TemplateKind};
+
+use crate::engine::{Db, DbRow, args, now};
+use crate::error::{DbError, missing_as_not_found};
+
+/// A template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    pub id: TemplateId,
+    /// [`PLATFORM_TEAM`] for platform templates.
+    pub team_id: TeamId,
+    pub name: String,
+    pub kind: TemplateKind,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    /// Smallest root disk a sandbox from this template can have.
+    pub disk_size_mb: u32,
+    /// Space its files take on disk.
+    pub size_bytes: u64,
+    /// Where its files are; `None` = on every host.
+    pub host_id: Option<HostId>,
+    /// Prefixed id of the actor that made it; `None` for built-in templates.
+    pub created_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What [`upsert`] writes.
+#[derive(Debug, Clone)]
+pub struct NewTemplate {
+    pub team_id: TeamId,
+    pub name: String,
+    pub kind: TemplateKind,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub size_bytes: u64,
+    pub host_id: Option<HostId>,
+    pub created_by: Option<String>,
+}
+
+const COLUMNS: &str = "id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, size_bytes, \
+                       host_id, created_by, created_at, updated_at";
+
+fn from_row(r: &dyn DbRow) -> Result<Template, DbError> {
+    Ok(Template {
+        id: r.id("id")?,
+        team_id: r.id("team_id")?,
+        name: r.string("name")?,
+        kind: r.parse("kind")?,
+        vcpus: r.u32("vcpus")?,
+        memory_mb: r.u32("memory_mb")?,
+        disk_size_mb: r.u32("disk_size_mb")?,
+        size_bytes: r.u64("size_bytes")?,
+        host_id: r.id_opt("host_id")?,
+        created_by: r.string_opt("created_by")?,
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+/// Creates the team's template of that name, or replaces its contents (keeping its id and
+/// `created_at`). Returns the stored row.
+pub async fn upsert(db: &Db, new: &NewTemplate) -> Result<Template, DbError> {
+    db.fetch_one(
+        &format!(
+            "INSERT INTO templates (id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, \
+                                    size_bytes, host_id, created_by, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+             ON CONFLICT (team_id, name) DO UPDATE SET \
+                kind = excluded.kind, vcpus = excluded.vcpus, memory_mb = excluded.memory_mb, \
+                disk_size_mb = excluded.disk_size_mb, size_bytes = excluded.size_bytes, \
+                host_id = excluded.host_id, created_by = excluded.created_by, \
+                updated_at = excluded.updated_at \
+             RETURNING {COLUMNS}"
+        ),
+        args![
+            TemplateId::new(),
+            new.team_id,
+            &new.name,
+            new.kind,
+            new.vcpus,
+            new.memory_mb,
+            new.disk_size_mb,
+            new.size_bytes,
+            new.host_id,
+            new.created_by.clone(),
+            now(),
+        ],
+        from_row,
+    )
+    .await
+    .map_err(|e| missing_as_not_found(e, "team or host", new.team_id))
+}
+
+/// Inserts a new template; unlike [`upsert`], [`DbError::Conflict`] if the team already has
+/// one of that name.
+pub async fn create(db: &Db, new: &NewTemplate) -> Result<Template, DbError> {
+    db.fetch_one(
+        &format!(
+            "INSERT INTO templates (id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, \
+                                    size_bytes, host_id, created_by, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) RETURNING {COLUMNS}"
+        ),
+        args![
+            TemplateId::new(),
+            new.team_id,
+            &new.name,
+            new.kind,
+            new.vcpus,
+            new.memory_mb,
+            new.disk_size_mb,
+            new.size_bytes,
+            new.host_id,
+            new.created_by.clone(),
+            now(),
+        ],
+        from_row,
+    )
+    .await
+    .map_err(|e| missing_as_not_found(e, "team or host", new.team_id))
+}
+
+/// The template named `name` that `team` sees: its own, else the platform's.
+pub async fn get_visible(db: &Db, team: TeamId, name: &str) -> Result<Option<Template>, DbError> {
+    db.fetch_optional(
+        &format!(
+            "SELECT {COLUMNS} FROM templates WHERE name = $2 AND team_id IN ($1, $3) \
+             ORDER BY CASE WHEN team_id = $1 THEN 0 ELSE 1 END LIMIT 1"
+        ),
+        args![team, name, PLATFORM_TEAM],
+        from_row,
+    )
+    .await
+}
+
+/// Every template `team` sees, by name; the team's own shadow platform templates of the same
+/// name.
+pub async fn list_visible(db: &Db, team: TeamId) -> Result<Vec<Template>, DbError> {
+    db.fetch_all(
+        &format!(
+            "SELECT {COLUMNS} FROM templates t WHERE t.team_id = $1 \
+                OR (t.team_id = $2 AND NOT EXISTS ( \
+                    SELECT 1 FROM templates o WHERE o.team_id = $1 AND o.name = t.name)) \
+             ORDER BY t.name, t.team_id"
+        ),
+        args![team, PLATFORM_TEAM],
+        from_row,
+    )
+    .await
+}
+
+/// Every template of every team (platform admins), by team then name.
+pub async fn list_all(db: &Db) -> Result<Vec<Template>, DbError> {
+    db.fetch_all(
+        &format!("SELECT {COLUMNS} FROM templates ORDER BY team_id, name"),
+        args![],
+        from_row,
+    )
+    .await
+}
+
+/// The template with `id`, whoever owns it.
+pub async fn get(db: &Db, id: TemplateId) -> Result<Template, DbError> {
+    db.fetch_optional(
+        &format!("SELECT {COLUMNS} FROM templates WHERE id = $1"),
+        args![id],
+        from_row,
+    )
+    .await?
+    .ok_or_else(|| DbError::not_found("template", id))
+}
+
+/// Deletes a template; returns whether it existed. Sandboxes made from it keep their
+/// `template_name` and lose their `template_id`.
+pub async fn delete(db: &Db, id: TemplateId) -> Result<bool, DbError> {
+    Ok(db
+        .execute("DELETE FROM templates WHERE id = $1", args![id])
+        .await?
+        > 0)
+}

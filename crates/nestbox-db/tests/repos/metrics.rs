@@ -1,0 +1,53 @@
+use nestbox_db::MetricTier;
+use nestbox_db::metrics::{self, MetricPoint};
+use nestbox_types::SandboxId;
+
+use crate::common::{sandbox, team};
+
+db_test!(points_upsert_list_prune_and_cascade, |t| {
+    let (_, team) = team(&t.db, "m").await;
+    let sb = sandbox(&t.db, team.id, &[]).await;
+    let p = |ts_ms, cpu_pct| MetricPoint {
+        ts_ms,
+        cpu_pct,
+        mem_bytes: 1 << 30,
+        disk_bytes: 200 << 20,
+    };
+    metrics::upsert_points(
+        &t.db,
+        sb.id,
+        MetricTier::TenMinutes,
+        &[p(2000, 12.5), p(1000, 0.0)],
+    )
+    .await
+    .unwrap();
+    metrics::upsert_points(&t.db, sb.id, MetricTier::TenMinutes, &[p(2000, 50.0)])
+        .await
+        .unwrap();
+    metrics::upsert_points(&t.db, sb.id, MetricTier::Day, &[p(0, 1.0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        metrics::list_points(&t.db, sb.id, MetricTier::TenMinutes)
+            .await
+            .unwrap(),
+        vec![p(1000, 0.0), p(2000, 50.0)]
+    );
+    assert_eq!(
+        metrics::list_points(&t.db, sb.id, MetricTier::Day)
+            .await
+            .unwrap(),
+        vec![p(0, 1.0)]
+    );
+    assert!(
+        metrics::list_points(&t.db, sb.id, MetricTier::TwoHours)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(metrics::prune_before(&t.db, 1500).await.unwrap(), 2);
+    let err = metrics::upsert_points(&t.db, SandboxId::new(), MetricTier::Day, &[p(0, 1.0)])
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+});

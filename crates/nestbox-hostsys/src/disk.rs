@@ -1,0 +1,262 @@
+//! Copy-on-write root disks.
+//!
+//! A template's root filesystem is stored shrunk (as small as `resize2fs -M` makes it). A
+//! sandbox needs a disk of `disk_size_mb`, so [`BaseImages`] keeps, per template and size, a
+//! sparse copy of the template expanded to that size (`truncate` + `resize2fs`: the seed's
+//! EnsureImageSizes; no extra physical space). The default size is prepared when the agent
+//! starts; other sizes on first use. Each sandbox then gets a qcow2 overlay backed by the
+//! expanded base ([`create_overlay`]): creating one takes ~10 ms and writes ~200 KiB.
+//!
+//! Invariants: a base file at its final path is complete (built under a temporary name and
+//! renamed); bases are never written once in use (overlays only read them); an overlay's
+//! virtual size equals its base's size, so the guest's filesystem fills its disk.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::process::{Cmd, ProcessError};
+
+/// A disk operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The template image is missing.
+    #[error("template image {path} not found")]
+    MissingImage {
+        /// Where it was expected.
+        path: PathBuf,
+    },
+    /// The requested size is smaller than the template's filesystem.
+    #[error("a disk of {requested_mb} MiB is too small for this template (needs {min_mb} MiB)")]
+    TooSmall {
+        /// Requested size.
+        requested_mb: u64,
+        /// Smallest size that fits.
+        min_mb: u64,
+    },
+    /// A tool failed.
+    #[error("disk operation on {path}")]
+    Command {
+        /// The file being worked on.
+        path: PathBuf,
+        /// The failed command.
+        #[source]
+        source: ProcessError,
+    },
+    /// A file operation failed.
+    #[error("disk file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
+    move |source| DiskError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Expanded template images, per size.
+#[derive(Debug, Clone)]
+pub struct BaseImages {
+    dir: PathBuf,
+}
+
+impl BaseImages {
+    /// Bases are kept under `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Self, DiskError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(Self { dir })
+    }
+
+    /// Where the base of `template` at `size_mb` lives. `key` distinguishes builds of the
+    /// same template (e.g. its recipe hash), so a rebuilt template never reuses old bases.
+    pub fn path(&self, template: &str, key: &str, size_mb: u64) -> PathBuf {
+        self.dir
+            .join(template)
+            .join(format!("{key}-{size_mb}m.ext4"))
+    }
+
+    /// Returns the base of `template` at `size_mb`, creating it from the shrunk `source`
+    /// image if needed. `min_mb` is the smallest disk the template's filesystem fits.
+    pub async fn ensure(
+        &self,
+        template: &str,
+        key: &str,
+        source: &Path,
+        size_mb: u64,
+        min_mb: u64,
+    ) -> Result<PathBuf, DiskError> {
+        if size_mb < min_mb {
+            return Err(DiskError::TooSmall {
+                requested_mb: size_mb,
+                min_mb,
+            });
+        }
+        let target = self.path(template, key, size_mb);
+        if target.exists() {
+            return Ok(target);
+        }
+        if !source.exists() {
+            return Err(DiskError::MissingImage {
+                path: source.to_path_buf(),
+            });
+        }
+        let parent = target.parent().unwrap_or(&self.dir).to_path_buf();
+        tokio::fs::create_dir_all(&parent)
+            .await
+            .map_err(io_err(&parent))?;
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}",
+            target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("base"),
+            std::process::id()
+        ));
+        let result = async {
+            Cmd::new("cp")
+                .arg("--sparse=always")
+                .arg(source)
+                .arg(&tmp)
+                .run()
+                .await
+                .map_err(|e| DiskError::Command {
+                    path: tmp.clone(),
+                    source: e,
+                })?;
+            expand_ext4(&tmp, size_mb).await?;
+            tokio::fs::rename(&tmp, &target)
+                .await
+                .map_err(io_err(&target))
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result.map(|()| target)
+    }
+
+    /// Removes bases of `template` whose key is not `keep_key` (old builds).
+    pub async fn prune(&self, template: &str, keep_key: &str) -> Result<usize, DiskError> {
+        let dir = self.dir.join(template);
+        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(&format!("{keep_key}-")) {
+                tokio::fs::remove_file(entry.path())
+                    .await
+                    .map_err(io_err(&entry.path()))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Grows the ext4 filesystem image at `path` to `size_mb` (sparse: no blocks are written
+/// for the new space). Shrinking is refused by resize2fs.
+pub async fn expand_ext4(path: &Path, size_mb: u64) -> Result<(), DiskError> {
+    let wrap = |source| DiskError::Command {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    file.set_len(size_mb * 1024 * 1024).map_err(io_err(path))?;
+    drop(file);
+    // Template images are checked when they are built and never mounted on the host, so
+    // the "run e2fsck first" safety check of resize2fs is skipped with -f.
+    Cmd::new("resize2fs")
+        .arg("-f")
+        .arg(path)
+        .run()
+        .await
+        .map_err(wrap)?;
+    Ok(())
+}
+
+/// Creates a qcow2 overlay at `overlay` backed by the raw image `base`, with the base's
+/// size.
+pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), DiskError> {
+    Cmd::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(overlay)
+        .run()
+        .await
+        .map_err(|source| DiskError::Command {
+            path: overlay.to_path_buf(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Bytes actually allocated on the host for `path` (sparse files count only written
+/// blocks).
+pub fn allocated_bytes(path: &Path) -> Result<u64, DiskError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    Ok(meta.blocks() * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn make_ext4(path: &Path, size_mb: u64) {
+        Cmd::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(path)
+            .arg(format!("{size_mb}M"))
+            .run()
+            .await
+            .unwrap();
+    }
+
+    fn tools_present() -> bool {
+        ["mkfs.ext4", "resize2fs", "e2fsck", "qemu-img"]
+            .iter()
+            .all(|t| {
+                std::env::var_os("PATH")
+                    .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).exists()))
+            })
+    }
+
+    #[tokio::test]
+    async fn ensure_expands_sparsely_and_caches() {
+        assert!(tools_present(), "needs e2fsprogs and qemu-utils installed");
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("rootfs.ext4");
+        make_ext4(&src, 32).await;
+        let bases = BaseImages::new(dir.path().join("bases")).unwrap();
+        let err = bases.ensure("t", "k1", &src, 16, 32).await.unwrap_err();
+        assert!(matches!(err, DiskError::TooSmall { .. }));
+        let base = bases.ensure("t", "k1", &src, 256, 32).await.unwrap();
+        let meta = std::fs::metadata(&base).unwrap();
+        assert_eq!(meta.len(), 256 * 1024 * 1024);
+        assert!(
+            allocated_bytes(&base).unwrap() < 64 * 1024 * 1024,
+            "expanded sparsely"
+        );
+        // Cached: same path, untouched.
+        let again = bases.ensure("t", "k1", &src, 256, 32).await.unwrap();
+        assert_eq!(base, again);
+        let overlay = dir.path().join("o.qcow2");
+        create_overlay(&base, &overlay).await.unwrap();
+        assert!(allocated_bytes(&overlay).unwrap() < 1024 * 1024);
+        // A new build key prunes the old bases.
+        bases.ensure("t", "k2", &src, 64, 32).await.unwrap();
+        assert_eq!(bases.prune("t", "k2").await.unwrap(), 1);
+        assert!(!base.exists());
+    }
+}

@@ -1,0 +1,571 @@
+//! Sandbox networking: one network namespace per sandbox, a veth pair to the host, a TAP
+//! device for the VMM inside the namespace, and nftables rules.
+//!
+//! ```text
+//! root ns:  nbxh<N> 10.200.x.1/30 <-veth-> netns nbx<N>: nbxg<N> 10.200.x.2/30 (default via .1)
+//!                                            tap0 172.16.0.1/30 <-> VMM <-> guest eth0 172.16.0.2/30
+//! ```
+//!
+//! Every guest has the same address (172.16.0.2), so snapshot clones need no re-addressing.
+//! The host reaches sandbox N at its per-slot address (10.200.x.2), which the namespace DNATs
+//! to the guest. Guest traffic leaving the namespace is masqueraded to that address, then
+//! masqueraded again by the host on its way out.
+//!
+//! Isolation (rules in [`HostFirewall`], one table per agent instance): a sandbox can reach
+//! neither another sandbox (forwarding between sandbox veths is dropped), nor the host's own
+//! services (input from sandbox veths is dropped unless it answers a host-initiated
+//! connection), nor private or link-local ranges unless allowed — except the DNS servers
+//! given to guests.
+//!
+//! Slots are allocated machine-wide (several agents may share a host) with exclusive
+//! creation of files in [`SlotAllocator::dir`]; each file names the owning instance so the
+//! start-up cleanup removes only its own leftovers.
+//!
+//! Invariants: a [`SandboxNet`] exists only when its namespace, veth pair, TAP and rules all
+//! exist (setup rolls back on failure); deleting the namespace removes the TAP, both veth
+//! ends and the in-namespace rules at once.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use crate::process::{Cmd, ProcessError};
+
+/// Name prefix of every interface and namespace Nestbox creates.
+pub const PREFIX: &str = "nbx";
+/// Highest slot number: 10.200.0.0/16 holds 16384 /30 networks.
+pub const MAX_SLOT: u32 = 16383;
+/// The guest's address inside every sandbox.
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 2);
+/// The guest's gateway: the TAP inside the namespace.
+pub const GUEST_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
+/// Prefix length of the guest link.
+pub const GUEST_PREFIX: u8 = 30;
+/// Name of the TAP device inside each namespace.
+pub const TAP_NAME: &str = "tap0";
+
+/// A networking operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Every slot is taken.
+    #[error("no free network slot (all {MAX_SLOT} in use)")]
+    SlotsExhausted,
+    /// The slot directory could not be used.
+    #[error("slot directory {path}")]
+    SlotDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command failed.
+    #[error("network setup for slot {slot}")]
+    Command {
+        /// The slot being set up or torn down.
+        slot: u32,
+        /// The failed command.
+        #[source]
+        source: ProcessError,
+    },
+    /// The host firewall could not be installed.
+    #[error("host firewall table {table}")]
+    Firewall {
+        /// The nftables table.
+        table: String,
+        /// The failed command.
+        #[source]
+        source: ProcessError,
+    },
+    /// A sysctl could not be set.
+    #[error("cannot set {key}")]
+    Sysctl {
+        /// The sysctl path.
+        key: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Addresses and names of one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotAddrs {
+    /// The slot number.
+    pub slot: u32,
+    /// Namespace name (`nbx<N>`).
+    pub netns: String,
+    /// Host-side veth (`nbxh<N>`).
+    pub host_if: String,
+    /// Namespace-side veth (`nbxg<N>`).
+    pub ns_if: String,
+    /// Host-side address of the veth.
+    pub host_ip: Ipv4Addr,
+    /// Namespace-side address: where the host reaches the guest.
+    pub sandbox_ip: Ipv4Addr,
+}
+
+impl SlotAddrs {
+    /// Names and addresses of `slot` (1..=[`MAX_SLOT`]).
+    pub fn new(slot: u32) -> Self {
+        let base = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + slot * 4;
+        Self {
+            slot,
+            netns: format!("{PREFIX}{slot}"),
+            host_if: format!("{PREFIX}h{slot}"),
+            ns_if: format!("{PREFIX}g{slot}"),
+            host_ip: Ipv4Addr::from(base + 1),
+            sandbox_ip: Ipv4Addr::from(base + 2),
+        }
+    }
+
+    /// Path of the namespace's bind mount.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+}
+
+/// Machine-wide slot allocation through exclusively created files.
+#[derive(Debug, Clone)]
+pub struct SlotAllocator {
+    dir: PathBuf,
+    owner: String,
+    range: std::ops::RangeInclusive<u32>,
+}
+
+impl SlotAllocator {
+    /// An allocator keeping its files in `dir` (created if missing), marking slots as owned
+    /// by `owner` (the agent instance tag).
+    pub fn new(dir: impl Into<PathBuf>, owner: impl Into<String>) -> Result<Self, NetError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| NetError::SlotDir {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Self {
+            dir,
+            owner: owner.into(),
+            range: 1..=MAX_SLOT,
+        })
+    }
+
+    /// Restricts allocation to `range` (clamped to 1..=[`MAX_SLOT`]), e.g. to keep tests
+    /// away from slots a running agent uses.
+    pub fn with_range(mut self, range: std::ops::RangeInclusive<u32>) -> Self {
+        let start = (*range.start()).max(1);
+        let end = (*range.end()).min(MAX_SLOT);
+        self.range = start..=end;
+        self
+    }
+
+    /// The directory holding slot files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Takes the lowest free slot, recording `holder` (e.g. a sandbox id) in its file.
+    pub fn allocate(&self, holder: &str) -> Result<u32, NetError> {
+        for slot in self.range.clone() {
+            let path = self.dir.join(slot.to_string());
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    let _ = writeln!(f, "{} {}", self.owner, holder);
+                    return Ok(slot);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => return Err(NetError::SlotDir { path, source }),
+            }
+        }
+        Err(NetError::SlotsExhausted)
+    }
+
+    /// Frees a slot. Freeing a free slot is not an error.
+    pub fn release(&self, slot: u32) -> Result<(), NetError> {
+        let path = self.dir.join(slot.to_string());
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(NetError::SlotDir { path, source }),
+        }
+    }
+
+    /// Slots held by this allocator's owner, with their holders: after a crash, these are
+    /// the leftovers to clean up.
+    pub fn owned(&self) -> Result<Vec<(u32, String)>, NetError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| NetError::SlotDir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let Some(slot) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let content = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let mut parts = content.split_whitespace();
+            if parts.next() == Some(self.owner.as_str()) {
+                out.push((slot, parts.next().unwrap_or_default().to_string()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// What guests may reach.
+#[derive(Debug, Clone)]
+pub struct EgressPolicy {
+    /// DNS servers handed to guests; always reachable on port 53.
+    pub dns: Vec<Ipv4Addr>,
+    /// Whether guests may reach private, shared and link-local ranges.
+    pub allow_private: bool,
+}
+
+/// Ranges a guest may not reach unless [`EgressPolicy::allow_private`] is set.
+pub const PRIVATE_RANGES: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+];
+
+/// The per-instance nftables table in the host's namespace, plus host sysctls.
+#[derive(Debug, Clone)]
+pub struct HostFirewall {
+    table: String,
+}
+
+impl HostFirewall {
+    /// The firewall of the agent instance tagged `tag`.
+    pub fn new(tag: &str) -> Self {
+        Self {
+            table: format!("nestbox_{tag}"),
+        }
+    }
+
+    /// The nftables table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The ruleset text, for inspection and tests.
+    pub fn ruleset(&self, policy: &EgressPolicy) -> String {
+        let dns = policy
+            .dns
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut r = String::new();
+        let t = &self.table;
+        let _ = writeln!(r, "table inet {t} {{}}");
+        let _ = writeln!(r, "delete table inet {t}");
+        let _ = writeln!(r, "table inet {t} {{");
+        let _ = writeln!(r, "  chain forward {{");
+        let _ = writeln!(
+            r,
+            "    type filter hook forward priority filter - 5; policy accept;"
+        );
+        let _ = writeln!(r, "    iifname \"{PREFIX}h*\" oifname \"{PREFIX}h*\" drop");
+        if !dns.is_empty() {
+            let _ = writeln!(
+                r,
+                "    iifname \"{PREFIX}h*\" ip daddr {{ {dns} }} udp dport 53 accept"
+            );
+            let _ = writeln!(
+                r,
+                "    iifname \"{PREFIX}h*\" ip daddr {{ {dns} }} tcp dport 53 accept"
+            );
+        }
+        if !policy.allow_private {
+            let ranges = PRIVATE_RANGES.join(", ");
+            let _ = writeln!(r, "    iifname \"{PREFIX}h*\" ip daddr {{ {ranges} }} drop");
+        }
+        let _ = writeln!(r, "  }}");
+        let _ = writeln!(r, "  chain input {{");
+        let _ = writeln!(
+            r,
+            "    type filter hook input priority filter - 5; policy accept;"
+        );
+        let _ = writeln!(
+            r,
+            "    iifname \"{PREFIX}h*\" ct state established,related accept"
+        );
+        let _ = writeln!(r, "    iifname \"{PREFIX}h*\" drop");
+        let _ = writeln!(r, "  }}");
+        let _ = writeln!(r, "  chain postrouting {{");
+        let _ = writeln!(
+            r,
+            "    type nat hook postrouting priority srcnat; policy accept;"
+        );
+        let _ = writeln!(
+            r,
+            "    ip saddr 10.200.0.0/16 oifname != \"{PREFIX}h*\" masquerade"
+        );
+        let _ = writeln!(r, "  }}");
+        let _ = writeln!(r, "}}");
+        r
+    }
+
+    /// Installs (or replaces) the table and enables IPv4 forwarding on the host.
+    pub async fn install(&self, policy: &EgressPolicy) -> Result<(), NetError> {
+        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        Cmd::new("nft")
+            .args(["-f", "-"])
+            .stdin(self.ruleset(policy))
+            .run()
+            .await
+            .map_err(|source| NetError::Firewall {
+                table: self.table.clone(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Removes the table; a missing table is not an error.
+    pub async fn remove(&self) -> Result<(), NetError> {
+        let script = format!(
+            "table inet {t} {{}}\ndelete table inet {t}\n",
+            t = self.table
+        );
+        Cmd::new("nft")
+            .args(["-f", "-"])
+            .stdin(script)
+            .run()
+            .await
+            .map_err(|source| NetError::Firewall {
+                table: self.table.clone(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
+    if std::fs::read_to_string(path)
+        .map(|v| v.trim() == value)
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    std::fs::write(path, value).map_err(|source| NetError::Sysctl {
+        key: path.to_string(),
+        source,
+    })
+}
+
+/// A sandbox's network: namespace, veth pair, TAP and rules, all present.
+#[derive(Debug, Clone)]
+pub struct SandboxNet {
+    /// Names and addresses.
+    pub addrs: SlotAddrs,
+}
+
+impl SandboxNet {
+    /// The ruleset loaded inside the namespace.
+    pub fn ns_ruleset(addrs: &SlotAddrs) -> String {
+        let g = &addrs.ns_if;
+        let sip = addrs.sandbox_ip;
+        format!(
+            "table ip nestbox {{
+  chain pre {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname \"{g}\" ip daddr {sip} dnat to {GUEST_IP}
+  }}
+  chain post {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname \"{g}\" ip saddr {GUEST_GATEWAY}/{GUEST_PREFIX} masquerade
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname \"{TAP_NAME}\" oifname \"{g}\" accept
+    iifname \"{g}\" oifname \"{TAP_NAME}\" ct status dnat accept
+  }}
+  chain input {{
+    type filter hook input priority filter; policy drop;
+    iifname \"lo\" accept
+    ct state established,related accept
+  }}
+}}
+"
+        )
+    }
+
+    /// Creates the namespace, links, addresses, routes and rules of `slot`. On failure
+    /// everything created so far is removed before the error is returned.
+    pub async fn setup(slot: u32) -> Result<Self, NetError> {
+        let addrs = SlotAddrs::new(slot);
+        let wrap = |source| NetError::Command { slot, source };
+        // A crash may have left a namespace with this name behind.
+        let _ = Self::teardown_addrs(&addrs).await;
+        let root = format!(
+            "netns add {ns}\n\
+             link add {h} type veth peer name {g} netns {ns}\n\
+             addr add {hip}/30 dev {h}\n\
+             link set {h} up\n",
+            ns = addrs.netns,
+            h = addrs.host_if,
+            g = addrs.ns_if,
+            hip = addrs.host_ip,
+        );
+        let inner = format!(
+            "link set lo up\n\
+             addr add {sip}/30 dev {g}\n\
+             link set {g} up\n\
+             route add default via {hip}\n\
+             tuntap add dev {TAP_NAME} mode tap\n\
+             addr add {GUEST_GATEWAY}/{GUEST_PREFIX} dev {TAP_NAME}\n\
+             link set {TAP_NAME} up\n",
+            sip = addrs.sandbox_ip,
+            g = addrs.ns_if,
+            hip = addrs.host_ip,
+        );
+        let result = async {
+            Cmd::new("ip")
+                .args(["-batch", "-"])
+                .stdin(root)
+                .run()
+                .await
+                .map_err(wrap)?;
+            Cmd::new("ip")
+                .args(["-n", &addrs.netns, "-batch", "-"])
+                .stdin(inner)
+                .run()
+                .await
+                .map_err(wrap)?;
+            // sysctls under /proc/sys/net belong to the namespace of the writing process, so
+            // forwarding is switched on by a process inside the namespace.
+            Cmd::new("sh")
+                .args([
+                    "-c",
+                    "echo 1 > /proc/sys/net/ipv4/ip_forward && exec nft -f -",
+                ])
+                .netns(addrs.netns_path())
+                .stdin(Self::ns_ruleset(&addrs))
+                .run()
+                .await
+                .map_err(wrap)?;
+            Ok::<(), NetError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(Self { addrs }),
+            Err(e) => {
+                if let Err(cleanup) = Self::teardown_addrs(&addrs).await {
+                    tracing::warn!(slot, error = %cleanup, "rollback of failed network setup");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes everything of this sandbox's network.
+    pub async fn teardown(&self) -> Result<(), NetError> {
+        Self::teardown_addrs(&self.addrs).await
+    }
+
+    /// Removes the namespace and host veth of a slot, whether or not they exist.
+    pub async fn teardown_addrs(addrs: &SlotAddrs) -> Result<(), NetError> {
+        let slot = addrs.slot;
+        if addrs.netns_path().exists() {
+            Cmd::new("ip")
+                .args(["netns", "delete", &addrs.netns])
+                .run()
+                .await
+                .map_err(|source| NetError::Command { slot, source })?;
+        }
+        if Path::new("/sys/class/net").join(&addrs.host_if).exists() {
+            Cmd::new("ip")
+                .args(["link", "delete", &addrs.host_if])
+                .run()
+                .await
+                .map_err(|source| NetError::Command { slot, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// Nameservers of the host usable by guests (loopback resolvers are skipped), else public
+/// fallbacks.
+pub fn host_dns_servers() -> Vec<Ipv4Addr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut out: Vec<Ipv4Addr> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<Ipv4Addr>().ok())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .collect();
+    if out.is_empty() {
+        out = vec![Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(8, 8, 8, 8)];
+    }
+    out.truncate(3);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_addresses() {
+        let a = SlotAddrs::new(1);
+        assert_eq!(a.host_ip, Ipv4Addr::new(10, 200, 0, 5));
+        assert_eq!(a.sandbox_ip, Ipv4Addr::new(10, 200, 0, 6));
+        assert_eq!(a.netns, "nbx1");
+        assert_eq!(a.host_if, "nbxh1");
+        let last = SlotAddrs::new(MAX_SLOT);
+        assert_eq!(last.sandbox_ip, Ipv4Addr::new(10, 200, 255, 254));
+        assert!(last.host_if.len() <= 15);
+    }
+
+    #[test]
+    fn slots_are_exclusive_and_owned() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SlotAllocator::new(dir.path(), "aaaa").unwrap();
+        let b = SlotAllocator::new(dir.path(), "bbbb").unwrap();
+        let s1 = a.allocate("sb-1").unwrap();
+        let s2 = b.allocate("sb-2").unwrap();
+        assert_ne!(s1, s2);
+        assert_eq!(a.owned().unwrap(), vec![(s1, "sb-1".to_string())]);
+        a.release(s1).unwrap();
+        a.release(s1).unwrap();
+        assert!(a.owned().unwrap().is_empty());
+        assert_eq!(b.owned().unwrap().len(), 1);
+        assert_eq!(
+            a.allocate("sb-3").unwrap(),
+            s1,
+            "lowest free slot is reused"
+        );
+    }
+
+    #[test]
+    fn host_ruleset_isolates() {
+        let fw = HostFirewall::new("t1");
+        let policy = EgressPolicy {
+            dns: vec![Ipv4Addr::new(10, 255, 255, 53)],
+            allow_private: false,
+        };
+        let r = fw.ruleset(&policy);
+        assert!(r.contains("table inet nestbox_t1"));
+        assert!(r.contains("iifname \"nbxh*\" oifname \"nbxh*\" drop"));
+        assert!(r.contains("10.0.0.0/8"));
+        assert!(r.contains("10.255.255.53"));
+        let open = fw.ruleset(&EgressPolicy {
+            dns: vec![],
+            allow_private: true,
+        });
+        assert!(!open.contains("10.0.0.0/8"));
+    }
+}

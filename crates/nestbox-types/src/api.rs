@@ -1,0 +1,663 @@
+//! The REST API's request and response bodies: the public contract of `/v1`.
+//!
+//! The control plane serialises these and generates its OpenAPI document from them; the
+//! Rust client and the CLI deserialise them. Changing a field here changes the public API:
+//! add fields as optional, never rename or repurpose one.
+//!
+//! Conventions: ids are prefixed strings, times are RFC 3339 UTC, sizes are MiB in fields
+//! ending in `_mb`, every list is `{"items": [...], "next_cursor": ...}`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ApiKeyId, AuditLogId, ErrorCode, HostId, HostStatus, SandboxId, SandboxStatus, TeamId,
+    TeamRole, TemplateId, TemplateKind, UserId,
+};
+
+#[cfg(feature = "openapi")]
+use utoipa::{IntoParams, ToSchema};
+
+/// A page of a list. `next_cursor` is absent on the last page.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Page<T> {
+    /// The items of this page.
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Query parameters of every list endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Items per page, 1–200 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Health {
+    /// `ok` when the server answers.
+    pub status: String,
+    /// Server version.
+    pub version: String,
+}
+
+// ---------------------------------------------------------------- auth, users, teams
+
+/// `POST /v1/auth/login`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Account email.
+    pub email: String,
+    /// Account password.
+    pub password: String,
+}
+
+/// A session token for a user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct LoginResponse {
+    /// Send as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// When the token stops working.
+    pub expires_at: DateTime<Utc>,
+    /// Who logged in.
+    pub user: User,
+}
+
+/// A user account.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct User {
+    /// Id.
+    pub id: UserId,
+    /// Email, lower case.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Platform administrator.
+    pub is_admin: bool,
+    /// Whether the account may log in.
+    pub active: bool,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/me`: the caller and their teams.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Me {
+    /// The user, absent when the caller is an API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<User>,
+    /// The team requests are scoped to by default.
+    pub team_id: TeamId,
+    /// The teams the user belongs to (for an API key: its team).
+    pub teams: Vec<TeamMembership>,
+}
+
+/// A team and the caller's role in it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct TeamMembership {
+    /// The team.
+    pub team: Team,
+    /// The caller's role.
+    pub role: TeamRole,
+    /// Used when a request does not name a team.
+    pub is_default: bool,
+}
+
+/// A team: owns sandboxes, templates and API keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Team {
+    /// Id.
+    pub id: TeamId,
+    /// Name.
+    pub name: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/teams`, `PATCH /v1/teams/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TeamRequest {
+    /// 1–128 characters.
+    pub name: String,
+}
+
+/// A member of a team.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Member {
+    /// The user.
+    pub user_id: UserId,
+    /// Their email.
+    pub email: String,
+    /// Their name.
+    pub name: String,
+    /// Their role.
+    pub role: TeamRole,
+    /// When they joined.
+    pub joined_at: DateTime<Utc>,
+}
+
+/// `POST /v1/teams/{id}/members`: add an existing user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AddMemberRequest {
+    /// The user's email.
+    pub email: String,
+    /// `admin` or `member` (default).
+    #[serde(default)]
+    pub role: Option<TeamRole>,
+}
+
+/// `PATCH /v1/teams/{id}/members/{user_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMemberRequest {
+    /// `admin` or `member`.
+    pub role: TeamRole,
+}
+
+/// A team API key (the secret itself is only shown once, at creation).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApiKey {
+    /// Id.
+    pub id: ApiKeyId,
+    /// The team it acts for.
+    pub team_id: TeamId,
+    /// Label.
+    pub name: String,
+    /// The first characters of the key, to recognise it.
+    pub prefix: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last time it authenticated a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/teams/{id}/api-keys`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKeyRequest {
+    /// Label, 1–128 characters.
+    pub name: String,
+}
+
+/// A new API key. `key` is shown only in this response; store it now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreatedApiKey {
+    /// The key's record.
+    pub api_key: ApiKey,
+    /// Send as `X-API-Key: <key>`.
+    pub key: String,
+}
+
+/// `POST /v1/admin/users` (platform admins).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    /// Email, unique.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// At least 10 characters.
+    pub password: String,
+    /// Make the user a platform admin.
+    #[serde(default)]
+    pub is_admin: bool,
+}
+
+/// A created user and the personal team made for them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreatedUser {
+    /// The user.
+    pub user: User,
+    /// Their own team.
+    pub team: Team,
+}
+
+// ---------------------------------------------------------------------- sandboxes
+
+/// `POST /v1/sandboxes`. Omitted fields take the server's defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    /// Template name (default `minimal`).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Virtual CPUs.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory, MiB.
+    #[serde(default)]
+    pub memory_mb: Option<u32>,
+    /// Root disk, MiB (default 5120).
+    #[serde(default)]
+    pub disk_size_mb: Option<u32>,
+    /// Inactivity timeout, seconds; 0 means never.
+    #[serde(default)]
+    pub timeout_sec: Option<u32>,
+    /// Environment variables for every process in the sandbox.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Free-form labels, filterable in lists.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Sandbox {
+    /// Id.
+    pub id: SandboxId,
+    /// Owning team.
+    pub team_id: TeamId,
+    /// Template it started from.
+    pub template: String,
+    /// Lifecycle status.
+    pub status: SandboxStatus,
+    /// Why it is in `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u32,
+    /// Root disk, MiB.
+    pub disk_size_mb: u32,
+    /// Inactivity timeout, seconds.
+    pub timeout_sec: u32,
+    /// Labels.
+    pub metadata: BTreeMap<String, String>,
+    /// The host it runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<HostId>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// When it became ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it was destroyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<DateTime<Utc>>,
+}
+
+/// Filters of `GET /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+pub struct SandboxListQuery {
+    /// Comma-separated statuses (default: every status but `stopped`).
+    pub status: Option<String>,
+    /// `key=value` pairs, comma-separated; all must match.
+    pub metadata: Option<String>,
+    /// Items per page, 1–200 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/exec` and `/exec/stream`. Give exactly one of `command` (run
+/// by `/bin/sh -c`) and `argv` (run directly).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// A shell command line.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Program and arguments.
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the user's home).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User to run as (default `root`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Kill the command after this many seconds (default 60).
+    #[serde(default)]
+    pub timeout_sec: Option<u32>,
+    /// Standard input, base64.
+    #[serde(default)]
+    pub stdin_base64: Option<String>,
+}
+
+/// How an output field is encoded.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// Text: the bytes were valid UTF-8.
+    Utf8,
+    /// Base64 of arbitrary bytes.
+    Base64,
+}
+
+/// Collected result of a command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ExecResult {
+    /// Exit status; 128+n when killed by signal n.
+    pub exit_code: i32,
+    /// Standard output, encoded as `stdout_encoding` says.
+    pub stdout: String,
+    /// Standard error, encoded as `stderr_encoding` says.
+    pub stderr: String,
+    /// `utf8` when stdout is valid UTF-8, else `base64`.
+    pub stdout_encoding: Encoding,
+    /// `utf8` when stderr is valid UTF-8, else `base64`.
+    pub stderr_encoding: Encoding,
+    /// Wall time inside the sandbox.
+    pub duration_ms: u64,
+    /// Killed because `timeout_sec` passed.
+    pub timed_out: bool,
+    /// Output beyond the limit was dropped.
+    pub stdout_truncated: bool,
+    /// Output beyond the limit was dropped.
+    pub stderr_truncated: bool,
+}
+
+/// One event of a streamed command (server-sent events; the SSE event name is `type`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// The process started.
+    Started {
+        /// Its pid inside the sandbox.
+        pid: u32,
+    },
+    /// Bytes on stdout, base64.
+    Stdout {
+        /// Base64.
+        data: String,
+    },
+    /// Bytes on stderr, base64.
+    Stderr {
+        /// Base64.
+        data: String,
+    },
+    /// The process exited. Last event.
+    Exit {
+        /// Exit status.
+        exit_code: i32,
+        /// Wall time.
+        duration_ms: u64,
+        /// Killed by the timeout.
+        timed_out: bool,
+    },
+    /// The stream failed. Last event.
+    Error {
+        /// Stable code.
+        code: ErrorCode,
+        /// Explanation.
+        message: String,
+    },
+}
+
+/// Kind of a filesystem entry.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FileType {
+    /// Regular file.
+    File,
+    /// Directory.
+    Directory,
+    /// Symbolic link.
+    Symlink,
+    /// Anything else.
+    Other,
+}
+
+/// A file or directory inside a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct EntryInfo {
+    /// Base name.
+    pub name: String,
+    /// Absolute path.
+    pub path: String,
+    /// Kind.
+    #[serde(rename = "type")]
+    pub file_type: FileType,
+    /// Size in bytes.
+    pub size: u64,
+    /// Unix mode bits.
+    pub mode: u32,
+    /// `ls -l` style permissions.
+    pub permissions: String,
+    /// Owner name.
+    pub owner: String,
+    /// Group name.
+    pub group: String,
+    /// Last modification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_at: Option<DateTime<Utc>>,
+    /// Target, for symbolic links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct FileList {
+    /// Entries, depth-first.
+    pub items: Vec<EntryInfo>,
+}
+
+/// Query of the file endpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct PathQuery {
+    /// Absolute path, or relative to the user's home.
+    pub path: String,
+    /// User whose permissions apply (default `root`).
+    pub user: Option<String>,
+    /// Levels to list (directories only; default 1).
+    pub depth: Option<u32>,
+}
+
+/// `POST /v1/sandboxes/{id}/files/mkdir`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MkdirRequest {
+    /// Directory to create, with its parents.
+    pub path: String,
+    /// Owner (default `root`).
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+// ------------------------------------------------------------------------ templates
+
+/// A template sandboxes start from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Template {
+    /// Id.
+    pub id: TemplateId,
+    /// Name, unique per team.
+    pub name: String,
+    /// Owning team; the platform team's templates are visible to all.
+    pub team_id: TeamId,
+    /// A platform template.
+    pub platform: bool,
+    /// Image (boots) or snapshot (restores).
+    pub kind: TemplateKind,
+    /// Default vCPUs.
+    pub vcpus: u32,
+    /// Default memory, MiB.
+    pub memory_mb: u32,
+    /// Smallest disk, MiB.
+    pub disk_size_mb: u32,
+    /// Space its files take.
+    pub size_bytes: u64,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+// ---------------------------------------------------------------------------- hosts
+
+/// `POST /v1/admin/hosts`: a host that an agent will register as.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateHostRequest {
+    /// Label.
+    pub name: String,
+}
+
+/// A new host and its one-time registration token (valid one hour).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreatedHost {
+    /// The host, `pending` until its agent registers.
+    pub host: Host,
+    /// Pass to `nestbox agent --register-token`.
+    pub registration_token: String,
+    /// When the token expires.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A machine running the host agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Host {
+    /// Id.
+    pub id: HostId,
+    /// Label.
+    pub name: String,
+    /// Status.
+    pub status: HostStatus,
+    /// Where the control plane reaches its agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Agent version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+    /// Disk for sandboxes, MiB.
+    pub disk_mb: u64,
+    /// Most sandboxes it takes at once.
+    pub max_sandboxes: u32,
+    /// Last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/hosts/register`, sent by an agent with its one-time token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHostRequest {
+    /// The one-time registration token.
+    pub token: String,
+    /// gRPC URL where the control plane reaches the agent.
+    pub address: String,
+    /// Agent version.
+    pub version: String,
+    /// CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+    /// Disk for sandboxes, MiB.
+    pub disk_mb: u64,
+    /// Most sandboxes it takes at once.
+    pub max_sandboxes: u32,
+}
+
+/// Credentials of a registered host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct RegisterHostResponse {
+    /// The host's id.
+    pub host_id: HostId,
+    /// Bearer token for heartbeats (stored hashed by the control plane).
+    pub host_token: String,
+    /// Key the control plane signs its calls to this agent with (HS256). Secret.
+    pub host_key: String,
+    /// How often to heartbeat.
+    pub heartbeat_interval_sec: u32,
+}
+
+/// `POST /v1/hosts/{id}/heartbeat`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// Sandboxes the agent runs.
+    pub sandboxes: u32,
+    /// Agent version.
+    pub version: String,
+}
+
+// ---------------------------------------------------------------------------- audit
+
+/// One audited change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct AuditLog {
+    /// Id.
+    pub id: AuditLogId,
+    /// Team the change belongs to (absent for platform-scope changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<TeamId>,
+    /// `user`, `api_key`, `host` or `system`.
+    pub actor_type: String,
+    /// Prefixed id of the actor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_id: Option<String>,
+    /// What was done, e.g. `sandbox.create`.
+    pub action: String,
+    /// Kind of resource, e.g. `sandbox`.
+    pub resource_type: String,
+    /// Prefixed id of the resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
+    /// `success` or `failure`.
+    pub status: String,
+    /// Extra context.
+    pub details: serde_json::Value,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}

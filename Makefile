@@ -1,0 +1,52 @@
+# Nestbox — the two commands a fresh machine needs:
+#   make up     run the platform on this machine (control plane + host agent, embedded SQLite)
+#   make test   run the whole test suite (unit, integration on SQLite and PostgreSQL, real-VM end to end)
+
+SHELL := /bin/bash
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TARGET := x86_64-unknown-linux-gnu
+GUEST_BIN := target/$(TARGET)/guest/nestbox-guest
+TEST_IMAGES := $(CURDIR)/target/nestbox-images
+DATA_DIR ?= /var/lib/nestbox
+
+.PHONY: up test check guest images test-images openapi bench deps fmt clean-test-state
+
+## System packages the platform needs (Debian/Ubuntu).
+deps:
+	$(SUDO) ./scripts/install-deps.sh
+
+## The static guest agent baked into every VM image.
+guest:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --locked --profile guest -p nestbox-guest --target $(TARGET)
+
+## Run the platform: builds, then starts `nestbox up` (guest images are built on first run).
+up: deps guest
+	$(CARGO) build --locked --release -p nestbox-cli
+	$(SUDO) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) ./target/release/nestbox up --data-dir $(DATA_DIR)
+
+## Guest images for the tests (cached by content: instant when up to date).
+test-images: guest
+	$(CARGO) build --locked -p nestbox-cli
+	./target/debug/nestbox image build --out $(TEST_IMAGES) --cache $(CURDIR)/target/nestbox-image-cache --guest-bin $(GUEST_BIN)
+
+## The whole test suite. Needs root (namespaces, TAP, nftables, VMs), like the host agent.
+test: deps test-images
+	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) $(CARGO) nextest run --locked --workspace --no-fail-fast
+
+## Formatting and lints, as CI runs them.
+check:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Regenerate the checked-in OpenAPI document.
+openapi:
+	UPDATE_OPENAPI=1 $(CARGO) nextest run -p nestbox-control --test openapi
+
+## Benchmarks on this machine (real VMs); prints medians.
+bench: test-images
+	$(CARGO) build --locked --release -p nestbox-cli
+	$(SUDO) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) ./target/release/nestbox bench --images-dir $(TEST_IMAGES)

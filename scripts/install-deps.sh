@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the system packages Nestbox needs on Debian 12 / Ubuntu 22.04+.
+# Idempotent: already-installed packages are left alone.
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+  echo "run as root (or through sudo)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+need=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+# qemu-system-x86 first: on machines with a newer qemu-utils from backports the two
+# conflict, and installing qemu-system-x86 replaces it with the matching version.
+for pkg in qemu-system-x86 nftables debootstrap e2fsprogs lz4 cpio iproute2 ca-certificates; do
+  have "$pkg" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+have qemu-utils || apt-get install -y -qq --no-install-recommends qemu-utils
+command -v qemu-img >/dev/null || { echo "qemu-img is missing after installing qemu-utils" >&2; exit 1; }
+command -v qemu-system-x86_64 >/dev/null || { echo "qemu-system-x86_64 is missing" >&2; exit 1; }

@@ -486,12 +486,17 @@ impl SandboxNet {
                 .await
                 .map_err(|source| NetError::Command { slot, source })?;
         }
-        if Path::new("/sys/class/net").join(&addrs.host_if).exists() {
-            Cmd::new("ip")
+        // Deleting the namespace destroys the veth pair, but the host end may take a moment
+        // to disappear; only a link that is still there after a failed delete is an error.
+        let host_link = Path::new("/sys/class/net").join(&addrs.host_if);
+        if host_link.exists()
+            && let Err(source) = Cmd::new("ip")
                 .args(["link", "delete", &addrs.host_if])
                 .run()
                 .await
-                .map_err(|source| NetError::Command { slot, source })?;
+            && host_link.exists()
+        {
+            return Err(NetError::Command { slot, source });
         }
         Ok(())
     }

@@ -302,18 +302,19 @@ impl Cmd {
         }
         tracing::debug!(argv = %self.argv(), "running");
         let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
-        if let Some(input) = &self.stdin
-            && let Some(mut stdin) = child.stdin.take()
-        {
-            stdin
-                .write_all(input)
-                .await
-                .map_err(|source| ProcessError::Io {
-                    argv: self.argv(),
-                    source,
-                })?;
-            drop(stdin);
-        }
+        // Stdin is written while the output is collected: a tool that writes a lot before
+        // it has read all its input must not deadlock.
+        let feeder = match (&self.stdin, child.stdin.take()) {
+            (Some(input), Some(mut stdin)) => {
+                let input = input.clone();
+                Some(tokio::spawn(async move {
+                    let r = stdin.write_all(&input).await;
+                    drop(stdin);
+                    r
+                }))
+            }
+            _ => None,
+        };
         let wait = child.wait_with_output();
         let out = match self.timeout {
             Some(limit) => {
@@ -330,6 +331,25 @@ impl Cmd {
             argv: self.argv(),
             source,
         })?;
+        if let Some(feeder) = feeder {
+            match feeder.await {
+                Ok(Ok(())) => {}
+                // The tool may legitimately exit without reading all of its input.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Ok(Err(source)) => {
+                    return Err(ProcessError::Io {
+                        argv: self.argv(),
+                        source,
+                    });
+                }
+                Err(e) => {
+                    return Err(ProcessError::Io {
+                        argv: self.argv(),
+                        source: std::io::Error::other(e),
+                    });
+                }
+            }
+        }
         Ok(Output {
             status: out.status,
             stdout: out.stdout,
@@ -430,17 +450,29 @@ impl Supervised {
         })
     }
 
+    /// Signals the process, and its whole process group when it leads one (started with
+    /// [`Cmd::new_session`]), so helpers it started do not outlive it.
+    fn signal(&self, sig: i32) {
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return;
+        };
+        // SAFETY: plain kill(2) calls on a child we have not reaped yet (so the pid and, if
+        // it leads one, the process group are ours).
+        unsafe {
+            if libc::getpgid(pid) == pid {
+                libc::kill(-pid, sig);
+            } else {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
     /// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns once reaped.
     pub async fn terminate(&mut self, grace: Duration) -> Result<ExitStatus, ProcessError> {
         if let Some(status) = self.try_status() {
             return Ok(status);
         }
-        if let Ok(pid) = i32::try_from(self.pid) {
-            // SAFETY: plain kill(2) on a child we have not reaped yet, so the pid is ours.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
+        self.signal(libc::SIGTERM);
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(res) => res.map_err(|source| ProcessError::Io {
                 argv: self.argv.clone(),
@@ -452,6 +484,9 @@ impl Supervised {
 
     /// Sends SIGKILL and returns once reaped.
     pub async fn kill(&mut self) -> Result<ExitStatus, ProcessError> {
+        if self.try_status().is_none() {
+            self.signal(libc::SIGKILL);
+        }
         let _ = self.child.start_kill();
         self.wait().await
     }
@@ -506,6 +541,18 @@ mod tests {
             .run()
             .await;
         assert!(matches!(err, Err(ProcessError::Timeout { .. })));
+    }
+
+    #[tokio::test]
+    async fn large_stdin_with_large_output_does_not_deadlock() {
+        let input = vec![b'x'; 8 << 20];
+        let out = Cmd::new("cat")
+            .stdin(input.clone())
+            .timeout(Duration::from_secs(30))
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(out.stdout.len(), input.len());
     }
 
     #[tokio::test]

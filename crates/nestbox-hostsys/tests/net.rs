@@ -1,6 +1,8 @@
 //! Real network namespaces, veth pairs, TAPs and nftables rules (needs root, iproute2 and
 //! nftables, as the host agent does).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use nestbox_hostsys::net::{EgressPolicy, HostFirewall, SandboxNet, SlotAllocator};
 use nestbox_hostsys::process::Cmd;
 

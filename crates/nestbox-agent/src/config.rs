@@ -1,0 +1,111 @@
+//! The host agent's configuration: one typed struct, validated at start-up.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nestbox_types::limits::DEFAULT_DISK_SIZE_MB;
+
+/// Which accelerator VMs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// KVM when a probe shows a KVM guest really runs, else TCG.
+    Auto,
+    /// KVM; fail if unusable.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the agent keeps its state (`sandboxes/`, `bases/`, credentials).
+    pub data_dir: PathBuf,
+    /// Built guest images (`kernels/`, `templates/`), from `nestbox image build`.
+    pub images_dir: PathBuf,
+    /// Address the gRPC server binds (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// URL the control plane should dial; default `http://<bound address>`.
+    pub advertise_url: Option<String>,
+    /// The control plane's base URL, for registration and heartbeats.
+    pub control_plane_url: String,
+    /// One-time registration token, needed until the agent has credentials.
+    pub registration_token: Option<String>,
+    /// Most sandboxes at once.
+    pub max_sandboxes: u32,
+    /// Disk size that base images are prepared at on start-up, MiB.
+    pub default_disk_mb: u64,
+    /// How long a sandbox may take to boot before the create fails.
+    pub boot_timeout: Duration,
+    /// Default exec timeout when a request gives none.
+    pub exec_timeout: Duration,
+    /// Per-stream limit of collected exec output.
+    pub exec_max_output: u64,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// The QEMU system emulator.
+    pub qemu_binary: PathBuf,
+    /// DNS servers for guests; default: the host's, minus loopback ones.
+    pub dns: Option<Vec<Ipv4Addr>>,
+    /// Let guests reach private and link-local ranges.
+    pub allow_private_egress: bool,
+    /// Where slot files live (machine-wide, shared by agents on one host).
+    pub slots_dir: PathBuf,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for an agent keeping state in `data_dir` and talking to `control_plane_url`.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        images_dir: impl Into<PathBuf>,
+        control_plane_url: impl Into<String>,
+    ) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            images_dir: images_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_url: None,
+            control_plane_url: control_plane_url.into(),
+            registration_token: None,
+            max_sandboxes: 64,
+            default_disk_mb: u64::from(DEFAULT_DISK_SIZE_MB),
+            boot_timeout: Duration::from_secs(90),
+            exec_timeout: Duration::from_secs(60),
+            exec_max_output: 16 << 20,
+            accel: AccelChoice::Auto,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            dns: None,
+            allow_private_egress: false,
+            slots_dir: PathBuf::from("/run/nestbox/slots"),
+            heartbeat_interval: Duration::from_secs(15),
+        }
+    }
+
+    /// Checks values that would only fail later.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_sandboxes == 0 {
+            return Err("max_sandboxes must be at least 1".into());
+        }
+        if self.default_disk_mb < 256 {
+            return Err("default_disk_mb must be at least 256".into());
+        }
+        // Unix socket paths (QMP) live in each sandbox's directory and are limited to 107
+        // bytes: `<data>/sandboxes/sb-<36>/qmp.sock`.
+        let longest = self
+            .data_dir
+            .join("sandboxes")
+            .join(format!("sb-{}", "0".repeat(36)))
+            .join("qmp.sock");
+        if longest.as_os_str().len() > 107 {
+            return Err(format!(
+                "data directory {} is too long for unix sockets; use a shorter path",
+                self.data_dir.display()
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! The agent's error type and its one mapping to stable codes and gRPC statuses.
+
+use nestbox_types::{ErrorCode, SandboxId};
+
+/// Why an agent operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent does not know the sandbox.
+    #[error("sandbox {0} not found on this host")]
+    SandboxNotFound(SandboxId),
+    /// A sandbox with this id already exists.
+    #[error("sandbox {0} already exists on this host")]
+    SandboxExists(SandboxId),
+    /// The sandbox is not in a state that allows the operation.
+    #[error("sandbox {id} is {state}")]
+    WrongState {
+        /// The sandbox.
+        id: SandboxId,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The template is not available on this host.
+    #[error("template `{0}` is not available on this host")]
+    TemplateNotFound(String),
+    /// The host is full.
+    #[error("host is at capacity: {0}")]
+    NoCapacity(String),
+    /// A request field is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The sandbox's task did not take the request in time.
+    #[error("sandbox {0} is busy; retry")]
+    Busy(SandboxId),
+    /// The VM did not become ready.
+    #[error("sandbox {id} did not boot: {reason}")]
+    Boot {
+        /// The sandbox.
+        id: SandboxId,
+        /// What happened, with the console's last lines.
+        reason: String,
+    },
+    /// The guest agent answered with an error.
+    #[error("guest agent of {id}: {source}")]
+    Guest {
+        /// The sandbox.
+        id: SandboxId,
+        /// The error.
+        #[source]
+        source: nestbox_envd::client::EnvdError,
+    },
+    /// A host resource operation failed.
+    #[error("{what} for sandbox {id}")]
+    Host {
+        /// What was being done.
+        what: &'static str,
+        /// The sandbox.
+        id: SandboxId,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// A host-resource error.
+    pub fn host(
+        what: &'static str,
+        id: SandboxId,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        AgentError::Host {
+            what,
+            id,
+            source: Box::new(source),
+        }
+    }
+
+    /// The stable code clients see.
+    pub fn code(&self) -> ErrorCode {
+        use nestbox_envd::connect::Code;
+        match self {
+            AgentError::SandboxNotFound(_) => ErrorCode::SandboxNotFound,
+            AgentError::SandboxExists(_) => ErrorCode::AlreadyExists,
+            AgentError::WrongState { .. } => ErrorCode::SandboxNotRunning,
+            AgentError::TemplateNotFound(_) => ErrorCode::TemplateNotFound,
+            AgentError::NoCapacity(_) => ErrorCode::NoCapacity,
+            AgentError::Invalid(_) => ErrorCode::InvalidRequest,
+            AgentError::Busy(_) => ErrorCode::Busy,
+            AgentError::Boot { .. } | AgentError::Host { .. } | AgentError::Internal(_) => {
+                ErrorCode::Internal
+            }
+            AgentError::Guest { source, .. } => match source.code() {
+                Code::NotFound => ErrorCode::FileNotFound,
+                Code::InvalidArgument => ErrorCode::InvalidRequest,
+                Code::AlreadyExists => ErrorCode::AlreadyExists,
+                Code::PermissionDenied => ErrorCode::Forbidden,
+                Code::DeadlineExceeded => ErrorCode::Timeout,
+                Code::ResourceExhausted if source.http_status() == Some(507) => {
+                    ErrorCode::InsufficientStorage
+                }
+                Code::ResourceExhausted => ErrorCode::Busy,
+                Code::FailedPrecondition => ErrorCode::Conflict,
+                _ => ErrorCode::AgentError,
+            },
+        }
+    }
+
+    /// The message clients see: full for their own mistakes, the whole chain otherwise
+    /// (agent errors reach only the control plane, which logs them and decides what users
+    /// see).
+    pub fn public_message(&self) -> String {
+        let mut msg = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        msg
+    }
+}
+
+impl From<AgentError> for tonic::Status {
+    fn from(err: AgentError) -> Self {
+        let code = err.code();
+        if matches!(code, ErrorCode::Internal | ErrorCode::AgentError) {
+            tracing::error!(error = %err.public_message(), "agent operation failed");
+        }
+        nestbox_proto::status(code, err.public_message())
+    }
+}

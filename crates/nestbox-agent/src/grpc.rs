@@ -1,0 +1,501 @@
+//! The agent's gRPC service (`nestbox.hostagent.v1.HostAgent`): parses requests, calls the
+//! [`Manager`] or the sandbox's guest agent, maps errors once (via [`AgentError`]).
+//!
+//! Every call must carry a control-plane token for this host (see
+//! [`nestbox_proto::auth`]); [`Authenticator`] rejects anything else before a handler runs.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use nestbox_envd::filesystem::{self as fs, FileType as EnvdFileType};
+use nestbox_proto::hostagent::host_agent_server::HostAgent;
+use nestbox_proto::hostagent::*;
+use nestbox_types::{HostId, SandboxId, TeamId};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::AgentError;
+use crate::guest::{self, ExecParams};
+use crate::sandbox::{CreateParams, Manager, SandboxHandle, State};
+
+/// Chunk size of file downloads.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Checks the control plane's bearer token on every call.
+#[derive(Clone)]
+pub struct Authenticator {
+    host: HostId,
+    key: String,
+}
+
+impl Authenticator {
+    /// Accepts tokens issued for `host` with `key`.
+    pub fn new(host: HostId, key: String) -> Self {
+        Self { host, key }
+    }
+}
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing control-plane token"))?;
+        nestbox_proto::auth::verify(&self.key, self.host, token)
+            .map_err(|_| Status::unauthenticated("invalid control-plane token"))?;
+        Ok(req)
+    }
+}
+
+/// The service implementation.
+#[derive(Debug, Clone)]
+pub struct Service {
+    manager: Manager,
+    host: HostId,
+}
+
+impl Service {
+    /// A service over `manager` for `host`.
+    pub fn new(manager: Manager, host: HostId) -> Self {
+        Self { manager, host }
+    }
+}
+
+fn parse_sandbox(s: &str) -> Result<SandboxId, Status> {
+    s.parse()
+        .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn info(h: &SandboxHandle, vmm: &str) -> SandboxInfo {
+    let f = &h.facts;
+    SandboxInfo {
+        sandbox_id: f.id.to_string(),
+        team_id: f.team.to_string(),
+        state: match h.state() {
+            State::Starting => SandboxState::Starting,
+            State::Running => SandboxState::Running,
+            State::Stopping => SandboxState::Stopping,
+        } as i32,
+        template: f.template.clone(),
+        vcpus: f.vcpus,
+        memory_mb: f.memory_mb,
+        disk_size_mb: f.disk_size_mb,
+        started_at_unix_ms: f.started_at.timestamp_millis(),
+        guest_agent_version: f.guest_version.clone(),
+        vmm: vmm.to_string(),
+        kernel_version: f.kernel_version.clone(),
+        boot_ms: ms(f.boot),
+    }
+}
+
+fn entry(e: fs::EntryInfo) -> EntryInfo {
+    let file_type = match EnvdFileType::try_from(e.r#type).unwrap_or(EnvdFileType::Unspecified) {
+        EnvdFileType::File => FileType::File,
+        EnvdFileType::Directory => FileType::Directory,
+        EnvdFileType::Symlink => FileType::Symlink,
+        EnvdFileType::Unspecified => FileType::Unspecified,
+    };
+    EntryInfo {
+        name: e.name,
+        path: e.path,
+        r#type: file_type as i32,
+        size: u64::try_from(e.size).unwrap_or(0),
+        mode: e.mode,
+        permissions: e.permissions,
+        owner: e.owner,
+        group: e.group,
+        modified_unix_ms: e
+            .modified_time
+            .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+            .unwrap_or(0),
+        symlink_target: e.symlink_target,
+    }
+}
+
+fn user(s: &str) -> Option<&str> {
+    if s.is_empty() { None } else { Some(s) }
+}
+
+impl Service {
+    fn exec_params(&self, req: &ExecRequest) -> Result<ExecParams, Status> {
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd is empty"));
+        }
+        let cfg = &self.manager.inner().cfg;
+        let timeout = if req.timeout_ms == 0 {
+            cfg.exec_timeout
+        } else {
+            Duration::from_millis(u64::from(req.timeout_ms))
+        };
+        let max_output = if req.max_output_bytes == 0 {
+            cfg.exec_max_output
+        } else {
+            req.max_output_bytes.min(cfg.exec_max_output)
+        };
+        Ok(ExecParams {
+            cmd: req.cmd.clone(),
+            args: req.args.clone(),
+            env: req.env.clone().into_iter().collect::<HashMap<_, _>>(),
+            cwd: if req.cwd.is_empty() {
+                None
+            } else {
+                Some(req.cwd.clone())
+            },
+            user: user(&req.user).map(String::from),
+            timeout,
+            stdin: if req.stdin.is_empty() {
+                None
+            } else {
+                Some(Bytes::from(req.stdin.clone()))
+            },
+            max_output,
+        })
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl HostAgent for Service {
+    async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        let inner = self.manager.inner();
+        let (vcpus, memory_mb, disk_mb) = crate::host_specs(&inner.cfg);
+        Ok(Response::new(PingResponse {
+            host_id: self.host.to_string(),
+            version: crate::VERSION.to_string(),
+            capacity: Some(HostCapacity {
+                vcpus,
+                memory_mb,
+                disk_mb,
+                max_sandboxes: inner.cfg.max_sandboxes,
+            }),
+            sandboxes: u32::try_from(self.manager.count()).unwrap_or(u32::MAX),
+            templates: self.manager.templates(),
+            vmm: inner.vmm.info().to_string(),
+            template_infos: self.manager.template_infos(),
+        }))
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: Request<CreateSandboxRequest>,
+    ) -> Result<Response<CreateSandboxResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let team: TeamId = r
+            .team_id
+            .parse()
+            .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))?;
+        let params = CreateParams {
+            id,
+            team,
+            template: r.template,
+            vcpus: r.vcpus,
+            memory_mb: r.memory_mb,
+            disk_size_mb: r.disk_size_mb,
+            timeout_sec: r.timeout_sec,
+            env: r.env.into_iter().collect(),
+            access_token: r.access_token,
+        };
+        // The create runs to its end even if the caller goes away: a half-created sandbox
+        // must be either finished or released, never abandoned.
+        let manager = self.manager.clone();
+        let handle = tokio::spawn(async move { manager.create(params).await })
+            .await
+            .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
+        let vmm = self.manager.inner().vmm.info().to_string();
+        Ok(Response::new(CreateSandboxResponse {
+            sandbox: Some(info(&handle, &vmm)),
+        }))
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        req: Request<DestroySandboxRequest>,
+    ) -> Result<Response<DestroySandboxResponse>, Status> {
+        let id = parse_sandbox(&req.into_inner().sandbox_id)?;
+        let manager = self.manager.clone();
+        tokio::spawn(async move { manager.destroy(id).await })
+            .await
+            .map_err(|e| Status::internal(format!("destroy task failed: {e}")))??;
+        Ok(Response::new(DestroySandboxResponse {}))
+    }
+
+    async fn get_sandbox(
+        &self,
+        req: Request<GetSandboxRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        let id = parse_sandbox(&req.into_inner().sandbox_id)?;
+        let h = self.manager.get(id)?;
+        Ok(Response::new(info(
+            &h,
+            &self.manager.inner().vmm.info().to_string(),
+        )))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        _req: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesResponse>, Status> {
+        let vmm = self.manager.inner().vmm.info().to_string();
+        let sandboxes = self.manager.list().iter().map(|h| info(h, &vmm)).collect();
+        Ok(Response::new(ListSandboxesResponse { sandboxes }))
+    }
+
+    async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let params = self.exec_params(&r)?;
+        let h = self.manager.running(id)?;
+        let out = guest::run(id, &h.guest, params, None).await?;
+        Ok(Response::new(ExecResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+            duration_ms: ms(out.duration),
+            timed_out: out.timed_out,
+            stdout_truncated: out.stdout_truncated,
+            stderr_truncated: out.stderr_truncated,
+            pid: out.pid,
+        }))
+    }
+
+    type ExecStreamStream = ReceiverStream<Result<ExecEvent, Status>>;
+
+    async fn exec_stream(
+        &self,
+        req: Request<ExecRequest>,
+    ) -> Result<Response<Self::ExecStreamStream>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let params = self.exec_params(&r)?;
+        let h = self.manager.running(id)?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            if let Err(e) = guest::run(id, &h.guest, params, Some(tx.clone())).await {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn write_file(
+        &self,
+        req: Request<Streaming<WriteFileRequest>>,
+    ) -> Result<Response<WriteFileResponse>, Status> {
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(WriteFileRequest {
+                part: Some(write_file_request::Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a header",
+                ));
+            }
+        };
+        let id = parse_sandbox(&header.sandbox_id)?;
+        if header.path.is_empty() {
+            return Err(Status::invalid_argument("path is empty"));
+        }
+        let h = self.manager.running(id)?;
+        // Chunks flow from the control plane to the guest without buffering the file. If
+        // the control plane's stream breaks, the guest request is aborted with an error so
+        // no truncated file is committed.
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = counter.clone();
+        let pump = tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(msg)) => {
+                        if let Some(write_file_request::Part::Chunk(c)) = msg.part {
+                            count.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            if tx.send(Ok(Bytes::from(c))).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(status) => {
+                        let _ = tx
+                            .send(Err(std::io::Error::other(format!(
+                                "upload aborted: {}",
+                                status.message()
+                            ))))
+                            .await;
+                        return Err(status);
+                    }
+                }
+            }
+        });
+        let uploaded = h
+            .guest
+            .upload(&header.path, user(&header.user), ReceiverStream::new(rx))
+            .await;
+        let pumped = pump
+            .await
+            .map_err(|e| Status::internal(format!("upload pump failed: {e}")))?;
+        pumped?;
+        uploaded.map_err(|e| AgentError::Guest { id, source: e })?;
+        let stat = h
+            .guest
+            .stat(&header.path)
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(WriteFileResponse {
+            entry: Some(entry(stat)),
+            bytes_written: counter.load(std::sync::atomic::Ordering::Relaxed),
+        }))
+    }
+
+    type ReadFileStream = BoxStream<ReadFileResponse>;
+
+    async fn read_file(
+        &self,
+        req: Request<ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let h = self.manager.running(id)?;
+        let guest = match user(&r.user) {
+            Some(u) => h
+                .guest
+                .as_user(u)
+                .map_err(|e| AgentError::Guest { id, source: e })?,
+            None => h.guest.clone(),
+        };
+        let stat = guest
+            .stat(&r.path)
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        if stat.r#type == EnvdFileType::Directory as i32 {
+            return Err(nestbox_proto::status(
+                nestbox_types::ErrorCode::InvalidRequest,
+                format!("{} is a directory", r.path),
+            ));
+        }
+        let (_size, body) = h
+            .guest
+            .download(&r.path, user(&r.user))
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        let header = ReadFileResponse {
+            part: Some(read_file_response::Part::Header(ReadFileHeader {
+                entry: Some(entry(stat)),
+            })),
+        };
+        let chunks = body.flat_map(move |item| {
+            let out: Vec<Result<ReadFileResponse, Status>> = match item {
+                Ok(bytes) => bytes
+                    .chunks(READ_CHUNK)
+                    .map(|c| {
+                        Ok(ReadFileResponse {
+                            part: Some(read_file_response::Part::Chunk(c.to_vec())),
+                        })
+                    })
+                    .collect(),
+                Err(e) => vec![Err(AgentError::Guest { id, source: e }.into())],
+            };
+            futures::stream::iter(out)
+        });
+        let stream = futures::stream::once(async move { Ok(header) }).chain(chunks);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_dir(
+        &self,
+        req: Request<ListDirRequest>,
+    ) -> Result<Response<ListDirResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let h = self.manager.running(id)?;
+        let g = match user(&r.user) {
+            Some(u) => h
+                .guest
+                .as_user(u)
+                .map_err(|e| AgentError::Guest { id, source: e })?,
+            None => h.guest.clone(),
+        };
+        let entries = g
+            .list_dir(&r.path, r.depth.max(1))
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(ListDirResponse {
+            entries: entries.into_iter().map(entry).collect(),
+        }))
+    }
+
+    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let h = self.manager.running(id)?;
+        let g = match user(&r.user) {
+            Some(u) => h
+                .guest
+                .as_user(u)
+                .map_err(|e| AgentError::Guest { id, source: e })?,
+            None => h.guest.clone(),
+        };
+        let e = g
+            .stat(&r.path)
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(StatResponse {
+            entry: Some(entry(e)),
+        }))
+    }
+
+    async fn make_dir(
+        &self,
+        req: Request<MakeDirRequest>,
+    ) -> Result<Response<MakeDirResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let h = self.manager.running(id)?;
+        let g = match user(&r.user) {
+            Some(u) => h
+                .guest
+                .as_user(u)
+                .map_err(|e| AgentError::Guest { id, source: e })?,
+            None => h.guest.clone(),
+        };
+        let e = g
+            .make_dir(&r.path)
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(MakeDirResponse {
+            entry: Some(entry(e)),
+        }))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let h = self.manager.running(id)?;
+        let g = match user(&r.user) {
+            Some(u) => h
+                .guest
+                .as_user(u)
+                .map_err(|e| AgentError::Guest { id, source: e })?,
+            None => h.guest.clone(),
+        };
+        g.remove(&r.path)
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(RemoveResponse {}))
+    }
+}

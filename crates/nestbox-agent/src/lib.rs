@@ -1,0 +1,345 @@
+//! The Nestbox host agent: runs sandboxes as microVMs on one machine.
+//!
+//! One agent runs per host, as root. It owns the host's sandboxes (their VMM processes,
+//! network namespaces and copy-on-write disks; see [`sandbox`]), serves the control plane
+//! over gRPC ([`grpc`]), registers with it and heartbeats ([`register`]), and at start-up
+//! removes whatever a crash left behind ([`cleanup`]).
+//!
+//! The agent's memory is the truth for what runs on this host; the control plane's
+//! database is the truth for what should exist. The control plane reconciles the two.
+//!
+//! Several agents may share a machine (e.g. side-by-side `nestbox up` instances): each has
+//! its own data directory, and an *instance tag* derived from it names its host firewall
+//! table and guest memory directory; network slots are allocated machine-wide.
+
+pub mod cleanup;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod guest;
+pub mod register;
+pub mod sandbox;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nestbox_hostsys::disk::BaseImages;
+use nestbox_hostsys::net::{EgressPolicy, HostFirewall, SlotAllocator, host_dns_servers};
+use nestbox_image::ImageStore;
+use nestbox_proto::hostagent::host_agent_server::HostAgentServer;
+use nestbox_types::HostId;
+use nestbox_types::api::RegisterHostRequest;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+
+pub use config::{AccelChoice, AgentConfig};
+pub use error::AgentError;
+pub use sandbox::Manager;
+
+/// The agent's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+    /// The host lacks privileges or tools.
+    #[error("this host cannot run sandboxes: {0}")]
+    Preflight(String),
+    /// A start-up step failed.
+    #[error("agent start-up: {what}")]
+    Step {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn step(what: &'static str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> StartError {
+    move |source| StartError::Step { what, source }
+}
+
+/// Short tag naming this agent instance's host-wide resources, derived from its data dir.
+pub fn instance_tag(data_dir: &Path) -> String {
+    let canonical = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    hex::encode(Sha256::digest(canonical.as_os_str().as_encoded_bytes()))[..8].to_string()
+}
+
+/// vCPUs, memory (MiB) and disk (MiB) of this host.
+pub fn host_specs(cfg: &AgentConfig) -> (u32, u64, u64) {
+    let vcpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
+        })
+        .unwrap_or(0);
+    let disk_mb = nix::sys::statvfs::statvfs(&cfg.data_dir)
+        .map(|s| s.blocks_available() * s.fragment_size() / (1 << 20))
+        .unwrap_or(0);
+    (vcpus, mem_kb / 1024, disk_mb)
+}
+
+fn which(tool: &str) -> bool {
+    if tool.contains('/') {
+        return Path::new(tool).exists();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+/// Checks privileges and tools before anything is touched.
+pub fn preflight(cfg: &AgentConfig) -> Result<(), StartError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(StartError::Preflight(
+            "the host agent must run as root (it creates network namespaces, TAP devices and nftables rules)".into(),
+        ));
+    }
+    let qemu = cfg.qemu_binary.to_string_lossy().into_owned();
+    let tools = [qemu.as_str(), "qemu-img", "ip", "nft", "resize2fs", "cp"];
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|t| !which(t))
+        .map(|t| match nestbox_hostsys::process::package_hint(t) {
+            Some(pkg) => format!("{t} (apt-get install {pkg})"),
+            None => t.to_string(),
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(StartError::Preflight(format!(
+            "missing tools: {}",
+            missing.join(", ")
+        )));
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Err(StartError::Preflight(
+            "/dev/net/tun is missing (load the tun module)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A running agent.
+pub struct RunningAgent {
+    /// Where its gRPC server listens.
+    pub addr: SocketAddr,
+    /// The URL it registered (what the control plane dials).
+    pub url: String,
+    /// Its host id.
+    pub host_id: HostId,
+    /// Its sandboxes.
+    pub manager: Manager,
+    firewall: HostFirewall,
+    mem_root: PathBuf,
+    server: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for RunningAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningAgent")
+            .field("addr", &self.addr)
+            .field("host_id", &self.host_id)
+            .finish()
+    }
+}
+
+impl RunningAgent {
+    /// Stops serving, destroys every sandbox and removes the host firewall table.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.heartbeat.abort();
+        self.manager.destroy_all().await;
+        let _ = (&mut self.server).await;
+        if let Err(e) = std::fs::remove_dir_all(&self.mem_root)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, dir = %self.mem_root.display(), "removing the guest memory directory");
+        }
+        if let Err(e) = self.firewall.remove().await {
+            tracing::warn!(error = %e, "removing the host firewall table");
+        }
+        tracing::info!("host agent stopped");
+    }
+}
+
+/// Starts the agent: preflight, cleanup, firewall, VMM, images, gRPC server, registration
+/// and heartbeats.
+pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
+    cfg.validate().map_err(StartError::Config)?;
+    preflight(&cfg)?;
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(cfg.data_dir.join("sandboxes"))
+        .map_err(|e| step("creating the data directory")(Box::new(e)))?;
+    let tag = instance_tag(&cfg.data_dir);
+    let mem_root = PathBuf::from("/dev/shm").join(format!("nestbox-{tag}"));
+    let slots = SlotAllocator::new(&cfg.slots_dir, tag.clone())
+        .map_err(|e| step("opening the slot directory")(Box::new(e)))?;
+
+    cleanup::run(&cfg.data_dir, &mem_root, &slots).await;
+
+    let dns = cfg.dns.clone().unwrap_or_else(host_dns_servers);
+    let firewall = HostFirewall::new(&tag);
+    firewall
+        .install(&EgressPolicy {
+            dns: dns.clone(),
+            allow_private: cfg.allow_private_egress,
+        })
+        .await
+        .map_err(|e| step("installing the host firewall")(Box::new(e)))?;
+
+    let images = ImageStore::new(&cfg.images_dir);
+    let vmm = crate::vmm_for(&cfg, &images, &tag).await?;
+    tracing::info!(vmm = %vmm.info(), "VMM ready");
+
+    let bases = BaseImages::new(cfg.data_dir.join("bases"))
+        .map_err(|e| step("opening the base image directory")(Box::new(e)))?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| step("building the HTTP client")(Box::new(e)))?;
+    let manager = Manager::new(sandbox::InnerParts {
+        cfg: cfg.clone(),
+        tag: tag.clone(),
+        vmm,
+        images,
+        bases,
+        slots,
+        http: http.clone(),
+        dns,
+    });
+    if manager.templates().is_empty() {
+        tracing::warn!(images = %cfg.images_dir.display(), "no templates found; build them with `nestbox image build`");
+    }
+    manager
+        .prepare_images()
+        .await
+        .map_err(|e| step("preparing base images")(Box::new(e)))?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| step("binding the gRPC listener")(Box::new(e)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| step("binding the gRPC listener")(Box::new(e)))?;
+    let url = cfg
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+
+    let (vcpus, memory_mb, disk_mb) = host_specs(&cfg);
+    let creds = register::ensure(
+        &http,
+        &cfg.data_dir.join("credentials.json"),
+        &cfg.control_plane_url,
+        cfg.registration_token.as_deref(),
+        RegisterHostRequest {
+            token: String::new(),
+            address: url.clone(),
+            version: VERSION.to_string(),
+            vcpus,
+            memory_mb,
+            disk_mb,
+            max_sandboxes: cfg.max_sandboxes,
+        },
+    )
+    .await
+    .map_err(|e| step("registering with the control plane")(Box::new(e)))?;
+
+    let service = grpc::Service::new(manager.clone(), creds.host_id);
+    let auth = grpc::Authenticator::new(creds.host_id, creds.host_key.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                HostAgentServer::new(service).max_decoding_message_size(8 << 20),
+                auth,
+            ))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    let counter = manager.clone();
+    let heartbeat = tokio::spawn(register::heartbeat_loop(
+        http,
+        creds.clone(),
+        cfg.heartbeat_interval,
+        move || u32::try_from(counter.count()).unwrap_or(u32::MAX),
+    ));
+    tracing::info!(%addr, host = %creds.host_id, "host agent serving");
+    Ok(RunningAgent {
+        addr,
+        url,
+        host_id: creds.host_id,
+        manager,
+        firewall,
+        mem_root,
+        server,
+        heartbeat,
+        shutdown: Some(tx),
+    })
+}
+
+/// Builds the VMM driver for this host. The KVM probe (accelerator `auto`) boots the first
+/// template's kernel; its verdict is cached machine-wide until the next reboot.
+async fn vmm_for(
+    cfg: &AgentConfig,
+    images: &ImageStore,
+    tag: &str,
+) -> Result<Arc<dyn nestbox_vmm::Vmm>, StartError> {
+    let _ = tag;
+    let accel = match cfg.accel {
+        AccelChoice::Auto => nestbox_vmm::AccelChoice::Auto,
+        AccelChoice::Kvm => nestbox_vmm::AccelChoice::Kvm,
+        AccelChoice::Tcg => nestbox_vmm::AccelChoice::Tcg,
+    };
+    let probe = first_template(images)
+        .and_then(|name| images.template_with_kernel(&name).ok())
+        .map(|(_, k)| nestbox_vmm::qemu::ProbeImages {
+            kernel: k.kernel,
+            initrd: k.initramfs,
+        });
+    let qemu = nestbox_vmm::qemu::QemuVmm::new(nestbox_vmm::qemu::QemuOptions {
+        binary: cfg.qemu_binary.clone(),
+        accel,
+        probe,
+        state_dir: Some(PathBuf::from("/run/nestbox")),
+    })
+    .await
+    .map_err(|e| step("starting the QEMU driver")(Box::new(e)))?;
+    Ok(Arc::new(qemu))
+}
+
+fn first_template(images: &ImageStore) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(images.root().join("templates"))
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().join("template.json").exists())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}

@@ -1,0 +1,538 @@
+//! Client commands: `login`, `configure`, `sandbox …`, `file …`, `template …`.
+//!
+//! Credentials come from flags, then `NESTBOX_URL` / `NESTBOX_API_KEY` / `NESTBOX_TOKEN`,
+//! then the config file written by `login` or `configure` (mode 0600).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use nestbox_client::Client;
+use nestbox_types::SandboxId;
+use nestbox_types::api::{
+    CreateSandboxRequest, Encoding, ExecEvent, ExecRequest, SandboxListQuery,
+};
+
+use crate::paths;
+
+/// Settings saved by `login` / `configure`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Settings {
+    url: Option<String>,
+    api_key: Option<String>,
+    token: Option<String>,
+}
+
+fn load_settings() -> Settings {
+    std::fs::read_to_string(paths::client_config_file())
+        .ok()
+        .and_then(|s| toml::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn save_settings(s: &Settings) -> anyhow::Result<()> {
+    let file = paths::client_config_file();
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    paths::write_private(&file, toml::to_string(s)?.as_bytes())?;
+    eprintln!("saved to {}", file.display());
+    Ok(())
+}
+
+/// Connection flags shared by client commands.
+#[derive(Args, Clone, Default)]
+pub struct Conn {
+    /// Server URL.
+    #[arg(long, global = true, env = "NESTBOX_URL")]
+    url: Option<String>,
+    /// Team API key.
+    #[arg(long, global = true, env = "NESTBOX_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+fn client(conn: &Conn) -> anyhow::Result<Client> {
+    let saved = load_settings();
+    let url = conn
+        .url
+        .clone()
+        .or(saved.url)
+        .unwrap_or_else(|| format!("http://{}", paths::DEFAULT_LISTEN));
+    let client = Client::new(&url)?;
+    if let Some(key) = conn.api_key.clone().or(saved.api_key) {
+        return Ok(client.with_api_key(key));
+    }
+    if let Some(token) = std::env::var("NESTBOX_TOKEN").ok().or(saved.token) {
+        return Ok(client.with_token(token));
+    }
+    bail!("no credentials: run `nestbox login` or `nestbox configure`, or set NESTBOX_API_KEY")
+}
+
+/// `login`.
+#[derive(Args)]
+pub struct LoginArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Account email.
+    #[arg(long)]
+    email: String,
+    /// Password (read from stdin when omitted).
+    #[arg(long, env = "NESTBOX_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+/// Logs in and saves the session.
+pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
+    let url = args
+        .conn
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", paths::DEFAULT_LISTEN));
+    let password = match args.password {
+        Some(p) => p,
+        None => {
+            eprint!("password: ");
+            let _ = std::io::stderr().flush();
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+    };
+    let resp = Client::new(&url)?.login(&args.email, &password).await?;
+    save_settings(&Settings {
+        url: Some(url),
+        api_key: None,
+        token: Some(resp.token),
+    })?;
+    println!("logged in as {} until {}", resp.user.email, resp.expires_at);
+    Ok(())
+}
+
+/// `configure`.
+#[derive(Args)]
+pub struct ConfigureArgs {
+    /// Server URL.
+    #[arg(long)]
+    url: String,
+    /// Team API key.
+    #[arg(long, env = "NESTBOX_API_KEY", hide_env_values = true)]
+    api_key: String,
+}
+
+/// Saves a URL and API key.
+pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.url)?.with_api_key(&args.api_key);
+    let me = client.me().await.context("checking the API key")?;
+    save_settings(&Settings {
+        url: Some(args.url),
+        api_key: Some(args.api_key),
+        token: None,
+    })?;
+    println!("configured for team {}", me.team_id);
+    Ok(())
+}
+
+fn parse_pairs(pairs: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{what} `{p}` is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn parse_id(s: &str) -> anyhow::Result<SandboxId> {
+    s.parse().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Sandbox subcommands.
+#[derive(Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox and wait until it runs.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        /// Template.
+        #[arg(long, short)]
+        template: Option<String>,
+        /// vCPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory, MiB.
+        #[arg(long)]
+        memory_mb: Option<u32>,
+        /// Root disk, MiB.
+        #[arg(long)]
+        disk_size_mb: Option<u32>,
+        /// Inactivity timeout, seconds.
+        #[arg(long)]
+        timeout_sec: Option<u32>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Metadata KEY=VALUE (repeatable).
+        #[arg(long = "metadata", short = 'm')]
+        metadata: Vec<String>,
+        /// Print only the id.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// List sandboxes.
+    #[command(alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Comma-separated statuses.
+        #[arg(long)]
+        status: Option<String>,
+        /// Metadata filter KEY=VALUE (repeatable).
+        #[arg(long = "metadata", short = 'm')]
+        metadata: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox.
+    Get {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+    },
+    /// Run a command: `nestbox sandbox exec ID -- ls -la` or `--sh 'echo hi | wc'`.
+    Exec {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        /// A shell command line (run by /bin/sh -c).
+        #[arg(long)]
+        sh: Option<String>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// User.
+        #[arg(long, short)]
+        user: Option<String>,
+        /// Timeout, seconds.
+        #[arg(long)]
+        timeout: Option<u32>,
+        /// Collect the output instead of streaming it.
+        #[arg(long)]
+        collect: bool,
+        /// Program and arguments.
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+    /// Destroy sandboxes.
+    #[command(alias = "rm")]
+    Destroy {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// Runs a sandbox subcommand.
+pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
+    match command {
+        SandboxCommand::Create {
+            conn,
+            template,
+            vcpus,
+            memory_mb,
+            disk_size_mb,
+            timeout_sec,
+            env,
+            metadata,
+            quiet,
+        } => {
+            let req = CreateSandboxRequest {
+                template,
+                vcpus,
+                memory_mb,
+                disk_size_mb,
+                timeout_sec,
+                env: parse_pairs(&env, "env")?,
+                metadata: parse_pairs(&metadata, "metadata")?,
+            };
+            let sb = client(&conn)?.create_sandbox(&req).await?;
+            if quiet {
+                println!("{}", sb.id);
+            } else {
+                print_json(&sb)?;
+            }
+            Ok(())
+        }
+        SandboxCommand::List {
+            conn,
+            status,
+            metadata,
+            json,
+        } => {
+            let md = parse_pairs(&metadata, "metadata")?;
+            let metadata = (!md.is_empty()).then(|| {
+                md.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
+            let c = client(&conn)?;
+            let mut query = SandboxListQuery {
+                status,
+                metadata,
+                limit: Some(200),
+                cursor: None,
+            };
+            let mut all = Vec::new();
+            loop {
+                let page = c.list_sandboxes(&query).await?;
+                all.extend(page.items);
+                match page.next_cursor {
+                    Some(cur) => query.cursor = Some(cur),
+                    None => break,
+                }
+            }
+            if json {
+                return print_json(&all);
+            }
+            println!(
+                "{:<40} {:<9} {:<10} {:>5} {:>7} {:>7}  CREATED",
+                "ID", "STATUS", "TEMPLATE", "VCPUS", "MEM_MB", "DISK_MB"
+            );
+            for s in all {
+                println!(
+                    "{:<40} {:<9} {:<10} {:>5} {:>7} {:>7}  {}",
+                    s.id.to_string(),
+                    s.status.as_str(),
+                    s.template,
+                    s.vcpus,
+                    s.memory_mb,
+                    s.disk_size_mb,
+                    s.created_at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+            Ok(())
+        }
+        SandboxCommand::Get { conn, id } => {
+            print_json(&client(&conn)?.get_sandbox(parse_id(&id)?).await?)
+        }
+        SandboxCommand::Exec {
+            conn,
+            id,
+            sh,
+            env,
+            cwd,
+            user,
+            timeout,
+            collect,
+            argv,
+        } => {
+            let (command, argv) = match (sh, argv.is_empty()) {
+                (Some(s), true) => (Some(s), None),
+                (None, false) => (None, Some(argv)),
+                _ => bail!("give either --sh 'COMMAND LINE' or -- PROGRAM ARGS…"),
+            };
+            let req = ExecRequest {
+                command,
+                argv,
+                env: parse_pairs(&env, "env")?,
+                cwd,
+                user,
+                timeout_sec: timeout,
+                stdin_base64: None,
+            };
+            let c = client(&conn)?;
+            let id = parse_id(&id)?;
+            let code = if collect {
+                let r = c.exec(id, &req).await?;
+                let decode = |s: String, e: Encoding| match e {
+                    Encoding::Utf8 => Ok(s.into_bytes()),
+                    Encoding::Base64 => B64.decode(s),
+                };
+                std::io::stdout().write_all(&decode(r.stdout, r.stdout_encoding)?)?;
+                std::io::stderr().write_all(&decode(r.stderr, r.stderr_encoding)?)?;
+                r.exit_code
+            } else {
+                let mut events = Box::pin(c.exec_stream(id, &req).await?);
+                let mut code = -1;
+                while let Some(ev) = events.next().await {
+                    match ev? {
+                        ExecEvent::Started { .. } => {}
+                        ExecEvent::Stdout { data } => {
+                            let mut out = std::io::stdout().lock();
+                            out.write_all(&B64.decode(data)?)?;
+                            out.flush()?;
+                        }
+                        ExecEvent::Stderr { data } => {
+                            std::io::stderr().write_all(&B64.decode(data)?)?
+                        }
+                        ExecEvent::Exit {
+                            exit_code,
+                            timed_out,
+                            ..
+                        } => {
+                            if timed_out {
+                                eprintln!("(timed out)");
+                            }
+                            code = exit_code;
+                        }
+                        ExecEvent::Error { code, message } => bail!("{message} ({code})"),
+                    }
+                }
+                code
+            };
+            if code != 0 {
+                std::process::exit(code.clamp(1, 255));
+            }
+            Ok(())
+        }
+        SandboxCommand::Destroy { conn, ids } => {
+            let c = client(&conn)?;
+            for id in ids {
+                c.destroy_sandbox(parse_id(&id)?)
+                    .await
+                    .with_context(|| format!("destroying {id}"))?;
+                println!("destroyed {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// File subcommands.
+#[derive(Subcommand)]
+pub enum FileCommand {
+    /// Copy a file to or from a sandbox: `cp ./local sb-…:/path` or `cp sb-…:/path ./local`.
+    Cp {
+        #[command(flatten)]
+        conn: Conn,
+        /// Source.
+        src: String,
+        /// Destination.
+        dst: String,
+    },
+    /// List a directory inside a sandbox.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        /// Directory.
+        #[arg(default_value = "/")]
+        path: String,
+        /// Levels to list.
+        #[arg(long, default_value_t = 1)]
+        depth: u32,
+    },
+}
+
+fn remote(spec: &str) -> Option<(&str, &str)> {
+    spec.strip_prefix("sb-").and_then(|_| spec.split_once(':'))
+}
+
+/// Runs a file subcommand.
+pub async fn file(command: FileCommand) -> anyhow::Result<()> {
+    match command {
+        FileCommand::Cp { conn, src, dst } => {
+            let c = client(&conn)?;
+            match (remote(&src), remote(&dst)) {
+                (None, Some((id, path))) => {
+                    let local = PathBuf::from(&src);
+                    let file = tokio::fs::File::open(&local)
+                        .await
+                        .with_context(|| format!("opening {}", local.display()))?;
+                    let size = file.metadata().await?.len();
+                    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+                    let entry = c.upload(parse_id(id)?, path, body, Some(size)).await?;
+                    println!("{} bytes -> {}:{}", entry.size, id, entry.path);
+                }
+                (Some((id, path)), None) => {
+                    let (_, mut stream) = c.download(parse_id(id)?, path).await?;
+                    let local = PathBuf::from(&dst);
+                    let tmp = local.with_extension("nestbox-part");
+                    let mut out = tokio::fs::File::create(&tmp)
+                        .await
+                        .with_context(|| format!("creating {}", tmp.display()))?;
+                    let mut n: u64 = 0;
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk?;
+                        n += chunk.len() as u64;
+                        tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await?;
+                    }
+                    tokio::io::AsyncWriteExt::flush(&mut out).await?;
+                    drop(out);
+                    tokio::fs::rename(&tmp, &local).await?;
+                    println!("{id}:{path} -> {} ({n} bytes)", local.display());
+                }
+                _ => bail!("exactly one of SRC and DST must be a sandbox path like sb-…:/path"),
+            }
+            Ok(())
+        }
+        FileCommand::Ls {
+            conn,
+            id,
+            path,
+            depth,
+        } => {
+            let entries = client(&conn)?
+                .list_files(parse_id(&id)?, &path, Some(depth))
+                .await?;
+            for e in entries {
+                println!(
+                    "{} {:>8} {:<8} {:<8} {}",
+                    e.permissions, e.size, e.owner, e.group, e.path
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Template subcommands.
+#[derive(Subcommand)]
+pub enum TemplateCommand {
+    /// List templates.
+    #[command(alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Runs a template subcommand.
+pub async fn template(command: TemplateCommand) -> anyhow::Result<()> {
+    match command {
+        TemplateCommand::List { conn } => {
+            for t in client(&conn)?.list_templates().await? {
+                println!(
+                    "{:<24} {:<8} {:>5} {:>7} {:>8}  {}",
+                    t.name,
+                    t.kind.as_str(),
+                    t.vcpus,
+                    t.memory_mb,
+                    t.disk_size_mb,
+                    if t.platform { "platform" } else { "team" }
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Subcommands.
+
+pub mod agent;
+pub mod bench;
+pub mod client;
+pub mod image;
+pub mod server;
+pub mod up;

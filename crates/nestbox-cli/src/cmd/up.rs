@@ -1,0 +1,157 @@
+//! `nestbox up`: the whole platform on one machine.
+//!
+//! Control plane and host agent run in one process; the agent still registers with the
+//! control plane over loopback with a one-time token, exactly like a remote host. First
+//! run: creates the data directory, the master secret, the admin user, their team and an
+//! API key (printed once and saved to `admin.env`, mode 0600), and builds the guest images
+//! if they are missing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use nestbox_agent::{AccelChoice, AgentConfig};
+use nestbox_control::ControlConfig;
+
+use super::agent::parse_accel;
+use crate::paths;
+
+/// Arguments of `up`.
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Where all state lives.
+    #[arg(long, env = "NESTBOX_DATA_DIR", default_value = paths::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Where the REST API listens.
+    #[arg(long, env = "NESTBOX_LISTEN", default_value = paths::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Database URL (default: SQLite in the data directory).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Guest images (default: <data-dir>/images; built if missing).
+    #[arg(long, env = "NESTBOX_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+    /// Static guest agent binary used when images must be built.
+    #[arg(long, env = "NESTBOX_GUEST_BIN")]
+    pub guest_bin: Option<PathBuf>,
+    /// Email of the admin created on first run.
+    #[arg(
+        long,
+        env = "NESTBOX_ADMIN_EMAIL",
+        default_value = "admin@nestbox.local"
+    )]
+    pub admin_email: String,
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long, env = "NESTBOX_ACCEL", default_value = "auto", value_parser = parse_accel)]
+    pub accel: AccelChoice,
+    /// Let guests reach private and link-local networks.
+    #[arg(long, env = "NESTBOX_ALLOW_PRIVATE_EGRESS")]
+    pub allow_private_egress: bool,
+}
+
+/// Runs the platform until interrupted.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    paths::private_dir(&args.data_dir)?;
+    let data_dir = std::fs::canonicalize(&args.data_dir).context("resolving the data directory")?;
+    let images_dir = args
+        .images_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("images"));
+    let secret = paths::master_secret(&data_dir.join("secret.key"))?;
+
+    // Guest images: build what is missing (cached by content; instant when up to date).
+    if !images_dir.join("templates/minimal/template.json").exists() {
+        eprintln!(
+            "Building guest images into {} (first run; this takes a few minutes)…",
+            images_dir.display()
+        );
+        let build = super::image::BuildArgs {
+            out: images_dir.clone(),
+            cache: Some(data_dir.join("image-cache")),
+            guest_bin: args.guest_bin.clone(),
+            mirror: std::env::var("NESTBOX_MIRROR")
+                .unwrap_or_else(|_| nestbox_image::DEFAULT_MIRROR.into()),
+            suite: nestbox_image::DEFAULT_SUITE.into(),
+            templates: vec!["minimal".into()],
+            kernel: None,
+            modules: None,
+            force: false,
+        };
+        super::image::build(&build).await?;
+    }
+
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("nestbox.db").display()));
+    let cp = nestbox_control::start(ControlConfig::new(args.listen, database_url, secret))
+        .await
+        .context("starting the control plane")?;
+    let url = cp.url();
+
+    if let Some(first) = nestbox_control::bootstrap::first_run(&cp.services, &args.admin_email)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("creating the first admin")?
+    {
+        let env_file = data_dir.join("admin.env");
+        let body = format!(
+            "# Created by `nestbox up` on first run. Keep it secret.\nNESTBOX_URL={url}\nNESTBOX_API_KEY={}\nNESTBOX_ADMIN_EMAIL={}\nNESTBOX_ADMIN_PASSWORD={}\n",
+            first.api_key, first.email, first.password
+        );
+        paths::write_private(&env_file, body.as_bytes())?;
+        println!(
+            "First run: created the admin user and an API key (saved to {}):",
+            env_file.display()
+        );
+        println!("  admin email     {}", first.email);
+        println!("  admin password  {}", first.password);
+        println!("  API key         {}", first.api_key);
+    }
+
+    let agent_dir = data_dir.join("agent");
+    let registration_token = if agent_dir.join("credentials.json").exists() {
+        None
+    } else {
+        let host = cp
+            .services
+            .create_host_unchecked("local")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Some(host.registration_token)
+    };
+    let mut agent_cfg = AgentConfig::new(&agent_dir, &images_dir, &url);
+    agent_cfg.registration_token = registration_token;
+    agent_cfg.accel = args.accel;
+    agent_cfg.allow_private_egress = args.allow_private_egress;
+    let agent = match nestbox_agent::start(agent_cfg).await {
+        Ok(a) => a,
+        Err(e) => {
+            cp.shutdown().await;
+            return Err(e).context("starting the host agent");
+        }
+    };
+    if let Err(e) = cp
+        .services
+        .sync_host_templates(agent.host_id, &agent.url)
+        .await
+    {
+        tracing::warn!(error = %e, "reading the host's templates");
+    }
+
+    println!("Nestbox is up.");
+    println!("  API   {url}");
+    println!("  docs  {url}/docs");
+    println!("  host  {} ({})", agent.host_id, agent.url);
+
+    super::server::shutdown_signal().await;
+    let host = agent.host_id;
+    agent.shutdown().await;
+    match cp.services.host_shut_down(host).await {
+        Ok(n) if n > 0 => eprintln!("destroyed {n} sandboxes"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "recording destroyed sandboxes"),
+    }
+    cp.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! End-to-end harness: a real `nestbox up` (real QEMU VMs, namespaces, nftables) in a
+//! temporary data directory, driven through the REST API like a user would.
+//!
+//! Needs root and the guest images built by `make test-images` (found through
+//! `NESTBOX_TEST_IMAGES`, default `<workspace>/target/nestbox-images`).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nestbox_client::Client;
+use nestbox_types::SandboxId;
+use nestbox_types::api::{ExecRequest, ExecResult};
+
+/// Where the test images are.
+pub fn images_dir() -> PathBuf {
+    let dir = std::env::var_os("NESTBOX_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/nestbox-images")
+        });
+    assert!(
+        dir.join("templates/minimal/template.json").exists(),
+        "guest images not found in {}: run `make test-images` (or set NESTBOX_TEST_IMAGES)",
+        dir.display()
+    );
+    assert!(
+        nix_is_root(),
+        "end-to-end tests need root, like the host agent"
+    );
+    dir
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `nestbox up`. Stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Nestbox {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub api_key: String,
+    pub admin_email: String,
+    pub admin_password: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+/// Extra settings of an instance.
+#[derive(Default, Clone)]
+pub struct Options {
+    pub env: Vec<(String, String)>,
+}
+
+impl Nestbox {
+    /// Starts an instance and waits until it is up.
+    pub fn up() -> Nestbox {
+        Self::up_with(Options::default())
+    }
+
+    /// Starts an instance with extra environment.
+    pub fn up_with(opts: Options) -> Nestbox {
+        let images = images_dir();
+        // Short path: unix socket paths live under it.
+        let dir = tempfile::Builder::new()
+            .prefix("nbx-e2e-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut nb = Nestbox {
+            url: String::new(),
+            api_key: String::new(),
+            admin_email: String::new(),
+            admin_password: String::new(),
+            child: None,
+            log: dir.path().join("nestbox.log"),
+            dir,
+        };
+        nb.start(&images, &opts);
+        nb
+    }
+
+    fn start(&mut self, images: &Path, opts: &Options) {
+        let port = free_port();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nestbox"));
+        cmd.args(["up", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--images-dir")
+            .arg(images)
+            .env("NESTBOX_LOG", "info,tower_http=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning nestbox up");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let up = line.starts_with("Nestbox is up.");
+                let _ = tx.send(line);
+                if up {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if line.starts_with("Nestbox is up.") => break,
+                Ok(_) => {}
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("nestbox up exited with {status}; log:\n{}", self.log_tail());
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "nestbox up did not come up; log:\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+        }
+        self.child = Some(child);
+        self.url = format!("http://127.0.0.1:{port}");
+        let env = std::fs::read_to_string(self.data_dir().join("admin.env"))
+            .expect("admin.env written on first run");
+        for line in env.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                match k {
+                    "NESTBOX_API_KEY" => self.api_key = v.to_string(),
+                    "NESTBOX_ADMIN_EMAIL" => self.admin_email = v.to_string(),
+                    "NESTBOX_ADMIN_PASSWORD" => self.admin_password = v.to_string(),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Restarts the instance on the same data directory (after [`Nestbox::kill`] or a
+    /// clean stop).
+    pub fn restart(&mut self) {
+        self.stop();
+        let images = images_dir();
+        let keep = (
+            self.api_key.clone(),
+            self.admin_email.clone(),
+            self.admin_password.clone(),
+        );
+        self.start(&images, &Options::default());
+        if self.api_key.is_empty() {
+            (self.api_key, self.admin_email, self.admin_password) = keep;
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The client authenticated with the first-run API key.
+    pub fn client(&self) -> Client {
+        Client::new(&self.url).unwrap().with_api_key(&self.api_key)
+    }
+
+    /// An unauthenticated client.
+    pub fn anonymous(&self) -> Client {
+        Client::new(&self.url).unwrap()
+    }
+
+    /// Last lines of the instance's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// The instance tag (names its host-wide resources).
+    pub fn tag(&self) -> String {
+        nestbox_agent_tag(&self.data_dir().join("agent"))
+    }
+
+    /// Kills the process without letting it clean up (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops cleanly: SIGTERM, wait, SIGKILL after a grace period.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child process.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Runs the `nestbox` CLI against this instance.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nestbox"))
+            .args(args)
+            .env("NESTBOX_URL", &self.url)
+            .env("NESTBOX_API_KEY", &self.api_key)
+            .env("NESTBOX_CONFIG", self.dir.path().join("cli.toml"))
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Nestbox {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The agent's instance tag for a data directory (same derivation as the agent).
+pub fn nestbox_agent_tag(agent_dir: &Path) -> String {
+    use sha2::Digest;
+    let canonical = std::fs::canonicalize(agent_dir).unwrap_or_else(|_| agent_dir.to_path_buf());
+    hex::encode(sha2::Sha256::digest(
+        canonical.as_os_str().as_encoded_bytes(),
+    ))[..8]
+        .to_string()
+}
+
+/// Runs a shell command line in a sandbox.
+pub async fn sh(client: &Client, id: SandboxId, command: &str) -> ExecResult {
+    client
+        .exec(
+            id,
+            &ExecRequest {
+                command: Some(command.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("exec `{command}` in {id}: {e}"))
+}
+
+/// Runs a shell command line and returns stdout, asserting exit 0.
+pub async fn sh_ok(client: &Client, id: SandboxId, command: &str) -> String {
+    let r = sh(client, id, command).await;
+    assert_eq!(
+        r.exit_code, 0,
+        "`{command}` failed: stdout={} stderr={}",
+        r.stdout, r.stderr
+    );
+    r.stdout
+}
+
+/// Host resources of one sandbox, found while it runs.
+#[derive(Debug, Clone)]
+pub struct HostFootprint {
+    pub slot: u32,
+    pub vmm_pid: u32,
+    pub sandbox_dir: PathBuf,
+    pub mem_dir: PathBuf,
+}
+
+/// Finds what a running sandbox holds on the host.
+pub fn footprint(nb: &Nestbox, id: SandboxId) -> HostFootprint {
+    let sandbox_dir = nb.data_dir().join("agent/sandboxes").join(id.to_string());
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(sandbox_dir.join("state.json")).expect("state.json of a running sandbox"),
+    )
+    .unwrap();
+    HostFootprint {
+        slot: state["slot"].as_u64().unwrap() as u32,
+        vmm_pid: state["vmm_pid"].as_u64().unwrap() as u32,
+        mem_dir: PathBuf::from(state["mem_dir"].as_str().unwrap()),
+        sandbox_dir,
+    }
+}
+
+fn output(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts that nothing of the sandbox is left on the host: process, namespace, links,
+/// slot, files.
+pub fn assert_gone(nb: &Nestbox, fp: &HostFootprint, id: SandboxId) {
+    let pid_alive = Path::new(&format!("/proc/{}", fp.vmm_pid)).exists()
+        && std::fs::read(format!("/proc/{}/cmdline", fp.vmm_pid))
+            .map(|b| String::from_utf8_lossy(&b).contains(&id.to_string()))
+            .unwrap_or(false);
+    assert!(
+        !pid_alive,
+        "the VMM process {} of {id} still runs",
+        fp.vmm_pid
+    );
+    let netns = output("ip", &["netns", "list"]);
+    assert!(
+        !netns
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(&format!("nbx{}", fp.slot))),
+        "namespace nbx{} left: {netns}",
+        fp.slot
+    );
+    let links = output("ip", &["-br", "link"]);
+    assert!(
+        !links
+            .lines()
+            .any(|l| l.split(['@', ' ']).next() == Some(&format!("nbxh{}", fp.slot))),
+        "link nbxh{} left: {links}",
+        fp.slot
+    );
+    let slot_file = Path::new("/run/nestbox/slots").join(fp.slot.to_string());
+    if let Ok(owner) = std::fs::read_to_string(&slot_file) {
+        assert!(
+            !owner.contains(&id.to_string()),
+            "slot {} still held by {id}",
+            fp.slot
+        );
+    }
+    assert!(
+        !fp.sandbox_dir.exists(),
+        "{} left",
+        fp.sandbox_dir.display()
+    );
+    assert!(!fp.mem_dir.exists(), "{} left", fp.mem_dir.display());
+    let _ = nb;
+}
+
+/// Asserts that a stopped instance left nothing on the host: no VMM of it, no slot of it,
+/// no nftables table of it.
+pub fn assert_instance_clean(tag: &str) {
+    let tables = output("nft", &["list", "tables"]);
+    assert!(
+        !tables.contains(&format!("nestbox_{tag}")),
+        "nftables table of {tag} left: {tables}"
+    );
+    if let Ok(entries) = std::fs::read_dir("/run/nestbox/slots") {
+        for e in entries.flatten() {
+            let owner = std::fs::read_to_string(e.path()).unwrap_or_default();
+            assert!(
+                !owner.starts_with(tag),
+                "slot {:?} of {tag} left: {owner}",
+                e.file_name()
+            );
+        }
+    }
+    assert!(
+        !Path::new(&format!("/dev/shm/nestbox-{tag}")).exists(),
+        "guest memory of {tag} left"
+    );
+}
+
+/// Polls `check` until it returns `Some` or `limit` passes.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Metadata map helper.
+pub fn md(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

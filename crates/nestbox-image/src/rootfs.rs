@@ -1,0 +1,438 @@
+//! Template root filesystems.
+//!
+//! Two stages, so a new guest binary only redoes the cheap one:
+//!
+//! 1. **base tree** (cached under `<cache>/rootfs/<key>/`, keyed by suite, mirror,
+//!    variant, packages and [`TREE_VERSION`]): `debootstrap`, then remove apt caches and
+//!    lists, docs, man and info pages, and keep dpkg from installing them again.
+//! 2. **image** (every build): copy the tree, add the user `user` (uid 1000), hostname,
+//!    hosts, a placeholder resolv.conf and `/usr/local/bin/nestbox-guest`, then pack it
+//!    with `mkfs.ext4 -d` and shrink it ([`crate::ext4::pack`]).
+//!
+//! Both stages write into temporary directories and rename into place, so an interrupted
+//! build leaves nothing half-written behind.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nestbox_hostsys::process::{Cmd, ProcessError};
+
+use crate::ext4::{self, Ext4Info};
+use crate::manifest::{Recipe, hash_json};
+use crate::progress::{Progress, Step};
+use crate::{ImageError, blocking};
+
+/// Bumped when stage 1 changes.
+const TREE_VERSION: u32 = 1;
+
+/// The default unprivileged user (E2B's default user).
+pub const USER_NAME: &str = "user";
+/// Its uid and gid.
+pub const USER_ID: u32 = 1000;
+
+/// The cached debootstrap tree for a recipe, built if missing.
+pub(crate) async fn base_tree(
+    cache_dir: &Path,
+    mirror: &str,
+    suite: &str,
+    recipe: &Recipe,
+    progress: &dyn Progress,
+) -> Result<PathBuf, ImageError> {
+    let key = hash_json(&(
+        TREE_VERSION,
+        suite,
+        mirror,
+        &recipe.variant,
+        &recipe.packages,
+    ));
+    let root = cache_dir.join("rootfs");
+    let tree = root.join(&key[..16]);
+    let step = Step::start(
+        progress,
+        format!(
+            "debootstrap {} {suite}{}",
+            recipe.variant,
+            if recipe.packages.is_empty() {
+                String::new()
+            } else {
+                format!(" + {}", recipe.packages.join(","))
+            }
+        ),
+    );
+    if tree.join("etc/debian_version").exists() {
+        step.cached();
+        return Ok(tree);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(ImageError::NotRoot {
+            what: "debootstrap",
+        });
+    }
+    std::fs::create_dir_all(&root).map_err(ImageError::io("create", &root))?;
+    let tmp = ScratchDir(Some(
+        tempfile::Builder::new()
+            .prefix(".debootstrap-")
+            .tempdir_in(&root)
+            .map_err(ImageError::io("create a directory in", &root))?,
+    ));
+    let target = tmp.path().join("tree");
+    let log = tmp.path().join("debootstrap.log");
+    let mut cmd = Cmd::new("debootstrap").arg(format!("--variant={}", recipe.variant));
+    if !recipe.packages.is_empty() {
+        cmd = cmd.arg(format!("--include={}", recipe.packages.join(",")));
+    }
+    let cmd = cmd.arg(suite).arg(&target).arg(mirror).new_session();
+    run_streaming(&cmd, &log, &step, mirror, suite).await?;
+    if !unmount_below(&target) {
+        return Err(ImageError::Io {
+            op: "unmount what debootstrap left mounted in",
+            path: target,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    slim(&target).await?;
+    // Keep the log next to the tree for later questions.
+    let _ = std::fs::rename(&log, target.join("var/log/nestbox-debootstrap.log"));
+    std::fs::rename(&target, &tree).map_err(ImageError::io("rename into place", &tree))?;
+    step.done();
+    Ok(tree)
+}
+
+/// A scratch directory that debootstrap may have mounted things into (/proc, /sys, and
+/// in containers a bind mount of the host's /dev). Removal first unmounts everything
+/// below it; if that fails the directory is left in place rather than deleting through a
+/// mount into the host.
+struct ScratchDir(Option<tempfile::TempDir>);
+
+impl ScratchDir {
+    fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), |t| t.path())
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.0.take()
+            && !unmount_below(tmp.path())
+        {
+            let kept = tmp.keep();
+            tracing::error!(dir = %kept.display(), "mounts remain below a failed debootstrap; not deleting it");
+        }
+    }
+}
+
+/// Unmounts every mount at or below `dir`, deepest first. False if any remain.
+fn unmount_below(dir: &Path) -> bool {
+    let mounts = |dir: &Path| -> Vec<PathBuf> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            // mountinfo escapes spaces and the like as octal (\040).
+            .map(|p| PathBuf::from(p.replace("\\040", " ")))
+            .filter(|p| p.starts_with(dir))
+            .collect()
+    };
+    let mut found = mounts(dir);
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for m in &found {
+        if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %m.display(), %e, "cannot unmount");
+        }
+    }
+    mounts(dir).is_empty()
+}
+
+/// Runs a long tool with output to `log`, forwarding its `I:`/`W:`/`E:` lines as progress.
+async fn run_streaming(
+    cmd: &Cmd,
+    log: &Path,
+    step: &Step<'_>,
+    mirror: &str,
+    suite: &str,
+) -> Result<(), ImageError> {
+    let mut child = cmd
+        .spawn(Some(log))
+        .map_err(ImageError::tool(step.name()))?;
+    let mut offset = 0usize;
+    let mut forward = |final_pass: bool| {
+        let Ok(text) = std::fs::read(log) else { return };
+        let Some(new) = text.get(offset..) else {
+            return;
+        };
+        // Only whole lines, unless the tool has exited.
+        let end = if final_pass {
+            new.len()
+        } else {
+            new.iter().rposition(|c| *c == b'\n').map_or(0, |p| p + 1)
+        };
+        for line in String::from_utf8_lossy(&new[..end]).lines() {
+            if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
+                step.output(line);
+            }
+        }
+        offset += end;
+    };
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(ImageError::tool(step.name()))?,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => forward(false),
+        }
+    };
+    forward(true);
+    if status.success() {
+        return Ok(());
+    }
+    let text = std::fs::read(log).unwrap_or_default();
+    let stderr = nestbox_hostsys::process::tail(&text);
+    let network = [
+        "Failed getting release file",
+        "Couldn't download",
+        "Temporary failure",
+        "Could not resolve",
+        "unable to resolve",
+        "Connection refused",
+        "Invalid Release file",
+    ];
+    if let Some(line) = stderr
+        .lines()
+        .rev()
+        .find(|l| network.iter().any(|n| l.contains(n)))
+    {
+        return Err(ImageError::MirrorUnreachable {
+            mirror: mirror.into(),
+            suite: suite.into(),
+            detail: line.trim().to_string(),
+        });
+    }
+    Err(ImageError::Tool {
+        step: step.name().to_string(),
+        source: ProcessError::Failed {
+            argv: cmd.argv(),
+            status,
+            stderr,
+        },
+    })
+}
+
+/// Removes what a sandbox never needs from a fresh debootstrap tree.
+async fn slim(tree: &Path) -> Result<(), ImageError> {
+    let tree = tree.to_path_buf();
+    blocking(move || {
+        for dir in [
+            "var/cache/apt/archives",
+            "var/lib/apt/lists",
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/info",
+        ] {
+            empty_dir(&tree.join(dir))?;
+        }
+        for f in ["var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin"] {
+            let _ = std::fs::remove_file(tree.join(f));
+        }
+        let partial = tree.join("var/cache/apt/archives/partial");
+        std::fs::create_dir_all(&partial).map_err(ImageError::io("create", &partial))?;
+        let cfg = tree.join("etc/dpkg/dpkg.cfg.d/01-nestbox-nodoc");
+        if let Some(parent) = cfg.parent() {
+            std::fs::create_dir_all(parent).map_err(ImageError::io("create", parent))?;
+        }
+        std::fs::write(
+            &cfg,
+            "# Sandboxes carry no documentation (added by nestbox-image).\n\
+             path-exclude /usr/share/doc/*\npath-exclude /usr/share/man/*\npath-exclude /usr/share/info/*\n",
+        )
+        .map_err(ImageError::io("write", &cfg))
+    })
+    .await
+}
+
+/// Deletes a directory's contents (not the directory). Missing is fine.
+fn empty_dir(dir: &Path) -> Result<(), ImageError> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let res = if is_dir {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        res.map_err(ImageError::io("remove", &p))?;
+    }
+    Ok(())
+}
+
+/// Appends a line to a file unless a line with the same first field exists.
+fn add_entry(path: &Path, line: &str) -> Result<(), ImageError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let key = line.split(':').next().unwrap_or_default();
+    if text.lines().any(|l| l.split(':').next() == Some(key)) {
+        return Ok(());
+    }
+    let mut out = text;
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(line);
+    out.push('\n');
+    std::fs::write(path, out).map_err(ImageError::io("write", path))
+}
+
+/// Adds our files to a copied base tree.
+fn customize(tree: &Path, guest: &Path, hostname: &str) -> Result<(), ImageError> {
+    let etc = tree.join("etc");
+    let days = chrono::Utc::now().timestamp() / 86_400;
+    add_entry(
+        &etc.join("passwd"),
+        &format!("{USER_NAME}:x:{USER_ID}:{USER_ID}::/home/{USER_NAME}:/bin/bash"),
+    )?;
+    add_entry(&etc.join("group"), &format!("{USER_NAME}:x:{USER_ID}:"))?;
+    add_entry(
+        &etc.join("shadow"),
+        &format!("{USER_NAME}:*:{days}:0:99999:7:::"),
+    )?;
+    add_entry(&etc.join("gshadow"), &format!("{USER_NAME}:!::"))?;
+    let home = tree.join("home").join(USER_NAME);
+    std::fs::create_dir_all(&home).map_err(ImageError::io("create", &home))?;
+    if let Ok(rd) = std::fs::read_dir(etc.join("skel")) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                let dst = home.join(e.file_name());
+                std::fs::copy(e.path(), &dst).map_err(ImageError::io("copy to", &dst))?;
+                std::os::unix::fs::chown(&dst, Some(USER_ID), Some(USER_ID))
+                    .map_err(ImageError::io("chown", &dst))?;
+            }
+        }
+    }
+    std::os::unix::fs::chown(&home, Some(USER_ID), Some(USER_ID))
+        .map_err(ImageError::io("chown", &home))?;
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755))
+        .map_err(ImageError::io("chmod", &home))?;
+
+    let write = |rel: &str, body: String| -> Result<(), ImageError> {
+        let p = tree.join(rel);
+        // debootstrap may leave a symlink here (resolv.conf); replace, never follow.
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, body).map_err(ImageError::io("write", &p))
+    };
+    write("etc/hostname", format!("{hostname}\n"))?;
+    write(
+        "etc/hosts",
+        format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+        ),
+    )?;
+    // Never ship the build host's resolvers; nestbox-guest writes nbx.dns at boot.
+    write(
+        "etc/resolv.conf",
+        "# written by nestbox-guest at boot from nbx.dns\n".into(),
+    )?;
+
+    let bin = tree.join("usr/local/bin");
+    std::fs::create_dir_all(&bin).map_err(ImageError::io("create", &bin))?;
+    let dst = bin.join("nestbox-guest");
+    std::fs::copy(guest, &dst).map_err(ImageError::io("copy the guest binary to", &dst))?;
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))
+        .map_err(ImageError::io("chmod", &dst))?;
+    Ok(())
+}
+
+/// Builds `out` (an ext4 image, shrunk) from the base tree plus our files. `work` is a
+/// scratch directory that the caller removes.
+pub(crate) async fn build_image(
+    base: &Path,
+    work: &Path,
+    guest: &Path,
+    hostname: &str,
+    out: &Path,
+) -> Result<Ext4Info, ImageError> {
+    let tree = work.join("tree");
+    Cmd::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(base)
+        .arg(&tree)
+        .timeout(Duration::from_secs(1800))
+        .run()
+        .await
+        .map_err(ImageError::tool(format!("copy {}", base.display())))?;
+    {
+        let (tree, guest, hostname) = (tree.clone(), guest.to_path_buf(), hostname.to_string());
+        blocking(move || customize(&tree, &guest, &hostname)).await?;
+    }
+    ext4::pack(&tree, out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn customize_adds_user_files_and_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path();
+        std::fs::create_dir_all(tree.join("etc/skel")).unwrap();
+        std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+        std::fs::write(tree.join("etc/group"), "root:x:0:\n").unwrap();
+        std::fs::write(tree.join("etc/skel/.bashrc"), "# hi\n").unwrap();
+        std::os::unix::fs::symlink("/run/resolv.conf", tree.join("etc/resolv.conf")).unwrap();
+        let guest = dir.path().join("guest-bin");
+        std::fs::write(&guest, b"bin").unwrap();
+        let is_root = nix::unistd::geteuid().is_root();
+        let res = customize(tree, &guest, "nestbox");
+        if !is_root {
+            return; // chown needs root
+        }
+        res.unwrap();
+        customize(tree, &guest, "nestbox").unwrap(); // idempotent
+        let passwd = std::fs::read_to_string(tree.join("etc/passwd")).unwrap();
+        assert_eq!(
+            passwd
+                .matches("user:x:1000:1000::/home/user:/bin/bash")
+                .count(),
+            1
+        );
+        assert!(
+            std::fs::read_to_string(tree.join("etc/shadow"))
+                .unwrap()
+                .starts_with("user:*:")
+        );
+        assert!(tree.join("home/user/.bashrc").exists());
+        assert!(
+            !std::fs::symlink_metadata(tree.join("etc/resolv.conf"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let mode = std::fs::metadata(tree.join("usr/local/bin/nestbox-guest"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(
+            std::fs::read_to_string(tree.join("etc/hostname")).unwrap(),
+            "nestbox\n"
+        );
+    }
+
+    #[test]
+    fn nothing_is_mounted_below_a_fresh_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(unmount_below(dir.path()));
+    }
+
+    #[test]
+    fn empty_dir_keeps_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/f"), "x").unwrap();
+        empty_dir(&dir.path().join("a")).unwrap();
+        assert!(dir.path().join("a").is_dir());
+        assert_eq!(std::fs::read_dir(dir.path().join("a")).unwrap().count(), 0);
+        empty_dir(&dir.path().join("missing")).unwrap();
+    }
+}

@@ -1,0 +1,280 @@
+//! QEMU command lines for `-M microvm` (RUNTIME-FACTS §1): PVH kernel, ACPI on (the
+//! Debian kernel finds virtio-mmio devices through the DSDT), RTC on, guest RAM in a
+//! shared file (`memory-backend-file,share=on`, so it can be snapshotted), serial console
+//! to a file, QMP on a Unix socket.
+//!
+//! Device order and ids are fixed: a snapshot only restores into an identical machine.
+
+use std::path::{Path, PathBuf};
+
+use crate::Accel;
+use crate::spec::{GUEST_AGENT_PORT, NetworkSpec, VmSpec};
+
+/// Files of one VM. Everything but the RAM file lives in the run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPaths {
+    /// QMP socket.
+    pub qmp_socket: PathBuf,
+    /// Serial console log.
+    pub console_log: PathBuf,
+    /// QEMU's pid file (for crash clean-up).
+    pub pid_file: PathBuf,
+    /// QEMU's own stdout/stderr.
+    pub stderr_log: PathBuf,
+    /// Guest RAM.
+    pub memory_file: PathBuf,
+}
+
+impl RunPaths {
+    /// The files for `id` in `run_dir` and `memory_dir`.
+    pub fn new(run_dir: &Path, memory_dir: &Path, id: &str) -> Self {
+        Self {
+            qmp_socket: run_dir.join(super::QMP_SOCKET),
+            console_log: run_dir.join(super::CONSOLE_LOG),
+            pid_file: run_dir.join(super::PID_FILE),
+            stderr_log: run_dir.join(super::STDERR_LOG),
+            memory_file: memory_dir.join(format!("{id}.ram")),
+        }
+    }
+}
+
+/// QEMU's option syntax doubles commas inside values.
+fn esc(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// The full argument list (without the program name).
+pub fn qemu_argv(
+    spec: &VmSpec,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    paths: &RunPaths,
+    clock_ms: u64,
+) -> Vec<String> {
+    let mem = spec.memory_mb;
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("nbx-{},debug-threads=off", spec.id)]);
+    push(&["-M", "microvm,memory-backend=mem0"]);
+    push(&["-accel", accel.as_str()]);
+    if accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-file,id=mem0,size={mem}M,mem-path={},share=on",
+            esc(&paths.memory_file)
+        ),
+    ]);
+    push(&[
+        "-chardev",
+        &format!("file,id=con0,path={}", esc(&paths.console_log)),
+        "-serial",
+        "chardev:con0",
+    ]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", esc(&paths.qmp_socket)),
+    ]);
+    push(&["-pidfile", &paths.pid_file.to_string_lossy()]);
+    push(&["-kernel", &spec.kernel.to_string_lossy()]);
+    if let Some(initrd) = &spec.initrd {
+        push(&["-initrd", &initrd.to_string_lossy()]);
+    }
+    push(&["-append", &spec.kernel_cmdline(tsc_khz, clock_ms)]);
+    push(&[
+        "-drive",
+        &format!(
+            "id=root,file={},format={},if=none,cache=writeback,discard=unmap",
+            esc(&spec.root_disk.path),
+            spec.root_disk.format.as_str()
+        ),
+        "-device",
+        "virtio-blk-device,drive=root",
+    ]);
+    match &spec.network {
+        NetworkSpec::None => {}
+        NetworkSpec::Tap { ifname, mac, .. } => push(&[
+            "-netdev",
+            &format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
+            "-device",
+            &format!("virtio-net-device,netdev=net0,mac={mac}"),
+        ]),
+        NetworkSpec::User { host_port } => push(&[
+            "-netdev",
+            &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{host_port}-:{GUEST_AGENT_PORT}"),
+            "-device",
+            "virtio-net-device,netdev=net0",
+        ]),
+    }
+    // Entropy from the host: under TCG the default CPU has no RDRAND, and a guest whose
+    // crng is not ready blocks getrandom() (Python, TLS) for seconds.
+    push(&[
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-device,rng=rng0",
+    ]);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Disk, DiskFormat, GuestConfig};
+
+    fn spec(network: NetworkSpec) -> VmSpec {
+        VmSpec {
+            id: "sb1".into(),
+            vcpus: 2,
+            memory_mb: 512,
+            kernel: "/img/vmlinux".into(),
+            initrd: Some("/img/initramfs.cpio".into()),
+            cmdline_extra: vec!["loglevel=4".into()],
+            root_disk: Disk {
+                path: "/disks/sb1.qcow2".into(),
+                format: DiskFormat::Qcow2,
+            },
+            network,
+            guest: GuestConfig {
+                hostname: Some("sb1".into()),
+                ip: Some("172.16.0.2/30".into()),
+                gateway: Some("172.16.0.1".parse().unwrap()),
+                dns: vec!["1.1.1.1".parse().unwrap(), "8.8.8.8".parse().unwrap()],
+                access_token_sha256: Some("AB".repeat(32)),
+            },
+            run_dir: "/run/nbx/sb1".into(),
+            memory_dir: "/dev/shm/nbx".into(),
+        }
+    }
+
+    fn value_after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tap_vm_under_tcg() {
+        let s = spec(NetworkSpec::Tap {
+            netns: "/run/netns/x".into(),
+            ifname: "tap0".into(),
+            mac: "02:00:00:00:00:01".into(),
+        });
+        let paths = RunPaths::new(&s.run_dir, &s.memory_dir, &s.id);
+        let argv = qemu_argv(&s, Accel::Tcg, Some(2_596_138), &paths, 1_700_000_000_000);
+        assert_eq!(value_after(&argv, "-M"), ["microvm,memory-backend=mem0"]);
+        assert_eq!(value_after(&argv, "-accel"), ["tcg"]);
+        assert!(value_after(&argv, "-cpu").is_empty());
+        assert_eq!(value_after(&argv, "-m"), ["512M"]);
+        assert_eq!(value_after(&argv, "-smp"), ["2"]);
+        assert!(
+            argv.contains(&"-no-reboot".to_string()) && argv.contains(&"-nodefaults".to_string())
+        );
+        assert_eq!(
+            value_after(&argv, "-object")[0],
+            "memory-backend-file,id=mem0,size=512M,mem-path=/dev/shm/nbx/sb1.ram,share=on"
+        );
+        assert_eq!(
+            value_after(&argv, "-chardev"),
+            ["file,id=con0,path=/run/nbx/sb1/console.log"]
+        );
+        assert_eq!(value_after(&argv, "-serial"), ["chardev:con0"]);
+        assert_eq!(
+            value_after(&argv, "-qmp"),
+            ["unix:/run/nbx/sb1/qmp.sock,server=on,wait=off"]
+        );
+        assert_eq!(value_after(&argv, "-pidfile"), ["/run/nbx/sb1/qemu.pid"]);
+        assert_eq!(value_after(&argv, "-initrd"), ["/img/initramfs.cpio"]);
+        assert_eq!(
+            value_after(&argv, "-drive"),
+            ["id=root,file=/disks/sb1.qcow2,format=qcow2,if=none,cache=writeback,discard=unmap"]
+        );
+        assert_eq!(
+            value_after(&argv, "-netdev"),
+            ["tap,id=net0,ifname=tap0,script=no,downscript=no"]
+        );
+        assert_eq!(
+            value_after(&argv, "-device"),
+            [
+                "virtio-blk-device,drive=root",
+                "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01",
+                "virtio-rng-device,rng=rng0"
+            ]
+        );
+        let append = value_after(&argv, "-append")[0];
+        for want in [
+            "console=ttyS0",
+            "panic=-1",
+            "pci=off",
+            "mitigations=off",
+            "tsc_early_khz=2596138",
+            "nbx.clock=1700000000000",
+            "nbx.ip=172.16.0.2/30",
+            "nbx.gw=172.16.0.1",
+            "nbx.dns=1.1.1.1,8.8.8.8",
+            "nbx.hostname=sb1",
+            &format!("nbx.token_sha256={}", "ab".repeat(32)),
+        ] {
+            assert!(
+                append.split(' ').any(|w| w == want),
+                "{want} missing from {append}"
+            );
+        }
+        assert!(append.ends_with("loglevel=4"), "{append}");
+    }
+
+    #[test]
+    fn user_networking_under_kvm_defaults_to_slirp_addresses() {
+        let mut s = spec(NetworkSpec::User { host_port: 40123 });
+        s.guest = GuestConfig::default();
+        let paths = RunPaths::new(&s.run_dir, &s.memory_dir, &s.id);
+        let argv = qemu_argv(&s, Accel::Kvm, None, &paths, 1);
+        assert_eq!(value_after(&argv, "-accel"), ["kvm"]);
+        assert_eq!(value_after(&argv, "-cpu"), ["host"]);
+        assert_eq!(
+            value_after(&argv, "-netdev"),
+            ["user,id=net0,hostfwd=tcp:127.0.0.1:40123-:49983"]
+        );
+        let append = value_after(&argv, "-append")[0];
+        assert!(!append.contains("tsc_early_khz"));
+        assert!(
+            append.contains("nbx.ip=10.0.2.15/24 nbx.gw=10.0.2.2 nbx.dns=10.0.2.3"),
+            "{append}"
+        );
+        assert!(!append.contains("nbx.token_sha256"));
+    }
+
+    #[test]
+    fn no_network_means_no_nic_and_no_keys() {
+        let s = spec(NetworkSpec::None);
+        let paths = RunPaths::new(&s.run_dir, &s.memory_dir, &s.id);
+        let argv = qemu_argv(&s, Accel::Tcg, None, &paths, 1);
+        assert!(value_after(&argv, "-netdev").is_empty());
+        let append = value_after(&argv, "-append")[0];
+        assert!(
+            !append.contains("nbx.ip") && !append.contains("nbx.dns"),
+            "{append}"
+        );
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let mut s = spec(NetworkSpec::None);
+        s.root_disk.path = "/d/a,b.raw".into();
+        s.root_disk.format = DiskFormat::Raw;
+        let paths = RunPaths::new(&s.run_dir, &s.memory_dir, &s.id);
+        let argv = qemu_argv(&s, Accel::Tcg, None, &paths, 1);
+        assert!(value_after(&argv, "-drive")[0].starts_with("id=root,file=/d/a,,b.raw,format=raw"));
+    }
+}

@@ -1,0 +1,519 @@
+//! The QEMU driver: `qemu-system-x86_64 -M microvm`, controlled over QMP.
+//!
+//! ```text
+//! QemuVmm::new ── qemu --version, accelerator (Auto: KVM probe, cached) ──▶ QemuVmm
+//! boot(spec):  validate ─ create run dir ─ spawn (hostsys Cmd: new session, netns) ─
+//!              connect QMP (bounded; an early exit is reported with stderr) ──▶ QemuVm
+//! QemuVm::stop: QMP quit ─ wait ≤ grace ─ SIGTERM/SIGKILL ─ reap ─ remove run files
+//! ```
+//!
+//! Invariants: every QEMU we start is owned by exactly one [`QemuVm`] (its
+//! `Supervised` child kills it on drop); its pid file lets [`reap_stale`] clean up after
+//! an agent crash.
+
+pub mod accel;
+pub mod argv;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nestbox_hostsys::process::{Cmd, Supervised};
+
+use crate::qmp::QmpClient;
+use crate::spec::{NetworkSpec, VmSpec};
+use crate::{Accel, AccelChoice, BoxFuture, StopReport, Vm, Vmm, VmmError, VmmInfo, console};
+pub use accel::{ProbeImages, host_tsc_khz};
+pub use argv::{RunPaths, qemu_argv};
+
+/// QMP socket name in the run directory.
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// Serial console log name in the run directory.
+pub const CONSOLE_LOG: &str = "console.log";
+/// QEMU pid file name in the run directory.
+pub const PID_FILE: &str = "qemu.pid";
+/// QEMU's stdout/stderr log name in the run directory.
+pub const STDERR_LOG: &str = "qemu.log";
+/// How long QEMU may take to open its QMP socket.
+const QMP_WAIT: Duration = Duration::from_secs(15);
+/// Unix socket paths longer than this do not fit `sockaddr_un`.
+const MAX_SOCKET_PATH: usize = 100;
+
+const NAME: &str = "qemu";
+
+/// How to run QEMU.
+#[derive(Debug, Clone)]
+pub struct QemuOptions {
+    /// The emulator binary.
+    pub binary: PathBuf,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Images the KVM probe boots (`Auto` only; without them `Auto` means TCG).
+    pub probe: Option<ProbeImages>,
+    /// Where the KVM probe verdict is cached.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for QemuOptions {
+    fn default() -> Self {
+        Self {
+            binary: "qemu-system-x86_64".into(),
+            accel: AccelChoice::Auto,
+            probe: None,
+            state_dir: None,
+        }
+    }
+}
+
+/// The QEMU driver.
+#[derive(Debug)]
+pub struct QemuVmm {
+    binary: PathBuf,
+    info: VmmInfo,
+    tsc_khz: Option<u64>,
+}
+
+/// Parses `QEMU emulator version 7.2.22 (Debian …)`.
+fn parse_version(text: &str) -> Option<String> {
+    let rest = text.lines().next()?.split("version").nth(1)?;
+    rest.split_whitespace().next().map(str::to_string)
+}
+
+impl QemuVmm {
+    /// Checks the binary, reads its version and settles the accelerator.
+    pub async fn new(opts: QemuOptions) -> Result<Self, VmmError> {
+        let out = Cmd::new(&opts.binary)
+            .arg("--version")
+            .timeout(Duration::from_secs(10))
+            .run()
+            .await
+            .map_err(|source| VmmError::Spawn {
+                id: "version".into(),
+                source,
+            })?;
+        let version = parse_version(&out.stdout_text()).ok_or_else(|| VmmError::Binary {
+            binary: opts.binary.display().to_string(),
+            detail: format!("unrecognised --version output: {}", out.stdout_text()),
+        })?;
+        let accel = match opts.accel {
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Tcg => Accel::Tcg,
+            AccelChoice::Auto => {
+                accel::auto_accel(
+                    &opts.binary,
+                    &version,
+                    opts.probe.as_ref(),
+                    opts.state_dir.as_deref(),
+                )
+                .await?
+            }
+        };
+        let tsc_khz = if accel == Accel::Tcg {
+            host_tsc_khz()
+        } else {
+            None
+        };
+        if accel == Accel::Tcg && tsc_khz.is_none() {
+            tracing::warn!(
+                "no `cpu MHz` in /proc/cpuinfo: TCG guests may hang calibrating the TSC"
+            );
+        }
+        tracing::info!(%version, accel = accel.as_str(), "qemu driver ready");
+        Ok(Self {
+            binary: opts.binary,
+            info: VmmInfo {
+                name: NAME,
+                version,
+                accel,
+            },
+            tsc_khz,
+        })
+    }
+
+    async fn boot_vm(&self, spec: VmSpec) -> Result<QemuVm, VmmError> {
+        spec.validate()?;
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VmmError::Io { op, path, source }
+        };
+        for dir in [&spec.run_dir, &spec.memory_dir] {
+            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        }
+        let paths = RunPaths::new(&spec.run_dir, &spec.memory_dir, &spec.id);
+        if paths.qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmmError::InvalidSpec {
+                field: "run_dir",
+                reason: format!(
+                    "{} is too long for a unix socket path",
+                    paths.qmp_socket.display()
+                ),
+            });
+        }
+        for f in [
+            &paths.qmp_socket,
+            &paths.pid_file,
+            &paths.console_log,
+            &paths.stderr_log,
+            &paths.memory_file,
+        ] {
+            match std::fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove stale", f)(e)),
+            }
+        }
+        let clock_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let argv = qemu_argv(&spec, self.info.accel, self.tsc_khz, &paths, clock_ms);
+        let mut cmd = Cmd::new(&self.binary).args(argv).new_session();
+        if let NetworkSpec::Tap { netns, .. } = &spec.network {
+            cmd = cmd.netns(netns);
+        }
+        tracing::debug!(id = %spec.id, argv = %cmd.argv(), "starting qemu");
+        let mut child = cmd
+            .spawn(Some(&paths.stderr_log))
+            .map_err(|source| VmmError::Spawn {
+                id: spec.id.clone(),
+                source,
+            })?;
+
+        // Connect QMP, noticing an early exit (bad arguments, missing files) at once.
+        let deadline = tokio::time::Instant::now() + QMP_WAIT;
+        let stream = loop {
+            if let Some(status) = child.try_status() {
+                let err = exited_error(&spec.id, &status.to_string(), &paths);
+                remove_run_files(&paths);
+                return Err(err);
+            }
+            match tokio::net::UnixStream::connect(&paths.qmp_socket).await {
+                Ok(s) => break s,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => {
+                    let _ = child.kill().await;
+                    remove_run_files(&paths);
+                    let source = crate::qmp::QmpError::Connect {
+                        path: paths.qmp_socket.clone(),
+                        waited: QMP_WAIT,
+                        source: e,
+                    };
+                    return Err(VmmError::Qmp {
+                        id: spec.id.clone(),
+                        source,
+                    });
+                }
+            }
+        };
+        let qmp = match QmpClient::handshake(stream, QMP_WAIT).await {
+            Ok(q) => q,
+            Err(source) => {
+                let _ = child.kill().await;
+                remove_run_files(&paths);
+                return Err(VmmError::Qmp {
+                    id: spec.id.clone(),
+                    source,
+                });
+            }
+        };
+        tracing::info!(id = %spec.id, pid = child.pid(), "vm started");
+        Ok(QemuVm {
+            id: spec.id,
+            run_dir: spec.run_dir,
+            paths,
+            child,
+            qmp,
+            stopped: false,
+        })
+    }
+}
+
+fn exited_error(id: &str, status: &str, paths: &RunPaths) -> VmmError {
+    VmmError::Exited {
+        id: id.into(),
+        status: status.into(),
+        stderr: console::tail_lines(&paths.stderr_log, 10),
+        console: console::tail_lines(&paths.console_log, 20),
+    }
+}
+
+/// Removes a VM's run files (not the console log or QEMU's log).
+fn remove_run_files(paths: &RunPaths) {
+    for f in [&paths.qmp_socket, &paths.pid_file, &paths.memory_file] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+impl Vmm for QemuVmm {
+    fn info(&self) -> &VmmInfo {
+        &self.info
+    }
+
+    fn boot(&self, spec: VmSpec) -> BoxFuture<'_, Result<Box<dyn Vm>, VmmError>> {
+        Box::pin(async move {
+            self.boot_vm(spec)
+                .await
+                .map(|vm| Box::new(vm) as Box<dyn Vm>)
+        })
+    }
+
+    fn restore<'a>(
+        &'a self,
+        _spec: VmSpec,
+        _snapshot: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn Vm>, VmmError>> {
+        Box::pin(async {
+            Err(VmmError::NotSupported {
+                vmm: NAME,
+                operation: "restore",
+            })
+        })
+    }
+}
+
+/// A running QEMU.
+#[derive(Debug)]
+pub struct QemuVm {
+    id: String,
+    run_dir: PathBuf,
+    paths: RunPaths,
+    child: Supervised,
+    qmp: QmpClient,
+    stopped: bool,
+}
+
+impl QemuVm {
+    /// The QMP session (for callers that need more than the [`Vm`] trait).
+    pub fn qmp(&self) -> &QmpClient {
+        &self.qmp
+    }
+
+    /// The VM's files.
+    pub fn paths(&self) -> &RunPaths {
+        &self.paths
+    }
+
+    async fn stop_vm(&mut self, grace: Duration) -> Result<StopReport, VmmError> {
+        let mut forced = false;
+        let status = match self.child.try_status() {
+            Some(s) => s,
+            None => {
+                // Graceful: QEMU flushes its block layer and exits.
+                let _ = self.qmp.quit().await;
+                match tokio::time::timeout(grace, self.child.wait()).await {
+                    Ok(res) => res.map_err(|source| VmmError::Spawn {
+                        id: self.id.clone(),
+                        source,
+                    })?,
+                    Err(_) => {
+                        forced = true;
+                        tracing::warn!(id = %self.id, "qemu ignored quit; killing it");
+                        self.child
+                            .terminate(Duration::from_secs(2))
+                            .await
+                            .map_err(|source| VmmError::Spawn {
+                                id: self.id.clone(),
+                                source,
+                            })?
+                    }
+                }
+            }
+        };
+        self.stopped = true;
+        remove_run_files(&self.paths);
+        tracing::info!(id = %self.id, %status, forced, "vm stopped");
+        Ok(StopReport {
+            exit_code: status.code(),
+            forced,
+        })
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if !self.stopped {
+            // The Supervised child is killed (SIGKILL) as it drops; the RAM file must not
+            // outlive it on tmpfs.
+            remove_run_files(&self.paths);
+        }
+    }
+}
+
+impl Vm for QemuVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.paths.console_log
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        self.child.try_status().map(|s| s.to_string())
+    }
+
+    fn run_state(&self) -> BoxFuture<'_, Result<String, VmmError>> {
+        Box::pin(async move {
+            self.qmp
+                .query_status()
+                .await
+                .map_err(|source| VmmError::Qmp {
+                    id: self.id.clone(),
+                    source,
+                })
+        })
+    }
+
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, Result<StopReport, VmmError>> {
+        Box::pin(self.stop_vm(grace))
+    }
+
+    fn pause(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(async {
+            Err(VmmError::NotSupported {
+                vmm: NAME,
+                operation: "pause",
+            })
+        })
+    }
+
+    fn resume(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(async {
+            Err(VmmError::NotSupported {
+                vmm: NAME,
+                operation: "resume",
+            })
+        })
+    }
+
+    fn snapshot<'a>(&'a mut self, _dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async {
+            Err(VmmError::NotSupported {
+                vmm: NAME,
+                operation: "snapshot",
+            })
+        })
+    }
+}
+
+/// Kills a QEMU left behind by a crashed agent (found through the pid file in
+/// `run_dir`) and removes its run files. Returns the pid it killed. Only a process whose
+/// command line is a QEMU mentioning `run_dir` is touched.
+pub async fn reap_stale(
+    run_dir: &Path,
+    memory_dir: &Path,
+    id: &str,
+) -> Result<Option<u32>, VmmError> {
+    let paths = RunPaths::new(run_dir, memory_dir, id);
+    let pid = std::fs::read_to_string(&paths.pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let mut killed = None;
+    if let Some(pid) = pid.filter(|p| *p > 1) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("qemu") && cmdline.contains(&*run_dir.to_string_lossy()) {
+            // SAFETY: kill(2) on a pid whose command line we just checked.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && tokio::time::Instant::now() < deadline
+            {
+                // A zombie still has /proc/<pid>; it is gone for our purposes once dead.
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                if stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            killed = Some(pid as u32);
+        }
+    }
+    remove_run_files(&paths);
+    Ok(killed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_line_is_parsed() {
+        assert_eq!(
+            parse_version(
+                "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright"
+            )
+            .as_deref(),
+            Some("7.2.22")
+        );
+        assert_eq!(parse_version("nonsense"), None);
+    }
+
+    #[tokio::test]
+    async fn stale_cleanup_ignores_foreign_pids_and_removes_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = RunPaths::new(dir.path(), dir.path(), "x");
+        // Our own pid: not a qemu, must survive.
+        std::fs::write(&paths.pid_file, std::process::id().to_string()).unwrap();
+        std::fs::write(&paths.memory_file, b"ram").unwrap();
+        assert_eq!(reap_stale(dir.path(), dir.path(), "x").await.unwrap(), None);
+        assert!(!paths.pid_file.exists() && !paths.memory_file.exists());
+    }
+
+    #[tokio::test]
+    async fn unsupported_operations_say_so() {
+        let Ok(vmm) = QemuVmm::new(QemuOptions {
+            accel: AccelChoice::Tcg,
+            ..Default::default()
+        })
+        .await
+        else {
+            eprintln!("skipped: qemu-system-x86_64 not installed");
+            return;
+        };
+        assert_eq!(vmm.info().name, "qemu");
+        assert_eq!(vmm.info().accel, Accel::Tcg);
+        let spec_dir = tempfile::tempdir().unwrap();
+        let err = vmm
+            .restore(
+                VmSpec {
+                    id: "x".into(),
+                    vcpus: 1,
+                    memory_mb: 128,
+                    kernel: "/nonexistent".into(),
+                    initrd: None,
+                    cmdline_extra: vec![],
+                    root_disk: crate::Disk {
+                        path: "/nonexistent".into(),
+                        format: crate::DiskFormat::Raw,
+                    },
+                    network: NetworkSpec::None,
+                    guest: Default::default(),
+                    run_dir: spec_dir.path().into(),
+                    memory_dir: spec_dir.path().into(),
+                },
+                spec_dir.path(),
+            )
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            VmmError::NotSupported {
+                operation: "restore",
+                ..
+            }
+        ));
+    }
+}

@@ -285,7 +285,9 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let counter = manager.clone();
     let heartbeat = tokio::spawn(register::heartbeat_loop(
         http,
+        cfg.control_plane_url.clone(),
         creds.clone(),
+        url.clone(),
         cfg.heartbeat_interval,
         move || u32::try_from(counter.count()).unwrap_or(u32::MAX),
     ));

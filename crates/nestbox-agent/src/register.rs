@@ -168,16 +168,19 @@ pub async fn ensure(
     Ok(creds)
 }
 
-/// Sends a heartbeat every `interval` until the task is aborted.
+/// Sends a heartbeat every `interval` until the task is aborted, to the control plane the
+/// agent is configured with now (it may have moved since registration).
 pub async fn heartbeat_loop(
     http: reqwest::Client,
+    control_plane: String,
     creds: Credentials,
+    address: String,
     interval: Duration,
     sandboxes: impl Fn() -> u32 + Send + 'static,
 ) {
     let url = format!(
         "{}/v1/hosts/{}/heartbeat",
-        creds.control_plane_url.trim_end_matches('/'),
+        control_plane.trim_end_matches('/'),
         creds.host_id
     );
     let mut tick = tokio::time::interval(interval);
@@ -187,6 +190,7 @@ pub async fn heartbeat_loop(
         let body = HeartbeatRequest {
             sandboxes: sandboxes(),
             version: crate::VERSION.to_string(),
+            address: address.clone(),
         };
         let result = http
             .post(&url)

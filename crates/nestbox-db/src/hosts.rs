@@ -329,6 +329,24 @@ pub async fn set_status(db: &Db, id: HostId, status: HostStatus) -> Result<(), D
     found(n, "host", id)
 }
 
+/// Records where a registered host's agent now listens and which version it runs (an agent
+/// that restarted may listen elsewhere). Returns whether anything changed.
+pub async fn update_endpoint(
+    db: &Db,
+    id: HostId,
+    address: &str,
+    version: &str,
+) -> Result<bool, DbError> {
+    let n = db
+        .execute(
+            "UPDATE hosts SET address = $2, version = $3, updated_at = $4 \
+             WHERE id = $1 AND (address IS NULL OR address <> $2 OR version IS NULL OR version <> $3)",
+            args![id, address, version, now()],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
 fn format_team(team: Option<TeamId>) -> String {
     team.map(|t| t.to_string()).unwrap_or_default()
 }

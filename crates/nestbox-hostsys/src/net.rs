@@ -132,6 +132,9 @@ pub struct SlotAllocator {
     dir: PathBuf,
     owner: String,
     range: std::ops::RangeInclusive<u32>,
+    /// Where the next search starts: slots are handed out round-robin, so a freed slot
+    /// (and its addresses, with any conntrack state) is not reused at once.
+    next: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl SlotAllocator {
@@ -147,6 +150,7 @@ impl SlotAllocator {
             dir,
             owner: owner.into(),
             range: 1..=MAX_SLOT,
+            next: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1)),
         })
     }
 
@@ -156,6 +160,7 @@ impl SlotAllocator {
         let start = (*range.start()).max(1);
         let end = (*range.end()).min(MAX_SLOT);
         self.range = start..=end;
+        self.next.store(start, std::sync::atomic::Ordering::Relaxed);
         self
     }
 
@@ -164,9 +169,14 @@ impl SlotAllocator {
         &self.dir
     }
 
-    /// Takes the lowest free slot, recording `holder` (e.g. a sandbox id) in its file.
+    /// Takes a free slot, recording `holder` (e.g. a sandbox id) in its file.
     pub fn allocate(&self, holder: &str) -> Result<u32, NetError> {
-        for slot in self.range.clone() {
+        let (lo, hi) = (*self.range.start(), *self.range.end());
+        let start = self
+            .next
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .clamp(lo, hi);
+        for slot in (start..=hi).chain(lo..start) {
             let path = self.dir.join(slot.to_string());
             match std::fs::OpenOptions::new()
                 .write(true)
@@ -175,6 +185,8 @@ impl SlotAllocator {
             {
                 Ok(mut f) => {
                     let _ = writeln!(f, "{} {}", self.owner, holder);
+                    let next = if slot >= hi { lo } else { slot + 1 };
+                    self.next.store(next, std::sync::atomic::Ordering::Relaxed);
                     return Ok(slot);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -548,10 +560,19 @@ mod tests {
         a.release(s1).unwrap();
         assert!(a.owned().unwrap().is_empty());
         assert_eq!(b.owned().unwrap().len(), 1);
+        let s3 = a.allocate("sb-3").unwrap();
+        assert_ne!(s3, s1, "a freed slot is not handed out again at once");
+        let small = SlotAllocator::new(dir.path().join("small"), "c")
+            .unwrap()
+            .with_range(1..=2);
+        let x = small.allocate("x").unwrap();
+        let _y = small.allocate("y").unwrap();
+        assert!(small.allocate("z").is_err(), "all slots taken");
+        small.release(x).unwrap();
         assert_eq!(
-            a.allocate("sb-3").unwrap(),
-            s1,
-            "lowest free slot is reused"
+            small.allocate("z").unwrap(),
+            x,
+            "wraps around to the freed slot"
         );
     }
 

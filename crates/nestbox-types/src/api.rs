@@ -629,6 +629,8 @@ pub struct HeartbeatRequest {
     pub sandboxes: u32,
     /// Agent version.
     pub version: String,
+    /// gRPC URL where the control plane reaches the agent now.
+    pub address: String,
 }
 
 // ---------------------------------------------------------------------------- audit

@@ -44,6 +44,12 @@ pub struct AgentArgs {
     /// Let guests reach private and link-local networks.
     #[arg(long)]
     pub allow_private_egress: bool,
+    /// The QEMU system emulator.
+    #[arg(long, env = "NESTBOX_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// How long a sandbox may take to boot, seconds.
+    #[arg(long, env = "NESTBOX_BOOT_TIMEOUT", default_value_t = 90)]
+    pub boot_timeout: u64,
 }
 
 /// Parses an accelerator name.
@@ -65,6 +71,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     cfg.accel = args.accel;
     cfg.max_sandboxes = args.max_sandboxes;
     cfg.allow_private_egress = args.allow_private_egress;
+    cfg.qemu_binary = args.qemu;
+    cfg.boot_timeout = std::time::Duration::from_secs(args.boot_timeout.max(1));
     let agent = nestbox_agent::start(cfg)
         .await
         .context("starting the host agent")?;

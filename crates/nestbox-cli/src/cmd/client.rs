@@ -49,10 +49,10 @@ fn save_settings(s: &Settings) -> anyhow::Result<()> {
 #[derive(Args, Clone, Default)]
 pub struct Conn {
     /// Server URL.
-    #[arg(long, global = true, env = "NESTBOX_URL")]
+    #[arg(long, env = "NESTBOX_URL")]
     url: Option<String>,
     /// Team API key.
-    #[arg(long, global = true, env = "NESTBOX_API_KEY", hide_env_values = true)]
+    #[arg(long, env = "NESTBOX_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
 }
 

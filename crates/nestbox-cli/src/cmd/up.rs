@@ -14,6 +14,15 @@ use nestbox_agent::{AccelChoice, AgentConfig};
 use nestbox_control::ControlConfig;
 
 use super::agent::parse_accel;
+
+/// Prints a line to stdout; a closed stdout (e.g. a supervisor that stopped reading) must
+/// not bring the platform down.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 use crate::paths;
 
 /// Arguments of `up`.
@@ -47,6 +56,12 @@ pub struct UpArgs {
     /// Let guests reach private and link-local networks.
     #[arg(long, env = "NESTBOX_ALLOW_PRIVATE_EGRESS")]
     pub allow_private_egress: bool,
+    /// The QEMU system emulator.
+    #[arg(long, env = "NESTBOX_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// How long a sandbox may take to boot, seconds.
+    #[arg(long, env = "NESTBOX_BOOT_TIMEOUT", default_value_t = 90)]
+    pub boot_timeout: u64,
 }
 
 /// Runs the platform until interrupted.
@@ -100,13 +115,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             first.api_key, first.email, first.password
         );
         paths::write_private(&env_file, body.as_bytes())?;
-        println!(
+        say!(
             "First run: created the admin user and an API key (saved to {}):",
             env_file.display()
         );
-        println!("  admin email     {}", first.email);
-        println!("  admin password  {}", first.password);
-        println!("  API key         {}", first.api_key);
+        say!("  admin email     {}", first.email);
+        say!("  admin password  {}", first.password);
+        say!("  API key         {}", first.api_key);
     }
 
     let agent_dir = data_dir.join("agent");
@@ -124,6 +139,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     agent_cfg.registration_token = registration_token;
     agent_cfg.accel = args.accel;
     agent_cfg.allow_private_egress = args.allow_private_egress;
+    agent_cfg.qemu_binary = args.qemu.clone();
+    agent_cfg.boot_timeout = std::time::Duration::from_secs(args.boot_timeout.max(1));
     let agent = match nestbox_agent::start(agent_cfg).await {
         Ok(a) => a,
         Err(e) => {
@@ -139,10 +156,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "reading the host's templates");
     }
 
-    println!("Nestbox is up.");
-    println!("  API   {url}");
-    println!("  docs  {url}/docs");
-    println!("  host  {} ({})", agent.host_id, agent.url);
+    say!("Nestbox is up.");
+    say!("  API   {url}");
+    say!("  docs  {url}/docs");
+    say!("  host  {} ({})", agent.host_id, agent.url);
 
     super::server::shutdown_signal().await;
     let host = agent.host_id;

@@ -116,12 +116,9 @@ impl Nestbox {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            // Keep draining stdout for the life of the process.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let up = line.starts_with("Nestbox is up.");
                 let _ = tx.send(line);
-                if up {
-                    break;
-                }
             }
         });
         let deadline = Instant::now() + Duration::from_secs(240);
@@ -244,6 +241,9 @@ impl Nestbox {
 impl Drop for Nestbox {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            eprintln!("--- nestbox log (last lines) ---\n{}", self.log_tail());
+        }
     }
 }
 
@@ -323,27 +323,33 @@ pub fn assert_gone(nb: &Nestbox, fp: &HostFootprint, id: SandboxId) {
         "the VMM process {} of {id} still runs",
         fp.vmm_pid
     );
-    let netns = output("ip", &["netns", "list"]);
-    assert!(
-        !netns
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(&format!("nbx{}", fp.slot))),
-        "namespace nbx{} left: {netns}",
-        fp.slot
-    );
-    let links = output("ip", &["-br", "link"]);
-    assert!(
-        !links
-            .lines()
-            .any(|l| l.split(['@', ' ']).next() == Some(&format!("nbxh{}", fp.slot))),
-        "link nbxh{} left: {links}",
-        fp.slot
-    );
+    // Slots are machine-wide: once freed, another instance may take the slot (and its
+    // namespace name). Only while the slot is free are leftover links ours.
     let slot_file = Path::new("/run/nestbox/slots").join(fp.slot.to_string());
-    if let Ok(owner) = std::fs::read_to_string(&slot_file) {
+    let holder = std::fs::read_to_string(&slot_file).ok();
+    assert!(
+        !holder
+            .as_deref()
+            .unwrap_or_default()
+            .contains(&id.to_string()),
+        "slot {} still held by {id}",
+        fp.slot
+    );
+    if holder.is_none() {
+        let netns = output("ip", &["netns", "list"]);
         assert!(
-            !owner.contains(&id.to_string()),
-            "slot {} still held by {id}",
+            !netns
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&format!("nbx{}", fp.slot))),
+            "namespace nbx{} left: {netns}",
+            fp.slot
+        );
+        let links = output("ip", &["-br", "link"]);
+        assert!(
+            !links
+                .lines()
+                .any(|l| l.split(['@', ' ']).next() == Some(&format!("nbxh{}", fp.slot))),
+            "link nbxh{} left: {links}",
             fp.slot
         );
     }

@@ -1,0 +1,266 @@
+//! Failure paths with real VMs: a failed boot releases everything and leaves the sandbox
+//! `error` with its reason; a crashed `nestbox up` is cleaned up on its next start; a host
+//! without the tools gets a clear error; many create/destroy cycles leave nothing behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Nestbox, Options, assert_gone, eventually, footprint};
+use nestbox_types::api::CreateSandboxRequest;
+use nestbox_types::{ErrorCode, SandboxStatus};
+
+/// Slot files this instance holds.
+fn slots_of(tag: &str) -> Vec<String> {
+    std::fs::read_dir("/run/nestbox/slots")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .starts_with(tag)
+                })
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn qemu_of(id: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| {
+                String::from_utf8_lossy(&c).contains(id)
+                    && String::from_utf8_lossy(&c).contains("qemu")
+            })
+            .unwrap_or(false)
+    })
+}
+
+#[tokio::test]
+async fn a_failed_boot_releases_everything_and_records_the_reason() {
+    // One second is far too short for a TCG boot: every create fails after the VM started.
+    let nb = Nestbox::up_with(Options {
+        env: vec![("NESTBOX_BOOT_TIMEOUT".into(), "1".into())],
+    });
+    let client = nb.client();
+    let err = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("failed to start"), "{msg}");
+    let page = client
+        .list_sandboxes(&nestbox_types::api::SandboxListQuery {
+            status: Some("error".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let sb = page
+        .items
+        .first()
+        .expect("the failed sandbox is listed as error");
+    assert_eq!(sb.status, SandboxStatus::Error);
+    assert!(
+        sb.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("did not boot"),
+        "{:?}",
+        sb.error
+    );
+    let id = sb.id.to_string();
+    assert!(slots_of(&nb.tag()).is_empty(), "no network slot is held");
+    assert!(!qemu_of(&id), "no VMM is left");
+    assert!(
+        !nb.data_dir().join("agent/sandboxes").join(&id).exists(),
+        "no files are left"
+    );
+    assert!(
+        !Path::new(&format!("/dev/shm/nestbox-{}/{id}", nb.tag())).exists(),
+        "no guest memory is left"
+    );
+    // Destroying a failed sandbox is allowed and makes it stopped.
+    client.destroy_sandbox(sb.id).await.unwrap();
+    assert_eq!(
+        client.get_sandbox(sb.id).await.unwrap().status,
+        SandboxStatus::Stopped
+    );
+}
+
+#[tokio::test]
+async fn a_crash_is_cleaned_up_on_the_next_start() {
+    let mut nb = Nestbox::up();
+    let client = nb.client();
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+    let fp = footprint(&nb, sb.id);
+    nb.kill();
+    // The VMM runs in its own session: it survives the crash of its agent.
+    assert!(
+        qemu_of(&sb.id.to_string()),
+        "the VMM outlives a crashed agent"
+    );
+
+    nb.restart();
+    // The leftovers of the crashed run are gone…
+    assert_gone(&nb, &fp, sb.id);
+    // …and the control plane learns that the sandbox was lost.
+    let client = nb.client();
+    let status = eventually(
+        Duration::from_secs(60),
+        "the monitor to mark the sandbox lost",
+        || {
+            let client = client.clone();
+            async move {
+                let s = client.get_sandbox(sb.id).await.ok()?;
+                (s.status == SandboxStatus::Error).then_some(s)
+            }
+        },
+    )
+    .await;
+    assert!(status.error.unwrap_or_default().contains("lost"));
+    // The restarted instance works.
+    let again = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+    client.destroy_sandbox(again.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn create_destroy_cycles_leave_nothing_behind() {
+    let nb = Nestbox::up();
+    let client = nb.client();
+    for _ in 0..8 {
+        let sb = client
+            .create_sandbox(&CreateSandboxRequest {
+                memory_mb: Some(256),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let fp = footprint(&nb, sb.id);
+        client.destroy_sandbox(sb.id).await.unwrap();
+        assert_gone(&nb, &fp, sb.id);
+    }
+    assert!(slots_of(&nb.tag()).is_empty());
+    let left: Vec<_> = std::fs::read_dir(nb.data_dir().join("agent/sandboxes"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "sandbox directories left: {left:?}");
+}
+
+#[tokio::test]
+async fn validation_happens_before_anything_is_taken() {
+    let nb = Nestbox::up();
+    let client = nb.client();
+    let cases = [
+        (
+            CreateSandboxRequest {
+                template: Some("no-such-template".into()),
+                ..Default::default()
+            },
+            ErrorCode::TemplateNotFound,
+        ),
+        (
+            CreateSandboxRequest {
+                vcpus: Some(1000),
+                ..Default::default()
+            },
+            ErrorCode::LimitExceeded,
+        ),
+        (
+            CreateSandboxRequest {
+                memory_mb: Some(10_000_000),
+                ..Default::default()
+            },
+            ErrorCode::LimitExceeded,
+        ),
+        (
+            CreateSandboxRequest {
+                disk_size_mb: Some(16),
+                ..Default::default()
+            },
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            CreateSandboxRequest {
+                template: Some("../etc".into()),
+                ..Default::default()
+            },
+            ErrorCode::InvalidRequest,
+        ),
+    ];
+    for (req, code) in cases {
+        let err = client.create_sandbox(&req).await.unwrap_err();
+        assert_eq!(err.code(), Some(code), "{err}");
+    }
+    let all = client
+        .list_sandboxes(&nestbox_types::api::SandboxListQuery {
+            status: Some("pending,starting,running,error".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(all.items.is_empty(), "rejected requests create nothing");
+    assert!(slots_of(&nb.tag()).is_empty());
+    // No credentials → 401.
+    let err = nb
+        .anonymous()
+        .list_sandboxes(&Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
+}
+
+#[test]
+fn a_host_without_qemu_gets_a_clear_error() {
+    let _ = common::images_dir();
+    let bin = tempfile::tempdir().unwrap();
+    for tool in [
+        "ip",
+        "nft",
+        "qemu-img",
+        "resize2fs",
+        "e2fsck",
+        "cp",
+        "mkfs.ext4",
+        "sh",
+    ] {
+        let path = which(tool);
+        std::os::unix::fs::symlink(path, bin.path().join(tool)).unwrap();
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("nbx-e2e-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nestbox"))
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--images-dir")
+        .arg(common::images_dir())
+        .env("PATH", bin.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("apt-get install qemu-system-x86"),
+        "{stderr}"
+    );
+}
+
+fn which(tool: &str) -> std::path::PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{tool} not installed"))
+}

@@ -1,0 +1,250 @@
+//! Isolation with real VMs: sandboxes reach the outside through NAT, but not each other,
+//! not the host's own services, and another team sees none of them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::{Nestbox, footprint, sh_ok};
+use nestbox_client::Client;
+use nestbox_hostsys::net::SlotAddrs;
+use nestbox_types::ErrorCode;
+use nestbox_types::api::{CreateSandboxRequest, CreateUserRequest, ExecRequest, SandboxListQuery};
+
+/// `OPEN` or `CLOSED`: whether the sandbox can open a TCP connection to `ip:port`.
+async fn probe(client: &Client, id: nestbox_types::SandboxId, ip: &str, port: u16) -> String {
+    let cmd = format!(
+        "timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null && echo OPEN || echo CLOSED"
+    );
+    // (`timeout` runs bash, which knows /dev/tcp; the outer shell is sh.)
+    sh_ok(client, id, &cmd).await.trim().to_string()
+}
+
+/// A network namespace standing in for "the internet": a veth pair with a public-looking
+/// (TEST-NET-2) address on the far side and a web server there.
+struct Outside {
+    ns: String,
+    host_if: String,
+    server: std::process::Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl Outside {
+    fn new() -> Outside {
+        let n = std::process::id() % 10000;
+        let ns = format!("nbxtout{n}");
+        let host_if = format!("nbxto{n}");
+        let peer = format!("nbxtp{n}");
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
+        run(&["netns", "add", &ns]);
+        run(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &ns,
+        ]);
+        run(&["addr", "add", "198.51.100.1/30", "dev", &host_if]);
+        run(&["link", "set", &host_if, "up"]);
+        run(&["-n", &ns, "addr", "add", "198.51.100.2/30", "dev", &peer]);
+        run(&["-n", &ns, "link", "set", &peer, "up"]);
+        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "198.51.100.2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        Outside {
+            ns,
+            host_if,
+            server,
+            log,
+        }
+    }
+
+    fn server_log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.host_if])
+            .status();
+    }
+}
+
+fn host_primary_ip() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "route", "get", "1.1.1.1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "src" {
+            return words.next().unwrap().to_string();
+        }
+    }
+    panic!("no source address in `{text}`");
+}
+
+#[tokio::test]
+async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
+    let nb = Nestbox::up();
+    let client = nb.client();
+    let a = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap()
+        .id;
+    let b = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap()
+        .id;
+    let addr_a = SlotAddrs::new(footprint(&nb, a).slot);
+    let addr_b = SlotAddrs::new(footprint(&nb, b).slot);
+
+    // A service on the host, listening on every address.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("the host service answers locally");
+
+    // Egress through NAT works: the outside sees the host's address, not the sandbox's.
+    let outside = Outside::new();
+    let page = sh_ok(
+        &client,
+        a,
+        "bash -c 'exec 3<>/dev/tcp/198.51.100.2/8080 && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && head -1 <&3'",
+    )
+    .await;
+    assert!(page.contains("200"), "egress to the outside failed: {page}");
+    assert!(
+        outside.server_log().contains("198.51.100.1"),
+        "the outside should see the host's address: {}",
+        outside.server_log()
+    );
+
+    // Not another sandbox (its guest agent port, through its per-slot address).
+    assert_eq!(
+        probe(&client, a, &addr_b.sandbox_ip.to_string(), 49983).await,
+        "CLOSED"
+    );
+    // Not the host: neither through the sandbox's gateway nor the host's own address.
+    assert_eq!(
+        probe(&client, a, &addr_a.host_ip.to_string(), port).await,
+        "CLOSED"
+    );
+    assert_eq!(probe(&client, a, &host_primary_ip(), port).await, "CLOSED");
+    // Not link-local or private ranges (e.g. cloud metadata services).
+    assert_eq!(probe(&client, a, "169.254.169.254", 80).await, "CLOSED");
+    // And B cannot reach A either.
+    assert_eq!(
+        probe(&client, b, &addr_a.sandbox_ip.to_string(), 49983).await,
+        "CLOSED"
+    );
+    drop(listener);
+
+    client.destroy_sandbox(a).await.unwrap();
+    client.destroy_sandbox(b).await.unwrap();
+}
+
+#[tokio::test]
+async fn another_team_cannot_see_or_touch_a_sandbox() {
+    let nb = Nestbox::up();
+    let owner = nb.client();
+    let sb = owner
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+
+    // The admin creates a second user, who gets a team and an API key of their own.
+    let admin = nb
+        .anonymous()
+        .login(&nb.admin_email, &nb.admin_password)
+        .await
+        .unwrap();
+    let admin = nb.anonymous().with_token(admin.token);
+    let created = admin
+        .create_user(&CreateUserRequest {
+            email: "other@example.com".into(),
+            name: "Other".into(),
+            password: "a long enough password".into(),
+            is_admin: false,
+        })
+        .await
+        .unwrap();
+    let other = nb
+        .anonymous()
+        .login("other@example.com", "a long enough password")
+        .await
+        .unwrap();
+    let other_user = nb.anonymous().with_token(other.token);
+    let key = other_user
+        .create_api_key(created.team.id, "ci")
+        .await
+        .unwrap();
+    let other = nb.anonymous().with_api_key(key.key);
+
+    let not_found = |r: Result<_, nestbox_client::ClientError>| {
+        let e = r.err().expect("another team's call must fail");
+        assert_eq!(e.code(), Some(ErrorCode::SandboxNotFound), "{e}");
+    };
+    not_found(other.get_sandbox(sb.id).await.map(|_| ()));
+    not_found(
+        other
+            .exec(
+                sb.id,
+                &ExecRequest {
+                    command: Some("true".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map(|_| ()),
+    );
+    not_found(other.list_files(sb.id, "/", None).await.map(|_| ()));
+    not_found(other.download(sb.id, "/etc/hostname").await.map(|_| ()));
+    not_found(
+        other
+            .upload(sb.id, "/tmp/x", reqwest::Body::from("x"), Some(1))
+            .await
+            .map(|_| ()),
+    );
+    not_found(other.destroy_sandbox(sb.id).await);
+    let listed = other
+        .list_sandboxes(&SandboxListQuery::default())
+        .await
+        .unwrap();
+    assert!(
+        listed.items.is_empty(),
+        "another team lists nothing of ours"
+    );
+    // The owner still has it, untouched.
+    assert_eq!(
+        owner.get_sandbox(sb.id).await.unwrap().status,
+        nestbox_types::SandboxStatus::Running
+    );
+    owner.destroy_sandbox(sb.id).await.unwrap();
+}

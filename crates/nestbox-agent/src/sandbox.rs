@@ -376,6 +376,32 @@ impl Manager {
         names
     }
 
+    /// The VMM driver, as a description (`qemu 7.2.22 (tcg)`).
+    pub fn vmm_info(&self) -> String {
+        self.inner.vmm.info().to_string()
+    }
+
+    /// The VMM driver itself (benchmarks boot bare VMs with it).
+    pub fn vmm(&self) -> Arc<dyn Vmm> {
+        self.inner.vmm.clone()
+    }
+
+    /// The base image of `template` at the default disk size, prepared if needed.
+    pub async fn base_image(
+        &self,
+        name: &str,
+        template: &nestbox_image::TemplateImage,
+    ) -> Result<PathBuf, AgentError> {
+        let key = &template.manifest.inputs_hash[..16.min(template.manifest.inputs_hash.len())];
+        let min_mb = min_disk_mb(template.manifest.fs_min_bytes);
+        let size = self.inner.cfg.default_disk_mb.max(min_mb);
+        self.inner
+            .bases
+            .ensure(name, key, &template.rootfs, size, min_mb)
+            .await
+            .map_err(|e| AgentError::Internal(format!("preparing template {name}: {e}")))
+    }
+
     /// Details of the templates this host can boot, for the control plane's catalogue.
     pub fn template_infos(&self) -> Vec<nestbox_proto::hostagent::TemplateInfo> {
         self.templates()

@@ -208,7 +208,7 @@ async fn another_team_cannot_see_or_touch_a_sandbox() {
     let other = nb.anonymous().with_api_key(key.key);
 
     let not_found = |r: Result<_, nestbox_client::ClientError>| {
-        let e = r.err().expect("another team's call must fail");
+        let e = r.expect_err("another team's call must fail");
         assert_eq!(e.code(), Some(ErrorCode::SandboxNotFound), "{e}");
     };
     not_found(other.get_sandbox(sb.id).await.map(|_| ()));

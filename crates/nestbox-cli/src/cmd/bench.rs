@@ -1,14 +1,398 @@
-//! `nestbox bench`: measured figures for the README (filled in with the e2e harness).
+//! `nestbox bench`: measured figures, side by side with baselines run in the same process.
+//!
+//! It starts a throwaway one-box platform (control plane + host agent, temporary data
+//! directory) and measures, interleaving each measurement with its baseline so machine
+//! noise hits both alike:
+//!
+//! - bare QEMU boot of the same image to guest-agent ready vs. create through REST to
+//!   exec-ready;
+//! - exec of `true` through REST vs. directly against the guest agent;
+//! - upload and download throughput through REST;
+//! - VMM resident memory of an idle sandbox;
+//! - many create/destroy cycles, then a check that nothing is left on the host.
+//!
+//! Numbers are printed, never asserted: speed is measured, not tested.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use nestbox_client::Client;
+use nestbox_envd::process::{ProcessConfig, StartRequest};
+use nestbox_types::SandboxId;
+use nestbox_types::api::{CreateSandboxRequest, ExecRequest};
+use nestbox_vmm::{Disk, DiskFormat, GuestConfig, NetworkSpec, VmSpec};
+
+use super::up::{UpArgs, launch};
 
 /// Arguments of `bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Runs per measurement (medians are reported).
+    /// Runs per boot measurement (medians are reported).
     #[arg(long, short = 'n', default_value_t = 5)]
     pub runs: usize,
+    /// Runs per exec measurement.
+    #[arg(long, default_value_t = 50)]
+    pub exec_runs: usize,
+    /// Create/destroy cycles for the leak check.
+    #[arg(long, default_value_t = 50)]
+    pub cycles: usize,
+    /// Size of the file transfer, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub transfer_mb: usize,
+    /// Built guest images.
+    #[arg(
+        long,
+        env = "NESTBOX_IMAGES_DIR",
+        default_value = "/var/lib/nestbox/images"
+    )]
+    pub images_dir: PathBuf,
+}
+
+/// Median, min and max of a sample.
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stats(mut xs: Vec<f64>) -> Stats {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    let median = if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    };
+    Stats {
+        median,
+        min: xs.first().copied().unwrap_or(f64::NAN),
+        max: xs.last().copied().unwrap_or(f64::NAN),
+        n,
+    }
+}
+
+fn row(name: &str, s: &Stats, unit: &str) {
+    println!(
+        "{name:<44} {:>10.1} {unit:<4} {:>9.1} {:>9.1} {:>5}",
+        s.median, s.min, s.max, s.n
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// Runs the benchmarks.
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the benchmark needs a running installation; see `make bench`")
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.runs > 0 && args.exec_runs > 0,
+        "runs must be at least 1"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("nbx-bench-")
+        .tempdir_in("/tmp")
+        .context("creating a scratch directory")?;
+    let up = UpArgs {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse()?,
+        database_url: None,
+        images_dir: Some(args.images_dir.clone()),
+        guest_bin: None,
+        admin_email: "bench@nestbox.local".into(),
+        accel: nestbox_agent::AccelChoice::Auto,
+        allow_private_egress: false,
+        qemu: "qemu-system-x86_64".into(),
+        boot_timeout: 120,
+    };
+    eprintln!(
+        "starting a throwaway installation in {}…",
+        dir.path().display()
+    );
+    let launched = launch(&up).await?;
+    let result = measure(&args, &launched, dir.path()).await;
+    launched.shutdown().await;
+    result
+}
+
+async fn measure(
+    args: &BenchArgs,
+    launched: &super::up::Launched,
+    scratch: &Path,
+) -> anyhow::Result<()> {
+    let key = launched
+        .first_run
+        .as_ref()
+        .context("a fresh installation has a first run")?
+        .api_key
+        .clone();
+    let client = Client::new(&launched.url)?.with_api_key(key);
+    let manager = &launched.agent.manager;
+    let vmm_info = launched.agent.manager.vmm_info();
+    println!(
+        "Nestbox {} benchmark — {} — {} CPUs",
+        env!("CARGO_PKG_VERSION"),
+        vmm_info,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!(
+        "{:<44} {:>10} {:<4} {:>9} {:>9} {:>5}",
+        "measurement", "median", "", "min", "max", "runs"
+    );
+
+    // 1. Boot: bare QEMU (same image, kernel, VMM options; no network) vs. REST create.
+    let bare_vmm = manager.vmm();
+    let (template, kernel) = nestbox_image::ImageStore::new(&args.images_dir)
+        .template_with_kernel("minimal")
+        .context("the minimal template")?;
+    let base = manager
+        .base_image("minimal", &template)
+        .await
+        .context("preparing the base image")?;
+    let mut bare = Vec::new();
+    let mut create = Vec::new();
+    for i in 0..args.runs {
+        let run_dir = scratch.join(format!("bare-{i}"));
+        std::fs::create_dir_all(&run_dir)?;
+        let overlay = run_dir.join("root.qcow2");
+        nestbox_hostsys::disk::create_overlay(&base, &overlay).await?;
+        let spec = VmSpec {
+            id: format!("bench-bare-{i}"),
+            vcpus: 1,
+            memory_mb: 512,
+            kernel: kernel.kernel.clone(),
+            initrd: Some(kernel.initramfs.clone()),
+            cmdline_extra: Vec::new(),
+            root_disk: Disk {
+                path: overlay,
+                format: DiskFormat::Qcow2,
+            },
+            network: NetworkSpec::None,
+            guest: GuestConfig::default(),
+            run_dir: run_dir.clone(),
+            memory_dir: PathBuf::from("/dev/shm").join(format!("nbx-bench-{}", std::process::id())),
+        };
+        let (mut vm, ready) =
+            nestbox_vmm::boot_and_wait_ready(bare_vmm.as_ref(), spec, Duration::from_secs(120))
+                .await?;
+        bare.push(ms(ready.elapsed));
+        vm.stop(Duration::from_secs(5)).await?;
+        let _ = std::fs::remove_dir_all(&run_dir);
+
+        let t = Instant::now();
+        let sb = client
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await?;
+        create.push(ms(t.elapsed()));
+        client.destroy_sandbox(sb.id).await?;
+    }
+    let _ = std::fs::remove_dir_all(
+        PathBuf::from("/dev/shm").join(format!("nbx-bench-{}", std::process::id())),
+    );
+    let bare = stats(bare);
+    let create = stats(create);
+    row("bare QEMU boot → guest agent ready", &bare, "ms");
+    row("create through REST → exec-ready", &create, "ms");
+    println!(
+        "{:<44} {:>10.2} ×    (target ≤ 1.2×)",
+        "  create / bare boot",
+        create.median / bare.median
+    );
+
+    // 2. Exec of `true`: REST vs. the guest agent directly.
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await?;
+    let guest = manager.get(sb.id)?.guest.clone();
+    let rest_req = ExecRequest {
+        argv: Some(vec!["true".into()]),
+        ..Default::default()
+    };
+    let direct_req = StartRequest {
+        process: Some(ProcessConfig {
+            cmd: "true".into(),
+            args: vec![],
+            envs: Default::default(),
+            cwd: None,
+        }),
+        pty: None,
+        tag: None,
+        stdin: Some(false),
+    };
+    // Warm both paths (connections, page cache) before measuring.
+    client.exec(sb.id, &rest_req).await?;
+    run_direct(&guest, direct_req.clone()).await?;
+    let mut rest = Vec::new();
+    let mut direct = Vec::new();
+    for _ in 0..args.exec_runs {
+        let t = Instant::now();
+        let r = client.exec(sb.id, &rest_req).await?;
+        anyhow::ensure!(r.exit_code == 0, "`true` failed through REST");
+        rest.push(ms(t.elapsed()));
+        let t = Instant::now();
+        run_direct(&guest, direct_req.clone()).await?;
+        direct.push(ms(t.elapsed()));
+    }
+    let rest = stats(rest);
+    let direct = stats(direct);
+    row("exec `true` through REST", &rest, "ms");
+    row(
+        "exec `true` directly against the guest agent",
+        &direct,
+        "ms",
+    );
+    println!(
+        "{:<44} {:>10.1} ms   (target ≤ 1.5 × direct + 5 ms = {:.1} ms)",
+        "  REST overhead",
+        rest.median - direct.median,
+        direct.median * 1.5 + 5.0
+    );
+
+    // 3. File transfer through REST.
+    let size = args.transfer_mb << 20;
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1])
+        .collect();
+    let mut up_rates = Vec::new();
+    let mut down_rates = Vec::new();
+    for _ in 0..args.runs.min(3) {
+        let t = Instant::now();
+        client
+            .upload(
+                sb.id,
+                "/tmp/bench.bin",
+                reqwest::Body::from(data.clone()),
+                Some(size as u64),
+            )
+            .await?;
+        up_rates.push(size as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let (_, mut stream) = client.download(sb.id, "/tmp/bench.bin").await?;
+        let mut got = 0usize;
+        while let Some(chunk) = stream.next().await {
+            got += chunk?.len();
+        }
+        anyhow::ensure!(got == size, "downloaded {got} of {size} bytes");
+        down_rates.push(size as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64());
+    }
+    row(
+        &format!("upload {} MiB through REST", args.transfer_mb),
+        &stats(up_rates),
+        "MB/s",
+    );
+    row(
+        &format!("download {} MiB through REST", args.transfer_mb),
+        &stats(down_rates),
+        "MB/s",
+    );
+    client.destroy_sandbox(sb.id).await?;
+
+    // 4. Resident memory of an idle sandbox's VMM.
+    let idle = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pid = vmm_pid(&launched.data_dir, idle.id)?;
+    let rss_kb = proc_status_kb(pid, "VmRSS:")?;
+    println!(
+        "{:<44} {:>10.1} MiB  (512 MiB guest, booted)",
+        "idle sandbox: VMM resident memory",
+        rss_kb as f64 / 1024.0
+    );
+    client.destroy_sandbox(idle.id).await?;
+
+    // 5. Create/destroy cycles leave nothing behind.
+    let t = Instant::now();
+    for _ in 0..args.cycles {
+        let sb = client
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await?;
+        client.destroy_sandbox(sb.id).await?;
+    }
+    let leftovers = leftovers(
+        &launched.data_dir,
+        &nestbox_agent::instance_tag(&launched.data_dir.join("agent")),
+    );
+    println!(
+        "{:<44} {:>10} in {:.0} s: {}",
+        format!("{} create/destroy cycles", args.cycles),
+        "",
+        t.elapsed().as_secs_f64(),
+        if leftovers.is_empty() {
+            "nothing left behind".to_string()
+        } else {
+            format!("LEFT: {}", leftovers.join(", "))
+        }
+    );
+    Ok(())
+}
+
+async fn run_direct(
+    guest: &nestbox_envd::client::EnvdClient,
+    req: StartRequest,
+) -> anyhow::Result<()> {
+    use nestbox_envd::process::process_event::Event;
+    let mut events = guest.start(req).await?;
+    while let Some(ev) = events.next().await {
+        if let Some(Event::End(end)) = ev?.event {
+            anyhow::ensure!(end.exit_code == 0, "`true` failed against the guest agent");
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the guest agent ended the stream without an end event")
+}
+
+fn vmm_pid(data_dir: &Path, id: SandboxId) -> anyhow::Result<u32> {
+    let state = data_dir
+        .join("agent/sandboxes")
+        .join(id.to_string())
+        .join("state.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&state)?)?;
+    v["vmm_pid"]
+        .as_u64()
+        .map(|p| p as u32)
+        .context("no VMM pid recorded")
+}
+
+fn proc_status_kb(pid: u32, key: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} for pid {pid}"))
+}
+
+/// What an instance still holds on the host: slots, sandbox directories, guest memory.
+fn leftovers(data_dir: &Path, tag: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/run/nestbox/slots") {
+        for e in rd.flatten() {
+            if std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .starts_with(tag)
+            {
+                out.push(format!("slot {}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(data_dir.join("agent/sandboxes")) {
+        out.extend(
+            rd.flatten()
+                .map(|e| format!("directory {}", e.file_name().to_string_lossy())),
+        );
+    }
+    if let Ok(rd) = std::fs::read_dir(format!("/dev/shm/nestbox-{tag}")) {
+        out.extend(
+            rd.flatten()
+                .map(|e| format!("memory {}", e.file_name().to_string_lossy())),
+        );
+    }
+    out
 }

@@ -64,8 +64,37 @@ pub struct UpArgs {
     pub boot_timeout: u64,
 }
 
-/// Runs the platform until interrupted.
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+/// A running one-box platform.
+pub struct Launched {
+    /// The control plane.
+    pub cp: nestbox_control::RunningControlPlane,
+    /// The host agent.
+    pub agent: nestbox_agent::RunningAgent,
+    /// The API's base URL.
+    pub url: String,
+    /// What the first run created (only on the first run).
+    pub first_run: Option<nestbox_control::bootstrap::FirstRun>,
+    /// The data directory.
+    pub data_dir: PathBuf,
+}
+
+impl Launched {
+    /// Stops the agent (destroying its sandboxes), records that, and stops the control
+    /// plane.
+    pub async fn shutdown(self) {
+        let host = self.agent.host_id;
+        self.agent.shutdown().await;
+        match self.cp.services.host_shut_down(host).await {
+            Ok(n) if n > 0 => eprintln!("destroyed {n} sandboxes"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "recording destroyed sandboxes"),
+        }
+        self.cp.shutdown().await;
+    }
+}
+
+/// Starts control plane and host agent in this process (first-run bootstrap included).
+pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
     paths::private_dir(&args.data_dir)?;
     let data_dir = std::fs::canonicalize(&args.data_dir).context("resolving the data directory")?;
     let images_dir = args
@@ -103,37 +132,33 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .context("starting the control plane")?;
     let url = cp.url();
-
-    if let Some(first) = nestbox_control::bootstrap::first_run(&cp.services, &args.admin_email)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("creating the first admin")?
-    {
-        let env_file = data_dir.join("admin.env");
+    let first_run =
+        match nestbox_control::bootstrap::first_run(&cp.services, &args.admin_email).await {
+            Ok(f) => f,
+            Err(e) => {
+                cp.shutdown().await;
+                anyhow::bail!("creating the first admin: {e}");
+            }
+        };
+    if let Some(first) = &first_run {
         let body = format!(
             "# Created by `nestbox up` on first run. Keep it secret.\nNESTBOX_URL={url}\nNESTBOX_API_KEY={}\nNESTBOX_ADMIN_EMAIL={}\nNESTBOX_ADMIN_PASSWORD={}\n",
             first.api_key, first.email, first.password
         );
-        paths::write_private(&env_file, body.as_bytes())?;
-        say!(
-            "First run: created the admin user and an API key (saved to {}):",
-            env_file.display()
-        );
-        say!("  admin email     {}", first.email);
-        say!("  admin password  {}", first.password);
-        say!("  API key         {}", first.api_key);
+        paths::write_private(&data_dir.join("admin.env"), body.as_bytes())?;
     }
 
     let agent_dir = data_dir.join("agent");
     let registration_token = if agent_dir.join("credentials.json").exists() {
         None
     } else {
-        let host = cp
-            .services
-            .create_host_unchecked("local")
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Some(host.registration_token)
+        match cp.services.create_host_unchecked("local").await {
+            Ok(host) => Some(host.registration_token),
+            Err(e) => {
+                cp.shutdown().await;
+                anyhow::bail!("creating the local host: {e}");
+            }
+        }
     };
     let mut agent_cfg = AgentConfig::new(&agent_dir, &images_dir, &url);
     agent_cfg.registration_token = registration_token;
@@ -155,20 +180,37 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     {
         tracing::warn!(error = %e, "reading the host's templates");
     }
+    Ok(Launched {
+        cp,
+        agent,
+        url,
+        first_run,
+        data_dir,
+    })
+}
 
+/// Runs the platform until interrupted.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let launched = launch(&args).await?;
+    let url = launched.url.clone();
+    if let Some(first) = &launched.first_run {
+        say!(
+            "First run: created the admin user and an API key (saved to {}):",
+            launched.data_dir.join("admin.env").display()
+        );
+        say!("  admin email     {}", first.email);
+        say!("  admin password  {}", first.password);
+        say!("  API key         {}", first.api_key);
+    }
     say!("Nestbox is up.");
     say!("  API   {url}");
     say!("  docs  {url}/docs");
-    say!("  host  {} ({})", agent.host_id, agent.url);
-
+    say!(
+        "  host  {} ({})",
+        launched.agent.host_id,
+        launched.agent.url
+    );
     super::server::shutdown_signal().await;
-    let host = agent.host_id;
-    agent.shutdown().await;
-    match cp.services.host_shut_down(host).await {
-        Ok(n) if n > 0 => eprintln!("destroyed {n} sandboxes"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "recording destroyed sandboxes"),
-    }
-    cp.shutdown().await;
+    launched.shutdown().await;
     Ok(())
 }

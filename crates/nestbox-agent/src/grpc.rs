@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use nestbox_envd::client::EnvdClient;
 use nestbox_envd::filesystem::{self as fs, FileType as EnvdFileType};
 use nestbox_proto::hostagent::host_agent_server::HostAgent;
 use nestbox_proto::hostagent::*;
@@ -122,11 +123,22 @@ fn entry(e: fs::EntryInfo) -> EntryInfo {
     }
 }
 
-fn user(s: &str) -> Option<&str> {
+fn user_name(s: &str) -> Option<&str> {
     if s.is_empty() { None } else { Some(s) }
 }
 
 impl Service {
+    /// The guest agent of a running sandbox, acting as `user` (empty: the default user).
+    fn guest(&self, sandbox_id: &str, user: &str) -> Result<(SandboxId, EnvdClient), Status> {
+        let id = parse_sandbox(sandbox_id)?;
+        let h = self.manager.running(id)?;
+        let guest = match user_name(user) {
+            Some(u) => h.guest.as_user(u).map_err(|e| AgentError::Guest { id, source: e })?,
+            None => h.guest.clone(),
+        };
+        Ok((id, guest))
+    }
+
     fn exec_params(&self, req: &ExecRequest) -> Result<ExecParams, Status> {
         if req.cmd.is_empty() {
             return Err(Status::invalid_argument("cmd is empty"));
@@ -151,7 +163,7 @@ impl Service {
             } else {
                 Some(req.cwd.clone())
             },
-            user: user(&req.user).map(String::from),
+            user: user_name(&req.user).map(String::from),
             timeout,
             stdin: if req.stdin.is_empty() {
                 None
@@ -341,7 +353,7 @@ impl HostAgent for Service {
         });
         let uploaded = h
             .guest
-            .upload(&header.path, user(&header.user), ReceiverStream::new(rx))
+            .upload(&header.path, user_name(&header.user), ReceiverStream::new(rx))
             .await;
         let pumped = pump
             .await
@@ -366,15 +378,7 @@ impl HostAgent for Service {
         req: Request<ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         let r = req.into_inner();
-        let id = parse_sandbox(&r.sandbox_id)?;
-        let h = self.manager.running(id)?;
-        let guest = match user(&r.user) {
-            Some(u) => h
-                .guest
-                .as_user(u)
-                .map_err(|e| AgentError::Guest { id, source: e })?,
-            None => h.guest.clone(),
-        };
+        let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
         let stat = guest
             .stat(&r.path)
             .await
@@ -385,9 +389,8 @@ impl HostAgent for Service {
                 format!("{} is a directory", r.path),
             ));
         }
-        let (_size, body) = h
-            .guest
-            .download(&r.path, user(&r.user))
+        let (_size, body) = guest
+            .download(&r.path, user_name(&r.user))
             .await
             .map_err(|e| AgentError::Guest { id, source: e })?;
         let header = ReadFileResponse {
@@ -418,42 +421,19 @@ impl HostAgent for Service {
         req: Request<ListDirRequest>,
     ) -> Result<Response<ListDirResponse>, Status> {
         let r = req.into_inner();
-        let id = parse_sandbox(&r.sandbox_id)?;
-        let h = self.manager.running(id)?;
-        let g = match user(&r.user) {
-            Some(u) => h
-                .guest
-                .as_user(u)
-                .map_err(|e| AgentError::Guest { id, source: e })?,
-            None => h.guest.clone(),
-        };
-        let entries = g
+        let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
+        let entries = guest
             .list_dir(&r.path, r.depth.max(1))
             .await
             .map_err(|e| AgentError::Guest { id, source: e })?;
-        Ok(Response::new(ListDirResponse {
-            entries: entries.into_iter().map(entry).collect(),
-        }))
+        Ok(Response::new(ListDirResponse { entries: entries.into_iter().map(entry).collect() }))
     }
 
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
         let r = req.into_inner();
-        let id = parse_sandbox(&r.sandbox_id)?;
-        let h = self.manager.running(id)?;
-        let g = match user(&r.user) {
-            Some(u) => h
-                .guest
-                .as_user(u)
-                .map_err(|e| AgentError::Guest { id, source: e })?,
-            None => h.guest.clone(),
-        };
-        let e = g
-            .stat(&r.path)
-            .await
-            .map_err(|e| AgentError::Guest { id, source: e })?;
-        Ok(Response::new(StatResponse {
-            entry: Some(entry(e)),
-        }))
+        let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
+        let e = guest.stat(&r.path).await.map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(StatResponse { entry: Some(entry(e)) }))
     }
 
     async fn make_dir(
@@ -461,22 +441,9 @@ impl HostAgent for Service {
         req: Request<MakeDirRequest>,
     ) -> Result<Response<MakeDirResponse>, Status> {
         let r = req.into_inner();
-        let id = parse_sandbox(&r.sandbox_id)?;
-        let h = self.manager.running(id)?;
-        let g = match user(&r.user) {
-            Some(u) => h
-                .guest
-                .as_user(u)
-                .map_err(|e| AgentError::Guest { id, source: e })?,
-            None => h.guest.clone(),
-        };
-        let e = g
-            .make_dir(&r.path)
-            .await
-            .map_err(|e| AgentError::Guest { id, source: e })?;
-        Ok(Response::new(MakeDirResponse {
-            entry: Some(entry(e)),
-        }))
+        let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
+        let e = guest.make_dir(&r.path).await.map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(MakeDirResponse { entry: Some(entry(e)) }))
     }
 
     async fn remove(
@@ -484,18 +451,8 @@ impl HostAgent for Service {
         req: Request<RemoveRequest>,
     ) -> Result<Response<RemoveResponse>, Status> {
         let r = req.into_inner();
-        let id = parse_sandbox(&r.sandbox_id)?;
-        let h = self.manager.running(id)?;
-        let g = match user(&r.user) {
-            Some(u) => h
-                .guest
-                .as_user(u)
-                .map_err(|e| AgentError::Guest { id, source: e })?,
-            None => h.guest.clone(),
-        };
-        g.remove(&r.path)
-            .await
-            .map_err(|e| AgentError::Guest { id, source: e })?;
+        let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
+        guest.remove(&r.path).await.map_err(|e| AgentError::Guest { id, source: e })?;
         Ok(Response::new(RemoveResponse {}))
     }
 }

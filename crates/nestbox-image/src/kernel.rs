@@ -465,7 +465,7 @@ mod tests {
         assert!(builtin_modules(dir.path()).contains("virtio"));
     }
 
-    /// Uses the kernel package unpacked by an earlier `build_images` run (the default
+    /// Uses the kernel package unpacked by an earlier image build (the default
     /// cache beside `target/nestbox-images`) when it is there.
     #[tokio::test]
     async fn debian_modules_come_in_dependency_order() {

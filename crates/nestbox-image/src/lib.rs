@@ -22,7 +22,7 @@
 //! beside its final place and swapped in atomically (`renameat2(RENAME_EXCHANGE)`), so a
 //! failed or interrupted build leaves the previous output intact.
 //!
-//! Called by the CLI (`nestbox image build`) and by `examples/build_images.rs`.
+//! Called by the CLI (`nestbox image build`).
 
 pub mod apt;
 mod elf;

@@ -1,5 +1,5 @@
-//! Boots real VMs under QEMU TCG from the images built by
-//! `cargo run -p nestbox-image --example build_images` and checks the boot contract:
+//! Boots real VMs under QEMU TCG from the images built by `make test-images` and checks
+//! the boot contract:
 //! READY marker, the guest agent answering through the forwarded port, the root
 //! filesystem grown to the disk, and a clean stop (process reaped, run files gone).
 //!
@@ -32,11 +32,8 @@ fn images() -> (TemplateImage, KernelImage) {
     let dir = images_dir();
     ImageStore::new(&dir).template_with_kernel("minimal").unwrap_or_else(|e| {
         panic!(
-            "no test images in {} ({e}).\nBuild them (as root, ~2 min the first time):\n  \
-             RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --profile guest -p nestbox-guest --target x86_64-unknown-linux-gnu\n  \
-             cargo run -p nestbox-image --example build_images -- {} target/x86_64-unknown-linux-gnu/guest/nestbox-guest\n\
-             or point NESTBOX_TEST_IMAGES at an existing output directory",
-            dir.display(),
+            "no test images in {} ({e}).\nBuild them with `make test-images` (as root, a few \
+             minutes the first time), or point NESTBOX_TEST_IMAGES at an existing output directory",
             dir.display()
         )
     })

@@ -328,24 +328,35 @@ impl HostAgent for Service {
         let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let count = counter.clone();
         let pump = tokio::spawn(async move {
+            let abort = |why: String| Err(std::io::Error::other(why));
             loop {
                 match stream.message().await {
-                    Ok(Some(msg)) => {
-                        if let Some(write_file_request::Part::Chunk(c)) = msg.part {
-                            count.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                            if tx.send(Ok(Bytes::from(c))).await.is_err() {
-                                return Ok(());
-                            }
+                    Ok(Some(WriteFileRequest { part: Some(write_file_request::Part::Chunk(c)) })) => {
+                        count.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        if tx.send(Ok(Bytes::from(c))).await.is_err() {
+                            return Ok(());
                         }
                     }
-                    Ok(None) => return Ok(()),
+                    Ok(Some(WriteFileRequest { part: Some(write_file_request::Part::Commit(commit)) })) => {
+                        let sent = count.load(std::sync::atomic::Ordering::Relaxed);
+                        if commit.total_bytes != sent {
+                            let why = format!("commit says {} bytes but {sent} arrived", commit.total_bytes);
+                            let _ = tx.send(abort(why.clone())).await;
+                            return Err(Status::invalid_argument(why));
+                        }
+                        // Ending the body normally is what keeps the file.
+                        return Ok(());
+                    }
+                    Ok(Some(_)) => {
+                        let _ = tx.send(abort("unexpected message in an upload".into())).await;
+                        return Err(Status::invalid_argument("only chunks and a commit may follow the header"));
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(abort("the upload ended without a commit".into())).await;
+                        return Err(Status::aborted("the upload ended without a commit; nothing was kept"));
+                    }
                     Err(status) => {
-                        let _ = tx
-                            .send(Err(std::io::Error::other(format!(
-                                "upload aborted: {}",
-                                status.message()
-                            ))))
-                            .await;
+                        let _ = tx.send(abort(format!("upload aborted: {}", status.message()))).await;
                         return Err(status);
                     }
                 }

@@ -15,6 +15,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ApiError;
 
+/// Largest message sent to an agent (uploads are chunked well below it).
+const MAX_ENCODED_MESSAGE: usize = 8 << 20;
+
 /// A client of one host agent.
 pub type AgentClient = HostAgentClient<InterceptedService<Channel, HostAuth>>;
 
@@ -108,7 +111,7 @@ impl HostPool {
         };
         let client = HostAgentClient::with_interceptor(channel, auth)
             .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(8 << 20);
+            .max_encoding_message_size(MAX_ENCODED_MESSAGE);
         clients.insert(host, (address.to_string(), client.clone()));
         Ok(client)
     }

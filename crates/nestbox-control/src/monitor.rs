@@ -5,8 +5,8 @@
 //!    sandboxes `missing` (reversible);
 //! 2. for each online host: refresh its platform templates, then compare its agent's list
 //!    with the database —
-//!    - `running` in the database but unknown to the agent (checked twice, so a destroy in
-//!      flight is not mistaken for a loss) → `error` ("lost by its host");
+//!    - `running` (or `missing`) in the database but unknown to the agent (checked twice, so
+//!      a destroy in flight is not mistaken for a loss) → `error` ("lost by its host");
 //!    - `missing` in the database and known to the agent → `running` again;
 //!    - known to the agent but stopped, failed or unknown in the database → destroyed on
 //!      the agent (an orphan).
@@ -119,7 +119,9 @@ async fn reconcile(
                 .await?;
                 tracing::info!(sandbox = %sb.id, "sandbox is back with its host");
             }
-            (SandboxStatus::Running, false) => {
+            // A sandbox that went missing with its host and is not back with it was lost too;
+            // left `missing`, it would hold a slot on the host forever.
+            (SandboxStatus::Running | SandboxStatus::Missing, false) => {
                 // Ask again: a destroy may have finished between the list and now.
                 let again = client
                     .get_sandbox(GetSandboxRequest {
@@ -131,7 +133,7 @@ async fn reconcile(
                     let applied = sandboxes::transition(
                         &services.db,
                         sb.id,
-                        &[SandboxStatus::Running],
+                        &[sb.status],
                         SandboxStatus::Error,
                         Some("lost by its host (the VM exited or the host agent restarted)"),
                     )

@@ -145,7 +145,7 @@ impl Services {
         &self,
         host: HostId,
         token: &str,
-        _req: &HeartbeatRequest,
+        req: &HeartbeatRequest,
     ) -> ApiResult<()> {
         let found = hosts::find_by_token_hash(&self.db, &auth::hash_token(token))
             .await?
@@ -155,6 +155,10 @@ impl Services {
                 "the host token belongs to another host",
             ));
         }
+        validate_address(&req.address)?;
+        if req.version.is_empty() || req.version.len() > 64 {
+            return Err(ApiError::invalid("version must be 1–64 characters"));
+        }
         let came_back = hosts::heartbeat(&self.db, host).await.map_err(|e| {
             if e.is_not_found() {
                 ApiError::new(ErrorCode::HostNotFound, format!("host {host} not found"))
@@ -162,6 +166,10 @@ impl Services {
                 e.into()
             }
         })?;
+        if hosts::update_endpoint(&self.db, host, &req.address, &req.version).await? {
+            tracing::info!(host = %host, address = %req.address, "host agent moved; updating its address");
+            self.pool.evict(host);
+        }
         if came_back && found.status == nestbox_types::HostStatus::Unreachable {
             self.audit(AuditEntry {
                 actor: AuditActor::Host(host.to_string()),

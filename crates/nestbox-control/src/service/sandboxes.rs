@@ -898,35 +898,45 @@ impl Services {
             let mut body = std::pin::pin!(body);
             let mut total: u64 = 0;
             while let Some(chunk) = body.next().await {
-                let chunk = chunk
-                    .map_err(|e| ApiError::invalid(format!("reading the upload failed: {e}")))?;
-                total += chunk.len() as u64;
-                if total > max {
-                    return Err(ApiError::new(
+                let failed = match chunk {
+                    Err(e) => Some(ApiError::invalid(format!("reading the upload failed: {e}"))),
+                    Ok(c) if total + c.len() as u64 > max => Some(ApiError::new(
                         ErrorCode::PayloadTooLarge,
                         format!("uploads are limited to {max} bytes"),
-                    ));
-                }
-                for piece in chunk.chunks(UPLOAD_CHUNK) {
-                    let msg = pb::WriteFileRequest {
-                        part: Some(write_file_request::Part::Chunk(piece.to_vec())),
-                    };
-                    if tx.send(msg).await.is_err() {
-                        // The call ended early; its result says why.
-                        return Ok(());
+                    )),
+                    Ok(c) => {
+                        total += c.len() as u64;
+                        for piece in c.chunks(UPLOAD_CHUNK) {
+                            let msg = pb::WriteFileRequest {
+                                part: Some(write_file_request::Part::Chunk(piece.to_vec())),
+                            };
+                            if tx.send(msg).await.is_err() {
+                                // The call ended early; its result says why.
+                                return Ok(());
+                            }
+                        }
+                        None
                     }
+                };
+                if let Some(e) = failed {
+                    // No commit: the agent discards what it received.
+                    return Err(e);
                 }
             }
+            let commit = pb::WriteFileRequest {
+                part: Some(write_file_request::Part::Commit(pb::WriteFileCommit { total_bytes: total })),
+            };
+            let _ = tx.send(commit).await;
             Ok(())
         };
-        // If feeding fails, the call is dropped (cancelled) so the agent aborts the write.
         let (fed, result) = {
             let mut rpc = std::pin::pin!(rpc);
             let mut feed = std::pin::pin!(feed);
             tokio::select! {
                 fed = &mut feed => match fed {
                     Ok(()) => (Ok(()), rpc.await),
-                    Err(e) => (Err(e), Err(tonic::Status::cancelled("upload aborted"))),
+                    // The call fails once the agent has seen the broken stream.
+                    Err(e) => (Err(e), rpc.await),
                 },
                 result = &mut rpc => (Ok(()), result),
             }

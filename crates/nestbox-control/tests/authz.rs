@@ -1,0 +1,690 @@
+//! Authorization: who may call what.
+//!
+//! [`MATRIX`] has one row per operation of the OpenAPI document and, for each kind of
+//! caller, the expected answer: a success (`OK`, any 2xx) or an exact error status.
+//! `every_documented_operation_is_in_the_matrix` fails for an operation missing from the
+//! matrix, so a new endpoint cannot ship without deciding who may call it.
+//!
+//! The world: team A (an owner, an admin, a member, an API key, a running sandbox with
+//! files), team B (another user and their API key), and the platform admin (who belongs to
+//! neither). Another team never sees team A's resources (404); anonymous callers get 401;
+//! insufficient roles, API keys on user-only routes and non-admins on admin routes get 403.
+//! Destructive operations get a fresh target for every caller.
+
+// Tests may panic on what they expect (see clippy.toml); helpers here are not `#[test]`s.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::fmt;
+
+use common::{Engine, Harness, TestUser, both_engines, raw_error};
+use nestbox_client::Client;
+use nestbox_db::teams;
+use nestbox_testkit::{SimAgent, SimAgentConfig};
+use nestbox_types::api::{AddMemberRequest, CreateSandboxRequest, HeartbeatRequest, Sandbox};
+use nestbox_types::{ErrorCode, HostId, TeamId, TeamRole};
+use reqwest::Method;
+use serde_json::json;
+
+both_engines!(
+    authorization_matrix,
+    other_teams_see_nothing_of_a_team,
+    host_routes_need_their_own_host_token,
+);
+
+/// The kinds of caller, in the matrix's column order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Anonymous,
+    /// Team B's API key.
+    OtherKey,
+    /// Team B's owner.
+    OtherUser,
+    /// Team A's API key.
+    Key,
+    /// A member of team A.
+    Member,
+    /// An admin of team A.
+    Admin,
+    /// The owner of team A.
+    Owner,
+    /// The platform admin (in neither team).
+    PlatformAdmin,
+}
+
+const CALLERS: [Who; 8] = [
+    Who::Anonymous,
+    Who::OtherKey,
+    Who::OtherUser,
+    Who::Key,
+    Who::Member,
+    Who::Admin,
+    Who::Owner,
+    Who::PlatformAdmin,
+];
+
+/// What a caller gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Any 2xx.
+    Ok,
+    /// Exactly this status.
+    Status(u16),
+}
+
+impl Expect {
+    fn matches(self, status: u16) -> bool {
+        match self {
+            Expect::Ok => (200..300).contains(&status),
+            Expect::Status(s) => s == status,
+        }
+    }
+}
+
+impl fmt::Display for Expect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expect::Ok => f.write_str("2xx"),
+            Expect::Status(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+const OK: Expect = Expect::Ok;
+const UNAUTH: Expect = Expect::Status(401);
+const FORBID: Expect = Expect::Status(403);
+const HIDDEN: Expect = Expect::Status(404);
+
+struct Row {
+    method: &'static str,
+    path: &'static str,
+    /// In [`CALLERS`] order: anonymous, other key, other user, key, member, admin, owner,
+    /// platform admin.
+    expect: [Expect; 8],
+}
+
+const fn row(method: &'static str, path: &'static str, expect: [Expect; 8]) -> Row {
+    Row {
+        method,
+        path,
+        expect,
+    }
+}
+
+/// Public: everyone.
+const PUBLIC: [Expect; 8] = [OK; 8];
+/// Any authenticated caller, acting for their own team.
+const ANY_CALLER: [Expect; 8] = [UNAUTH, OK, OK, OK, OK, OK, OK, OK];
+/// Any user (not an API key), for themselves.
+const ANY_USER: [Expect; 8] = [UNAUTH, FORBID, OK, FORBID, OK, OK, OK, OK];
+/// Users who are members of team A.
+const TEAM_USERS: [Expect; 8] = [UNAUTH, FORBID, HIDDEN, FORBID, OK, OK, OK, HIDDEN];
+/// Owners and admins of team A.
+const TEAM_MANAGERS: [Expect; 8] = [UNAUTH, FORBID, HIDDEN, FORBID, FORBID, OK, OK, HIDDEN];
+/// The owner of team A.
+const TEAM_OWNER: [Expect; 8] = [UNAUTH, FORBID, HIDDEN, FORBID, FORBID, FORBID, OK, HIDDEN];
+/// Team A's resources, for anyone acting for team A (users and its API key).
+const TEAM_RESOURCE: [Expect; 8] = [UNAUTH, HIDDEN, HIDDEN, OK, OK, OK, OK, HIDDEN];
+/// Platform admins.
+const PLATFORM_ADMINS: [Expect; 8] = [UNAUTH, FORBID, FORBID, FORBID, FORBID, FORBID, FORBID, OK];
+/// Host agents only (none of these callers holds a host credential).
+const HOSTS_ONLY: [Expect; 8] = [UNAUTH; 8];
+/// The audit log: owners and admins of the team they act for.
+const AUDIT: [Expect; 8] = [UNAUTH, FORBID, OK, FORBID, FORBID, OK, OK, OK];
+
+/// Every operation of the API and who may call it.
+const MATRIX: &[Row] = &[
+    row("GET", "/health", PUBLIC),
+    row("POST", "/v1/auth/login", PUBLIC),
+    row("GET", "/v1/me", ANY_CALLER),
+    row("GET", "/v1/teams", ANY_USER),
+    row("POST", "/v1/teams", ANY_USER),
+    row("GET", "/v1/teams/{team_id}", TEAM_USERS),
+    row("PATCH", "/v1/teams/{team_id}", TEAM_MANAGERS),
+    row("DELETE", "/v1/teams/{team_id}", TEAM_OWNER),
+    row("GET", "/v1/teams/{team_id}/members", TEAM_USERS),
+    row("POST", "/v1/teams/{team_id}/members", TEAM_MANAGERS),
+    row(
+        "PATCH",
+        "/v1/teams/{team_id}/members/{user_id}",
+        TEAM_MANAGERS,
+    ),
+    row(
+        "DELETE",
+        "/v1/teams/{team_id}/members/{user_id}",
+        TEAM_MANAGERS,
+    ),
+    row("GET", "/v1/teams/{team_id}/api-keys", TEAM_USERS),
+    row("POST", "/v1/teams/{team_id}/api-keys", TEAM_MANAGERS),
+    row(
+        "DELETE",
+        "/v1/teams/{team_id}/api-keys/{key_id}",
+        TEAM_MANAGERS,
+    ),
+    row("GET", "/v1/admin/users", PLATFORM_ADMINS),
+    row("POST", "/v1/admin/users", PLATFORM_ADMINS),
+    row("GET", "/v1/admin/hosts", PLATFORM_ADMINS),
+    row("POST", "/v1/admin/hosts", PLATFORM_ADMINS),
+    row("DELETE", "/v1/admin/hosts/{host_id}", PLATFORM_ADMINS),
+    row("POST", "/v1/hosts/register", HOSTS_ONLY),
+    row("POST", "/v1/hosts/{host_id}/heartbeat", HOSTS_ONLY),
+    row("GET", "/v1/templates", ANY_CALLER),
+    row("GET", "/v1/sandboxes", ANY_CALLER),
+    row("POST", "/v1/sandboxes", ANY_CALLER),
+    row("GET", "/v1/sandboxes/{sandbox_id}", TEAM_RESOURCE),
+    row("DELETE", "/v1/sandboxes/{sandbox_id}", TEAM_RESOURCE),
+    row("POST", "/v1/sandboxes/{sandbox_id}/exec", TEAM_RESOURCE),
+    row(
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/exec/stream",
+        TEAM_RESOURCE,
+    ),
+    row("GET", "/v1/sandboxes/{sandbox_id}/files", TEAM_RESOURCE),
+    row("DELETE", "/v1/sandboxes/{sandbox_id}/files", TEAM_RESOURCE),
+    row(
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/files/stat",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/files/mkdir",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/files/content",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "PUT",
+        "/v1/sandboxes/{sandbox_id}/files/content",
+        TEAM_RESOURCE,
+    ),
+    row("GET", "/v1/audit-logs", AUDIT),
+];
+
+/// `(METHOD, path)` of every operation in the OpenAPI document.
+fn documented_operations() -> Vec<(String, String)> {
+    let doc = nestbox_control::api::openapi();
+    let mut ops = Vec::new();
+    for (path, item) in &doc.paths.paths {
+        let methods = [
+            ("GET", item.get.is_some()),
+            ("POST", item.post.is_some()),
+            ("PUT", item.put.is_some()),
+            ("PATCH", item.patch.is_some()),
+            ("DELETE", item.delete.is_some()),
+            ("HEAD", item.head.is_some()),
+            ("OPTIONS", item.options.is_some()),
+            ("TRACE", item.trace.is_some()),
+        ];
+        for (method, present) in methods {
+            if present {
+                ops.push((method.to_string(), path.clone()));
+            }
+        }
+    }
+    ops
+}
+
+#[test]
+fn every_documented_operation_is_in_the_matrix() {
+    let documented = documented_operations();
+    let in_matrix: Vec<(String, String)> = MATRIX
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.to_string()))
+        .collect();
+    let missing: Vec<String> = documented
+        .iter()
+        .filter(|op| !in_matrix.contains(op))
+        .map(|(m, p)| format!("{m} {p}"))
+        .collect();
+    let stale: Vec<String> = in_matrix
+        .iter()
+        .filter(|op| !documented.contains(op))
+        .map(|(m, p)| format!("{m} {p}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "operations without a row in the authorization matrix (tests/authz.rs, MATRIX): decide \
+         who may call them and add them: {missing:#?}"
+    );
+    assert!(
+        stale.is_empty(),
+        "matrix rows for operations the API no longer has: {stale:#?}"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for r in MATRIX {
+        assert!(
+            seen.insert((r.method, r.path)),
+            "duplicate row {} {}",
+            r.method,
+            r.path
+        );
+    }
+}
+
+/// Everyone and everything the matrix needs.
+struct World {
+    h: Harness,
+    team: TeamId,
+    owner: TestUser,
+    admin: TestUser,
+    member: TestUser,
+    spare: TestUser,
+    other: TestUser,
+    key: String,
+    other_key: String,
+    sandbox: Sandbox,
+}
+
+/// A request to send.
+struct Call {
+    path: String,
+    body: Body,
+}
+
+enum Body {
+    Empty,
+    Json(serde_json::Value),
+    Bytes(Vec<u8>),
+}
+
+impl World {
+    async fn new(engine: Engine) -> anyhow::Result<World> {
+        let h = Harness::start(engine).await?;
+        let owner = h.user("owner").await?;
+        let admin = h.user("teamadmin").await?;
+        let member = h.user("member").await?;
+        let spare = h.user("spare").await?;
+        let other = h.user("other").await?;
+        let team = owner.team;
+        for (user, role) in [(&admin, TeamRole::Admin), (&member, TeamRole::Member)] {
+            owner
+                .client
+                .add_member(
+                    team,
+                    &AddMemberRequest {
+                        email: user.email.clone(),
+                        role: Some(role),
+                    },
+                )
+                .await?;
+        }
+        let key = owner.client.create_api_key(team, "team A").await?.key;
+        let other_key = other.client.create_api_key(other.team, "team B").await?.key;
+        let sandbox = h
+            .anonymous()
+            .with_api_key(&key)
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await?;
+        anyhow::ensure!(
+            h.agent
+                .put_file(sandbox.id, "/data/file.txt", b"team A's data")
+        );
+        Ok(World {
+            h,
+            team,
+            owner,
+            admin,
+            member,
+            spare,
+            other,
+            key,
+            other_key,
+            sandbox,
+        })
+    }
+
+    fn key_client(&self) -> Client {
+        self.h.anonymous().with_api_key(&self.key)
+    }
+
+    /// Headers that authenticate `who` (users act for team A when they belong to it).
+    fn credentials(&self, who: Who) -> anyhow::Result<Vec<(&'static str, String)>> {
+        let session = |user: &TestUser| -> anyhow::Result<String> {
+            Ok(format!(
+                "Bearer {}",
+                self.h.services.sessions.issue(user.id)?.0
+            ))
+        };
+        let in_team = |user: &TestUser| -> anyhow::Result<Vec<(&'static str, String)>> {
+            Ok(vec![
+                ("authorization", session(user)?),
+                ("x-nestbox-team", self.team.to_string()),
+            ])
+        };
+        Ok(match who {
+            Who::Anonymous => vec![],
+            Who::OtherKey => vec![("x-api-key", self.other_key.clone())],
+            Who::OtherUser => vec![("authorization", session(&self.other)?)],
+            Who::Key => vec![("x-api-key", self.key.clone())],
+            Who::Member => in_team(&self.member)?,
+            Who::Admin => in_team(&self.admin)?,
+            Who::Owner => in_team(&self.owner)?,
+            Who::PlatformAdmin => vec![("authorization", session(&self.h.admin)?)],
+        })
+    }
+
+    /// The concrete request of a matrix row, creating a fresh target where the call
+    /// destroys it.
+    async fn prepare(&self, method: &str, path: &str) -> anyhow::Result<Call> {
+        let db = &self.h.services.db;
+        let team = self.team;
+        let sb = self.sandbox.id;
+        let files = |rest: &str| format!("/v1/sandboxes/{sb}/files{rest}");
+        let call = |path: String, body: Body| Call { path, body };
+        Ok(match (method, path) {
+            ("GET", "/health") => call(path.into(), Body::Empty),
+            ("POST", "/v1/auth/login") => call(
+                path.into(),
+                Body::Json(json!({ "email": self.spare.email, "password": common::PASSWORD })),
+            ),
+            ("POST", "/v1/teams") => call(path.into(), Body::Json(json!({ "name": "New" }))),
+            ("PATCH", "/v1/teams/{team_id}") => call(
+                format!("/v1/teams/{team}"),
+                Body::Json(json!({ "name": "A" })),
+            ),
+            ("DELETE", "/v1/teams/{team_id}") => {
+                let doomed = self.owner.client.create_team("doomed").await?.id;
+                for user in [&self.admin, &self.member] {
+                    let role = if user.id == self.admin.id {
+                        TeamRole::Admin
+                    } else {
+                        TeamRole::Member
+                    };
+                    teams::add_member(db, doomed, user.id, role).await?;
+                }
+                call(format!("/v1/teams/{doomed}"), Body::Empty)
+            }
+            ("POST", "/v1/teams/{team_id}/members") => {
+                teams::remove_member(db, team, self.spare.id).await?;
+                call(
+                    format!("/v1/teams/{team}/members"),
+                    Body::Json(json!({ "email": self.spare.email })),
+                )
+            }
+            ("PATCH", "/v1/teams/{team_id}/members/{user_id}") => call(
+                format!("/v1/teams/{team}/members/{}", self.member.id),
+                Body::Json(json!({ "role": "member" })),
+            ),
+            ("DELETE", "/v1/teams/{team_id}/members/{user_id}") => {
+                if teams::membership(db, team, self.spare.id).await?.is_none() {
+                    teams::add_member(db, team, self.spare.id, TeamRole::Member).await?;
+                }
+                call(
+                    format!("/v1/teams/{team}/members/{}", self.spare.id),
+                    Body::Empty,
+                )
+            }
+            ("POST", "/v1/teams/{team_id}/api-keys") => call(
+                format!("/v1/teams/{team}/api-keys"),
+                Body::Json(json!({ "name": "more" })),
+            ),
+            ("DELETE", "/v1/teams/{team_id}/api-keys/{key_id}") => {
+                let doomed = self
+                    .h
+                    .services
+                    .create_api_key_unchecked(team, "doomed", None, None)
+                    .await?;
+                call(
+                    format!("/v1/teams/{team}/api-keys/{}", doomed.api_key.id),
+                    Body::Empty,
+                )
+            }
+            (_, p) if p.starts_with("/v1/teams/{team_id}") => {
+                call(p.replace("{team_id}", &team.to_string()), Body::Empty)
+            }
+            ("POST", "/v1/admin/users") => call(
+                path.into(),
+                Body::Json(json!({
+                    "email": format!("{}@example.com", uuid::Uuid::new_v4()),
+                    "name": "New", "password": common::PASSWORD,
+                })),
+            ),
+            ("POST", "/v1/admin/hosts") => {
+                call(path.into(), Body::Json(json!({ "name": "new host" })))
+            }
+            ("DELETE", "/v1/admin/hosts/{host_id}") => {
+                let doomed = self.h.services.create_host_unchecked("doomed").await?;
+                call(format!("/v1/admin/hosts/{}", doomed.host.id), Body::Empty)
+            }
+            ("POST", "/v1/hosts/register") => call(
+                path.into(),
+                Body::Json(json!({
+                    "token": "nbxreg_not-a-token", "address": "http://127.0.0.1:1",
+                    "version": "1", "vcpus": 1, "memory_mb": 1024, "disk_mb": 1024,
+                    "max_sandboxes": 1,
+                })),
+            ),
+            ("POST", "/v1/hosts/{host_id}/heartbeat") => call(
+                format!("/v1/hosts/{}/heartbeat", self.h.host_id),
+                Body::Json(serde_json::to_value(HeartbeatRequest {
+                    sandboxes: 0,
+                    version: "1".into(),
+                    address: self.h.agent.address(),
+                })?),
+            ),
+            ("POST", "/v1/sandboxes") => call(path.into(), Body::Json(json!({}))),
+            ("DELETE", "/v1/sandboxes/{sandbox_id}") => {
+                let doomed = self
+                    .key_client()
+                    .create_sandbox(&CreateSandboxRequest::default())
+                    .await?;
+                call(format!("/v1/sandboxes/{}", doomed.id), Body::Empty)
+            }
+            ("POST", "/v1/sandboxes/{sandbox_id}/exec")
+            | ("POST", "/v1/sandboxes/{sandbox_id}/exec/stream") => call(
+                path.replace("{sandbox_id}", &sb.to_string()),
+                Body::Json(json!({ "argv": ["true"] })),
+            ),
+            ("GET", "/v1/sandboxes/{sandbox_id}/files") => call(files("?path=/data"), Body::Empty),
+            ("DELETE", "/v1/sandboxes/{sandbox_id}/files") => {
+                anyhow::ensure!(self.h.agent.put_file(sb, "/data/victim.txt", b"x"));
+                call(files("?path=/data/victim.txt"), Body::Empty)
+            }
+            ("GET", "/v1/sandboxes/{sandbox_id}/files/stat")
+            | ("GET", "/v1/sandboxes/{sandbox_id}/files/content") => call(
+                format!(
+                    "{}?path=/data/file.txt",
+                    path.replace("{sandbox_id}", &sb.to_string())
+                ),
+                Body::Empty,
+            ),
+            ("POST", "/v1/sandboxes/{sandbox_id}/files/mkdir") => {
+                call(files("/mkdir"), Body::Json(json!({ "path": "/data/dir" })))
+            }
+            ("PUT", "/v1/sandboxes/{sandbox_id}/files/content") => call(
+                files("/content?path=/data/uploaded.txt"),
+                Body::Bytes(b"uploaded".to_vec()),
+            ),
+            (_, p) if p.contains("{sandbox_id}") => {
+                call(p.replace("{sandbox_id}", &sb.to_string()), Body::Empty)
+            }
+            (_, p) if !p.contains('{') => call(p.into(), Body::Empty),
+            (m, p) => anyhow::bail!("no request for {m} {p}: teach World::prepare"),
+        })
+    }
+
+    /// Sends a prepared call as `who`; returns the status.
+    async fn send(&self, who: Who, method: &str, call: Call) -> anyhow::Result<u16> {
+        let (http, url) = self.h.raw(&call.path);
+        let mut rb = http.request(Method::from_bytes(method.as_bytes())?, url);
+        for (name, value) in self.credentials(who)? {
+            rb = rb.header(name, value);
+        }
+        rb = match call.body {
+            Body::Empty => rb,
+            Body::Json(v) => rb.json(&v),
+            Body::Bytes(b) => rb
+                .header("content-type", "application/octet-stream")
+                .body(b),
+        };
+        Ok(rb.send().await?.status().as_u16())
+    }
+}
+
+async fn authorization_matrix(engine: Engine) -> anyhow::Result<()> {
+    let w = World::new(engine).await?;
+    let mut failures = Vec::new();
+    for r in MATRIX {
+        for (who, expect) in CALLERS.iter().zip(r.expect) {
+            let call = w.prepare(r.method, r.path).await?;
+            let got = w.send(*who, r.method, call).await?;
+            if !expect.matches(got) {
+                failures.push(format!(
+                    "{:>6} {:<48} {:<14} expected {expect}, got {got}",
+                    r.method,
+                    r.path,
+                    format!("{who:?}")
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cells differ from the authorization matrix:\n{}",
+        failures.len(),
+        MATRIX.len() * CALLERS.len(),
+        failures.join("\n")
+    );
+
+    // Nothing that other callers were refused happened to team A's sandbox.
+    let sb = w.key_client().get_sandbox(w.sandbox.id).await?;
+    assert_eq!(sb.status, nestbox_types::SandboxStatus::Running);
+    assert_eq!(
+        w.h.agent.file(w.sandbox.id, "/data/file.txt").as_deref(),
+        Some(&b"team A's data"[..])
+    );
+    w.h.shutdown().await;
+    Ok(())
+}
+
+async fn other_teams_see_nothing_of_a_team(engine: Engine) -> anyhow::Result<()> {
+    let w = World::new(engine).await?;
+    let outsiders = [
+        w.h.anonymous().with_api_key(&w.other_key),
+        w.other.client.clone(),
+        w.h.admin.client.clone(),
+    ];
+    let sb = w.sandbox.id;
+    for outsider in &outsiders {
+        let listed = outsider.list_sandboxes(&Default::default()).await?;
+        assert!(
+            listed.items.iter().all(|s| s.id != sb),
+            "another team lists team A's sandbox"
+        );
+        let codes = [
+            outsider.get_sandbox(sb).await.err().and_then(|e| e.code()),
+            outsider
+                .stat(sb, "/data/file.txt")
+                .await
+                .err()
+                .and_then(|e| e.code()),
+            outsider
+                .destroy_sandbox(sb)
+                .await
+                .err()
+                .and_then(|e| e.code()),
+        ];
+        assert_eq!(codes, [Some(ErrorCode::SandboxNotFound); 3]);
+        let log = outsider.audit_logs(&Default::default()).await;
+        if let Ok(log) = log {
+            assert!(
+                log.items.iter().all(|a| a.team_id != Some(w.team)),
+                "another team reads team A's audit log"
+            );
+        }
+    }
+    // Another team's id in the team header is not a way in either.
+    let sneaky = w.other.client.clone().with_team(w.team);
+    assert_eq!(
+        sneaky.get_sandbox(sb).await.err().and_then(|e| e.code()),
+        Some(ErrorCode::TeamNotFound)
+    );
+    assert!(w.h.agent.sandbox(sb).is_some());
+    w.h.shutdown().await;
+    Ok(())
+}
+
+async fn host_routes_need_their_own_host_token(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let first = h
+        .agent
+        .credentials()
+        .expect("the harness registered the agent");
+
+    // A second host and its agent.
+    let second_agent = SimAgent::start(SimAgentConfig::default()).await?;
+    let second = h.services.create_host_unchecked("sim-2").await?;
+    let creds = second_agent
+        .register(&h.url, &second.registration_token)
+        .await?;
+    second_agent.heartbeat().await?;
+    h.agent.heartbeat().await?;
+
+    // A registration token works once.
+    let reuse = second_agent
+        .register(&h.url, &second.registration_token)
+        .await;
+    assert_eq!(reuse.err().and_then(|e| e.status()), Some(401));
+
+    let heartbeat = |host: HostId, token: Option<&str>| {
+        let (http, url) = h.raw(&format!("/v1/hosts/{host}/heartbeat"));
+        let mut rb = http.post(url).json(&HeartbeatRequest {
+            sandboxes: 0,
+            version: "1".into(),
+            address: h.agent.address(),
+        });
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send()
+    };
+    let refused = [
+        ("no token", heartbeat(first.host_id, None).await?),
+        (
+            "garbage",
+            heartbeat(first.host_id, Some("nbxhost_garbage")).await?,
+        ),
+        (
+            "another host's token",
+            heartbeat(first.host_id, Some(&creds.host_token)).await?,
+        ),
+        (
+            "a token for an unknown host",
+            heartbeat(HostId::new(), Some(&first.host_token)).await?,
+        ),
+        (
+            "the host key instead of its token",
+            heartbeat(first.host_id, Some(&first.host_key)).await?,
+        ),
+    ];
+    for (what, resp) in refused {
+        raw_error(resp, 401, ErrorCode::Unauthorized)
+            .await
+            .map_err(|e| e.context(what))?;
+    }
+    let ok = heartbeat(first.host_id, Some(&first.host_token)).await?;
+    assert_eq!(ok.status().as_u16(), 204);
+
+    // The control plane signs its calls for each host with that host's key only.
+    assert_ne!(first.host_key, creds.host_key);
+    let before = second_agent.rejected_calls();
+    h.services
+        .sync_host_templates(creds.host_id, &second_agent.address())
+        .await?;
+    assert_eq!(second_agent.rejected_calls(), before);
+    let wrong_key = h
+        .services
+        .sync_host_templates(first.host_id, &second_agent.address())
+        .await;
+    assert!(wrong_key.is_err(), "a token for host 1 opens host 2");
+    assert_eq!(second_agent.rejected_calls(), before + 1);
+
+    second_agent.shutdown().await;
+    h.shutdown().await;
+    Ok(())
+}

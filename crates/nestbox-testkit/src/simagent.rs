@@ -1,0 +1,1143 @@
+//! A simulated host agent for control-plane tests.
+//!
+//! [`SimAgent`] serves the real `nestbox.hostagent.v1.HostAgent` gRPC contract on
+//! `127.0.0.1:0`, keeps its sandboxes and their files in memory, and can be told to fail.
+//! It registers with a control plane exactly like a real agent (`POST /v1/hosts/register`
+//! with a one-time token) and heartbeats when asked ([`SimAgent::heartbeat`]). It is a fake
+//! for the control plane's tests, never a substitute for the real agent's own tests.
+//!
+//! # What it owns
+//!
+//! One [`Mutex`]-guarded state: the credentials it got at registration, the sandboxes it
+//! "runs" (each with its create request and an in-memory file tree), queued faults and
+//! per-RPC call counters. No lock is held across an `.await`.
+//!
+//! # Behaviour
+//!
+//! - **Authentication**: every call must carry `authorization: Bearer <token>` that
+//!   [`nestbox_proto::auth::verify`] accepts for the host id and key received at
+//!   registration. Before registration every call is refused (`UNAUTHENTICATED`). Refused
+//!   calls are counted ([`SimAgent::rejected_calls`]).
+//! - **Ping** reports the configured capacity and templates (`template_infos`; by default
+//!   `minimal`, kind `image`, `min_disk_mb` 512).
+//! - **CreateSandbox** refuses unknown templates (`template_not_found`), disks below the
+//!   template's minimum (`invalid_request`), duplicates (`already_exists`) and anything past
+//!   the enforced `max_sandboxes` (`no_capacity`). The enforced limit starts at the
+//!   configured one (also what registration announces) and can be lowered at run time with
+//!   [`SimAgent::set_max_sandboxes`] to make the agent full while the control plane still
+//!   believes it has room.
+//! - **Exec / ExecStream** are deterministic: stdout is the argv (`cmd` then `args`) joined by
+//!   spaces plus `\n`, followed by stdin verbatim; stderr is the environment (the sandbox's
+//!   create-time env overlaid with the command's env) as sorted `KEY=VALUE\n` lines; the exit
+//!   code is the value of the env var [`EXIT_CODE_ENV`] (default 0). When [`STDOUT_HEX_ENV`]
+//!   is set, stdout is exactly its hex-decoded bytes instead (for non-UTF-8 output).
+//!   The stream sends `started`, the stdout chunk(s), stderr, then `exited`.
+//! - **Files** live in a per-sandbox tree rooted at `/` with `/root` (relative paths are
+//!   resolved against `/root`). Writes create parent directories and are kept only when the
+//!   upload stream carries its commit message: an aborted upload stores nothing (and is
+//!   counted, [`SimAgent::aborted_writes`]).
+//! - **Failure injection**: [`SimAgent::fail_next`] makes the next call of one RPC fail with
+//!   a Nestbox error code (as a real agent would, via [`nestbox_proto::status`]);
+//!   [`SimAgent::lose`] forgets a sandbox silently (the VM "died"); [`SimAgent::adopt`]
+//!   makes it run a sandbox the control plane never created.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nestbox_proto::hostagent::host_agent_server::{HostAgent, HostAgentServer};
+use nestbox_proto::hostagent::{
+    self as pb, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest,
+    DestroySandboxResponse, ExecEvent, ExecRequest, ExecResponse, GetSandboxRequest,
+    ListDirRequest, ListDirResponse, ListSandboxesRequest, ListSandboxesResponse, MakeDirRequest,
+    MakeDirResponse, PingRequest, PingResponse, ReadFileRequest, ReadFileResponse, RemoveRequest,
+    RemoveResponse, SandboxInfo, StatRequest, StatResponse, TemplateInfo, WriteFileRequest,
+    WriteFileResponse, exec_event, read_file_response, write_file_request,
+};
+use nestbox_types::api::{HeartbeatRequest, RegisterHostRequest, RegisterHostResponse};
+use nestbox_types::{ErrorCode, HostId, SandboxId};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Env var whose value becomes a simulated command's exit code.
+pub const EXIT_CODE_ENV: &str = "SIM_EXIT_CODE";
+/// Env var whose hex-decoded value becomes a simulated command's whole stdout.
+pub const STDOUT_HEX_ENV: &str = "SIM_STDOUT_HEX";
+/// Version the simulated agent reports.
+pub const SIM_VERSION: &str = "0.0.0-sim";
+/// Home directory relative paths resolve against.
+pub const HOME: &str = "/root";
+/// Chunk size of simulated downloads.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A template the simulated host can boot.
+#[derive(Debug, Clone)]
+pub struct SimTemplate {
+    /// Name, e.g. `minimal`.
+    pub name: String,
+    /// `image` or `snapshot`.
+    pub kind: String,
+    /// Smallest disk, MiB.
+    pub min_disk_mb: u32,
+    /// Bytes its files take.
+    pub size_bytes: u64,
+}
+
+impl SimTemplate {
+    /// An image template.
+    pub fn image(name: &str, min_disk_mb: u32) -> Self {
+        Self {
+            name: name.into(),
+            kind: "image".into(),
+            min_disk_mb,
+            size_bytes: u64::from(min_disk_mb) << 20,
+        }
+    }
+}
+
+/// What the simulated host has and announces at registration.
+#[derive(Debug, Clone)]
+pub struct SimAgentConfig {
+    /// Most sandboxes it runs at once (announced and enforced).
+    pub max_sandboxes: u32,
+    /// CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+    /// Disk, MiB.
+    pub disk_mb: u64,
+    /// Templates it reports in `Ping`.
+    pub templates: Vec<SimTemplate>,
+}
+
+impl Default for SimAgentConfig {
+    fn default() -> Self {
+        Self {
+            max_sandboxes: 64,
+            vcpus: 16,
+            memory_mb: 64 * 1024,
+            disk_mb: 1 << 20,
+            templates: vec![SimTemplate::image("minimal", 512)],
+        }
+    }
+}
+
+/// The RPCs, for [`SimAgent::fail_next`] and [`SimAgent::calls`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SimOp {
+    /// `Ping`.
+    Ping,
+    /// `CreateSandbox`.
+    Create,
+    /// `DestroySandbox`.
+    Destroy,
+    /// `GetSandbox`.
+    Get,
+    /// `ListSandboxes`.
+    List,
+    /// `Exec`.
+    Exec,
+    /// `ExecStream`.
+    ExecStream,
+    /// `WriteFile`.
+    WriteFile,
+    /// `ReadFile`.
+    ReadFile,
+    /// `ListDir`.
+    ListDir,
+    /// `Stat`.
+    Stat,
+    /// `MakeDir`.
+    MakeDir,
+    /// `Remove`.
+    Remove,
+}
+
+/// A sandbox the simulated agent runs: what the control plane asked for.
+#[derive(Debug, Clone)]
+pub struct SimSandbox {
+    /// The create request as received.
+    pub request: CreateSandboxRequest,
+    /// When it "booted", Unix ms.
+    pub started_at_unix_ms: i64,
+    files: BTreeMap<String, Node>,
+}
+
+impl SimSandbox {
+    /// Environment variables given at creation.
+    pub fn env(&self) -> BTreeMap<String, String> {
+        self.request.env.clone().into_iter().collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    data: Option<Vec<u8>>,
+    modified_unix_ms: i64,
+}
+
+impl Node {
+    fn dir() -> Self {
+        Self {
+            data: None,
+            modified_unix_ms: now_ms(),
+        }
+    }
+
+    fn file(data: Vec<u8>) -> Self {
+        Self {
+            data: Some(data),
+            modified_unix_ms: now_ms(),
+        }
+    }
+}
+
+/// Why talking to the control plane failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SimAgentError {
+    /// The request did not complete.
+    #[error("request to {url} failed")]
+    Http {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The control plane answered with an error.
+    #[error("{url} answered {status}: {body}")]
+    Refused {
+        /// The URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Response body.
+        body: String,
+    },
+    /// The agent has not registered yet.
+    #[error("the simulated agent is not registered")]
+    NotRegistered,
+}
+
+impl SimAgentError {
+    /// The HTTP status when the control plane refused.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SimAgentError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Registered {
+    control_plane: String,
+    creds: RegisterHostResponse,
+}
+
+#[derive(Debug)]
+struct State {
+    cfg: SimAgentConfig,
+    max_sandboxes: u32,
+    registered: Option<Registered>,
+    sandboxes: BTreeMap<String, SimSandbox>,
+    faults: HashMap<SimOp, VecDeque<(ErrorCode, String)>>,
+    calls: HashMap<SimOp, u32>,
+    rejected_calls: u32,
+    aborted_writes: u32,
+    last_exec: Option<ExecRequest>,
+    next_pid: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Shared(Arc<Mutex<State>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock only happens in a failing test; keep going.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a call of `op` and returns its injected failure, if any.
+    fn enter(&self, op: SimOp) -> Result<(), Status> {
+        let mut st = self.lock();
+        *st.calls.entry(op).or_default() += 1;
+        match st.faults.get_mut(&op).and_then(VecDeque::pop_front) {
+            Some((code, message)) => Err(nestbox_proto::status(code, message)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A running simulated host agent. Dropping it stops its server.
+#[derive(Debug)]
+pub struct SimAgent {
+    shared: Shared,
+    addr: SocketAddr,
+    http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+}
+
+impl Drop for SimAgent {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn not_found(id: &str) -> Status {
+    nestbox_proto::status(
+        ErrorCode::SandboxNotFound,
+        format!("sandbox {id} not found on this host"),
+    )
+}
+
+impl SimAgent {
+    /// Starts serving on `127.0.0.1:0`.
+    pub async fn start(cfg: SimAgentConfig) -> std::io::Result<SimAgent> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Shared(Arc::new(Mutex::new(State {
+            max_sandboxes: cfg.max_sandboxes,
+            cfg,
+            registered: None,
+            sandboxes: BTreeMap::new(),
+            faults: HashMap::new(),
+            calls: HashMap::new(),
+            rejected_calls: 0,
+            aborted_writes: 0,
+            last_exec: None,
+            next_pid: 100,
+        })));
+        let service = Service {
+            shared: shared.clone(),
+        };
+        let auth = shared.clone();
+        let server = HostAgentServer::with_interceptor(service, move |req: Request<()>| {
+            authenticate(&auth, req)
+        });
+        let (tx, rx) = oneshot::channel::<()>();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "simulated agent server failed");
+            }
+        });
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(std::io::Error::other)?;
+        Ok(SimAgent {
+            shared,
+            addr,
+            http,
+            shutdown: Some(tx),
+            server,
+        })
+    }
+
+    /// Where the control plane reaches it: `http://127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Trades a one-time registration token for credentials, like a real agent.
+    pub async fn register(
+        &self,
+        control_plane: &str,
+        token: &str,
+    ) -> Result<RegisterHostResponse, SimAgentError> {
+        let base = control_plane.trim_end_matches('/').to_string();
+        let request = {
+            let st = self.shared.lock();
+            RegisterHostRequest {
+                token: token.to_string(),
+                address: self.address(),
+                version: SIM_VERSION.into(),
+                vcpus: st.cfg.vcpus,
+                memory_mb: st.cfg.memory_mb,
+                disk_mb: st.cfg.disk_mb,
+                max_sandboxes: st.cfg.max_sandboxes,
+            }
+        };
+        let url = format!("{base}/v1/hosts/register");
+        let creds: RegisterHostResponse = self
+            .post(&url, None, &request)
+            .await?
+            .json()
+            .await
+            .map_err(|source| SimAgentError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        self.shared.lock().registered = Some(Registered {
+            control_plane: base,
+            creds: creds.clone(),
+        });
+        Ok(creds)
+    }
+
+    async fn post<B: serde::Serialize>(
+        &self,
+        url: &str,
+        bearer: Option<&str>,
+        body: &B,
+    ) -> Result<reqwest::Response, SimAgentError> {
+        let mut rb = self.http.post(url).json(body);
+        if let Some(token) = bearer {
+            rb = rb.bearer_auth(token);
+        }
+        let resp = rb.send().await.map_err(|source| SimAgentError::Http {
+            url: url.to_string(),
+            source,
+        })?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(SimAgentError::Refused {
+                url: url.to_string(),
+                status,
+                body,
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Sends one heartbeat with its host token.
+    pub async fn heartbeat(&self) -> Result<(), SimAgentError> {
+        let (url, token, body) = {
+            let st = self.shared.lock();
+            let reg = st.registered.as_ref().ok_or(SimAgentError::NotRegistered)?;
+            (
+                format!(
+                    "{}/v1/hosts/{}/heartbeat",
+                    reg.control_plane, reg.creds.host_id
+                ),
+                reg.creds.host_token.clone(),
+                HeartbeatRequest {
+                    sandboxes: u32::try_from(st.sandboxes.len()).unwrap_or(u32::MAX),
+                    version: SIM_VERSION.into(),
+                    address: format!("http://{}", self.addr),
+                },
+            )
+        };
+        self.post(&url, Some(&token), &body).await.map(drop)
+    }
+
+    /// The host id it registered as.
+    pub fn host_id(&self) -> Option<HostId> {
+        self.shared
+            .lock()
+            .registered
+            .as_ref()
+            .map(|r| r.creds.host_id)
+    }
+
+    /// The credentials it got at registration.
+    pub fn credentials(&self) -> Option<RegisterHostResponse> {
+        self.shared
+            .lock()
+            .registered
+            .as_ref()
+            .map(|r| r.creds.clone())
+    }
+
+    /// Changes how many sandboxes it accepts (registration keeps announcing the original).
+    pub fn set_max_sandboxes(&self, n: u32) {
+        self.shared.lock().max_sandboxes = n;
+    }
+
+    /// Makes the next call of `op` fail with `code` (queued: call again for more failures).
+    pub fn fail_next(&self, op: SimOp, code: ErrorCode, message: impl Into<String>) {
+        self.shared
+            .lock()
+            .faults
+            .entry(op)
+            .or_default()
+            .push_back((code, message.into()));
+    }
+
+    /// Forgets a sandbox without telling anyone (its VM died). Returns whether it existed.
+    pub fn lose(&self, id: impl std::fmt::Display) -> bool {
+        self.shared
+            .lock()
+            .sandboxes
+            .remove(&id.to_string())
+            .is_some()
+    }
+
+    /// Starts running a sandbox the control plane did not ask for (an orphan).
+    pub fn adopt(&self, id: SandboxId, team: impl std::fmt::Display, template: &str) {
+        let request = CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            team_id: team.to_string(),
+            template: template.into(),
+            vcpus: 1,
+            memory_mb: 512,
+            disk_size_mb: 5120,
+            ..Default::default()
+        };
+        let sb = new_sandbox(request);
+        self.shared.lock().sandboxes.insert(id.to_string(), sb);
+    }
+
+    /// A sandbox it runs.
+    pub fn sandbox(&self, id: impl std::fmt::Display) -> Option<SimSandbox> {
+        self.shared.lock().sandboxes.get(&id.to_string()).cloned()
+    }
+
+    /// Ids of the sandboxes it runs.
+    pub fn sandbox_ids(&self) -> Vec<String> {
+        self.shared.lock().sandboxes.keys().cloned().collect()
+    }
+
+    /// The content of a file inside a sandbox (`None` if either is missing or it is a
+    /// directory).
+    pub fn file(&self, id: impl std::fmt::Display, path: &str) -> Option<Vec<u8>> {
+        let path = normalize(path).ok()?;
+        let st = self.shared.lock();
+        st.sandboxes
+            .get(&id.to_string())?
+            .files
+            .get(&path)?
+            .data
+            .clone()
+    }
+
+    /// Writes a file inside a sandbox directly (parents created). Returns whether the
+    /// sandbox exists and the path could be written.
+    pub fn put_file(&self, id: impl std::fmt::Display, path: &str, data: &[u8]) -> bool {
+        let Ok(path) = normalize(path) else {
+            return false;
+        };
+        let mut st = self.shared.lock();
+        st.sandboxes
+            .get_mut(&id.to_string())
+            .is_some_and(|sb| write(&mut sb.files, &path, data.to_vec()).is_ok())
+    }
+
+    /// How many calls of `op` reached the service (after authentication).
+    pub fn calls(&self, op: SimOp) -> u32 {
+        self.shared.lock().calls.get(&op).copied().unwrap_or(0)
+    }
+
+    /// How many calls were refused for a missing or invalid control-plane token.
+    pub fn rejected_calls(&self) -> u32 {
+        self.shared.lock().rejected_calls
+    }
+
+    /// How many uploads (`WriteFile`) ended with a broken stream, storing nothing.
+    pub fn aborted_writes(&self) -> u32 {
+        self.shared.lock().aborted_writes
+    }
+
+    /// The last `Exec`/`ExecStream` request received.
+    pub fn last_exec(&self) -> Option<ExecRequest> {
+        self.shared.lock().last_exec.clone()
+    }
+
+    /// Stops serving and waits for the server to end.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.server).await;
+    }
+}
+
+fn authenticate(shared: &Shared, req: Request<()>) -> Result<Request<()>, Status> {
+    let mut st = shared.lock();
+    let ok = match &st.registered {
+        Some(reg) => req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|token| {
+                nestbox_proto::auth::verify(&reg.creds.host_key, reg.creds.host_id, token).is_ok()
+            }),
+        None => false,
+    };
+    if ok {
+        Ok(req)
+    } else {
+        st.rejected_calls += 1;
+        Err(Status::unauthenticated("invalid control-plane token"))
+    }
+}
+
+fn new_sandbox(request: CreateSandboxRequest) -> SimSandbox {
+    let mut files = BTreeMap::new();
+    files.insert("/".to_string(), Node::dir());
+    files.insert(HOME.to_string(), Node::dir());
+    SimSandbox {
+        request,
+        started_at_unix_ms: now_ms(),
+        files,
+    }
+}
+
+fn info(sb: &SimSandbox) -> SandboxInfo {
+    let r = &sb.request;
+    SandboxInfo {
+        sandbox_id: r.sandbox_id.clone(),
+        team_id: r.team_id.clone(),
+        state: pb::SandboxState::Running as i32,
+        template: r.template.clone(),
+        vcpus: r.vcpus,
+        memory_mb: r.memory_mb,
+        disk_size_mb: r.disk_size_mb,
+        started_at_unix_ms: sb.started_at_unix_ms,
+        guest_agent_version: SIM_VERSION.into(),
+        vmm: "sim".into(),
+        kernel_version: "sim".into(),
+        boot_ms: 1,
+    }
+}
+
+// ------------------------------------------------------------------------------ files
+
+fn invalid(message: impl Into<String>) -> Status {
+    nestbox_proto::status(ErrorCode::InvalidRequest, message)
+}
+
+fn file_not_found(path: &str) -> Status {
+    nestbox_proto::status(ErrorCode::FileNotFound, format!("{path}: no such file"))
+}
+
+/// An absolute, normalised path (`/`, `/a/b`); relative paths start at [`HOME`].
+fn normalize(path: &str) -> Result<String, Status> {
+    if path.is_empty() || path.contains('\0') {
+        return Err(invalid("path must be non-empty without NUL"));
+    }
+    let joined = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{HOME}/{path}")
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in joined.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+fn parent(path: &str) -> Option<&str> {
+    if path == "/" {
+        return None;
+    }
+    match path.rfind('/') {
+        Some(0) => Some("/"),
+        Some(i) => Some(&path[..i]),
+        None => None,
+    }
+}
+
+fn is_child(dir: &str, path: &str) -> bool {
+    let rest = if dir == "/" {
+        path.strip_prefix('/')
+    } else {
+        path.strip_prefix(dir).and_then(|r| r.strip_prefix('/'))
+    };
+    rest.is_some_and(|r| !r.is_empty() && !r.contains('/'))
+}
+
+fn is_descendant(dir: &str, path: &str) -> bool {
+    path != dir
+        && (dir == "/"
+            || path
+                .strip_prefix(dir)
+                .is_some_and(|rest| rest.starts_with('/')))
+}
+
+fn entry(path: &str, node: &Node) -> pb::EntryInfo {
+    let name = path
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("/");
+    let (kind, size, mode, permissions) = match &node.data {
+        Some(d) => (pb::FileType::File, d.len() as u64, 0o644, "-rw-r--r--"),
+        None => (pb::FileType::Directory, 4096, 0o755, "drwxr-xr-x"),
+    };
+    pb::EntryInfo {
+        name: name.into(),
+        path: path.into(),
+        r#type: kind as i32,
+        size,
+        mode,
+        permissions: permissions.into(),
+        owner: "root".into(),
+        group: "root".into(),
+        modified_unix_ms: node.modified_unix_ms,
+        symlink_target: None,
+    }
+}
+
+/// Creates `path` and its parents as directories.
+fn make_dirs(files: &mut BTreeMap<String, Node>, path: &str) -> Result<(), Status> {
+    if let Some(node) = files.get(path) {
+        return match node.data {
+            None => Ok(()),
+            Some(_) => Err(nestbox_proto::status(
+                ErrorCode::AlreadyExists,
+                format!("{path} exists and is not a directory"),
+            )),
+        };
+    }
+    if let Some(p) = parent(path) {
+        make_dirs(files, p)?;
+    }
+    files.insert(path.to_string(), Node::dir());
+    Ok(())
+}
+
+fn write(files: &mut BTreeMap<String, Node>, path: &str, data: Vec<u8>) -> Result<(), Status> {
+    if matches!(files.get(path), Some(n) if n.data.is_none()) {
+        return Err(invalid(format!("{path} is a directory")));
+    }
+    if let Some(p) = parent(path) {
+        make_dirs(files, p)?;
+    }
+    files.insert(path.to_string(), Node::file(data));
+    Ok(())
+}
+
+fn list(files: &BTreeMap<String, Node>, dir: &str, depth: u32, out: &mut Vec<pb::EntryInfo>) {
+    for (path, node) in files.iter().filter(|(p, _)| is_child(dir, p)) {
+        out.push(entry(path, node));
+        if node.data.is_none() && depth > 1 {
+            list(files, path, depth - 1, out);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- service
+
+struct Service {
+    shared: Shared,
+}
+
+impl Service {
+    /// Runs `f` on sandbox `id` with the lock held.
+    fn with_sandbox<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SimSandbox) -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        let mut st = self.shared.lock();
+        let sb = st.sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+        f(sb)
+    }
+
+    /// What a simulated command prints and returns.
+    fn run(&self, req: &ExecRequest) -> Result<(u32, Vec<u8>, Vec<u8>, i32), Status> {
+        let mut st = self.shared.lock();
+        st.last_exec = Some(req.clone());
+        let sandbox_env = st
+            .sandboxes
+            .get(&req.sandbox_id)
+            .ok_or_else(|| not_found(&req.sandbox_id))?
+            .env();
+        st.next_pid += 1;
+        let pid = st.next_pid;
+        drop(st);
+        if req.cmd.is_empty() {
+            return Err(invalid("cmd is empty"));
+        }
+        let mut env = sandbox_env;
+        env.extend(req.env.clone());
+        let stdout = match env.get(STDOUT_HEX_ENV) {
+            Some(h) => hex::decode(h).map_err(|_| invalid(format!("{STDOUT_HEX_ENV}: not hex")))?,
+            None => {
+                let mut argv = vec![req.cmd.clone()];
+                argv.extend(req.args.iter().cloned());
+                let mut out = format!("{}\n", argv.join(" ")).into_bytes();
+                out.extend_from_slice(&req.stdin);
+                out
+            }
+        };
+        let stderr: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        let exit_code = env
+            .get(EXIT_CODE_ENV)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok((pid, stdout, stderr.into_bytes(), exit_code))
+    }
+}
+
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ExecEvent, Status>> + Send>>;
+type ReadStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ReadFileResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl HostAgent for Service {
+    async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        self.shared.enter(SimOp::Ping)?;
+        let st = self.shared.lock();
+        Ok(Response::new(PingResponse {
+            host_id: st
+                .registered
+                .as_ref()
+                .map(|r| r.creds.host_id.to_string())
+                .unwrap_or_default(),
+            version: SIM_VERSION.into(),
+            capacity: Some(pb::HostCapacity {
+                vcpus: st.cfg.vcpus,
+                memory_mb: st.cfg.memory_mb,
+                disk_mb: st.cfg.disk_mb,
+                max_sandboxes: st.max_sandboxes,
+            }),
+            sandboxes: u32::try_from(st.sandboxes.len()).unwrap_or(u32::MAX),
+            templates: st.cfg.templates.iter().map(|t| t.name.clone()).collect(),
+            vmm: "sim".into(),
+            template_infos: st
+                .cfg
+                .templates
+                .iter()
+                .map(|t| TemplateInfo {
+                    name: t.name.clone(),
+                    min_disk_mb: t.min_disk_mb,
+                    size_bytes: t.size_bytes,
+                    kind: t.kind.clone(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<CreateSandboxResponse>, Status> {
+        self.shared.enter(SimOp::Create)?;
+        let req = request.into_inner();
+        req.sandbox_id
+            .parse::<SandboxId>()
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut st = self.shared.lock();
+        let template = st
+            .cfg
+            .templates
+            .iter()
+            .find(|t| t.name == req.template)
+            .ok_or_else(|| {
+                nestbox_proto::status(
+                    ErrorCode::TemplateNotFound,
+                    format!("template `{}` is not on this host", req.template),
+                )
+            })?;
+        if req.disk_size_mb < template.min_disk_mb {
+            return Err(invalid(format!(
+                "disk_size_mb must be at least {}",
+                template.min_disk_mb
+            )));
+        }
+        if st.sandboxes.contains_key(&req.sandbox_id) {
+            return Err(nestbox_proto::status(
+                ErrorCode::AlreadyExists,
+                format!("sandbox {} already exists", req.sandbox_id),
+            ));
+        }
+        if st.sandboxes.len() >= st.max_sandboxes as usize {
+            return Err(nestbox_proto::status(
+                ErrorCode::NoCapacity,
+                format!("this host runs {} sandboxes already", st.sandboxes.len()),
+            ));
+        }
+        let sb = new_sandbox(req);
+        let out = info(&sb);
+        st.sandboxes.insert(out.sandbox_id.clone(), sb);
+        Ok(Response::new(CreateSandboxResponse { sandbox: Some(out) }))
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        request: Request<DestroySandboxRequest>,
+    ) -> Result<Response<DestroySandboxResponse>, Status> {
+        self.shared.enter(SimOp::Destroy)?;
+        let id = request.into_inner().sandbox_id;
+        match self.shared.lock().sandboxes.remove(&id) {
+            Some(_) => Ok(Response::new(DestroySandboxResponse {})),
+            None => Err(not_found(&id)),
+        }
+    }
+
+    async fn get_sandbox(
+        &self,
+        request: Request<GetSandboxRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        self.shared.enter(SimOp::Get)?;
+        let id = request.into_inner().sandbox_id;
+        self.with_sandbox(&id, |sb| Ok(Response::new(info(sb))))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        _: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesResponse>, Status> {
+        self.shared.enter(SimOp::List)?;
+        let st = self.shared.lock();
+        Ok(Response::new(ListSandboxesResponse {
+            sandboxes: st.sandboxes.values().map(info).collect(),
+        }))
+    }
+
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        self.shared.enter(SimOp::Exec)?;
+        let (pid, stdout, stderr, exit_code) = self.run(request.get_ref())?;
+        Ok(Response::new(ExecResponse {
+            stdout,
+            stderr,
+            exit_code,
+            duration_ms: 1,
+            timed_out: false,
+            stdout_truncated: false,
+            stderr_truncated: false,
+            pid,
+        }))
+    }
+
+    type ExecStreamStream = EventStream;
+
+    async fn exec_stream(
+        &self,
+        request: Request<ExecRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        self.shared.enter(SimOp::ExecStream)?;
+        let (pid, stdout, stderr, exit_code) = self.run(request.get_ref())?;
+        let event = |e: exec_event::Event| Ok(ExecEvent { event: Some(e) });
+        let mut events = vec![event(exec_event::Event::Started(pb::ExecStarted { pid }))];
+        events.extend(
+            stdout
+                .split_inclusive(|b| *b == b'\n')
+                .map(|line| event(exec_event::Event::Stdout(line.to_vec()))),
+        );
+        if !stderr.is_empty() {
+            events.push(event(exec_event::Event::Stderr(stderr)));
+        }
+        events.push(event(exec_event::Event::Exited(pb::ExecExited {
+            exit_code,
+            duration_ms: 1,
+            timed_out: false,
+        })));
+        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+
+    async fn write_file(
+        &self,
+        request: Request<Streaming<WriteFileRequest>>,
+    ) -> Result<Response<WriteFileResponse>, Status> {
+        self.shared.enter(SimOp::WriteFile)?;
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(WriteFileRequest {
+                part: Some(write_file_request::Part::Header(h)),
+            }) => h,
+            _ => return Err(invalid("the first message must be a header")),
+        };
+        let path = normalize(&header.path)?;
+        self.with_sandbox(&header.sandbox_id, |_| Ok(()))?;
+        let mut data = Vec::new();
+        // Keep the file only when the stream carries its commit: anything else is an abort.
+        loop {
+            match stream.message().await {
+                Ok(Some(WriteFileRequest {
+                    part: Some(write_file_request::Part::Chunk(c)),
+                })) => data.extend_from_slice(&c),
+                Ok(Some(WriteFileRequest {
+                    part: Some(write_file_request::Part::Commit(commit)),
+                })) if commit.total_bytes == data.len() as u64 => break,
+                Ok(Some(_)) => {
+                    self.shared.lock().aborted_writes += 1;
+                    return Err(invalid("only data chunks and a matching commit may follow the header"));
+                }
+                Ok(None) => {
+                    self.shared.lock().aborted_writes += 1;
+                    return Err(Status::aborted("the upload ended without a commit"));
+                }
+                Err(status) => {
+                    self.shared.lock().aborted_writes += 1;
+                    return Err(status);
+                }
+            }
+        }
+        let written = data.len() as u64;
+        self.with_sandbox(&header.sandbox_id, |sb| {
+            write(&mut sb.files, &path, data)?;
+            let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
+            Ok(Response::new(WriteFileResponse {
+                entry: Some(entry(&path, node)),
+                bytes_written: written,
+            }))
+        })
+    }
+
+    type ReadFileStream = ReadStream;
+
+    async fn read_file(
+        &self,
+        request: Request<ReadFileRequest>,
+    ) -> Result<Response<ReadStream>, Status> {
+        self.shared.enter(SimOp::ReadFile)?;
+        let req = request.into_inner();
+        let path = normalize(&req.path)?;
+        let (info, data) = self.with_sandbox(&req.sandbox_id, |sb| {
+            let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
+            let data = node
+                .data
+                .clone()
+                .ok_or_else(|| invalid(format!("{path} is a directory")))?;
+            Ok((entry(&path, node), data))
+        })?;
+        let mut parts = vec![Ok(ReadFileResponse {
+            part: Some(read_file_response::Part::Header(pb::ReadFileHeader {
+                entry: Some(info),
+            })),
+        })];
+        parts.extend(data.chunks(READ_CHUNK).map(|c| {
+            Ok(ReadFileResponse {
+                part: Some(read_file_response::Part::Chunk(c.to_vec())),
+            })
+        }));
+        Ok(Response::new(Box::pin(tokio_stream::iter(parts))))
+    }
+
+    async fn list_dir(
+        &self,
+        request: Request<ListDirRequest>,
+    ) -> Result<Response<ListDirResponse>, Status> {
+        self.shared.enter(SimOp::ListDir)?;
+        let req = request.into_inner();
+        let path = normalize(&req.path)?;
+        self.with_sandbox(&req.sandbox_id, |sb| {
+            let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
+            if node.data.is_some() {
+                return Err(invalid(format!("{path} is not a directory")));
+            }
+            let mut entries = Vec::new();
+            list(&sb.files, &path, req.depth.max(1), &mut entries);
+            Ok(Response::new(ListDirResponse { entries }))
+        })
+    }
+
+    async fn stat(&self, request: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        self.shared.enter(SimOp::Stat)?;
+        let req = request.into_inner();
+        let path = normalize(&req.path)?;
+        self.with_sandbox(&req.sandbox_id, |sb| {
+            let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
+            Ok(Response::new(StatResponse {
+                entry: Some(entry(&path, node)),
+            }))
+        })
+    }
+
+    async fn make_dir(
+        &self,
+        request: Request<MakeDirRequest>,
+    ) -> Result<Response<MakeDirResponse>, Status> {
+        self.shared.enter(SimOp::MakeDir)?;
+        let req = request.into_inner();
+        let path = normalize(&req.path)?;
+        self.with_sandbox(&req.sandbox_id, |sb| {
+            make_dirs(&mut sb.files, &path)?;
+            let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
+            Ok(Response::new(MakeDirResponse {
+                entry: Some(entry(&path, node)),
+            }))
+        })
+    }
+
+    async fn remove(
+        &self,
+        request: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveResponse>, Status> {
+        self.shared.enter(SimOp::Remove)?;
+        let req = request.into_inner();
+        let path = normalize(&req.path)?;
+        if path == "/" {
+            return Err(invalid("cannot remove /"));
+        }
+        self.with_sandbox(&req.sandbox_id, |sb| {
+            if sb.files.remove(&path).is_none() {
+                return Err(file_not_found(&path));
+            }
+            sb.files.retain(|p, _| !is_descendant(&path, p));
+            Ok(Response::new(RemoveResponse {}))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_normalise() {
+        assert_eq!(normalize("/").unwrap(), "/");
+        assert_eq!(normalize("a/b").unwrap(), "/root/a/b");
+        assert_eq!(normalize("/x/./y/../z/").unwrap(), "/x/z");
+        assert_eq!(normalize("/../..").unwrap(), "/");
+        assert!(normalize("").is_err());
+        assert_eq!(parent("/a/b"), Some("/a"));
+        assert_eq!(parent("/a"), Some("/"));
+        assert_eq!(parent("/"), None);
+        assert!(is_child("/", "/a"));
+        assert!(is_child("/a", "/a/b"));
+        assert!(!is_child("/a", "/a/b/c"));
+        assert!(!is_child("/a", "/ab"));
+        assert!(is_descendant("/a", "/a/b/c"));
+        assert!(!is_descendant("/a", "/ab"));
+    }
+
+    #[test]
+    fn file_tree() {
+        let mut files = new_sandbox(CreateSandboxRequest::default()).files;
+        write(&mut files, "/d/e/f.txt", b"hi".to_vec()).unwrap();
+        write(&mut files, "/d/g.txt", b"x".to_vec()).unwrap();
+        assert!(write(&mut files, "/d/e", vec![]).is_err(), "a directory");
+        assert!(make_dirs(&mut files, "/d/g.txt").is_err(), "a file");
+        let mut out = Vec::new();
+        list(&files, "/d", 1, &mut out);
+        let names: Vec<_> = out.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(names, ["/d/e", "/d/g.txt"]);
+        out.clear();
+        list(&files, "/d", 2, &mut out);
+        let names: Vec<_> = out.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(names, ["/d/e", "/d/e/f.txt", "/d/g.txt"]);
+    }
+
+    #[tokio::test]
+    async fn refuses_calls_before_registration() {
+        let agent = SimAgent::start(SimAgentConfig::default()).await.unwrap();
+        let mut client = pb::host_agent_client::HostAgentClient::connect(agent.address())
+            .await
+            .unwrap();
+        let err = client.ping(PingRequest {}).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert_eq!(agent.rejected_calls(), 1);
+        assert_eq!(agent.calls(SimOp::Ping), 0);
+        agent.shutdown().await;
+    }
+}

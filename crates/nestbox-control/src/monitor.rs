@@ -25,12 +25,34 @@ use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
 use crate::service::{AuditActor, AuditEntry};
 use crate::state::Services;
 
-/// Runs the monitor until the task is aborted.
+/// Key of the monitor's leader lock: with several control-plane replicas on one
+/// PostgreSQL, only the replica holding it runs passes.
+pub const LEADER_KEY: i64 = 0x6e62_786d_6f6e; // "nbxmon"
+
+/// Runs the monitor until the task is aborted. Passes run only while this replica holds
+/// the monitor's leader lock; the others keep trying, so one takes over if the leader dies.
 pub async fn run(services: Arc<Services>) {
     let mut tick = tokio::time::interval(services.cfg.monitor_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lock: Option<nestbox_db::LeaderLock> = None;
     loop {
         tick.tick().await;
+        if let Some(held) = lock.as_mut()
+            && !held.still_held().await
+        {
+            tracing::warn!("lost the host monitor's leader lock");
+            lock = None;
+        }
+        if lock.is_none() {
+            match services.db.try_lock_leader(LEADER_KEY).await {
+                Ok(Some(l)) => lock = Some(l),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "taking the host monitor's leader lock");
+                    continue;
+                }
+            }
+        }
         if let Err(e) = pass(&services).await {
             tracing::warn!(error = %e, "host monitor pass failed");
         }

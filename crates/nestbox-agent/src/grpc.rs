@@ -133,7 +133,10 @@ impl Service {
         let id = parse_sandbox(sandbox_id)?;
         let h = self.manager.running(id)?;
         let guest = match user_name(user) {
-            Some(u) => h.guest.as_user(u).map_err(|e| AgentError::Guest { id, source: e })?,
+            Some(u) => h
+                .guest
+                .as_user(u)
+                .map_err(|e| AgentError::Guest { id, source: e })?,
             None => h.guest.clone(),
         };
         Ok((id, guest))
@@ -331,16 +334,23 @@ impl HostAgent for Service {
             let abort = |why: String| Err(std::io::Error::other(why));
             loop {
                 match stream.message().await {
-                    Ok(Some(WriteFileRequest { part: Some(write_file_request::Part::Chunk(c)) })) => {
+                    Ok(Some(WriteFileRequest {
+                        part: Some(write_file_request::Part::Chunk(c)),
+                    })) => {
                         count.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
                         if tx.send(Ok(Bytes::from(c))).await.is_err() {
                             return Ok(());
                         }
                     }
-                    Ok(Some(WriteFileRequest { part: Some(write_file_request::Part::Commit(commit)) })) => {
+                    Ok(Some(WriteFileRequest {
+                        part: Some(write_file_request::Part::Commit(commit)),
+                    })) => {
                         let sent = count.load(std::sync::atomic::Ordering::Relaxed);
                         if commit.total_bytes != sent {
-                            let why = format!("commit says {} bytes but {sent} arrived", commit.total_bytes);
+                            let why = format!(
+                                "commit says {} bytes but {sent} arrived",
+                                commit.total_bytes
+                            );
                             let _ = tx.send(abort(why.clone())).await;
                             return Err(Status::invalid_argument(why));
                         }
@@ -348,15 +358,25 @@ impl HostAgent for Service {
                         return Ok(());
                     }
                     Ok(Some(_)) => {
-                        let _ = tx.send(abort("unexpected message in an upload".into())).await;
-                        return Err(Status::invalid_argument("only chunks and a commit may follow the header"));
+                        let _ = tx
+                            .send(abort("unexpected message in an upload".into()))
+                            .await;
+                        return Err(Status::invalid_argument(
+                            "only chunks and a commit may follow the header",
+                        ));
                     }
                     Ok(None) => {
-                        let _ = tx.send(abort("the upload ended without a commit".into())).await;
-                        return Err(Status::aborted("the upload ended without a commit; nothing was kept"));
+                        let _ = tx
+                            .send(abort("the upload ended without a commit".into()))
+                            .await;
+                        return Err(Status::aborted(
+                            "the upload ended without a commit; nothing was kept",
+                        ));
                     }
                     Err(status) => {
-                        let _ = tx.send(abort(format!("upload aborted: {}", status.message()))).await;
+                        let _ = tx
+                            .send(abort(format!("upload aborted: {}", status.message())))
+                            .await;
                         return Err(status);
                     }
                 }
@@ -364,7 +384,11 @@ impl HostAgent for Service {
         });
         let uploaded = h
             .guest
-            .upload(&header.path, user_name(&header.user), ReceiverStream::new(rx))
+            .upload(
+                &header.path,
+                user_name(&header.user),
+                ReceiverStream::new(rx),
+            )
             .await;
         let pumped = pump
             .await
@@ -437,14 +461,21 @@ impl HostAgent for Service {
             .list_dir(&r.path, r.depth.max(1))
             .await
             .map_err(|e| AgentError::Guest { id, source: e })?;
-        Ok(Response::new(ListDirResponse { entries: entries.into_iter().map(entry).collect() }))
+        Ok(Response::new(ListDirResponse {
+            entries: entries.into_iter().map(entry).collect(),
+        }))
     }
 
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
         let r = req.into_inner();
         let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
-        let e = guest.stat(&r.path).await.map_err(|e| AgentError::Guest { id, source: e })?;
-        Ok(Response::new(StatResponse { entry: Some(entry(e)) }))
+        let e = guest
+            .stat(&r.path)
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(StatResponse {
+            entry: Some(entry(e)),
+        }))
     }
 
     async fn make_dir(
@@ -453,8 +484,13 @@ impl HostAgent for Service {
     ) -> Result<Response<MakeDirResponse>, Status> {
         let r = req.into_inner();
         let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
-        let e = guest.make_dir(&r.path).await.map_err(|e| AgentError::Guest { id, source: e })?;
-        Ok(Response::new(MakeDirResponse { entry: Some(entry(e)) }))
+        let e = guest
+            .make_dir(&r.path)
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(MakeDirResponse {
+            entry: Some(entry(e)),
+        }))
     }
 
     async fn remove(
@@ -463,7 +499,10 @@ impl HostAgent for Service {
     ) -> Result<Response<RemoveResponse>, Status> {
         let r = req.into_inner();
         let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
-        guest.remove(&r.path).await.map_err(|e| AgentError::Guest { id, source: e })?;
+        guest
+            .remove(&r.path)
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
         Ok(Response::new(RemoveResponse {}))
     }
 }

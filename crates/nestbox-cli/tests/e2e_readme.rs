@@ -8,9 +8,19 @@ use common::Nestbox;
 
 /// The first ```sh block after the "walk-through with curl" heading.
 fn curl_walkthrough() -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
-    let section = readme.split("## A walk-through with curl").nth(1).expect("the README has a curl walk-through");
-    let block = section.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let section = readme
+        .split("## A walk-through with curl")
+        .nth(1)
+        .expect("the README has a curl walk-through");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
     block.to_string()
 }
 
@@ -30,18 +40,42 @@ fn readme_curl_walkthrough_works() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the walk-through failed ({}):\n{stdout}\n{stderr}", out.status);
-    assert!(stdout.contains("\"status\":\"running\""), "create answered: {stdout}");
-    assert!(stdout.contains("HI\\n"), "exec ran with the sandbox's env: {stdout}");
-    assert!(stdout.contains("event: exit"), "the stream ended with an exit event: {stdout}");
-    assert_eq!(std::fs::read_to_string(work.path().join("copy.csv")).unwrap(), "a,b\n1,2\n");
-    assert!(stdout.contains("/home/user/data.csv"), "the listing shows the upload: {stdout}");
+    assert!(
+        out.status.success(),
+        "the walk-through failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("\"status\":\"running\""),
+        "create answered: {stdout}"
+    );
+    assert!(
+        stdout.contains("HI\\n"),
+        "exec ran with the sandbox's env: {stdout}"
+    );
+    assert!(
+        stdout.contains("event: exit"),
+        "the stream ended with an exit event: {stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("copy.csv")).unwrap(),
+        "a,b\n1,2\n"
+    );
+    assert!(
+        stdout.contains("/home/user/data.csv"),
+        "the listing shows the upload: {stdout}"
+    );
     // The walk-through destroyed its sandbox.
     let client = nb.client();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let left = rt.block_on(client.list_sandboxes(&nestbox_types::api::SandboxListQuery {
-        status: Some("running".into()),
-        ..Default::default()
-    }));
-    assert!(left.unwrap().items.is_empty(), "the walk-through's sandbox is destroyed");
+    let left = rt.block_on(
+        client.list_sandboxes(&nestbox_types::api::SandboxListQuery {
+            status: Some("running".into()),
+            ..Default::default()
+        }),
+    );
+    assert!(
+        left.unwrap().items.is_empty(),
+        "the walk-through's sandbox is destroyed"
+    );
 }

@@ -970,7 +970,9 @@ impl HostAgent for Service {
                 })) if commit.total_bytes == data.len() as u64 => break,
                 Ok(Some(_)) => {
                     self.shared.lock().aborted_writes += 1;
-                    return Err(invalid("only data chunks and a matching commit may follow the header"));
+                    return Err(invalid(
+                        "only data chunks and a matching commit may follow the header",
+                    ));
                 }
                 Ok(None) => {
                     self.shared.lock().aborted_writes += 1;

@@ -278,6 +278,79 @@ impl QmpClient {
     }
 }
 
+/// Where a migration stands (`query-migrate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStatus {
+    /// `none`, `setup`, `active`, `device`, `completed`, `failed`, `cancelled`, …
+    pub status: String,
+    /// QEMU's description of a failure.
+    pub error: Option<String>,
+    /// Bytes of RAM sent (outgoing side), when reported.
+    pub ram_transferred: Option<u64>,
+    /// QEMU's own measure of the total time, in ms, when reported.
+    pub total_time_ms: Option<u64>,
+}
+
+impl MigrationStatus {
+    /// Completed, failed or cancelled.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+    }
+}
+
+impl QmpClient {
+    /// `migrate-set-capabilities` with one capability.
+    pub async fn set_migration_capability(&self, name: &str, state: bool) -> Result<(), QmpError> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": name, "state": state }] })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `migrate-set-parameters`.
+    pub async fn set_migration_parameters(&self, parameters: Value) -> Result<(), QmpError> {
+        self.execute("migrate-set-parameters", Some(parameters))
+            .await
+            .map(drop)
+    }
+
+    /// `migrate`: starts an outgoing migration to `uri` (returns at once).
+    pub async fn migrate(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    /// `migrate-incoming`: starts loading an incoming migration from `uri` (QEMU must have
+    /// been started with `-incoming defer`; returns at once).
+    pub async fn migrate_incoming(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    /// `query-migrate`.
+    pub async fn query_migrate(&self) -> Result<MigrationStatus, QmpError> {
+        let v = self.execute("query-migrate", None).await?;
+        Ok(MigrationStatus {
+            // No migration yet: QEMU returns an empty object.
+            status: v
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_string(),
+            error: v
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            ram_transferred: v.pointer("/ram/transferred").and_then(Value::as_u64),
+            total_time_ms: v.get("total-time").and_then(Value::as_u64),
+        })
+    }
+}
+
 async fn read_loop(
     mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
     pending: Pending,

@@ -30,13 +30,15 @@ fn images_dir() -> PathBuf {
 
 fn images() -> (TemplateImage, KernelImage) {
     let dir = images_dir();
-    ImageStore::new(&dir).template_with_kernel("minimal").unwrap_or_else(|e| {
-        panic!(
-            "no test images in {} ({e}).\nBuild them with `make test-images` (as root, a few \
+    ImageStore::new(&dir)
+        .template_with_kernel("minimal")
+        .unwrap_or_else(|e| {
+            panic!(
+                "no test images in {} ({e}).\nBuild them with `make test-images` (as root, a few \
              minutes the first time), or point NESTBOX_TEST_IMAGES at an existing output directory",
-            dir.display()
-        )
-    })
+                dir.display()
+            )
+        })
 }
 
 fn free_port() -> u16 {

@@ -924,7 +924,9 @@ impl Services {
                 }
             }
             let commit = pb::WriteFileRequest {
-                part: Some(write_file_request::Part::Commit(pb::WriteFileCommit { total_bytes: total })),
+                part: Some(write_file_request::Part::Commit(pb::WriteFileCommit {
+                    total_bytes: total,
+                })),
             };
             let _ = tx.send(commit).await;
             Ok(())

@@ -4,11 +4,36 @@
 //! to a file, QMP on a Unix socket.
 //!
 //! Device order and ids are fixed: a snapshot only restores into an identical machine.
+//! [`machine_config`] describes the machine an argv builds, for snapshot manifests; a test
+//! keeps the two in step.
 
 use std::path::{Path, PathBuf};
 
 use crate::Accel;
+use crate::snapshot::{DeviceConfig, MachineConfig};
 use crate::spec::{GUEST_AGENT_PORT, NetworkSpec, VmSpec};
+
+/// QEMU's machine type.
+pub const MACHINE_TYPE: &str = "microvm";
+
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// The VM's own RAM file, `share=on`: the file is the memory, so `x-ignore-shared`
+    /// leaves it out of snapshots. Removed when the VM stops.
+    Owned(PathBuf),
+    /// A snapshot's RAM file mapped `share=off` (`MAP_PRIVATE`): a clone. Never written.
+    Private(PathBuf),
+    /// Anonymous memory (restored from a snapshot whose RAM is in its state file).
+    Anonymous,
+}
+
+impl MemoryBacking {
+    /// True when RAM is a shared file the VM owns (fast snapshots).
+    pub fn is_owned(&self) -> bool {
+        matches!(self, Self::Owned(_))
+    }
+}
 
 /// Files of one VM. Everything but the RAM file lives in the run directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +68,7 @@ fn esc(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
-/// The full argument list (without the program name).
+/// The full argument list (without the program name) to boot `spec`.
 pub fn qemu_argv(
     spec: &VmSpec,
     accel: Accel,
@@ -51,11 +76,31 @@ pub fn qemu_argv(
     paths: &RunPaths,
     clock_ms: u64,
 ) -> Vec<String> {
+    machine_argv(
+        spec,
+        accel,
+        paths,
+        &spec.kernel_cmdline(tsc_khz, clock_ms),
+        &MemoryBacking::Owned(paths.memory_file.clone()),
+        false,
+    )
+}
+
+/// The argument list for `spec`'s machine with a given kernel command line and RAM;
+/// `incoming` adds `-incoming defer` (a restore).
+pub fn machine_argv(
+    spec: &VmSpec,
+    accel: Accel,
+    paths: &RunPaths,
+    cmdline: &str,
+    memory: &MemoryBacking,
+    incoming: bool,
+) -> Vec<String> {
     let mem = spec.memory_mb;
     let mut a: Vec<String> = Vec::new();
     let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
     push(&["-name", &format!("nbx-{},debug-threads=off", spec.id)]);
-    push(&["-M", "microvm,memory-backend=mem0"]);
+    push(&["-M", &format!("{MACHINE_TYPE},memory-backend=mem0")]);
     push(&["-accel", accel.as_str()]);
     if accel == Accel::Kvm {
         push(&["-cpu", "host"]);
@@ -68,13 +113,20 @@ pub fn qemu_argv(
         "none",
         "-no-reboot",
     ]);
-    push(&[
-        "-object",
-        &format!(
+    // The RAM block is named after the backend id (`mem0`) whatever its type, so a
+    // snapshot loads into any of them.
+    let backend = match memory {
+        MemoryBacking::Owned(path) => format!(
             "memory-backend-file,id=mem0,size={mem}M,mem-path={},share=on",
-            esc(&paths.memory_file)
+            esc(path)
         ),
-    ]);
+        MemoryBacking::Private(path) => format!(
+            "memory-backend-file,id=mem0,size={mem}M,mem-path={},share=off",
+            esc(path)
+        ),
+        MemoryBacking::Anonymous => format!("memory-backend-ram,id=mem0,size={mem}M"),
+    };
+    push(&["-object", &backend]);
     push(&[
         "-chardev",
         &format!("file,id=con0,path={}", esc(&paths.console_log)),
@@ -90,7 +142,7 @@ pub fn qemu_argv(
     if let Some(initrd) = &spec.initrd {
         push(&["-initrd", &initrd.to_string_lossy()]);
     }
-    push(&["-append", &spec.kernel_cmdline(tsc_khz, clock_ms)]);
+    push(&["-append", cmdline]);
     push(&[
         "-drive",
         &format!(
@@ -124,7 +176,40 @@ pub fn qemu_argv(
         "-device",
         "virtio-rng-device,rng=rng0",
     ]);
+    if incoming {
+        push(&["-incoming", "defer"]);
+    }
     a
+}
+
+/// The machine [`machine_argv`] builds for `spec` (device order as on the command line).
+/// `host_cpu` is the host's CPU model name (recorded under KVM only).
+pub fn machine_config(spec: &VmSpec, accel: Accel, host_cpu: Option<&str>) -> MachineConfig {
+    let dev = |id: &str, driver: &str, backend: &str| DeviceConfig {
+        id: id.into(),
+        driver: driver.into(),
+        backend: backend.into(),
+    };
+    let mut devices = vec![dev(
+        "root",
+        "virtio-blk-device",
+        spec.root_disk.format.as_str(),
+    )];
+    match &spec.network {
+        NetworkSpec::None => {}
+        NetworkSpec::Tap { .. } => devices.push(dev("net0", "virtio-net-device", "tap")),
+        NetworkSpec::User { .. } => devices.push(dev("net0", "virtio-net-device", "user")),
+    }
+    devices.push(dev("rng0", "virtio-rng-device", "urandom"));
+    let kvm = accel == Accel::Kvm;
+    MachineConfig {
+        machine_type: MACHINE_TYPE.into(),
+        cpu: if kvm { "host" } else { "default" }.into(),
+        host_cpu: host_cpu.filter(|_| kvm).map(str::to_string),
+        vcpus: spec.vcpus,
+        memory_mb: spec.memory_mb,
+        devices,
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +351,55 @@ mod tests {
             !append.contains("nbx.ip") && !append.contains("nbx.dns"),
             "{append}"
         );
+    }
+
+    #[test]
+    fn machine_config_matches_the_argv_devices() {
+        for net in [
+            NetworkSpec::None,
+            NetworkSpec::User { host_port: 1 },
+            NetworkSpec::Tap {
+                netns: "/run/netns/x".into(),
+                ifname: "tap0".into(),
+                mac: "02:00:00:00:00:01".into(),
+            },
+        ] {
+            let s = spec(net);
+            let paths = RunPaths::new(&s.run_dir, &s.memory_dir, &s.id);
+            let argv = qemu_argv(&s, Accel::Tcg, None, &paths, 1);
+            let m = machine_config(&s, Accel::Tcg, Some("AMD EPYC"));
+            let drivers: Vec<&str> = value_after(&argv, "-device")
+                .iter()
+                .map(|d| d.split(',').next().unwrap())
+                .collect();
+            let want: Vec<&str> = m.devices.iter().map(|d| d.driver.as_str()).collect();
+            assert_eq!(drivers, want);
+            assert_eq!(m.host_cpu, None, "host cpu is recorded under kvm only");
+            assert_eq!(m.vcpus, 2);
+            assert_eq!(m.memory_mb, 512);
+            assert!(value_after(&argv, "-M")[0].starts_with(&m.machine_type));
+        }
+    }
+
+    #[test]
+    fn restores_map_memory_by_backing_and_wait_for_incoming() {
+        let s = spec(NetworkSpec::None);
+        let paths = RunPaths::new(&s.run_dir, &s.memory_dir, &s.id);
+        let private = MemoryBacking::Private("/snap/memory.ram".into());
+        let argv = machine_argv(&s, Accel::Tcg, &paths, "console=ttyS0 x", &private, true);
+        assert_eq!(
+            value_after(&argv, "-object")[0],
+            "memory-backend-file,id=mem0,size=512M,mem-path=/snap/memory.ram,share=off"
+        );
+        assert_eq!(value_after(&argv, "-append"), ["console=ttyS0 x"]);
+        assert_eq!(value_after(&argv, "-incoming"), ["defer"]);
+        let argv = machine_argv(&s, Accel::Tcg, &paths, "x", &MemoryBacking::Anonymous, true);
+        assert_eq!(
+            value_after(&argv, "-object")[0],
+            "memory-backend-ram,id=mem0,size=512M"
+        );
+        let argv = qemu_argv(&s, Accel::Tcg, None, &paths, 1);
+        assert!(value_after(&argv, "-incoming").is_empty());
     }
 
     #[test]

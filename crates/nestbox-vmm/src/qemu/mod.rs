@@ -2,28 +2,40 @@
 //!
 //! ```text
 //! QemuVmm::new ── qemu --version, accelerator (Auto: KVM probe, cached) ──▶ QemuVmm
-//! boot(spec):  validate ─ create run dir ─ spawn (hostsys Cmd: new session, netns) ─
-//!              connect QMP (bounded; an early exit is reported with stderr) ──▶ QemuVm
+//! boot(spec):  validate ─ prepare run dir ─ kernel/initrd digests (cached) ─ spawn
+//!              (hostsys Cmd: new session, netns) ─ connect QMP (bounded; an early exit
+//!              is reported with stderr) ──▶ QemuVm
+//! restore(spec, dir, memory): checks (before any process) ─ place RAM ─ spawn with
+//!              `-incoming defer` ─ load state ─ cont ──▶ QemuVm   (see [`snapshot`])
+//! QemuVm::save(dir, mode): stop ─ migrate state ─ RAM + freeze hook ─ cont | quit
 //! QemuVm::stop: QMP quit ─ wait ≤ grace ─ SIGTERM/SIGKILL ─ reap ─ remove run files
 //! ```
 //!
 //! Invariants: every QEMU we start is owned by exactly one [`QemuVm`] (its
-//! `Supervised` child kills it on drop); its pid file lets [`reap_stale`] clean up after
-//! an agent crash.
+//! `Supervised` child kills it on drop) or, during a restore, by the restore call, which
+//! kills it before returning an error; its pid file lets [`reap_stale`] clean up after
+//! an agent crash. A VM removes only the RAM file it owns ([`MemoryBacking::Owned`]).
 
 pub mod accel;
 pub mod argv;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nestbox_hostsys::process::{Cmd, Supervised};
+use tracing::Instrument;
 
 use crate::qmp::QmpClient;
+use crate::snapshot::{DigestCache, ImageDigest, MachineConfig};
 use crate::spec::{NetworkSpec, VmSpec};
-use crate::{Accel, AccelChoice, BoxFuture, StopReport, Vm, Vmm, VmmError, VmmInfo, console};
+use crate::{
+    Accel, AccelChoice, BoxFuture, FreezeHook, RestoreMemory, Restored, SaveMode, SavedSnapshot,
+    SnapshotManifest, StopReport, Vm, Vmm, VmmError, VmmInfo, console,
+};
 pub use accel::{ProbeImages, host_tsc_khz};
-pub use argv::{RunPaths, qemu_argv};
+pub use argv::{MemoryBacking, RunPaths, machine_argv, machine_config, qemu_argv};
 
 /// QMP socket name in the run directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
@@ -70,6 +82,23 @@ pub struct QemuVmm {
     binary: PathBuf,
     info: VmmInfo,
     tsc_khz: Option<u64>,
+    /// The host CPU's model name (snapshots under KVM record it).
+    host_cpu: Option<String>,
+    digests: Arc<DigestCache>,
+}
+
+/// The kernel and initramfs a VM booted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GuestImages {
+    pub(crate) kernel: ImageDigest,
+    pub(crate) initrd: Option<ImageDigest>,
+}
+
+/// The host CPU's model name from /proc/cpuinfo.
+fn host_cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
 }
 
 /// Parses `QEMU emulator version 7.2.22 (Debian …)`.
@@ -126,46 +155,83 @@ impl QemuVmm {
                 accel,
             },
             tsc_khz,
+            host_cpu: host_cpu_model(),
+            digests: Arc::new(DigestCache::default()),
         })
+    }
+
+    /// The machine `spec` describes on this host.
+    pub fn machine_config(&self, spec: &VmSpec) -> MachineConfig {
+        machine_config(spec, self.info.accel, self.host_cpu.as_deref())
+    }
+
+    /// SHA-256 of the spec's kernel and initramfs (cached while the files are unchanged).
+    async fn guest_images(&self, spec: &VmSpec) -> Result<GuestImages, VmmError> {
+        let cache = self.digests.clone();
+        let kernel = spec.kernel.clone();
+        let initrd = spec.initrd.clone();
+        blocking("hash", &spec.kernel, move || {
+            let digest = |p: &Path| {
+                cache.digest(p).map_err(|source| VmmError::Io {
+                    op: "hash",
+                    path: p.to_path_buf(),
+                    source,
+                })
+            };
+            Ok(GuestImages {
+                kernel: digest(&kernel)?,
+                initrd: initrd.as_deref().map(digest).transpose()?,
+            })
+        })
+        .await
     }
 
     async fn boot_vm(&self, spec: VmSpec) -> Result<QemuVm, VmmError> {
         spec.validate()?;
-        let io = |op: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| VmmError::Io { op, path, source }
-        };
-        for dir in [&spec.run_dir, &spec.memory_dir] {
-            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-        }
-        let paths = RunPaths::new(&spec.run_dir, &spec.memory_dir, &spec.id);
-        if paths.qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(VmmError::InvalidSpec {
-                field: "run_dir",
-                reason: format!(
-                    "{} is too long for a unix socket path",
-                    paths.qmp_socket.display()
-                ),
-            });
-        }
-        for f in [
-            &paths.qmp_socket,
-            &paths.pid_file,
-            &paths.console_log,
-            &paths.stderr_log,
-            &paths.memory_file,
-        ] {
-            match std::fs::remove_file(f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("remove stale", f)(e)),
-            }
-        }
+        let paths = prepare_run_dir(&spec)?;
+        let images = self.guest_images(&spec).await?;
         let clock_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let argv = qemu_argv(&spec, self.info.accel, self.tsc_khz, &paths, clock_ms);
+        let cmdline = spec.kernel_cmdline(self.tsc_khz, clock_ms);
+        let memory = MemoryBacking::Owned(paths.memory_file.clone());
+        let argv = machine_argv(&spec, self.info.accel, &paths, &cmdline, &memory, false);
+        let launched = self.launch(&spec, &paths, argv).await;
+        let (child, qmp) = match launched {
+            Ok(x) => x,
+            Err(e) => {
+                // QEMU created the RAM file; it is ours to remove.
+                let _ = std::fs::remove_file(&paths.memory_file);
+                return Err(e);
+            }
+        };
+        tracing::info!(id = %spec.id, pid = child.pid(), "vm started");
+        let machine = self.machine_config(&spec);
+        Ok(QemuVm {
+            id: spec.id.clone(),
+            run_dir: spec.run_dir.clone(),
+            paths,
+            child,
+            qmp,
+            stopped: false,
+            info: self.info.clone(),
+            spec,
+            cmdline,
+            images,
+            memory,
+            machine,
+        })
+    }
+
+    /// Starts QEMU with `argv` and connects QMP. On failure the process is killed and
+    /// reaped and the QMP socket and pid file removed (the RAM file is the caller's).
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        paths: &RunPaths,
+        argv: Vec<String>,
+    ) -> Result<(Supervised, QmpClient), VmmError> {
         let mut cmd = Cmd::new(&self.binary).args(argv).new_session();
         if let NetworkSpec::Tap { netns, .. } = &spec.network {
             cmd = cmd.netns(netns);
@@ -182,18 +248,18 @@ impl QemuVmm {
         let deadline = tokio::time::Instant::now() + QMP_WAIT;
         let stream = loop {
             if let Some(status) = child.try_status() {
-                let err = exited_error(&spec.id, &status.to_string(), &paths);
-                remove_run_files(&paths);
+                let err = exited_error(&spec.id, &status.to_string(), paths);
+                remove_run_files(paths, None);
                 return Err(err);
             }
             match tokio::net::UnixStream::connect(&paths.qmp_socket).await {
                 Ok(s) => break s,
                 Err(_) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err(e) => {
                     let _ = child.kill().await;
-                    remove_run_files(&paths);
+                    remove_run_files(paths, None);
                     let source = crate::qmp::QmpError::Connect {
                         path: paths.qmp_socket.clone(),
                         waited: QMP_WAIT,
@@ -206,27 +272,69 @@ impl QemuVmm {
                 }
             }
         };
-        let qmp = match QmpClient::handshake(stream, QMP_WAIT).await {
-            Ok(q) => q,
+        match QmpClient::handshake(stream, QMP_WAIT).await {
+            Ok(q) => Ok((child, q)),
             Err(source) => {
                 let _ = child.kill().await;
-                remove_run_files(&paths);
-                return Err(VmmError::Qmp {
+                remove_run_files(paths, None);
+                Err(VmmError::Qmp {
                     id: spec.id.clone(),
                     source,
-                });
+                })
             }
-        };
-        tracing::info!(id = %spec.id, pid = child.pid(), "vm started");
-        Ok(QemuVm {
-            id: spec.id,
-            run_dir: spec.run_dir,
-            paths,
-            child,
-            qmp,
-            stopped: false,
-        })
+        }
     }
+}
+
+/// Creates the run and memory directories and removes a previous VM's files there.
+fn prepare_run_dir(spec: &VmSpec) -> Result<RunPaths, VmmError> {
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmmError::Io { op, path, source }
+    };
+    for dir in [&spec.run_dir, &spec.memory_dir] {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    }
+    let paths = RunPaths::new(&spec.run_dir, &spec.memory_dir, &spec.id);
+    if paths.qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(VmmError::InvalidSpec {
+            field: "run_dir",
+            reason: format!(
+                "{} is too long for a unix socket path",
+                paths.qmp_socket.display()
+            ),
+        });
+    }
+    for f in [
+        &paths.qmp_socket,
+        &paths.pid_file,
+        &paths.console_log,
+        &paths.stderr_log,
+        &paths.memory_file,
+    ] {
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove stale", f)(e)),
+        }
+    }
+    Ok(paths)
+}
+
+/// Runs blocking file work off the async runtime; a panicked task becomes an I/O error
+/// on `path`.
+pub(crate) async fn blocking<T, F>(op: &'static str, path: &Path, f: F) -> Result<T, VmmError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, VmmError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VmmError::Io {
+            op,
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?
 }
 
 fn exited_error(id: &str, status: &str, paths: &RunPaths) -> VmmError {
@@ -238,9 +346,14 @@ fn exited_error(id: &str, status: &str, paths: &RunPaths) -> VmmError {
     }
 }
 
-/// Removes a VM's run files (not the console log or QEMU's log).
-fn remove_run_files(paths: &RunPaths) {
-    for f in [&paths.qmp_socket, &paths.pid_file, &paths.memory_file] {
+/// Removes a VM's run files (not the console log or QEMU's log) and the RAM file it
+/// owns, if any.
+fn remove_run_files(paths: &RunPaths, memory: Option<&Path>) {
+    for f in [&paths.qmp_socket, &paths.pid_file]
+        .into_iter()
+        .map(PathBuf::as_path)
+        .chain(memory)
+    {
         let _ = std::fs::remove_file(f);
     }
 }
@@ -251,23 +364,35 @@ impl Vmm for QemuVmm {
     }
 
     fn boot(&self, spec: VmSpec) -> BoxFuture<'_, Result<Box<dyn Vm>, VmmError>> {
-        Box::pin(async move {
-            self.boot_vm(spec)
-                .await
-                .map(|vm| Box::new(vm) as Box<dyn Vm>)
-        })
+        let span = tracing::info_span!("boot", id = %spec.id);
+        Box::pin(
+            async move {
+                self.boot_vm(spec)
+                    .await
+                    .map(|vm| Box::new(vm) as Box<dyn Vm>)
+            }
+            .instrument(span),
+        )
     }
 
     fn restore<'a>(
         &'a self,
-        _spec: VmSpec,
-        _snapshot: &'a Path,
-    ) -> BoxFuture<'a, Result<Box<dyn Vm>, VmmError>> {
-        Box::pin(async {
-            Err(VmmError::NotSupported {
-                vmm: NAME,
-                operation: "restore",
-            })
+        spec: VmSpec,
+        snapshot: &'a Path,
+        memory: RestoreMemory,
+    ) -> BoxFuture<'a, Result<Restored, VmmError>> {
+        Box::pin(self.restore_vm(spec, snapshot, memory))
+    }
+
+    fn check_snapshot<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        snapshot: &'a Path,
+    ) -> BoxFuture<'a, Result<SnapshotManifest, VmmError>> {
+        Box::pin(async move {
+            spec.validate()?;
+            let dir = snapshot::absolute(snapshot)?;
+            self.check_snapshot_dir(spec, &dir).await
         })
     }
 }
@@ -280,7 +405,16 @@ pub struct QemuVm {
     paths: RunPaths,
     child: Supervised,
     qmp: QmpClient,
+    /// Set once the process is reaped and the run files are gone (stop, suspend).
     stopped: bool,
+    info: VmmInfo,
+    /// The spec it runs (snapshots record its machine and disk).
+    spec: VmSpec,
+    /// The kernel command line the guest booted with.
+    cmdline: String,
+    images: GuestImages,
+    memory: MemoryBacking,
+    machine: MachineConfig,
 }
 
 impl QemuVm {
@@ -294,7 +428,32 @@ impl QemuVm {
         &self.paths
     }
 
+    /// Where its RAM lives.
+    pub fn memory(&self) -> &MemoryBacking {
+        &self.memory
+    }
+
+    /// The RAM file this VM owns and removes when it stops.
+    fn owned_memory(&self) -> Option<&Path> {
+        match &self.memory {
+            MemoryBacking::Owned(p) => Some(p),
+            _ => None,
+        }
+    }
+
     async fn stop_vm(&mut self, grace: Duration) -> Result<StopReport, VmmError> {
+        if self.stopped {
+            // Suspended or stopped before: the files in the run and memory directories
+            // may belong to a VM restored there since.
+            let status = self.child.wait().await.map_err(|source| VmmError::Spawn {
+                id: self.id.clone(),
+                source,
+            })?;
+            return Ok(StopReport {
+                exit_code: status.code(),
+                forced: false,
+            });
+        }
         let mut forced = false;
         let status = match self.child.try_status() {
             Some(s) => s,
@@ -321,7 +480,7 @@ impl QemuVm {
             }
         };
         self.stopped = true;
-        remove_run_files(&self.paths);
+        remove_run_files(&self.paths, self.owned_memory());
         tracing::info!(id = %self.id, %status, forced, "vm stopped");
         Ok(StopReport {
             exit_code: status.code(),
@@ -335,7 +494,7 @@ impl Drop for QemuVm {
         if !self.stopped {
             // The Supervised child is killed (SIGKILL) as it drops; the RAM file must not
             // outlive it on tmpfs.
-            remove_run_files(&self.paths);
+            remove_run_files(&self.paths, self.owned_memory());
         }
     }
 }
@@ -377,31 +536,13 @@ impl Vm for QemuVm {
         Box::pin(self.stop_vm(grace))
     }
 
-    fn pause(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
-        Box::pin(async {
-            Err(VmmError::NotSupported {
-                vmm: NAME,
-                operation: "pause",
-            })
-        })
-    }
-
-    fn resume(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
-        Box::pin(async {
-            Err(VmmError::NotSupported {
-                vmm: NAME,
-                operation: "resume",
-            })
-        })
-    }
-
-    fn snapshot<'a>(&'a mut self, _dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
-        Box::pin(async {
-            Err(VmmError::NotSupported {
-                vmm: NAME,
-                operation: "snapshot",
-            })
-        })
+    fn save<'a>(
+        &'a mut self,
+        dir: &'a Path,
+        mode: SaveMode,
+        freeze: Option<&'a mut dyn FreezeHook>,
+    ) -> BoxFuture<'a, Result<SavedSnapshot, VmmError>> {
+        Box::pin(self.save_vm(dir, mode, freeze))
     }
 }
 
@@ -440,7 +581,7 @@ pub async fn reap_stale(
             killed = Some(pid as u32);
         }
     }
-    remove_run_files(&paths);
+    remove_run_files(&paths, Some(&paths.memory_file));
     Ok(killed)
 }
 
@@ -472,7 +613,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unsupported_operations_say_so() {
+    async fn restore_refuses_a_directory_without_a_snapshot_before_starting_qemu() {
         let Ok(vmm) = QemuVmm::new(QemuOptions {
             accel: AccelChoice::Tcg,
             ..Default::default()
@@ -484,36 +625,38 @@ mod tests {
         };
         assert_eq!(vmm.info().name, "qemu");
         assert_eq!(vmm.info().accel, Accel::Tcg);
-        let spec_dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        let disk = dir.path().join("root.raw");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        std::fs::write(&disk, b"disk").unwrap();
+        let spec = VmSpec {
+            id: "x".into(),
+            vcpus: 1,
+            memory_mb: 128,
+            kernel,
+            initrd: None,
+            cmdline_extra: vec![],
+            root_disk: crate::Disk {
+                path: disk,
+                format: crate::DiskFormat::Raw,
+            },
+            network: NetworkSpec::None,
+            guest: Default::default(),
+            run_dir: dir.path().join("run"),
+            memory_dir: dir.path().join("mem"),
+        };
+        let snap = dir.path().join("snap");
+        std::fs::create_dir(&snap).unwrap();
         let err = vmm
-            .restore(
-                VmSpec {
-                    id: "x".into(),
-                    vcpus: 1,
-                    memory_mb: 128,
-                    kernel: "/nonexistent".into(),
-                    initrd: None,
-                    cmdline_extra: vec![],
-                    root_disk: crate::Disk {
-                        path: "/nonexistent".into(),
-                        format: crate::DiskFormat::Raw,
-                    },
-                    network: NetworkSpec::None,
-                    guest: Default::default(),
-                    run_dir: spec_dir.path().into(),
-                    memory_dir: spec_dir.path().into(),
-                },
-                spec_dir.path(),
-            )
+            .restore(spec, &snap, RestoreMemory::Clone)
             .await
             .err()
             .unwrap();
-        assert!(matches!(
-            err,
-            VmmError::NotSupported {
-                operation: "restore",
-                ..
-            }
-        ));
+        assert!(
+            matches!(&err, VmmError::CorruptSnapshot { path, .. } if path.ends_with("snapshot.json")),
+            "{err}"
+        );
+        assert!(!dir.path().join("run").join(PID_FILE).exists());
     }
 }

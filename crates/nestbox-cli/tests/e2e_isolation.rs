@@ -68,6 +68,20 @@ impl Outside {
             .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap();
+        // Ready once the server accepts connections (the host routes to it directly).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect_timeout(
+            &"198.51.100.2:8080".parse().unwrap(),
+            std::time::Duration::from_millis(500),
+        )
+        .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the outside web server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         Outside {
             ns,
             host_if,
@@ -141,7 +155,10 @@ async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
     .await;
     assert!(page.contains("200"), "egress to the outside failed: {page}");
     assert!(
-        outside.server_log().contains("198.51.100.1"),
+        outside
+            .server_log()
+            .lines()
+            .any(|l| l.starts_with("198.51.100.1 ") && l.contains("\"GET / ")),
         "the outside should see the host's address: {}",
         outside.server_log()
     );

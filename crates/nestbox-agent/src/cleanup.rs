@@ -1,16 +1,24 @@
-//! Start-up cleanup: removes what a crashed agent left behind.
+//! Start-up cleanup: removes what a crashed agent left behind, and finds the paused
+//! sandboxes that survive.
 //!
 //! Everything a sandbox takes is recorded before it is taken (see
-//! [`crate::sandbox::StateFile`]), so after a crash this module can find and remove, for
-//! this agent instance only: VMM processes (killed only if their command line names the
+//! [`crate::sandbox::state`]), so after a crash this module can find and remove, for this
+//! agent instance only: VMM processes (killed only if their command line names the
 //! sandbox, so a recycled pid is never hit), network namespaces and veth links of the
-//! instance's slots, slot files, guest memory files and sandbox directories.
+//! instance's slots, slot files, tmpfs files and sandbox directories.
+//!
+//! A sandbox that was **paused** holds no VMM, namespace or slot, only files: if its
+//! snapshot is intact (on tmpfs, or its on-disk copy after a reboot) it is returned to be
+//! adopted, not removed. Sandboxes that were starting or running when the agent died are
+//! gone — their VMM is killed — and the control plane learns it from the agent's list.
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use nestbox_hostsys::net::{SandboxNet, SlotAddrs, SlotAllocator};
+use nestbox_vmm::snapshot::MANIFEST_FILE;
 
-use crate::sandbox::StateFile;
+use crate::sandbox::state::{self, Phase, StateFile};
 
 /// What the cleanup removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -21,6 +29,8 @@ pub struct CleanupReport {
     pub networks: usize,
     /// Sandbox directories removed.
     pub directories: usize,
+    /// Paused sandboxes kept.
+    pub paused: usize,
 }
 
 fn process_mentions(pid: u32, needle: &str) -> bool {
@@ -39,8 +49,6 @@ async fn kill_and_wait(pid: u32) {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             return;
         }
-        // A zombie whose parent died is reaped by init; an exited child of ours is not
-        // possible here (we just started). Poll briefly.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         if stat.split_whitespace().nth(2) == Some("Z") {
@@ -49,32 +57,55 @@ async fn kill_and_wait(pid: u32) {
     }
 }
 
-/// Removes the leftovers of this agent instance.
-pub async fn run(data_dir: &Path, mem_root: &Path, slots: &SlotAllocator) -> CleanupReport {
+/// A paused sandbox whose snapshot can still be restored.
+fn adoptable(dir: &Path) -> Option<StateFile> {
+    let st = state::read(dir)?;
+    if st.phase != Phase::Paused {
+        return None;
+    }
+    let fast = st.mem_dir.join("snapshot").join(MANIFEST_FILE);
+    let durable = dir.join("snapshot").join(MANIFEST_FILE);
+    let disk = dir.join("rootfs.qcow2");
+    (disk.is_file() && (fast.is_file() || (st.snapshot_durable && durable.is_file()))).then_some(st)
+}
+
+/// Removes the leftovers of this agent instance and returns the paused sandboxes to adopt.
+pub async fn run(
+    data_dir: &Path,
+    mem_root: &Path,
+    slots: &SlotAllocator,
+) -> (CleanupReport, Vec<StateFile>) {
     let mut report = CleanupReport::default();
+    let mut keep = Vec::new();
+    let mut kept_mem: HashSet<PathBuf> = HashSet::new();
     let sandboxes = data_dir.join("sandboxes");
     if let Ok(entries) = std::fs::read_dir(&sandboxes) {
         for entry in entries.flatten() {
             let dir = entry.path();
-            let state: Option<StateFile> = std::fs::read(dir.join("state.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            if let Some(state) = &state {
-                if let Some(pid) = state.vmm_pid
-                    && process_mentions(pid, &state.sandbox_id.to_string())
+            if let Some(st) = adoptable(&dir) {
+                // A partial on-disk copy from an interrupted persist is useless.
+                let _ = std::fs::remove_dir_all(dir.join("snapshot.partial"));
+                kept_mem.insert(st.mem_dir.clone());
+                report.paused += 1;
+                keep.push(st);
+                continue;
+            }
+            if let Some(left) = state::read_leftovers(&dir) {
+                if let Some(pid) = left.vmm_pid
+                    && process_mentions(pid, &left.sandbox_id.to_string())
                 {
-                    tracing::warn!(sandbox = %state.sandbox_id, pid, "killing a VMM left by a previous run");
+                    tracing::warn!(sandbox = %left.sandbox_id, pid, "killing a VMM left by a previous run");
                     kill_and_wait(pid).await;
                     report.processes += 1;
                 }
-                if let Some(slot) = state.slot {
+                if let Some(slot) = left.slot {
                     if let Err(e) = SandboxNet::teardown_addrs(&SlotAddrs::new(slot)).await {
                         tracing::error!(slot, error = %e, "removing a leftover network");
                     }
                     let _ = slots.release(slot);
                     report.networks += 1;
                 }
-                if let Some(mem) = &state.mem_dir {
+                if let Some(mem) = &left.mem_dir {
                     let _ = std::fs::remove_dir_all(mem);
                 }
             }
@@ -83,7 +114,7 @@ pub async fn run(data_dir: &Path, mem_root: &Path, slots: &SlotAllocator) -> Cle
             }
         }
     }
-    // Slots whose sandbox directory was already gone.
+    // Slots whose sandbox directory was already gone (paused sandboxes hold none).
     if let Ok(owned) = slots.owned() {
         for (slot, holder) in owned {
             tracing::warn!(slot, holder = %holder, "removing a leftover network slot");
@@ -94,9 +125,16 @@ pub async fn run(data_dir: &Path, mem_root: &Path, slots: &SlotAllocator) -> Cle
             report.networks += 1;
         }
     }
-    let _ = std::fs::remove_dir_all(mem_root);
+    // Tmpfs directories of sandboxes that are not kept.
+    if let Ok(entries) = std::fs::read_dir(mem_root) {
+        for e in entries.flatten() {
+            if !kept_mem.contains(&e.path()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     if report != CleanupReport::default() {
         tracing::warn!(?report, "cleaned up after a previous run");
     }
-    report
+    (report, keep)
 }

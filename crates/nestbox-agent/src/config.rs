@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub slots_dir: PathBuf,
     /// Heartbeat period.
     pub heartbeat_interval: Duration,
+    /// Built-in templates to keep a warm snapshot of (default creates restore from it).
+    pub warm_templates: Vec<String>,
+    /// Where warm snapshots live (machine-wide, shared by every agent on the host).
+    pub warm_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -82,6 +86,8 @@ impl AgentConfig {
             allow_private_egress: false,
             slots_dir: PathBuf::from("/run/nestbox/slots"),
             heartbeat_interval: Duration::from_secs(15),
+            warm_templates: vec![nestbox_types::limits::DEFAULT_TEMPLATE.to_string()],
+            warm_dir: PathBuf::from("/var/cache/nestbox/warm"),
         }
     }
 

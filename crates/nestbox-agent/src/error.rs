@@ -22,6 +22,14 @@ pub enum AgentError {
     /// The template is not available on this host.
     #[error("template `{0}` is not available on this host")]
     TemplateNotFound(String),
+    /// Sandboxes on this host still build on the template.
+    #[error("template {template} is in use by {sandboxes} sandboxes on this host")]
+    TemplateInUse {
+        /// The template.
+        template: nestbox_types::TemplateId,
+        /// How many use it.
+        sandboxes: usize,
+    },
     /// The host is full.
     #[error("host is at capacity: {0}")]
     NoCapacity(String),
@@ -86,6 +94,7 @@ impl AgentError {
             AgentError::SandboxExists(_) => ErrorCode::AlreadyExists,
             AgentError::WrongState { .. } => ErrorCode::SandboxNotRunning,
             AgentError::TemplateNotFound(_) => ErrorCode::TemplateNotFound,
+            AgentError::TemplateInUse { .. } => ErrorCode::Conflict,
             AgentError::NoCapacity(_) => ErrorCode::NoCapacity,
             AgentError::Invalid(_) => ErrorCode::InvalidRequest,
             AgentError::Busy(_) => ErrorCode::Busy,

@@ -83,8 +83,9 @@ fn info(h: &SandboxHandle, vmm: &str) -> SandboxInfo {
         sandbox_id: f.id.to_string(),
         team_id: f.team.to_string(),
         state: match h.state() {
-            State::Starting => SandboxState::Starting,
-            State::Running => SandboxState::Running,
+            State::Starting | State::Resuming => SandboxState::Starting,
+            State::Running | State::Pausing | State::Snapshotting => SandboxState::Running,
+            State::Paused => SandboxState::Paused,
             State::Stopping => SandboxState::Stopping,
         } as i32,
         template: f.template.clone(),
@@ -92,10 +93,27 @@ fn info(h: &SandboxHandle, vmm: &str) -> SandboxInfo {
         memory_mb: f.memory_mb,
         disk_size_mb: f.disk_size_mb,
         started_at_unix_ms: f.started_at.timestamp_millis(),
-        guest_agent_version: f.guest_version.clone(),
+        guest_agent_version: h.guest_version(),
         vmm: vmm.to_string(),
         kernel_version: f.kernel_version.clone(),
         boot_ms: ms(f.boot),
+        timeout_sec: f.timeout_sec,
+        last_active_unix_ms: h.last_active_ms(),
+        auto_paused: h.auto_paused(),
+        started_by: f.started_by.as_str().to_string(),
+    }
+}
+
+fn template_info(t: &crate::templates::StoredTemplate) -> TemplateInfo {
+    let r = &t.record;
+    TemplateInfo {
+        name: r.base_template.clone(),
+        min_disk_mb: r.disk_size_mb,
+        size_bytes: r.size_bytes,
+        kind: r.kind.as_str().to_string(),
+        template_id: r.key.clone(),
+        vcpus: r.vcpus,
+        memory_mb: r.memory_mb,
     }
 }
 
@@ -131,13 +149,12 @@ impl Service {
     /// The guest agent of a running sandbox, acting as `user` (empty: the default user).
     fn guest(&self, sandbox_id: &str, user: &str) -> Result<(SandboxId, EnvdClient), Status> {
         let id = parse_sandbox(sandbox_id)?;
-        let h = self.manager.running(id)?;
+        let guest = self.manager.running(id)?.guest()?;
         let guest = match user_name(user) {
-            Some(u) => h
-                .guest
+            Some(u) => guest
                 .as_user(u)
                 .map_err(|e| AgentError::Guest { id, source: e })?,
-            None => h.guest.clone(),
+            None => guest,
         };
         Ok((id, guest))
     }
@@ -211,10 +228,22 @@ impl HostAgent for Service {
             .team_id
             .parse()
             .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))?;
+        let template_id = if r.template_id.is_empty() {
+            None
+        } else {
+            Some(
+                r.template_id
+                    .parse()
+                    .map_err(|e: nestbox_types::IdParseError| {
+                        Status::invalid_argument(e.to_string())
+                    })?,
+            )
+        };
         let params = CreateParams {
             id,
             team,
             template: r.template,
+            template_id,
             vcpus: r.vcpus,
             memory_mb: r.memory_mb,
             disk_size_mb: r.disk_size_mb,
@@ -232,6 +261,85 @@ impl HostAgent for Service {
         Ok(Response::new(CreateSandboxResponse {
             sandbox: Some(info(&handle, &vmm)),
         }))
+    }
+
+    async fn pause_sandbox(
+        &self,
+        req: Request<PauseSandboxRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        let id = parse_sandbox(&req.into_inner().sandbox_id)?;
+        let manager = self.manager.clone();
+        // Runs to its end even if the caller goes away: never a half-paused sandbox.
+        tokio::spawn(async move { manager.pause(id).await })
+            .await
+            .map_err(|e| Status::internal(format!("pause task failed: {e}")))??;
+        let h = self.manager.get(id)?;
+        Ok(Response::new(info(&h, &self.manager.vmm_info())))
+    }
+
+    async fn resume_sandbox(
+        &self,
+        req: Request<ResumeSandboxRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        let id = parse_sandbox(&req.into_inner().sandbox_id)?;
+        let manager = self.manager.clone();
+        tokio::spawn(async move { manager.resume(id).await })
+            .await
+            .map_err(|e| Status::internal(format!("resume task failed: {e}")))?
+            .map_err(|e| match e {
+                AgentError::WrongState { id, state } => nestbox_proto::status(
+                    nestbox_types::ErrorCode::Conflict,
+                    format!("sandbox {id} is {state}, not paused"),
+                ),
+                other => other.into(),
+            })?;
+        let h = self.manager.get(id)?;
+        Ok(Response::new(info(&h, &self.manager.vmm_info())))
+    }
+
+    async fn ping_sandbox(
+        &self,
+        req: Request<PingSandboxRequest>,
+    ) -> Result<Response<PingSandboxResponse>, Status> {
+        let id = parse_sandbox(&req.into_inner().sandbox_id)?;
+        self.manager.ping(id)?;
+        Ok(Response::new(PingSandboxResponse {}))
+    }
+
+    async fn create_template(
+        &self,
+        req: Request<CreateTemplateRequest>,
+    ) -> Result<Response<CreateTemplateResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let template: nestbox_types::TemplateId = r
+            .template_id
+            .parse()
+            .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))?;
+        let kind = match TemplateKind::try_from(r.kind).unwrap_or(TemplateKind::Unspecified) {
+            TemplateKind::Snapshot | TemplateKind::Unspecified => crate::templates::Kind::Snapshot,
+            TemplateKind::Image => crate::templates::Kind::Image,
+        };
+        let manager = self.manager.clone();
+        let stored = tokio::spawn(async move { manager.create_template(id, template, kind).await })
+            .await
+            .map_err(|e| Status::internal(format!("template task failed: {e}")))??;
+        Ok(Response::new(CreateTemplateResponse {
+            template: Some(template_info(&stored)),
+        }))
+    }
+
+    async fn delete_template(
+        &self,
+        req: Request<DeleteTemplateRequest>,
+    ) -> Result<Response<DeleteTemplateResponse>, Status> {
+        let template: nestbox_types::TemplateId = req
+            .into_inner()
+            .template_id
+            .parse()
+            .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))?;
+        self.manager.delete_template(template)?;
+        Ok(Response::new(DeleteTemplateResponse {}))
     }
 
     async fn destroy_sandbox(
@@ -271,8 +379,8 @@ impl HostAgent for Service {
         let r = req.into_inner();
         let id = parse_sandbox(&r.sandbox_id)?;
         let params = self.exec_params(&r)?;
-        let h = self.manager.running(id)?;
-        let out = guest::run(id, &h.guest, params, None).await?;
+        let guest = self.manager.running(id)?.guest()?;
+        let out = guest::run(id, &guest, params, None).await?;
         Ok(Response::new(ExecResponse {
             stdout: out.stdout,
             stderr: out.stderr,
@@ -294,10 +402,10 @@ impl HostAgent for Service {
         let r = req.into_inner();
         let id = parse_sandbox(&r.sandbox_id)?;
         let params = self.exec_params(&r)?;
-        let h = self.manager.running(id)?;
+        let guest = self.manager.running(id)?.guest()?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            if let Err(e) = guest::run(id, &h.guest, params, Some(tx.clone())).await {
+            if let Err(e) = guest::run(id, &guest, params, Some(tx.clone())).await {
                 let _ = tx.send(Err(e.into())).await;
             }
         });
@@ -323,7 +431,7 @@ impl HostAgent for Service {
         if header.path.is_empty() {
             return Err(Status::invalid_argument("path is empty"));
         }
-        let h = self.manager.running(id)?;
+        let guest = self.manager.running(id)?.guest()?;
         // Chunks flow from the control plane to the guest without buffering the file. If
         // the control plane's stream breaks, the guest request is aborted with an error so
         // no truncated file is committed.
@@ -382,8 +490,7 @@ impl HostAgent for Service {
                 }
             }
         });
-        let uploaded = h
-            .guest
+        let uploaded = guest
             .upload(
                 &header.path,
                 user_name(&header.user),
@@ -395,8 +502,7 @@ impl HostAgent for Service {
             .map_err(|e| Status::internal(format!("upload pump failed: {e}")))?;
         pumped?;
         uploaded.map_err(|e| AgentError::Guest { id, source: e })?;
-        let stat = h
-            .guest
+        let stat = guest
             .stat(&header.path)
             .await
             .map_err(|e| AgentError::Guest { id, source: e })?;

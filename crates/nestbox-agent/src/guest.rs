@@ -249,6 +249,28 @@ pub async fn run(
     }
 }
 
+/// Flushes the guest's page cache to its disk (`sync`), so a disk copy is complete.
+pub async fn sync(id: SandboxId, guest: &EnvdClient) -> Result<(), AgentError> {
+    let params = ExecParams {
+        cmd: "sync".into(),
+        args: Vec::new(),
+        env: HashMap::new(),
+        cwd: None,
+        user: None,
+        timeout: Duration::from_secs(60),
+        stdin: None,
+        max_output: 4096,
+    };
+    let out = run(id, guest, params, None).await?;
+    if out.exit_code != 0 {
+        return Err(AgentError::Internal(format!(
+            "sync in {id} exited with {}",
+            out.exit_code
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod guest;
 pub mod register;
 pub mod sandbox;
+pub mod templates;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -132,6 +133,22 @@ pub fn preflight(cfg: &AgentConfig) -> Result<(), StartError> {
     Ok(())
 }
 
+/// What a clean shutdown did with the sandboxes.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownReport {
+    /// Paused: they resume after the restart.
+    pub paused: Vec<nestbox_types::SandboxId>,
+    /// Destroyed because they could not be paused.
+    pub destroyed: Vec<nestbox_types::SandboxId>,
+}
+
+/// A fresh random token (hex of 32 bytes).
+pub fn random_token() -> Result<String, AgentError> {
+    let mut buf = [0u8; 32];
+    getrandom::fill(&mut buf).map_err(|e| AgentError::Internal(format!("no randomness: {e}")))?;
+    Ok(hex::encode(buf))
+}
+
 /// A running agent.
 pub struct RunningAgent {
     /// Where its gRPC server listens.
@@ -159,23 +176,41 @@ impl std::fmt::Debug for RunningAgent {
 }
 
 impl RunningAgent {
-    /// Stops serving, destroys every sandbox and removes the host firewall table.
-    pub async fn shutdown(mut self) {
+    /// Stops serving, pauses every running sandbox (they survive the restart; one that
+    /// cannot be paused is destroyed) and removes the host firewall table.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.heartbeat.abort();
+        let (paused, destroyed) = self.manager.pause_all().await;
+        let _ = (&mut self.server).await;
+        // Paused sandboxes keep their tmpfs snapshots; remove the directory only if empty.
+        let _ = std::fs::remove_dir(&self.mem_root);
+        if let Err(e) = self.firewall.remove().await {
+            tracing::warn!(error = %e, "removing the host firewall table");
+        }
+        tracing::info!(
+            paused = paused.len(),
+            destroyed = destroyed.len(),
+            "host agent stopped"
+        );
+        ShutdownReport { paused, destroyed }
+    }
+
+    /// Stops serving and destroys every sandbox, paused ones included, leaving nothing on
+    /// the host (used by throwaway installations such as the benchmark).
+    pub async fn shutdown_and_destroy(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         self.heartbeat.abort();
         self.manager.destroy_all().await;
         let _ = (&mut self.server).await;
-        if let Err(e) = std::fs::remove_dir_all(&self.mem_root)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(error = %e, dir = %self.mem_root.display(), "removing the guest memory directory");
-        }
+        let _ = std::fs::remove_dir_all(&self.mem_root);
         if let Err(e) = self.firewall.remove().await {
             tracing::warn!(error = %e, "removing the host firewall table");
         }
-        tracing::info!("host agent stopped");
     }
 }
 
@@ -192,7 +227,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let slots = SlotAllocator::new(&cfg.slots_dir, tag.clone())
         .map_err(|e| step("opening the slot directory")(Box::new(e)))?;
 
-    cleanup::run(&cfg.data_dir, &mem_root, &slots).await;
+    let (_, paused) = cleanup::run(&cfg.data_dir, &mem_root, &slots).await;
 
     let dns = cfg.dns.clone().unwrap_or_else(host_dns_servers);
     let firewall = HostFirewall::new(&tag);
@@ -224,7 +259,14 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         slots,
         http: http.clone(),
         dns,
+        templates: templates::TemplateStore::new(cfg.data_dir.join("templates"))
+            .map_err(|e| step("opening the template store")(Box::new(e)))?,
+        warm: templates::TemplateStore::new(&cfg.warm_dir)
+            .map_err(|e| step("opening the warm snapshot store")(Box::new(e)))?,
     });
+    for st in paused {
+        manager.adopt_paused(st);
+    }
     if manager.templates().is_empty() {
         tracing::warn!(images = %cfg.images_dir.display(), "no templates found; build them with `nestbox image build`");
     }
@@ -291,6 +333,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         cfg.heartbeat_interval,
         move || u32::try_from(counter.count()).unwrap_or(u32::MAX),
     ));
+    manager.warm_up();
     tracing::info!(%addr, host = %creds.host_id, "host agent serving");
     Ok(RunningAgent {
         addr,

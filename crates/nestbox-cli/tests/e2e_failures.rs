@@ -42,13 +42,17 @@ fn qemu_of(id: &str) -> bool {
 
 #[tokio::test]
 async fn a_failed_boot_releases_everything_and_records_the_reason() {
-    // One second is far too short for a TCG boot: every create fails after the VM started.
+    // One second is far too short for a TCG boot: every create that boots fails after the
+    // VM started. (A non-default machine boots instead of restoring the warm snapshot.)
     let nb = Nestbox::up_with(Options {
         env: vec![("NESTBOX_BOOT_TIMEOUT".into(), "1".into())],
     });
     let client = nb.client();
     let err = client
-        .create_sandbox(&CreateSandboxRequest::default())
+        .create_sandbox(&CreateSandboxRequest {
+            memory_mb: Some(384),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     let msg = err.to_string();
@@ -138,10 +142,12 @@ async fn a_crash_is_cleaned_up_on_the_next_start() {
 async fn create_destroy_cycles_leave_nothing_behind() {
     let nb = Nestbox::up();
     let client = nb.client();
-    for _ in 0..8 {
+    for i in 0..8 {
+        // Alternate restores of the warm snapshot (default machine) and fresh boots.
+        let memory_mb = if i % 2 == 0 { None } else { Some(256) };
         let sb = client
             .create_sandbox(&CreateSandboxRequest {
-                memory_mb: Some(256),
+                memory_mb,
                 ..Default::default()
             })
             .await

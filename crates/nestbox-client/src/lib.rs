@@ -419,6 +419,56 @@ impl Client {
         self.delete(&format!("/v1/sandboxes/{id}")).await
     }
 
+    /// Pauses a running sandbox: its memory, processes and disk are saved.
+    pub async fn pause_sandbox(&self, id: SandboxId) -> Result<Sandbox, ClientError> {
+        self.post(&format!("/v1/sandboxes/{id}/pause"), &serde_json::json!({}))
+            .await
+    }
+
+    /// Resumes a paused sandbox where it was.
+    pub async fn resume_sandbox(&self, id: SandboxId) -> Result<Sandbox, ClientError> {
+        self.post(
+            &format!("/v1/sandboxes/{id}/resume"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Resets a sandbox's inactivity timer.
+    pub async fn ping_sandbox(&self, id: SandboxId) -> Result<(), ClientError> {
+        let path = format!("/v1/sandboxes/{id}/ping");
+        self.send(self.request(Method::POST, &path), &path)
+            .await
+            .map(|_| ())
+    }
+
+    /// Turns a running or paused sandbox into a team template.
+    pub async fn create_snapshot(
+        &self,
+        req: &CreateSnapshotRequest,
+    ) -> Result<Template, ClientError> {
+        self.post("/v1/snapshots", req).await
+    }
+
+    /// The team's templates and the platform's.
+    pub async fn list_snapshots(&self) -> Result<Vec<Template>, ClientError> {
+        self.get::<Page<Template>>("/v1/snapshots")
+            .await
+            .map(|p| p.items)
+    }
+
+    /// Deletes a team template (platform templates: platform admins only).
+    pub async fn delete_snapshot(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/snapshots/{name}")).await
+    }
+
+    /// Every team's templates (platform admins).
+    pub async fn admin_templates(&self) -> Result<Vec<Template>, ClientError> {
+        self.get::<Page<Template>>("/v1/admin/templates")
+            .await
+            .map(|p| p.items)
+    }
+
     /// Runs a command and returns its collected output.
     pub async fn exec(&self, id: SandboxId, req: &ExecRequest) -> Result<ExecResult, ClientError> {
         self.post(&format!("/v1/sandboxes/{id}/exec"), req).await

@@ -67,6 +67,12 @@ pub struct ControlConfig {
     pub memory_overcommit: f64,
     /// Deadline of a sandbox create call to an agent.
     pub create_timeout: Duration,
+    /// Deadline of a pause or resume call to an agent. The host monitor leaves a sandbox
+    /// that was marked `paused` more recently than this alone, because its pause may still
+    /// be in flight.
+    pub pause_timeout: Duration,
+    /// Deadline of a call that writes or deletes a template's files on an agent.
+    pub template_timeout: Duration,
 }
 
 impl ControlConfig {
@@ -87,6 +93,8 @@ impl ControlConfig {
             heartbeat_interval: Duration::from_secs(15),
             memory_overcommit: 2.0,
             create_timeout: Duration::from_secs(180),
+            pause_timeout: Duration::from_secs(120),
+            template_timeout: Duration::from_secs(600),
         }
     }
 

@@ -1,25 +1,35 @@
 //! The host monitor: reconciles what the database says should exist with what hosts run.
 //!
 //! Every `monitor_interval`:
-//! 1. hosts without a heartbeat for `host_grace` become `unreachable`, and their running
-//!    sandboxes `missing` (reversible);
+//! 1. hosts without a heartbeat for `host_grace` become `unreachable`, and their running and
+//!    paused sandboxes `missing` (reversible);
 //! 2. for each online host: refresh its platform templates, then compare its agent's list
-//!    with the database —
-//!    - `running` (or `missing`) in the database but unknown to the agent (checked twice, so
-//!      a destroy in flight is not mistaken for a loss) → `error` ("lost by its host");
-//!    - `missing` in the database and known to the agent → `running` again;
+//!    (running and paused sandboxes, with their state) with the database —
+//!    - `running`, `paused` or `missing` in the database but unknown to the agent (checked
+//!      twice, so a destroy in flight is not mistaken for a loss) → `error` ("lost by its
+//!      host");
+//!    - `missing` in the database and known to the agent → `running` or `paused`, as the
+//!      agent reports it;
+//!    - `running` in the database and paused on the agent (its inactivity timer paused it)
+//!      → `paused`, audited as `sandbox.auto_pause`; never `stopped`: its state is saved;
+//!    - `paused` in the database and running on the agent (a resume whose answer was lost)
+//!      → `running`, but only once the sandbox was marked paused longer ago than
+//!      `pause_timeout`: a pause marks the sandbox before its agent call, so until then the
+//!      call may still be in flight and the VM still running;
 //!    - known to the agent but stopped, failed or unknown in the database → destroyed on
 //!      the agent (an orphan).
 //!
 //! Sandboxes in `pending`/`starting` are never touched: their create call owns them.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use nestbox_db::{hosts, sandboxes};
-use nestbox_proto::hostagent::{DestroySandboxRequest, GetSandboxRequest, ListSandboxesRequest};
+use nestbox_proto::hostagent::{
+    DestroySandboxRequest, GetSandboxRequest, ListSandboxesRequest, SandboxInfo, SandboxState,
+};
 use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
 
 use crate::service::{AuditActor, AuditEntry};
@@ -66,11 +76,12 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
             .unwrap_or(chrono::Duration::seconds(90));
     for host in hosts::mark_stale_unreachable(&services.db, cutoff).await? {
         tracing::warn!(host = %host, "host missed its heartbeats; marking it unreachable");
-        for sb in sandboxes::list_by_host(&services.db, host, &[SandboxStatus::Running]).await? {
+        let live = [SandboxStatus::Running, SandboxStatus::Paused];
+        for sb in sandboxes::list_by_host(&services.db, host, &live).await? {
             sandboxes::transition(
                 &services.db,
                 sb.id,
-                &[SandboxStatus::Running],
+                &[sb.status],
                 SandboxStatus::Missing,
                 Some("its host stopped answering"),
             )
@@ -115,71 +126,74 @@ async fn reconcile(
         .await
         .map_err(|s| crate::error::from_agent(&s))?
         .into_inner();
-    let on_agent: HashSet<SandboxId> = listed
+    let on_agent: HashMap<SandboxId, &SandboxInfo> = listed
         .sandboxes
         .iter()
-        .filter_map(|s| s.sandbox_id.parse().ok())
+        .filter_map(|s| Some((s.sandbox_id.parse().ok()?, s)))
         .collect();
+    let settle = chrono::Duration::from_std(services.cfg.pause_timeout)
+        .unwrap_or(chrono::Duration::minutes(2));
 
     let in_db = sandboxes::list_by_host(
         &services.db,
         host,
-        &[SandboxStatus::Running, SandboxStatus::Missing],
+        &[
+            SandboxStatus::Running,
+            SandboxStatus::Paused,
+            SandboxStatus::Missing,
+        ],
     )
     .await?;
     for sb in &in_db {
-        let present = on_agent.contains(&sb.id);
-        match (sb.status, present) {
-            (SandboxStatus::Missing, true) => {
-                sandboxes::transition(
-                    &services.db,
-                    sb.id,
-                    &[SandboxStatus::Missing],
-                    SandboxStatus::Running,
-                    None,
-                )
-                .await?;
-                tracing::info!(sandbox = %sb.id, "sandbox is back with its host");
+        let Some(info) = on_agent.get(&sb.id) else {
+            // Ask again: a destroy may have finished between the list and now.
+            let again = client
+                .get_sandbox(GetSandboxRequest {
+                    sandbox_id: sb.id.to_string(),
+                })
+                .await;
+            let gone = matches!(&again, Err(s) if nestbox_proto::error_code(s) == ErrorCode::SandboxNotFound);
+            if gone {
+                lost(services, host, sb).await?;
             }
-            // A sandbox that went missing with its host and is not back with it was lost too;
-            // left `missing`, it would hold a slot on the host forever.
-            (SandboxStatus::Running | SandboxStatus::Missing, false) => {
-                // Ask again: a destroy may have finished between the list and now.
-                let again = client
-                    .get_sandbox(GetSandboxRequest {
-                        sandbox_id: sb.id.to_string(),
-                    })
-                    .await;
-                let gone = matches!(&again, Err(s) if nestbox_proto::error_code(s) == ErrorCode::SandboxNotFound);
-                if gone {
-                    let applied = sandboxes::transition(
-                        &services.db,
-                        sb.id,
-                        &[sb.status],
-                        SandboxStatus::Error,
-                        Some("lost by its host (the VM exited or the host agent restarted)"),
-                    )
-                    .await?;
-                    if applied {
-                        tracing::warn!(sandbox = %sb.id, "sandbox lost by its host");
-                        services
-                            .audit(AuditEntry {
-                                actor: AuditActor::System,
-                                team: Some(sb.team_id),
-                                action: "sandbox.lost",
-                                resource_type: "sandbox",
-                                resource_id: Some(sb.id.to_string()),
-                                ok: false,
-                                details: serde_json::json!({ "host": host.to_string() }),
-                            })
-                            .await;
-                    }
-                }
+            continue;
+        };
+        let state = SandboxState::try_from(info.state).unwrap_or(SandboxState::Unspecified);
+        let to = match (sb.status, state) {
+            (SandboxStatus::Missing, SandboxState::Running) => SandboxStatus::Running,
+            (SandboxStatus::Missing, SandboxState::Paused) => SandboxStatus::Paused,
+            (SandboxStatus::Running, SandboxState::Paused) => SandboxStatus::Paused,
+            (SandboxStatus::Paused, SandboxState::Running)
+                if Utc::now() - sb.updated_at >= settle =>
+            {
+                SandboxStatus::Running
             }
-            _ => {}
+            _ => continue,
+        };
+        let applied = sandboxes::transition(&services.db, sb.id, &[sb.status], to, None).await?;
+        if !applied {
+            continue;
+        }
+        tracing::info!(sandbox = %sb.id, from = %sb.status, to = %to, "sandbox follows its host");
+        if (sb.status, to) == (SandboxStatus::Running, SandboxStatus::Paused) {
+            services
+                .audit(AuditEntry {
+                    actor: AuditActor::System,
+                    team: Some(sb.team_id),
+                    action: "sandbox.auto_pause",
+                    resource_type: "sandbox",
+                    resource_id: Some(sb.id.to_string()),
+                    ok: true,
+                    details: serde_json::json!({
+                        "host": host.to_string(),
+                        "auto_paused": info.auto_paused,
+                        "last_active_unix_ms": info.last_active_unix_ms,
+                    }),
+                })
+                .await;
         }
     }
-    for id in on_agent {
+    for id in on_agent.into_keys() {
         let orphan = match sandboxes::get(&services.db, id).await {
             Ok(sb) => sb.status.is_terminal() || sb.host_id != Some(host),
             Err(e) if e.is_not_found() => true,
@@ -196,6 +210,37 @@ async fn reconcile(
                 tracing::warn!(sandbox = %id, error = %s.message(), "destroying an orphan");
             }
         }
+    }
+    Ok(())
+}
+
+/// Records that `sb`'s host no longer knows it.
+async fn lost(
+    services: &Services,
+    host: nestbox_types::HostId,
+    sb: &sandboxes::Sandbox,
+) -> Result<(), crate::error::ApiError> {
+    let applied = sandboxes::transition(
+        &services.db,
+        sb.id,
+        &[sb.status],
+        SandboxStatus::Error,
+        Some("lost by its host (the VM exited or the host agent restarted)"),
+    )
+    .await?;
+    if applied {
+        tracing::warn!(sandbox = %sb.id, "sandbox lost by its host");
+        services
+            .audit(AuditEntry {
+                actor: AuditActor::System,
+                team: Some(sb.team_id),
+                action: "sandbox.lost",
+                resource_type: "sandbox",
+                resource_id: Some(sb.id.to_string()),
+                ok: false,
+                details: serde_json::json!({ "host": host.to_string(), "was": sb.status }),
+            })
+            .await;
     }
     Ok(())
 }

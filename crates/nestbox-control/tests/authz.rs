@@ -9,7 +9,8 @@
 //! files), team B (another user and their API key), and the platform admin (who belongs to
 //! neither). Another team never sees team A's resources (404); anonymous callers get 401;
 //! insufficient roles, API keys on user-only routes and non-admins on admin routes get 403.
-//! Destructive operations get a fresh target for every caller.
+//! Destructive operations, and those that change a state (pause, resume), get a fresh
+//! target for every caller.
 
 // Tests may panic on what they expect (see clippy.toml); helpers here are not `#[test]`s.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -174,6 +175,13 @@ const MATRIX: &[Row] = &[
     row("POST", "/v1/sandboxes", ANY_CALLER),
     row("GET", "/v1/sandboxes/{sandbox_id}", TEAM_RESOURCE),
     row("DELETE", "/v1/sandboxes/{sandbox_id}", TEAM_RESOURCE),
+    row("POST", "/v1/sandboxes/{sandbox_id}/pause", TEAM_RESOURCE),
+    row("POST", "/v1/sandboxes/{sandbox_id}/resume", TEAM_RESOURCE),
+    row("POST", "/v1/sandboxes/{sandbox_id}/ping", TEAM_RESOURCE),
+    row("GET", "/v1/snapshots", ANY_CALLER),
+    row("POST", "/v1/snapshots", TEAM_RESOURCE),
+    row("DELETE", "/v1/snapshots/{name}", TEAM_RESOURCE),
+    row("GET", "/v1/admin/templates", PLATFORM_ADMINS),
     row("POST", "/v1/sandboxes/{sandbox_id}/exec", TEAM_RESOURCE),
     row(
         "POST",
@@ -342,6 +350,18 @@ impl World {
         self.h.anonymous().with_api_key(&self.key)
     }
 
+    fn key_api(&self) -> common::api::Api {
+        common::api::Api::new(&self.h.url, vec![("x-api-key", self.key.clone())])
+    }
+
+    /// A fresh running sandbox of team A.
+    async fn fresh_sandbox(&self) -> anyhow::Result<Sandbox> {
+        Ok(self
+            .key_client()
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await?)
+    }
+
     /// Headers that authenticate `who` (users act for team A when they belong to it).
     fn credentials(&self, who: Who) -> anyhow::Result<Vec<(&'static str, String)>> {
         let session = |user: &TestUser| -> anyhow::Result<String> {
@@ -469,11 +489,28 @@ impl World {
             ),
             ("POST", "/v1/sandboxes") => call(path.into(), Body::Json(json!({}))),
             ("DELETE", "/v1/sandboxes/{sandbox_id}") => {
-                let doomed = self
-                    .key_client()
-                    .create_sandbox(&CreateSandboxRequest::default())
-                    .await?;
+                let doomed = self.fresh_sandbox().await?;
                 call(format!("/v1/sandboxes/{}", doomed.id), Body::Empty)
+            }
+            ("POST", "/v1/sandboxes/{sandbox_id}/pause") => {
+                let running = self.fresh_sandbox().await?;
+                call(format!("/v1/sandboxes/{}/pause", running.id), Body::Empty)
+            }
+            ("POST", "/v1/sandboxes/{sandbox_id}/resume") => {
+                let paused = self.fresh_sandbox().await?;
+                self.key_api().pause(paused.id).await?;
+                call(format!("/v1/sandboxes/{}/resume", paused.id), Body::Empty)
+            }
+            ("POST", "/v1/snapshots") => call(
+                path.into(),
+                Body::Json(json!({ "sandbox_id": sb, "name": unique("snap") })),
+            ),
+            ("DELETE", "/v1/snapshots/{name}") => {
+                let doomed = self
+                    .key_api()
+                    .snapshot(&common::api::snapshot(sb, &unique("doomed")))
+                    .await?;
+                call(format!("/v1/snapshots/{}", doomed.name), Body::Empty)
             }
             ("POST", "/v1/sandboxes/{sandbox_id}/exec")
             | ("POST", "/v1/sandboxes/{sandbox_id}/exec/stream") => call(
@@ -524,6 +561,11 @@ impl World {
         };
         Ok(rb.send().await?.status().as_u16())
     }
+}
+
+/// A name no other call uses.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
 async fn authorization_matrix(engine: Engine) -> anyhow::Result<()> {
@@ -598,6 +640,28 @@ async fn other_teams_see_nothing_of_a_team(engine: Engine) -> anyhow::Result<()>
             );
         }
     }
+    // Nor of its templates.
+    let theirs = w
+        .key_api()
+        .snapshot(&common::api::snapshot(sb, "team-a-only"))
+        .await?;
+    for outsider in [
+        common::api::Api::new(&w.h.url, vec![("x-api-key", w.other_key.clone())]),
+        w.other.api(),
+        w.h.admin.api(),
+    ] {
+        let listed = outsider.snapshots(None).await?;
+        assert!(listed.items.iter().all(|t| t.id != theirs.id));
+        assert_eq!(
+            outsider
+                .delete_snapshot("team-a-only")
+                .await
+                .err()
+                .and_then(|e| e.code()),
+            Some(ErrorCode::TemplateNotFound)
+        );
+    }
+    assert!(w.h.agent.template(theirs.id).is_some());
     // Another team's id in the team header is not a way in either.
     let sneaky = w.other.client.clone().with_team(w.team);
     assert_eq!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Engine, Harness, Options, WAIT, api_error, both_engines};
 use nestbox_db::sandboxes;
-use nestbox_testkit::{SimOp, wait_for};
+use nestbox_testkit::{SimOp, SimState, wait_for};
 use nestbox_types::api::{ExecRequest, PageQuery};
 use nestbox_types::{ErrorCode, HostStatus, SandboxId, SandboxStatus};
 
@@ -19,6 +19,10 @@ both_engines!(
     sandbox_lost_by_its_host_becomes_error,
     sandbox_gone_when_its_host_returns_becomes_error,
     orphans_are_destroyed_on_the_agent,
+    auto_paused_sandboxes_become_paused_never_stopped,
+    a_paused_sandbox_its_host_lost_becomes_error,
+    paused_sandboxes_go_missing_with_their_host_and_come_back_paused,
+    a_sandbox_resumed_behind_its_back_runs_once_its_pause_settled,
 );
 
 /// A control plane whose hosts are unreachable after two seconds without heartbeat.
@@ -223,6 +227,129 @@ async fn orphans_are_destroyed_on_the_agent(engine: Engine) -> anyhow::Result<()
     assert!(h.agent.sandbox(again).is_some());
     h.monitor_pass().await?;
     assert!(h.agent.sandbox(again).is_none());
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn auto_paused_sandboxes_become_paused_never_stopped(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let idle = h.sandbox().await?;
+    let busy = h.sandbox().await?;
+    assert!(h.agent.auto_pause(idle.id), "its inactivity timer fired");
+
+    for _ in 0..2 {
+        h.monitor_pass().await?;
+        assert_eq!(
+            h.key.get_sandbox(idle.id).await?.status,
+            SandboxStatus::Paused
+        );
+    }
+    assert_eq!(
+        h.key.get_sandbox(busy.id).await?.status,
+        SandboxStatus::Running
+    );
+    assert_eq!(h.agent.calls(SimOp::Destroy), 0, "its saved state is kept");
+    let log = h.admin.client.audit_logs(&PageQuery::default()).await?;
+    let entry = log
+        .items
+        .iter()
+        .find(|a| a.action == "sandbox.auto_pause")
+        .expect("the pause is audited");
+    assert_eq!(
+        entry.resource_id.as_deref(),
+        Some(idle.id.to_string().as_str())
+    );
+    assert_eq!(entry.actor_type, "system");
+    assert_eq!(entry.details["auto_paused"], true);
+
+    // It resumes like any paused sandbox.
+    h.key_api().resume(idle.id).await?;
+    assert_eq!(
+        h.agent.sandbox(idle.id).map(|s| s.state),
+        Some(SimState::Running)
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn a_paused_sandbox_its_host_lost_becomes_error(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let sb = h.sandbox().await?;
+    h.key_api().pause(sb.id).await?;
+    assert!(h.agent.lose(sb.id), "its snapshot files are gone");
+
+    h.monitor_pass().await?;
+    let got = h.key.get_sandbox(sb.id).await?;
+    assert_eq!(got.status, SandboxStatus::Error);
+    let reason = got.error.unwrap_or_default();
+    assert!(reason.contains("lost by its host"), "{reason}");
+    api_error(h.key_api().resume(sb.id).await, 409, ErrorCode::Conflict);
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn paused_sandboxes_go_missing_with_their_host_and_come_back_paused(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    let h = short_grace(engine).await?;
+    let paused = h.sandbox().await?;
+    let running = h.sandbox().await?;
+    h.key_api().pause(paused.id).await?;
+
+    wait_until_unreachable(&h).await?;
+    for sb in [&paused, &running] {
+        assert_eq!(
+            h.key.get_sandbox(sb.id).await?.status,
+            SandboxStatus::Missing
+        );
+    }
+    api_error(
+        h.key_api().resume(paused.id).await,
+        409,
+        ErrorCode::Conflict,
+    );
+
+    h.agent.heartbeat().await?;
+    h.monitor_pass().await?;
+    assert_eq!(
+        h.key.get_sandbox(paused.id).await?.status,
+        SandboxStatus::Paused,
+        "back as its host holds it"
+    );
+    assert_eq!(
+        h.key.get_sandbox(running.id).await?.status,
+        SandboxStatus::Running
+    );
+    h.key_api().resume(paused.id).await?;
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn a_sandbox_resumed_behind_its_back_runs_once_its_pause_settled(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    // A pause call lasts at most a second here, so a pause marked longer ago is over.
+    let h = Harness::with(
+        engine,
+        Options {
+            pause_timeout: Duration::from_secs(1),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let sb = h.sandbox().await?;
+    h.key_api().pause(sb.id).await?;
+    // The answer to a resume never reached the control plane.
+    assert!(h.agent.resume_unasked(sb.id));
+
+    wait_for(WAIT, || async {
+        h.monitor_pass().await?;
+        let status = h.key.get_sandbox(sb.id).await?.status;
+        anyhow::ensure!(status == SandboxStatus::Running, "still {status}");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(h.key.exec(sb.id, &echo()).await?.stdout, "echo alive\n");
     h.shutdown().await;
     Ok(())
 }

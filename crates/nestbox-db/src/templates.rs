@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use nestbox_types::{HostId, PLATFORM_TEAM, TeamId, TemplateId, TemplateKind};
 
-use crate::engine::{Db, DbRow, args, now};
+use crate::engine::{Conn, Db, DbRow, args, now};
 use crate::error::{DbError, missing_as_not_found};
 
 /// A template.
@@ -104,14 +104,52 @@ pub async fn upsert(db: &Db, new: &NewTemplate) -> Result<Template, DbError> {
 /// Inserts a new template; unlike [`upsert`], [`DbError::Conflict`] if the team already has
 /// one of that name.
 pub async fn create(db: &Db, new: &NewTemplate) -> Result<Template, DbError> {
-    db.fetch_one(
+    create_with_id(db, TemplateId::new(), new).await
+}
+
+/// [`create`] with an id the caller chose (the id a host already stores the files under).
+/// [`DbError::Conflict`] if the team already has a template of that name (or the id is
+/// taken).
+pub async fn create_with_id(
+    db: &Db,
+    id: TemplateId,
+    new: &NewTemplate,
+) -> Result<Template, DbError> {
+    insert(&mut db.acquire().await?.conn(), id, new).await
+}
+
+/// Replaces the template `old` by a new row `id` in one transaction: `old` is deleted (if it
+/// still exists) and `new` inserted. Sandboxes made from `old` lose their `template_id`, as
+/// with [`delete`]. [`DbError::Conflict`] (and nothing changes) if the team has another
+/// template of the new name.
+pub async fn replace(
+    db: &Db,
+    old: TemplateId,
+    id: TemplateId,
+    new: &NewTemplate,
+) -> Result<Template, DbError> {
+    let mut tx = db.begin().await?;
+    tx.conn()
+        .execute("DELETE FROM templates WHERE id = $1", args![old])
+        .await?;
+    let template = insert(&mut tx.conn(), id, new).await?;
+    tx.commit().await?;
+    Ok(template)
+}
+
+async fn insert(
+    conn: &mut Conn<'_>,
+    id: TemplateId,
+    new: &NewTemplate,
+) -> Result<Template, DbError> {
+    conn.fetch_one(
         &format!(
             "INSERT INTO templates (id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, \
                                     size_bytes, host_id, created_by, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) RETURNING {COLUMNS}"
         ),
         args![
-            TemplateId::new(),
+            id,
             new.team_id,
             &new.name,
             new.kind,

@@ -187,19 +187,113 @@ pub async fn expand_ext4(path: &Path, size_mb: u64) -> Result<(), DiskError> {
 }
 
 /// Creates a qcow2 overlay at `overlay` backed by the raw image `base`, with the base's
-/// size.
-pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), DiskError> {
-    Cmd::new("qemu-img")
+/// size, or `size_mb` when given (larger than the base: the guest grows its filesystem).
+pub async fn create_overlay(
+    base: &Path,
+    overlay: &Path,
+    size_mb: Option<u64>,
+) -> Result<(), DiskError> {
+    let mut cmd = Cmd::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
+        .arg(overlay);
+    if let Some(mb) = size_mb {
+        cmd = cmd.arg(format!("{mb}M"));
+    }
+    cmd.run().await.map_err(|source| DiskError::Command {
+        path: overlay.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Writes the whole disk seen through `overlay` (a qcow2 with its backing chain) into a
+/// standalone raw image at `out`. Zeroed regions stay holes, so the result is sparse.
+pub async fn flatten(overlay: &Path, out: &Path) -> Result<(), DiskError> {
+    Cmd::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
         .arg(overlay)
+        .arg(out)
         .run()
         .await
         .map_err(|source| DiskError::Command {
-            path: overlay.to_path_buf(),
+            path: out.to_path_buf(),
             source,
         })?;
     Ok(())
+}
+
+/// Copies a file keeping its holes (a sparse copy).
+pub async fn sparse_copy(from: &Path, to: &Path) -> Result<(), DiskError> {
+    Cmd::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .run()
+        .await
+        .map_err(|source| DiskError::Command {
+            path: to.to_path_buf(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Shrinks the ext4 image at `path` to its smallest size (checked first, then
+/// `resize2fs -M`, then truncated to the filesystem). Returns the new size in bytes.
+pub async fn shrink_ext4(path: &Path) -> Result<u64, DiskError> {
+    let wrap = |source| DiskError::Command {
+        path: path.to_path_buf(),
+        source,
+    };
+    // e2fsck exits 1 when it fixed something (a crash-consistent copy replays its journal).
+    let check = Cmd::new("e2fsck")
+        .args(["-fy"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(wrap)?;
+    if !matches!(check.status.code(), Some(0 | 1)) {
+        return Err(DiskError::Command {
+            path: path.to_path_buf(),
+            source: ProcessError::Failed {
+                argv: format!("e2fsck -fy {}", path.display()),
+                status: check.status,
+                stderr: crate::process::tail(&check.stdout),
+            },
+        });
+    }
+    Cmd::new("resize2fs")
+        .args(["-f", "-M"])
+        .arg(path)
+        .run()
+        .await
+        .map_err(wrap)?;
+    let out = Cmd::new("dumpe2fs")
+        .arg("-h")
+        .arg(path)
+        .run()
+        .await
+        .map_err(wrap)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let (Some(blocks), Some(block_size)) = (field("Block count"), field("Block size")) else {
+        return Err(DiskError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("dumpe2fs printed no block count"),
+        });
+    };
+    let size = blocks * block_size;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    file.set_len(size).map_err(io_err(path))?;
+    Ok(size)
 }
 
 /// Bytes actually allocated on the host for `path` (sparse files count only written
@@ -252,8 +346,19 @@ mod tests {
         let again = bases.ensure("t", "k1", &src, 256, 32).await.unwrap();
         assert_eq!(base, again);
         let overlay = dir.path().join("o.qcow2");
-        create_overlay(&base, &overlay).await.unwrap();
+        create_overlay(&base, &overlay, None).await.unwrap();
         assert!(allocated_bytes(&overlay).unwrap() < 1024 * 1024);
+        // Flatten the overlay back into a standalone sparse image, and shrink it.
+        let flat = dir.path().join("flat.ext4");
+        flatten(&overlay, &flat).await.unwrap();
+        assert_eq!(std::fs::metadata(&flat).unwrap().len(), 256 * 1024 * 1024);
+        assert!(
+            allocated_bytes(&flat).unwrap() < 64 * 1024 * 1024,
+            "flattening keeps holes"
+        );
+        let shrunk = shrink_ext4(&flat).await.unwrap();
+        assert!(shrunk < 64 * 1024 * 1024, "shrunk to {shrunk}");
+        assert_eq!(std::fs::metadata(&flat).unwrap().len(), shrunk);
         // A new build key prunes the old bases.
         bases.ensure("t", "k2", &src, 64, 32).await.unwrap();
         assert_eq!(bases.prune("t", "k2").await.unwrap(), 1);

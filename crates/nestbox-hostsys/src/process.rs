@@ -85,7 +85,7 @@ pub fn package_hint(program: &str) -> Option<&'static str> {
         "nft" => "nftables",
         "ip" => "iproute2",
         "debootstrap" => "debootstrap",
-        "mkfs.ext4" | "resize2fs" | "e2fsck" | "debugfs" | "tune2fs" => "e2fsprogs",
+        "mkfs.ext4" | "resize2fs" | "e2fsck" | "debugfs" | "tune2fs" | "dumpe2fs" => "e2fsprogs",
         "lz4" => "lz4",
         "cpio" => "cpio",
         "dpkg-deb" => "dpkg",

@@ -4,7 +4,8 @@
 //!   test process, with a fresh database per test ([`PgCluster::fresh_database`]).
 //! - [`temp_sqlite_url`]: a SQLite database file in a temporary directory.
 //! - [`simagent::SimAgent`]: a simulated host agent (the real gRPC contract, in memory, with
-//!   failure injection) that registers with a control plane like a real agent.
+//!   failure injection and calls held in flight) that registers with a control plane like a
+//!   real agent.
 //! - [`wait_for`]: poll a condition until it holds or a deadline passes (tests never sleep a
 //!   fixed time).
 
@@ -13,7 +14,7 @@ pub mod simagent;
 mod wait;
 
 pub use pg::{PgCluster, PgError};
-pub use simagent::{SimAgent, SimAgentConfig, SimOp};
+pub use simagent::{SimAgent, SimAgentConfig, SimHold, SimOp, SimState, TemplateCall};
 pub use wait::{Ready, WaitTimedOut, wait_for};
 
 /// A SQLite database in its own temporary directory, removed on drop.

@@ -36,10 +36,27 @@
 //!   resolved against `/root`). Writes create parent directories and are kept only when the
 //!   upload stream carries its commit message: an aborted upload stores nothing (and is
 //!   counted, [`SimAgent::aborted_writes`]).
+//! - **Pause and resume** change a sandbox's state like the real agent: `PauseSandbox` needs a
+//!   running sandbox (else `sandbox_not_running`), `ResumeSandbox` a paused one (else
+//!   `conflict`); commands, files and `PingSandbox` need a running one. Paused sandboxes are
+//!   listed with state `PAUSED`; [`SimAgent::auto_pause`] pauses one as the agent's inactivity
+//!   timer would (`auto_paused`), [`SimAgent::resume_unasked`] resumes one behind the control
+//!   plane's back. Destroy works in either state.
+//! - **Templates** made by `CreateTemplate` are stored per agent by id with their kind,
+//!   machine (the sandbox's vCPUs and memory), disk, a deterministic size and a copy of the
+//!   sandbox's files; `CreateSandbox` with a `template_id` starts from one (unknown →
+//!   `template_not_found`; a snapshot's vCPUs and memory must match, else `invalid_request`;
+//!   the disk may not be smaller) and gets its files. `Ping` lists them after the built-in
+//!   templates, with `template_id` set. `DeleteTemplate` of an unknown id is
+//!   `template_not_found`. Every template call is logged in arrival order
+//!   ([`SimAgent::template_log`]).
 //! - **Failure injection**: [`SimAgent::fail_next`] makes the next call of one RPC fail with
 //!   a Nestbox error code (as a real agent would, via [`nestbox_proto::status`]);
 //!   [`SimAgent::lose`] forgets a sandbox silently (the VM "died"); [`SimAgent::adopt`]
 //!   makes it run a sandbox the control plane never created.
+//! - **Calls in flight**: [`SimAgent::hold`] parks every call of one RPC (after counting it,
+//!   before its injected failure and its effect) until the returned [`SimHold`] is released
+//!   or dropped, so a test can look at the control plane while the call is pending.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -49,16 +66,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nestbox_proto::hostagent::host_agent_server::{HostAgent, HostAgentServer};
 use nestbox_proto::hostagent::{
-    self as pb, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest,
+    self as pb, CreateSandboxRequest, CreateSandboxResponse, CreateTemplateRequest,
+    CreateTemplateResponse, DeleteTemplateRequest, DeleteTemplateResponse, DestroySandboxRequest,
     DestroySandboxResponse, ExecEvent, ExecRequest, ExecResponse, GetSandboxRequest,
     ListDirRequest, ListDirResponse, ListSandboxesRequest, ListSandboxesResponse, MakeDirRequest,
-    MakeDirResponse, PingRequest, PingResponse, ReadFileRequest, ReadFileResponse, RemoveRequest,
-    RemoveResponse, SandboxInfo, StatRequest, StatResponse, TemplateInfo, WriteFileRequest,
+    MakeDirResponse, PauseSandboxRequest, PingRequest, PingResponse, PingSandboxRequest,
+    PingSandboxResponse, ReadFileRequest, ReadFileResponse, RemoveRequest, RemoveResponse,
+    ResumeSandboxRequest, SandboxInfo, StatRequest, StatResponse, TemplateInfo, WriteFileRequest,
     WriteFileResponse, exec_event, read_file_response, write_file_request,
 };
 use nestbox_types::api::{HeartbeatRequest, RegisterHostRequest, RegisterHostResponse};
-use nestbox_types::{ErrorCode, HostId, SandboxId};
-use tokio::sync::oneshot;
+use nestbox_types::{ErrorCode, HostId, SandboxId, TemplateId};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -154,6 +173,62 @@ pub enum SimOp {
     MakeDir,
     /// `Remove`.
     Remove,
+    /// `PauseSandbox`.
+    PauseSandbox,
+    /// `ResumeSandbox`.
+    ResumeSandbox,
+    /// `PingSandbox`.
+    PingSandbox,
+    /// `CreateTemplate`.
+    CreateTemplate,
+    /// `DeleteTemplate`.
+    DeleteTemplate,
+}
+
+/// Whether a simulated sandbox's VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimState {
+    /// It runs.
+    Running,
+    /// Its memory and disk are saved; no VM runs.
+    Paused,
+}
+
+/// A template call as the agent received it, for [`SimAgent::template_log`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateCall {
+    /// `CreateTemplate`.
+    Create {
+        /// The id the control plane chose.
+        template_id: String,
+        /// The sandbox captured.
+        sandbox_id: String,
+    },
+    /// `DeleteTemplate`.
+    Delete {
+        /// The template whose files to delete.
+        template_id: String,
+    },
+}
+
+/// A template the simulated agent stores (made by `CreateTemplate`).
+#[derive(Debug, Clone)]
+pub struct SimStoredTemplate {
+    /// Its id (`tpl-…`).
+    pub id: String,
+    /// Image or snapshot.
+    pub kind: pb::TemplateKind,
+    /// The captured sandbox's vCPUs.
+    pub vcpus: u32,
+    /// The captured sandbox's memory, MiB.
+    pub memory_mb: u32,
+    /// The captured sandbox's disk, MiB: the smallest disk of sandboxes from it.
+    pub disk_size_mb: u32,
+    /// Bytes its files take (what `CreateTemplate` reported).
+    pub size_bytes: u64,
+    /// The sandbox it was made from.
+    pub sandbox_id: String,
+    files: BTreeMap<String, Node>,
 }
 
 /// A sandbox the simulated agent runs: what the control plane asked for.
@@ -163,6 +238,14 @@ pub struct SimSandbox {
     pub request: CreateSandboxRequest,
     /// When it "booted", Unix ms.
     pub started_at_unix_ms: i64,
+    /// Running or paused.
+    pub state: SimState,
+    /// Paused by the inactivity timer ([`SimAgent::auto_pause`]).
+    pub auto_paused: bool,
+    /// Last activity (creation, resume, `PingSandbox`), Unix ms.
+    pub last_active_unix_ms: i64,
+    /// `boot`, `restore` (from a snapshot template) or `resume`.
+    pub started_by: String,
     files: BTreeMap<String, Node>,
 }
 
@@ -250,6 +333,61 @@ struct State {
     aborted_writes: u32,
     last_exec: Option<ExecRequest>,
     next_pid: u32,
+    templates: BTreeMap<String, SimStoredTemplate>,
+    template_log: Vec<TemplateCall>,
+    holds: HashMap<SimOp, Arc<Gate>>,
+}
+
+/// Where held calls of one RPC wait until [`SimHold`] opens it.
+#[derive(Debug)]
+struct Gate {
+    /// Calls that have arrived at the gate.
+    arrived: watch::Sender<u32>,
+    open: watch::Sender<bool>,
+}
+
+impl Gate {
+    async fn pass(&self) {
+        let mut open = self.open.subscribe();
+        self.arrived.send_modify(|n| *n += 1);
+        // The sender lives as long as `self`: this only ends when the gate opens.
+        let _ = open.wait_for(|o| *o).await;
+    }
+}
+
+/// Calls of one RPC held in flight by [`SimAgent::hold`]. Releasing or dropping it lets them
+/// (and later calls) through.
+#[derive(Debug)]
+pub struct SimHold {
+    op: SimOp,
+    gate: Arc<Gate>,
+    shared: Shared,
+}
+
+impl SimHold {
+    /// Waits until at least one call has arrived and is being held.
+    pub async fn arrived(&self) {
+        let mut arrived = self.gate.arrived.subscribe();
+        let _ = arrived.wait_for(|n| *n > 0).await;
+    }
+
+    /// Lets the held calls go on.
+    pub fn release(self) {}
+}
+
+impl Drop for SimHold {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if st
+            .holds
+            .get(&self.op)
+            .is_some_and(|g| Arc::ptr_eq(g, &self.gate))
+        {
+            st.holds.remove(&self.op);
+        }
+        drop(st);
+        self.gate.open.send_replace(true);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -261,10 +399,18 @@ impl Shared {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a call of `op` and returns its injected failure, if any.
-    fn enter(&self, op: SimOp) -> Result<(), Status> {
+    /// Counts a call of `op`, waits while calls of `op` are held, and returns its injected
+    /// failure, if any.
+    async fn enter(&self, op: SimOp) -> Result<(), Status> {
+        let gate = {
+            let mut st = self.lock();
+            *st.calls.entry(op).or_default() += 1;
+            st.holds.get(&op).cloned()
+        };
+        if let Some(gate) = gate {
+            gate.pass().await;
+        }
         let mut st = self.lock();
-        *st.calls.entry(op).or_default() += 1;
         match st.faults.get_mut(&op).and_then(VecDeque::pop_front) {
             Some((code, message)) => Err(nestbox_proto::status(code, message)),
             None => Ok(()),
@@ -318,6 +464,9 @@ impl SimAgent {
             aborted_writes: 0,
             last_exec: None,
             next_pid: 100,
+            templates: BTreeMap::new(),
+            template_log: Vec::new(),
+            holds: HashMap::new(),
         })));
         let service = Service {
             shared: shared.clone(),
@@ -481,6 +630,63 @@ impl SimAgent {
             .is_some()
     }
 
+    /// Holds every call of `op` in flight (counted, but before its injected failure and its
+    /// effect) until the returned handle is released or dropped.
+    pub fn hold(&self, op: SimOp) -> SimHold {
+        let gate = Arc::new(Gate {
+            arrived: watch::channel(0).0,
+            open: watch::channel(false).0,
+        });
+        self.shared.lock().holds.insert(op, gate.clone());
+        SimHold {
+            op,
+            gate,
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Pauses a running sandbox as the agent's inactivity timer would (`auto_paused`).
+    /// Returns whether it was running.
+    pub fn auto_pause(&self, id: impl std::fmt::Display) -> bool {
+        let mut st = self.shared.lock();
+        match st.sandboxes.get_mut(&id.to_string()) {
+            Some(sb) if sb.state == SimState::Running => {
+                sb.state = SimState::Paused;
+                sb.auto_paused = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Resumes a paused sandbox without being asked (as if the answer to a resume never
+    /// reached the control plane). Returns whether it was paused.
+    pub fn resume_unasked(&self, id: impl std::fmt::Display) -> bool {
+        let mut st = self.shared.lock();
+        match st.sandboxes.get_mut(&id.to_string()) {
+            Some(sb) if sb.state == SimState::Paused => {
+                resume(sb);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A template it stores.
+    pub fn template(&self, id: impl std::fmt::Display) -> Option<SimStoredTemplate> {
+        self.shared.lock().templates.get(&id.to_string()).cloned()
+    }
+
+    /// Ids of the templates it stores.
+    pub fn template_ids(&self) -> Vec<String> {
+        self.shared.lock().templates.keys().cloned().collect()
+    }
+
+    /// Every `CreateTemplate`/`DeleteTemplate` call received, in order (failed ones too).
+    pub fn template_log(&self) -> Vec<TemplateCall> {
+        self.shared.lock().template_log.clone()
+    }
+
     /// Starts running a sandbox the control plane did not ask for (an orphan).
     pub fn adopt(&self, id: SandboxId, team: impl std::fmt::Display, template: &str) {
         let request = CreateSandboxRequest {
@@ -585,19 +791,35 @@ fn new_sandbox(request: CreateSandboxRequest) -> SimSandbox {
     let mut files = BTreeMap::new();
     files.insert("/".to_string(), Node::dir());
     files.insert(HOME.to_string(), Node::dir());
+    let now = now_ms();
     SimSandbox {
         request,
-        started_at_unix_ms: now_ms(),
+        started_at_unix_ms: now,
+        state: SimState::Running,
+        auto_paused: false,
+        last_active_unix_ms: now,
+        started_by: "boot".into(),
         files,
     }
 }
 
+fn resume(sb: &mut SimSandbox) {
+    sb.state = SimState::Running;
+    sb.auto_paused = false;
+    sb.started_by = "resume".into();
+    sb.last_active_unix_ms = now_ms();
+}
+
 fn info(sb: &SimSandbox) -> SandboxInfo {
     let r = &sb.request;
+    let state = match sb.state {
+        SimState::Running => pb::SandboxState::Running,
+        SimState::Paused => pb::SandboxState::Paused,
+    };
     SandboxInfo {
         sandbox_id: r.sandbox_id.clone(),
         team_id: r.team_id.clone(),
-        state: pb::SandboxState::Running as i32,
+        state: state as i32,
         template: r.template.clone(),
         vcpus: r.vcpus,
         memory_mb: r.memory_mb,
@@ -607,7 +829,41 @@ fn info(sb: &SimSandbox) -> SandboxInfo {
         vmm: "sim".into(),
         kernel_version: "sim".into(),
         boot_ms: 1,
+        timeout_sec: r.timeout_sec,
+        last_active_unix_ms: sb.last_active_unix_ms,
+        auto_paused: sb.auto_paused,
+        started_by: sb.started_by.clone(),
     }
+}
+
+fn template_info(t: &SimStoredTemplate) -> TemplateInfo {
+    TemplateInfo {
+        name: t.id.clone(),
+        min_disk_mb: t.disk_size_mb,
+        size_bytes: t.size_bytes,
+        kind: match t.kind {
+            pb::TemplateKind::Snapshot => "snapshot",
+            _ => "image",
+        }
+        .into(),
+        template_id: t.id.clone(),
+        vcpus: t.vcpus,
+        memory_mb: t.memory_mb,
+    }
+}
+
+fn not_running(id: &str) -> Status {
+    nestbox_proto::status(
+        ErrorCode::SandboxNotRunning,
+        format!("sandbox {id} is paused"),
+    )
+}
+
+fn template_not_found(id: &str) -> Status {
+    nestbox_proto::status(
+        ErrorCode::TemplateNotFound,
+        format!("template {id} is not on this host"),
+    )
 }
 
 // ------------------------------------------------------------------------------ files
@@ -751,15 +1007,34 @@ impl Service {
         f(sb)
     }
 
+    /// Runs `f` on sandbox `id`, which must be running, with the lock held.
+    fn with_running<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SimSandbox) -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        self.with_sandbox(id, |sb| match sb.state {
+            SimState::Running => f(sb),
+            SimState::Paused => Err(not_running(id)),
+        })
+    }
+
+    fn log(&self, call: TemplateCall) {
+        self.shared.lock().template_log.push(call);
+    }
+
     /// What a simulated command prints and returns.
     fn run(&self, req: &ExecRequest) -> Result<(u32, Vec<u8>, Vec<u8>, i32), Status> {
         let mut st = self.shared.lock();
         st.last_exec = Some(req.clone());
-        let sandbox_env = st
+        let sandbox = st
             .sandboxes
             .get(&req.sandbox_id)
-            .ok_or_else(|| not_found(&req.sandbox_id))?
-            .env();
+            .ok_or_else(|| not_found(&req.sandbox_id))?;
+        if sandbox.state != SimState::Running {
+            return Err(not_running(&req.sandbox_id));
+        }
+        let sandbox_env = sandbox.env();
         st.next_pid += 1;
         let pid = st.next_pid;
         drop(st);
@@ -794,7 +1069,7 @@ type ReadStream =
 #[tonic::async_trait]
 impl HostAgent for Service {
     async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
-        self.shared.enter(SimOp::Ping)?;
+        self.shared.enter(SimOp::Ping).await?;
         let st = self.shared.lock();
         Ok(Response::new(PingResponse {
             host_id: st
@@ -821,7 +1096,9 @@ impl HostAgent for Service {
                     min_disk_mb: t.min_disk_mb,
                     size_bytes: t.size_bytes,
                     kind: t.kind.clone(),
+                    ..Default::default()
                 })
+                .chain(st.templates.values().map(template_info))
                 .collect(),
         }))
     }
@@ -830,27 +1107,43 @@ impl HostAgent for Service {
         &self,
         request: Request<CreateSandboxRequest>,
     ) -> Result<Response<CreateSandboxResponse>, Status> {
-        self.shared.enter(SimOp::Create)?;
+        self.shared.enter(SimOp::Create).await?;
         let req = request.into_inner();
         req.sandbox_id
             .parse::<SandboxId>()
             .map_err(|e| invalid(e.to_string()))?;
         let mut st = self.shared.lock();
-        let template = st
-            .cfg
-            .templates
-            .iter()
-            .find(|t| t.name == req.template)
-            .ok_or_else(|| {
-                nestbox_proto::status(
-                    ErrorCode::TemplateNotFound,
-                    format!("template `{}` is not on this host", req.template),
-                )
-            })?;
-        if req.disk_size_mb < template.min_disk_mb {
+        let (min_disk_mb, from) = if req.template_id.is_empty() {
+            let template = st
+                .cfg
+                .templates
+                .iter()
+                .find(|t| t.name == req.template)
+                .ok_or_else(|| {
+                    nestbox_proto::status(
+                        ErrorCode::TemplateNotFound,
+                        format!("template `{}` is not on this host", req.template),
+                    )
+                })?;
+            (template.min_disk_mb, None)
+        } else {
+            let template = st
+                .templates
+                .get(&req.template_id)
+                .ok_or_else(|| template_not_found(&req.template_id))?;
+            if template.kind == pb::TemplateKind::Snapshot
+                && (req.vcpus, req.memory_mb) != (template.vcpus, template.memory_mb)
+            {
+                return Err(invalid(format!(
+                    "a sandbox from snapshot {} has {} vCPUs and {} MiB",
+                    template.id, template.vcpus, template.memory_mb
+                )));
+            }
+            (template.disk_size_mb, Some(template.clone()))
+        };
+        if req.disk_size_mb < min_disk_mb {
             return Err(invalid(format!(
-                "disk_size_mb must be at least {}",
-                template.min_disk_mb
+                "disk_size_mb must be at least {min_disk_mb}"
             )));
         }
         if st.sandboxes.contains_key(&req.sandbox_id) {
@@ -865,7 +1158,13 @@ impl HostAgent for Service {
                 format!("this host runs {} sandboxes already", st.sandboxes.len()),
             ));
         }
-        let sb = new_sandbox(req);
+        let mut sb = new_sandbox(req);
+        if let Some(template) = from {
+            sb.files = template.files;
+            if template.kind == pb::TemplateKind::Snapshot {
+                sb.started_by = "restore".into();
+            }
+        }
         let out = info(&sb);
         st.sandboxes.insert(out.sandbox_id.clone(), sb);
         Ok(Response::new(CreateSandboxResponse { sandbox: Some(out) }))
@@ -875,7 +1174,7 @@ impl HostAgent for Service {
         &self,
         request: Request<DestroySandboxRequest>,
     ) -> Result<Response<DestroySandboxResponse>, Status> {
-        self.shared.enter(SimOp::Destroy)?;
+        self.shared.enter(SimOp::Destroy).await?;
         let id = request.into_inner().sandbox_id;
         match self.shared.lock().sandboxes.remove(&id) {
             Some(_) => Ok(Response::new(DestroySandboxResponse {})),
@@ -887,7 +1186,7 @@ impl HostAgent for Service {
         &self,
         request: Request<GetSandboxRequest>,
     ) -> Result<Response<SandboxInfo>, Status> {
-        self.shared.enter(SimOp::Get)?;
+        self.shared.enter(SimOp::Get).await?;
         let id = request.into_inner().sandbox_id;
         self.with_sandbox(&id, |sb| Ok(Response::new(info(sb))))
     }
@@ -896,7 +1195,7 @@ impl HostAgent for Service {
         &self,
         _: Request<ListSandboxesRequest>,
     ) -> Result<Response<ListSandboxesResponse>, Status> {
-        self.shared.enter(SimOp::List)?;
+        self.shared.enter(SimOp::List).await?;
         let st = self.shared.lock();
         Ok(Response::new(ListSandboxesResponse {
             sandboxes: st.sandboxes.values().map(info).collect(),
@@ -904,7 +1203,7 @@ impl HostAgent for Service {
     }
 
     async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        self.shared.enter(SimOp::Exec)?;
+        self.shared.enter(SimOp::Exec).await?;
         let (pid, stdout, stderr, exit_code) = self.run(request.get_ref())?;
         Ok(Response::new(ExecResponse {
             stdout,
@@ -924,7 +1223,7 @@ impl HostAgent for Service {
         &self,
         request: Request<ExecRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        self.shared.enter(SimOp::ExecStream)?;
+        self.shared.enter(SimOp::ExecStream).await?;
         let (pid, stdout, stderr, exit_code) = self.run(request.get_ref())?;
         let event = |e: exec_event::Event| Ok(ExecEvent { event: Some(e) });
         let mut events = vec![event(exec_event::Event::Started(pb::ExecStarted { pid }))];
@@ -948,7 +1247,7 @@ impl HostAgent for Service {
         &self,
         request: Request<Streaming<WriteFileRequest>>,
     ) -> Result<Response<WriteFileResponse>, Status> {
-        self.shared.enter(SimOp::WriteFile)?;
+        self.shared.enter(SimOp::WriteFile).await?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(WriteFileRequest {
@@ -957,7 +1256,7 @@ impl HostAgent for Service {
             _ => return Err(invalid("the first message must be a header")),
         };
         let path = normalize(&header.path)?;
-        self.with_sandbox(&header.sandbox_id, |_| Ok(()))?;
+        self.with_running(&header.sandbox_id, |_| Ok(()))?;
         let mut data = Vec::new();
         // Keep the file only when the stream carries its commit: anything else is an abort.
         loop {
@@ -985,7 +1284,7 @@ impl HostAgent for Service {
             }
         }
         let written = data.len() as u64;
-        self.with_sandbox(&header.sandbox_id, |sb| {
+        self.with_running(&header.sandbox_id, |sb| {
             write(&mut sb.files, &path, data)?;
             let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
             Ok(Response::new(WriteFileResponse {
@@ -1001,10 +1300,10 @@ impl HostAgent for Service {
         &self,
         request: Request<ReadFileRequest>,
     ) -> Result<Response<ReadStream>, Status> {
-        self.shared.enter(SimOp::ReadFile)?;
+        self.shared.enter(SimOp::ReadFile).await?;
         let req = request.into_inner();
         let path = normalize(&req.path)?;
-        let (info, data) = self.with_sandbox(&req.sandbox_id, |sb| {
+        let (info, data) = self.with_running(&req.sandbox_id, |sb| {
             let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
             let data = node
                 .data
@@ -1029,10 +1328,10 @@ impl HostAgent for Service {
         &self,
         request: Request<ListDirRequest>,
     ) -> Result<Response<ListDirResponse>, Status> {
-        self.shared.enter(SimOp::ListDir)?;
+        self.shared.enter(SimOp::ListDir).await?;
         let req = request.into_inner();
         let path = normalize(&req.path)?;
-        self.with_sandbox(&req.sandbox_id, |sb| {
+        self.with_running(&req.sandbox_id, |sb| {
             let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
             if node.data.is_some() {
                 return Err(invalid(format!("{path} is not a directory")));
@@ -1044,10 +1343,10 @@ impl HostAgent for Service {
     }
 
     async fn stat(&self, request: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
-        self.shared.enter(SimOp::Stat)?;
+        self.shared.enter(SimOp::Stat).await?;
         let req = request.into_inner();
         let path = normalize(&req.path)?;
-        self.with_sandbox(&req.sandbox_id, |sb| {
+        self.with_running(&req.sandbox_id, |sb| {
             let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
             Ok(Response::new(StatResponse {
                 entry: Some(entry(&path, node)),
@@ -1059,10 +1358,10 @@ impl HostAgent for Service {
         &self,
         request: Request<MakeDirRequest>,
     ) -> Result<Response<MakeDirResponse>, Status> {
-        self.shared.enter(SimOp::MakeDir)?;
+        self.shared.enter(SimOp::MakeDir).await?;
         let req = request.into_inner();
         let path = normalize(&req.path)?;
-        self.with_sandbox(&req.sandbox_id, |sb| {
+        self.with_running(&req.sandbox_id, |sb| {
             make_dirs(&mut sb.files, &path)?;
             let node = sb.files.get(&path).ok_or_else(|| file_not_found(&path))?;
             Ok(Response::new(MakeDirResponse {
@@ -1075,19 +1374,134 @@ impl HostAgent for Service {
         &self,
         request: Request<RemoveRequest>,
     ) -> Result<Response<RemoveResponse>, Status> {
-        self.shared.enter(SimOp::Remove)?;
+        self.shared.enter(SimOp::Remove).await?;
         let req = request.into_inner();
         let path = normalize(&req.path)?;
         if path == "/" {
             return Err(invalid("cannot remove /"));
         }
-        self.with_sandbox(&req.sandbox_id, |sb| {
+        self.with_running(&req.sandbox_id, |sb| {
             if sb.files.remove(&path).is_none() {
                 return Err(file_not_found(&path));
             }
             sb.files.retain(|p, _| !is_descendant(&path, p));
             Ok(Response::new(RemoveResponse {}))
         })
+    }
+
+    async fn pause_sandbox(
+        &self,
+        request: Request<PauseSandboxRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        self.shared.enter(SimOp::PauseSandbox).await?;
+        let id = request.into_inner().sandbox_id;
+        self.with_running(&id, |sb| {
+            sb.state = SimState::Paused;
+            sb.auto_paused = false;
+            Ok(Response::new(info(sb)))
+        })
+    }
+
+    async fn resume_sandbox(
+        &self,
+        request: Request<ResumeSandboxRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        self.shared.enter(SimOp::ResumeSandbox).await?;
+        let id = request.into_inner().sandbox_id;
+        self.with_sandbox(&id, |sb| match sb.state {
+            SimState::Paused => {
+                resume(sb);
+                Ok(Response::new(info(sb)))
+            }
+            SimState::Running => Err(nestbox_proto::status(
+                ErrorCode::Conflict,
+                format!("sandbox {id} is not paused"),
+            )),
+        })
+    }
+
+    async fn ping_sandbox(
+        &self,
+        request: Request<PingSandboxRequest>,
+    ) -> Result<Response<PingSandboxResponse>, Status> {
+        self.shared.enter(SimOp::PingSandbox).await?;
+        let id = request.into_inner().sandbox_id;
+        self.with_running(&id, |sb| {
+            sb.last_active_unix_ms = now_ms();
+            Ok(Response::new(PingSandboxResponse {}))
+        })
+    }
+
+    async fn create_template(
+        &self,
+        request: Request<CreateTemplateRequest>,
+    ) -> Result<Response<CreateTemplateResponse>, Status> {
+        let req = request.into_inner();
+        self.log(TemplateCall::Create {
+            template_id: req.template_id.clone(),
+            sandbox_id: req.sandbox_id.clone(),
+        });
+        self.shared.enter(SimOp::CreateTemplate).await?;
+        req.template_id
+            .parse::<TemplateId>()
+            .map_err(|e| invalid(e.to_string()))?;
+        let kind = match pb::TemplateKind::try_from(req.kind) {
+            Ok(k @ (pb::TemplateKind::Image | pb::TemplateKind::Snapshot)) => k,
+            _ => return Err(invalid("kind must be image or snapshot")),
+        };
+        let mut st = self.shared.lock();
+        if st.templates.contains_key(&req.template_id) {
+            return Err(nestbox_proto::status(
+                ErrorCode::AlreadyExists,
+                format!("template {} already exists", req.template_id),
+            ));
+        }
+        let sb = st
+            .sandboxes
+            .get(&req.sandbox_id)
+            .ok_or_else(|| not_found(&req.sandbox_id))?;
+        // Deterministic: a 64 MiB base image, the files written into it, and the memory of a
+        // snapshot.
+        let files: u64 = sb
+            .files
+            .values()
+            .filter_map(|n| n.data.as_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let memory = match kind {
+            pb::TemplateKind::Snapshot => u64::from(sb.request.memory_mb) << 20,
+            _ => 0,
+        };
+        let template = SimStoredTemplate {
+            id: req.template_id.clone(),
+            kind,
+            vcpus: sb.request.vcpus,
+            memory_mb: sb.request.memory_mb,
+            disk_size_mb: sb.request.disk_size_mb,
+            size_bytes: (64 << 20) + files + memory,
+            sandbox_id: req.sandbox_id.clone(),
+            files: sb.files.clone(),
+        };
+        let out = template_info(&template);
+        st.templates.insert(template.id.clone(), template);
+        Ok(Response::new(CreateTemplateResponse {
+            template: Some(out),
+        }))
+    }
+
+    async fn delete_template(
+        &self,
+        request: Request<DeleteTemplateRequest>,
+    ) -> Result<Response<DeleteTemplateResponse>, Status> {
+        let id = request.into_inner().template_id;
+        self.log(TemplateCall::Delete {
+            template_id: id.clone(),
+        });
+        self.shared.enter(SimOp::DeleteTemplate).await?;
+        match self.shared.lock().templates.remove(&id) {
+            Some(_) => Ok(Response::new(DeleteTemplateResponse {})),
+            None => Err(template_not_found(&id)),
+        }
     }
 }
 
@@ -1128,6 +1542,24 @@ mod tests {
         list(&files, "/d", 2, &mut out);
         let names: Vec<_> = out.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(names, ["/d/e", "/d/e/f.txt", "/d/g.txt"]);
+    }
+
+    #[tokio::test]
+    async fn held_calls_wait_for_their_release() {
+        let agent = SimAgent::start(SimAgentConfig::default()).await.unwrap();
+        let held = agent.hold(SimOp::PauseSandbox);
+        let shared = agent.shared.clone();
+        let call = tokio::spawn(async move { shared.enter(SimOp::PauseSandbox).await });
+        held.arrived().await;
+        assert!(!call.is_finished(), "held until released");
+        // The failure is decided when the call goes on, not when it arrived.
+        agent.fail_next(SimOp::PauseSandbox, ErrorCode::Busy, "busy");
+        held.release();
+        let err = call.await.unwrap().unwrap_err();
+        assert_eq!(nestbox_proto::error_code(&err), ErrorCode::Busy);
+        agent.shared.enter(SimOp::PauseSandbox).await.unwrap();
+        assert_eq!(agent.calls(SimOp::PauseSandbox), 2);
+        agent.shutdown().await;
     }
 
     #[tokio::test]

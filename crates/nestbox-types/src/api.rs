@@ -527,8 +527,39 @@ pub struct Template {
     pub disk_size_mb: u32,
     /// Space its files take.
     pub size_bytes: u64,
+    /// The host holding its files; sandboxes from it start there. Absent for templates every
+    /// host has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<HostId>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/snapshots`: turns a running or paused sandbox into a template of the team.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    /// The sandbox to capture; it keeps running (or stays paused).
+    pub sandbox_id: SandboxId,
+    /// Template name: 1–64 letters, digits, `.`, `_` or `-`, starting with a letter or digit.
+    pub name: String,
+    /// Replace the team's template of that name (default: refuse with `already_exists`).
+    #[serde(default)]
+    pub overwrite: bool,
+    /// `snapshot` (memory and disk: sandboxes resume where it was; the default) or `image`
+    /// (the disk only: sandboxes boot from it).
+    #[serde(default)]
+    pub kind: Option<TemplateKind>,
+}
+
+/// Filters of the template lists.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct TemplateListQuery {
+    /// Only templates of this kind.
+    pub kind: Option<TemplateKind>,
 }
 
 // ---------------------------------------------------------------------------- hosts

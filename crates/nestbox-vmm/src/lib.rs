@@ -11,6 +11,7 @@
 //!
 //! Vmm::restore(spec, dir, Resume) ──▶ running   (takes the RAM file over; dir is consumed)
 //! Vmm::restore(spec, dir, Clone)  ──▶ running   (maps dir's RAM copy-on-write; dir unchanged)
+//! Vmm::restore(spec, dir, Copy)   ──▶ running   (its own copy of dir's RAM; dir unchanged)
 //! ```
 //!
 //! Invariants: a [`Vm`] owns its VMM process. Dropping the handle kills it; `stop` kills
@@ -45,11 +46,18 @@
 //! `timestamp` right after a restore, which sets `CLOCK_REALTIME` (monotonic clocks stay
 //! continuous, so timers in the guest are unaffected).
 //!
-//! **Clones and their snapshots**: a clone maps its template `share=off`, so its RAM is
-//! private, not shared: `x-ignore-shared` does not skip it, and saving a clone puts all
-//! its RAM in the state file ([`snapshot::SavedMemory::InState`], about 70 MiB and
-//! 0.1–1 s for a 512 MiB guest); restoring such a snapshot loads the RAM into anonymous
-//! memory (about 0.3 s). Suspending a VM that was resumed from a RAM file stays fast.
+//! **Clones and their snapshots** (measured, 512 MiB guest, TCG, this machine): a
+//! [`RestoreMemory::Clone`] maps its template `share=off`, so its RAM is private, not
+//! shared: `x-ignore-shared` does not skip it, and saving a clone streams all its RAM
+//! into the state file ([`snapshot::SavedMemory::InState`]: about 70 MiB and 0.6–1 s,
+//! since QEMU reads every page); resuming that loads it into anonymous memory (about
+//! 0.6 s to an answering agent), and that VM's next save streams again. A VM that will
+//! likely be paused can start with [`RestoreMemory::Copy`] instead (its own sparse copy
+//! of the template's RAM: about +60 ms to start, no page sharing, fast suspends).
+//! Note that tmpfs fills a file's holes when a `MAP_PRIVATE` mapping faults on them, so a
+//! template's RAM file on /dev/shm grows towards the full guest size as clones (and
+//! clone saves) touch memory: budget the guest size per template there, or keep
+//! templates on a disk filesystem (XFS), whose clean page cache is reclaimable.
 //!
 //! The host agent owns one `Box<dyn Vm>` per sandbox inside that sandbox's task; tests and
 //! benchmarks use [`boot_and_wait_ready`].

@@ -443,6 +443,10 @@ mod tests {
                 "query-status" => {
                     json!({"return": {"status": "running", "running": true}, "id": id})
                 }
+                "query-migrate" => json!({"return": {
+                    "status": "failed", "error-desc": "Unable to write to command",
+                    "total-time": 7, "ram": {"transferred": 123}
+                }, "id": id}),
                 "quit" => return,
                 "slow" => continue,
                 other => {
@@ -484,6 +488,22 @@ mod tests {
             .unwrap();
         assert_eq!(ev.name, "STOP");
         qmp.cont().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn migration_status_is_parsed() {
+        let (_dir, qmp, _server) = setup().await;
+        let s = qmp.query_migrate().await.unwrap();
+        assert_eq!(
+            s,
+            MigrationStatus {
+                status: "failed".into(),
+                error: Some("Unable to write to command".into()),
+                ram_transferred: Some(123),
+                total_time_ms: Some(7),
+            }
+        );
+        assert!(s.is_finished());
     }
 
     #[tokio::test]

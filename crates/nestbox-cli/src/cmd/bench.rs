@@ -115,7 +115,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let launched = launch(&up).await?;
     let result = measure(&args, &launched, dir.path()).await;
-    launched.shutdown().await;
+    launched.shutdown_and_destroy().await;
     result
 }
 
@@ -146,22 +146,32 @@ async fn measure(
         "measurement", "median", "", "min", "max", "runs"
     );
 
-    // 1. Boot: bare QEMU (same image, kernel, VMM options; no network) vs. REST create.
+    // 1. Boot: bare QEMU (same image, kernel, disk size, VMM options; no network) vs. a
+    // REST create that boots. A disk size other than the default makes the create boot
+    // instead of restoring the warm snapshot.
     let bare_vmm = manager.vmm();
     let (template, kernel) = nestbox_image::ImageStore::new(&args.images_dir)
         .template_with_kernel("minimal")
         .context("the minimal template")?;
+    let cold_disk = manager.default_disk_mb() + 1024;
+    let cold = CreateSandboxRequest {
+        disk_size_mb: u32::try_from(cold_disk).ok(),
+        ..Default::default()
+    };
     let base = manager
-        .base_image("minimal", &template)
+        .base_image("minimal", &template, cold_disk)
         .await
         .context("preparing the base image")?;
+    // Untimed: the first create of a new size prepares its base image.
+    let first = client.create_sandbox(&cold).await?;
+    client.destroy_sandbox(first.id).await?;
     let mut bare = Vec::new();
     let mut create = Vec::new();
     for i in 0..args.runs {
         let run_dir = scratch.join(format!("bare-{i}"));
         std::fs::create_dir_all(&run_dir)?;
         let overlay = run_dir.join("root.qcow2");
-        nestbox_hostsys::disk::create_overlay(&base, &overlay).await?;
+        nestbox_hostsys::disk::create_overlay(&base, &overlay, None).await?;
         let spec = VmSpec {
             id: format!("bench-bare-{i}"),
             vcpus: 1,
@@ -186,9 +196,7 @@ async fn measure(
         let _ = std::fs::remove_dir_all(&run_dir);
 
         let t = Instant::now();
-        let sb = client
-            .create_sandbox(&CreateSandboxRequest::default())
-            .await?;
+        let sb = client.create_sandbox(&cold).await?;
         create.push(ms(t.elapsed()));
         client.destroy_sandbox(sb.id).await?;
     }
@@ -198,7 +206,7 @@ async fn measure(
     let bare = stats(bare);
     let create = stats(create);
     row("bare QEMU boot → guest agent ready", &bare, "ms");
-    row("create through REST → exec-ready", &create, "ms");
+    row("create through REST (boot) → exec-ready", &create, "ms");
     println!(
         "{:<44} {:>10.2} ×    (target ≤ 1.2×)",
         "  create / bare boot",
@@ -209,7 +217,7 @@ async fn measure(
     let sb = client
         .create_sandbox(&CreateSandboxRequest::default())
         .await?;
-    let guest = manager.get(sb.id)?.guest.clone();
+    let guest = manager.get(sb.id)?.guest()?;
     let rest_req = ExecRequest {
         argv: Some(vec!["true".into()]),
         ..Default::default()
@@ -301,13 +309,16 @@ async fn measure(
     let pid = vmm_pid(&launched.data_dir, idle.id)?;
     let rss_kb = proc_status_kb(pid, "VmRSS:")?;
     println!(
-        "{:<44} {:>10.1} MiB  (512 MiB guest, booted)",
+        "{:<44} {:>10.1} MiB  (512 MiB guest, restored from the warm snapshot)",
         "idle sandbox: VMM resident memory",
         rss_kb as f64 / 1024.0
     );
     client.destroy_sandbox(idle.id).await?;
 
-    // 5. Create/destroy cycles leave nothing behind.
+    // 5. Snapshots: pause, resume, create from a snapshot template, sizes, idle clones.
+    snapshots(args, launched, scratch, &client, &kernel, &base).await?;
+
+    // 6. Create/destroy cycles leave nothing behind.
     let t = Instant::now();
     for _ in 0..args.cycles {
         let sb = client
@@ -331,6 +342,215 @@ async fn measure(
         }
     );
     Ok(())
+}
+
+/// Pause, resume and clones through REST, side by side with the bare VMM doing the same.
+async fn snapshots(
+    args: &BenchArgs,
+    launched: &super::up::Launched,
+    scratch: &Path,
+    client: &Client,
+    kernel: &nestbox_image::KernelImage,
+    base: &Path,
+) -> anyhow::Result<()> {
+    use nestbox_vmm::snapshot::{RestoreMemory, SaveMode};
+    let manager = &launched.agent.manager;
+    let vmm = manager.vmm();
+    let mem_dir = PathBuf::from("/dev/shm").join(format!("nbx-bench-snap-{}", std::process::id()));
+    let spec_for = |dir: &Path, i: usize| VmSpec {
+        id: format!("bench-snap-{i}"),
+        vcpus: 1,
+        memory_mb: 512,
+        kernel: kernel.kernel.clone(),
+        initrd: Some(kernel.initramfs.clone()),
+        cmdline_extra: Vec::new(),
+        root_disk: Disk {
+            path: dir.join("root.qcow2"),
+            format: DiskFormat::Qcow2,
+        },
+        network: NetworkSpec::None,
+        guest: GuestConfig::default(),
+        run_dir: dir.to_path_buf(),
+        memory_dir: mem_dir.clone(),
+    };
+    // Bare VMM: suspend a booted VM, restore it (resume), checkpoint it and restore a clone.
+    let (mut bare_pause, mut bare_resume, mut bare_clone) = (Vec::new(), Vec::new(), Vec::new());
+    let runs = args.runs.min(5);
+    for i in 0..runs {
+        let dir = scratch.join(format!("snap-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        nestbox_hostsys::disk::create_overlay(base, &dir.join("root.qcow2"), None).await?;
+        let (mut vm, _) = nestbox_vmm::boot_and_wait_ready(
+            vmm.as_ref(),
+            spec_for(&dir, i),
+            Duration::from_secs(120),
+        )
+        .await?;
+        let t = Instant::now();
+        vm.save(&mem_dir.join(format!("s{i}")), SaveMode::Suspend, None)
+            .await?;
+        bare_pause.push(ms(t.elapsed()));
+        let t = Instant::now();
+        let mut restored = vmm
+            .restore(
+                spec_for(&dir, i),
+                &mem_dir.join(format!("s{i}")),
+                RestoreMemory::Resume,
+            )
+            .await?;
+        bare_resume.push(ms(t.elapsed()));
+        let tpl = dir.join("tpl");
+        restored.vm.save(&tpl, SaveMode::Checkpoint, None).await?;
+        restored.vm.stop(Duration::from_secs(5)).await?;
+        let clone_dir = dir.join("clone");
+        std::fs::create_dir_all(&clone_dir)?;
+        nestbox_hostsys::disk::create_overlay(base, &clone_dir.join("root.qcow2"), None).await?;
+        let t = Instant::now();
+        let mut clone = vmm
+            .restore(spec_for(&clone_dir, i + 100), &tpl, RestoreMemory::Clone)
+            .await?;
+        bare_clone.push(ms(t.elapsed()));
+        clone.vm.stop(Duration::from_secs(5)).await?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&mem_dir);
+
+    // Through REST: a booted 512 MiB sandbox, and a clone of the warm snapshot.
+    let cold = CreateSandboxRequest {
+        disk_size_mb: u32::try_from(manager.default_disk_mb() + 1024).ok(),
+        ..Default::default()
+    };
+    let (mut pause, mut resume, mut clone_pause, mut clone_resume) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let sb = client.create_sandbox(&cold).await?;
+        let t = Instant::now();
+        client.pause_sandbox(sb.id).await?;
+        pause.push(ms(t.elapsed()));
+        let t = Instant::now();
+        client.resume_sandbox(sb.id).await?;
+        resume.push(ms(t.elapsed()));
+        client.destroy_sandbox(sb.id).await?;
+        let sb = client
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await?;
+        let t = Instant::now();
+        client.pause_sandbox(sb.id).await?;
+        clone_pause.push(ms(t.elapsed()));
+        let t = Instant::now();
+        client.resume_sandbox(sb.id).await?;
+        clone_resume.push(ms(t.elapsed()));
+        client.destroy_sandbox(sb.id).await?;
+    }
+    row(
+        "bare VMM suspend (512 MiB, booted)",
+        &stats(bare_pause),
+        "ms",
+    );
+    row("pause through REST (512 MiB, booted)", &stats(pause), "ms");
+    row(
+        "pause through REST (clone of a snapshot)",
+        &stats(clone_pause),
+        "ms",
+    );
+    row(
+        "bare VMM restore of a suspended VM",
+        &stats(bare_resume),
+        "ms",
+    );
+    row(
+        "resume through REST → exec-ready (booted)",
+        &stats(resume),
+        "ms",
+    );
+    row(
+        "resume through REST → exec-ready (clone)",
+        &stats(clone_resume),
+        "ms",
+    );
+
+    // Create from a snapshot template (a team's), and its size on disk.
+    let src = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await?;
+    let tpl = client
+        .create_snapshot(&nestbox_types::api::CreateSnapshotRequest {
+            sandbox_id: src.id,
+            name: "bench-snapshot".into(),
+            overwrite: true,
+            kind: None,
+        })
+        .await?;
+    client.destroy_sandbox(src.id).await?;
+    let from_tpl = CreateSandboxRequest {
+        template: Some("bench-snapshot".into()),
+        ..Default::default()
+    };
+    let mut create = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let sb = client.create_sandbox(&from_tpl).await?;
+        create.push(ms(t.elapsed()));
+        client.destroy_sandbox(sb.id).await?;
+    }
+    row("bare VMM restore of a clone", &stats(bare_clone), "ms");
+    row(
+        "create from a snapshot template → exec-ready",
+        &stats(create),
+        "ms",
+    );
+    println!(
+        "{:<44} {:>10.1} MiB  (512 MiB guest, 5 GiB disk; allocated)",
+        "snapshot template size on disk",
+        tpl.size_bytes as f64 / (1 << 20) as f64
+    );
+
+    // Host memory of idle clones: resident set shared with the template's pages.
+    let n = 8;
+    let before = meminfo_kb("MemAvailable:")?;
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(client.create_sandbox(&from_tpl).await?.id);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = meminfo_kb("MemAvailable:")?;
+    let mut pss = Vec::new();
+    for id in &ids {
+        pss.push(smaps_kb(vmm_pid(&launched.data_dir, *id)?, "Pss:")? as f64 / 1024.0);
+    }
+    row(
+        &format!("idle clone: VMM proportional memory ({n} clones)"),
+        &stats(pss),
+        "MiB",
+    );
+    println!(
+        "{:<44} {:>10.1} MiB",
+        format!("host memory taken per idle clone ({n} clones)"),
+        before.saturating_sub(after) as f64 / 1024.0 / n as f64
+    );
+    for id in ids {
+        client.destroy_sandbox(id).await?;
+    }
+    client.delete_snapshot("bench-snapshot").await?;
+    Ok(())
+}
+
+fn meminfo_kb(key: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in /proc/meminfo"))
+}
+
+fn smaps_kb(pid: u32, key: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} for pid {pid}"))
 }
 
 async fn run_direct(

@@ -239,6 +239,29 @@ pub enum SandboxCommand {
         #[arg(last = true)]
         argv: Vec<String>,
     },
+    /// Pause sandboxes: memory, processes and disk are saved; nothing runs.
+    Pause {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Resume paused sandboxes where they were.
+    Resume {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Reset a sandbox's inactivity timer.
+    Ping {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+    },
     /// Destroy sandboxes.
     #[command(alias = "rm")]
     Destroy {
@@ -404,6 +427,30 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        SandboxCommand::Pause { conn, ids } => {
+            let c = client(&conn)?;
+            for id in ids {
+                c.pause_sandbox(parse_id(&id)?)
+                    .await
+                    .with_context(|| format!("pausing {id}"))?;
+                println!("paused {id}");
+            }
+            Ok(())
+        }
+        SandboxCommand::Resume { conn, ids } => {
+            let c = client(&conn)?;
+            for id in ids {
+                c.resume_sandbox(parse_id(&id)?)
+                    .await
+                    .with_context(|| format!("resuming {id}"))?;
+                println!("resumed {id}");
+            }
+            Ok(())
+        }
+        SandboxCommand::Ping { conn, id } => client(&conn)?
+            .ping_sandbox(parse_id(&id)?)
+            .await
+            .map_err(Into::into),
         SandboxCommand::Destroy { conn, ids } => {
             let c = client(&conn)?;
             for id in ids {
@@ -515,13 +562,67 @@ pub enum TemplateCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Turn a running or paused sandbox into a template: memory and disk (snapshot, the
+    /// default: sandboxes continue where it was) or the disk alone (--image: they boot).
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        /// The sandbox.
+        sandbox: String,
+        /// Template name.
+        name: String,
+        /// Only the disk: sandboxes boot from it.
+        #[arg(long)]
+        image: bool,
+        /// Replace the team's template of that name.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Delete a template.
+    #[command(alias = "rm")]
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        /// Template names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 /// Runs a template subcommand.
 pub async fn template(command: TemplateCommand) -> anyhow::Result<()> {
     match command {
+        TemplateCommand::Create {
+            conn,
+            sandbox,
+            name,
+            image,
+            overwrite,
+        } => {
+            let req = nestbox_types::api::CreateSnapshotRequest {
+                sandbox_id: parse_id(&sandbox)?,
+                name,
+                overwrite,
+                kind: Some(if image {
+                    nestbox_types::TemplateKind::Image
+                } else {
+                    nestbox_types::TemplateKind::Snapshot
+                }),
+            };
+            print_json(&client(&conn)?.create_snapshot(&req).await?)
+        }
+        TemplateCommand::Delete { conn, names } => {
+            let c = client(&conn)?;
+            for name in names {
+                c.delete_snapshot(&name)
+                    .await
+                    .with_context(|| format!("deleting {name}"))?;
+                println!("deleted {name}");
+            }
+            Ok(())
+        }
         TemplateCommand::List { conn } => {
-            for t in client(&conn)?.list_templates().await? {
+            for t in client(&conn)?.list_snapshots().await? {
                 println!(
                     "{:<24} {:<8} {:>5} {:>7} {:>8}  {}",
                     t.name,

@@ -79,15 +79,43 @@ pub struct Launched {
 }
 
 impl Launched {
-    /// Stops the agent (destroying its sandboxes), records that, and stops the control
-    /// plane.
+    /// Stops the agent, which pauses its running sandboxes (they resume after the next
+    /// start), records that, and stops the control plane.
     pub async fn shutdown(self) {
+        let report = self.agent.shutdown().await;
+        let db = &self.cp.services.db;
+        use nestbox_types::SandboxStatus::{Missing, Paused, Running, Stopped};
+        for id in &report.paused {
+            if let Err(e) =
+                nestbox_db::sandboxes::transition(db, *id, &[Running, Missing], Paused, None).await
+            {
+                tracing::warn!(sandbox = %id, error = %e, "recording a sandbox paused at shutdown");
+            }
+        }
+        for id in &report.destroyed {
+            let reason = Some("it could not be paused when its host shut down");
+            if let Err(e) =
+                nestbox_db::sandboxes::transition(db, *id, &[Running, Missing], Stopped, reason)
+                    .await
+            {
+                tracing::warn!(sandbox = %id, error = %e, "recording a sandbox destroyed at shutdown");
+            }
+        }
+        if !report.paused.is_empty() {
+            eprintln!(
+                "paused {} sandboxes; they resume on request after the next start",
+                report.paused.len()
+            );
+        }
+        self.cp.shutdown().await;
+    }
+
+    /// Stops everything and destroys every sandbox (throwaway installations).
+    pub async fn shutdown_and_destroy(self) {
         let host = self.agent.host_id;
-        self.agent.shutdown().await;
-        match self.cp.services.host_shut_down(host).await {
-            Ok(n) if n > 0 => eprintln!("destroyed {n} sandboxes"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "recording destroyed sandboxes"),
+        self.agent.shutdown_and_destroy().await;
+        if let Err(e) = self.cp.services.host_shut_down(host).await {
+            tracing::warn!(error = %e, "recording destroyed sandboxes");
         }
         self.cp.shutdown().await;
     }

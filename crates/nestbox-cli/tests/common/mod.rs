@@ -241,6 +241,9 @@ impl Nestbox {
 impl Drop for Nestbox {
     fn drop(&mut self) {
         self.stop();
+        // A clean stop pauses sandboxes and keeps their snapshots; the data directory goes
+        // with the test, so does their tmpfs memory.
+        let _ = std::fs::remove_dir_all(format!("/dev/shm/nestbox-{}", self.tag()));
         if std::thread::panicking() {
             eprintln!("--- nestbox log (last lines) ---\n{}", self.log_tail());
         }

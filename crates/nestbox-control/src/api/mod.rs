@@ -9,6 +9,7 @@ mod auth;
 mod docs;
 mod hosts;
 mod sandboxes;
+mod snapshots;
 mod teams;
 
 use axum::extract::DefaultBodyLimit;
@@ -97,6 +98,15 @@ fn api_router() -> OpenApiRouter<AppState> {
             sandboxes::list_sandboxes
         ))
         .routes(routes!(sandboxes::get_sandbox, sandboxes::destroy_sandbox))
+        .routes(routes!(sandboxes::pause_sandbox))
+        .routes(routes!(sandboxes::resume_sandbox))
+        .routes(routes!(sandboxes::ping_sandbox))
+        .routes(routes!(
+            snapshots::create_snapshot,
+            snapshots::list_snapshots
+        ))
+        .routes(routes!(snapshots::delete_snapshot))
+        .routes(routes!(snapshots::list_admin_templates))
         .routes(routes!(sandboxes::exec))
         .routes(routes!(sandboxes::exec_stream))
         .routes(routes!(sandboxes::list_files, sandboxes::remove_path))

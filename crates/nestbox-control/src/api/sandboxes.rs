@@ -1,4 +1,5 @@
-//! Sandboxes, commands, files, templates and the audit log.
+//! Sandboxes (with pause, resume and keep-alive), commands, files, templates and the audit
+//! log.
 
 use std::convert::Infallible;
 
@@ -78,6 +79,52 @@ pub async fn destroy_sandbox(
 ) -> ApiResult<StatusCode> {
     s.services
         .destroy_sandbox(&caller, id)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}
+
+/// Pauses a running sandbox: its memory, processes and disk are saved on its host and its
+/// VM stops until it is resumed.
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/pause", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)),
+    responses((status = 200, description = "the sandbox, paused", body = Sandbox), (status = 404, body = ErrorBody),
+              (status = 409, description = "not running (`sandbox_not_running`)", body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+pub async fn pause_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+) -> ApiResult<axum::Json<Sandbox>> {
+    s.services.pause_sandbox(&caller, id).await.map(axum::Json)
+}
+
+/// Resumes a paused sandbox with its processes, open files and memory.
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/resume", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)),
+    responses((status = 200, description = "the sandbox, running", body = Sandbox), (status = 404, body = ErrorBody),
+              (status = 409, description = "not paused (`conflict`)", body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+pub async fn resume_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+) -> ApiResult<axum::Json<Sandbox>> {
+    s.services.resume_sandbox(&caller, id).await.map(axum::Json)
+}
+
+/// Keeps a running sandbox alive: resets its inactivity timer (after `timeout_sec` without
+/// activity its host pauses it).
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/ping", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody),
+              (status = 409, description = "not running (`sandbox_not_running`)", body = ErrorBody)))]
+pub async fn ping_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .ping_sandbox(&caller, id)
         .await
         .map(|()| StatusCode::NO_CONTENT)
 }

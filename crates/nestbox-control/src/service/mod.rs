@@ -6,6 +6,7 @@
 //! writes an audit entry for every change.
 
 pub mod hosts;
+pub mod pause;
 pub mod sandboxes;
 pub mod teams;
 pub mod templates;
@@ -54,29 +55,47 @@ impl Services {
     /// Writes an audit entry. Failure to audit is logged, not returned: the change it
     /// describes has already happened.
     pub async fn audit(&self, e: AuditEntry<'_>) {
-        let (actor_type, actor_id) = match &e.actor {
-            AuditActor::Caller(c) => (c.actor.kind(), Some(c.actor.id_string())),
-            AuditActor::Host(id) => (ActorType::Host, Some(id.clone())),
-            AuditActor::System => (ActorType::System, None),
-            AuditActor::User(id) => (ActorType::User, Some(id.clone())),
-        };
-        let entry = audit::NewAuditLog {
-            team_id: e.team,
-            actor_type,
-            actor_id,
-            action: e.action.to_string(),
-            resource_type: e.resource_type.to_string(),
-            resource_id: e.resource_id,
-            status: if e.ok {
-                AuditStatus::Success
-            } else {
-                AuditStatus::Failure
-            },
-            details: e.details,
-        };
-        if let Err(err) = audit::insert(&self.db, &entry).await {
-            tracing::error!(error = %err, action = e.action, "writing an audit entry");
-        }
+        write_audit(&self.db, e).await;
+    }
+}
+
+/// Runs a multi-step change in its own task and waits for its outcome. The task runs to its
+/// end even if the request that started it is dropped (the client went away): the change
+/// always leaves a clear state and records it, and nothing is written to a dead connection.
+pub(crate) async fn detached<T, F>(work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("detached task: {e}")))?
+}
+
+/// [`Services::audit`] for detached tasks, which own a database handle but not the services.
+pub(crate) async fn write_audit(db: &nestbox_db::Db, e: AuditEntry<'_>) {
+    let (actor_type, actor_id) = match &e.actor {
+        AuditActor::Caller(c) => (c.actor.kind(), Some(c.actor.id_string())),
+        AuditActor::Host(id) => (ActorType::Host, Some(id.clone())),
+        AuditActor::System => (ActorType::System, None),
+        AuditActor::User(id) => (ActorType::User, Some(id.clone())),
+    };
+    let entry = audit::NewAuditLog {
+        team_id: e.team,
+        actor_type,
+        actor_id,
+        action: e.action.to_string(),
+        resource_type: e.resource_type.to_string(),
+        resource_id: e.resource_id,
+        status: if e.ok {
+            AuditStatus::Success
+        } else {
+            AuditStatus::Failure
+        },
+        details: e.details,
+    };
+    if let Err(err) = audit::insert(db, &entry).await {
+        tracing::error!(error = %err, action = e.action, "writing an audit entry");
     }
 }
 

@@ -4,6 +4,9 @@
 //! - a team sees only its own sandboxes: another team's sandbox is "not found";
 //! - requests are validated at the edge against the configured [`crate::config::Limits`];
 //!   a value beyond a limit is `limit_exceeded` naming the limit;
+//! - a sandbox from a `snapshot` template keeps the snapshot's vCPUs and memory (asking for
+//!   others is `invalid_request`) and by default its disk (a larger one is fine); a sandbox
+//!   from any template stored on one host (`host_id`) is placed on that host only;
 //! - create records the sandbox (`pending`), places it (`starting`), then asks the host
 //!   agent to boot it; the agent call runs to its end even if the client goes away, and
 //!   leaves the sandbox `running`, or `error` with the reason (the agent has released
@@ -11,7 +14,8 @@
 //! - destroy swallows only "not found on the agent" (already gone); any other agent error
 //!   is returned and the sandbox keeps its status;
 //! - commands and file operations need a `running` sandbox (else `sandbox_not_running`)
-//!   and count as activity.
+//!   and count as activity;
+//! - pause, resume and keep-alive are in [`super::pause`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,7 +35,7 @@ use nestbox_types::api::{
 use nestbox_types::limits::{
     DEFAULT_DISK_SIZE_MB, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_SEC, is_valid_template_name,
 };
-use nestbox_types::{ErrorCode, HostId, SandboxId, SandboxStatus};
+use nestbox_types::{ErrorCode, HostId, SandboxId, SandboxStatus, TemplateKind};
 
 use super::{AuditActor, AuditEntry};
 use crate::error::{ApiError, ApiResult, from_agent};
@@ -286,7 +290,11 @@ impl Services {
         Ok(sandbox_view(&self.sandbox_row(caller, id).await?))
     }
 
-    async fn sandbox_row(&self, caller: &Caller, id: SandboxId) -> ApiResult<sandboxes::Sandbox> {
+    pub(crate) async fn sandbox_row(
+        &self,
+        caller: &Caller,
+        id: SandboxId,
+    ) -> ApiResult<sandboxes::Sandbox> {
         sandboxes::get_for_team(&self.db, caller.team, id)
             .await
             .map_err(|e| {
@@ -298,7 +306,8 @@ impl Services {
             })
     }
 
-    async fn agent_for(&self, host: Option<HostId>) -> ApiResult<(HostId, AgentClient)> {
+    /// The client of a sandbox's (or template's) host, which must be online.
+    pub(crate) async fn agent_for(&self, host: Option<HostId>) -> ApiResult<(HostId, AgentClient)> {
         let host = host
             .ok_or_else(|| ApiError::new(ErrorCode::HostUnavailable, "the sandbox has no host"))?;
         let h = hosts::get(&self.db, host).await.map_err(|e| {
@@ -321,7 +330,7 @@ impl Services {
     }
 
     /// A running sandbox of the caller's team and its host's client.
-    async fn running(
+    pub(crate) async fn running(
         &self,
         caller: &Caller,
         id: SandboxId,
@@ -337,7 +346,7 @@ impl Services {
         Ok((sb, client))
     }
 
-    async fn touch(&self, id: SandboxId) {
+    pub(crate) async fn touch(&self, id: SandboxId) {
         if let Err(e) = sandboxes::touch_last_active(&self.db, id).await {
             tracing::warn!(sandbox = %id, error = %e, "recording activity");
         }
@@ -387,14 +396,24 @@ impl Services {
                     format!("template `{name}` not found"),
                 )
             })?;
-        let vcpus = req.vcpus.unwrap_or(template.vcpus);
+        // A snapshot resumes a machine as it was: its vCPUs and memory are fixed.
+        let snapshot = template.kind == TemplateKind::Snapshot;
+        let fixed = |field: &str, asked: Option<u32>, has: u32, unit: &str| match asked {
+            Some(v) if snapshot && v != has => Err(ApiError::invalid(format!(
+                "{field} must be {has}{unit} (or omitted): sandboxes from snapshot `{name}` \
+                 keep its machine"
+            ))),
+            Some(v) => Ok(v),
+            None => Ok(has),
+        };
+        let vcpus = fixed("vcpus", req.vcpus, template.vcpus, "")?;
+        let memory_mb = fixed("memory_mb", req.memory_mb, template.memory_mb, " MiB")?;
         if vcpus == 0 {
             return Err(ApiError::invalid("vcpus must be at least 1"));
         }
         if vcpus > limits.max_vcpus {
             return Err(ApiError::limit("vcpus", limits.max_vcpus, ""));
         }
-        let memory_mb = req.memory_mb.unwrap_or(template.memory_mb);
         if memory_mb < limits.min_memory_mb {
             return Err(ApiError::invalid(format!(
                 "memory_mb must be at least {}",
@@ -404,9 +423,11 @@ impl Services {
         if memory_mb > limits.max_memory_mb {
             return Err(ApiError::limit("memory_mb", limits.max_memory_mb, " MiB"));
         }
-        let disk_size_mb = req
-            .disk_size_mb
-            .unwrap_or(DEFAULT_DISK_SIZE_MB.max(template.disk_size_mb));
+        let disk_size_mb = req.disk_size_mb.unwrap_or(if snapshot {
+            template.disk_size_mb
+        } else {
+            DEFAULT_DISK_SIZE_MB.max(template.disk_size_mb)
+        });
         if disk_size_mb < template.disk_size_mb {
             return Err(ApiError::invalid(format!(
                 "disk_size_mb must be at least {} for template `{name}`",
@@ -423,7 +444,17 @@ impl Services {
         validate_env(limits, &req.env)?;
         validate_metadata(limits, &req.metadata)?;
 
-        let candidates = self.candidates().await?;
+        let mut candidates = self.candidates().await?;
+        // A template stored on one host can only start there.
+        if let Some(home) = template.host_id {
+            candidates.retain(|c| c.host == home);
+            if candidates.is_empty() {
+                return Err(ApiError::new(
+                    ErrorCode::HostUnavailable,
+                    format!("the host holding template `{name}` is not online; retry later"),
+                ));
+            }
+        }
         let demand = Demand {
             memory_mb,
             overcommit: self.cfg.memory_overcommit,
@@ -433,10 +464,13 @@ impl Services {
             .pick(&candidates, &demand)
             .cloned()
             .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::NoCapacity,
-                    "no host has room for this sandbox right now; retry later",
-                )
+                let message = match template.host_id {
+                    Some(_) => format!(
+                        "the host holding template `{name}` has no room right now; retry later"
+                    ),
+                    None => "no host has room for this sandbox right now; retry later".into(),
+                };
+                ApiError::new(ErrorCode::NoCapacity, message)
             })?;
 
         let sb = sandboxes::insert(
@@ -477,6 +511,11 @@ impl Services {
             timeout_sec,
             env: req.env.clone().into_iter().collect(),
             access_token,
+            // Templates stored on a host are found there by id; the built-in ones by name.
+            template_id: template
+                .host_id
+                .map(|_| template.id.to_string())
+                .unwrap_or_default(),
         };
         let mut client = self.pool.client(placed.host, &placed.address)?;
         let db = self.db.clone();

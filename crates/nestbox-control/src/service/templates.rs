@@ -1,16 +1,44 @@
 //! Templates: what teams may start sandboxes from.
 //!
-//! Platform image templates are discovered from the hosts: an agent reports the templates
-//! it can boot, and [`Services::sync_host_templates`] records them as platform templates
-//! (visible to every team). A team sees its own templates and the platform's.
+//! Two origins:
+//! - **platform image templates** are discovered from the hosts: an agent reports the
+//!   templates it can boot, and [`Services::sync_host_templates`] records them as platform
+//!   templates (visible to every team, on every host);
+//! - **team templates** are made from a team's running or paused sandbox
+//!   (`POST /v1/snapshots`): kind `snapshot` (memory and disk: sandboxes from it continue
+//!   where it was, on the same machine size) or `image` (the disk: sandboxes boot from it).
+//!   Their files stay on the sandbox's host (`host_id`), where sandboxes from them start.
+//!
+//! A team sees its own templates and the platform's. Rules:
+//! - names are [`is_valid_template_name`] and unique per team; a platform template's name is
+//!   reserved (`already_exists`);
+//! - create: the agent writes the files under a new id, then the record is stored. With
+//!   `overwrite`, the new files come first, then the old template's files are deleted on its
+//!   host — if that fails, the new files are deleted (best effort) and the old template stays
+//!   — and only then the record is replaced (one transaction). Old generations never
+//!   accumulate, and a failure never loses the old template;
+//! - a template from which sandboxes holding host resources were made is in use (their disks
+//!   build on its files): it can be neither overwritten nor deleted (`conflict`);
+//! - delete resolves the team's own template, else the platform's. A platform template needs
+//!   a platform admin (`forbidden` before anything else happens). The files go first (only
+//!   "not found" on a host is ignored; any other failure keeps the record), then the record;
+//! - the agent calls and what follows them run in detached tasks ([`super::detached`]), and
+//!   every change is audited.
 
-use nestbox_db::templates;
-use nestbox_proto::hostagent::PingRequest;
-use nestbox_types::api::{self, Template};
-use nestbox_types::{HostId, PLATFORM_TEAM, TemplateKind};
+use std::time::Duration;
 
+use nestbox_db::{DbError, hosts, sandboxes, templates};
+use nestbox_proto::hostagent::{
+    self as pb, CreateTemplateRequest, DeleteTemplateRequest, PingRequest,
+};
+use nestbox_types::api::{self, CreateSnapshotRequest, Template, TemplateListQuery};
+use nestbox_types::limits::is_valid_template_name;
+use nestbox_types::{ErrorCode, HostId, PLATFORM_TEAM, SandboxStatus, TemplateId, TemplateKind};
+
+use super::{AuditActor, AuditEntry, detached, write_audit};
 use crate::error::{ApiError, ApiResult, from_agent};
 use crate::extract::Caller;
+use crate::hostpool::AgentClient;
 use crate::state::Services;
 
 /// API view of a template.
@@ -25,18 +53,346 @@ pub fn template_view(t: &templates::Template) -> Template {
         memory_mb: t.memory_mb,
         disk_size_mb: t.disk_size_mb,
         size_bytes: t.size_bytes,
+        host_id: t.host_id,
         created_at: t.created_at,
+    }
+}
+
+fn invalid_name() -> ApiError {
+    ApiError::invalid(
+        "name must be 1–64 letters, digits, `.`, `_` or `-`, starting with a letter or digit",
+    )
+}
+
+fn page(list: &[templates::Template], q: &TemplateListQuery) -> api::Page<Template> {
+    api::Page {
+        items: list
+            .iter()
+            .filter(|t| q.kind.is_none_or(|k| t.kind == k))
+            .map(template_view)
+            .collect(),
+        next_cursor: None,
+    }
+}
+
+fn proto_kind(kind: TemplateKind) -> pb::TemplateKind {
+    match kind {
+        TemplateKind::Image => pb::TemplateKind::Image,
+        TemplateKind::Snapshot => pb::TemplateKind::Snapshot,
+    }
+}
+
+/// Deletes a template's files on each of `hosts`. A host that has none is fine; any other
+/// failure is returned.
+async fn delete_files(
+    hosts: &mut [(HostId, AgentClient)],
+    id: TemplateId,
+    timeout: Duration,
+) -> ApiResult<()> {
+    for (host, client) in hosts {
+        let mut rpc = tonic::Request::new(DeleteTemplateRequest {
+            template_id: id.to_string(),
+        });
+        rpc.set_timeout(timeout);
+        if let Err(status) = client.delete_template(rpc).await {
+            if nestbox_proto::error_code(&status) == ErrorCode::TemplateNotFound {
+                continue;
+            }
+            tracing::warn!(template = %id, host = %host, error = %status.message(), "deleting template files");
+            return Err(from_agent(&status));
+        }
+    }
+    Ok(())
+}
+
+/// Best-effort removal of files a failed create left on a host.
+async fn discard(client: &AgentClient, host: HostId, id: TemplateId, timeout: Duration) {
+    let mut hosts = [(host, client.clone())];
+    if let Err(e) = delete_files(&mut hosts, id, timeout).await {
+        tracing::warn!(template = %id, host = %host, error = %e, "template files left on the host");
+    }
+}
+
+/// What [`make_template`] works with.
+struct Making {
+    id: TemplateId,
+    new: templates::NewTemplate,
+    sandbox: nestbox_types::SandboxId,
+    host: HostId,
+    client: AgentClient,
+    /// The template being overwritten and the hosts with its files.
+    old: Option<(templates::Template, Vec<(HostId, AgentClient)>)>,
+    timeout: Duration,
+}
+
+/// New files, then (overwrite) the old files, then the record.
+async fn make_template(db: &nestbox_db::Db, m: Making) -> ApiResult<templates::Template> {
+    let Making {
+        id,
+        mut new,
+        sandbox,
+        host,
+        mut client,
+        old,
+        timeout,
+    } = m;
+    let mut rpc = tonic::Request::new(CreateTemplateRequest {
+        sandbox_id: sandbox.to_string(),
+        template_id: id.to_string(),
+        kind: proto_kind(new.kind) as i32,
+    });
+    rpc.set_timeout(timeout);
+    let created = client
+        .create_template(rpc)
+        .await
+        .map_err(|s| from_agent(&s))?
+        .into_inner();
+    new.size_bytes = created.template.map(|t| t.size_bytes).unwrap_or(0);
+
+    if let Some((old, mut old_hosts)) = old {
+        if let Err(e) = delete_files(&mut old_hosts, old.id, timeout).await {
+            discard(&client, host, id, timeout).await;
+            return Err(e);
+        }
+        return match templates::replace(db, old.id, id, &new).await {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                // The old files are gone: its record must not outlive them.
+                discard(&client, host, id, timeout).await;
+                if let Err(del) = templates::delete(db, old.id).await {
+                    tracing::error!(template = %old.id, error = %del, "a template record without files is left");
+                }
+                Err(stored_error(e, &new.name))
+            }
+        };
+    }
+    match templates::create_with_id(db, id, &new).await {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            discard(&client, host, id, timeout).await;
+            Err(stored_error(e, &new.name))
+        }
+    }
+}
+
+fn stored_error(e: DbError, name: &str) -> ApiError {
+    match e {
+        DbError::Conflict { .. } => ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!("template `{name}` was created meanwhile"),
+        ),
+        other => other.into(),
     }
 }
 
 impl Services {
     /// Templates visible to the caller's team.
     pub async fn list_templates(&self, caller: &Caller) -> ApiResult<api::Page<Template>> {
+        self.list_snapshots(caller, &TemplateListQuery::default())
+            .await
+    }
+
+    /// Templates visible to the caller's team (its own and the platform's), by kind.
+    pub async fn list_snapshots(
+        &self,
+        caller: &Caller,
+        q: &TemplateListQuery,
+    ) -> ApiResult<api::Page<Template>> {
         let list = templates::list_visible(&self.db, caller.team).await?;
-        Ok(api::Page {
-            items: list.iter().map(template_view).collect(),
-            next_cursor: None,
+        Ok(page(&list, q))
+    }
+
+    /// Every team's templates. Platform admins only.
+    pub async fn list_all_templates(
+        &self,
+        caller: &Caller,
+        q: &TemplateListQuery,
+    ) -> ApiResult<api::Page<Template>> {
+        caller.require_admin()?;
+        let list = templates::list_all(&self.db).await?;
+        Ok(page(&list, q))
+    }
+
+    /// Fails if sandboxes holding host resources were made from `t`.
+    async fn ensure_unused(&self, t: &templates::Template) -> ApiResult<()> {
+        let holding: Vec<SandboxStatus> = SandboxStatus::ALL
+            .iter()
+            .copied()
+            .filter(SandboxStatus::holds_host_resources)
+            .collect();
+        let n = sandboxes::count_by_template(&self.db, t.id, &holding).await?;
+        if n > 0 {
+            return Err(ApiError::conflict(format!(
+                "template `{}` is in use by {n} sandbox(es), whose disks build on its files; \
+                 destroy them first",
+                t.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The hosts holding a template's files: its host, or every online host for templates
+    /// every host has.
+    async fn template_hosts(
+        &self,
+        t: &templates::Template,
+    ) -> ApiResult<Vec<(HostId, AgentClient)>> {
+        if t.host_id.is_some() {
+            return Ok(vec![self.agent_for(t.host_id).await?]);
+        }
+        let mut out = Vec::new();
+        for h in hosts::list_online(&self.db).await? {
+            if let Some(address) = &h.address {
+                out.push((h.id, self.pool.client(h.id, address)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Turns a running or paused sandbox into a template of the caller's team.
+    pub async fn create_snapshot(
+        &self,
+        caller: &Caller,
+        req: &CreateSnapshotRequest,
+    ) -> ApiResult<Template> {
+        if !is_valid_template_name(&req.name) {
+            return Err(invalid_name());
+        }
+        let kind = req.kind.unwrap_or(TemplateKind::Snapshot);
+        let sb = self.sandbox_row(caller, req.sandbox_id).await?;
+        if !matches!(sb.status, SandboxStatus::Running | SandboxStatus::Paused) {
+            return Err(ApiError::conflict(format!(
+                "sandbox {} is {}; only a running or paused sandbox can become a template",
+                sb.id, sb.status
+            )));
+        }
+        let old = match templates::get_visible(&self.db, caller.team, &req.name).await? {
+            None => None,
+            Some(t) if t.team_id != caller.team => {
+                return Err(ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    format!(
+                        "`{}` is the name of a platform template; choose another name",
+                        req.name
+                    ),
+                ));
+            }
+            Some(_) if !req.overwrite => {
+                return Err(ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    format!(
+                        "template `{}` already exists; pass `overwrite: true` to replace it",
+                        req.name
+                    ),
+                ));
+            }
+            Some(t) => {
+                self.ensure_unused(&t).await?;
+                let hosts = self.template_hosts(&t).await?;
+                Some((t, hosts))
+            }
+        };
+        let (host, client) = self.agent_for(sb.host_id).await?;
+        let making = Making {
+            id: TemplateId::new(),
+            new: templates::NewTemplate {
+                team_id: caller.team,
+                name: req.name.clone(),
+                kind,
+                vcpus: sb.vcpus,
+                memory_mb: sb.memory_mb,
+                disk_size_mb: sb.disk_size_mb,
+                size_bytes: 0,
+                host_id: Some(host),
+                created_by: Some(caller.actor.id_string()),
+            },
+            sandbox: sb.id,
+            host,
+            client,
+            old,
+            timeout: self.cfg.template_timeout,
+        };
+        let db = self.db.clone();
+        let who = *caller;
+        let replaced = making.old.as_ref().map(|(t, _)| t.id.to_string());
+        let name = req.name.clone();
+        let created = detached(async move {
+            let id = making.id;
+            let outcome = make_template(&db, making).await;
+            write_audit(
+                &db,
+                AuditEntry {
+                    actor: AuditActor::Caller(who),
+                    team: Some(who.team),
+                    action: "template.create",
+                    resource_type: "template",
+                    resource_id: Some(id.to_string()),
+                    ok: outcome.is_ok(),
+                    details: serde_json::json!({
+                        "name": name, "kind": kind, "sandbox": sb.id.to_string(),
+                        "host": host.to_string(), "replaced": replaced,
+                        "error": outcome.as_ref().err().map(|e| e.message.clone()),
+                    }),
+                },
+            )
+            .await;
+            outcome
         })
+        .await?;
+        Ok(template_view(&created))
+    }
+
+    /// Deletes a template visible to the caller's team: its files, then its record.
+    pub async fn delete_snapshot(&self, caller: &Caller, name: &str) -> ApiResult<()> {
+        if !is_valid_template_name(name) {
+            return Err(invalid_name());
+        }
+        let t = templates::get_visible(&self.db, caller.team, name)
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::TemplateNotFound,
+                    format!("template `{name}` not found"),
+                )
+            })?;
+        if t.team_id.is_platform() && !caller.actor.is_admin() {
+            return Err(ApiError::forbidden(format!(
+                "`{name}` is a platform template; only platform admins may delete it"
+            )));
+        }
+        self.ensure_unused(&t).await?;
+        let mut hosts = self.template_hosts(&t).await?;
+        let db = self.db.clone();
+        let who = *caller;
+        let timeout = self.cfg.template_timeout;
+        detached(async move {
+            let outcome = match delete_files(&mut hosts, t.id, timeout).await {
+                Ok(()) => templates::delete(&db, t.id)
+                    .await
+                    .map(drop)
+                    .map_err(ApiError::from),
+                Err(e) => Err(e),
+            };
+            write_audit(
+                &db,
+                AuditEntry {
+                    actor: AuditActor::Caller(who),
+                    team: (!t.team_id.is_platform()).then_some(t.team_id),
+                    action: "template.delete",
+                    resource_type: "template",
+                    resource_id: Some(t.id.to_string()),
+                    ok: outcome.is_ok(),
+                    details: serde_json::json!({
+                        "name": t.name, "kind": t.kind,
+                        "host": t.host_id.map(|h| h.to_string()),
+                        "error": outcome.as_ref().err().map(|e| e.message.clone()),
+                    }),
+                },
+            )
+            .await;
+            outcome
+        })
+        .await
     }
 
     /// Asks a host which templates it can boot and records them as platform templates.
@@ -51,7 +407,8 @@ impl Services {
             .into_inner();
         let mut n = 0;
         for info in &ping.template_infos {
-            if info.kind != "image" {
+            // Team templates stored on the host are recorded when they are made.
+            if info.kind != "image" || !info.template_id.is_empty() {
                 continue;
             }
             if !nestbox_types::limits::is_valid_template_name(&info.name) {

@@ -9,11 +9,17 @@
 //! [`both_engines!`] turns `async fn name(engine: Engine) -> anyhow::Result<()>` into two
 //! tests, `sqlite::name` and `postgres::name`.
 //!
+//! Routes the typed client does not cover yet are called through [`api::Api`]
+//! ([`Harness::key_api`], [`TestUser::api`]); [`Harness::add_agent`] registers more
+//! simulated hosts.
+//!
 //! The background monitor of `start` only runs its first pass (the interval is an hour);
 //! tests run passes explicitly with [`Harness::monitor_pass`] so that nothing changes
 //! behind their back.
 
 #![allow(dead_code)]
+
+pub mod api;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +27,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use nestbox_client::{Client, ClientError};
 use nestbox_control::{ControlConfig, Limits, RunningControlPlane, Services};
-use nestbox_testkit::{PgCluster, SimAgent, SimAgentConfig, TempSqlite, temp_sqlite_url};
+use nestbox_testkit::{PgCluster, SimAgent, SimAgentConfig, SimHold, TempSqlite, temp_sqlite_url};
 use nestbox_types::api::{CreateSandboxRequest, CreateUserRequest, Sandbox};
 use nestbox_types::{ErrorBody, ErrorCode, HostId, TeamId, UserId};
 
@@ -73,6 +79,9 @@ pub struct Options {
     pub host_grace: Duration,
     /// The simulated agent.
     pub agent: SimAgentConfig,
+    /// Deadline of pause and resume calls (and how long the monitor leaves a fresh pause
+    /// alone).
+    pub pause_timeout: Duration,
 }
 
 impl Default for Options {
@@ -81,6 +90,7 @@ impl Default for Options {
             limits: Limits::default(),
             host_grace: Duration::from_secs(90),
             agent: SimAgentConfig::default(),
+            pause_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -96,6 +106,30 @@ pub struct TestUser {
     pub team: TeamId,
     /// A client with their session token.
     pub client: Client,
+    /// Their session token.
+    pub token: String,
+    base: String,
+}
+
+impl TestUser {
+    /// Calls routes the typed client does not cover, for the user's default team.
+    pub fn api(&self) -> api::Api {
+        api::Api::new(
+            &self.base,
+            vec![("authorization", format!("Bearer {}", self.token))],
+        )
+    }
+
+    /// [`TestUser::api`] acting for `team`.
+    pub fn api_for(&self, team: TeamId) -> api::Api {
+        api::Api::new(
+            &self.base,
+            vec![
+                ("authorization", format!("Bearer {}", self.token)),
+                ("x-nestbox-team", team.to_string()),
+            ],
+        )
+    }
 }
 
 /// A running control plane with a registered simulated agent.
@@ -116,6 +150,8 @@ pub struct Harness {
     pub key: Client,
     /// The first-run team.
     pub team: TeamId,
+    /// The first-run API key itself.
+    pub api_key: String,
     cp: Option<RunningControlPlane>,
     _sqlite: Option<TempSqlite>,
 }
@@ -157,6 +193,7 @@ impl Harness {
         cfg.limits = opts.limits;
         cfg.host_grace = opts.host_grace;
         cfg.monitor_interval = Duration::from_secs(3600);
+        cfg.pause_timeout = opts.pause_timeout;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
         let base = cp.url();
@@ -179,7 +216,9 @@ impl Harness {
             id: login.user.id,
             email: first.email.clone(),
             team: first.team_id,
-            client: anonymous.clone().with_token(login.token),
+            client: anonymous.clone().with_token(login.token.clone()),
+            token: login.token,
+            base: base.clone(),
         };
         Ok(Harness {
             engine,
@@ -188,8 +227,9 @@ impl Harness {
             agent,
             host_id: creds.host_id,
             admin,
-            key: anonymous.with_api_key(first.api_key),
+            key: anonymous.with_api_key(first.api_key.clone()),
             team: first.team_id,
+            api_key: first.api_key,
             cp: Some(cp),
             _sqlite: sqlite,
         })
@@ -224,8 +264,27 @@ impl Harness {
             id: created.user.id,
             email,
             team: created.team.id,
-            client: self.anonymous().with_token(token),
+            client: self.anonymous().with_token(token.clone()),
+            token,
+            base: self.url.clone(),
         })
+    }
+
+    /// Calls routes the typed client does not cover, with the first-run API key.
+    pub fn key_api(&self) -> api::Api {
+        api::Api::new(&self.url, vec![("x-api-key", self.api_key.clone())])
+    }
+
+    /// Registers another simulated host, online, with its templates recorded.
+    pub async fn add_agent(&self, name: &str, cfg: SimAgentConfig) -> anyhow::Result<SimAgent> {
+        let agent = SimAgent::start(cfg).await?;
+        let host = self.services.create_host_unchecked(name).await?;
+        let creds = agent.register(&self.url, &host.registration_token).await?;
+        agent.heartbeat().await?;
+        self.services
+            .sync_host_templates(creds.host_id, &agent.address())
+            .await?;
+        Ok(agent)
     }
 
     /// A default sandbox of the first-run team, created with its API key.
@@ -286,4 +345,11 @@ pub async fn raw_error(
         "expected {status} {code}, got {got} {text}"
     );
     Ok(body)
+}
+
+/// Waits until a held agent call has arrived (the control plane made it and waits for it).
+pub async fn arrived(hold: &SimHold) -> anyhow::Result<()> {
+    tokio::time::timeout(WAIT, hold.arrived())
+        .await
+        .context("the held call never reached the agent")
 }

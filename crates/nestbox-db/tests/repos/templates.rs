@@ -1,6 +1,6 @@
 use nestbox_db::templates::{self, NewTemplate};
 use nestbox_db::{DbError, sandboxes};
-use nestbox_types::{PLATFORM_TEAM, SandboxStatus, TeamId, TemplateKind};
+use nestbox_types::{PLATFORM_TEAM, SandboxStatus, TeamId, TemplateId, TemplateKind};
 
 use crate::common::{new_sandbox, team};
 
@@ -126,4 +126,71 @@ db_test!(delete_detaches_sandboxes, |t| {
     let got = sandboxes::get(&t.db, sb.id).await.unwrap();
     assert_eq!(got.template_id, None);
     assert_eq!(got.template_name, "mine");
+});
+
+db_test!(create_with_id_keeps_the_chosen_id, |t| {
+    let (_, a) = team(&t.db, "a").await;
+    let id = TemplateId::new();
+    let created = templates::create_with_id(&t.db, id, &tpl(a.id, "snap", 2))
+        .await
+        .unwrap();
+    assert_eq!(created.id, id);
+    assert_eq!(templates::get(&t.db, id).await.unwrap(), created);
+    let err = templates::create_with_id(&t.db, TemplateId::new(), &tpl(a.id, "snap", 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, DbError::Conflict { .. }), "{err:?}");
+});
+
+db_test!(replace_swaps_rows_in_one_step, |t| {
+    let (_, a) = team(&t.db, "a").await;
+    let old = templates::create(&t.db, &tpl(a.id, "snap", 1))
+        .await
+        .unwrap();
+    let mut new = new_sandbox(a.id);
+    new.template_id = Some(old.id);
+    let sb = sandboxes::insert(&t.db, &new).await.unwrap();
+
+    let id = TemplateId::new();
+    let replaced = templates::replace(&t.db, old.id, id, &tpl(a.id, "snap", 4))
+        .await
+        .unwrap();
+    assert_eq!((replaced.id, replaced.vcpus), (id, 4));
+    assert!(
+        templates::get(&t.db, old.id)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    assert_eq!(
+        templates::get_visible(&t.db, a.id, "snap").await.unwrap(),
+        Some(replaced.clone())
+    );
+    assert_eq!(
+        sandboxes::get(&t.db, sb.id).await.unwrap().template_id,
+        None
+    );
+
+    // A clash with another template's name changes nothing.
+    let other = templates::create(&t.db, &tpl(a.id, "other", 1))
+        .await
+        .unwrap();
+    let err = templates::replace(
+        &t.db,
+        replaced.id,
+        TemplateId::new(),
+        &tpl(a.id, "other", 2),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(&err, DbError::Conflict { .. }), "{err:?}");
+    assert_eq!(templates::get(&t.db, replaced.id).await.unwrap(), replaced);
+    assert_eq!(templates::get(&t.db, other.id).await.unwrap(), other);
+
+    // An old row deleted meanwhile does not stop the new one.
+    let gone = TemplateId::new();
+    let fresh = templates::replace(&t.db, gone, TemplateId::new(), &tpl(a.id, "fresh", 1))
+        .await
+        .unwrap();
+    assert_eq!(templates::get(&t.db, fresh.id).await.unwrap(), fresh);
 });

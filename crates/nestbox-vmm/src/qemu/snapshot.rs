@@ -16,6 +16,7 @@
 //!   checks (manifest, compatibility, files) — nothing started yet
 //!   Resume: rename dir/memory.ram → <memory_dir>/<id>.ram (share=on)
 //!   Clone:  map dir/memory.ram share=off (MAP_PRIVATE)
+//!   Copy:   sparse copy dir/memory.ram → <memory_dir>/<id>.ram (share=on)
 //!   in-state RAM: anonymous memory
 //!   spawn QEMU (same machine, -incoming defer) ─ x-ignore-shared ─
 //!   migrate-incoming "exec:cat dir/state.bin" ─ poll until completed ─ cont
@@ -147,7 +148,9 @@ struct ManifestInput {
     kind: SaveMode,
     source_vm: String,
     vmm: VmmRecord,
-    guest: GuestRecord,
+    images: GuestImages,
+    digests: std::sync::Arc<snap::DigestCache>,
+    cmdline: String,
     machine: snap::MachineConfig,
     disk: crate::Disk,
     memory: Option<PathBuf>,
@@ -159,6 +162,7 @@ fn write_snapshot_manifest(input: ManifestInput) -> Result<SnapshotManifest, Vmm
         let path = p.to_path_buf();
         move |source| VmmError::Io { op, path, source }
     };
+    let (kernel, initrd) = input.images.digests(&input.digests)?;
     let state_path = input.dir.join(STATE_FILE);
     files::sync_path(&state_path).map_err(io("sync", &state_path))?;
     let state = StateFile {
@@ -202,7 +206,11 @@ fn write_snapshot_manifest(input: ManifestInput) -> Result<SnapshotManifest, Vmm
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         source_vm: input.source_vm,
         vmm: input.vmm,
-        guest: input.guest,
+        guest: GuestRecord {
+            kernel,
+            initrd,
+            cmdline: input.cmdline,
+        },
         machine: input.machine,
         root_disk,
         state,
@@ -245,11 +253,9 @@ impl QemuVm {
                 version: self.info.version.clone(),
                 accel: self.info.accel,
             },
-            guest: GuestRecord {
-                kernel: self.images.kernel.clone(),
-                initrd: self.images.initrd.clone(),
-                cmdline: self.cmdline.clone(),
-            },
+            images: self.images.clone(),
+            digests: self.digests.clone(),
+            cmdline: self.cmdline.clone(),
             machine: self.machine.clone(),
             disk: self.spec.root_disk.clone(),
             memory,
@@ -341,9 +347,10 @@ impl QemuVm {
         timings.save_state = t.elapsed();
 
         // The RAM file and the caller's freeze, concurrently.
-        let ram = match (&self.memory, mode) {
-            (MemoryBacking::Owned(src), _) => Some(src.clone()),
-            _ => None,
+        let ram = match &self.memory {
+            MemoryBacking::Owned(src) => Some(src.clone()),
+            // Private (a clone) or anonymous RAM went into the state file.
+            MemoryBacking::Private(_) | MemoryBacking::Anonymous => None,
         };
         let target = dir.join(MEMORY_FILE);
         let memory_job = async {
@@ -495,6 +502,16 @@ impl QemuVmm {
         spec: &VmSpec,
         dir: &Path,
     ) -> Result<SnapshotManifest, VmmError> {
+        self.check_and_stamp(spec, dir).await.map(|(m, _)| m)
+    }
+
+    /// [`Self::check_snapshot_dir`], also returning the stamps of the images it hashed
+    /// (the restored VM booted, in effect, from those files).
+    async fn check_and_stamp(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+    ) -> Result<(SnapshotManifest, GuestImages), VmmError> {
         let cache = self.digests.clone();
         let info = self.info.clone();
         let machine = self.machine_config(spec);
@@ -508,11 +525,18 @@ impl QemuVmm {
                 let path = p.to_path_buf();
                 move |source| VmmError::Io { op, path, source }
             };
-            let kernel = cache.digest(&kernel).map_err(io("hash", &kernel))?;
+            let (kernel_digest, kernel_stamp) =
+                cache.digest_stamped(&kernel).map_err(io("hash", &kernel))?;
             let initrd = match &initrd {
-                Some(p) => Some(cache.digest(p).map_err(io("hash", p))?),
+                Some(p) => Some((p, cache.digest_stamped(p).map_err(io("hash", p))?)),
                 None => None,
             };
+            let images = GuestImages {
+                kernel: (kernel.clone(), kernel_stamp),
+                initrd: initrd.as_ref().map(|(p, (_, s))| (p.to_path_buf(), *s)),
+            };
+            let initrd = initrd.map(|(_, (d, _))| d);
+            let kernel = kernel_digest;
             let root_disk = DiskRecord {
                 format: disk.format.as_str().into(),
                 virtual_size: snap::disk_virtual_size(&disk.path, disk.format)
@@ -527,7 +551,7 @@ impl QemuVmm {
             };
             snap::check_compatible(&dir, &m, &expected)?;
             snap::verify_files(&dir, &m)?;
-            Ok(m)
+            Ok((m, images))
         })
         .await
     }
@@ -554,7 +578,7 @@ impl QemuVmm {
         let started = Instant::now();
         spec.validate()?;
         let dir = absolute(snapshot)?;
-        let manifest = self.check_snapshot_dir(&spec, &dir).await?;
+        let (manifest, images) = self.check_and_stamp(&spec, &dir).await?;
         let mut timings = RestoreTimings {
             check: started.elapsed(),
             ..Default::default()
@@ -572,6 +596,20 @@ impl QemuVmm {
                 let placement = blocking("move the ram file", &src, move || {
                     files::rename_or_copy(&s, &d).map_err(|source| VmmError::Io {
                         op: "move the ram file",
+                        path: s.clone(),
+                        source,
+                    })
+                })
+                .await?;
+                (MemoryBacking::Owned(dst), Some((src, placement)))
+            }
+            (Some(m), RestoreMemory::Copy) => {
+                let src = dir.join(&m.file);
+                let dst = paths.memory_file.clone();
+                let (s, d) = (src.clone(), dst.clone());
+                let placement = blocking("copy the ram file", &src, move || {
+                    files::copy_sparse(&s, &d).map_err(|source| VmmError::Io {
+                        op: "copy the ram file",
                         path: s.clone(),
                         source,
                     })
@@ -622,19 +660,6 @@ impl QemuVmm {
             total_ms = timings.total.as_millis() as u64,
             "vm restored"
         );
-        let with_path = |d: &snap::ImageDigest, p: &Path| snap::ImageDigest {
-            path: p.to_string_lossy().into_owned(),
-            ..d.clone()
-        };
-        let images = GuestImages {
-            kernel: with_path(&manifest.guest.kernel, &spec.kernel),
-            initrd: manifest
-                .guest
-                .initrd
-                .as_ref()
-                .zip(spec.initrd.as_deref())
-                .map(|(d, p)| with_path(d, p)),
-        };
         let vm = QemuVm {
             id: spec.id.clone(),
             run_dir: spec.run_dir.clone(),
@@ -647,6 +672,7 @@ impl QemuVmm {
             spec,
             cmdline: manifest.guest.cmdline.clone(),
             images,
+            digests: self.digests.clone(),
             memory,
         };
         Ok(Restored {

@@ -35,12 +35,13 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 }
 
 /// A fresh seed for [`sampled_digest`]: different snapshots sample different blocks.
+/// Below 2^53, so any JSON reader holds it exactly.
 pub fn new_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    splitmix64(nanos ^ (u64::from(std::process::id()) << 32))
+    splitmix64(nanos ^ (u64::from(std::process::id()) << 32)) & ((1 << 53) - 1)
 }
 
 fn splitmix64(x: u64) -> u64 {
@@ -87,9 +88,10 @@ pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(path)?.blocks() * 512)
 }
 
-/// What identifies a file's content cheaply: a changed stamp means "hash again".
+/// What identifies a file's content cheaply (device, inode, size, times): a changed
+/// stamp means "hash again".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -98,6 +100,11 @@ struct Stamp {
 }
 
 impl Stamp {
+    /// The stamp of `path` now.
+    pub fn read(path: &Path) -> io::Result<Self> {
+        Ok(Self::of(&std::fs::metadata(path)?))
+    }
+
     fn of(meta: &std::fs::Metadata) -> Self {
         let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
         Self {
@@ -121,8 +128,12 @@ pub struct DigestCache {
 impl DigestCache {
     /// The digest of `path`, from the cache when the file has not changed.
     pub fn digest(&self, path: &Path) -> io::Result<ImageDigest> {
-        let meta = std::fs::metadata(path)?;
-        let stamp = Stamp::of(&meta);
+        self.digest_stamped(path).map(|(d, _)| d)
+    }
+
+    /// The digest of `path` and the stamp it belongs to.
+    pub fn digest_stamped(&self, path: &Path) -> io::Result<(ImageDigest, Stamp)> {
+        let stamp = Stamp::read(path)?;
         let cached = self.entries.lock().ok().and_then(|m| {
             m.get(path)
                 .filter(|(s, _)| *s == stamp)
@@ -132,21 +143,36 @@ impl DigestCache {
             Some(h) => h,
             None => {
                 let h = sha256_file(path)?;
-                // Hashed while it changed under us: do not remember.
-                let after = Stamp::of(&std::fs::metadata(path)?);
-                if after == stamp
-                    && let Ok(mut m) = self.entries.lock()
-                {
+                // Changed while we hashed: do not trust (or remember) the result.
+                if Stamp::read(path)? != stamp {
+                    return Err(io::Error::other("the file changed while it was hashed"));
+                }
+                if let Ok(mut m) = self.entries.lock() {
                     m.insert(path.to_path_buf(), (stamp, h.clone()));
                 }
                 h
             }
         };
-        Ok(ImageDigest {
-            path: path.to_string_lossy().into_owned(),
-            size: meta.len(),
+        let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let digest = ImageDigest {
+            path: shown.to_string_lossy().into_owned(),
+            size: stamp.size,
             sha256,
-        })
+        };
+        Ok((digest, stamp))
+    }
+
+    /// The digest of `path` as it was when `stamp` was taken; an error if the file has
+    /// changed since (a VM's kernel replaced after it booted must not be recorded as
+    /// the kernel it booted).
+    pub fn digest_unchanged(&self, path: &Path, stamp: Stamp) -> io::Result<ImageDigest> {
+        let (digest, now) = self.digest_stamped(path)?;
+        if now != stamp {
+            return Err(io::Error::other(
+                "the file was replaced or modified since the vm booted from it",
+            ));
+        }
+        Ok(digest)
     }
 }
 
@@ -393,5 +419,16 @@ mod tests {
         std::fs::write(&tmp, b"kernel two").unwrap();
         std::fs::rename(&tmp, &k).unwrap();
         assert_ne!(cache.digest(&k).unwrap().sha256, d1.sha256);
+        // A stamp from before the replacement is refused.
+        let old = Stamp::read(&k).unwrap();
+        let tmp = dir.path().join("newer");
+        std::fs::write(&tmp, b"kernel three").unwrap();
+        std::fs::rename(&tmp, &k).unwrap();
+        assert!(cache.digest_unchanged(&k, old).is_err());
+        let now = Stamp::read(&k).unwrap();
+        assert_eq!(
+            cache.digest_unchanged(&k, now).unwrap().sha256,
+            sha256_file(&k).unwrap()
+        );
     }
 }

@@ -1,0 +1,510 @@
+//! Bringing a sandbox's VM up: a fresh boot, a clone of a snapshot template, or the resume
+//! of a paused sandbox. All three take a network slot and namespace, start a VMM, wait for
+//! the guest agent and initialise it; on failure they release what they took (and a
+//! resume puts its snapshot back, so the sandbox stays paused).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use nestbox_envd::client::EnvdClient;
+use nestbox_envd::types::InitRequest;
+use nestbox_hostsys::disk;
+use nestbox_hostsys::net::{self, SandboxNet};
+use nestbox_types::SandboxId;
+use nestbox_types::limits::GUEST_AGENT_PORT;
+use nestbox_vmm::snapshot::RestoreMemory;
+use nestbox_vmm::{Disk, DiskFormat, GuestConfig, NetworkSpec, Vm, VmSpec};
+use sha2::{Digest, Sha256};
+
+use super::state::{self, Phase, StartedBy, StateFile};
+use super::{CreateParams, Manager, mem_dir, min_disk_mb, remove_dir_if_exists, sandbox_dir};
+use crate::error::AgentError;
+use crate::templates::{Kind, StoredTemplate};
+
+/// The key of a built-in template's build (its base images are named by it).
+pub(crate) fn image_key(image: &nestbox_image::TemplateImage) -> String {
+    image.manifest.inputs_hash.chars().take(16).collect()
+}
+
+/// What a running sandbox holds on the host.
+pub(crate) struct Live {
+    pub vm: Box<dyn Vm>,
+    pub net: SandboxNet,
+}
+
+/// Where a new sandbox's VM comes from.
+enum Origin {
+    /// Boot a kernel with a root filesystem (the base image, expanded to the disk size).
+    Boot {
+        base_name: String,
+        base_key: String,
+        rootfs: PathBuf,
+        min_mb: u64,
+    },
+    /// Restore a clone of a snapshot template (its own or a warm one).
+    Clone { template: StoredTemplate },
+}
+
+/// How the guest agent is initialised once it answers.
+pub(crate) struct Init {
+    /// Token the guest agent holds now (`None`: the first `/init` of a fresh boot, checked
+    /// against the hash on the kernel command line).
+    pub present: Option<String>,
+    /// Token it must require from now on.
+    pub token: String,
+    /// Default environment (`None` keeps the guest's).
+    pub env: Option<HashMap<String, String>>,
+    /// Host name to set.
+    pub hostname: Option<String>,
+}
+
+/// The guest's host name for a sandbox.
+pub(crate) fn hostname(id: SandboxId) -> String {
+    format!("sb-{}", id.short())
+}
+
+/// A stable, locally administered MAC per sandbox.
+pub(crate) fn guest_mac(id: SandboxId) -> String {
+    let b = id.uuid().into_bytes();
+    format!("02:4e:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// The last lines of a console log, for failure messages.
+pub(crate) fn console_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+impl Manager {
+    /// Resolves where a new sandbox comes from and the facts that follow from it.
+    fn origin(&self, p: &CreateParams) -> Result<(Origin, StateFile), AgentError> {
+        let inner = self.inner();
+        let id = p.id;
+        let default_disk = |disk: u32| {
+            if disk == 0 {
+                inner.cfg.default_disk_mb
+            } else {
+                u64::from(disk)
+            }
+        };
+        let mut st = StateFile {
+            format_version: state::STATE_FORMAT,
+            sandbox_id: id,
+            team_id: p.team,
+            template: p.template.clone(),
+            template_id: p.template_id,
+            vcpus: p.vcpus,
+            memory_mb: p.memory_mb,
+            disk_size_mb: 0,
+            timeout_sec: p.timeout_sec,
+            access_token: p.access_token.clone(),
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            kernel_version: String::new(),
+            phase: Phase::Starting,
+            auto_paused: false,
+            started_by: StartedBy::Boot,
+            slot: None,
+            vmm_pid: None,
+            mem_dir: mem_dir(&inner.tag, id),
+            snapshot_durable: false,
+            started_at: Utc::now(),
+            boot_ms: 0,
+            guest_version: String::new(),
+        };
+        let origin = match p.template_id {
+            Some(tpl) => {
+                let template = self.template(tpl)?;
+                let kernel = inner
+                    .images
+                    .kernel(&template.record.kernel_version)
+                    .map_err(|e| {
+                        AgentError::Invalid(format!(
+                            "template {tpl} needs kernel {}: {e}",
+                            template.record.kernel_version
+                        ))
+                    })?;
+                st.kernel = kernel.kernel;
+                st.initrd = kernel.initramfs;
+                st.kernel_version = template.record.kernel_version.clone();
+                let disk =
+                    default_disk(p.disk_size_mb).max(u64::from(template.record.disk_size_mb));
+                st.disk_size_mb = u32::try_from(disk).unwrap_or(u32::MAX);
+                match template.record.kind {
+                    Kind::Snapshot => {
+                        if p.vcpus != template.record.vcpus
+                            || p.memory_mb != template.record.memory_mb
+                        {
+                            return Err(AgentError::Invalid(format!(
+                                "snapshot template {tpl} runs with {} vCPUs and {} MiB",
+                                template.record.vcpus, template.record.memory_mb
+                            )));
+                        }
+                        st.started_by = StartedBy::Restore;
+                        Origin::Clone { template }
+                    }
+                    Kind::Image => Origin::Boot {
+                        base_name: tpl.to_string(),
+                        base_key: "t".into(),
+                        rootfs: template.rootfs(),
+                        min_mb: u64::from(template.record.disk_size_mb),
+                    },
+                }
+            }
+            None => {
+                let (image, kernel) = inner
+                    .images
+                    .template_with_kernel(&p.template)
+                    .map_err(|_| AgentError::TemplateNotFound(p.template.clone()))?;
+                let min_mb = min_disk_mb(image.manifest.fs_min_bytes);
+                let disk = default_disk(p.disk_size_mb);
+                if disk < min_mb {
+                    return Err(AgentError::Invalid(format!(
+                        "disk_size_mb {disk} is too small for template `{}` (needs at least {min_mb})",
+                        p.template
+                    )));
+                }
+                st.disk_size_mb = u32::try_from(disk).unwrap_or(u32::MAX);
+                st.kernel = kernel.kernel;
+                st.initrd = kernel.initramfs;
+                st.kernel_version = kernel.manifest.kernel_version.clone();
+                // The default machine of a built-in template restores from its warm
+                // snapshot when one is ready.
+                match inner.warm.get(&p.template, p.vcpus, p.memory_mb, disk) {
+                    Some(template) => {
+                        st.started_by = StartedBy::Restore;
+                        Origin::Clone { template }
+                    }
+                    None => Origin::Boot {
+                        base_name: p.template.clone(),
+                        base_key: image_key(&image),
+                        rootfs: image.rootfs,
+                        min_mb,
+                    },
+                }
+            }
+        };
+        Ok((origin, st))
+    }
+
+    /// Creates a new sandbox's files, network and VM, and initialises its guest agent.
+    pub(super) async fn launch_new(
+        &self,
+        p: &CreateParams,
+        started: Instant,
+    ) -> Result<(StateFile, Live, EnvdClient, String), AgentError> {
+        let inner = self.inner();
+        let id = p.id;
+        let (origin, mut st) = self.origin(p)?;
+        let dir = sandbox_dir(&inner.cfg.data_dir, id);
+        let result = async {
+            // Directory and state record first: from here on a crash is cleaned up.
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| AgentError::host("creating the sandbox directory", id, e))?;
+            state::write(&dir, &st)?;
+            tokio::fs::create_dir_all(&st.mem_dir)
+                .await
+                .map_err(|e| AgentError::host("creating the guest memory directory", id, e))?;
+            let overlay = dir.join("rootfs.qcow2");
+            let disk_mb = u64::from(st.disk_size_mb);
+            let (base, size) = match &origin {
+                Origin::Boot {
+                    base_name,
+                    base_key,
+                    rootfs,
+                    min_mb,
+                } => {
+                    let base = inner
+                        .bases
+                        .ensure(base_name, base_key, rootfs, disk_mb, *min_mb)
+                        .await
+                        .map_err(|e| AgentError::host("preparing the base image", id, e))?;
+                    (base, None)
+                }
+                Origin::Clone { template } => {
+                    let larger =
+                        (disk_mb > u64::from(template.record.disk_size_mb)).then_some(disk_mb);
+                    (template.rootfs(), larger)
+                }
+            };
+            disk::create_overlay(&base, &overlay, size)
+                .await
+                .map_err(|e| AgentError::host("creating the root disk", id, e))?;
+            let init = Init {
+                present: match &origin {
+                    Origin::Boot { .. } => None,
+                    Origin::Clone { template } => template.record.access_token.clone(),
+                },
+                token: p.access_token.clone(),
+                env: Some(p.env.clone()),
+                hostname: Some(hostname(id)),
+            };
+            let snapshot = match &origin {
+                Origin::Boot { .. } => None,
+                Origin::Clone { template } => Some((template.dir.clone(), RestoreMemory::Clone)),
+            };
+            self.bring_up(&mut st, &dir, snapshot, init, started).await
+        }
+        .await;
+        match result {
+            Ok((live, guest, version)) => {
+                st.phase = Phase::Running;
+                st.boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                st.started_at = Utc::now();
+                st.guest_version = version.clone();
+                if let Err(e) = state::write(&dir, &st) {
+                    self.release(&mut st, Some(live), &dir, true).await;
+                    return Err(e);
+                }
+                Ok((st, live, guest, version))
+            }
+            Err(e) => {
+                self.release(&mut st, None, &dir, true).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Network, VMM (boot or restore), guest agent answering and initialised. On failure
+    /// everything this call took is released (not the directories).
+    pub(super) async fn bring_up(
+        &self,
+        st: &mut StateFile,
+        dir: &Path,
+        snapshot: Option<(PathBuf, RestoreMemory)>,
+        init: Init,
+        started: Instant,
+    ) -> Result<(Live, EnvdClient, String), AgentError> {
+        let inner = self.inner();
+        let id = st.sandbox_id;
+        let slot = inner
+            .slots
+            .allocate(&id.to_string())
+            .map_err(|e| AgentError::host("allocating a network slot", id, e))?;
+        st.slot = Some(slot);
+        let net = match async {
+            state::write(dir, st)?;
+            SandboxNet::setup(slot)
+                .await
+                .map_err(|e| AgentError::host("setting up the network", id, e))
+        }
+        .await
+        {
+            Ok(net) => net,
+            Err(e) => {
+                let _ = inner.slots.release(slot);
+                st.slot = None;
+                return Err(e);
+            }
+        };
+        let spec = VmSpec {
+            id: id.to_string(),
+            vcpus: st.vcpus,
+            memory_mb: st.memory_mb,
+            kernel: st.kernel.clone(),
+            initrd: Some(st.initrd.clone()),
+            cmdline_extra: Vec::new(),
+            root_disk: Disk {
+                path: dir.join("rootfs.qcow2"),
+                format: DiskFormat::Qcow2,
+            },
+            network: NetworkSpec::Tap {
+                netns: net.addrs.netns_path(),
+                ifname: net::TAP_NAME.to_string(),
+                mac: guest_mac(id),
+            },
+            guest: GuestConfig {
+                hostname: Some(hostname(id)),
+                ip: Some(format!("{}/{}", net::GUEST_IP, net::GUEST_PREFIX)),
+                gateway: Some(net::GUEST_GATEWAY),
+                dns: inner.dns.clone(),
+                access_token_sha256: Some(hex::encode(Sha256::digest(init.token.as_bytes()))),
+            },
+            run_dir: dir.to_path_buf(),
+            memory_dir: st.mem_dir.clone(),
+        };
+        let console = dir.join("console.log");
+        let started_vm = match &snapshot {
+            None => inner.vmm.boot(spec).await,
+            Some((snap, memory)) => inner.vmm.restore(spec, snap, *memory).await.map(|r| r.vm),
+        };
+        let mut vm = match started_vm {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.drop_network(st, Some(net)).await;
+                return Err(AgentError::Boot {
+                    id,
+                    reason: format!("{e}; console: {}", console_tail(&console, 8)),
+                });
+            }
+        };
+        st.vmm_pid = Some(vm.pid());
+        let up = async {
+            state::write(dir, st)?;
+            let url = format!("http://{}:{GUEST_AGENT_PORT}", net.addrs.sandbox_ip);
+            let guest =
+                EnvdClient::with_http_client(inner.http.clone(), url, Some(init.token.clone()))
+                    .map_err(|e| AgentError::Guest { id, source: e })?;
+            let version = wait_for_guest(
+                &guest,
+                vm.as_mut(),
+                id,
+                started + inner.cfg.boot_timeout,
+                &console,
+            )
+            .await?;
+            let request = InitRequest {
+                access_token: Some(init.token.clone()),
+                env_vars: init.env.map(|e| e.into_iter().collect()),
+                default_user: Some("root".into()),
+                default_workdir: None,
+                timestamp: Some(Utc::now()),
+                hostname: init.hostname,
+            };
+            let presenting = match &init.present {
+                Some(t) => guest
+                    .with_access_token(Some(t.clone()))
+                    .map_err(|e| AgentError::Guest { id, source: e })?,
+                None => guest.clone(),
+            };
+            presenting
+                .with_timeout(Duration::from_secs(10))
+                .init(&request)
+                .await
+                .map_err(|e| AgentError::Guest { id, source: e })?;
+            Ok::<_, AgentError>((guest, version))
+        }
+        .await;
+        match up {
+            Ok((guest, version)) => Ok((Live { vm, net }, guest, version)),
+            Err(e) => {
+                if let Err(stop) = vm.stop(Duration::from_secs(5)).await {
+                    tracing::warn!(sandbox = %id, error = %stop, "stopping a VM that did not come up");
+                }
+                st.vmm_pid = None;
+                self.drop_network(st, Some(net)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Tears down a sandbox's network and frees its slot.
+    pub(super) async fn drop_network(&self, st: &mut StateFile, net: Option<SandboxNet>) {
+        let id = st.sandbox_id;
+        if let Some(net) = net
+            && let Err(e) = net.teardown().await
+        {
+            tracing::warn!(sandbox = %id, error = %e, "removing the network");
+        }
+        if let Some(slot) = st.slot.take()
+            && let Err(e) = self.inner().slots.release(slot)
+        {
+            tracing::warn!(sandbox = %id, error = %e, "releasing the network slot");
+        }
+    }
+
+    /// Releases everything of a sandbox: VM, network, slot and, with `files`, its
+    /// directories (disk, snapshots, tmpfs). Returns the first error.
+    pub(super) async fn release(
+        &self,
+        st: &mut StateFile,
+        live: Option<Live>,
+        dir: &Path,
+        files: bool,
+    ) -> Option<AgentError> {
+        let id = st.sandbox_id;
+        let mut first: Option<AgentError> = None;
+        let mut note = |e: AgentError| {
+            tracing::warn!(sandbox = %id, error = %e.public_message(), "releasing sandbox resources");
+            first.get_or_insert(e);
+        };
+        let net = match live {
+            Some(mut live) => {
+                if let Err(e) = live.vm.stop(Duration::from_secs(5)).await {
+                    note(AgentError::host("stopping the VMM", id, e));
+                }
+                Some(live.net)
+            }
+            None => None,
+        };
+        st.vmm_pid = None;
+        if let Some(net) = net
+            && let Err(e) = net.teardown().await
+        {
+            note(AgentError::host("removing the network", id, e));
+        }
+        if let Some(slot) = st.slot.take()
+            && let Err(e) = self.inner().slots.release(slot)
+        {
+            note(AgentError::host("releasing the network slot", id, e));
+        }
+        if files {
+            if let Err(e) = remove_dir_if_exists(&st.mem_dir).await {
+                note(AgentError::host("removing guest memory", id, e));
+            }
+            if let Err(e) = remove_dir_if_exists(dir).await {
+                note(AgentError::host("removing the sandbox directory", id, e));
+            }
+        }
+        first
+    }
+}
+
+/// Polls the guest agent's health until it answers, the VMM exits or the deadline passes.
+async fn wait_for_guest(
+    guest: &EnvdClient,
+    vm: &mut dyn Vm,
+    id: SandboxId,
+    deadline: Instant,
+    console: &Path,
+) -> Result<String, AgentError> {
+    let probe = guest.with_timeout(Duration::from_secs(2));
+    loop {
+        match probe.health().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                if vm.exited().is_some() {
+                    return Err(AgentError::Boot {
+                        id,
+                        reason: format!("the VMM exited; console: {}", console_tail(console, 12)),
+                    });
+                }
+                if Instant::now() >= deadline {
+                    return Err(AgentError::Boot {
+                        id,
+                        reason: format!(
+                            "guest agent not answering ({e}); console: {}",
+                            console_tail(console, 12)
+                        ),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_is_valid_and_local() {
+        let mac = guest_mac(SandboxId::new());
+        let parts: Vec<&str> = mac.split(':').collect();
+        assert_eq!(parts.len(), 6);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok()),
+            "{mac}"
+        );
+        assert_eq!(parts[0], "02");
+    }
+}

@@ -1,0 +1,823 @@
+//! The sandbox manager: every sandbox on this host, each owned by one task.
+//!
+//! ```text
+//!                   ┌───────────── pause (or inactivity) ─────────────┐
+//!   create ──▶ Starting ──▶ Running ──▶ Pausing ──▶ Paused ──▶ Resuming ──▶ Running
+//!                 │            │  ▲                    │
+//!                 │            ▼  │ snapshot            │
+//!                 │        Snapshotting                 │
+//!                 ▼            └──────── destroy ───────┴──▶ Stopping ──▶ (gone)
+//!     failure: everything taken is released, the error is returned
+//! ```
+//!
+//! Ownership: the [`Manager`] holds a map from id to [`SandboxHandle`]. The handle carries
+//! what request handlers may use concurrently (the guest agent client while running,
+//! immutable facts, the activity clock) and a channel to the sandbox's task
+//! ([`task`]). Only the task touches the VM, the network, the disk and the snapshot;
+//! lifecycle requests are messages with a reply channel, and a full channel is a typed
+//! "busy" error, never a hang.
+//!
+//! Invariants:
+//! - a sandbox is in the map from the moment its id is reserved until its task has
+//!   released everything; a second create with the same id fails;
+//! - a failed create releases, in reverse order, everything it took (slot, namespace,
+//!   disk files, VMM process) before it returns;
+//! - every resource a sandbox holds is recorded in its `state.json` ([`state`]) before it
+//!   is taken, so [`crate::cleanup`] can remove it after a crash — except a paused
+//!   sandbox's snapshot, which the next start adopts instead;
+//! - a paused sandbox holds no VMM, namespace or slot: only files (its disk overlay and its
+//!   snapshot, on tmpfs for a fast resume and copied to disk to survive a reboot).
+
+mod launch;
+pub mod state;
+mod task;
+mod warm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use nestbox_envd::client::EnvdClient;
+use nestbox_hostsys::disk::BaseImages;
+use nestbox_hostsys::net::SlotAllocator;
+use nestbox_image::ImageStore;
+use nestbox_types::{SandboxId, TeamId, TemplateId};
+use nestbox_vmm::Vmm;
+use tokio::sync::{mpsc, oneshot};
+
+pub use state::{Phase, StartedBy};
+
+use crate::config::AgentConfig;
+use crate::error::AgentError;
+use crate::templates::{Kind, StoredTemplate, TemplateStore};
+
+/// Lifecycle state as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Booting or restoring.
+    Starting,
+    /// The guest agent answers.
+    Running,
+    /// Saving memory and devices.
+    Pausing,
+    /// Saved; no VM runs.
+    Paused,
+    /// Coming back from a pause.
+    Resuming,
+    /// Being frozen into a template.
+    Snapshotting,
+    /// Being destroyed.
+    Stopping,
+}
+
+impl State {
+    /// Name for errors and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Pausing => "pausing",
+            State::Paused => "paused",
+            State::Resuming => "resuming",
+            State::Snapshotting => "snapshotting",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+/// What the control plane asked for.
+#[derive(Debug, Clone)]
+pub struct CreateParams {
+    /// Id chosen by the control plane.
+    pub id: SandboxId,
+    /// Owning team.
+    pub team: TeamId,
+    /// Template name.
+    pub template: String,
+    /// A team template stored on this host, if the sandbox starts from one.
+    pub template_id: Option<TemplateId>,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u32,
+    /// Disk, MiB (0 = the agent's default).
+    pub disk_size_mb: u32,
+    /// Inactivity timeout, seconds (0 = never).
+    pub timeout_sec: u32,
+    /// Environment for every process.
+    pub env: HashMap<String, String>,
+    /// Token the guest agent will require.
+    pub access_token: String,
+}
+
+/// Facts about a sandbox that never change.
+#[derive(Debug, Clone)]
+pub struct SandboxFacts {
+    /// Id.
+    pub id: SandboxId,
+    /// Team.
+    pub team: TeamId,
+    /// Template name.
+    pub template: String,
+    /// Team template it came from.
+    pub template_id: Option<TemplateId>,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u32,
+    /// Disk, MiB.
+    pub disk_size_mb: u32,
+    /// Inactivity timeout, seconds.
+    pub timeout_sec: u32,
+    /// When it first became ready.
+    pub started_at: DateTime<Utc>,
+    /// Create request to ready.
+    pub boot: Duration,
+    /// Kernel release.
+    pub kernel_version: String,
+    /// How it started.
+    pub started_by: StartedBy,
+    /// A sandbox the agent runs for itself (warm snapshots): never listed.
+    pub internal: bool,
+}
+
+impl SandboxFacts {
+    fn from_state(st: &state::StateFile, internal: bool) -> Self {
+        Self {
+            id: st.sandbox_id,
+            team: st.team_id,
+            template: st.template.clone(),
+            template_id: st.template_id,
+            vcpus: st.vcpus,
+            memory_mb: st.memory_mb,
+            disk_size_mb: st.disk_size_mb,
+            timeout_sec: st.timeout_sec,
+            started_at: st.started_at,
+            boot: Duration::from_millis(st.boot_ms),
+            kernel_version: st.kernel_version.clone(),
+            started_by: st.started_by,
+            internal,
+        }
+    }
+}
+
+/// What may change about a sandbox, behind one lock.
+#[derive(Debug)]
+struct Status {
+    state: State,
+    auto_paused: bool,
+    guest: Option<EnvdClient>,
+    guest_version: String,
+}
+
+/// A lifecycle request to a sandbox's task.
+pub(crate) enum Command {
+    Destroy {
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    Pause {
+        auto: bool,
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    Resume {
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    /// Finish copying the snapshot to disk, then free its tmpfs copy (agent shutdown).
+    Settle {
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    CreateTemplate {
+        store: TemplateStore,
+        key: String,
+        kind: Kind,
+        reply: oneshot::Sender<Result<StoredTemplate, AgentError>>,
+    },
+}
+
+/// A sandbox as request handlers see it.
+#[derive(Debug)]
+pub struct SandboxHandle {
+    /// Immutable facts.
+    pub facts: SandboxFacts,
+    status: Mutex<Status>,
+    last_active_ms: AtomicI64,
+    commands: mpsc::Sender<Command>,
+}
+
+impl SandboxHandle {
+    /// Current state.
+    pub fn state(&self) -> State {
+        self.status
+            .lock()
+            .map(|s| s.state)
+            .unwrap_or(State::Stopping)
+    }
+
+    /// Whether the inactivity timeout paused it.
+    pub fn auto_paused(&self) -> bool {
+        self.status.lock().map(|s| s.auto_paused).unwrap_or(false)
+    }
+
+    /// The guest agent's version.
+    pub fn guest_version(&self) -> String {
+        self.status
+            .lock()
+            .map(|s| s.guest_version.clone())
+            .unwrap_or_default()
+    }
+
+    /// The guest agent's client; only while running. Counts as activity.
+    pub fn guest(&self) -> Result<EnvdClient, AgentError> {
+        let status = self
+            .status
+            .lock()
+            .map_err(|_| AgentError::Internal("sandbox status poisoned".into()))?;
+        match (&status.guest, status.state) {
+            (Some(g), State::Running | State::Snapshotting) => {
+                self.touch();
+                Ok(g.clone())
+            }
+            (_, state) => Err(AgentError::WrongState {
+                id: self.facts.id,
+                state: state.as_str(),
+            }),
+        }
+    }
+
+    /// Records activity now (resets the inactivity timer).
+    pub fn touch(&self) {
+        self.last_active_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// Last activity, unix ms.
+    pub fn last_active_ms(&self) -> i64 {
+        self.last_active_ms.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, AgentError>>) -> Command,
+    ) -> Result<T, AgentError> {
+        let id = self.facts.id;
+        let (tx, rx) = oneshot::channel();
+        self.commands.try_send(make(tx)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => AgentError::Busy(id),
+            mpsc::error::TrySendError::Closed(_) => AgentError::SandboxNotFound(id),
+        })?;
+        rx.await.map_err(|_| {
+            AgentError::Internal(format!("sandbox {id}'s task ended without answering"))
+        })?
+    }
+}
+
+enum Slot {
+    /// Create in progress.
+    Reserved,
+    /// Started (any state after Starting).
+    Ready(Arc<SandboxHandle>),
+}
+
+/// Everything shared by the manager's operations.
+pub(crate) struct Inner {
+    pub(crate) cfg: Arc<AgentConfig>,
+    pub(crate) tag: String,
+    pub(crate) vmm: Arc<dyn Vmm>,
+    pub(crate) images: ImageStore,
+    pub(crate) bases: BaseImages,
+    pub(crate) slots: SlotAllocator,
+    pub(crate) http: reqwest::Client,
+    pub(crate) dns: Vec<std::net::Ipv4Addr>,
+    pub(crate) templates: TemplateStore,
+    pub(crate) warm: warm::Warm,
+    sandboxes: Mutex<HashMap<SandboxId, Slot>>,
+}
+
+/// Parts to build a [`Manager`] from.
+pub(crate) struct InnerParts {
+    pub cfg: Arc<AgentConfig>,
+    pub tag: String,
+    pub vmm: Arc<dyn Vmm>,
+    pub images: ImageStore,
+    pub bases: BaseImages,
+    pub slots: SlotAllocator,
+    pub http: reqwest::Client,
+    pub dns: Vec<std::net::Ipv4Addr>,
+    pub templates: TemplateStore,
+    pub warm: TemplateStore,
+}
+
+/// All sandboxes of this host.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("tag", &self.inner.tag)
+            .finish()
+    }
+}
+
+/// Directory of a sandbox's files.
+pub fn sandbox_dir(data_dir: &Path, id: SandboxId) -> PathBuf {
+    data_dir.join("sandboxes").join(id.to_string())
+}
+
+/// Directory of a sandbox's tmpfs files (guest RAM, fast snapshot).
+pub fn mem_dir(tag: &str, id: SandboxId) -> PathBuf {
+    mem_root(tag).join(id.to_string())
+}
+
+/// Directory of every tmpfs file of an agent instance.
+pub fn mem_root(tag: &str) -> PathBuf {
+    PathBuf::from("/dev/shm").join(format!("nestbox-{tag}"))
+}
+
+/// Smallest disk a template's filesystem fits in, with room to boot and work (MiB).
+pub(crate) fn min_disk_mb(fs_min_bytes: u64) -> u64 {
+    (fs_min_bytes.div_ceil(1 << 20) + 256).div_ceil(256) * 256
+}
+
+async fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+impl Manager {
+    pub(crate) fn new(parts: InnerParts) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                warm: warm::Warm::new(parts.warm),
+                cfg: parts.cfg,
+                tag: parts.tag,
+                vmm: parts.vmm,
+                images: parts.images,
+                bases: parts.bases,
+                slots: parts.slots,
+                http: parts.http,
+                dns: parts.dns,
+                templates: parts.templates,
+                sandboxes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// A sandbox past its start.
+    pub fn get(&self, id: SandboxId) -> Result<Arc<SandboxHandle>, AgentError> {
+        let map = self
+            .inner
+            .sandboxes
+            .lock()
+            .map_err(|_| AgentError::Internal("sandbox map poisoned".into()))?;
+        match map.get(&id) {
+            Some(Slot::Ready(h)) if !h.facts.internal => Ok(h.clone()),
+            Some(Slot::Reserved) => Err(AgentError::WrongState {
+                id,
+                state: "starting",
+            }),
+            _ => Err(AgentError::SandboxNotFound(id)),
+        }
+    }
+
+    /// A sandbox whose guest agent can be used now.
+    pub fn running(&self, id: SandboxId) -> Result<Arc<SandboxHandle>, AgentError> {
+        let h = self.get(id)?;
+        match h.state() {
+            State::Running | State::Snapshotting => Ok(h),
+            s => Err(AgentError::WrongState {
+                id,
+                state: s.as_str(),
+            }),
+        }
+    }
+
+    /// Every sandbox past its start, paused ones included (internal ones excluded).
+    pub fn list(&self) -> Vec<Arc<SandboxHandle>> {
+        self.inner
+            .sandboxes
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter_map(|s| match s {
+                        Slot::Ready(h) if !h.facts.internal => Some(h.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Number of sandboxes, starting and paused ones included.
+    pub fn count(&self) -> usize {
+        self.inner.sandboxes.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Built-in image templates this host can boot.
+    pub fn templates(&self) -> Vec<String> {
+        let dir = self.inner.images.root().join("templates");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().join("template.json").exists())
+                    .filter_map(|e| e.file_name().to_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The VMM driver, as a description (`qemu 7.2.22 (tcg)`).
+    pub fn vmm_info(&self) -> String {
+        self.inner.vmm.info().to_string()
+    }
+
+    /// The VMM driver itself (benchmarks boot bare VMs with it).
+    pub fn vmm(&self) -> Arc<dyn Vmm> {
+        self.inner.vmm.clone()
+    }
+
+    /// The base image of a built-in template at `size_mb` (at least the template's
+    /// minimum), prepared if needed.
+    pub async fn base_image(
+        &self,
+        name: &str,
+        template: &nestbox_image::TemplateImage,
+        size_mb: u64,
+    ) -> Result<PathBuf, AgentError> {
+        let key = launch::image_key(template);
+        let min_mb = min_disk_mb(template.manifest.fs_min_bytes);
+        self.inner
+            .bases
+            .ensure(name, &key, &template.rootfs, size_mb.max(min_mb), min_mb)
+            .await
+            .map_err(|e| AgentError::Internal(format!("preparing template {name}: {e}")))
+    }
+
+    /// The default disk size of new sandboxes, MiB.
+    pub fn default_disk_mb(&self) -> u64 {
+        self.inner.cfg.default_disk_mb
+    }
+
+    /// Details of the built-in templates, for the control plane's catalogue.
+    pub fn template_infos(&self) -> Vec<nestbox_proto::hostagent::TemplateInfo> {
+        self.templates()
+            .into_iter()
+            .filter_map(|name| {
+                let image = self.inner.images.template(&name).ok()?;
+                Some(nestbox_proto::hostagent::TemplateInfo {
+                    min_disk_mb: u32::try_from(min_disk_mb(image.manifest.fs_min_bytes))
+                        .unwrap_or(u32::MAX),
+                    size_bytes: image.manifest.size_bytes,
+                    kind: "image".into(),
+                    name,
+                    template_id: String::new(),
+                    vcpus: 0,
+                    memory_mb: 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Prepares base images at the default disk size for every built-in template (the
+    /// seed's EnsureImageSizes) and removes bases of old builds.
+    pub async fn prepare_images(&self) -> Result<(), AgentError> {
+        for name in self.templates() {
+            let image = self
+                .inner
+                .images
+                .template(&name)
+                .map_err(|e| AgentError::Internal(format!("template {name}: {e}")))?;
+            let started = Instant::now();
+            self.base_image(&name, &image, self.inner.cfg.default_disk_mb)
+                .await?;
+            let pruned = self
+                .inner
+                .bases
+                .prune(&name, &launch::image_key(&image))
+                .await
+                .unwrap_or(0);
+            tracing::info!(template = %name, pruned, elapsed_ms = started.elapsed().as_millis() as u64, "base image ready");
+        }
+        self.inner.templates.clean_staging();
+        Ok(())
+    }
+
+    fn reserve(&self, id: SandboxId) -> Result<(), AgentError> {
+        let mut map = self
+            .inner
+            .sandboxes
+            .lock()
+            .map_err(|_| AgentError::Internal("sandbox map poisoned".into()))?;
+        if map.contains_key(&id) {
+            return Err(AgentError::SandboxExists(id));
+        }
+        if map.len() >= self.inner.cfg.max_sandboxes as usize {
+            return Err(AgentError::NoCapacity(format!(
+                "{} of {} sandboxes in use",
+                map.len(),
+                self.inner.cfg.max_sandboxes
+            )));
+        }
+        map.insert(id, Slot::Reserved);
+        Ok(())
+    }
+
+    fn unreserve(&self, id: SandboxId) {
+        if let Ok(mut map) = self.inner.sandboxes.lock() {
+            map.remove(&id);
+        }
+    }
+
+    fn register(&self, handle: Arc<SandboxHandle>) {
+        if let Ok(mut map) = self.inner.sandboxes.lock() {
+            map.insert(handle.facts.id, Slot::Ready(handle));
+        }
+    }
+
+    /// Starts a sandbox (boot, or restore from a snapshot template); returns once its
+    /// guest agent answers. On failure everything taken is released first.
+    pub async fn create(&self, params: CreateParams) -> Result<Arc<SandboxHandle>, AgentError> {
+        self.create_inner(params, false).await
+    }
+
+    pub(crate) async fn create_inner(
+        &self,
+        params: CreateParams,
+        internal: bool,
+    ) -> Result<Arc<SandboxHandle>, AgentError> {
+        let id = params.id;
+        if params.access_token.len() < 16 {
+            return Err(AgentError::Invalid(
+                "access_token must be at least 16 characters".into(),
+            ));
+        }
+        if params.vcpus == 0 || params.memory_mb < 128 {
+            return Err(AgentError::Invalid(
+                "a sandbox needs at least 1 vCPU and 128 MiB".into(),
+            ));
+        }
+        self.reserve(id)?;
+        let started = Instant::now();
+        let disk = if params.disk_size_mb == 0 {
+            self.inner.cfg.default_disk_mb
+        } else {
+            u64::from(params.disk_size_mb)
+        };
+        let warm = params.template_id.is_none()
+            && self
+                .inner
+                .warm
+                .get(&params.template, params.vcpus, params.memory_mb, disk)
+                .is_some();
+        let mut result = self.launch_new(&params, started).await;
+        if warm
+            && let Err(e) = &result
+            && !matches!(e, AgentError::Invalid(_))
+        {
+            // A warm snapshot that does not restore (a VMM or kernel change the key missed)
+            // must not make creates fail: forget it and boot.
+            tracing::warn!(sandbox = %id, error = %e.public_message(), "restoring the warm snapshot failed; booting instead");
+            self.inner.warm.forget(&params.template);
+            result = self.launch_new(&params, started).await;
+        }
+        match result {
+            Ok((st, live, guest, guest_version)) => {
+                let (tx, rx) = mpsc::channel(8);
+                let handle = Arc::new(SandboxHandle {
+                    facts: SandboxFacts::from_state(&st, internal),
+                    status: Mutex::new(Status {
+                        state: State::Running,
+                        auto_paused: false,
+                        guest: Some(guest),
+                        guest_version,
+                    }),
+                    last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
+                    commands: tx,
+                });
+                tokio::spawn(
+                    task::SandboxTask::new(self.clone(), handle.clone(), st, Some(live)).run(rx),
+                );
+                self.register(handle.clone());
+                tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, "sandbox running");
+                Ok(handle)
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e.public_message(), "create failed");
+                self.unreserve(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes back a paused sandbox found on disk at start-up.
+    pub(crate) fn adopt_paused(&self, st: state::StateFile) {
+        let id = st.sandbox_id;
+        let (tx, rx) = mpsc::channel(8);
+        let handle = Arc::new(SandboxHandle {
+            facts: SandboxFacts::from_state(&st, false),
+            status: Mutex::new(Status {
+                state: State::Paused,
+                auto_paused: st.auto_paused,
+                guest: None,
+                guest_version: st.guest_version.clone(),
+            }),
+            last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
+            commands: tx,
+        });
+        tokio::spawn(task::SandboxTask::new(self.clone(), handle.clone(), st, None).run(rx));
+        self.register(handle);
+        tracing::info!(sandbox = %id, "adopted a paused sandbox");
+    }
+
+    /// Destroys a sandbox: stops its VM (if any) and releases everything. Errors of the
+    /// teardown are returned (after every step was attempted), never swallowed.
+    pub async fn destroy(&self, id: SandboxId) -> Result<(), AgentError> {
+        self.get(id)?
+            .request(|reply| Command::Destroy { reply })
+            .await
+    }
+
+    /// Pauses a running sandbox.
+    pub async fn pause(&self, id: SandboxId) -> Result<(), AgentError> {
+        self.get(id)?
+            .request(|reply| Command::Pause { auto: false, reply })
+            .await
+    }
+
+    /// Resumes a paused sandbox.
+    pub async fn resume(&self, id: SandboxId) -> Result<(), AgentError> {
+        self.get(id)?
+            .request(|reply| Command::Resume { reply })
+            .await
+    }
+
+    /// Resets a sandbox's inactivity timer.
+    pub fn ping(&self, id: SandboxId) -> Result<(), AgentError> {
+        let h = self.get(id)?;
+        match h.state() {
+            State::Running | State::Snapshotting => {
+                h.touch();
+                Ok(())
+            }
+            s => Err(AgentError::WrongState {
+                id,
+                state: s.as_str(),
+            }),
+        }
+    }
+
+    /// Turns a running or paused sandbox into a team template stored on this host.
+    pub async fn create_template(
+        &self,
+        id: SandboxId,
+        template: TemplateId,
+        kind: Kind,
+    ) -> Result<StoredTemplate, AgentError> {
+        let store = self.inner.templates.clone();
+        self.get(id)?
+            .request(|reply| Command::CreateTemplate {
+                store,
+                key: template.to_string(),
+                kind,
+                reply,
+            })
+            .await
+    }
+
+    /// Deletes a team template's files; refused while a sandbox on this host builds on
+    /// them (its disk is an overlay over the template's, its memory may map it).
+    pub fn delete_template(&self, template: TemplateId) -> Result<(), AgentError> {
+        let users: Vec<SandboxId> = self
+            .list()
+            .iter()
+            .filter(|h| h.facts.template_id == Some(template))
+            .map(|h| h.facts.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(AgentError::TemplateInUse {
+                template,
+                sandboxes: users.len(),
+            });
+        }
+        if self.inner.templates.delete(&template.to_string())? {
+            Ok(())
+        } else {
+            Err(AgentError::TemplateNotFound(template.to_string()))
+        }
+    }
+
+    /// A team template stored on this host.
+    pub fn template(&self, template: TemplateId) -> Result<StoredTemplate, AgentError> {
+        self.inner.templates.get_id(template)
+    }
+
+    /// Destroys every sandbox, paused ones included.
+    pub async fn destroy_all(&self) {
+        let ids: Vec<SandboxId> = self.all_ids();
+        for id in ids {
+            if let Err(e) = self.destroy_any(id).await {
+                tracing::error!(sandbox = %id, error = %e.public_message(), "destroy at shutdown");
+            }
+        }
+    }
+
+    /// Pauses every running sandbox (agent shutdown: they survive the restart). Returns
+    /// the ids paused; those that could not be paused are destroyed.
+    pub async fn pause_all(&self) -> (Vec<SandboxId>, Vec<SandboxId>) {
+        let mut paused = Vec::new();
+        let mut destroyed = Vec::new();
+        for h in self.list() {
+            let id = h.facts.id;
+            if h.state() != State::Running {
+                continue;
+            }
+            match h
+                .request(|reply| Command::Pause { auto: false, reply })
+                .await
+            {
+                Ok(()) => paused.push(id),
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %e.public_message(), "pause at shutdown failed; destroying it");
+                    if self.destroy(id).await.is_ok() {
+                        destroyed.push(id);
+                    }
+                }
+            }
+        }
+        // Their snapshots must be on disk before the agent exits, and host memory is freed
+        // while it is down.
+        for h in self.list() {
+            if h.state() == State::Paused
+                && let Err(e) = h.request(|reply| Command::Settle { reply }).await
+            {
+                tracing::warn!(sandbox = %h.facts.id, error = %e.public_message(), "finishing the snapshot copy");
+            }
+        }
+        // Internal sandboxes (warm snapshot builds) never survive.
+        for id in self.all_ids() {
+            let internal = self.handle_any(id).is_some_and(|h| h.facts.internal);
+            if internal {
+                let _ = self.destroy_any(id).await;
+            }
+        }
+        (paused, destroyed)
+    }
+
+    fn all_ids(&self) -> Vec<SandboxId> {
+        self.inner
+            .sandboxes
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(id, s)| match s {
+                        Slot::Ready(_) => Some(*id),
+                        Slot::Reserved => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn handle_any(&self, id: SandboxId) -> Option<Arc<SandboxHandle>> {
+        self.inner
+            .sandboxes
+            .lock()
+            .ok()
+            .and_then(|m| match m.get(&id) {
+                Some(Slot::Ready(h)) => Some(h.clone()),
+                _ => None,
+            })
+    }
+
+    async fn destroy_any(&self, id: SandboxId) -> Result<(), AgentError> {
+        match self.handle_any(id) {
+            Some(h) => h.request(|reply| Command::Destroy { reply }).await,
+            None => Err(AgentError::SandboxNotFound(id)),
+        }
+    }
+
+    /// Builds (or finds) the warm snapshots of the built-in templates, in the background.
+    pub fn warm_up(&self) {
+        let manager = self.clone();
+        tokio::spawn(async move { warm::warm_up(manager).await });
+    }
+}

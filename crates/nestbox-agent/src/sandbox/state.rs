@@ -1,0 +1,161 @@
+//! `state.json`: everything a sandbox holds and needs, written before it is taken.
+//!
+//! The file lives in the sandbox's directory (inside the agent's data directory, mode 0700)
+//! and is replaced atomically. After a crash, [`crate::cleanup`] reads it to kill the
+//! sandbox's VMM, remove its network and files — or, for a paused sandbox whose snapshot
+//! is intact, to adopt it again. It holds the guest agent's access token, so it is written
+//! with mode 0600.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use nestbox_types::{SandboxId, TeamId, TemplateId};
+
+use crate::error::AgentError;
+
+/// Format version of `state.json`.
+pub const STATE_FORMAT: u32 = 2;
+
+/// Where a sandbox is in its life, as persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Booting or restoring; a crash now means the sandbox is gone.
+    Starting,
+    /// Its VM runs.
+    Running,
+    /// Its memory, devices and disk are saved; no VM runs.
+    Paused,
+}
+
+/// How a sandbox came to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartedBy {
+    /// A fresh boot of an image.
+    Boot,
+    /// A clone of a snapshot template.
+    Restore,
+}
+
+impl StartedBy {
+    /// Wire spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StartedBy::Boot => "boot",
+            StartedBy::Restore => "restore",
+        }
+    }
+}
+
+/// Persisted record of a sandbox.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct StateFile {
+    /// [`STATE_FORMAT`].
+    pub format_version: u32,
+    /// The sandbox.
+    pub sandbox_id: SandboxId,
+    /// Its team.
+    pub team_id: TeamId,
+    /// Template name.
+    pub template: String,
+    /// Team template it came from, if any.
+    pub template_id: Option<TemplateId>,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u32,
+    /// Disk, MiB.
+    pub disk_size_mb: u32,
+    /// Inactivity timeout, seconds (0 = never).
+    pub timeout_sec: u32,
+    /// The guest agent's access token (secret).
+    pub access_token: String,
+    /// Kernel the VM runs.
+    pub kernel: PathBuf,
+    /// Its initramfs.
+    pub initrd: PathBuf,
+    /// Kernel release.
+    pub kernel_version: String,
+    /// Life phase.
+    pub phase: Phase,
+    /// Paused by the inactivity timeout.
+    #[serde(default)]
+    pub auto_paused: bool,
+    /// How it started.
+    pub started_by: StartedBy,
+    /// Its network slot while it has one.
+    pub slot: Option<u32>,
+    /// Its VMM process while it runs.
+    pub vmm_pid: Option<u32>,
+    /// Its tmpfs directory (guest RAM, fast snapshot).
+    pub mem_dir: PathBuf,
+    /// The on-disk copy of its snapshot is complete (survives a host reboot).
+    #[serde(default)]
+    pub snapshot_durable: bool,
+    /// When it first became ready.
+    pub started_at: DateTime<Utc>,
+    /// Create request to ready, ms.
+    pub boot_ms: u64,
+    /// Guest agent version.
+    pub guest_version: String,
+}
+
+impl std::fmt::Debug for StateFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateFile")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("phase", &self.phase)
+            .field("slot", &self.slot)
+            .field("vmm_pid", &self.vmm_pid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Only the fields cleanup needs, readable from any format version.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Leftovers {
+    /// The sandbox.
+    pub sandbox_id: SandboxId,
+    /// Its slot, if it held one.
+    #[serde(default)]
+    pub slot: Option<u32>,
+    /// Its VMM, if one ran.
+    #[serde(default)]
+    pub vmm_pid: Option<u32>,
+    /// Its tmpfs directory.
+    #[serde(default)]
+    pub mem_dir: Option<PathBuf>,
+}
+
+/// Writes `state` into `dir/state.json` atomically, mode 0600.
+pub fn write(dir: &Path, state: &StateFile) -> Result<(), AgentError> {
+    let id = state.sandbox_id;
+    let bytes =
+        serde_json::to_vec_pretty(state).map_err(|e| AgentError::Internal(e.to_string()))?;
+    let tmp = dir.join("state.json.tmp");
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_data()))
+        .and_then(|()| std::fs::rename(&tmp, dir.join("state.json")));
+    result.map_err(|e| AgentError::host("recording sandbox state", id, e))
+}
+
+/// Reads `dir/state.json` if it is of the current format.
+pub fn read(dir: &Path) -> Option<StateFile> {
+    let bytes = std::fs::read(dir.join("state.json")).ok()?;
+    let state: StateFile = serde_json::from_slice(&bytes).ok()?;
+    (state.format_version == STATE_FORMAT).then_some(state)
+}
+
+/// Reads what cleanup needs from `dir/state.json`, whatever its format.
+pub fn read_leftovers(dir: &Path) -> Option<Leftovers> {
+    let bytes = std::fs::read(dir.join("state.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -1,0 +1,561 @@
+//! The task that owns one sandbox: its VM while it runs, its snapshot while it is paused.
+//!
+//! It serves lifecycle commands one at a time (destroy, pause, resume, make a template),
+//! pauses the sandbox after `timeout_sec` without activity, and notices a VMM that exits
+//! on its own.
+//!
+//! Pause saves the VM into `<tmpfs>/snapshot` (the RAM file is moved, not copied: tens of
+//! milliseconds), frees the namespace and slot, then copies the snapshot to the sandbox's
+//! directory in the background so it survives a reboot (`snapshot_durable`). Resume takes
+//! the tmpfs snapshot when it is there (fast), else the on-disk copy.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use nestbox_hostsys::disk;
+use nestbox_vmm::BoxFuture;
+use nestbox_vmm::snapshot::{
+    BoxError, MANIFEST_FILE, MEMORY_FILE, RestoreMemory, STATE_FILE, SaveMode,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::launch::{Init, Live};
+use super::state::{self, Phase, StateFile};
+use super::{Command, Manager, SandboxHandle, State, sandbox_dir};
+use crate::error::AgentError;
+use crate::templates::{Kind, ROOTFS_FILE, StoredTemplate, TemplateRecord, TemplateStore};
+
+/// How often the task checks its VMM and the inactivity timeout.
+const TICK: Duration = Duration::from_millis(500);
+
+/// The owner of one sandbox.
+pub(crate) struct SandboxTask {
+    manager: Manager,
+    handle: Arc<SandboxHandle>,
+    st: StateFile,
+    dir: PathBuf,
+    live: Option<Live>,
+    persist: Option<JoinHandle<Result<(), AgentError>>>,
+}
+
+/// The fast (tmpfs) snapshot of a paused sandbox.
+fn tmpfs_snapshot(st: &StateFile) -> PathBuf {
+    st.mem_dir.join("snapshot")
+}
+
+/// The durable (on-disk) copy of a paused sandbox's snapshot.
+fn disk_snapshot(dir: &Path) -> PathBuf {
+    dir.join("snapshot")
+}
+
+fn has_snapshot(dir: &Path) -> bool {
+    dir.join(MANIFEST_FILE).is_file()
+}
+
+/// Copies a snapshot directory's files (sparse), manifest last.
+async fn copy_snapshot(from: &Path, to: &Path) -> Result<(), AgentError> {
+    let io = |e: std::io::Error| {
+        AgentError::Internal(format!("copying a snapshot to {}: {e}", to.display()))
+    };
+    tokio::fs::create_dir_all(to).await.map_err(io)?;
+    for name in [STATE_FILE, MEMORY_FILE, MANIFEST_FILE] {
+        let src = from.join(name);
+        if src.exists() {
+            disk::sparse_copy(&src, &to.join(name))
+                .await
+                .map_err(|e| AgentError::Internal(format!("copying {}: {e}", src.display())))?;
+        }
+    }
+    Ok(())
+}
+
+impl SandboxTask {
+    pub(crate) fn new(
+        manager: Manager,
+        handle: Arc<SandboxHandle>,
+        st: StateFile,
+        live: Option<Live>,
+    ) -> Self {
+        let dir = sandbox_dir(&manager.inner().cfg.data_dir, st.sandbox_id);
+        Self {
+            manager,
+            handle,
+            st,
+            dir,
+            live,
+            persist: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let id = self.st.sandbox_id;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    match cmd {
+                        Command::Destroy { reply } => {
+                            let result = self.destroy().await;
+                            let _ = reply.send(result);
+                            return;
+                        }
+                        Command::Pause { auto, reply } => {
+                            let _ = reply.send(self.pause(auto).await);
+                        }
+                        Command::Resume { reply } => {
+                            let _ = reply.send(self.resume().await);
+                        }
+                        Command::Settle { reply } => {
+                            let _ = reply.send(self.settle().await);
+                        }
+                        Command::CreateTemplate { store, key, kind, reply } => {
+                            let _ = reply.send(self.create_template(&store, &key, kind).await);
+                        }
+                    }
+                    if self.handle.state() == State::Stopping {
+                        // The VM died during the operation and everything was released.
+                        return;
+                    }
+                }
+                done = async {
+                    match self.persist.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.persist.is_some() => {
+                    self.persist = None;
+                    self.persisted(done.unwrap_or_else(|e| Err(AgentError::Internal(format!("snapshot copy task: {e}")))));
+                }
+                _ = tick.tick() => {
+                    if let Some(live) = self.live.as_mut()
+                        && let Some(status) = live.vm.exited()
+                    {
+                        tracing::warn!(sandbox = %id, %status, "VMM exited on its own; releasing the sandbox");
+                        self.vanish().await;
+                        // Answer whoever is waiting to destroy it.
+                        while let Ok(cmd) = rx.try_recv() {
+                            if let Command::Destroy { reply } = cmd {
+                                let _ = reply.send(Ok(()));
+                            }
+                        }
+                        return;
+                    }
+                    if self.inactive() {
+                        tracing::info!(sandbox = %id, timeout_sec = self.st.timeout_sec, "inactive; pausing");
+                        if let Err(e) = self.pause(true).await {
+                            tracing::error!(sandbox = %id, error = %e.public_message(), "automatic pause failed");
+                            self.handle.touch();
+                        }
+                        if self.handle.state() == State::Stopping {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn inactive(&self) -> bool {
+        self.st.timeout_sec > 0
+            && self.handle.state() == State::Running
+            && Utc::now().timestamp_millis() - self.handle.last_active_ms()
+                > i64::from(self.st.timeout_sec) * 1000
+    }
+
+    /// Removes the sandbox after its VMM died: nothing can be saved.
+    async fn vanish(&mut self) {
+        self.handle.set(|s| {
+            s.state = State::Stopping;
+            s.guest = None;
+        });
+        let live = self.live.take();
+        if let Some(h) = self.persist.take() {
+            h.abort();
+        }
+        if let Some(e) = self
+            .manager
+            .release(&mut self.st, live, &self.dir, true)
+            .await
+        {
+            tracing::error!(sandbox = %self.st.sandbox_id, error = %e.public_message(), "release after VMM exit");
+        }
+        self.manager.unreserve(self.st.sandbox_id);
+    }
+
+    async fn destroy(&mut self) -> Result<(), AgentError> {
+        self.handle.set(|s| {
+            s.state = State::Stopping;
+            s.guest = None;
+        });
+        if let Some(h) = self.persist.take() {
+            h.abort();
+            let _ = h.await;
+        }
+        let live = self.live.take();
+        let result = self
+            .manager
+            .release(&mut self.st, live, &self.dir, true)
+            .await;
+        self.manager.unreserve(self.st.sandbox_id);
+        tracing::info!(sandbox = %self.st.sandbox_id, "sandbox destroyed");
+        match result {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn pause(&mut self, auto: bool) -> Result<(), AgentError> {
+        let id = self.st.sandbox_id;
+        let state = self.handle.state();
+        if state != State::Running {
+            return Err(AgentError::WrongState {
+                id,
+                state: state.as_str(),
+            });
+        }
+        let Some(mut live) = self.live.take() else {
+            return Err(AgentError::Internal(format!(
+                "sandbox {id} runs without a VM"
+            )));
+        };
+        self.handle.set(|s| {
+            s.state = State::Pausing;
+            s.guest = None;
+        });
+        let started = Instant::now();
+        let snap = tmpfs_snapshot(&self.st);
+        let _ = tokio::fs::remove_dir_all(&snap).await;
+        match live.vm.save(&snap, SaveMode::Suspend, None).await {
+            Ok(saved) => {
+                tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, auto, timings = ?saved.timings, "paused");
+            }
+            Err(e) => {
+                if live.vm.exited().is_none() {
+                    // The guest runs again: the sandbox stays running.
+                    let guest = self.reconnect(&live);
+                    self.live = Some(live);
+                    self.handle.set(|s| {
+                        s.state = State::Running;
+                        s.guest = guest;
+                    });
+                    return Err(AgentError::host("saving the VM", id, e));
+                }
+                self.live = Some(live);
+                self.vanish().await;
+                return Err(AgentError::host(
+                    "saving the VM (the VMM died; the sandbox is lost)",
+                    id,
+                    e,
+                ));
+            }
+        }
+        let net = live.net;
+        self.st.vmm_pid = None;
+        self.manager.drop_network(&mut self.st, Some(net)).await;
+        self.st.phase = Phase::Paused;
+        self.st.auto_paused = auto;
+        self.st.snapshot_durable = false;
+        let _ = tokio::fs::remove_dir_all(disk_snapshot(&self.dir)).await;
+        state::write(&self.dir, &self.st)?;
+        self.handle.set(|s| {
+            s.state = State::Paused;
+            s.auto_paused = auto;
+        });
+        // Make it survive a reboot, in the background.
+        let from = snap;
+        let staging = self.dir.join("snapshot.partial");
+        let to = disk_snapshot(&self.dir);
+        self.persist = Some(tokio::spawn(async move {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            copy_snapshot(&from, &staging).await?;
+            tokio::fs::rename(&staging, &to).await.map_err(|e| {
+                AgentError::Internal(format!("moving the snapshot copy into place: {e}"))
+            })
+        }));
+        Ok(())
+    }
+
+    fn persisted(&mut self, result: Result<(), AgentError>) {
+        let id = self.st.sandbox_id;
+        match result {
+            Ok(()) if self.st.phase == Phase::Paused => {
+                self.st.snapshot_durable = true;
+                if let Err(e) = state::write(&self.dir, &self.st) {
+                    tracing::warn!(sandbox = %id, error = %e.public_message(), "recording the durable snapshot");
+                }
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(sandbox = %id, error = %e.public_message(), "copying the snapshot to disk")
+            }
+        }
+    }
+
+    /// Waits for the on-disk snapshot copy, then frees the tmpfs copy.
+    async fn settle(&mut self) -> Result<(), AgentError> {
+        if let Some(h) = self.persist.take() {
+            let done = h
+                .await
+                .unwrap_or_else(|e| Err(AgentError::Internal(e.to_string())));
+            self.persisted(done);
+        }
+        if self.st.phase == Phase::Paused
+            && self.st.snapshot_durable
+            && has_snapshot(&disk_snapshot(&self.dir))
+        {
+            let _ = tokio::fs::remove_dir_all(tmpfs_snapshot(&self.st)).await;
+            let _ = tokio::fs::remove_dir_all(&self.st.mem_dir).await;
+            Ok(())
+        } else {
+            Err(AgentError::Internal(format!(
+                "the snapshot of {} is not on disk",
+                self.st.sandbox_id
+            )))
+        }
+    }
+
+    /// A fresh guest client for the live VM (after a failed pause).
+    fn reconnect(&self, live: &Live) -> Option<nestbox_envd::client::EnvdClient> {
+        let url = format!(
+            "http://{}:{}",
+            live.net.addrs.sandbox_ip,
+            nestbox_types::limits::GUEST_AGENT_PORT
+        );
+        nestbox_envd::client::EnvdClient::with_http_client(
+            self.manager.inner().http.clone(),
+            url,
+            Some(self.st.access_token.clone()),
+        )
+        .ok()
+    }
+
+    async fn resume(&mut self) -> Result<(), AgentError> {
+        let id = self.st.sandbox_id;
+        let state = self.handle.state();
+        if state != State::Paused {
+            return Err(AgentError::WrongState {
+                id,
+                state: state.as_str(),
+            });
+        }
+        self.handle.set(|s| s.state = State::Resuming);
+        // Never consume the tmpfs snapshot while it is being copied.
+        if let Some(h) = self.persist.take() {
+            let done = h
+                .await
+                .unwrap_or_else(|e| Err(AgentError::Internal(e.to_string())));
+            self.persisted(done);
+        }
+        let fast = tmpfs_snapshot(&self.st);
+        let durable = disk_snapshot(&self.dir);
+        let source = if has_snapshot(&fast) {
+            fast.clone()
+        } else {
+            durable.clone()
+        };
+        if !has_snapshot(&source) {
+            self.handle.set(|s| s.state = State::Paused);
+            return Err(AgentError::Internal(format!(
+                "paused sandbox {id} has no snapshot"
+            )));
+        }
+        let started = Instant::now();
+        let _ = tokio::fs::create_dir_all(&self.st.mem_dir).await;
+        let init = Init {
+            present: Some(self.st.access_token.clone()),
+            token: self.st.access_token.clone(),
+            env: None,
+            hostname: None,
+        };
+        match self
+            .manager
+            .bring_up(
+                &mut self.st,
+                &self.dir,
+                Some((source.clone(), RestoreMemory::Resume)),
+                init,
+                started,
+            )
+            .await
+        {
+            Ok((live, guest, version)) => {
+                self.live = Some(live);
+                self.st.phase = Phase::Running;
+                self.st.auto_paused = false;
+                self.st.snapshot_durable = false;
+                self.st.guest_version = version.clone();
+                // The restore consumed one copy; the other is stale now.
+                let _ = tokio::fs::remove_dir_all(&fast).await;
+                let _ = tokio::fs::remove_dir_all(&durable).await;
+                state::write(&self.dir, &self.st)?;
+                self.handle.touch();
+                self.handle.set(|s| {
+                    s.state = State::Running;
+                    s.auto_paused = false;
+                    s.guest = Some(guest);
+                    s.guest_version = version;
+                });
+                tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, "resumed");
+                Ok(())
+            }
+            Err(e) => {
+                self.handle.set(|s| s.state = State::Paused);
+                let _ = state::write(&self.dir, &self.st);
+                Err(e)
+            }
+        }
+    }
+
+    /// Freezes the sandbox into a template: memory + disk (snapshot) or disk alone (image).
+    async fn create_template(
+        &mut self,
+        store: &TemplateStore,
+        key: &str,
+        kind: Kind,
+    ) -> Result<StoredTemplate, AgentError> {
+        let id = self.st.sandbox_id;
+        let state = self.handle.state();
+        if !matches!(state, State::Running | State::Paused) {
+            return Err(AgentError::WrongState {
+                id,
+                state: state.as_str(),
+            });
+        }
+        // A paused sandbox's disk may lack writes still in its guest's page cache (they are
+        // in its memory snapshot). An image template is the disk alone, so the sandbox is
+        // resumed, its guest flushes, the disk is frozen, and it is paused again.
+        let resumed = state == State::Paused && kind == Kind::Image;
+        if resumed {
+            self.resume().await?;
+        }
+        let staging = store.staging(key)?;
+        let result = self
+            .build_template(&staging, self.handle.state(), kind)
+            .await;
+        if resumed && let Err(e) = self.pause(self.st.auto_paused).await {
+            tracing::error!(sandbox = %id, error = %e.public_message(), "pausing again after making an image template");
+        }
+        let built = match result {
+            Ok(disk_mb) => disk_mb,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+                return Err(e);
+            }
+        };
+        let record = TemplateRecord {
+            format_version: crate::templates::TEMPLATE_FORMAT,
+            key: key.to_string(),
+            kind,
+            base_template: self.st.template.clone(),
+            vcpus: self.st.vcpus,
+            memory_mb: self.st.memory_mb,
+            disk_size_mb: built,
+            kernel_version: self.st.kernel_version.clone(),
+            access_token: (kind == Kind::Snapshot).then(|| self.st.access_token.clone()),
+            size_bytes: 0,
+            created_at: Utc::now(),
+        };
+        let stored = store.commit(&staging, record);
+        if stored.is_err() {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+        }
+        stored
+    }
+
+    /// Fills `staging`; returns the template's disk size in MiB.
+    async fn build_template(
+        &mut self,
+        staging: &Path,
+        state: State,
+        kind: Kind,
+    ) -> Result<u32, AgentError> {
+        let id = self.st.sandbox_id;
+        let overlay = self.dir.join("rootfs.qcow2");
+        let frozen_disk = staging.join("disk.qcow2");
+        let rootfs = staging.join(ROOTFS_FILE);
+        match state {
+            State::Running => {
+                let Some(live) = self.live.as_mut() else {
+                    return Err(AgentError::Internal(format!(
+                        "sandbox {id} runs without a VM"
+                    )));
+                };
+                if kind == Kind::Image
+                    && let Ok(guest) = self.handle.guest()
+                {
+                    // Flush the guest's page cache so the disk copy is complete.
+                    let _ = crate::guest::sync(id, &guest).await;
+                }
+                self.handle.set(|s| s.state = State::Snapshotting);
+                let memory_dir = if kind == Kind::Snapshot {
+                    staging.to_path_buf()
+                } else {
+                    staging.join("discard")
+                };
+                let (src, dst) = (overlay.clone(), frozen_disk.clone());
+                let mut freeze = move || -> BoxFuture<'static, Result<(), BoxError>> {
+                    let (src, dst) = (src.clone(), dst.clone());
+                    Box::pin(async move {
+                        disk::sparse_copy(&src, &dst)
+                            .await
+                            .map_err(|e| Box::new(e) as BoxError)
+                    })
+                };
+                let saved = live
+                    .vm
+                    .save(&memory_dir, SaveMode::Checkpoint, Some(&mut freeze))
+                    .await;
+                self.handle.set(|s| s.state = State::Running);
+                if let Err(e) = saved {
+                    if live.vm.exited().is_some() {
+                        self.vanish().await;
+                    }
+                    return Err(AgentError::host("freezing the VM", id, e));
+                }
+                if kind == Kind::Image {
+                    let _ = tokio::fs::remove_dir_all(&memory_dir).await;
+                }
+            }
+            State::Paused => {
+                disk::sparse_copy(&overlay, &frozen_disk)
+                    .await
+                    .map_err(|e| AgentError::host("copying the disk", id, e))?;
+                if kind == Kind::Snapshot {
+                    let fast = tmpfs_snapshot(&self.st);
+                    let source = if has_snapshot(&fast) {
+                        fast
+                    } else {
+                        disk_snapshot(&self.dir)
+                    };
+                    copy_snapshot(&source, staging).await?;
+                }
+            }
+            other => {
+                return Err(AgentError::WrongState {
+                    id,
+                    state: other.as_str(),
+                });
+            }
+        }
+        // The disk becomes a standalone sparse image (the overlay's backing file is not
+        // the template's to keep).
+        disk::flatten(&frozen_disk, &rootfs)
+            .await
+            .map_err(|e| AgentError::host("flattening the disk", id, e))?;
+        let _ = tokio::fs::remove_file(&frozen_disk).await;
+        match kind {
+            Kind::Snapshot => Ok(self.st.disk_size_mb),
+            Kind::Image => {
+                let bytes = disk::shrink_ext4(&rootfs)
+                    .await
+                    .map_err(|e| AgentError::host("shrinking the disk", id, e))?;
+                Ok(u32::try_from(super::min_disk_mb(bytes)).unwrap_or(u32::MAX))
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Warm snapshots of the built-in templates: "minimal ships as a snapshot template too".
+//!
+//! At start-up the agent boots each configured built-in template once with the default
+//! machine (vCPUs, memory, disk), freezes it into a snapshot template, and from then on a
+//! create that asks for exactly that machine restores a clone of it (tens of milliseconds
+//! under the VMM) instead of booting (seconds). Warm snapshots are keyed by everything they
+//! depend on — the template and kernel builds, the VMM and its accelerator, the machine —
+//! and live in a machine-wide directory shared by every agent on the host, guarded by a
+//! file lock so two agents never build the same one at once. A create that does not match,
+//! or comes before the warm snapshot is ready, simply boots.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
+use nestbox_types::limits::{DEFAULT_MEMORY_MB, DEFAULT_VCPUS};
+use nestbox_types::{PLATFORM_TEAM, SandboxId};
+use sha2::{Digest, Sha256};
+
+use super::{CreateParams, Manager, State};
+use crate::error::AgentError;
+use crate::templates::{Kind, StoredTemplate, TemplateStore};
+
+/// Bumped when the way warm snapshots are made changes.
+const WARM_FORMAT: u32 = 1;
+
+/// The warm snapshots this agent may restore from.
+pub(crate) struct Warm {
+    store: TemplateStore,
+    ready: Mutex<HashMap<String, Entry>>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    key: String,
+    vcpus: u32,
+    memory_mb: u32,
+    disk_mb: u64,
+}
+
+impl Warm {
+    pub(crate) fn new(store: TemplateStore) -> Self {
+        Self {
+            store,
+            ready: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The warm snapshot of `template` if it is ready and made for exactly this machine.
+    pub(crate) fn get(
+        &self,
+        template: &str,
+        vcpus: u32,
+        memory_mb: u32,
+        disk_mb: u64,
+    ) -> Option<StoredTemplate> {
+        let entry = self.ready.lock().ok()?.get(template).cloned()?;
+        if (entry.vcpus, entry.memory_mb, entry.disk_mb) != (vcpus, memory_mb, disk_mb) {
+            return None;
+        }
+        match self.store.get(&entry.key) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(template, error = %e.public_message(), "warm snapshot unusable; booting instead");
+                if let Ok(mut ready) = self.ready.lock() {
+                    ready.remove(template);
+                }
+                None
+            }
+        }
+    }
+
+    fn set_ready(&self, template: &str, entry: Entry) {
+        if let Ok(mut ready) = self.ready.lock() {
+            ready.insert(template.to_string(), entry);
+        }
+    }
+
+    /// Forgets the warm snapshot of `template` (it failed to restore).
+    pub(crate) fn forget(&self, template: &str) {
+        if let Ok(mut ready) = self.ready.lock() {
+            ready.remove(template);
+        }
+    }
+}
+
+/// Builds or finds the warm snapshot of every configured template.
+pub(crate) async fn warm_up(manager: Manager) {
+    let names = manager.inner().cfg.warm_templates.clone();
+    for name in names {
+        if !manager.templates().contains(&name) {
+            continue;
+        }
+        match warm_one(&manager, &name).await {
+            Ok(key) => {
+                tracing::info!(template = %name, key, "warm snapshot ready: default creates restore instead of booting")
+            }
+            Err(e) => {
+                tracing::warn!(template = %name, error = %e.public_message(), "no warm snapshot; creates boot")
+            }
+        }
+    }
+}
+
+fn key_for(manager: &Manager, name: &str, disk_mb: u64) -> Result<String, AgentError> {
+    let inner = manager.inner();
+    let (image, kernel) = inner
+        .images
+        .template_with_kernel(name)
+        .map_err(|e| AgentError::Internal(format!("template {name}: {e}")))?;
+    let material = serde_json::json!({
+        "format": WARM_FORMAT,
+        "template": image.manifest.inputs_hash,
+        "kernel": kernel.manifest.inputs_hash,
+        "vmm": inner.vmm.info().to_string(),
+        "vcpus": DEFAULT_VCPUS,
+        "memory_mb": DEFAULT_MEMORY_MB,
+        "disk_mb": disk_mb,
+    });
+    Ok(format!(
+        "{name}-{}",
+        &hex::encode(Sha256::digest(material.to_string().as_bytes()))[..16]
+    ))
+}
+
+async fn warm_one(manager: &Manager, name: &str) -> Result<String, AgentError> {
+    let disk_mb = manager.inner().cfg.default_disk_mb;
+    let key = key_for(manager, name, disk_mb)?;
+    let store = manager.inner().warm.store.clone();
+    let entry = Entry {
+        key: key.clone(),
+        vcpus: DEFAULT_VCPUS,
+        memory_mb: DEFAULT_MEMORY_MB,
+        disk_mb,
+    };
+    if store.get(&key).is_ok() {
+        manager.inner().warm.set_ready(name, entry);
+        return Ok(key);
+    }
+    // One builder per key on this machine: the others wait, then find it built.
+    let lock_path = store.root().join(format!(".{key}.lock"));
+    let lock = tokio::task::spawn_blocking(move || -> Result<std::fs::File, std::io::Error> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        // SAFETY: flock(2) on a file descriptor we own for the call's duration.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(file)
+    })
+    .await
+    .map_err(|e| AgentError::Internal(e.to_string()))?
+    .map_err(|e| AgentError::Internal(format!("locking the warm snapshot: {e}")))?;
+    let result = async {
+        if store.get(&key).is_ok() {
+            return Ok(());
+        }
+        build(manager, name, &store, &key, disk_mb).await
+    }
+    .await;
+    drop(lock);
+    result?;
+    manager.inner().warm.set_ready(name, entry);
+    Ok(key)
+}
+
+async fn build(
+    manager: &Manager,
+    name: &str,
+    store: &TemplateStore,
+    key: &str,
+    disk_mb: u64,
+) -> Result<(), AgentError> {
+    let id = SandboxId::new();
+    let params = CreateParams {
+        id,
+        team: PLATFORM_TEAM,
+        template: name.to_string(),
+        template_id: None,
+        vcpus: DEFAULT_VCPUS,
+        memory_mb: DEFAULT_MEMORY_MB,
+        disk_size_mb: u32::try_from(disk_mb).unwrap_or(u32::MAX),
+        timeout_sec: 0,
+        env: HashMap::new(),
+        access_token: crate::random_token()?,
+    };
+    let handle = manager.create_inner(params, true).await?;
+    let made = if handle.state() == State::Running {
+        handle
+            .request(|reply| super::Command::CreateTemplate {
+                store: store.clone(),
+                key: key.to_string(),
+                kind: Kind::Snapshot,
+                reply,
+            })
+            .await
+    } else {
+        Err(AgentError::WrongState {
+            id,
+            state: handle.state().as_str(),
+        })
+    };
+    if let Err(e) = handle
+        .request(|reply| super::Command::Destroy { reply })
+        .await
+    {
+        tracing::warn!(sandbox = %id, error = %e.public_message(), "removing the warm-up sandbox");
+    }
+    made.map(|_| ())
+}

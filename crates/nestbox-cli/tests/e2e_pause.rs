@@ -1,0 +1,258 @@
+//! Pause and resume with real VMs: processes, tmpfs files and memory survive; the
+//! inactivity timeout pauses (never stops); paused sandboxes survive agent restarts and
+//! crashes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Nestbox, eventually, sh, sh_ok};
+use nestbox_client::Client;
+use nestbox_types::api::{CreateSandboxRequest, ExecRequest};
+use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
+
+/// Starts a counter loop writing to tmpfs and a note in memory; returns the loop's pid.
+async fn start_state(client: &Client, id: SandboxId) -> u32 {
+    sh_ok(client, id, "echo 'kept in memory' > /dev/shm/note").await;
+    let pid = sh_ok(
+        client,
+        id,
+        "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter; sleep 0.2; done' >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    let pid: u32 = pid.trim().parse().unwrap();
+    eventually(Duration::from_secs(30), "the counter to start", || async {
+        let r = sh(client, id, "cat /dev/shm/counter").await;
+        (r.exit_code == 0).then_some(())
+    })
+    .await;
+    pid
+}
+
+async fn counter(client: &Client, id: SandboxId) -> u64 {
+    sh_ok(client, id, "cat /dev/shm/counter")
+        .await
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Asserts the state made by [`start_state`] survived and the loop still runs.
+async fn assert_state_survived(client: &Client, id: SandboxId, pid: u32, before: u64) {
+    assert_eq!(
+        sh_ok(client, id, "cat /dev/shm/note").await.trim(),
+        "kept in memory"
+    );
+    let alive = sh_ok(client, id, &format!("kill -0 {pid} && echo alive")).await;
+    assert_eq!(
+        alive.trim(),
+        "alive",
+        "the process started before the pause still runs"
+    );
+    let after = eventually(
+        Duration::from_secs(30),
+        "the counter to move on",
+        || async {
+            let c = counter(client, id).await;
+            (c > before).then_some(c)
+        },
+    )
+    .await;
+    assert!(after > before);
+    // The guest's clock was resynced: within a few seconds of the host's.
+    let guest: i64 = sh_ok(client, id, "date +%s").await.trim().parse().unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest - host).abs() <= 5,
+        "guest clock {guest} vs host {host}"
+    );
+}
+
+async fn pause_resume_round_trip(nb: &Nestbox, req: CreateSandboxRequest) {
+    let client = nb.client();
+    let sb = client.create_sandbox(&req).await.unwrap();
+    let id = sb.id;
+    let pid = start_state(&client, id).await;
+    let before = counter(&client, id).await;
+
+    let paused = client.pause_sandbox(id).await.unwrap();
+    assert_eq!(paused.status, SandboxStatus::Paused);
+    assert_eq!(
+        client.get_sandbox(id).await.unwrap().status,
+        SandboxStatus::Paused
+    );
+    // A paused sandbox runs nothing and refuses work.
+    let err = client
+        .exec(
+            id,
+            &ExecRequest {
+                command: Some("true".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::SandboxNotRunning));
+    let err = client.pause_sandbox(id).await.unwrap_err();
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(409), "{err}");
+
+    let resumed = client.resume_sandbox(id).await.unwrap();
+    assert_eq!(resumed.status, SandboxStatus::Running);
+    let err = client.resume_sandbox(id).await.unwrap_err();
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(409), "{err}");
+    assert_state_survived(&client, id, pid, before).await;
+
+    // And a second round trip.
+    let before = counter(&client, id).await;
+    client.pause_sandbox(id).await.unwrap();
+    client.resume_sandbox(id).await.unwrap();
+    assert_state_survived(&client, id, pid, before).await;
+    client.destroy_sandbox(id).await.unwrap();
+}
+
+#[tokio::test]
+async fn pause_and_resume_keep_processes_files_and_memory() {
+    let nb = Nestbox::up();
+    // The default machine restores from the warm snapshot (its RAM is a private mapping);
+    // another size boots (its RAM is a file of its own): both must pause and resume.
+    pause_resume_round_trip(&nb, CreateSandboxRequest::default()).await;
+    pause_resume_round_trip(
+        &nb,
+        CreateSandboxRequest {
+            memory_mb: Some(384),
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn inactivity_pauses_and_pings_keep_a_sandbox_alive() {
+    let nb = Nestbox::up();
+    let client = nb.client();
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest {
+            timeout_sec: Some(4),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Activity (pings) keeps it running well past its timeout.
+    for _ in 0..8 {
+        client.ping_sandbox(sb.id).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let r = sh(&client, sb.id, "echo still here").await;
+    assert_eq!(r.stdout.trim(), "still here");
+    // Left alone, it is paused — recorded as paused, never stopped.
+    eventually(
+        Duration::from_secs(90),
+        "the sandbox to be auto-paused",
+        || async {
+            let s = client.get_sandbox(sb.id).await.unwrap();
+            assert_ne!(
+                s.status,
+                SandboxStatus::Stopped,
+                "an inactive sandbox is paused, not stopped"
+            );
+            (s.status == SandboxStatus::Paused).then_some(())
+        },
+    )
+    .await;
+    client.resume_sandbox(sb.id).await.unwrap();
+    assert_eq!(sh_ok(&client, sb.id, "echo back").await.trim(), "back");
+    client.destroy_sandbox(sb.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn paused_sandboxes_survive_restarts_and_crashes() {
+    let mut nb = Nestbox::up();
+    let client = nb.client();
+    let a = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap()
+        .id;
+    let pid = start_state(&client, a).await;
+    let before = counter(&client, a).await;
+    client.pause_sandbox(a).await.unwrap();
+
+    // A clean restart: the paused sandbox is still there and resumes.
+    nb.restart();
+    let client = nb.client();
+    assert_eq!(
+        client.get_sandbox(a).await.unwrap().status,
+        SandboxStatus::Paused
+    );
+    client.resume_sandbox(a).await.unwrap();
+    assert_state_survived(&client, a, pid, before).await;
+
+    // A crash: the paused sandbox is adopted again.
+    let before = counter(&client, a).await;
+    client.pause_sandbox(a).await.unwrap();
+    nb.kill();
+    nb.restart();
+    let client = nb.client();
+    client.resume_sandbox(a).await.unwrap();
+    assert_state_survived(&client, a, pid, before).await;
+    client.destroy_sandbox(a).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_in_the_middle_of_a_pause_leaves_a_consistent_state() {
+    let mut nb = Nestbox::up();
+    let client = nb.client();
+    let a = client
+        .create_sandbox(&CreateSandboxRequest {
+            memory_mb: Some(384),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    sh_ok(&client, a, "echo data > /dev/shm/note").await;
+    let pausing = tokio::spawn({
+        let client = client.clone();
+        async move { client.pause_sandbox(a).await }
+    });
+    // Kill the platform while the pause is in flight (the database already says paused).
+    eventually(
+        Duration::from_secs(30),
+        "the pause to be recorded",
+        || async {
+            let s = client.get_sandbox(a).await.ok()?;
+            (s.status == SandboxStatus::Paused).then_some(())
+        },
+    )
+    .await;
+    nb.kill();
+    let _ = pausing.await;
+    nb.restart();
+    let client = nb.client();
+    // Either the pause completed (paused, and it resumes with its memory) or it did not
+    // (lost: error) — never running without a VM.
+    let status = eventually(
+        Duration::from_secs(60),
+        "the monitor to settle the sandbox",
+        || async {
+            let s = client.get_sandbox(a).await.ok()?;
+            assert_ne!(s.status, SandboxStatus::Running, "running without a VM");
+            matches!(s.status, SandboxStatus::Paused | SandboxStatus::Error).then_some(s.status)
+        },
+    )
+    .await;
+    if status == SandboxStatus::Paused {
+        client.resume_sandbox(a).await.unwrap();
+        assert_eq!(sh_ok(&client, a, "cat /dev/shm/note").await.trim(), "data");
+    } else {
+        // Nothing of it is left on the host.
+        let dir = nb.data_dir().join("agent/sandboxes").join(a.to_string());
+        assert!(!dir.exists(), "{} left", dir.display());
+    }
+    client.destroy_sandbox(a).await.unwrap();
+}

@@ -84,6 +84,13 @@ async fn snapshot_templates_start_independent_sandboxes() {
             "alive"
         );
     }
+    // A clone (its memory maps the template's privately) pauses and resumes too.
+    client.pause_sandbox(c).await.unwrap();
+    client.resume_sandbox(c).await.unwrap();
+    assert_eq!(
+        sh_ok(&client, c, "cat /dev/shm/mem.txt").await.trim(),
+        "in-memory"
+    );
     // Independent of each other and of the source.
     sh_ok(
         &client,

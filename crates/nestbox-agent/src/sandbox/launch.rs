@@ -43,8 +43,12 @@ enum Origin {
         rootfs: PathBuf,
         min_mb: u64,
     },
-    /// Restore a clone of a snapshot template (its own or a warm one).
-    Clone { template: StoredTemplate },
+    /// Restore a clone of a snapshot template (a team's or a warm one), mapping its memory
+    /// as `memory` says.
+    Clone {
+        template: StoredTemplate,
+        memory: RestoreMemory,
+    },
 }
 
 /// How the guest agent is initialised once it answers.
@@ -146,7 +150,12 @@ impl Manager {
                             )));
                         }
                         st.started_by = StartedBy::Restore;
-                        Origin::Clone { template }
+                        // Clones of a team template share its pages (many idle clones
+                        // cost little host memory); pausing one saves its RAM in full.
+                        Origin::Clone {
+                            template,
+                            memory: RestoreMemory::Clone,
+                        }
                     }
                     Kind::Image => Origin::Boot {
                         base_name: tpl.to_string(),
@@ -178,7 +187,13 @@ impl Manager {
                 match inner.warm.get(&p.template, p.vcpus, p.memory_mb, disk) {
                     Some(template) => {
                         st.started_by = StartedBy::Restore;
-                        Origin::Clone { template }
+                        // A default sandbox gets its own copy of the warm snapshot's RAM:
+                        // it pauses fast, and templates made from it carry a RAM file
+                        // their own clones can share.
+                        Origin::Clone {
+                            template,
+                            memory: RestoreMemory::Copy,
+                        }
                     }
                     None => Origin::Boot {
                         base_name: p.template.clone(),
@@ -227,7 +242,7 @@ impl Manager {
                         .map_err(|e| AgentError::host("preparing the base image", id, e))?;
                     (base, None)
                 }
-                Origin::Clone { template } => {
+                Origin::Clone { template, .. } => {
                     let larger =
                         (disk_mb > u64::from(template.record.disk_size_mb)).then_some(disk_mb);
                     (template.rootfs(), larger)
@@ -239,7 +254,7 @@ impl Manager {
             let init = Init {
                 present: match &origin {
                     Origin::Boot { .. } => None,
-                    Origin::Clone { template } => template.record.access_token.clone(),
+                    Origin::Clone { template, .. } => template.record.access_token.clone(),
                 },
                 token: p.access_token.clone(),
                 env: Some(p.env.clone()),
@@ -247,7 +262,7 @@ impl Manager {
             };
             let snapshot = match &origin {
                 Origin::Boot { .. } => None,
-                Origin::Clone { template } => Some((template.dir.clone(), RestoreMemory::Clone)),
+                Origin::Clone { template, memory } => Some((template.dir.clone(), *memory)),
             };
             self.bring_up(&mut st, &dir, snapshot, init, started).await
         }

@@ -815,6 +815,11 @@ impl Manager {
         }
     }
 
+    /// Whether the start-up warm-up of the built-in templates has finished.
+    pub fn warm_up_settled(&self) -> bool {
+        self.inner.warm.settled()
+    }
+
     /// Builds (or finds) the warm snapshots of the built-in templates, in the background.
     pub fn warm_up(&self) {
         let manager = self.clone();

@@ -28,6 +28,7 @@ const WARM_FORMAT: u32 = 1;
 pub(crate) struct Warm {
     store: TemplateStore,
     ready: Mutex<HashMap<String, Entry>>,
+    settled: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +44,7 @@ impl Warm {
         Self {
             store,
             ready: Mutex::new(HashMap::new()),
+            settled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -76,6 +78,11 @@ impl Warm {
         }
     }
 
+    /// Whether the start-up warm-up has finished (whatever its outcome).
+    pub(crate) fn settled(&self) -> bool {
+        self.settled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Forgets the warm snapshot of `template` (it failed to restore).
     pub(crate) fn forget(&self, template: &str) {
         if let Ok(mut ready) = self.ready.lock() {
@@ -100,6 +107,11 @@ pub(crate) async fn warm_up(manager: Manager) {
             }
         }
     }
+    manager
+        .inner()
+        .warm
+        .settled
+        .store(true, std::sync::atomic::Ordering::Release);
 }
 
 fn key_for(manager: &Manager, name: &str, disk_mb: u64) -> Result<String, AgentError> {

@@ -114,6 +114,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         dir.path().display()
     );
     let launched = launch(&up).await?;
+    // Measure on a quiet host: the agent first makes its warm snapshot (a boot).
+    let waited = Instant::now();
+    while !launched.agent.manager.warm_up_settled() && waited.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let result = measure(&args, &launched, dir.path()).await;
     launched.shutdown_and_destroy().await;
     result

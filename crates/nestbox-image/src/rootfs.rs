@@ -3,8 +3,12 @@
 //! Two stages, so a new guest binary only redoes the cheap one:
 //!
 //! 1. **base tree** (cached under `<cache>/rootfs/<key>/`, keyed by suite, mirror,
-//!    variant, packages and [`TREE_VERSION`]): `debootstrap`, then remove apt caches and
-//!    lists, docs, man and info pages, and keep dpkg from installing them again.
+//!    variant, packages and [`TREE_VERSION`]): a bare `debootstrap` of the variant
+//!    (itself cached, shared by all recipes), then the recipe's packages installed by
+//!    the tree's own `apt-get` in a chroot of a copy (apt resolves and orders
+//!    dependencies properly, which debootstrap's `--include` does not). Each tree then
+//!    loses apt caches and lists, docs, man and info pages, and dpkg is kept from
+//!    installing them again.
 //! 2. **image** (every build): copy the tree, add the user `user` (uid 1000), hostname,
 //!    hosts, a placeholder resolv.conf and `/usr/local/bin/nestbox-guest`, then pack it
 //!    with `mkfs.ext4 -d` and shrink it ([`crate::ext4::pack`]).
@@ -24,14 +28,15 @@ use crate::progress::{Progress, Step};
 use crate::{ImageError, blocking};
 
 /// Bumped when stage 1 changes.
-const TREE_VERSION: u32 = 1;
+const TREE_VERSION: u32 = 2;
 
 /// The default unprivileged user (E2B's default user).
 pub const USER_NAME: &str = "user";
 /// Its uid and gid.
 pub const USER_ID: u32 = 1000;
 
-/// The cached debootstrap tree for a recipe, built if missing.
+/// The cached tree for a recipe, built if missing: the bare debootstrap tree of its
+/// variant, plus its packages installed with apt inside a copy of it.
 pub(crate) async fn base_tree(
     cache_dir: &Path,
     mirror: &str,
@@ -39,6 +44,10 @@ pub(crate) async fn base_tree(
     recipe: &Recipe,
     progress: &dyn Progress,
 ) -> Result<PathBuf, ImageError> {
+    let bare = bare_tree(cache_dir, mirror, suite, &recipe.variant, progress).await?;
+    if recipe.packages.is_empty() {
+        return Ok(bare);
+    }
     let key = hash_json(&(
         TREE_VERSION,
         suite,
@@ -50,16 +59,53 @@ pub(crate) async fn base_tree(
     let tree = root.join(&key[..16]);
     let step = Step::start(
         progress,
-        format!(
-            "debootstrap {} {suite}{}",
-            recipe.variant,
-            if recipe.packages.is_empty() {
-                String::new()
-            } else {
-                format!(" + {}", recipe.packages.join(","))
-            }
-        ),
+        format!("apt-get install {}", recipe.packages.join(" ")),
     );
+    if tree.join("etc/debian_version").exists() {
+        step.cached();
+        return Ok(tree);
+    }
+    let tmp = scratch(&root)?;
+    let target = tmp.path().join("tree");
+    Cmd::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(&bare)
+        .arg(&target)
+        .timeout(Duration::from_secs(1800))
+        .run()
+        .await
+        .map_err(ImageError::tool(format!("copy {}", bare.display())))?;
+    let log = tmp.path().join("apt.log");
+    let installed = install_packages(&target, &recipe.packages, &log, &step, mirror, suite).await;
+    let unmounted = unmount_below(&target);
+    installed?;
+    if !unmounted {
+        return Err(ImageError::Io {
+            op: "unmount what the package install mounted in",
+            path: target,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    slim(&target).await?;
+    let _ = std::fs::rename(&log, target.join("var/log/nestbox-apt.log"));
+    std::fs::rename(&target, &tree).map_err(ImageError::io("rename into place", &tree))?;
+    step.done();
+    Ok(tree)
+}
+
+/// The cached bare debootstrap tree of `variant`, built if missing.
+async fn bare_tree(
+    cache_dir: &Path,
+    mirror: &str,
+    suite: &str,
+    variant: &str,
+    progress: &dyn Progress,
+) -> Result<PathBuf, ImageError> {
+    let no_packages: &[String] = &[];
+    let key = hash_json(&(TREE_VERSION, suite, mirror, variant, no_packages));
+    let root = cache_dir.join("rootfs");
+    let tree = root.join(&key[..16]);
+    let step = Step::start(progress, format!("debootstrap {variant} {suite}"));
     if tree.join("etc/debian_version").exists() {
         step.cached();
         return Ok(tree);
@@ -70,19 +116,15 @@ pub(crate) async fn base_tree(
         });
     }
     std::fs::create_dir_all(&root).map_err(ImageError::io("create", &root))?;
-    let tmp = ScratchDir(Some(
-        tempfile::Builder::new()
-            .prefix(".debootstrap-")
-            .tempdir_in(&root)
-            .map_err(ImageError::io("create a directory in", &root))?,
-    ));
+    let tmp = scratch(&root)?;
     let target = tmp.path().join("tree");
     let log = tmp.path().join("debootstrap.log");
-    let mut cmd = Cmd::new("debootstrap").arg(format!("--variant={}", recipe.variant));
-    if !recipe.packages.is_empty() {
-        cmd = cmd.arg(format!("--include={}", recipe.packages.join(",")));
-    }
-    let cmd = cmd.arg(suite).arg(&target).arg(mirror).new_session();
+    let cmd = Cmd::new("debootstrap")
+        .arg(format!("--variant={variant}"))
+        .arg(suite)
+        .arg(&target)
+        .arg(mirror)
+        .new_session();
     run_streaming(&cmd, &log, &step, mirror, suite).await?;
     if !unmount_below(&target) {
         return Err(ImageError::Io {
@@ -97,6 +139,80 @@ pub(crate) async fn base_tree(
     std::fs::rename(&target, &tree).map_err(ImageError::io("rename into place", &tree))?;
     step.done();
     Ok(tree)
+}
+
+fn scratch(root: &Path) -> Result<ScratchDir, ImageError> {
+    std::fs::create_dir_all(root).map_err(ImageError::io("create", root))?;
+    Ok(ScratchDir(Some(
+        tempfile::Builder::new()
+            .prefix(".build-")
+            .tempdir_in(root)
+            .map_err(ImageError::io("create a directory in", root))?,
+    )))
+}
+
+/// Installs `packages` into `tree` with the tree's own apt, chrooted. Mounts /proc and
+/// the host's /dev inside it (the caller unmounts everything below `tree`), lends it the
+/// host's resolv.conf, and keeps package scripts from starting services.
+async fn install_packages(
+    tree: &Path,
+    packages: &[String],
+    log: &Path,
+    step: &Step<'_>,
+    mirror: &str,
+    suite: &str,
+) -> Result<(), ImageError> {
+    {
+        let tree = tree.to_path_buf();
+        blocking(move || prepare_chroot(&tree)).await?;
+    }
+    let script = format!(
+        "set -e\napt-get update\napt-get install -y --no-install-recommends {}\napt-get clean\n",
+        packages.join(" ")
+    );
+    let cmd = Cmd::new("chroot")
+        .arg(tree)
+        .args(["/bin/sh", "-c", &script])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("LC_ALL", "C")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .new_session();
+    let res = run_streaming(&cmd, log, step, mirror, suite).await;
+    let _ = std::fs::remove_file(tree.join("usr/sbin/policy-rc.d"));
+    res
+}
+
+fn prepare_chroot(tree: &Path) -> Result<(), ImageError> {
+    use nix::mount::{MsFlags, mount};
+    let proc_dir = tree.join("proc");
+    let dev_dir = tree.join("dev");
+    for d in [&proc_dir, &dev_dir] {
+        std::fs::create_dir_all(d).map_err(ImageError::io("create", d))?;
+    }
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| ImageError::io("mount proc on", &proc_dir)(e.into()))?;
+    mount(
+        Some("/dev"),
+        &dev_dir,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| ImageError::io("bind /dev on", &dev_dir)(e.into()))?;
+    let resolv = tree.join("etc/resolv.conf");
+    let _ = std::fs::remove_file(&resolv);
+    std::fs::copy("/etc/resolv.conf", &resolv).map_err(ImageError::io("copy", &resolv))?;
+    let policy = tree.join("usr/sbin/policy-rc.d");
+    std::fs::write(&policy, "#!/bin/sh\n# Added while building a Nestbox image.\nexit 101\n")
+        .map_err(ImageError::io("write", &policy))?;
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755))
+        .map_err(ImageError::io("chmod", &policy))
 }
 
 /// A scratch directory that debootstrap may have mounted things into (/proc, /sys, and

@@ -102,6 +102,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".parse()?,
         database_url: None,
         images_dir: Some(args.images_dir.clone()),
+        templates: vec!["minimal".into()],
         guest_bin: None,
         admin_email: "bench@nestbox.local".into(),
         accel: nestbox_agent::AccelChoice::Auto,

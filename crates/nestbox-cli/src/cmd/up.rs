@@ -40,6 +40,14 @@ pub struct UpArgs {
     /// Guest images (default: <data-dir>/images; built if missing).
     #[arg(long, env = "NESTBOX_IMAGES_DIR")]
     pub images_dir: Option<PathBuf>,
+    /// Templates to have: the ones missing are built on start (minimal, python, node).
+    #[arg(
+        long,
+        env = "NESTBOX_TEMPLATES",
+        value_delimiter = ',',
+        default_value = "minimal"
+    )]
+    pub templates: Vec<String>,
     /// Static guest agent binary used when images must be built.
     #[arg(long, env = "NESTBOX_GUEST_BIN")]
     pub guest_bin: Option<PathBuf>,
@@ -132,7 +140,15 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
     let secret = paths::master_secret(&data_dir.join("secret.key"))?;
 
     // Guest images: build what is missing (cached by content; instant when up to date).
-    if !images_dir.join("templates/minimal/template.json").exists() {
+    let mut wanted = args.templates.clone();
+    if !wanted.iter().any(|t| t == "minimal") {
+        // The default template of every create; always present.
+        wanted.insert(0, "minimal".into());
+    }
+    let missing = wanted
+        .iter()
+        .any(|t| !images_dir.join("templates").join(t).join("template.json").exists());
+    if missing {
         eprintln!(
             "Building guest images into {} (first run; this takes a few minutes)…",
             images_dir.display()
@@ -144,7 +160,7 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
             mirror: std::env::var("NESTBOX_MIRROR")
                 .unwrap_or_else(|_| nestbox_image::DEFAULT_MIRROR.into()),
             suite: nestbox_image::DEFAULT_SUITE.into(),
-            templates: vec!["minimal".into()],
+            templates: wanted,
             kernel: None,
             modules: None,
             force: false,

@@ -209,8 +209,11 @@ fn prepare_chroot(tree: &Path) -> Result<(), ImageError> {
     let _ = std::fs::remove_file(&resolv);
     std::fs::copy("/etc/resolv.conf", &resolv).map_err(ImageError::io("copy", &resolv))?;
     let policy = tree.join("usr/sbin/policy-rc.d");
-    std::fs::write(&policy, "#!/bin/sh\n# Added while building a Nestbox image.\nexit 101\n")
-        .map_err(ImageError::io("write", &policy))?;
+    std::fs::write(
+        &policy,
+        "#!/bin/sh\n# Added while building a Nestbox image.\nexit 101\n",
+    )
+    .map_err(ImageError::io("write", &policy))?;
     std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755))
         .map_err(ImageError::io("chmod", &policy))
 }

@@ -298,6 +298,7 @@ impl Manager {
     ) -> Result<(Live, EnvdClient, String), AgentError> {
         let inner = self.inner();
         let id = st.sandbox_id;
+        let phase = Instant::now();
         let slot = inner
             .slots
             .allocate(&id.to_string())
@@ -318,6 +319,7 @@ impl Manager {
                 return Err(e);
             }
         };
+        let net_ms = phase.elapsed().as_millis();
         let spec = VmSpec {
             id: id.to_string(),
             vcpus: st.vcpus,
@@ -360,6 +362,7 @@ impl Manager {
             }
         };
         st.vmm_pid = Some(vm.pid());
+        let vmm_ms = phase.elapsed().as_millis();
         let up = async {
             state::write(dir, st)?;
             let url = format!("http://{}:{GUEST_AGENT_PORT}", net.addrs.sandbox_ip);
@@ -374,6 +377,7 @@ impl Manager {
                 &console,
             )
             .await?;
+            let guest_ms = phase.elapsed().as_millis();
             let request = InitRequest {
                 access_token: Some(init.token.clone()),
                 env_vars: init.env.map(|e| e.into_iter().collect()),
@@ -393,6 +397,15 @@ impl Manager {
                 .init(&request)
                 .await
                 .map_err(|e| AgentError::Guest { id, source: e })?;
+            tracing::debug!(
+                sandbox = %id,
+                restored = snapshot.is_some(),
+                net_ms,
+                vmm_ms,
+                guest_ms,
+                init_ms = phase.elapsed().as_millis(),
+                "sandbox up (milliseconds since bring-up started)"
+            );
             Ok::<_, AgentError>((guest, version))
         }
         .await;

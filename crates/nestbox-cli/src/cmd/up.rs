@@ -145,9 +145,13 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
         // The default template of every create; always present.
         wanted.insert(0, "minimal".into());
     }
-    let missing = wanted
-        .iter()
-        .any(|t| !images_dir.join("templates").join(t).join("template.json").exists());
+    let missing = wanted.iter().any(|t| {
+        !images_dir
+            .join("templates")
+            .join(t)
+            .join("template.json")
+            .exists()
+    });
     if missing {
         eprintln!(
             "Building guest images into {} (first run; this takes a few minutes)…",

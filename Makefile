@@ -28,7 +28,7 @@ up: deps guest
 ## Guest images for the tests (cached by content: instant when up to date).
 test-images: guest
 	$(CARGO) build --locked -p nestbox-cli
-	./target/debug/nestbox image build --out $(TEST_IMAGES) --cache $(CURDIR)/target/nestbox-image-cache --guest-bin $(GUEST_BIN)
+	./target/debug/nestbox image build --out $(TEST_IMAGES) --cache $(CURDIR)/target/nestbox-image-cache --guest-bin $(GUEST_BIN) --templates minimal,python
 
 ## The whole test suite. Needs root (namespaces, TAP, nftables, VMs), like the host agent.
 test: deps test-images

@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod guest;
+pub mod proxy;
 pub mod register;
 pub mod sandbox;
 pub mod templates;
@@ -307,21 +308,33 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
 
     let service = grpc::Service::new(manager.clone(), creds.host_id);
     let auth = grpc::Authenticator::new(creds.host_id, creds.host_key.clone());
+    let proxy = proxy::ProxyState::new(manager.clone(), creds.host_id, creds.host_key.clone());
+    // One listener: gRPC calls go to the service, every other request is a proxied request
+    // for a port inside a sandbox (HTTP/1.1, upgrades included).
+    let app = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
+        HostAgentServer::new(service).max_decoding_message_size(8 << 20),
+        auth,
+    ))
+    .into_axum_router()
+    .fallback(move |request: axum::extract::Request| {
+        let state = proxy.clone();
+        async move { proxy::handle(axum::extract::State(state), request).await }
+    });
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                HostAgentServer::new(service).max_decoding_message_size(8 << 20),
-                auth,
-            ))
-            .serve_with_incoming_shutdown(incoming, async {
+        use axum::serve::ListenerExt as _;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        });
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
                 let _ = rx.await;
             })
             .await;
         if let Err(e) = result {
-            tracing::error!(error = %e, "gRPC server failed");
+            tracing::error!(error = %e, "agent server failed");
         }
     });
     let counter = manager.clone();

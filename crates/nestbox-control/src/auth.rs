@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use hmac::Mac;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use nestbox_types::UserId;
+use nestbox_types::{SandboxId, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
@@ -22,6 +22,42 @@ use crate::error::ApiError;
 pub const API_KEY_PREFIX: &str = "nbx_";
 /// Characters of a key shown in lists.
 pub const SHOWN_PREFIX_LEN: usize = 12;
+
+/// What a per-sandbox secret is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxSecret {
+    /// The guest agent's access token (`X-Access-Token`).
+    Envd,
+    /// The token that opens a sandbox's ports through the proxy without team credentials.
+    Traffic,
+}
+
+/// A per-sandbox secret derived from the master secret: nothing is stored, a sandbox's
+/// tokens are recomputed when needed and cannot be guessed from its id.
+pub fn sandbox_secret(master_secret: &[u8], purpose: SandboxSecret, id: SandboxId) -> String {
+    let label: &[u8] = match purpose {
+        SandboxSecret::Envd => b"nestbox sandbox envd token v1",
+        SandboxSecret::Traffic => b"nestbox sandbox traffic token v1",
+    };
+    let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(master_secret)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(label);
+    mac.update(&[0]);
+    mac.update(id.to_string().as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Whether `offered` is `id`'s secret for `purpose` (constant time).
+pub fn check_sandbox_secret(
+    master_secret: &[u8],
+    purpose: SandboxSecret,
+    id: SandboxId,
+    offered: &str,
+) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let expected = sandbox_secret(master_secret, purpose, id);
+    bool::from(expected.as_bytes().ct_eq(offered.as_bytes()))
+}
 
 /// `n` random bytes, hex encoded.
 pub fn random_hex(n: usize) -> Result<String, ApiError> {

@@ -73,6 +73,9 @@ pub struct ControlConfig {
     pub pause_timeout: Duration,
     /// Deadline of a call that writes or deletes a template's files on an agent.
     pub template_timeout: Duration,
+    /// Domain under which `{port}-{sandbox_id}.{domain}` reaches a port in a sandbox (a
+    /// wildcard DNS name pointing at the control plane); `None` turns host routing off.
+    pub proxy_domain: Option<String>,
 }
 
 impl ControlConfig {
@@ -95,6 +98,7 @@ impl ControlConfig {
             create_timeout: Duration::from_secs(180),
             pause_timeout: Duration::from_secs(120),
             template_timeout: Duration::from_secs(600),
+            proxy_domain: None,
         }
     }
 
@@ -105,6 +109,16 @@ impl ControlConfig {
         }
         if self.limits.max_vcpus == 0 || self.limits.max_memory_mb < self.limits.min_memory_mb {
             return Err("limits: max_vcpus must be ≥ 1 and max_memory_mb ≥ min_memory_mb".into());
+        }
+        if let Some(domain) = &self.proxy_domain
+            && (domain.is_empty()
+                || domain.starts_with('.')
+                || domain.ends_with('.')
+                || !domain
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+        {
+            return Err(format!("proxy domain `{domain}` is not a DNS name"));
         }
         if self.memory_overcommit < 1.0 {
             return Err("memory_overcommit must be at least 1.0".into());

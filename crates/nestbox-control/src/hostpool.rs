@@ -84,6 +84,12 @@ impl HostPool {
         nestbox_proto::auth::derive_host_key(&self.master_secret, host)
     }
 
+    /// A fresh bearer token for `host` (what gRPC calls carry), for proxied HTTP requests.
+    pub fn token(&self, host: HostId) -> Result<String, ApiError> {
+        nestbox_proto::auth::issue(&self.host_key(host), host)
+            .map_err(|e| ApiError::internal(format!("cannot sign agent token: {e}")))
+    }
+
     /// The client of `host` at `address`; re-created if the address changed.
     pub fn client(&self, host: HostId, address: &str) -> Result<AgentClient, ApiError> {
         let mut clients = self

@@ -13,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod hostpool;
 pub mod monitor;
+pub mod proxy;
 pub mod scheduler;
 pub mod service;
 pub mod state;
@@ -120,6 +121,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         sessions,
         pool,
         scheduler: Box::new(scheduler::LeastLoaded),
+        forwarder: nestbox_forward::Forwarder::new(),
     }))
 }
 

@@ -21,6 +21,8 @@ pub struct Services {
     pub pool: HostPool,
     /// Placement policy.
     pub scheduler: Box<dyn Scheduler>,
+    /// Forwards proxied requests to host agents.
+    pub forwarder: nestbox_forward::Forwarder,
 }
 
 impl std::fmt::Debug for Services {

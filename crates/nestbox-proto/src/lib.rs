@@ -8,6 +8,18 @@ use nestbox_types::ErrorCode;
 
 pub mod auth;
 
+/// The HTTP side of the agent's listener: requests for a port inside a sandbox.
+///
+/// The control plane sends them to the agent's address (the one gRPC uses) with the same
+/// bearer token as gRPC calls, plus these two headers; the agent forwards the request,
+/// without them, to the port inside the sandbox.
+pub mod proxy {
+    /// The sandbox (`sb-…`) a proxied request is for.
+    pub const SANDBOX_HEADER: &str = "x-nestbox-proxy-sandbox";
+    /// The TCP port inside the sandbox.
+    pub const PORT_HEADER: &str = "x-nestbox-proxy-port";
+}
+
 /// Generated types and services of `nestbox.hostagent.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod hostagent {
@@ -40,7 +52,9 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
         }
         ErrorCode::Internal => tonic::Code::Internal,
         ErrorCode::NotImplemented => tonic::Code::Unimplemented,
-        ErrorCode::AgentError | ErrorCode::HostUnavailable => tonic::Code::Unavailable,
+        ErrorCode::AgentError | ErrorCode::HostUnavailable | ErrorCode::PortUnreachable => {
+            tonic::Code::Unavailable
+        }
         ErrorCode::Timeout => tonic::Code::DeadlineExceeded,
     };
     let mut status = tonic::Status::new(grpc, message);

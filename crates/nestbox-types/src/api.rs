@@ -308,6 +308,14 @@ pub struct Sandbox {
     /// When it was destroyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_at: Option<DateTime<Utc>>,
+    /// Opens the sandbox's ports through the proxy without team credentials (header
+    /// `e2b-traffic-access-token`); in the answers of create and get only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
+    /// The guest agent's access token (`X-Access-Token`), for talking to it on port 49983
+    /// through the proxy; in the answers of create and get only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
 }
 
 /// Filters of `GET /v1/sandboxes`.

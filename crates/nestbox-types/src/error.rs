@@ -83,6 +83,8 @@ error_codes! {
     NotImplemented => ("not_implemented", 501, false),
     /// The host agent or guest agent failed.
     AgentError => ("agent_error", 502, true),
+    /// Nothing accepts connections on that port inside the sandbox.
+    PortUnreachable => ("port_unreachable", 502, true),
     /// No host has room for this sandbox right now.
     NoCapacity => ("no_capacity", 503, true),
     /// The sandbox's host cannot be reached.

@@ -124,6 +124,11 @@ fn key_for(manager: &Manager, name: &str, disk_mb: u64) -> Result<String, AgentE
         "format": WARM_FORMAT,
         "template": image.manifest.inputs_hash,
         "kernel": kernel.manifest.inputs_hash,
+        // The same inputs can build different bytes (an initramfs archive records times),
+        // and a snapshot only restores on the exact kernel and initramfs it booted: a
+        // rebuild therefore makes a new key.
+        "kernel_built_at": kernel.manifest.built_at,
+        "template_built_at": image.manifest.built_at,
         "vmm": inner.vmm.info().to_string(),
         "vcpus": DEFAULT_VCPUS,
         "memory_mb": DEFAULT_MEMORY_MB,

@@ -107,6 +107,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         admin_email: "bench@nestbox.local".into(),
         accel: nestbox_agent::AccelChoice::Auto,
         allow_private_egress: false,
+        proxy_domain: None,
         qemu: "qemu-system-x86_64".into(),
         boot_timeout: 120,
     };

@@ -23,12 +23,17 @@ pub struct ServerArgs {
         default_value = "/var/lib/nestbox/secret.key"
     )]
     pub secret_file: PathBuf,
+    /// Domain for reaching sandbox ports as `{port}-{sandbox_id}.{domain}` (needs a
+    /// wildcard DNS record pointing here).
+    #[arg(long, env = "NESTBOX_PROXY_DOMAIN")]
+    pub proxy_domain: Option<String>,
 }
 
 /// Runs the control plane until interrupted.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let secret = paths::master_secret(&args.secret_file)?;
-    let cfg = nestbox_control::ControlConfig::new(args.listen, args.database_url, secret);
+    let mut cfg = nestbox_control::ControlConfig::new(args.listen, args.database_url, secret);
+    cfg.proxy_domain = args.proxy_domain;
     let cp = nestbox_control::start(cfg)
         .await
         .context("starting the control plane")?;

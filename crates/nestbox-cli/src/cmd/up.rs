@@ -64,6 +64,10 @@ pub struct UpArgs {
     /// Let guests reach private and link-local networks.
     #[arg(long, env = "NESTBOX_ALLOW_PRIVATE_EGRESS")]
     pub allow_private_egress: bool,
+    /// Domain for reaching sandbox ports as `{port}-{sandbox_id}.{domain}` (needs a
+    /// wildcard DNS record pointing here); the path and header forms work without it.
+    #[arg(long, env = "NESTBOX_PROXY_DOMAIN")]
+    pub proxy_domain: Option<String>,
     /// The QEMU system emulator.
     #[arg(long, env = "NESTBOX_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
@@ -176,7 +180,9 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
         .database_url
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("nestbox.db").display()));
-    let cp = nestbox_control::start(ControlConfig::new(args.listen, database_url, secret))
+    let mut cp_cfg = ControlConfig::new(args.listen, database_url, secret);
+    cp_cfg.proxy_domain = args.proxy_domain.clone();
+    let cp = nestbox_control::start(cp_cfg)
         .await
         .context("starting the control plane")?;
     let url = cp.url();

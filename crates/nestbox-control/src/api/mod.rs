@@ -137,7 +137,7 @@ async fn not_found() -> impl IntoResponse {
 pub fn router(state: AppState) -> Router {
     let (router, api) = api_router().split_for_parts();
     let spec = std::sync::Arc::new(api);
-    router
+    let api = router
         .route(
             "/openapi.json",
             get(move || {
@@ -148,6 +148,14 @@ pub fn router(state: AppState) -> Router {
         .route("/docs", get(docs::docs_page))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
+        .with_state(state.clone());
+    // The proxy sees every request first: one carrying a sandbox target never reaches the
+    // API's routes (or its body limit).
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            crate::proxy::intercept,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
 }

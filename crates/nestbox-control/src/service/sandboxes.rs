@@ -38,6 +38,7 @@ use nestbox_types::limits::{
 use nestbox_types::{ErrorCode, HostId, SandboxId, SandboxStatus, TemplateKind};
 
 use super::{AuditActor, AuditEntry};
+use crate::auth::{SandboxSecret, sandbox_secret};
 use crate::error::{ApiError, ApiResult, from_agent};
 use crate::extract::Caller;
 use crate::hostpool::AgentClient;
@@ -72,6 +73,8 @@ pub fn sandbox_view(s: &sandboxes::Sandbox) -> api::Sandbox {
         created_at: s.created_at,
         started_at: s.started_at,
         stopped_at: s.stopped_at,
+        traffic_access_token: None,
+        envd_access_token: None,
     }
 }
 
@@ -285,9 +288,13 @@ impl Services {
         })
     }
 
-    /// The caller's team's sandbox.
+    /// The caller's team's sandbox, with its access tokens.
     pub async fn get_sandbox(&self, caller: &Caller, id: SandboxId) -> ApiResult<api::Sandbox> {
-        Ok(sandbox_view(&self.sandbox_row(caller, id).await?))
+        let mut view = sandbox_view(&self.sandbox_row(caller, id).await?);
+        let secret = &self.cfg.master_secret;
+        view.traffic_access_token = Some(sandbox_secret(secret, SandboxSecret::Traffic, id));
+        view.envd_access_token = Some(sandbox_secret(secret, SandboxSecret::Envd, id));
+        Ok(view)
     }
 
     pub(crate) async fn sandbox_row(
@@ -308,6 +315,13 @@ impl Services {
 
     /// The client of a sandbox's (or template's) host, which must be online.
     pub(crate) async fn agent_for(&self, host: Option<HostId>) -> ApiResult<(HostId, AgentClient)> {
+        let (host, address) = self.host_address(host).await?;
+        Ok((host, self.pool.client(host, &address)?))
+    }
+
+    /// The address (`http://ip:port`) of a sandbox's (or template's) host, which must be
+    /// online.
+    pub(crate) async fn host_address(&self, host: Option<HostId>) -> ApiResult<(HostId, String)> {
         let host = host
             .ok_or_else(|| ApiError::new(ErrorCode::HostUnavailable, "the sandbox has no host"))?;
         let h = hosts::get(&self.db, host).await.map_err(|e| {
@@ -326,7 +340,7 @@ impl Services {
         let address = h.address.ok_or_else(|| {
             ApiError::new(ErrorCode::HostUnavailable, "the host has not registered")
         })?;
-        Ok((host, self.pool.client(host, &address)?))
+        Ok((host, address))
     }
 
     /// A running sandbox of the caller's team and its host's client.
@@ -500,7 +514,7 @@ impl Services {
         )
         .await?;
 
-        let access_token = crate::auth::random_hex(32)?;
+        let access_token = sandbox_secret(&self.cfg.master_secret, SandboxSecret::Envd, id);
         let request = PbCreate {
             sandbox_id: id.to_string(),
             team_id: caller.team.to_string(),

@@ -1,0 +1,361 @@
+//! The proxy to TCP ports inside sandboxes.
+//!
+//! A request reaches port `P` of sandbox `S` in one of three forms, checked in this order
+//! before any API route:
+//! 1. headers `E2b-Sandbox-Id: S` and `E2b-Sandbox-Port: P` (one host name for every
+//!    sandbox, as E2B's SDKs send them), path and query unchanged;
+//! 2. host name `P-S.{domain}` when a proxy domain is configured (wildcard DNS), path and
+//!    query unchanged;
+//! 3. path `/v1/sandboxes/S/ports/P/rest…` (one box, no DNS needed): forwarded as `/rest…`.
+//!
+//! Rules:
+//! - the caller is the sandbox's team (its API key or a member's session, as for every
+//!   other sandbox endpoint) or holds the sandbox's traffic token
+//!   (`e2b-traffic-access-token`); anyone else gets the same `404` as a missing sandbox;
+//! - the guest agent's port ([`GUEST_AGENT_PORT`]) also needs the guest's access token in
+//!   `X-Access-Token`, checked here, so the guest agent is never reachable without it;
+//! - a sandbox that is not running answers `409 sandbox_not_running` at once, a port
+//!   nobody listens on `502 port_unreachable` at once: a request never hangs on them;
+//! - the platform's credentials (API key, traffic token, a session bearer) are removed
+//!   before the request goes on: code in the sandbox never sees them;
+//! - the request goes to the sandbox's host agent, which forwards it to the guest
+//!   ([`nestbox_forward`]); bodies stream, WebSocket upgrades pass through.
+
+use std::net::SocketAddr;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, Uri, header};
+use nestbox_db::sandboxes;
+use nestbox_proto::proxy::{PORT_HEADER, SANDBOX_HEADER};
+use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
+
+use crate::auth::{SandboxSecret, check_sandbox_secret};
+use crate::error::ApiError;
+use crate::extract::Caller;
+use crate::state::AppState;
+
+/// The guest agent's port inside every sandbox.
+pub const GUEST_AGENT_PORT: u16 = 49983;
+/// E2B's routing header naming the sandbox.
+pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
+/// E2B's routing header naming the port.
+pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+/// The per-sandbox traffic token header.
+pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+/// The guest agent's access token header.
+pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
+
+/// Where a proxied request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The sandbox.
+    pub sandbox: SandboxId,
+    /// The port inside it.
+    pub port: u16,
+    /// The path and query to send, when the route rewrote them (path form).
+    pub path: Option<String>,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::invalid(message)
+}
+
+fn parse_port(text: &str) -> Result<u16, ApiError> {
+    text.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(format!("`{text}` is not a TCP port (1–65535)")))
+}
+
+fn parse_sandbox(text: &str) -> Result<SandboxId, ApiError> {
+    text.parse::<SandboxId>()
+        .map_err(|_| invalid(format!("`{text}` is not a sandbox id")))
+}
+
+/// The proxy target of a request, if it is one. `Err` for a request that is clearly meant
+/// for the proxy but names no valid target.
+pub fn target(
+    domain: Option<&str>,
+    headers: &http::HeaderMap,
+    uri: &Uri,
+) -> Result<Option<Target>, ApiError> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    match (text(SANDBOX_ID_HEADER), text(SANDBOX_PORT_HEADER)) {
+        (Some(id), Some(port)) => {
+            return Ok(Some(Target {
+                sandbox: parse_sandbox(id.trim())?,
+                port: parse_port(port.trim())?,
+                path: None,
+            }));
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(invalid(format!(
+                "send both {SANDBOX_ID_HEADER} and {SANDBOX_PORT_HEADER}"
+            )));
+        }
+        (None, None) => {}
+    }
+    if let Some(domain) = domain
+        && let Some(host) = text(header::HOST.as_str()).or(uri.host())
+    {
+        let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        let host = host.to_ascii_lowercase();
+        let domain = domain.to_ascii_lowercase();
+        if let Some(label) = host
+            .strip_suffix(&domain)
+            .and_then(|rest| rest.strip_suffix('.'))
+            .filter(|label| !label.contains('.'))
+            && let Some((port, sandbox)) = label.split_once('-')
+        {
+            return Ok(Some(Target {
+                sandbox: parse_sandbox(sandbox)?,
+                port: parse_port(port)?,
+                path: None,
+            }));
+        }
+    }
+    let Some(rest) = uri.path().strip_prefix("/v1/sandboxes/") else {
+        return Ok(None);
+    };
+    let mut parts = rest.splitn(4, '/');
+    let (Some(id), Some("ports"), Some(port)) = (parts.next(), parts.next(), parts.next()) else {
+        return Ok(None);
+    };
+    let tail = parts.next().unwrap_or("");
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    Ok(Some(Target {
+        sandbox: parse_sandbox(id)?,
+        port: parse_port(port)?,
+        path: Some(format!("/{tail}{query}")),
+    }))
+}
+
+/// Middleware in front of every route: proxied requests are answered here, the rest go on.
+pub async fn intercept(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let domain = state.services.cfg.proxy_domain.as_deref();
+    match target(domain, request.headers(), request.uri()) {
+        Ok(Some(target)) => match forward(&state, target, request).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        },
+        Ok(None) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(sandbox = %target.sandbox, port = target.port))]
+async fn forward(state: &AppState, target: Target, request: Request) -> Result<Response, ApiError> {
+    let services = &state.services;
+    let secret = &services.cfg.master_secret;
+    let id = target.sandbox;
+    let (mut parts, body) = request.into_parts();
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::SandboxNotFound,
+            format!("sandbox {id} not found"),
+        )
+    };
+
+    let traffic = parts
+        .headers
+        .get(TRAFFIC_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let sandbox = match traffic {
+        Some(token) => {
+            if !check_sandbox_secret(secret, SandboxSecret::Traffic, id, &token) {
+                return Err(not_found());
+            }
+            sandboxes::get(&services.db, id).await.map_err(|e| {
+                if e.is_not_found() {
+                    not_found()
+                } else {
+                    e.into()
+                }
+            })?
+        }
+        None => {
+            let by_key = parts.headers.contains_key("x-api-key");
+            let caller = Caller::from_request_parts(&mut parts, state).await?;
+            if !by_key {
+                // The session's bearer token is ours, not the sandbox's.
+                parts.headers.remove(header::AUTHORIZATION);
+            }
+            services.sandbox_row(&caller, id).await?
+        }
+    };
+    if sandbox.status != SandboxStatus::Running {
+        let hint = match sandbox.status {
+            SandboxStatus::Paused => "; resume it to reach its ports",
+            _ => "",
+        };
+        return Err(ApiError::new(
+            ErrorCode::SandboxNotRunning,
+            format!("sandbox {id} is {}{hint}", sandbox.status),
+        ));
+    }
+    if target.port == GUEST_AGENT_PORT {
+        let offered = parts
+            .headers
+            .get(ACCESS_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if !offered.is_some_and(|t| check_sandbox_secret(secret, SandboxSecret::Envd, id, t)) {
+            return Err(ApiError::forbidden(format!(
+                "port {GUEST_AGENT_PORT} is the guest agent's: send its access token in X-Access-Token"
+            )));
+        }
+    }
+
+    let (host, address) = services.host_address(sandbox.host_id).await?;
+    let upstream = resolve(&address).await?;
+    let headers = &mut parts.headers;
+    for name in [
+        "x-api-key",
+        TRAFFIC_TOKEN_HEADER,
+        SANDBOX_ID_HEADER,
+        SANDBOX_PORT_HEADER,
+    ] {
+        headers.remove(name);
+    }
+    let bearer = format!("Bearer {}", services.pool.token(host)?);
+    let value = |v: String| {
+        HeaderValue::try_from(v).map_err(|e| ApiError::internal(format!("header value: {e}")))
+    };
+    headers.insert(header::AUTHORIZATION, value(bearer)?);
+    headers.insert(SANDBOX_HEADER, value(id.to_string())?);
+    headers.insert(PORT_HEADER, value(target.port.to_string())?);
+    if let Some(path) = &target.path {
+        parts.uri = path
+            .parse()
+            .map_err(|e| ApiError::invalid(format!("invalid path: {e}")))?;
+    }
+    services
+        .forwarder
+        .forward(Request::from_parts(parts, body), upstream)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::HostUnavailable,
+                format!("the sandbox's host cannot be reached: {e}"),
+            )
+        })
+}
+
+/// The socket address of an agent URL (`http://host:port`).
+async fn resolve(address: &str) -> Result<SocketAddr, ApiError> {
+    let bad = || ApiError::internal(format!("host address `{address}` is not http://host:port"));
+    let authority = address
+        .strip_prefix("http://")
+        .ok_or_else(bad)?
+        .trim_end_matches('/');
+    if let Ok(addr) = authority.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::HostUnavailable,
+                format!("cannot resolve {authority}: {e}"),
+            )
+        })?
+        .next()
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(domain: Option<&str>, headers: &[(&str, &str)], uri: &str) -> Option<Target> {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        target(domain, &h, &uri.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_three_forms_are_recognised() {
+        let id = SandboxId::new();
+        let by_headers = t(
+            None,
+            &[
+                ("e2b-sandbox-id", &id.to_string()),
+                ("e2b-sandbox-port", "8080"),
+            ],
+            "/x?y=1",
+        )
+        .unwrap();
+        assert_eq!(
+            (by_headers.sandbox, by_headers.port, by_headers.path),
+            (id, 8080, None)
+        );
+
+        let host = format!("3000-{id}.sb.example.com:7700");
+        let by_host = t(Some("sb.example.com"), &[("host", &host)], "/").unwrap();
+        assert_eq!((by_host.sandbox, by_host.port), (id, 3000));
+        // Without a configured domain, host names mean nothing.
+        assert!(t(None, &[("host", &host)], "/").is_none());
+        // The API's own host name is not a sandbox.
+        assert!(
+            t(
+                Some("sb.example.com"),
+                &[("host", "sb.example.com")],
+                "/v1/sandboxes"
+            )
+            .is_none()
+        );
+
+        let by_path = t(None, &[], &format!("/v1/sandboxes/{id}/ports/8080/a/b?c=d")).unwrap();
+        assert_eq!(by_path.path.as_deref(), Some("/a/b?c=d"));
+        let root = t(None, &[], &format!("/v1/sandboxes/{id}/ports/8080")).unwrap();
+        assert_eq!(root.path.as_deref(), Some("/"));
+        assert!(t(None, &[], &format!("/v1/sandboxes/{id}/files")).is_none());
+        assert!(t(None, &[], "/v1/sandboxes").is_none());
+    }
+
+    #[test]
+    fn bad_targets_are_invalid_requests() {
+        let id = SandboxId::new();
+        let h = |pairs: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let root: Uri = "/".parse().unwrap();
+        for headers in [
+            h(&[("e2b-sandbox-id", &id.to_string())]),
+            h(&[("e2b-sandbox-id", "nope"), ("e2b-sandbox-port", "80")]),
+            h(&[
+                ("e2b-sandbox-id", &id.to_string()),
+                ("e2b-sandbox-port", "0"),
+            ]),
+            h(&[
+                ("e2b-sandbox-id", &id.to_string()),
+                ("e2b-sandbox-port", "99999"),
+            ]),
+        ] {
+            let err = target(None, &headers, &root).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidRequest);
+        }
+        let path: Uri = format!("/v1/sandboxes/{id}/ports/http/").parse().unwrap();
+        assert!(target(None, &http::HeaderMap::new(), &path).is_err());
+    }
+}

@@ -116,7 +116,9 @@ impl FromRequestParts<AppState> for Caller {
             let (key, team) = api_keys::find_by_hash(db, &hash)
                 .await?
                 .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
-            if let Err(e) = api_keys::touch_last_used(db, key.id).await {
+            if state.services.should_record_key_use(key.id)
+                && let Err(e) = api_keys::touch_last_used(db, key.id).await
+            {
                 tracing::warn!(error = %e, "recording API key use");
             }
             return Ok(Caller {

@@ -122,6 +122,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         pool,
         scheduler: Box::new(scheduler::LeastLoaded),
         forwarder: nestbox_forward::Forwarder::new(),
+        key_uses: Default::default(),
     }))
 }
 

@@ -23,6 +23,35 @@ pub struct Services {
     pub scheduler: Box<dyn Scheduler>,
     /// Forwards proxied requests to host agents.
     pub forwarder: nestbox_forward::Forwarder,
+    /// When this process last recorded each API key's use: a key used many times a
+    /// second (a busy proxy client) costs one database write a minute, not one a request.
+    pub key_uses:
+        std::sync::Mutex<std::collections::HashMap<nestbox_types::ApiKeyId, std::time::Instant>>,
+}
+
+/// How often an API key's `last_used_at` is written.
+pub const KEY_USE_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Services {
+    /// Whether an API key's use should be written now (at most once per
+    /// [`KEY_USE_RESOLUTION`] per key and process).
+    pub fn should_record_key_use(&self, key: nestbox_types::ApiKeyId) -> bool {
+        let Ok(mut uses) = self.key_uses.lock() else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        if uses
+            .get(&key)
+            .is_some_and(|at| now.duration_since(*at) < KEY_USE_RESOLUTION)
+        {
+            return false;
+        }
+        if uses.len() > 100_000 {
+            uses.retain(|_, at| now.duration_since(*at) < KEY_USE_RESOLUTION);
+        }
+        uses.insert(key, now);
+        true
+    }
 }
 
 impl std::fmt::Debug for Services {

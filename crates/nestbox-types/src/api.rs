@@ -192,7 +192,7 @@ pub struct ApiKey {
     pub prefix: String,
     /// Creation time.
     pub created_at: DateTime<Utc>,
-    /// Last time it authenticated a request.
+    /// Last time it authenticated a request. Recorded at most once a minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<DateTime<Utc>>,
 }

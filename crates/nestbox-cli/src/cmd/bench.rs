@@ -137,7 +137,7 @@ async fn measure(
         .context("a fresh installation has a first run")?
         .api_key
         .clone();
-    let client = Client::new(&launched.url)?.with_api_key(key);
+    let client = Client::new(&launched.url)?.with_api_key(key.clone());
     let manager = &launched.agent.manager;
     let vmm_info = launched.agent.manager.vmm_info();
     println!(
@@ -269,6 +269,9 @@ async fn measure(
         direct.median * 1.5 + 5.0
     );
 
+    // 2b. An HTTP request to a port in the sandbox: through the proxy vs. direct.
+    proxy_latency(args, &client, &launched.url, &key, manager, sb.id).await?;
+
     // 3. File transfer through REST.
     let size = args.transfer_mb << 20;
     let data: Vec<u8> = (0..size)
@@ -347,6 +350,60 @@ async fn measure(
         } else {
             format!("LEFT: {}", leftovers.join(", "))
         }
+    );
+    Ok(())
+}
+
+/// `GET /health` of the guest agent (port 49983): through the control plane's proxy and
+/// the host agent, vs. straight from this host to the guest.
+async fn proxy_latency(
+    args: &BenchArgs,
+    client: &Client,
+    url: &str,
+    key: &str,
+    manager: &nestbox_agent::sandbox::Manager,
+    id: SandboxId,
+) -> anyhow::Result<()> {
+    let token = client
+        .get_sandbox(id)
+        .await?
+        .envd_access_token
+        .context("the sandbox's guest token")?;
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let direct_url = format!("{}/health", manager.get(id)?.guest()?.base_url());
+    let proxied_url = format!("{url}/v1/sandboxes/{id}/ports/49983/health");
+    let get = |u: &str| {
+        http.get(u)
+            .header("x-api-key", key)
+            .header("x-access-token", &token)
+    };
+    // Warm both paths (connections, the guest's code) first.
+    for _ in 0..3 {
+        get(&proxied_url).send().await?.error_for_status()?;
+        get(&direct_url).send().await?.error_for_status()?;
+    }
+    let mut proxied = Vec::new();
+    let mut direct = Vec::new();
+    for _ in 0..args.exec_runs {
+        let t = Instant::now();
+        get(&proxied_url).send().await?.error_for_status()?;
+        proxied.push(ms(t.elapsed()));
+        let t = Instant::now();
+        get(&direct_url).send().await?.error_for_status()?;
+        direct.push(ms(t.elapsed()));
+    }
+    let proxied = stats(proxied);
+    let direct = stats(direct);
+    row(
+        "HTTP GET to a sandbox port through the proxy",
+        &proxied,
+        "ms",
+    );
+    row("HTTP GET to the same port, direct", &direct, "ms");
+    println!(
+        "{:<44} {:>10.2} ms   (target ≤ 2 ms)",
+        "  proxy overhead",
+        proxied.median - direct.median
     );
     Ok(())
 }

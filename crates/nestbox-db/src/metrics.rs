@@ -9,6 +9,7 @@ use nestbox_types::SandboxId;
 use crate::engine::{Db, args};
 use crate::error::{DbError, missing_as_not_found};
 use crate::model::MetricTier;
+use crate::page::Sql;
 
 /// One sample.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,25 +22,50 @@ pub struct MetricPoint {
     pub disk_bytes: u64,
 }
 
-/// Stores points of one tier (one transaction); existing points at the same time are replaced.
+/// Rows per `INSERT` when storing points (6 arguments each, well below both engines'
+/// placeholder limits).
+const INSERT_BATCH: usize = 200;
+
+/// Stores points of one tier (one transaction, multi-row inserts); existing points at the
+/// same time are replaced.
 pub async fn upsert_points(
     db: &Db,
     sandbox: SandboxId,
     tier: MetricTier,
     points: &[MetricPoint],
 ) -> Result<(), DbError> {
+    // One statement may not touch a row twice (PostgreSQL): the last point of a time wins.
+    let unique: std::collections::BTreeMap<i64, &MetricPoint> =
+        points.iter().map(|p| (p.ts_ms, p)).collect();
+    let points: Vec<&MetricPoint> = unique.into_values().collect();
     let mut tx = db.begin().await?;
-    for p in points {
+    for chunk in points.chunks(INSERT_BATCH) {
+        let mut sql = Sql::new(
+            "INSERT INTO sandbox_metric_points \
+                 (sandbox_id, tier, ts_ms, cpu_pct, mem_bytes, disk_bytes) VALUES ",
+        );
+        for (i, p) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" })
+                .bind(sandbox)
+                .push(", ")
+                .bind(tier)
+                .push(", ")
+                .bind(p.ts_ms)
+                .push(", ")
+                .bind(p.cpu_pct)
+                .push(", ")
+                .bind(p.mem_bytes)
+                .push(", ")
+                .bind(p.disk_bytes)
+                .push(")");
+        }
+        sql.push(
+            " ON CONFLICT (sandbox_id, tier, ts_ms) DO UPDATE SET \
+                 cpu_pct = excluded.cpu_pct, mem_bytes = excluded.mem_bytes, \
+                 disk_bytes = excluded.disk_bytes",
+        );
         tx.conn()
-            .execute(
-                "INSERT INTO sandbox_metric_points \
-                     (sandbox_id, tier, ts_ms, cpu_pct, mem_bytes, disk_bytes) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (sandbox_id, tier, ts_ms) DO UPDATE SET \
-                     cpu_pct = excluded.cpu_pct, mem_bytes = excluded.mem_bytes, \
-                     disk_bytes = excluded.disk_bytes",
-                args![sandbox, tier, p.ts_ms, p.cpu_pct, p.mem_bytes, p.disk_bytes],
-            )
+            .execute(&sql.text, sql.args)
             .await
             .map_err(|e| missing_as_not_found(e, "sandbox", sandbox))?;
     }

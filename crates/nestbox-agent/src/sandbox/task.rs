@@ -8,6 +8,10 @@
 //! milliseconds), frees the namespace and slot, then copies the snapshot to the sandbox's
 //! directory in the background so it survives a reboot (`snapshot_durable`). Resume takes
 //! the tmpfs snapshot when it is there (fast), else the on-disk copy.
+//!
+//! It also keeps the metrics sampler ([`crate::metrics`]) informed: it tracks the VM once
+//! it runs (create, resume), untracks it once paused (the tiers stay for the control
+//! plane's flush) and retires the sandbox when it is destroyed or its VMM dies.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -127,6 +127,12 @@ async fn metrics_follow_a_sandbox_through_pause_and_destroy() {
     let day = client.sandbox_metrics(sb.id, Some("24h")).await.unwrap();
     assert_eq!(day.source, "stored");
     assert!(!day.points.is_empty());
+    // The CLI shows the same.
+    let out = nb.cli(&["sandbox", "metrics", &sb.id.to_string(), "--range", "24h"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("24h (stored, every 300000 ms)"), "{text}");
+    assert_eq!(text.lines().count(), 2 + day.points.len(), "{text}");
 
     // Resumed, live again; destroyed, gone.
     client.resume_sandbox(sb.id).await.unwrap();

@@ -2,7 +2,7 @@
 //! agent's ring buffers (10 min at 500 ms, 2 h at 30 s, 24 h at 5 min).
 //!
 //! Points are keyed by `(sandbox, tier, ts_ms)`; writing a point again replaces it, so a flush
-//! can be retried. Points go with their sandbox.
+//! can be retried. Points go with their sandbox. [`prune_tier`] keeps a tier to its window.
 
 use nestbox_types::SandboxId;
 
@@ -99,6 +99,21 @@ pub async fn prune_before(db: &Db, before_ms: i64) -> Result<u64, DbError> {
     db.execute(
         "DELETE FROM sandbox_metric_points WHERE ts_ms < $1",
         args![before_ms],
+    )
+    .await
+}
+
+/// Deletes one sandbox's points of one tier older than `before_ms`; returns how many. A flush
+/// calls it so that each tier keeps about its own window however often the sandbox pauses.
+pub async fn prune_tier(
+    db: &Db,
+    sandbox: SandboxId,
+    tier: MetricTier,
+    before_ms: i64,
+) -> Result<u64, DbError> {
+    db.execute(
+        "DELETE FROM sandbox_metric_points WHERE sandbox_id = $1 AND tier = $2 AND ts_ms < $3",
+        args![sandbox, tier, before_ms],
     )
     .await
 }

@@ -20,8 +20,10 @@
 //!   after the pause failed), the host is asked once more and what it hands over is stored;
 //! - a stopped or failed sandbox has no metrics: `not_found`.
 //!
-//! A flush writes with upserts keyed by time, so repeating one is harmless; a failed flush
-//! is logged and never fails the pause or destroy it follows.
+//! A flush writes with upserts keyed by time, so repeating one is harmless, then drops the
+//! tier's points older than its window before the newest one (the database holds about one
+//! window per tier and sandbox); a failed flush is logged and never fails the pause or
+//! destroy it follows.
 
 use chrono::{DateTime, Utc};
 use nestbox_db::metrics::{self as repo, MetricPoint};
@@ -145,6 +147,10 @@ pub(crate) async fn flush(db: &Db, client: &mut AgentClient, id: SandboxId) -> A
         let points = db_points(series);
         repo::upsert_points(db, id, tier, &points).await?;
         stored += points.len();
+        // Each tier keeps about its window, however often the sandbox pauses.
+        if let Some(newest) = points.iter().map(|p| p.ts_ms).max() {
+            repo::prune_tier(db, id, tier, newest - window_ms(tier)).await?;
+        }
     }
     tracing::debug!(stored, "metrics flushed");
     Ok(stored)

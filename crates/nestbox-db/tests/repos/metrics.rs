@@ -79,4 +79,23 @@ db_test!(large_flushes_are_stored_in_batches, |t| {
     assert_eq!(stored.len(), 1200);
     assert_eq!(stored[0].cpu_pct, 99.0);
     assert_eq!(stored[1199].ts_ms, 1199 * 500);
+    // Keeping the last 10 minutes of this tier leaves the other tiers alone.
+    metrics::upsert_points(&t.db, sb.id, MetricTier::Day, &points[..1])
+        .await
+        .unwrap();
+    let pruned = metrics::prune_tier(&t.db, sb.id, MetricTier::TenMinutes, 1000 * 500)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1000);
+    let left = metrics::list_points(&t.db, sb.id, MetricTier::TenMinutes)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 200);
+    assert_eq!(
+        metrics::list_points(&t.db, sb.id, MetricTier::Day)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 });

@@ -169,6 +169,8 @@ struct Entry {
 #[derive(Debug)]
 struct Retired {
     at: Instant,
+    /// Order of retirement (the oldest is evicted first).
+    seq: u64,
     day: Vec<Point>,
 }
 
@@ -177,6 +179,7 @@ struct Retired {
 struct Sampler {
     entries: HashMap<SandboxId, Entry>,
     retired: HashMap<SandboxId, Retired>,
+    retired_seq: u64,
     ticks_per_sec: u64,
 }
 
@@ -185,6 +188,7 @@ impl Default for Sampler {
         Self {
             entries: HashMap::new(),
             retired: HashMap::new(),
+            retired_seq: 0,
             ticks_per_sec: procfs::clock_ticks(),
         }
     }
@@ -278,12 +282,20 @@ impl Sampler {
             && let Some(oldest) = self
                 .retired
                 .iter()
-                .min_by_key(|(_, r)| r.at)
+                .min_by_key(|(_, r)| r.seq)
                 .map(|(id, _)| *id)
         {
             self.retired.remove(&oldest);
         }
-        self.retired.insert(id, Retired { at: now, day });
+        self.retired_seq += 1;
+        self.retired.insert(
+            id,
+            Retired {
+                at: now,
+                seq: self.retired_seq,
+                day,
+            },
+        );
     }
 
     fn sample_all(&mut self) {
@@ -356,6 +368,88 @@ mod tests {
             disk: std::env::current_exe().unwrap(),
             vcpus: 64,
         }
+    }
+
+    /// A sampler whose sandbox `id` has one point, without sampling anything.
+    fn with_points(sampler: &mut Sampler, id: SandboxId, ts_ms: i64) {
+        let mut tiers = Tiers::new();
+        tiers.push(Point {
+            ts_ms,
+            cpu_pct: 1.0,
+            mem_bytes: 2,
+            disk_bytes: 3,
+        });
+        sampler.entries.insert(
+            id,
+            Entry {
+                tiers,
+                target: None,
+                baseline: None,
+            },
+        );
+    }
+
+    fn flush_now(sampler: &mut Sampler, id: SandboxId) -> Option<Vec<Series>> {
+        let (reply, mut rx) = oneshot::channel();
+        sampler.handle(Msg::Flush { id, reply });
+        rx.try_recv().unwrap()
+    }
+
+    #[test]
+    fn destroyed_sandboxes_are_kept_for_one_flush_and_bounded() {
+        let mut sampler = Sampler::default();
+        let first = SandboxId::new();
+        with_points(&mut sampler, first, 0);
+        sampler.handle(Msg::Retire(first));
+        assert!(sampler.entries.is_empty());
+        for i in 1..RETAIN_MAX {
+            let id = SandboxId::new();
+            with_points(&mut sampler, id, i as i64);
+            sampler.handle(Msg::Retire(id));
+        }
+        assert_eq!(sampler.retired.len(), RETAIN_MAX);
+        // One more pushes the oldest out.
+        let last = SandboxId::new();
+        with_points(&mut sampler, last, 1);
+        sampler.handle(Msg::Retire(last));
+        assert_eq!(sampler.retired.len(), RETAIN_MAX);
+        assert_eq!(flush_now(&mut sampler, first), None, "evicted");
+        let day = flush_now(&mut sampler, last).unwrap();
+        assert_eq!(day.len(), 1);
+        assert_eq!(day[0].tier, Tier::Day);
+        assert_eq!(day[0].points.len(), 1);
+        assert_eq!(flush_now(&mut sampler, last), None, "handed over once");
+        // A sandbox never sampled leaves nothing behind.
+        let idle = SandboxId::new();
+        sampler.handle(Msg::Track(
+            idle,
+            Target {
+                pid: 1,
+                disk: PathBuf::from("/nonexistent"),
+                vcpus: 1,
+            },
+        ));
+        sampler.handle(Msg::Retire(idle));
+        assert_eq!(flush_now(&mut sampler, idle), None);
+    }
+
+    #[test]
+    fn a_resumed_sandbox_continues_its_tiers() {
+        let mut sampler = Sampler::default();
+        let id = SandboxId::new();
+        with_points(&mut sampler, id, 0);
+        sampler.handle(Msg::Untrack(id));
+        let target = Target {
+            pid: 1,
+            disk: PathBuf::from("/nonexistent"),
+            vcpus: 1,
+        };
+        sampler.handle(Msg::Track(id, target));
+        let entry = &sampler.entries[&id];
+        assert!(entry.target.is_some() && entry.baseline.is_none());
+        assert_eq!(entry.tiers.points(Tier::TenMinutes).len(), 1, "kept");
+        let all = flush_now(&mut sampler, id).unwrap();
+        assert_eq!(all.len(), 3);
     }
 
     #[tokio::test]

@@ -35,10 +35,13 @@ pub mod ring;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nestbox_types::SandboxId;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 pub use ring::{Point, Tier, Tiers};
 
@@ -88,19 +91,52 @@ enum Msg {
     },
 }
 
+/// What sampling has cost so far (for benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SamplerStats {
+    /// Wall time spent in sampling passes.
+    pub busy: Duration,
+    /// Sandbox samples taken (baselines included).
+    pub samples: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    busy_ns: AtomicU64,
+    samples: AtomicU64,
+}
+
 /// The handle to the sampler task. Cloning it is cheap; the task ends when every handle is
 /// dropped.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     tx: mpsc::Sender<Msg>,
+    counters: Arc<Counters>,
 }
 
 impl Metrics {
     /// Starts the sampler task.
     pub fn start() -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(Sampler::default().run(rx));
-        Self { tx }
+        let counters = Arc::new(Counters::default());
+        let sampler = Sampler {
+            counters: counters.clone(),
+            ..Sampler::default()
+        };
+        tokio::spawn(
+            sampler
+                .run(rx)
+                .instrument(tracing::info_span!("metrics_sampler")),
+        );
+        Self { tx, counters }
+    }
+
+    /// What sampling has cost since the start.
+    pub fn stats(&self) -> SamplerStats {
+        SamplerStats {
+            busy: Duration::from_nanos(self.counters.busy_ns.load(Ordering::Relaxed)),
+            samples: self.counters.samples.load(Ordering::Relaxed),
+        }
     }
 
     async fn notify(&self, msg: Msg) {
@@ -181,6 +217,7 @@ struct Sampler {
     retired: HashMap<SandboxId, Retired>,
     retired_seq: u64,
     ticks_per_sec: u64,
+    counters: Arc<Counters>,
 }
 
 impl Default for Sampler {
@@ -190,6 +227,7 @@ impl Default for Sampler {
             retired: HashMap::new(),
             retired_seq: 0,
             ticks_per_sec: procfs::clock_ticks(),
+            counters: Arc::default(),
         }
     }
 }
@@ -299,12 +337,15 @@ impl Sampler {
     }
 
     fn sample_all(&mut self) {
+        let started = Instant::now();
         let now_ms = chrono::Utc::now().timestamp_millis();
         let ticks_per_sec = self.ticks_per_sec;
+        let mut sampled = 0u64;
         for (id, entry) in &mut self.entries {
             let Some(target) = &entry.target else {
                 continue;
             };
+            sampled += 1;
             match sample(target, entry.baseline, ticks_per_sec) {
                 Ok((baseline, cpu, mem, disk)) => {
                     if let Some(cpu_pct) = cpu {
@@ -320,6 +361,11 @@ impl Sampler {
                 // The VMM exited; its task notices and retires the sandbox.
                 Err(e) => tracing::debug!(sandbox = %id, error = %e, "sampling skipped"),
             }
+        }
+        if sampled > 0 {
+            let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.counters.busy_ns.fetch_add(busy, Ordering::Relaxed);
+            self.counters.samples.fetch_add(sampled, Ordering::Relaxed);
         }
     }
 }
@@ -471,6 +517,11 @@ mod tests {
         };
         assert!(points[0].mem_bytes > 0 && points[0].disk_bytes > 0);
         assert!(points[0].cpu_pct >= 0.0);
+        let stats = metrics.stats();
+        assert!(
+            stats.samples >= 2 && stats.busy > Duration::ZERO,
+            "{stats:?}"
+        );
         metrics.untrack(id).await;
         let flushed = metrics.flush(id).await.unwrap().unwrap();
         assert_eq!(

@@ -150,7 +150,7 @@ async fn measure(
         .clone();
     let client = Client::new(&launched.url)?.with_api_key(key);
     if args.only_sampler {
-        return platform_cpu(args, &client).await;
+        return platform_cpu(args, launched, &client).await;
     }
     let manager = &launched.agent.manager;
     let vmm_info = launched.agent.manager.vmm_info();
@@ -340,7 +340,7 @@ async fn measure(
     snapshots(args, launched, scratch, &client, &kernel, &base).await?;
 
     // 6. The platform's CPU with idle sandboxes (the metrics sampler among it).
-    platform_cpu(args, &client).await?;
+    platform_cpu(args, launched, &client).await?;
 
     // 7. Create/destroy cycles leave nothing behind.
     let t = Instant::now();
@@ -385,13 +385,18 @@ async fn cpu_over(window: Duration) -> anyhow::Result<f64> {
 }
 
 /// The platform's CPU with no sandbox, then with `sampler_sandboxes` idle ones (clones of
-/// the warm snapshot), each over `sampler_secs`. The VMs' own CPU is not counted: they are
-/// other processes.
-async fn platform_cpu(args: &BenchArgs, client: &Client) -> anyhow::Result<()> {
+/// the warm snapshot), each over `sampler_secs`, and the metrics sampler's own share. The
+/// VMs' own CPU is not counted: they are other processes.
+async fn platform_cpu(
+    args: &BenchArgs,
+    launched: &super::up::Launched,
+    client: &Client,
+) -> anyhow::Result<()> {
     let n = args.sampler_sandboxes;
     if n == 0 {
         return Ok(());
     }
+    let sampler = launched.agent.manager.metrics();
     let window = Duration::from_secs(args.sampler_secs.max(1));
     let empty = cpu_over(window).await?;
     let mut ids = Vec::with_capacity(n);
@@ -406,7 +411,10 @@ async fn platform_cpu(args: &BenchArgs, client: &Client) -> anyhow::Result<()> {
         }
         // Let the creates' own work settle before measuring.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        cpu_over(window).await
+        let before = sampler.stats();
+        let busy = cpu_over(window).await?;
+        let after = sampler.stats();
+        anyhow::Ok((busy, before, after))
     }
     .await;
     for id in ids.drain(..) {
@@ -414,18 +422,22 @@ async fn platform_cpu(args: &BenchArgs, client: &Client) -> anyhow::Result<()> {
             eprintln!("destroying {id}: {e}");
         }
     }
-    let busy = result?;
+    let (busy, before, after) = result?;
     println!(
         "{:<44} {:>10.2} %    vs {:.2} % with none ({} s windows; % of one CPU)",
-        format!("platform CPU, {n} idle sandboxes (sampled)"),
+        format!("platform CPU, {n} idle sandboxes"),
         busy,
         empty,
         window.as_secs()
     );
+    let sampling = after.busy.saturating_sub(before.busy);
+    let samples = after.samples.saturating_sub(before.samples).max(1);
     println!(
-        "{:<44} {:>10.3} %    per sandbox",
-        "  difference",
-        (busy - empty) / n as f64
+        "{:<44} {:>10.3} %    ({:.1} µs per sandbox sample, {} samples)",
+        "  of which the metrics sampler",
+        sampling.as_secs_f64() / window.as_secs_f64() * 100.0,
+        sampling.as_secs_f64() * 1e6 / samples as f64,
+        samples
     );
     Ok(())
 }

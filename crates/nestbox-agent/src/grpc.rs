@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::AgentError;
 use crate::guest::{self, ExecParams};
+use crate::metrics::{Series, Tier};
 use crate::sandbox::{CreateParams, Manager, SandboxHandle, State};
 
 /// Chunk size of file downloads.
@@ -610,5 +611,74 @@ impl HostAgent for Service {
             .await
             .map_err(|e| AgentError::Guest { id, source: e })?;
         Ok(Response::new(RemoveResponse {}))
+    }
+
+    async fn get_sandbox_metrics(
+        &self,
+        req: Request<GetSandboxMetricsRequest>,
+    ) -> Result<Response<GetSandboxMetricsResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let tier = match MetricsRange::try_from(r.range) {
+            Ok(MetricsRange::TenMinutes) => Tier::TenMinutes,
+            Ok(MetricsRange::TwoHours) => Tier::TwoHours,
+            Ok(MetricsRange::Day) => Tier::Day,
+            _ => {
+                return Err(AgentError::Invalid("range must be set".into()).into());
+            }
+        };
+        // Known to the manager (running or paused) but never sampled here (adopted after a
+        // restart, or just created): no points yet.
+        self.manager.get(id)?;
+        let series = self
+            .manager
+            .metrics()
+            .get(id, tier)
+            .await?
+            .unwrap_or(Series {
+                tier,
+                points: Vec::new(),
+            });
+        Ok(Response::new(GetSandboxMetricsResponse {
+            series: Some(series_pb(&series)),
+        }))
+    }
+
+    async fn flush_sandbox_metrics(
+        &self,
+        req: Request<FlushSandboxMetricsRequest>,
+    ) -> Result<Response<FlushSandboxMetricsResponse>, Status> {
+        let id = parse_sandbox(&req.into_inner().sandbox_id)?;
+        let series = match self.manager.metrics().flush(id).await? {
+            Some(all) => all.iter().map(series_pb).collect(),
+            None => {
+                // A sandbox the agent holds but never sampled has nothing to store.
+                self.manager.get(id)?;
+                Vec::new()
+            }
+        };
+        Ok(Response::new(FlushSandboxMetricsResponse { series }))
+    }
+}
+
+fn series_pb(s: &Series) -> MetricSeries {
+    let range = match s.tier {
+        Tier::TenMinutes => MetricsRange::TenMinutes,
+        Tier::TwoHours => MetricsRange::TwoHours,
+        Tier::Day => MetricsRange::Day,
+    };
+    MetricSeries {
+        range: range as i32,
+        interval_ms: u32::try_from(s.tier.interval_ms()).unwrap_or(u32::MAX),
+        points: s
+            .points
+            .iter()
+            .map(|p| MetricPoint {
+                ts_unix_ms: p.ts_ms,
+                cpu_pct: p.cpu_pct,
+                mem_bytes: p.mem_bytes,
+                disk_bytes: p.disk_bytes,
+            })
+            .collect(),
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! One agent runs per host, as root. It owns the host's sandboxes (their VMM processes,
 //! network namespaces and copy-on-write disks; see [`sandbox`]), serves the control plane
-//! over gRPC ([`grpc`]), registers with it and heartbeats ([`register`]), and at start-up
-//! removes whatever a crash left behind ([`cleanup`]).
+//! over gRPC ([`grpc`]), registers with it and heartbeats ([`register`]), samples running
+//! sandboxes' CPU, memory and disk ([`metrics`]), and at start-up removes whatever a crash
+//! left behind ([`cleanup`]).
 //!
 //! The agent's memory is the truth for what runs on this host; the control plane's
 //! database is the truth for what should exist. The control plane reconciles the two.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod guest;
+pub mod metrics;
 pub mod proxy;
 pub mod register;
 pub mod sandbox;

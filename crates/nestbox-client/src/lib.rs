@@ -612,6 +612,31 @@ impl Client {
         self.json(self.request(Method::GET, path).query(query), path)
             .await
     }
+
+    /// Audit log, filtered (`resource_type`, `action`) and scoped (`team` or `platform`).
+    pub async fn audit_logs_filtered(
+        &self,
+        query: &AuditLogQuery,
+    ) -> Result<Page<AuditLog>, ClientError> {
+        let path = "/v1/audit-logs";
+        self.json(self.request(Method::GET, path).query(query), path)
+            .await
+    }
+
+    /// A sandbox's metrics over `range` (`10m`, `2h` or `24h`; the server's default, `10m`,
+    /// when `None`).
+    pub async fn sandbox_metrics(
+        &self,
+        id: SandboxId,
+        range: Option<&str>,
+    ) -> Result<SandboxMetrics, ClientError> {
+        let path = format!("/v1/sandboxes/{id}/metrics");
+        let query = MetricsQuery {
+            range: range.map(String::from),
+        };
+        self.json(self.request(Method::GET, &path).query(&query), &path)
+            .await
+    }
 }
 
 /// Parses a server-sent event stream whose `data:` lines are JSON [`ExecEvent`]s.

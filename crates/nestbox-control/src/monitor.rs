@@ -11,7 +11,8 @@
 //!    - `missing` in the database and known to the agent → `running` or `paused`, as the
 //!      agent reports it;
 //!    - `running` in the database and paused on the agent (its inactivity timer paused it)
-//!      → `paused`, audited as `sandbox.auto_pause`; never `stopped`: its state is saved;
+//!      → `paused`, audited as `sandbox.auto_pause`, its metrics stored (as after any
+//!      pause); never `stopped`: its state is saved;
 //!    - `paused` in the database and running on the agent (a resume whose answer was lost)
 //!      → `running`, but only once the sandbox was marked paused longer ago than
 //!      `pause_timeout`: a pause marks the sandbox before its agent call, so until then the
@@ -176,6 +177,8 @@ async fn reconcile(
         }
         tracing::info!(sandbox = %sb.id, from = %sb.status, to = %to, "sandbox follows its host");
         if (sb.status, to) == (SandboxStatus::Running, SandboxStatus::Paused) {
+            crate::service::metrics::flush_logged(&services.db, &mut client, sb.id, "auto-pause")
+                .await;
             services
                 .audit(AuditEntry {
                     actor: AuditActor::System,

@@ -178,6 +178,7 @@ const MATRIX: &[Row] = &[
     row("POST", "/v1/sandboxes/{sandbox_id}/pause", TEAM_RESOURCE),
     row("POST", "/v1/sandboxes/{sandbox_id}/resume", TEAM_RESOURCE),
     row("POST", "/v1/sandboxes/{sandbox_id}/ping", TEAM_RESOURCE),
+    row("GET", "/v1/sandboxes/{sandbox_id}/metrics", TEAM_RESOURCE),
     row("GET", "/v1/snapshots", ANY_CALLER),
     row("POST", "/v1/snapshots", TEAM_RESOURCE),
     row("DELETE", "/v1/snapshots/{name}", TEAM_RESOURCE),

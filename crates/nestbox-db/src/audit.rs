@@ -49,6 +49,8 @@ pub struct NewAuditLog {
 pub enum AuditScope {
     /// One team's entries.
     Team(TeamId),
+    /// Platform-level entries only (no team).
+    Platform,
     /// Every entry, including platform-level ones (platform admins only).
     All,
 }
@@ -121,8 +123,14 @@ pub async fn list(
     page: &Page,
 ) -> Result<Paged<AuditLog>, DbError> {
     let mut sql = Sql::new(&format!("SELECT {COLUMNS} FROM audit_logs a WHERE 1 = 1"));
-    if let AuditScope::Team(team) = scope {
-        sql.push(" AND a.team_id = ").bind(team);
+    match scope {
+        AuditScope::Team(team) => {
+            sql.push(" AND a.team_id = ").bind(team);
+        }
+        AuditScope::Platform => {
+            sql.push(" AND a.team_id IS NULL");
+        }
+        AuditScope::All => {}
     }
     if let Some(resource_type) = &filter.resource_type {
         sql.push(" AND a.resource_type = ").bind(resource_type);

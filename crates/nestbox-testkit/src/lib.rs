@@ -14,7 +14,10 @@ pub mod simagent;
 mod wait;
 
 pub use pg::{PgCluster, PgError};
-pub use simagent::{SimAgent, SimAgentConfig, SimHold, SimOp, SimState, TemplateCall};
+pub use simagent::{
+    SIM_CPU_PCT, SIM_DISK_BYTES, SIM_METRIC_POINTS, SimAgent, SimAgentConfig, SimHold, SimOp,
+    SimState, TemplateCall,
+};
 pub use wait::{Ready, WaitTimedOut, wait_for};
 
 /// A SQLite database in its own temporary directory, removed on drop.

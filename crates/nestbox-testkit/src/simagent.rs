@@ -54,6 +54,11 @@
 //!   a Nestbox error code (as a real agent would, via [`nestbox_proto::status`]);
 //!   [`SimAgent::lose`] forgets a sandbox silently (the VM "died"); [`SimAgent::adopt`]
 //!   makes it run a sandbox the control plane never created.
+//! - **Metrics** are deterministic ([`sim_metrics`]): every sandbox the agent holds has
+//!   [`SIM_METRIC_POINTS`] points in its 10 min tier and one in each averaged tier, with
+//!   `cpu_pct` [`SIM_CPU_PCT`], `mem_bytes` half its memory and `disk_bytes`
+//!   [`SIM_DISK_BYTES`]. `FlushSandboxMetrics` returns all three tiers of a sandbox it holds;
+//!   `DestroySandbox` keeps the 24 h tier, which one flush then hands over.
 //! - **Calls in flight**: [`SimAgent::hold`] parks every call of one RPC (after counting it,
 //!   before its injected failure and its effect) until the returned [`SimHold`] is released
 //!   or dropped, so a test can look at the control plane while the call is pending.
@@ -89,6 +94,12 @@ pub const STDOUT_HEX_ENV: &str = "SIM_STDOUT_HEX";
 pub const SIM_VERSION: &str = "0.0.0-sim";
 /// Home directory relative paths resolve against.
 pub const HOME: &str = "/root";
+/// Points in a simulated sandbox's 10 min metrics tier.
+pub const SIM_METRIC_POINTS: usize = 4;
+/// CPU percent of every simulated metric point.
+pub const SIM_CPU_PCT: f64 = 12.5;
+/// Disk bytes of every simulated metric point.
+pub const SIM_DISK_BYTES: u64 = 64 << 20;
 /// Chunk size of simulated downloads.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -183,6 +194,10 @@ pub enum SimOp {
     CreateTemplate,
     /// `DeleteTemplate`.
     DeleteTemplate,
+    /// `GetSandboxMetrics`.
+    GetSandboxMetrics,
+    /// `FlushSandboxMetrics`.
+    FlushSandboxMetrics,
 }
 
 /// Whether a simulated sandbox's VM runs.
@@ -336,6 +351,8 @@ struct State {
     templates: BTreeMap<String, SimStoredTemplate>,
     template_log: Vec<TemplateCall>,
     holds: HashMap<SimOp, Arc<Gate>>,
+    /// 24 h tiers of destroyed sandboxes, until flushed.
+    retired_metrics: BTreeMap<String, pb::MetricSeries>,
 }
 
 /// Where held calls of one RPC wait until [`SimHold`] opens it.
@@ -467,6 +484,7 @@ impl SimAgent {
             templates: BTreeMap::new(),
             template_log: Vec::new(),
             holds: HashMap::new(),
+            retired_metrics: BTreeMap::new(),
         })));
         let service = Service {
             shared: shared.clone(),
@@ -1176,8 +1194,13 @@ impl HostAgent for Service {
     ) -> Result<Response<DestroySandboxResponse>, Status> {
         self.shared.enter(SimOp::Destroy).await?;
         let id = request.into_inner().sandbox_id;
-        match self.shared.lock().sandboxes.remove(&id) {
-            Some(_) => Ok(Response::new(DestroySandboxResponse {})),
+        let mut st = self.shared.lock();
+        match st.sandboxes.remove(&id) {
+            Some(sb) => {
+                let day = sim_metrics(&sb, pb::MetricsRange::Day);
+                st.retired_metrics.insert(id, day);
+                Ok(Response::new(DestroySandboxResponse {}))
+            }
             None => Err(not_found(&id)),
         }
     }
@@ -1502,6 +1525,81 @@ impl HostAgent for Service {
             Some(_) => Ok(Response::new(DeleteTemplateResponse {})),
             None => Err(template_not_found(&id)),
         }
+    }
+
+    async fn get_sandbox_metrics(
+        &self,
+        request: Request<pb::GetSandboxMetricsRequest>,
+    ) -> Result<Response<pb::GetSandboxMetricsResponse>, Status> {
+        self.shared.enter(SimOp::GetSandboxMetrics).await?;
+        let req = request.into_inner();
+        let range = match pb::MetricsRange::try_from(req.range) {
+            Ok(
+                r @ (pb::MetricsRange::TenMinutes
+                | pb::MetricsRange::TwoHours
+                | pb::MetricsRange::Day),
+            ) => r,
+            _ => return Err(invalid("range must be set")),
+        };
+        self.with_sandbox(&req.sandbox_id, |sb| {
+            Ok(Response::new(pb::GetSandboxMetricsResponse {
+                series: Some(sim_metrics(sb, range)),
+            }))
+        })
+    }
+
+    async fn flush_sandbox_metrics(
+        &self,
+        request: Request<pb::FlushSandboxMetricsRequest>,
+    ) -> Result<Response<pb::FlushSandboxMetricsResponse>, Status> {
+        self.shared.enter(SimOp::FlushSandboxMetrics).await?;
+        let id = request.into_inner().sandbox_id;
+        let mut st = self.shared.lock();
+        let series = match st.sandboxes.get(&id) {
+            Some(sb) => [
+                pb::MetricsRange::TenMinutes,
+                pb::MetricsRange::TwoHours,
+                pb::MetricsRange::Day,
+            ]
+            .into_iter()
+            .map(|r| sim_metrics(sb, r))
+            .collect(),
+            None => vec![
+                st.retired_metrics
+                    .remove(&id)
+                    .ok_or_else(|| not_found(&id))?,
+            ],
+        };
+        Ok(Response::new(pb::FlushSandboxMetricsResponse { series }))
+    }
+}
+
+/// The simulated metrics of one tier of a sandbox: [`SIM_METRIC_POINTS`] points 500 ms
+/// apart from its start in the 10 min tier, one point (its start's interval) in the others.
+pub fn sim_metrics(sb: &SimSandbox, range: pb::MetricsRange) -> pb::MetricSeries {
+    let interval: i64 = match range {
+        pb::MetricsRange::TwoHours => 30_000,
+        pb::MetricsRange::Day => 300_000,
+        _ => 500,
+    };
+    let point = |ts_unix_ms| pb::MetricPoint {
+        ts_unix_ms,
+        cpu_pct: SIM_CPU_PCT,
+        mem_bytes: u64::from(sb.request.memory_mb) << 19,
+        disk_bytes: SIM_DISK_BYTES,
+    };
+    let start = sb.started_at_unix_ms;
+    let points = if interval == 500 {
+        (0..SIM_METRIC_POINTS as i64)
+            .map(|i| point(start + i * 500))
+            .collect()
+    } else {
+        vec![point(start.div_euclid(interval) * interval)]
+    };
+    pb::MetricSeries {
+        range: range as i32,
+        interval_ms: interval as u32,
+        points,
     }
 }
 

@@ -672,7 +672,67 @@ pub struct HeartbeatRequest {
     pub address: String,
 }
 
+// -------------------------------------------------------------------------- metrics
+
+/// Query of `GET /v1/sandboxes/{sandbox_id}/metrics`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct MetricsQuery {
+    /// `10m` (the default: 500 ms samples), `2h` (30 s averages) or `24h` (5 min averages).
+    pub range: Option<String>,
+}
+
+/// One metric point of a sandbox: a sample, or the average of an interval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct MetricPoint {
+    /// When the sample was taken, or the start of the averaged interval.
+    pub timestamp: DateTime<Utc>,
+    /// CPU time of the sandbox's VM over wall time, in percent of one host CPU (0 to
+    /// 100 × vCPUs).
+    pub cpu_pct: f64,
+    /// Host memory the VM uses (its resident set).
+    pub mem_bytes: u64,
+    /// Host disk the sandbox's copy-on-write disk takes.
+    pub disk_bytes: u64,
+}
+
+/// A sandbox's resource use over one range.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct SandboxMetrics {
+    /// The sandbox.
+    pub sandbox_id: SandboxId,
+    /// `10m`, `2h` or `24h`.
+    pub range: String,
+    /// Spacing of the points, milliseconds.
+    pub interval_ms: u32,
+    /// `live` (from its host: the sandbox runs) or `stored` (saved when it was paused).
+    pub source: String,
+    /// Oldest first; the last point of `2h` and `24h` may cover an unfinished interval.
+    pub points: Vec<MetricPoint>,
+}
+
 // ---------------------------------------------------------------------------- audit
+
+/// Query of `GET /v1/audit-logs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct AuditLogQuery {
+    /// Items per page, 1–200 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Only entries about this kind of resource, e.g. `sandbox`.
+    pub resource_type: Option<String>,
+    /// Only entries of this action, e.g. `sandbox.create`.
+    pub action: Option<String>,
+    /// `team` (the default: the caller's team's entries; its owner and admins) or
+    /// `platform` (entries of no team, such as host registrations; platform admins only).
+    pub scope: Option<String>,
+}
 
 /// One audited change.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -299,6 +299,7 @@ pub(crate) struct Inner {
     pub(crate) dns: Vec<std::net::Ipv4Addr>,
     pub(crate) templates: TemplateStore,
     pub(crate) warm: warm::Warm,
+    pub(crate) metrics: crate::metrics::Metrics,
     sandboxes: Mutex<HashMap<SandboxId, Slot>>,
 }
 
@@ -371,6 +372,7 @@ impl Manager {
                 http: parts.http,
                 dns: parts.dns,
                 templates: parts.templates,
+                metrics: crate::metrics::Metrics::start(),
                 sandboxes: Mutex::new(HashMap::new()),
             }),
         }
@@ -448,6 +450,11 @@ impl Manager {
     /// The VMM driver, as a description (`qemu 7.2.22 (tcg)`).
     pub fn vmm_info(&self) -> String {
         self.inner.vmm.info().to_string()
+    }
+
+    /// The metrics sampler of this host's sandboxes.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
     }
 
     /// The VMM driver itself (benchmarks boot bare VMs with it).

@@ -8,6 +8,10 @@
 //! milliseconds), frees the namespace and slot, then copies the snapshot to the sandbox's
 //! directory in the background so it survives a reboot (`snapshot_durable`). Resume takes
 //! the tmpfs snapshot when it is there (fast), else the on-disk copy.
+//!
+//! It also keeps the metrics sampler ([`crate::metrics`]) informed: it tracks the VM once
+//! it runs (create, resume), untracks it once paused (the tiers stay for the control
+//! plane's flush) and retires the sandbox when it is destroyed or its VMM dies.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +31,9 @@ use super::state::{self, Phase, StateFile};
 use super::{Command, Manager, SandboxHandle, State, sandbox_dir};
 use crate::error::AgentError;
 use crate::templates::{Kind, ROOTFS_FILE, StoredTemplate, TemplateRecord, TemplateStore};
+
+/// The copy-on-write disk in a sandbox's directory.
+const DISK_FILE: &str = "rootfs.qcow2";
 
 /// How often the task checks its VMM and the inactivity timeout.
 const TICK: Duration = Duration::from_millis(500);
@@ -92,6 +99,9 @@ impl SandboxTask {
 
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let id = self.st.sandbox_id;
+        if self.live.is_some() {
+            self.track().await;
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -160,6 +170,22 @@ impl SandboxTask {
         }
     }
 
+    /// Has the metrics sampler sample the running VM (internal sandboxes are not sampled).
+    async fn track(&self) {
+        if let (Some(pid), false) = (self.st.vmm_pid, self.handle.facts.internal) {
+            let target = crate::metrics::Target {
+                pid,
+                disk: self.dir.join(DISK_FILE),
+                vcpus: self.st.vcpus,
+            };
+            self.manager
+                .inner()
+                .metrics
+                .track(self.st.sandbox_id, target)
+                .await;
+        }
+    }
+
     fn inactive(&self) -> bool {
         self.st.timeout_sec > 0
             && self.handle.state() == State::Running
@@ -184,6 +210,11 @@ impl SandboxTask {
         {
             tracing::error!(sandbox = %self.st.sandbox_id, error = %e.public_message(), "release after VMM exit");
         }
+        self.manager
+            .inner()
+            .metrics
+            .retire(self.st.sandbox_id)
+            .await;
         self.manager.unreserve(self.st.sandbox_id);
     }
 
@@ -200,6 +231,12 @@ impl SandboxTask {
         let result = self
             .manager
             .release(&mut self.st, live, &self.dir, true)
+            .await;
+        // Its 24 h tier waits in the sampler for the control plane's flush.
+        self.manager
+            .inner()
+            .metrics
+            .retire(self.st.sandbox_id)
             .await;
         self.manager.unreserve(self.st.sandbox_id);
         tracing::info!(sandbox = %self.st.sandbox_id, "sandbox destroyed");
@@ -254,6 +291,8 @@ impl SandboxTask {
                 ));
             }
         }
+        // The tiers stay with the sampler for the control plane's flush.
+        self.manager.inner().metrics.untrack(id).await;
         let net = live.net;
         self.st.vmm_pid = None;
         self.manager.drop_network(&mut self.st, Some(net)).await;
@@ -393,6 +432,7 @@ impl SandboxTask {
                 let _ = tokio::fs::remove_dir_all(&fast).await;
                 let _ = tokio::fs::remove_dir_all(&durable).await;
                 state::write(&self.dir, &self.st)?;
+                self.track().await;
                 self.handle.touch();
                 self.handle.set(|s| {
                     s.state = State::Running;
@@ -475,7 +515,7 @@ impl SandboxTask {
         kind: Kind,
     ) -> Result<u32, AgentError> {
         let id = self.st.sandbox_id;
-        let overlay = self.dir.join("rootfs.qcow2");
+        let overlay = self.dir.join(DISK_FILE);
         let frozen_disk = staging.join("disk.qcow2");
         let rootfs = staging.join(ROOTFS_FILE);
         match state {

@@ -9,7 +9,10 @@
 //! - exec of `true` through REST vs. directly against the guest agent;
 //! - upload and download throughput through REST;
 //! - VMM resident memory of an idle sandbox;
-//! - many create/destroy cycles, then a check that nothing is left on the host.
+//! - many create/destroy cycles, then a check that nothing is left on the host;
+//! - the platform's own CPU use (control plane + host agent, this process) over a window
+//!   with N idle sandboxes, next to the same window with none: what the per-sandbox work
+//!   that never stops (the metrics sampler, the sandbox tasks' ticks) costs.
 //!
 //! Numbers are printed, never asserted: speed is measured, not tested.
 
@@ -41,6 +44,15 @@ pub struct BenchArgs {
     /// Size of the file transfer, MiB.
     #[arg(long, default_value_t = 64)]
     pub transfer_mb: usize,
+    /// Idle sandboxes during the platform CPU measurement (0 skips it).
+    #[arg(long, default_value_t = 30)]
+    pub sampler_sandboxes: usize,
+    /// Length of each platform CPU measurement window, seconds.
+    #[arg(long, default_value_t = 20)]
+    pub sampler_secs: u64,
+    /// Runs only the platform CPU measurement.
+    #[arg(long)]
+    pub only_sampler: bool,
     /// Built guest images.
     #[arg(
         long,
@@ -138,6 +150,9 @@ async fn measure(
         .api_key
         .clone();
     let client = Client::new(&launched.url)?.with_api_key(key.clone());
+    if args.only_sampler {
+        return platform_cpu(args, launched, &client).await;
+    }
     let manager = &launched.agent.manager;
     let vmm_info = launched.agent.manager.vmm_info();
     println!(
@@ -328,7 +343,10 @@ async fn measure(
     // 5. Snapshots: pause, resume, create from a snapshot template, sizes, idle clones.
     snapshots(args, launched, scratch, &client, &kernel, &base).await?;
 
-    // 6. Create/destroy cycles leave nothing behind.
+    // 6. The platform's CPU with idle sandboxes (the metrics sampler among it).
+    platform_cpu(args, launched, &client).await?;
+
+    // 7. Create/destroy cycles leave nothing behind.
     let t = Instant::now();
     for _ in 0..args.cycles {
         let sb = client
@@ -404,6 +422,80 @@ async fn proxy_latency(
         "{:<44} {:>10.2} ms   (target ≤ 2 ms)",
         "  proxy overhead",
         proxied.median - direct.median
+    );
+    Ok(())
+}
+
+/// User + system CPU time of this process (control plane and host agent), seconds.
+fn own_cpu_secs() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let ticks = nestbox_agent::metrics::procfs::parse_stat_ticks(&stat)
+        .context("parsing /proc/self/stat")?;
+    Ok(ticks as f64 / nestbox_agent::metrics::procfs::clock_ticks() as f64)
+}
+
+/// This process's CPU use over `window`, in percent of one host CPU.
+async fn cpu_over(window: Duration) -> anyhow::Result<f64> {
+    let (cpu0, t0) = (own_cpu_secs()?, Instant::now());
+    tokio::time::sleep(window).await;
+    let (cpu1, elapsed) = (own_cpu_secs()?, t0.elapsed());
+    Ok((cpu1 - cpu0) / elapsed.as_secs_f64() * 100.0)
+}
+
+/// The platform's CPU with no sandbox, then with `sampler_sandboxes` idle ones (clones of
+/// the warm snapshot), each over `sampler_secs`, and the metrics sampler's own share. The
+/// VMs' own CPU is not counted: they are other processes.
+async fn platform_cpu(
+    args: &BenchArgs,
+    launched: &super::up::Launched,
+    client: &Client,
+) -> anyhow::Result<()> {
+    let n = args.sampler_sandboxes;
+    if n == 0 {
+        return Ok(());
+    }
+    let sampler = launched.agent.manager.metrics();
+    let window = Duration::from_secs(args.sampler_secs.max(1));
+    let empty = cpu_over(window).await?;
+    let mut ids = Vec::with_capacity(n);
+    let result = async {
+        for _ in 0..n {
+            ids.push(
+                client
+                    .create_sandbox(&CreateSandboxRequest::default())
+                    .await?
+                    .id,
+            );
+        }
+        // Let the creates' own work settle before measuring.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = sampler.stats();
+        let busy = cpu_over(window).await?;
+        let after = sampler.stats();
+        anyhow::Ok((busy, before, after))
+    }
+    .await;
+    for id in ids.drain(..) {
+        if let Err(e) = client.destroy_sandbox(id).await {
+            eprintln!("destroying {id}: {e}");
+        }
+    }
+    let (busy, before, after) = result?;
+    println!(
+        "{:<44} {:>10.2} %    vs {:.2} % with none ({} s windows; % of one CPU)",
+        format!("platform CPU, {n} idle sandboxes"),
+        busy,
+        empty,
+        window.as_secs()
+    );
+    let sampling = after.busy.saturating_sub(before.busy);
+    let samples = after.samples.saturating_sub(before.samples).max(1);
+    println!(
+        "{:<44} {:>10.3} %    ({:.1} µs per sandbox sample, {} samples)",
+        "  of which the metrics sampler",
+        sampling.as_secs_f64() / window.as_secs_f64() * 100.0,
+        sampling.as_secs_f64() * 1e6 / samples as f64,
+        samples
     );
     Ok(())
 }

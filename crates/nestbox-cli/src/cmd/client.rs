@@ -255,6 +255,19 @@ pub enum SandboxCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Show a sandbox's CPU, memory and disk use (live while it runs, stored once paused).
+    Metrics {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        /// `10m` (500 ms samples), `2h` (30 s averages) or `24h` (5 min averages).
+        #[arg(long, default_value = "10m")]
+        range: String,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reset a sandbox's inactivity timer.
     Ping {
         #[command(flatten)]
@@ -444,6 +457,37 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("resuming {id}"))?;
                 println!("resumed {id}");
+            }
+            Ok(())
+        }
+        SandboxCommand::Metrics {
+            conn,
+            id,
+            range,
+            json,
+        } => {
+            let m = client(&conn)?
+                .sandbox_metrics(parse_id(&id)?, Some(&range))
+                .await?;
+            if json {
+                return print_json(&m);
+            }
+            println!(
+                "{} {} ({}, every {} ms)",
+                m.sandbox_id, m.range, m.source, m.interval_ms
+            );
+            println!(
+                "{:<24} {:>8} {:>10} {:>10}",
+                "TIME", "CPU %", "MEM MiB", "DISK MiB"
+            );
+            for p in &m.points {
+                println!(
+                    "{:<24} {:>8.1} {:>10.1} {:>10.1}",
+                    p.timestamp.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                    p.cpu_pct,
+                    p.mem_bytes as f64 / f64::from(1u32 << 20),
+                    p.disk_bytes as f64 / f64::from(1u32 << 20)
+                );
             }
             Ok(())
         }

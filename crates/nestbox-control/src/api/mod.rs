@@ -114,6 +114,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::mkdir))
         .routes(routes!(sandboxes::download, sandboxes::upload))
         .routes(routes!(sandboxes::audit_logs))
+        .routes(routes!(sandboxes::sandbox_metrics))
 }
 
 /// The OpenAPI document of the API.

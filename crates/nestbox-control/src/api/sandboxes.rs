@@ -1,5 +1,5 @@
-//! Sandboxes (with pause, resume and keep-alive), commands, files, templates and the audit
-//! log.
+//! Sandboxes (with pause, resume, keep-alive and metrics), commands, files, templates and
+//! the audit log.
 
 use std::convert::Infallible;
 
@@ -10,12 +10,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use nestbox_types::api::{
-    AuditLog, CreateSandboxRequest, EntryInfo, ExecEvent, ExecRequest, ExecResult, FileList,
-    MkdirRequest, Page, PageQuery, PathQuery, Sandbox, SandboxListQuery, Template,
+    AuditLog, AuditLogQuery, CreateSandboxRequest, EntryInfo, ExecEvent, ExecRequest, ExecResult,
+    FileList, MetricsQuery, MkdirRequest, Page, PathQuery, Sandbox, SandboxListQuery,
+    SandboxMetrics, Template,
 };
 use nestbox_types::{ErrorBody, SandboxId};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::extract::{Caller, Json, Path, Query};
 use crate::state::AppState;
 
@@ -301,47 +302,36 @@ pub async fn upload(
         .map(axum::Json)
 }
 
-/// The team's audit log, newest first.
-#[utoipa::path(get, path = "/v1/audit-logs", tag = "teams", security(("api_key" = []), ("session" = [])), params(PageQuery),
-    responses((status = 200, body = Page<AuditLog>), (status = 403, body = ErrorBody)))]
+/// A sandbox's CPU, memory and disk use: live while it runs, as stored when it was paused.
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}/metrics", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path), MetricsQuery),
+    responses((status = 200, body = SandboxMetrics),
+              (status = 400, description = "unknown range (`invalid_request`)", body = ErrorBody),
+              (status = 401, body = ErrorBody),
+              (status = 404, description = "no such sandbox (`sandbox_not_found`), or it is stopped (`not_found`)", body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+pub async fn sandbox_metrics(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Query(q): Query<MetricsQuery>,
+) -> ApiResult<axum::Json<SandboxMetrics>> {
+    s.services
+        .sandbox_metrics(&caller, id, q.range.as_deref())
+        .await
+        .map(axum::Json)
+}
+
+/// The audit log, newest first: the caller's team's (its owner and admins), or with
+/// `scope=platform` the entries of no team (platform admins). Filter with `resource_type`
+/// and `action`.
+#[utoipa::path(get, path = "/v1/audit-logs", tag = "teams", security(("api_key" = []), ("session" = [])), params(AuditLogQuery),
+    responses((status = 200, body = Page<AuditLog>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody)))]
 pub async fn audit_logs(
     State(s): State<AppState>,
     caller: Caller,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<AuditLogQuery>,
 ) -> ApiResult<axum::Json<Page<AuditLog>>> {
-    if !caller.role.can_manage() {
-        return Err(ApiError::forbidden(
-            "only the team's owner and admins may read its audit log",
-        ));
-    }
-    let page = nestbox_db::Page {
-        limit: q.limit.unwrap_or(50).clamp(1, 200),
-        cursor: q.cursor,
-    };
-    let paged = nestbox_db::audit::list(
-        &s.services.db,
-        nestbox_db::audit::AuditScope::Team(caller.team),
-        &Default::default(),
-        &page,
-    )
-    .await?;
-    Ok(axum::Json(Page {
-        items: paged
-            .items
-            .into_iter()
-            .map(|a| AuditLog {
-                id: a.id,
-                team_id: a.team_id,
-                actor_type: a.actor_type.to_string(),
-                actor_id: a.actor_id,
-                action: a.action,
-                resource_type: a.resource_type,
-                resource_id: a.resource_id,
-                status: a.status.to_string(),
-                details: a.details,
-                created_at: a.created_at,
-            })
-            .collect(),
-        next_cursor: paged.next_cursor,
-    }))
+    s.services.audit_logs(&caller, &q).await.map(axum::Json)
 }

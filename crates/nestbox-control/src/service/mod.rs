@@ -5,7 +5,9 @@
 //! (or an internal actor), checks what it may do, validates input, changes state, and
 //! writes an audit entry for every change.
 
+pub mod auditlog;
 pub mod hosts;
+pub mod metrics;
 pub mod pause;
 pub mod sandboxes;
 pub mod teams;

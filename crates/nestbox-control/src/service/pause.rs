@@ -21,6 +21,8 @@
 //!   agent resumed it; on failure it stays `paused` (its saved state is intact);
 //! - the agent calls and what follows them run in detached tasks ([`super::detached`]): a
 //!   client that goes away mid-call never leaves a half state, and the outcome is audited;
+//! - once paused, the sandbox's metrics are fetched from the agent and stored
+//!   ([`super::metrics`]); a failure there does not fail the pause;
 //! - ping needs a running sandbox; it resets the agent's inactivity timer and records
 //!   activity.
 
@@ -128,6 +130,9 @@ impl Services {
                     Err(from_agent(&status))
                 }
             };
+            if outcome.is_ok() {
+                super::metrics::flush_logged(&db, &mut client, id, "pause").await;
+            }
             write_audit(
                 &db,
                 AuditEntry {

@@ -11,6 +11,7 @@
 //!   agent to boot it; the agent call runs to its end even if the client goes away, and
 //!   leaves the sandbox `running`, or `error` with the reason (the agent has released
 //!   everything by then);
+//! - destroy stores the sandbox's 24 h metrics tier the agent kept ([`super::metrics`]);
 //! - destroy swallows only "not found on the agent" (already gone); any other agent error
 //!   is returned and the sandbox keeps its status;
 //! - commands and file operations need a `running` sandbox (else `sandbox_not_running`)
@@ -669,10 +670,16 @@ impl Services {
                     sandbox_id: id.to_string(),
                 });
                 rpc.set_timeout(Duration::from_secs(60));
-                if let Err(status) = client.destroy_sandbox(rpc).await {
-                    let code = nestbox_proto::error_code(&status);
-                    if code != ErrorCode::SandboxNotFound {
-                        return Err(from_agent(&status));
+                match client.destroy_sandbox(rpc).await {
+                    // The agent kept the 24 h metrics tier for us.
+                    Ok(_) => {
+                        super::metrics::flush_logged(&self.db, &mut client, id, "destroy").await
+                    }
+                    Err(status) => {
+                        let code = nestbox_proto::error_code(&status);
+                        if code != ErrorCode::SandboxNotFound {
+                            return Err(from_agent(&status));
+                        }
                     }
                 }
             }

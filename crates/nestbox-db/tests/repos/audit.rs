@@ -80,7 +80,16 @@ db_test!(insert_and_list, |t| {
     )
     .await
     .unwrap();
-    assert_eq!(page.items, vec![e4, e3, e2, e1]);
+    assert_eq!(page.items, vec![e4.clone(), e3, e2, e1]);
+    let page = audit::list(
+        &t.db,
+        AuditScope::Platform,
+        &AuditFilter::default(),
+        &Page::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(page.items, vec![e4], "entries of no team only");
 });
 
 db_test!(pagination_never_skips_same_microsecond_entries, |t| {

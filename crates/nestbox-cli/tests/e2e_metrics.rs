@@ -1,0 +1,182 @@
+//! Sandbox metrics with real VMs: live samples while a sandbox runs, the stored ones once
+//! it is paused (by the user or by its inactivity timeout), nothing once it is destroyed,
+//! and nothing for another team.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Nestbox, eventually, sh_ok};
+use nestbox_client::Client;
+use nestbox_types::api::{CreateSandboxRequest, CreateUserRequest, MetricPoint, Sandbox};
+use nestbox_types::{ErrorCode, SandboxStatus};
+
+/// Asserts a point describes a VM of `sb`'s size.
+fn assert_plausible(p: &MetricPoint, sb: &Sandbox) {
+    let memory = u64::from(sb.memory_mb) << 20;
+    assert!(
+        p.mem_bytes > 0 && p.mem_bytes < memory,
+        "rss {} of a {} MiB sandbox",
+        p.mem_bytes,
+        sb.memory_mb
+    );
+    assert!(p.disk_bytes > 0, "disk {}", p.disk_bytes);
+    let max_cpu = 100.0 * f64::from(sb.vcpus);
+    assert!(
+        (0.0..=max_cpu).contains(&p.cpu_pct),
+        "cpu {} of {} vCPUs",
+        p.cpu_pct,
+        sb.vcpus
+    );
+}
+
+/// A second user's client, in a team of their own.
+async fn other_team(nb: &Nestbox) -> Client {
+    let admin = nb
+        .anonymous()
+        .login(&nb.admin_email, &nb.admin_password)
+        .await
+        .unwrap();
+    let admin = nb.anonymous().with_token(admin.token);
+    admin
+        .create_user(&CreateUserRequest {
+            email: "metrics-other@example.com".into(),
+            name: "Other".into(),
+            password: "a long enough password".into(),
+            is_admin: false,
+        })
+        .await
+        .unwrap();
+    let other = nb
+        .anonymous()
+        .login("metrics-other@example.com", "a long enough password")
+        .await
+        .unwrap();
+    nb.anonymous().with_token(other.token)
+}
+
+#[tokio::test]
+async fn metrics_follow_a_sandbox_through_pause_and_destroy() {
+    let nb = Nestbox::up();
+    let client = nb.client();
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+
+    // Some work, so the disk and the CPU have something to show.
+    sh_ok(
+        &client,
+        sb.id,
+        "dd if=/dev/urandom of=/root/blob bs=1M count=8 2>/dev/null && sync && echo ok",
+    )
+    .await;
+    let live = eventually(Duration::from_secs(60), "the first samples", || async {
+        let m = client.sandbox_metrics(sb.id, None).await.unwrap();
+        (m.points.len() >= 2).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        (live.range.as_str(), live.source.as_str(), live.interval_ms),
+        ("10m", "live", 500)
+    );
+    for p in &live.points {
+        assert_plausible(p, &sb);
+    }
+    assert!(
+        live.points
+            .windows(2)
+            .all(|w| w[0].timestamp < w[1].timestamp)
+    );
+    for range in ["2h", "24h"] {
+        let m = client.sandbox_metrics(sb.id, Some(range)).await.unwrap();
+        assert_eq!((m.range.as_str(), m.source.as_str()), (range, "live"));
+        assert!(!m.points.is_empty(), "{range}: the open interval is shown");
+        assert_plausible(&m.points[0], &sb);
+    }
+
+    // Another team sees nothing, as with every sandbox route.
+    let other = other_team(&nb).await;
+    let e = other.sandbox_metrics(sb.id, None).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::SandboxNotFound), "{e}");
+    let e = client.sandbox_metrics(sb.id, Some("1h")).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+
+    // Paused: the points were stored, and are served from the database.
+    client.pause_sandbox(sb.id).await.unwrap();
+    let stored = client.sandbox_metrics(sb.id, None).await.unwrap();
+    assert_eq!(stored.source, "stored");
+    assert!(
+        stored.points.len() >= live.points.len(),
+        "{} stored, {} seen live",
+        stored.points.len(),
+        live.points.len()
+    );
+    assert!(
+        stored
+            .points
+            .iter()
+            .any(|p| p.timestamp == live.points[0].timestamp),
+        "the live points were stored"
+    );
+    for p in &stored.points {
+        assert_plausible(p, &sb);
+    }
+    let day = client.sandbox_metrics(sb.id, Some("24h")).await.unwrap();
+    assert_eq!(day.source, "stored");
+    assert!(!day.points.is_empty());
+    // The CLI shows the same.
+    let out = nb.cli(&["sandbox", "metrics", &sb.id.to_string(), "--range", "24h"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("24h (stored, every 300000 ms)"), "{text}");
+    assert_eq!(text.lines().count(), 2 + day.points.len(), "{text}");
+
+    // Resumed, live again; destroyed, gone.
+    client.resume_sandbox(sb.id).await.unwrap();
+    assert_eq!(
+        client.sandbox_metrics(sb.id, None).await.unwrap().source,
+        "live"
+    );
+    client.destroy_sandbox(sb.id).await.unwrap();
+    let e = client.sandbox_metrics(sb.id, None).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(404), "{e}");
+}
+
+#[tokio::test]
+async fn an_inactive_sandbox_keeps_its_metrics_when_paused() {
+    let nb = Nestbox::up();
+    let client = nb.client();
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest {
+            timeout_sec: Some(5),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = eventually(Duration::from_secs(60), "the first samples", || async {
+        client.ping_sandbox(sb.id).await.unwrap();
+        let m = client.sandbox_metrics(sb.id, None).await.unwrap();
+        (!m.points.is_empty()).then_some(m.points.len())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(120),
+        "the sandbox to be auto-paused",
+        || async {
+            let s = client.get_sandbox(sb.id).await.unwrap();
+            (s.status == SandboxStatus::Paused).then_some(())
+        },
+    )
+    .await;
+    let stored = client.sandbox_metrics(sb.id, None).await.unwrap();
+    assert_eq!(stored.source, "stored");
+    assert!(stored.points.len() >= seen);
+    for p in &stored.points {
+        assert_plausible(p, &sb);
+    }
+    client.destroy_sandbox(sb.id).await.unwrap();
+}

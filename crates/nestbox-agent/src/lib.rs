@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod guest;
+pub mod processes;
 pub mod register;
 pub mod sandbox;
 pub mod templates;

@@ -7,6 +7,7 @@
 
 pub mod hosts;
 pub mod pause;
+pub mod processes;
 pub mod sandboxes;
 pub mod teams;
 pub mod templates;

@@ -649,7 +649,8 @@ impl HostAgent for Service {
     ) -> Result<Response<Self::ConnectProcessStream>, Status> {
         let r = req.into_inner();
         let (id, guest) = self.guest(&r.sandbox_id, "")?;
-        let stream = processes::connect(id, &guest, r.process.as_ref()).await?;
+        let sandbox = self.manager.running(id)?;
+        let stream = processes::connect(sandbox, &guest, r.process.as_ref()).await?;
         Ok(Response::new(stream))
     }
 
@@ -750,7 +751,8 @@ impl HostAgent for Service {
             return Err(Status::invalid_argument("path is empty"));
         }
         let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
-        let stream = processes::watch(id, &guest, &r.path, r.recursive).await?;
+        let sandbox = self.manager.running(id)?;
+        let stream = processes::watch(sandbox, &guest, &r.path, r.recursive).await?;
         Ok(Response::new(stream))
     }
 }

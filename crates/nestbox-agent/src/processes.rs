@@ -10,8 +10,11 @@
 //!   unknown pid, tag or directory is an error of the call itself rather than of the stream;
 //!   they then forward events through a bounded channel ([`FORWARD_EVENTS`]), so a slow
 //!   caller slows the forwarding task, never grows a queue (the guest detaches a subscriber
-//!   that falls too far behind, which ends the stream with an error).
+//!   that falls too far behind, which ends the stream with an error). Every forwarded event
+//!   counts as the sandbox's activity (its inactivity timer restarts); an idle stream does
+//!   not keep a sandbox awake.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -27,6 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::error::AgentError;
+use crate::sandbox::SandboxHandle;
 
 /// Events a forwarding task may have queued for its caller.
 pub const FORWARD_EVENTS: usize = 16;
@@ -171,10 +175,11 @@ fn event(ev: envd::ProcessEvent) -> Option<pb::ProcessEvent> {
 
 /// Attaches to a running process's live output.
 pub async fn connect(
-    id: SandboxId,
+    sandbox: Arc<SandboxHandle>,
     guest: &EnvdClient,
     process: Option<&pb::ProcessSelector>,
 ) -> Result<EventStream<pb::ProcessEvent>, Status> {
+    let id = sandbox.facts.id;
     let (sel, shown) = selector(process)?;
     let mut stream = guest
         .connect(sel)
@@ -188,11 +193,11 @@ pub async fn connect(
             return Err(AgentError::ProcessNotFound { id, process: shown }.into());
         }
     };
-    Ok(forward(id, first, stream, event))
+    Ok(forward(sandbox, first, stream, event))
 }
 
 fn forward<In, Out>(
-    id: SandboxId,
+    sandbox: Arc<SandboxHandle>,
     first: In,
     mut rest: EnvdStream<In>,
     map: fn(In) -> Option<Out>,
@@ -201,6 +206,7 @@ where
     In: Send + 'static,
     Out: Send + 'static,
 {
+    let id = sandbox.facts.id;
     let (tx, rx) = mpsc::channel(FORWARD_EVENTS);
     tokio::spawn(async move {
         if let Some(ev) = map(first)
@@ -216,7 +222,10 @@ where
             let sent = match item {
                 None => return,
                 Some(Ok(ev)) => match map(ev) {
-                    Some(ev) => tx.send(Ok(ev)).await,
+                    Some(ev) => {
+                        sandbox.touch();
+                        tx.send(Ok(ev)).await
+                    }
                     None => continue,
                 },
                 Some(Err(e)) => {
@@ -262,11 +271,12 @@ fn watch_event(r: WatchDirResponse) -> Option<pb::WatchDirEvent> {
 
 /// Watches a directory; the first event says the watch is in place.
 pub async fn watch(
-    id: SandboxId,
+    sandbox: Arc<SandboxHandle>,
     guest: &EnvdClient,
     path: &str,
     recursive: bool,
 ) -> Result<EventStream<pb::WatchDirEvent>, Status> {
+    let id = sandbox.facts.id;
     let guest_err = |source| AgentError::Guest { id, source };
     let mut stream = guest.watch_dir(path, recursive).await.map_err(guest_err)?;
     let first = match stream.next().await {
@@ -279,7 +289,7 @@ pub async fn watch(
             .into());
         }
     };
-    Ok(forward(id, first, stream, watch_event))
+    Ok(forward(sandbox, first, stream, watch_event))
 }
 
 /// The envd selector of a pid, for tests and callers that hold one.

@@ -338,6 +338,53 @@ async fn background_processes_and_terminals() {
     .unwrap();
     assert_eq!(exit, 128 + 9);
 
+    // The CLI: `sandbox ps` lists a tagged process, `sandbox kill` ends it by tag.
+    client
+        .start_process(
+            id,
+            &StartProcessRequest {
+                argv: Some(vec!["sleep".into(), "1000".into()]),
+                tag: Some("victim".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let sid = id.to_string();
+    let ps = nb.cli(&["sandbox", "ps", &sid]);
+    let listing = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        ps.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ps.stderr)
+    );
+    assert!(
+        listing.contains("victim") && listing.contains("sleep 1000"),
+        "{listing}"
+    );
+    let kill = nb.cli(&["sandbox", "kill", &sid, "victim"]);
+    assert!(
+        kill.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kill.stderr)
+    );
+    eventually(
+        LIMIT,
+        "the killed process to leave `sandbox ps`",
+        || async {
+            let ps = nb.cli(&["sandbox", "ps", &sid]);
+            (!String::from_utf8_lossy(&ps.stdout).contains("victim")).then_some(())
+        },
+    )
+    .await;
+    let again = nb.cli(&["sandbox", "kill", &sid, "victim"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("process_not_found"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
     client.destroy_sandbox(id).await.unwrap();
 }
 

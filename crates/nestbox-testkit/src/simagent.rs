@@ -50,6 +50,12 @@
 //!   templates, with `template_id` set. `DeleteTemplate` of an unknown id is
 //!   `template_not_found`. Every template call is logged in arrival order
 //!   ([`SimAgent::template_log`]).
+//! - **Background processes** (`StartProcess`, terminals included) get the next pid and
+//!   never exit by themselves; a tag is unique per sandbox (`already_exists`). Input is kept
+//!   and replayed as stdout by `ConnectProcess` after the `started` event (then the stream
+//!   ends); any signal removes the process; unknown pids and tags are `process_not_found`.
+//!   `WatchDir` checks the directory (`file_not_found`, `invalid_request`) and sends only
+//!   the `started` event.
 //! - **Failure injection**: [`SimAgent::fail_next`] makes the next call of one RPC fail with
 //!   a Nestbox error code (as a real agent would, via [`nestbox_proto::status`]);
 //!   [`SimAgent::lose`] forgets a sandbox silently (the VM "died"); [`SimAgent::adopt`]

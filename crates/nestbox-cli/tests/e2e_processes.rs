@@ -260,7 +260,11 @@ async fn background_processes_and_terminals() {
         .input(b"echo $((6*7))-$NBX_WHERE-$(pwd)\n")
         .await
         .unwrap();
-    read_terminal_until(&mut reader, "42-in-a-pty-/tmp").await;
+    let screen = read_terminal_until(&mut reader, "42-in-a-pty-/tmp").await;
+    assert!(
+        screen.contains("echo $((6*7))"),
+        "the terminal echoes what is typed: {screen:?}"
+    );
     writer.resize(123, 45).await.unwrap();
     writer.input(b"stty size\n").await.unwrap();
     read_terminal_until(&mut reader, "45 123").await;
@@ -533,5 +537,74 @@ async fn watching_a_directory() {
     );
 
     drop(events);
+    client.destroy_sandbox(id).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_terminal_outpacing_its_client_stays_usable() {
+    let nb = Nestbox::up();
+    let client = nb.client();
+    let id = create(&nb).await;
+    let shell = client
+        .start_terminal(
+            id,
+            &StartTerminalRequest {
+                tag: Some("flood".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let term = client.attach_terminal(id, "flood").await.unwrap();
+    let (mut writer, mut reader) = (term.writer, term.reader);
+    // Far more output than any buffer on the way holds, while the client reads nothing.
+    writer
+        .input(b"head -c 8000000 /dev/zero | tr '\\0' x; echo; echo flood-$((40+2)); touch /tmp/flooded\n")
+        .await
+        .unwrap();
+    eventually(LIMIT, "the flood to finish in the sandbox", || async {
+        let r = common::sh(&client, id, "test -f /tmp/flooded").await;
+        (r.exit_code == 0).then_some(())
+    })
+    .await;
+    // Now read: either everything arrives, or the attachment was cut off with a retryable
+    // `busy` error — never a hang, never silently missing bytes.
+    let outcome = tokio::time::timeout(LIMIT, async {
+        let mut tail = String::new();
+        while let Some(frame) = reader.next().await {
+            match frame.unwrap() {
+                TerminalFrame::Output(bytes) => {
+                    tail.push_str(&String::from_utf8_lossy(&bytes));
+                    if tail.contains("flood-42") {
+                        return Ok(());
+                    }
+                    let keep = tail.len().saturating_sub(64);
+                    tail.drain(..keep);
+                }
+                TerminalFrame::Control(TerminalServerMessage::Error { code, .. }) => {
+                    return Err(code);
+                }
+                TerminalFrame::Control(_) => {}
+            }
+        }
+        panic!("the terminal closed without an error");
+    })
+    .await
+    .expect("the buffered output drains");
+    eprintln!("flood outcome: {outcome:?}");
+    if let Err(code) = outcome {
+        assert_eq!(code, ErrorCode::Busy);
+    }
+    drop(writer);
+    drop(reader);
+
+    // The terminal is unharmed: reattach and use it.
+    let term = client
+        .attach_terminal(id, &shell.pid.to_string())
+        .await
+        .unwrap();
+    let (mut writer, mut reader) = (term.writer, term.reader);
+    writer.input(b"echo alive-$((1+1))\n").await.unwrap();
+    read_terminal_until(&mut reader, "alive-2").await;
     client.destroy_sandbox(id).await.unwrap();
 }

@@ -608,3 +608,56 @@ async fn a_terminal_outpacing_its_client_stays_usable() {
     read_terminal_until(&mut reader, "alive-2").await;
     client.destroy_sandbox(id).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_cli_shell_types_into_a_sandbox_and_detaches() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+
+    let nb = Nestbox::up();
+    let client = nb.client();
+    let id = create(&nb).await;
+    // `script` gives the CLI a terminal of its own, as a user's would be.
+    let shell = format!(
+        "{} sandbox shell {id} --tag cli-shell",
+        env!("CARGO_BIN_EXE_nestbox")
+    );
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &shell, "/dev/null"])
+        .env("NESTBOX_URL", &nb.url)
+        .env("NESTBOX_API_KEY", &nb.api_key)
+        .env("NESTBOX_CONFIG", nb.dir.path().join("cli.toml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // A command, then Ctrl-] to detach.
+    stdin
+        .write_all(b"touch /tmp/typed-in-the-cli-shell\n\x1d")
+        .unwrap();
+    stdin.flush().unwrap();
+    let status = eventually(LIMIT, "the CLI shell to detach and exit", || {
+        let status = child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(status.success(), "{text}");
+    assert!(text.contains("detached"), "{text}");
+    eventually(LIMIT, "the typed command to have run", || async {
+        let r = common::sh(&client, id, "test -f /tmp/typed-in-the-cli-shell").await;
+        (r.exit_code == 0).then_some(())
+    })
+    .await;
+    // Detached, not ended: the shell is still there to attach to.
+    let listed = client.list_processes(id).await.unwrap();
+    assert!(
+        listed.iter().any(|p| p.tag.as_deref() == Some("cli-shell")),
+        "{listed:?}"
+    );
+    client.destroy_sandbox(id).await.unwrap();
+}

@@ -84,9 +84,17 @@ pub struct ShellOptions {
     pub cwd: Option<String>,
 }
 
+/// The local window size; 80×24 when it is unknown (a terminal that never set one).
+fn window_size() -> (u16, u16) {
+    match crossterm::terminal::size() {
+        Ok((cols, rows)) if cols > 0 && rows > 0 => (cols, rows),
+        _ => (80, 24),
+    }
+}
+
 /// Runs an interactive terminal in the sandbox until it exits or the user detaches.
 pub async fn shell(c: &Client, id: SandboxId, opts: ShellOptions) -> anyhow::Result<()> {
-    let (cols, rows) = crossterm::terminal::size().unwrap_or((80, 24));
+    let (cols, rows) = window_size();
     let process = match opts.attach {
         Some(p) => p,
         None => {
@@ -162,9 +170,8 @@ pub async fn shell(c: &Client, id: SandboxId, opts: ShellOptions) -> anyhow::Res
                 None => break "end of input".to_string(),
             },
             _ = winch.recv() => {
-                if let Ok((cols, rows)) = crossterm::terminal::size() {
-                    writer.resize(cols.into(), rows.into()).await?;
-                }
+                let (cols, rows) = window_size();
+                writer.resize(cols.into(), rows.into()).await?;
             }
         }
     };

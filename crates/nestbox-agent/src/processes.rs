@@ -292,7 +292,7 @@ pub async fn watch(
     Ok(forward(sandbox, first, stream, watch_event))
 }
 
-/// The envd selector of a pid, for tests and callers that hold one.
+/// The host-agent selector of a pid.
 pub fn pid_selector(pid: u32) -> pb::ProcessSelector {
     pb::ProcessSelector {
         selector: Some(pb::process_selector::Selector::Pid(pid)),

@@ -56,6 +56,14 @@ pub enum AgentError {
         #[source]
         source: nestbox_envd::client::EnvdError,
     },
+    /// No process with that pid or tag runs in the sandbox.
+    #[error("no process {process} in sandbox {id}")]
+    ProcessNotFound {
+        /// The sandbox.
+        id: SandboxId,
+        /// The pid or tag asked for.
+        process: String,
+    },
     /// A host resource operation failed.
     #[error("{what} for sandbox {id}")]
     Host {
@@ -98,6 +106,7 @@ impl AgentError {
             AgentError::NoCapacity(_) => ErrorCode::NoCapacity,
             AgentError::Invalid(_) => ErrorCode::InvalidRequest,
             AgentError::Busy(_) => ErrorCode::Busy,
+            AgentError::ProcessNotFound { .. } => ErrorCode::ProcessNotFound,
             AgentError::Boot { .. } | AgentError::Host { .. } | AgentError::Internal(_) => {
                 ErrorCode::Internal
             }

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::AgentError;
 use crate::guest::{self, ExecParams};
 use crate::metrics::{Series, Tier};
+use crate::processes;
 use crate::sandbox::{CreateParams, Manager, SandboxHandle, State};
 
 /// Chunk size of file downloads.
@@ -658,6 +659,149 @@ impl HostAgent for Service {
             }
         };
         Ok(Response::new(FlushSandboxMetricsResponse { series }))
+    }
+
+    async fn start_process(
+        &self,
+        req: Request<StartProcessRequest>,
+    ) -> Result<Response<ProcessInfo>, Status> {
+        let r = req.into_inner();
+        if r.cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd is empty"));
+        }
+        let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
+        let info = processes::start(id, &guest, r).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_processes(
+        &self,
+        req: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        let r = req.into_inner();
+        let (id, guest) = self.guest(&r.sandbox_id, "")?;
+        let list = guest
+            .list()
+            .await
+            .map_err(|e| AgentError::Guest { id, source: e })?;
+        Ok(Response::new(ListProcessesResponse {
+            processes: list.into_iter().map(processes::info).collect(),
+        }))
+    }
+
+    type ConnectProcessStream = processes::EventStream<ProcessEvent>;
+
+    async fn connect_process(
+        &self,
+        req: Request<ConnectProcessRequest>,
+    ) -> Result<Response<Self::ConnectProcessStream>, Status> {
+        let r = req.into_inner();
+        let (id, guest) = self.guest(&r.sandbox_id, "")?;
+        let sandbox = self.manager.running(id)?;
+        let stream = processes::connect(sandbox, &guest, r.process.as_ref()).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn send_process_input(
+        &self,
+        req: Request<SendProcessInputRequest>,
+    ) -> Result<Response<SendProcessInputResponse>, Status> {
+        use nestbox_envd::process::{ProcessInput, process_input::Input};
+        let r = req.into_inner();
+        let (sel, shown) = processes::selector(r.process.as_ref())?;
+        let (id, guest) = self.guest(&r.sandbox_id, "")?;
+        let data = Bytes::from(r.data);
+        let input = ProcessInput {
+            input: Some(if r.terminal {
+                Input::Pty(data)
+            } else {
+                Input::Stdin(data)
+            }),
+        };
+        guest
+            .send_input(sel, input)
+            .await
+            .map_err(|e| processes::process_error(id, &shown, e))?;
+        Ok(Response::new(SendProcessInputResponse {}))
+    }
+
+    async fn close_process_stdin(
+        &self,
+        req: Request<CloseProcessStdinRequest>,
+    ) -> Result<Response<CloseProcessStdinResponse>, Status> {
+        let r = req.into_inner();
+        let (sel, shown) = processes::selector(r.process.as_ref())?;
+        let (id, guest) = self.guest(&r.sandbox_id, "")?;
+        guest
+            .close_stdin(sel)
+            .await
+            .map_err(|e| processes::process_error(id, &shown, e))?;
+        Ok(Response::new(CloseProcessStdinResponse {}))
+    }
+
+    async fn signal_process(
+        &self,
+        req: Request<SignalProcessRequest>,
+    ) -> Result<Response<SignalProcessResponse>, Status> {
+        use nestbox_envd::process::Signal;
+        let r = req.into_inner();
+        let (sel, shown) = processes::selector(r.process.as_ref())?;
+        let signal = match r.signal {
+            9 => Signal::Sigkill,
+            15 => Signal::Sigterm,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "signal {other} is not supported: use 9 (SIGKILL) or 15 (SIGTERM)"
+                )));
+            }
+        };
+        let (id, guest) = self.guest(&r.sandbox_id, "")?;
+        guest
+            .send_signal(sel, signal)
+            .await
+            .map_err(|e| processes::process_error(id, &shown, e))?;
+        Ok(Response::new(SignalProcessResponse {}))
+    }
+
+    async fn resize_terminal(
+        &self,
+        req: Request<ResizeTerminalRequest>,
+    ) -> Result<Response<ResizeTerminalResponse>, Status> {
+        use nestbox_envd::process::{Pty, pty};
+        let r = req.into_inner();
+        let (sel, shown) = processes::selector(r.process.as_ref())?;
+        let size = r
+            .size
+            .filter(|s| s.cols > 0 && s.rows > 0)
+            .ok_or_else(|| Status::invalid_argument("size needs cols and rows above 0"))?;
+        let (id, guest) = self.guest(&r.sandbox_id, "")?;
+        let pty = Pty {
+            size: Some(pty::Size {
+                cols: size.cols,
+                rows: size.rows,
+            }),
+        };
+        guest
+            .update(sel, Some(pty))
+            .await
+            .map_err(|e| processes::process_error(id, &shown, e))?;
+        Ok(Response::new(ResizeTerminalResponse {}))
+    }
+
+    type WatchDirStream = processes::EventStream<WatchDirEvent>;
+
+    async fn watch_dir(
+        &self,
+        req: Request<WatchDirRequest>,
+    ) -> Result<Response<Self::WatchDirStream>, Status> {
+        let r = req.into_inner();
+        if r.path.is_empty() {
+            return Err(Status::invalid_argument("path is empty"));
+        }
+        let (id, guest) = self.guest(&r.sandbox_id, &r.user)?;
+        let sandbox = self.manager.running(id)?;
+        let stream = processes::watch(sandbox, &guest, &r.path, r.recursive).await?;
+        Ok(Response::new(stream))
     }
 }
 

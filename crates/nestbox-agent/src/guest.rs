@@ -77,7 +77,7 @@ fn append(buf: &mut Vec<u8>, data: &[u8], limit: u64, truncated: &mut bool) {
 }
 
 /// Exit code from the guest's end event: the status when it exited, 128+signal when killed.
-fn exit_code(end: &process_event::EndEvent) -> i32 {
+pub(crate) fn exit_code(end: &process_event::EndEvent) -> i32 {
     if end.exited {
         return end.exit_code;
     }

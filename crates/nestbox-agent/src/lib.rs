@@ -19,6 +19,7 @@ pub mod error;
 pub mod grpc;
 pub mod guest;
 pub mod metrics;
+pub mod processes;
 pub mod proxy;
 pub mod register;
 pub mod sandbox;

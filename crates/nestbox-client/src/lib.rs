@@ -28,6 +28,9 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+mod processes;
+pub use processes::{Terminal, TerminalFrame, TerminalReader, TerminalWriter};
+
 /// Header selecting the team a user's request acts for.
 pub const TEAM_HEADER: &str = "x-nestbox-team";
 
@@ -640,10 +643,10 @@ impl Client {
 }
 
 /// Parses a server-sent event stream whose `data:` lines are JSON [`ExecEvent`]s.
-fn sse_events(
+fn sse_events<T: DeserializeOwned>(
     bytes: impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static,
     url: String,
-) -> impl Stream<Item = Result<ExecEvent, ClientError>> {
+) -> impl Stream<Item = Result<T, ClientError>> {
     futures::stream::unfold(
         (Box::pin(bytes), Vec::<u8>::new(), false),
         move |(mut bytes, mut buf, done)| {
@@ -665,12 +668,11 @@ fn sse_events(
                         if data.is_empty() {
                             continue;
                         }
-                        let item = serde_json::from_str::<ExecEvent>(&data).map_err(|e| {
-                            ClientError::Protocol {
+                        let item =
+                            serde_json::from_str::<T>(&data).map_err(|e| ClientError::Protocol {
                                 url: url.clone(),
                                 detail: e.to_string(),
-                            }
-                        });
+                            });
                         return Some((item, (bytes, buf, false)));
                     }
                     match bytes.next().await {

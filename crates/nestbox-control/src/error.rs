@@ -109,6 +109,7 @@ pub fn from_agent(status: &tonic::Status) -> ApiError {
         ErrorCode::InvalidRequest
         | ErrorCode::LimitExceeded
         | ErrorCode::FileNotFound
+        | ErrorCode::ProcessNotFound
         | ErrorCode::AlreadyExists
         | ErrorCode::Forbidden
         | ErrorCode::Conflict

@@ -127,6 +127,18 @@ const TEAM_MANAGERS: [Expect; 8] = [UNAUTH, FORBID, HIDDEN, FORBID, FORBID, OK, 
 const TEAM_OWNER: [Expect; 8] = [UNAUTH, FORBID, HIDDEN, FORBID, FORBID, FORBID, OK, HIDDEN];
 /// Team A's resources, for anyone acting for team A (users and its API key).
 const TEAM_RESOURCE: [Expect; 8] = [UNAUTH, HIDDEN, HIDDEN, OK, OK, OK, OK, HIDDEN];
+/// A team A resource over a WebSocket: a plain request from team A gets `400` (no upgrade)
+/// only after the caller, the sandbox and the process were checked.
+const TEAM_WEBSOCKET: [Expect; 8] = [
+    UNAUTH,
+    HIDDEN,
+    HIDDEN,
+    Expect::Status(400),
+    Expect::Status(400),
+    Expect::Status(400),
+    Expect::Status(400),
+    HIDDEN,
+];
 /// Platform admins.
 const PLATFORM_ADMINS: [Expect; 8] = [UNAUTH, FORBID, FORBID, FORBID, FORBID, FORBID, FORBID, OK];
 /// Host agents only (none of these callers holds a host credential).
@@ -212,6 +224,52 @@ const MATRIX: &[Row] = &[
         TEAM_RESOURCE,
     ),
     row("GET", "/v1/audit-logs", AUDIT),
+    row(
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/processes",
+        TEAM_RESOURCE,
+    ),
+    row("GET", "/v1/sandboxes/{sandbox_id}/processes", TEAM_RESOURCE),
+    row(
+        "DELETE",
+        "/v1/sandboxes/{sandbox_id}/processes/{process}",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/processes/{process}/signal",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/processes/{process}/stdin",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/processes/{process}/close-stdin",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/processes/{process}/output",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/terminals",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/terminals/{process}",
+        TEAM_WEBSOCKET,
+    ),
+    row(
+        "GET",
+        "/v1/sandboxes/{sandbox_id}/files/watch",
+        TEAM_RESOURCE,
+    ),
 ];
 
 /// `(METHOD, path)` of every operation in the OpenAPI document.
@@ -538,6 +596,41 @@ impl World {
                 files("/content?path=/data/uploaded.txt"),
                 Body::Bytes(b"uploaded".to_vec()),
             ),
+            ("POST", "/v1/sandboxes/{sandbox_id}/processes") => call(
+                path.replace("{sandbox_id}", &sb.to_string()),
+                Body::Json(json!({ "argv": ["sleep", "1000"] })),
+            ),
+            ("POST", "/v1/sandboxes/{sandbox_id}/terminals") => call(
+                path.replace("{sandbox_id}", &sb.to_string()),
+                Body::Json(json!({ "cols": 100, "rows": 30 })),
+            ),
+            ("GET", "/v1/sandboxes/{sandbox_id}/files/watch") => {
+                call(files("/watch?path=/data&recursive=true"), Body::Empty)
+            }
+            (m, p) if p.contains("{process}") => {
+                // A fresh process of team A for every call (kills end it).
+                let started = self
+                    .key_client()
+                    .start_process(
+                        sb,
+                        &nestbox_types::api::StartProcessRequest {
+                            argv: Some(vec!["sleep".into(), "1000".into()]),
+                            stdin: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                let body = match (m, p.rsplit('/').next()) {
+                    ("POST", Some("signal")) => Body::Json(json!({ "signal": "SIGTERM" })),
+                    ("POST", Some("stdin")) => Body::Json(json!({ "data": "hello" })),
+                    _ => Body::Empty,
+                };
+                call(
+                    p.replace("{sandbox_id}", &sb.to_string())
+                        .replace("{process}", &started.pid.to_string()),
+                    body,
+                )
+            }
             (_, p) if p.contains("{sandbox_id}") => {
                 call(p.replace("{sandbox_id}", &sb.to_string()), Body::Empty)
             }
@@ -613,7 +706,40 @@ async fn other_teams_see_nothing_of_a_team(engine: Engine) -> anyhow::Result<()>
         w.h.admin.client.clone(),
     ];
     let sb = w.sandbox.id;
+    let service = w
+        .key_client()
+        .start_process(
+            sb,
+            &nestbox_types::api::StartProcessRequest {
+                argv: Some(vec!["sleep".into(), "1000".into()]),
+                tag: Some("team-a-svc".into()),
+                ..Default::default()
+            },
+        )
+        .await?;
     for outsider in &outsiders {
+        // Team A's processes, terminals and watches are not there for another team.
+        let code = |r: Result<(), nestbox_client::ClientError>| r.err().and_then(|e| e.code());
+        let process_codes = [
+            code(outsider.list_processes(sb).await.map(|_| ())),
+            code(outsider.kill_process(sb, "team-a-svc").await),
+            code(outsider.send_stdin(sb, "team-a-svc", b"x").await),
+            code(outsider.process_output(sb, "team-a-svc").await.map(|_| ())),
+            code(outsider.attach_terminal(sb, "team-a-svc").await.map(|_| ())),
+            code(
+                outsider
+                    .watch_dir(
+                        sb,
+                        &nestbox_types::api::WatchQuery {
+                            path: "/data".into(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map(|_| ()),
+            ),
+        ];
+        assert_eq!(process_codes, [Some(ErrorCode::SandboxNotFound); 6]);
         let listed = outsider.list_sandboxes(&Default::default()).await?;
         assert!(
             listed.items.iter().all(|s| s.id != sb),
@@ -641,6 +767,11 @@ async fn other_teams_see_nothing_of_a_team(engine: Engine) -> anyhow::Result<()>
             );
         }
     }
+    let still = w.key_client().list_processes(sb).await?;
+    assert!(
+        still.iter().any(|p| p.pid == service.pid),
+        "another team's kill reached team A's process"
+    );
     // Nor of its templates.
     let theirs = w
         .key_api()

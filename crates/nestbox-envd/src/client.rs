@@ -27,8 +27,11 @@ use crate::connect::{
     Message,
 };
 use crate::filesystem::{
-    EntryInfo, ListDirRequest, ListDirResponse, MakeDirRequest, MakeDirResponse, MoveRequest,
-    MoveResponse, RemoveRequest, RemoveResponse, StatRequest, StatResponse,
+    CreateWatcherRequest, CreateWatcherResponse, EntryInfo, FilesystemEvent,
+    GetWatcherEventsRequest, GetWatcherEventsResponse, ListDirRequest, ListDirResponse,
+    MakeDirRequest, MakeDirResponse, MoveRequest, MoveResponse, RemoveRequest, RemoveResponse,
+    RemoveWatcherRequest, RemoveWatcherResponse, StatRequest, StatResponse, WatchDirRequest,
+    WatchDirResponse,
 };
 use crate::process::{
     CloseStdinRequest, CloseStdinResponse, ConnectRequest, ConnectResponse, ListRequest,
@@ -851,6 +854,78 @@ impl EnvdClient {
             .unary(OP, "/filesystem.Filesystem/Move", &request)
             .await?;
         response.entry.ok_or_else(|| missing_entry(OP))
+    }
+}
+
+impl EnvdClient {
+    /// `filesystem.WatchDir`: a start event once the watch is in place, then changes under
+    /// `path` (and its subdirectories when `recursive`) until the stream is dropped.
+    pub async fn watch_dir(
+        &self,
+        path: &str,
+        recursive: bool,
+    ) -> Result<EnvdStream<WatchDirResponse>, EnvdError> {
+        let request = WatchDirRequest {
+            path: path.into(),
+            recursive,
+            include_entry: false,
+        };
+        self.server_stream(
+            "filesystem.WatchDir",
+            "/filesystem.Filesystem/WatchDir",
+            &request,
+        )
+        .await
+    }
+
+    /// `filesystem.CreateWatcher`: a polled watcher; returns its id.
+    pub async fn create_watcher(&self, path: &str, recursive: bool) -> Result<String, EnvdError> {
+        let request = CreateWatcherRequest {
+            path: path.into(),
+            recursive,
+            include_entry: false,
+        };
+        let response: CreateWatcherResponse = self
+            .unary(
+                "filesystem.CreateWatcher",
+                "/filesystem.Filesystem/CreateWatcher",
+                &request,
+            )
+            .await?;
+        Ok(response.watcher_id)
+    }
+
+    /// `filesystem.GetWatcherEvents`: the events since the previous call.
+    pub async fn get_watcher_events(
+        &self,
+        watcher_id: &str,
+    ) -> Result<Vec<FilesystemEvent>, EnvdError> {
+        let request = GetWatcherEventsRequest {
+            watcher_id: watcher_id.into(),
+        };
+        let response: GetWatcherEventsResponse = self
+            .unary(
+                "filesystem.GetWatcherEvents",
+                "/filesystem.Filesystem/GetWatcherEvents",
+                &request,
+            )
+            .await?;
+        Ok(response.events)
+    }
+
+    /// `filesystem.RemoveWatcher`.
+    pub async fn remove_watcher(&self, watcher_id: &str) -> Result<(), EnvdError> {
+        let request = RemoveWatcherRequest {
+            watcher_id: watcher_id.into(),
+        };
+        let _: RemoveWatcherResponse = self
+            .unary(
+                "filesystem.RemoveWatcher",
+                "/filesystem.Filesystem/RemoveWatcher",
+                &request,
+            )
+            .await?;
+        Ok(())
     }
 }
 

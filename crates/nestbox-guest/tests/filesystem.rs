@@ -151,20 +151,58 @@ async fn errors_carry_connect_codes() {
     assert!(err.is_unauthenticated(), "{err}");
 }
 
+/// What E2B's SDKs send for polled watchers: unary Connect JSON, events with enum names.
 #[tokio::test]
-async fn watching_is_not_implemented_yet() {
+async fn polled_watchers_in_connect_json() {
     let guest = Guest::with_token(TOKEN).await;
-    let response = reqwest::Client::new()
-        .post(guest.url("/filesystem.Filesystem/CreateWatcher"))
-        .header("content-type", "application/json")
-        .header("x-access-token", TOKEN)
-        .body(r#"{"path":"/tmp"}"#)
-        .send()
+    let dir = tempfile::tempdir().unwrap();
+    let call = |method: &str, body: serde_json::Value| {
+        reqwest::Client::new()
+            .post(guest.url(&format!("/filesystem.Filesystem/{method}")))
+            .header("content-type", "application/json")
+            .header("connect-protocol-version", "1")
+            .header("x-access-token", TOKEN)
+            .json(&body)
+            .send()
+    };
+    let created: serde_json::Value = call(
+        "CreateWatcher",
+        serde_json::json!({"path": dir.path(), "recursive": false}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = created["watcherId"].as_str().unwrap().to_string();
+    std::fs::write(dir.path().join("new.txt"), b"x").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let event = loop {
+        let body: serde_json::Value =
+            call("GetWatcherEvents", serde_json::json!({"watcherId": id}))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        if let Some(first) = body["events"].as_array().and_then(|e| e.first()) {
+            break first.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no event: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(event["name"], "new.txt");
+    assert_eq!(event["type"], "EVENT_TYPE_CREATE");
+    let removed = call("RemoveWatcher", serde_json::json!({"watcherId": id}))
         .await
         .unwrap();
-    assert_eq!(response.status(), 501);
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(body["code"], Code::Unimplemented.as_str());
+    assert_eq!(removed.status(), 200);
+    let gone = call("RemoveWatcher", serde_json::json!({"watcherId": id}))
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    let body: serde_json::Value = gone.json().await.unwrap();
+    assert_eq!(body["code"], Code::NotFound.as_str());
 }
 
 /// What E2B's SDKs send for `files.getInfo`: unary Connect JSON.

@@ -41,7 +41,8 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
         | ErrorCode::TeamNotFound
         | ErrorCode::UserNotFound
         | ErrorCode::HostNotFound
-        | ErrorCode::FileNotFound => tonic::Code::NotFound,
+        | ErrorCode::FileNotFound
+        | ErrorCode::ProcessNotFound => tonic::Code::NotFound,
         ErrorCode::Conflict | ErrorCode::SandboxNotRunning => tonic::Code::FailedPrecondition,
         ErrorCode::AlreadyExists => tonic::Code::AlreadyExists,
         ErrorCode::PayloadTooLarge | ErrorCode::InsufficientStorage => {

@@ -50,6 +50,12 @@
 //!   templates, with `template_id` set. `DeleteTemplate` of an unknown id is
 //!   `template_not_found`. Every template call is logged in arrival order
 //!   ([`SimAgent::template_log`]).
+//! - **Background processes** (`StartProcess`, terminals included) get the next pid and
+//!   never exit by themselves; a tag is unique per sandbox (`already_exists`). Input is kept
+//!   and replayed as stdout by `ConnectProcess` after the `started` event (then the stream
+//!   ends); any signal removes the process; unknown pids and tags are `process_not_found`.
+//!   `WatchDir` checks the directory (`file_not_found`, `invalid_request`) and sends only
+//!   the `started` event.
 //! - **Failure injection**: [`SimAgent::fail_next`] makes the next call of one RPC fail with
 //!   a Nestbox error code (as a real agent would, via [`nestbox_proto::status`]);
 //!   [`SimAgent::lose`] forgets a sandbox silently (the VM "died"); [`SimAgent::adopt`]
@@ -262,6 +268,16 @@ pub struct SimSandbox {
     /// `boot`, `restore` (from a snapshot template) or `resume`.
     pub started_by: String,
     files: BTreeMap<String, Node>,
+    /// Background processes by pid.
+    processes: BTreeMap<u32, SimProcess>,
+}
+
+/// A background process the simulated agent "runs": it never exits by itself and keeps
+/// what it was sent on stdin.
+#[derive(Debug, Clone)]
+struct SimProcess {
+    info: pb::ProcessInfo,
+    stdin: Vec<u8>,
 }
 
 impl SimSandbox {
@@ -818,6 +834,7 @@ fn new_sandbox(request: CreateSandboxRequest) -> SimSandbox {
         last_active_unix_ms: now,
         started_by: "boot".into(),
         files,
+        processes: BTreeMap::new(),
     }
 }
 
@@ -1037,6 +1054,31 @@ impl Service {
         })
     }
 
+    /// Runs `f` on a running sandbox's process named by `selector`.
+    fn with_process<T>(
+        &self,
+        id: &str,
+        selector: Option<&pb::ProcessSelector>,
+        f: impl FnOnce(&mut SimSandbox, u32) -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        use pb::process_selector::Selector;
+        self.with_running(id, |sb| {
+            let pid = match selector.and_then(|s| s.selector.as_ref()) {
+                Some(Selector::Pid(pid)) => sb.processes.contains_key(pid).then_some(*pid),
+                Some(Selector::Tag(tag)) => sb
+                    .processes
+                    .values()
+                    .find(|p| &p.info.tag == tag)
+                    .map(|p| p.info.pid),
+                None => return Err(invalid("no process selector")),
+            };
+            let pid = pid.ok_or_else(|| {
+                nestbox_proto::status(ErrorCode::ProcessNotFound, "no such process")
+            })?;
+            f(sb, pid)
+        })
+    }
+
     fn log(&self, call: TemplateCall) {
         self.shared.lock().template_log.push(call);
     }
@@ -1081,6 +1123,10 @@ impl Service {
 }
 
 type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ExecEvent, Status>> + Send>>;
+type ProcessStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ProcessEvent, Status>> + Send>>;
+type WatchStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchDirEvent, Status>> + Send>>;
 type ReadStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<ReadFileResponse, Status>> + Send>>;
 
@@ -1264,6 +1310,150 @@ impl HostAgent for Service {
             timed_out: false,
         })));
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+
+    async fn start_process(
+        &self,
+        request: Request<pb::StartProcessRequest>,
+    ) -> Result<Response<pb::ProcessInfo>, Status> {
+        let r = request.into_inner();
+        if r.cmd.is_empty() {
+            return Err(invalid("cmd is empty"));
+        }
+        let pid = {
+            let mut st = self.shared.lock();
+            st.next_pid += 1;
+            st.next_pid
+        };
+        let info = pb::ProcessInfo {
+            pid,
+            tag: r.tag.clone(),
+            cmd: r.cmd,
+            args: r.args,
+            env: r.env,
+            cwd: r.cwd,
+        };
+        self.with_running(&r.sandbox_id, |sb| {
+            if !r.tag.is_empty() && sb.processes.values().any(|p| p.info.tag == r.tag) {
+                return Err(nestbox_proto::status(
+                    ErrorCode::AlreadyExists,
+                    format!("tag {:?} is taken", r.tag),
+                ));
+            }
+            sb.processes.insert(
+                pid,
+                SimProcess {
+                    info: info.clone(),
+                    stdin: Vec::new(),
+                },
+            );
+            Ok(())
+        })?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_processes(
+        &self,
+        request: Request<pb::ListProcessesRequest>,
+    ) -> Result<Response<pb::ListProcessesResponse>, Status> {
+        let r = request.into_inner();
+        let processes = self.with_running(&r.sandbox_id, |sb| {
+            Ok(sb.processes.values().map(|p| p.info.clone()).collect())
+        })?;
+        Ok(Response::new(pb::ListProcessesResponse { processes }))
+    }
+
+    type ConnectProcessStream = ProcessStream;
+
+    async fn connect_process(
+        &self,
+        request: Request<pb::ConnectProcessRequest>,
+    ) -> Result<Response<ProcessStream>, Status> {
+        let r = request.into_inner();
+        // The started event, then what the process was sent on stdin, as its output.
+        let events = self.with_process(&r.sandbox_id, r.process.as_ref(), |sb, pid| {
+            let mut events = vec![Ok(pb::ProcessEvent {
+                event: Some(pb::process_event::Event::Started(pb::ExecStarted { pid })),
+            })];
+            let stdin = sb.processes.get(&pid).map(|p| p.stdin.clone());
+            if let Some(data) = stdin.filter(|d| !d.is_empty()) {
+                events.push(Ok(pb::ProcessEvent {
+                    event: Some(pb::process_event::Event::Stdout(data)),
+                }));
+            }
+            Ok(events)
+        })?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+
+    async fn send_process_input(
+        &self,
+        request: Request<pb::SendProcessInputRequest>,
+    ) -> Result<Response<pb::SendProcessInputResponse>, Status> {
+        let r = request.into_inner();
+        self.with_process(&r.sandbox_id, r.process.as_ref(), |sb, pid| {
+            if let Some(p) = sb.processes.get_mut(&pid) {
+                p.stdin.extend_from_slice(&r.data);
+            }
+            Ok(())
+        })?;
+        Ok(Response::new(pb::SendProcessInputResponse {}))
+    }
+
+    async fn close_process_stdin(
+        &self,
+        request: Request<pb::CloseProcessStdinRequest>,
+    ) -> Result<Response<pb::CloseProcessStdinResponse>, Status> {
+        let r = request.into_inner();
+        self.with_process(&r.sandbox_id, r.process.as_ref(), |_, _| Ok(()))?;
+        Ok(Response::new(pb::CloseProcessStdinResponse {}))
+    }
+
+    async fn signal_process(
+        &self,
+        request: Request<pb::SignalProcessRequest>,
+    ) -> Result<Response<pb::SignalProcessResponse>, Status> {
+        let r = request.into_inner();
+        if !matches!(r.signal, 9 | 15) {
+            return Err(invalid("unsupported signal"));
+        }
+        // Every signal ends a simulated process.
+        self.with_process(&r.sandbox_id, r.process.as_ref(), |sb, pid| {
+            sb.processes.remove(&pid);
+            Ok(())
+        })?;
+        Ok(Response::new(pb::SignalProcessResponse {}))
+    }
+
+    async fn resize_terminal(
+        &self,
+        request: Request<pb::ResizeTerminalRequest>,
+    ) -> Result<Response<pb::ResizeTerminalResponse>, Status> {
+        let r = request.into_inner();
+        self.with_process(&r.sandbox_id, r.process.as_ref(), |_, _| Ok(()))?;
+        Ok(Response::new(pb::ResizeTerminalResponse {}))
+    }
+
+    type WatchDirStream = WatchStream;
+
+    async fn watch_dir(
+        &self,
+        request: Request<pb::WatchDirRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let r = request.into_inner();
+        let path = normalize(&r.path)?;
+        self.with_running(&r.sandbox_id, |sb| match sb.files.get(&path) {
+            Some(node) if node.data.is_none() => Ok(()),
+            Some(_) => Err(invalid(format!("{path} is not a directory"))),
+            None => Err(file_not_found(&path)),
+        })?;
+        // Started, then nothing: a simulated sandbox's files change only through the API.
+        let started = Ok(pb::WatchDirEvent {
+            started: true,
+            r#type: 0,
+            name: String::new(),
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter([started]))))
     }
 
     async fn write_file(

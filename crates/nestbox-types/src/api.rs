@@ -762,3 +762,8 @@ pub struct AuditLog {
     /// When.
     pub created_at: DateTime<Utc>,
 }
+
+// ------------------------------------------------- processes, terminals, file watching
+
+mod processes;
+pub use processes::*;

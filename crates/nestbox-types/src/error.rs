@@ -67,6 +67,8 @@ error_codes! {
     HostNotFound => ("host_not_found", 404, false),
     /// No such file or directory inside the sandbox.
     FileNotFound => ("file_not_found", 404, false),
+    /// No process with that pid or tag runs inside the sandbox.
+    ProcessNotFound => ("process_not_found", 404, false),
     /// The resource is not in a state that allows the operation.
     Conflict => ("conflict", 409, false),
     /// The sandbox exists but is not running.

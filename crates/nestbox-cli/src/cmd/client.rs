@@ -239,6 +239,45 @@ pub enum SandboxCommand {
         #[arg(last = true)]
         argv: Vec<String>,
     },
+    /// List the processes running in a sandbox (started through the API).
+    Ps {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+    },
+    /// Kill processes in a sandbox by pid or tag (SIGKILL to the group; --term: SIGTERM).
+    Kill {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        /// Pids or tags.
+        #[arg(required = true)]
+        processes: Vec<String>,
+        /// Send SIGTERM instead of SIGKILL.
+        #[arg(long)]
+        term: bool,
+    },
+    /// An interactive shell in a sandbox (Ctrl-] detaches; the shell keeps running).
+    Shell {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        /// Attach to a running terminal (pid or tag) instead of starting one.
+        #[arg(long)]
+        attach: Option<String>,
+        /// Tag of the new terminal, to reattach by.
+        #[arg(long)]
+        tag: Option<String>,
+        /// User.
+        #[arg(long, short)]
+        user: Option<String>,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+    },
     /// Pause sandboxes: memory, processes and disk are saved; nothing runs.
     Pause {
         #[command(flatten)]
@@ -439,6 +478,31 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                 std::process::exit(code.clamp(1, 255));
             }
             Ok(())
+        }
+        SandboxCommand::Ps { conn, id } => {
+            super::processes::ps(&client(&conn)?, parse_id(&id)?).await
+        }
+        SandboxCommand::Kill {
+            conn,
+            id,
+            processes,
+            term,
+        } => super::processes::kill(&client(&conn)?, parse_id(&id)?, &processes, term).await,
+        SandboxCommand::Shell {
+            conn,
+            id,
+            attach,
+            tag,
+            user,
+            cwd,
+        } => {
+            let opts = super::processes::ShellOptions {
+                attach,
+                tag,
+                user,
+                cwd,
+            };
+            super::processes::shell(&client(&conn)?, parse_id(&id)?, opts).await
         }
         SandboxCommand::Pause { conn, ids } => {
             let c = client(&conn)?;

@@ -4,5 +4,6 @@ pub mod agent;
 pub mod bench;
 pub mod client;
 pub mod image;
+pub mod processes;
 pub mod server;
 pub mod up;

@@ -8,6 +8,7 @@
 mod auth;
 mod docs;
 mod hosts;
+mod processes;
 mod sandboxes;
 mod snapshots;
 mod teams;
@@ -44,6 +45,7 @@ const JSON_LIMIT: usize = 32 << 20;
         (name = "teams", description = "Teams, members and API keys"),
         (name = "sandboxes", description = "Sandboxes and what runs in them"),
         (name = "files", description = "Files inside sandboxes"),
+        (name = "processes", description = "Background processes and terminals inside sandboxes"),
         (name = "templates", description = "What sandboxes start from"),
         (name = "hosts", description = "Machines running the host agent"),
         (name = "admin", description = "Platform administration"),
@@ -115,6 +117,15 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::download, sandboxes::upload))
         .routes(routes!(sandboxes::audit_logs))
         .routes(routes!(sandboxes::sandbox_metrics))
+        .routes(routes!(processes::start_process, processes::list_processes))
+        .routes(routes!(processes::kill_process))
+        .routes(routes!(processes::signal_process))
+        .routes(routes!(processes::send_stdin))
+        .routes(routes!(processes::close_stdin))
+        .routes(routes!(processes::process_output))
+        .routes(routes!(processes::start_terminal))
+        .routes(routes!(processes::attach_terminal))
+        .routes(routes!(processes::watch_dir))
 }
 
 /// The OpenAPI document of the API.

@@ -9,6 +9,7 @@ pub mod auditlog;
 pub mod hosts;
 pub mod metrics;
 pub mod pause;
+pub mod processes;
 pub mod sandboxes;
 pub mod teams;
 pub mod templates;

@@ -148,7 +148,7 @@ fn validate_metadata(
     Ok(())
 }
 
-fn validate_path(path: &str) -> ApiResult<()> {
+pub(crate) fn validate_path(path: &str) -> ApiResult<()> {
     if path.is_empty() || path.len() > MAX_PATH || path.contains('\0') {
         return Err(ApiError::invalid(format!(
             "path must be 1–{MAX_PATH} bytes without NUL"
@@ -157,7 +157,7 @@ fn validate_path(path: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn validate_user(user: &Option<String>) -> ApiResult<String> {
+pub(crate) fn validate_user(user: &Option<String>) -> ApiResult<String> {
     match user.as_deref() {
         None | Some("") => Ok(String::new()),
         Some(u) => {
@@ -208,18 +208,18 @@ pub fn entry_view(e: &pb::EntryInfo) -> EntryInfo {
 }
 
 /// A command after validation, ready for the agent.
-struct Command {
-    cmd: String,
-    args: Vec<String>,
-    env: BTreeMap<String, String>,
-    cwd: String,
-    user: String,
-    timeout_sec: u32,
-    stdin: Vec<u8>,
+pub(crate) struct Command {
+    pub(crate) cmd: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) cwd: String,
+    pub(crate) user: String,
+    pub(crate) timeout_sec: u32,
+    pub(crate) stdin: Vec<u8>,
 }
 
 impl Services {
-    fn command(&self, req: &ExecRequest) -> ApiResult<Command> {
+    pub(crate) fn command(&self, req: &ExecRequest) -> ApiResult<Command> {
         let (cmd, args) = match (&req.command, &req.argv) {
             (Some(c), None) => {
                 if c.trim().is_empty() {

@@ -4,7 +4,9 @@
 //! Paths are resolved with [`super::paths`] against the user's home. Operations run as the
 //! agent (root in a VM) but what they create belongs to the user, as in E2B. Blocking file
 //! work runs on the blocking pool. Listings are bounded by [`MAX_ENTRIES`]. Watching
-//! (`WatchDir`, `CreateWatcher`, …) is not implemented yet and answers `unimplemented`.
+//! (`WatchDir` streamed, `CreateWatcher` / `GetWatcherEvents` / `RemoveWatcher` polled) is
+//! in [`super::watch`]; a `WatchDir` stream sends a start event once the watch is in place,
+//! then events, with a keep-alive after each idle interval.
 
 use std::fs::{self, Metadata};
 use std::io;
@@ -15,16 +17,23 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use nestbox_envd::connect::ConnectError;
-use nestbox_envd::connect::server::{ResponseBody, unary_error};
+use nestbox_envd::connect::Shape;
+use nestbox_envd::connect::server::{
+    ResponseBody, accept, read_single_envelope, stream_error, stream_response, unary_error,
+};
 use nestbox_envd::filesystem::{
-    EntryInfo, FileType, ListDirRequest, ListDirResponse, MakeDirRequest, MakeDirResponse,
-    MoveRequest, MoveResponse, RemoveRequest, RemoveResponse, StatRequest, StatResponse,
+    CreateWatcherRequest, CreateWatcherResponse, EntryInfo, FileType, GetWatcherEventsRequest,
+    GetWatcherEventsResponse, ListDirRequest, ListDirResponse, MakeDirRequest, MakeDirResponse,
+    MoveRequest, MoveResponse, RemoveRequest, RemoveResponse, RemoveWatcherRequest,
+    RemoveWatcherResponse, StatRequest, StatResponse, WatchDirRequest, WatchDirResponse,
+    watch_dir_response,
 };
 
 use super::paths;
 use super::rpc::{self, io_error, path_error, request_user, user_error};
 use super::state::Server;
 use super::users::{User, UserDb};
+use super::watch;
 
 /// Most entries one `ListDir` returns.
 pub const MAX_ENTRIES: usize = 100_000;
@@ -123,27 +132,80 @@ pub async fn serve(
             })
             .await
         }
-        "WatchDir" | "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => {
-            let err = ConnectError::unimplemented(format!(
-                "filesystem.{method} is not implemented by this guest agent yet"
-            ));
-            // WatchDir is server-streaming: answer in the shape its client expects.
-            let streaming = request
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(nestbox_envd::connect::parse_content_type);
-            match streaming {
-                Some((codec, nestbox_envd::connect::Shape::Streaming)) => {
-                    nestbox_envd::connect::server::stream_error(codec, &err)
-                }
-                _ => unary_error(&err),
-            }
+        "WatchDir" => watch_dir(server, request).await,
+        "CreateWatcher" => {
+            rpc::unary(request, |req: CreateWatcherRequest, parts| async move {
+                let (path, _user, _db) = resolve(&server, &parts.headers, &req.path)?;
+                let recursive = req.recursive;
+                let watchers = server.clone();
+                let watcher_id =
+                    blocking(move || watchers.watchers.create(&path, recursive)).await?;
+                Ok(CreateWatcherResponse { watcher_id })
+            })
+            .await
+        }
+        "GetWatcherEvents" => {
+            rpc::unary(request, |req: GetWatcherEventsRequest, _| async move {
+                let events = server.watchers.events(&req.watcher_id)?;
+                Ok(GetWatcherEventsResponse { events })
+            })
+            .await
+        }
+        "RemoveWatcher" => {
+            rpc::unary(request, |req: RemoveWatcherRequest, _| async move {
+                server.watchers.remove(&req.watcher_id)?;
+                Ok(RemoveWatcherResponse {})
+            })
+            .await
         }
         other => unary_error(&ConnectError::unimplemented(format!(
             "filesystem.Filesystem has no method {other:?}"
         ))),
     }
+}
+
+/// `WatchDir`: a start event once the watch is in place, then events until the client
+/// goes away.
+async fn watch_dir(server: Arc<Server>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let (parts, body) = request.into_parts();
+    let meta = match accept(&parts.headers, Shape::Streaming) {
+        Ok(meta) => meta,
+        Err(response) => return *response,
+    };
+    let req: WatchDirRequest = match read_single_envelope(meta.codec, body, rpc::MAX_MESSAGE).await
+    {
+        Ok(message) => message,
+        Err(err) => return stream_error(meta.codec, &err),
+    };
+    let path = match resolve(&server, &parts.headers, &req.path) {
+        Ok((path, _, _)) => path,
+        Err(err) => return stream_error(meta.codec, &err),
+    };
+    let recursive = req.recursive;
+    let started = blocking(move || watch::start(&path, recursive).map_err(|e| e.to_connect()));
+    let mut rx = match started.await {
+        Ok(rx) => rx,
+        Err(err) => return stream_error(meta.codec, &err),
+    };
+    let keepalive = rpc::keepalive(&parts.headers);
+    let respond = |event| WatchDirResponse { event: Some(event) };
+    let events = async_stream::stream! {
+        yield Ok(respond(watch_dir_response::Event::Start(watch_dir_response::StartEvent {})));
+        loop {
+            match tokio::time::timeout(keepalive, rx.recv()).await {
+                Ok(Some(Ok(event))) => yield Ok(respond(watch_dir_response::Event::Filesystem(event))),
+                Ok(Some(Err(err))) => {
+                    yield Err(err);
+                    break;
+                }
+                Ok(None) => break,
+                Err(_idle) => yield Ok(respond(watch_dir_response::Event::Keepalive(
+                    watch_dir_response::KeepAlive {},
+                ))),
+            }
+        }
+    };
+    stream_response(meta.codec, events)
 }
 
 /// The acting user and the resolved path.

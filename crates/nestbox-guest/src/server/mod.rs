@@ -9,7 +9,7 @@
 //! - [`http`] — routing, the access-token gate, the plain endpoints;
 //! - [`state`] — token, defaults from `/init`, shared tables;
 //! - [`process`] — `process.Process` (processes, their output fan-out, PTYs);
-//! - [`filesystem`] — `filesystem.Filesystem`;
+//! - [`filesystem`] — `filesystem.Filesystem`, with directory watches in [`watch`];
 //! - [`files`] — streamed downloads and uploads;
 //! - [`users`], [`paths`], [`metrics`], [`system`], [`rpc`], [`args`] — helpers.
 //!
@@ -27,6 +27,7 @@ mod rpc;
 mod state;
 mod system;
 mod users;
+mod watch;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -70,6 +70,8 @@ pub struct Server {
     session: RwLock<Session>,
     /// Running processes.
     pub processes: ProcessTable,
+    /// Polled directory watchers (`CreateWatcher`).
+    pub watchers: super::watch::Watchers,
     /// The previous CPU sample, for `/metrics` deltas.
     pub cpu: Mutex<Option<CpuSample>>,
     /// The effective uid of this server: switching to another user needs 0.
@@ -91,6 +93,7 @@ impl Server {
             config,
             session: RwLock::new(session),
             processes: ProcessTable::default(),
+            watchers: super::watch::Watchers::default(),
             cpu: Mutex::new(super::metrics::read_cpu().ok()),
             euid: nix::unistd::geteuid().as_raw(),
         }

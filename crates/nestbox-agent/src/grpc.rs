@@ -650,13 +650,11 @@ impl HostAgent for Service {
         req: Request<FlushSandboxMetricsRequest>,
     ) -> Result<Response<FlushSandboxMetricsResponse>, Status> {
         let id = parse_sandbox(&req.into_inner().sandbox_id)?;
+        // Nothing known (never sampled: destroyed within its first second, or already
+        // flushed after its destroy) is nothing to store, not an error.
         let series = match self.manager.metrics().flush(id).await? {
             Some(all) => all.iter().map(series_pb).collect(),
-            None => {
-                // A sandbox the agent holds but never sampled has nothing to store.
-                self.manager.get(id)?;
-                Vec::new()
-            }
+            None => Vec::new(),
         };
         Ok(Response::new(FlushSandboxMetricsResponse { series }))
     }

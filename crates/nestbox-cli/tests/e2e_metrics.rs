@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Nestbox, eventually, sh_ok};
 use nestbox_client::Client;
-use nestbox_types::api::{CreateSandboxRequest, CreateUserRequest, MetricPoint, Sandbox};
+use nestbox_types::api::{CreateSandboxRequest, MetricPoint, Sandbox};
 use nestbox_types::{ErrorCode, SandboxStatus};
 
 /// Asserts a point describes a VM of `sb`'s size.
@@ -32,29 +32,10 @@ fn assert_plausible(p: &MetricPoint, sb: &Sandbox) {
     );
 }
 
-/// A second user's client, in a team of their own.
+/// A client of a second team.
 async fn other_team(nb: &Nestbox) -> Client {
-    let admin = nb
-        .anonymous()
-        .login(&nb.admin_email, &nb.admin_password)
-        .await
-        .unwrap();
-    let admin = nb.anonymous().with_token(admin.token);
-    admin
-        .create_user(&CreateUserRequest {
-            email: "metrics-other@example.com".into(),
-            name: "Other".into(),
-            password: "a long enough password".into(),
-            is_admin: false,
-        })
-        .await
-        .unwrap();
-    let other = nb
-        .anonymous()
-        .login("metrics-other@example.com", "a long enough password")
-        .await
-        .unwrap();
-    nb.anonymous().with_token(other.token)
+    let key = common::other_team_key(nb, "metrics-other@example.com").await;
+    nb.anonymous().with_api_key(key)
 }
 
 #[tokio::test]

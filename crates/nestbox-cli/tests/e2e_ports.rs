@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{Nestbox, Options, eventually, sh_ok};
 use futures::{SinkExt, StreamExt};
-use nestbox_types::api::{CreateSandboxRequest, CreateUserRequest};
+use nestbox_types::api::CreateSandboxRequest;
 use nestbox_types::{ErrorBody, ErrorCode, SandboxId};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -298,27 +298,7 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
         .await
         .unwrap();
     assert_eq!(error_code(r).await, ErrorCode::SandboxNotFound);
-    let admin = nb.anonymous().with_token(login.token.clone());
-    let created = admin
-        .create_user(&CreateUserRequest {
-            email: "ports-other@example.com".into(),
-            name: "Other".into(),
-            password: "a long enough password".into(),
-            is_admin: false,
-        })
-        .await
-        .unwrap();
-    let other = nb
-        .anonymous()
-        .login("ports-other@example.com", "a long enough password")
-        .await
-        .unwrap();
-    let key = nb
-        .anonymous()
-        .with_token(other.token)
-        .create_api_key(created.team.id, "other")
-        .await
-        .unwrap();
+    let key = common::other_team_key(&nb, "ports-other@example.com").await;
     for request in [
         http.get(format!("{}/v1/sandboxes/{id}/ports/{PORT}/", nb.url)),
         http.get(format!("{}/", nb.url)).header("host", &host),
@@ -326,7 +306,7 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
             .header("e2b-sandbox-id", id.to_string())
             .header("e2b-sandbox-port", PORT.to_string()),
     ] {
-        let r = request.header("x-api-key", &key.key).send().await.unwrap();
+        let r = request.header("x-api-key", &key).send().await.unwrap();
         assert_eq!(r.status(), 404);
         assert_eq!(error_code(r).await, ErrorCode::SandboxNotFound);
     }

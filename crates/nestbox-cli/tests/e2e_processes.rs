@@ -14,7 +14,7 @@ use common::{Nestbox, eventually, md, sh_ok};
 use futures::{Stream, StreamExt};
 use nestbox_client::{Client, TerminalFrame, TerminalReader};
 use nestbox_types::api::{
-    CreateSandboxRequest, CreateUserRequest, ExecEvent, StartProcessRequest, StartTerminalRequest,
+    CreateSandboxRequest, ExecEvent, StartProcessRequest, StartTerminalRequest,
     TerminalServerMessage, WatchEvent, WatchQuery,
 };
 use nestbox_types::{ErrorCode, SandboxId};
@@ -91,33 +91,8 @@ fn last_tick(text: &str) -> u64 {
 
 /// A client of a second team (its own user and API key).
 async fn other_team(nb: &Nestbox) -> Client {
-    let admin = nb
-        .anonymous()
-        .login(&nb.admin_email, &nb.admin_password)
-        .await
-        .unwrap();
-    let admin = nb.anonymous().with_token(admin.token);
-    let created = admin
-        .create_user(&CreateUserRequest {
-            email: "other@example.com".into(),
-            name: "Other".into(),
-            password: "a long enough password".into(),
-            is_admin: false,
-        })
-        .await
-        .unwrap();
-    let session = nb
-        .anonymous()
-        .login("other@example.com", "a long enough password")
-        .await
-        .unwrap();
-    let key = nb
-        .anonymous()
-        .with_token(session.token)
-        .create_api_key(created.team.id, "ci")
-        .await
-        .unwrap();
-    nb.anonymous().with_api_key(key.key)
+    let key = common::other_team_key(nb, "other@example.com").await;
+    nb.anonymous().with_api_key(key)
 }
 
 async fn create(nb: &Nestbox) -> SandboxId {

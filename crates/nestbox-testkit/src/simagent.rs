@@ -1754,11 +1754,7 @@ impl HostAgent for Service {
             .into_iter()
             .map(|r| sim_metrics(sb, r))
             .collect(),
-            None => vec![
-                st.retired_metrics
-                    .remove(&id)
-                    .ok_or_else(|| not_found(&id))?,
-            ],
+            None => st.retired_metrics.remove(&id).into_iter().collect(),
         };
         Ok(Response::new(pb::FlushSandboxMetricsResponse { series }))
     }

@@ -405,6 +405,39 @@ where
     }
 }
 
+/// An API key of a second team: the admin creates a user (`email`), who gets a team of
+/// their own, and that user creates the key.
+pub async fn other_team_key(nb: &Nestbox, email: &str) -> String {
+    use nestbox_types::api::CreateUserRequest;
+    let admin = nb
+        .anonymous()
+        .login(&nb.admin_email, &nb.admin_password)
+        .await
+        .unwrap();
+    let created = nb
+        .anonymous()
+        .with_token(admin.token)
+        .create_user(&CreateUserRequest {
+            email: email.into(),
+            name: "Other".into(),
+            password: "a long enough password".into(),
+            is_admin: false,
+        })
+        .await
+        .unwrap();
+    let session = nb
+        .anonymous()
+        .login(email, "a long enough password")
+        .await
+        .unwrap();
+    nb.anonymous()
+        .with_token(session.token)
+        .create_api_key(created.team.id, "other")
+        .await
+        .unwrap()
+        .key
+}
+
 /// Metadata map helper.
 pub fn md(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs

@@ -8,6 +8,10 @@
 //! and live in a machine-wide directory shared by every agent on the host, guarded by a
 //! file lock so two agents never build the same one at once. A create that does not match,
 //! or comes before the warm snapshot is ready, simply boots.
+//!
+//! Generations do not pile up: once a template's warm snapshot is ready, the same
+//! template's snapshots under other keys that were built more than [`STALE_AFTER`] ago are
+//! deleted (another agent still restoring from one falls back to booting).
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -20,6 +24,9 @@ use sha2::{Digest, Sha256};
 use super::{CreateParams, Manager, State};
 use crate::error::AgentError;
 use crate::templates::{Kind, StoredTemplate, TemplateStore};
+
+/// How old another generation of a warm snapshot must be before it is deleted.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Bumped when the way warm snapshots are made changes.
 const WARM_FORMAT: u32 = 1;
@@ -152,6 +159,7 @@ async fn warm_one(manager: &Manager, name: &str) -> Result<String, AgentError> {
     };
     if store.get(&key).is_ok() {
         manager.inner().warm.set_ready(name, entry);
+        prune_stale(store.root(), name, &key, STALE_AFTER);
         return Ok(key);
     }
     // One builder per key on this machine: the others wait, then find it built.
@@ -181,7 +189,51 @@ async fn warm_one(manager: &Manager, name: &str) -> Result<String, AgentError> {
     drop(lock);
     result?;
     manager.inner().warm.set_ready(name, entry);
+    prune_stale(store.root(), name, &key, STALE_AFTER);
     Ok(key)
+}
+
+/// Deletes `template`'s warm snapshots other than `current` built more than `older_than`
+/// ago, with their lock files. Failures are logged: a leftover only costs disk.
+fn prune_stale(
+    root: &std::path::Path,
+    template: &str,
+    current: &str,
+    older_than: std::time::Duration,
+) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let prefix = format!("{template}-");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(suffix) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        // Only keys of this template (`{template}-{16 hex}`), never another template
+        // whose name merely starts the same way.
+        if name == current || suffix.len() != 16 || !suffix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= older_than);
+        if !old {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(root.join(format!(".{name}.lock")));
+                tracing::info!(template, key = %name, "deleted an old warm snapshot");
+            }
+            Err(e) => {
+                tracing::warn!(template, key = %name, error = %e, "deleting an old warm snapshot")
+            }
+        }
+    }
 }
 
 async fn build(
@@ -227,4 +279,41 @@ async fn build(
         tracing::warn!(sandbox = %id, error = %e.public_message(), "removing the warm-up sandbox");
     }
     made.map(|_| ())
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+
+    #[test]
+    fn old_generations_of_the_same_template_go_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let make = |name: &str| std::fs::create_dir(root.path().join(name)).unwrap();
+        let current = "minimal-0123456789abcdef";
+        make(current);
+        make("minimal-fedcba9876543210");
+        std::fs::write(root.path().join(".minimal-fedcba9876543210.lock"), b"").unwrap();
+        make("minimal-extra-0123456789abcdef");
+        make("python-0123456789abcdef");
+        make(".staging-x");
+        // Too recent: kept.
+        prune_stale(root.path(), "minimal", current, STALE_AFTER);
+        assert!(root.path().join("minimal-fedcba9876543210").exists());
+        // Old enough: the other generation and its lock go, the rest stays.
+        prune_stale(root.path(), "minimal", current, std::time::Duration::ZERO);
+        let mut left: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".staging-x",
+                current,
+                "minimal-extra-0123456789abcdef",
+                "python-0123456789abcdef"
+            ]
+        );
+    }
 }

@@ -363,20 +363,24 @@ impl Manager {
         };
         st.vmm_pid = Some(vm.pid());
         let vmm_ms = phase.elapsed().as_millis();
+        let restored = snapshot.is_some();
+        // A restored guest keeps the version it had (resume); a clone learns it after /init.
+        let known_version = (!st.guest_version.is_empty()).then(|| st.guest_version.clone());
+        let deadline = started + inner.cfg.boot_timeout;
         let up = async {
             state::write(dir, st)?;
             let url = format!("http://{}:{GUEST_AGENT_PORT}", net.addrs.sandbox_ip);
             let guest =
                 EnvdClient::with_http_client(inner.http.clone(), url, Some(init.token.clone()))
                     .map_err(|e| AgentError::Guest { id, source: e })?;
-            let version = wait_for_guest(
-                &guest,
-                vm.as_mut(),
-                id,
-                started + inner.cfg.boot_timeout,
-                &console,
-            )
-            .await?;
+            // A booting guest is probed until it serves. A restored one already serves, but
+            // under TCG its first answers are slow (every code path is translated again),
+            // so it gets /init at once rather than a probe first.
+            let probed = if restored {
+                None
+            } else {
+                Some(wait_for_guest(&guest, vm.as_mut(), id, deadline, &console).await?)
+            };
             let guest_ms = phase.elapsed().as_millis();
             let request = InitRequest {
                 access_token: Some(init.token.clone()),
@@ -392,14 +396,27 @@ impl Manager {
                     .map_err(|e| AgentError::Guest { id, source: e })?,
                 None => guest.clone(),
             };
-            presenting
-                .with_timeout(Duration::from_secs(10))
-                .init(&request)
-                .await
-                .map_err(|e| AgentError::Guest { id, source: e })?;
+            init_guest(
+                &presenting,
+                &guest,
+                &request,
+                vm.as_mut(),
+                id,
+                deadline,
+                &console,
+            )
+            .await?;
+            let version = match probed.or(known_version) {
+                Some(v) => v,
+                None => guest
+                    .with_timeout(Duration::from_secs(10))
+                    .health()
+                    .await
+                    .map_err(|e| AgentError::Guest { id, source: e })?,
+            };
             tracing::debug!(
                 sandbox = %id,
-                restored = snapshot.is_some(),
+                restored,
                 net_ms,
                 vmm_ms,
                 guest_ms,
@@ -481,6 +498,55 @@ impl Manager {
             }
         }
         first
+    }
+}
+
+/// Sends `/init` presenting the guest's current token (`presenting`). A connection that
+/// fails before an answer is retried until the VMM exits or the deadline passes; if the
+/// request had in fact been applied, the guest now wants the new token, so after such a
+/// failure a refusal is retried with `fresh` (which carries it).
+async fn init_guest(
+    presenting: &EnvdClient,
+    fresh: &EnvdClient,
+    request: &InitRequest,
+    vm: &mut dyn Vm,
+    id: SandboxId,
+    deadline: Instant,
+    console: &Path,
+) -> Result<(), AgentError> {
+    let mut client = presenting.with_timeout(Duration::from_secs(10));
+    let mut broke = false;
+    loop {
+        let err = match client.init(request).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let transport = matches!(err, nestbox_envd::client::EnvdError::Transport { .. });
+        if broke && err.is_unauthenticated() {
+            client = fresh.with_timeout(Duration::from_secs(10));
+            broke = false;
+            continue;
+        }
+        if !transport {
+            return Err(AgentError::Guest { id, source: err });
+        }
+        broke = true;
+        if vm.exited().is_some() {
+            return Err(AgentError::Boot {
+                id,
+                reason: format!("the VMM exited; console: {}", console_tail(console, 12)),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(AgentError::Boot {
+                id,
+                reason: format!(
+                    "guest agent not answering ({err}); console: {}",
+                    console_tail(console, 12)
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

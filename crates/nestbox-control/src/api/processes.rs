@@ -121,20 +121,6 @@ pub async fn close_stdin(
         .map(|()| StatusCode::NO_CONTENT)
 }
 
-fn exec_sse(ev: &ExecEvent) -> Event {
-    let name = match ev {
-        ExecEvent::Started { .. } => "started",
-        ExecEvent::Stdout { .. } => "stdout",
-        ExecEvent::Stderr { .. } => "stderr",
-        ExecEvent::Exit { .. } => "exit",
-        ExecEvent::Error { .. } => "error",
-    };
-    Event::default()
-        .event(name)
-        .json_data(ev)
-        .unwrap_or_else(|_| Event::default().event("error"))
-}
-
 /// Attaches to a running process's output: server-sent events as for `exec/stream`
 /// (`started`, `stdout`, `stderr`, then `exit` or `error`), from now on. Leaving does not
 /// stop the process.
@@ -148,7 +134,10 @@ pub async fn process_output(
     Path((id, process)): Path<(SandboxId, String)>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let events = s.services.process_output(&caller, id, &process).await?;
-    Ok(Sse::new(events.map(|ev| Ok(exec_sse(&ev)))).keep_alive(KeepAlive::default()))
+    Ok(
+        Sse::new(events.map(|ev| Ok(super::sandboxes::sse_event(&ev))))
+            .keep_alive(KeepAlive::default()),
+    )
 }
 
 /// Starts a shell on a terminal in the background; attach to it with the WebSocket

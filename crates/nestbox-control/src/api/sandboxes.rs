@@ -143,7 +143,8 @@ pub async fn exec(
     s.services.exec(&caller, id, &req).await.map(axum::Json)
 }
 
-fn sse_event(ev: &ExecEvent) -> Event {
+/// One exec or process-output event as a server-sent event named by its kind.
+pub(super) fn sse_event(ev: &ExecEvent) -> Event {
     let name = match ev {
         ExecEvent::Started { .. } => "started",
         ExecEvent::Stdout { .. } => "stdout",

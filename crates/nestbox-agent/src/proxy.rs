@@ -3,10 +3,11 @@
 //!
 //! Rules (the control plane has already checked who the caller is and which team owns the
 //! sandbox; this hop checks that the caller is the control plane):
-//! - every request carries the control plane's bearer token for this host, exactly like a
-//!   gRPC call, else `401`;
+//! - every request carries the control plane's bearer token for this host (the one gRPC
+//!   calls carry) in [`AUTH_HEADER`], else `401`; the caller's own `Authorization` is
+//!   the sandbox's business and passes through;
 //! - the target is named by [`SANDBOX_HEADER`] and [`PORT_HEADER`]; both headers and the
-//!   token are removed before the request goes on, so nothing of the platform's own
+//!   token header are removed before the request goes on, so nothing of the platform's own
 //!   credentials reaches the sandbox;
 //! - only a running sandbox is reachable (`409 sandbox_not_running` otherwise, at once);
 //!   a port nobody listens on is `502 port_unreachable`, at once;
@@ -19,9 +20,9 @@ use std::net::{IpAddr, SocketAddr};
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, Request, StatusCode, header};
+use http::{HeaderMap, Request, StatusCode};
 use nestbox_forward::{ForwardError, Forwarder};
-use nestbox_proto::proxy::{PORT_HEADER, SANDBOX_HEADER};
+use nestbox_proto::proxy::{AUTH_HEADER, PORT_HEADER, SANDBOX_HEADER};
 use nestbox_types::{ErrorBody, ErrorCode, HostId, SandboxId};
 
 use crate::error::AgentError;
@@ -91,7 +92,7 @@ fn address(manager: &Manager, id: SandboxId) -> Result<IpAddr, AgentError> {
 pub async fn handle(State(state): State<ProxyState>, mut request: Request<Body>) -> Response {
     let token = request
         .headers()
-        .get(header::AUTHORIZATION)
+        .get(AUTH_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if token.is_none_or(|t| nestbox_proto::auth::verify(&state.key, state.host, t).is_err()) {
@@ -111,7 +112,7 @@ pub async fn handle(State(state): State<ProxyState>, mut request: Request<Body>)
         Err(e) => return error(e.code(), e.public_message()),
     };
     let headers = request.headers_mut();
-    headers.remove(header::AUTHORIZATION);
+    headers.remove(AUTH_HEADER);
     headers.remove(SANDBOX_HEADER);
     headers.remove(PORT_HEADER);
     match state

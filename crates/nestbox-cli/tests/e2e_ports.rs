@@ -153,6 +153,18 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
         .unwrap();
     assert!(text.starts_with("GET /hello/world?x=1 "), "{text}");
     assert!(text.contains("key=-") && text.contains("auth=-"), "{text}");
+    // The caller's own Authorization is the app's business: it arrives untouched.
+    let text = http
+        .get(format!("{}/v1/sandboxes/{id}/ports/{PORT}/private", nb.url))
+        .header("x-api-key", &nb.api_key)
+        .header("authorization", "Basic dXNlcjpwdw==")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("auth=Basic dXNlcjpwdw== "), "{text}");
 
     // 2. E2B's headers: any path, body streamed through.
     let text = http

@@ -28,7 +28,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, Uri, header};
 use nestbox_db::sandboxes;
-use nestbox_proto::proxy::{PORT_HEADER, SANDBOX_HEADER};
+use nestbox_proto::proxy::{AUTH_HEADER, PORT_HEADER, SANDBOX_HEADER};
 use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
 
 use crate::auth::{SandboxSecret, check_sandbox_secret};
@@ -229,7 +229,7 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
     let value = |v: String| {
         HeaderValue::try_from(v).map_err(|e| ApiError::internal(format!("header value: {e}")))
     };
-    headers.insert(header::AUTHORIZATION, value(bearer)?);
+    headers.insert(AUTH_HEADER, value(bearer)?);
     headers.insert(SANDBOX_HEADER, value(id.to_string())?);
     headers.insert(PORT_HEADER, value(target.port.to_string())?);
     if let Some(path) = &target.path {

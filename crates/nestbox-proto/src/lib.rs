@@ -11,9 +11,12 @@ pub mod auth;
 /// The HTTP side of the agent's listener: requests for a port inside a sandbox.
 ///
 /// The control plane sends them to the agent's address (the one gRPC uses) with the same
-/// bearer token as gRPC calls, plus these two headers; the agent forwards the request,
-/// without them, to the port inside the sandbox.
+/// token as gRPC calls, in [`proxy::AUTH_HEADER`] (so the caller's own `Authorization`
+/// reaches the sandbox untouched), plus the two target headers; the agent forwards the
+/// request, without any of the three, to the port inside the sandbox.
 pub mod proxy {
+    /// `Bearer <control-plane token for this host>`.
+    pub const AUTH_HEADER: &str = "x-nestbox-proxy-authorization";
     /// The sandbox (`sb-…`) a proxied request is for.
     pub const SANDBOX_HEADER: &str = "x-nestbox-proxy-sandbox";
     /// The TCP port inside the sandbox.

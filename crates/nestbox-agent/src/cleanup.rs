@@ -7,9 +7,9 @@
 //! sandbox, so a recycled pid is never hit), network namespaces and veth links of the
 //! instance's slots, slot files, tmpfs files and sandbox directories.
 //!
-//! A sandbox that was **paused** holds no VMM, namespace or slot, only files: if its
-//! snapshot is intact (on tmpfs, or its on-disk copy after a reboot) it is returned to be
-//! adopted, not removed. Sandboxes that were starting or running when the agent died are
+//! A sandbox that was **paused** needs only files: if its snapshot is intact (on tmpfs, or
+//! its on-disk copy after a reboot) it is returned to be adopted, not removed; a VMM and
+//! network it still held (stopped, for a fast resume) are removed. Sandboxes that were starting or running when the agent died are
 //! gone — their VMM is killed — and the control plane learns it from the agent's list.
 
 use std::collections::HashSet;
@@ -82,9 +82,30 @@ pub async fn run(
     if let Ok(entries) = std::fs::read_dir(&sandboxes) {
         for entry in entries.flatten() {
             let dir = entry.path();
-            if let Some(st) = adoptable(&dir) {
+            if let Some(mut st) = adoptable(&dir) {
                 // A partial on-disk copy from an interrupted persist is useless.
                 let _ = std::fs::remove_dir_all(dir.join("snapshot.partial"));
+                // A VMM it held (stopped) for a fast resume is not needed: the snapshot is
+                // whole.
+                if st.vmm_pid.is_some() || st.slot.is_some() {
+                    if let Some(pid) = st.vmm_pid.take()
+                        && process_mentions(pid, &st.sandbox_id.to_string())
+                    {
+                        tracing::info!(sandbox = %st.sandbox_id, pid, "ending the VMM a paused sandbox held");
+                        kill_and_wait(pid).await;
+                        report.processes += 1;
+                    }
+                    if let Some(slot) = st.slot.take() {
+                        if let Err(e) = SandboxNet::teardown_addrs(&SlotAddrs::new(slot)).await {
+                            tracing::error!(slot, error = %e, "removing a held network");
+                        }
+                        let _ = slots.release(slot);
+                        report.networks += 1;
+                    }
+                    if let Err(e) = state::write(&dir, &st) {
+                        tracing::warn!(sandbox = %st.sandbox_id, error = %e.public_message(), "recording the released VMM");
+                    }
+                }
                 kept_mem.insert(st.mem_dir.clone());
                 report.paused += 1;
                 keep.push(st);

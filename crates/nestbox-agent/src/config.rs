@@ -59,6 +59,11 @@ pub struct AgentConfig {
     pub warm_templates: Vec<String>,
     /// Where warm snapshots live (machine-wide, shared by every agent on the host).
     pub warm_dir: PathBuf,
+    /// How long a paused sandbox keeps its VMM (stopped) for a fast resume; zero: never.
+    pub pause_hold: Duration,
+    /// Most paused sandboxes holding their VMM at once (each costs the VMM's own memory,
+    /// tens of MiB; the guest RAM is the snapshot's either way).
+    pub max_held: u32,
 }
 
 impl AgentConfig {
@@ -88,6 +93,8 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(15),
             warm_templates: vec![nestbox_types::limits::DEFAULT_TEMPLATE.to_string()],
             warm_dir: PathBuf::from("/var/cache/nestbox/warm"),
+            pause_hold: Duration::from_secs(300),
+            max_held: 16,
         }
     }
 

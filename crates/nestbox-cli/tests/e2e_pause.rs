@@ -1,6 +1,7 @@
 //! Pause and resume with real VMs: processes, tmpfs files and memory survive; the
 //! inactivity timeout pauses (never stops); paused sandboxes survive agent restarts and
-//! crashes.
+//! crashes; a paused sandbox's held VMM (the fast resume) can die or be let go without
+//! losing anything.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Nestbox, eventually, sh, sh_ok};
+use common::{Nestbox, Options, eventually, footprint, sh, sh_ok};
 use nestbox_client::Client;
 use nestbox_types::api::{CreateSandboxRequest, ExecRequest};
 use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
@@ -254,5 +255,81 @@ async fn a_crash_in_the_middle_of_a_pause_leaves_a_consistent_state() {
         let dir = nb.data_dir().join("agent/sandboxes").join(a.to_string());
         assert!(!dir.exists(), "{} left", dir.display());
     }
+    client.destroy_sandbox(a).await.unwrap();
+}
+
+/// Whether a VMM process of `id` runs (a zombie does not count).
+fn vmm_alive(pid: u32, id: SandboxId) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
+    !zombie
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).contains(&id.to_string()))
+            .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_held_vmm_that_dies_or_is_let_go_leaves_a_whole_snapshot() {
+    let nb = Nestbox::up_with(Options {
+        env: vec![("NESTBOX_PAUSE_HOLD_SECS".into(), "4".into())],
+    });
+    let client = nb.client();
+    let a = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap()
+        .id;
+    let pid = start_state(&client, a).await;
+
+    // Paused, it keeps its VMM (stopped) and network for a while; that VMM dies.
+    let before = counter(&client, a).await;
+    client.pause_sandbox(a).await.unwrap();
+    let fp = footprint(&nb, a);
+    assert!(vmm_alive(fp.vmm_pid, a), "a paused sandbox holds its VMM");
+    // SAFETY: a VMM of this test's sandbox, checked just above.
+    unsafe {
+        libc::kill(fp.vmm_pid as i32, libc::SIGKILL);
+    }
+    eventually(Duration::from_secs(30), "the VMM to be gone", || async {
+        (!vmm_alive(fp.vmm_pid, a)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        client.get_sandbox(a).await.unwrap().status,
+        SandboxStatus::Paused
+    );
+    client.resume_sandbox(a).await.unwrap();
+    assert_state_survived(&client, a, pid, before).await;
+
+    // Paused again and left alone past the hold time: the VMM and the network are let
+    // go, the sandbox stays paused on its snapshot and resumes from it.
+    let before = counter(&client, a).await;
+    client.pause_sandbox(a).await.unwrap();
+    let fp = footprint(&nb, a);
+    let state = fp.sandbox_dir.join("state.json");
+    eventually(
+        Duration::from_secs(60),
+        "the held VMM to be let go",
+        || async {
+            let st: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+            (st["vmm_pid"].is_null() && st["slot"].is_null() && !vmm_alive(fp.vmm_pid, a))
+                .then_some(())
+        },
+    )
+    .await;
+    let slot_file = std::path::Path::new("/run/nestbox/slots").join(fp.slot.to_string());
+    assert!(
+        !std::fs::read_to_string(&slot_file)
+            .unwrap_or_default()
+            .contains(&a.to_string()),
+        "the paused sandbox's slot is free"
+    );
+    assert_eq!(
+        client.get_sandbox(a).await.unwrap().status,
+        SandboxStatus::Paused
+    );
+    client.resume_sandbox(a).await.unwrap();
+    assert_state_survived(&client, a, pid, before).await;
     client.destroy_sandbox(a).await.unwrap();
 }

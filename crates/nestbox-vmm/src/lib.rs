@@ -6,7 +6,10 @@
 //!                        ▼                                        │  dir holds a template)
 //! Vmm::boot(spec) ──▶ running ────────────────────────────────────┘
 //!                        │ │
-//!                        │ └─ save(dir, Suspend) ──▶ finished (VMM gone, RAM moved into dir)
+//!                        │ ├─ save(dir, Suspend) ──▶ finished (VMM gone, RAM moved into dir)
+//!                        │ └─ suspend_held(dir) ──▶ held (stopped; RAM moved into dir)
+//!                        │        resume_held() ──▶ running (dir consumed)
+//!                        │        stop(grace) ────▶ finished (dir stays whole)
 //!                        └─── stop(grace) ─────────▶ finished (process reaped, files removed)
 //!
 //! Vmm::restore(spec, dir, Resume) ──▶ running   (takes the RAM file over; dir is consumed)
@@ -276,6 +279,8 @@ pub enum VmmError {
         source: BoxError,
     },
     /// The VMM binary is unusable.
+    #[error("vm {id}: {}", if *held { "already held after a suspend" } else { "not held" })]
+    Held { id: String, held: bool },
     #[error("vmm binary {binary}: {detail}")]
     Binary {
         /// The binary.
@@ -314,6 +319,19 @@ pub trait Vm: Send + Sync {
         mode: SaveMode,
         freeze: Option<&'a mut dyn FreezeHook>,
     ) -> BoxFuture<'a, Result<SavedSnapshot, VmmError>>;
+    /// Saves the VM into `dir` like `save(dir, Suspend)`, but the VMM stays: stopped,
+    /// mapping the RAM file that is the snapshot's now. The snapshot is whole, as after a
+    /// suspend. Then either [`Vm::resume_held`] runs the guest again in this process (no
+    /// restore: under TCG its translated code stays warm), or [`Vm::stop`] ends the VMM
+    /// and leaves the snapshot for a [`Vmm::restore`].
+    fn suspend_held<'a>(
+        &'a mut self,
+        dir: &'a Path,
+    ) -> BoxFuture<'a, Result<SavedSnapshot, VmmError>>;
+    /// Runs a held VM again. The snapshot is consumed (its manifest first, so it never
+    /// looks restorable half-consumed; the RAM file goes back to the VM). If the VMM had
+    /// exited, nothing is touched and the error says so.
+    fn resume_held(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
 }
 
 /// A microVM monitor driver.

@@ -369,10 +369,7 @@ impl Manager {
         let deadline = started + inner.cfg.boot_timeout;
         let up = async {
             state::write(dir, st)?;
-            let url = format!("http://{}:{GUEST_AGENT_PORT}", net.addrs.sandbox_ip);
-            let guest =
-                EnvdClient::with_http_client(inner.http.clone(), url, Some(init.token.clone()))
-                    .map_err(|e| AgentError::Guest { id, source: e })?;
+            let guest = self.guest_client(id, &net, &init.token)?;
             // A booting guest is probed until it serves. A restored one already serves, but
             // under TCG its first answers are slow (every code path is translated again),
             // so it gets /init at once rather than a probe first.
@@ -382,30 +379,7 @@ impl Manager {
                 Some(wait_for_guest(&guest, vm.as_mut(), id, deadline, &console).await?)
             };
             let guest_ms = phase.elapsed().as_millis();
-            let request = InitRequest {
-                access_token: Some(init.token.clone()),
-                env_vars: init.env.map(|e| e.into_iter().collect()),
-                default_user: Some("root".into()),
-                default_workdir: None,
-                timestamp: Some(Utc::now()),
-                hostname: init.hostname,
-            };
-            let presenting = match &init.present {
-                Some(t) => guest
-                    .with_access_token(Some(t.clone()))
-                    .map_err(|e| AgentError::Guest { id, source: e })?,
-                None => guest.clone(),
-            };
-            init_guest(
-                &presenting,
-                &guest,
-                &request,
-                vm.as_mut(),
-                id,
-                deadline,
-                &console,
-            )
-            .await?;
+            send_init(&guest, init, vm.as_mut(), id, deadline, &console).await?;
             let version = match probed.or(known_version) {
                 Some(v) => v,
                 None => guest
@@ -437,6 +411,18 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// A client of the guest agent behind `net`, presenting `token`.
+    pub(super) fn guest_client(
+        &self,
+        id: SandboxId,
+        net: &SandboxNet,
+        token: &str,
+    ) -> Result<EnvdClient, AgentError> {
+        let url = format!("http://{}:{GUEST_AGENT_PORT}", net.addrs.sandbox_ip);
+        EnvdClient::with_http_client(self.inner().http.clone(), url, Some(token.to_string()))
+            .map_err(|e| AgentError::Guest { id, source: e })
     }
 
     /// Tears down a sandbox's network and frees its slot.
@@ -499,6 +485,33 @@ impl Manager {
         }
         first
     }
+}
+
+/// Initialises the guest agent that `guest` (holding the new token) talks to, as `init`
+/// says; its clock is set to the host's.
+pub(super) async fn send_init(
+    guest: &EnvdClient,
+    init: Init,
+    vm: &mut dyn Vm,
+    id: SandboxId,
+    deadline: Instant,
+    console: &Path,
+) -> Result<(), AgentError> {
+    let request = InitRequest {
+        access_token: Some(init.token.clone()),
+        env_vars: init.env.map(|e| e.into_iter().collect()),
+        default_user: Some("root".into()),
+        default_workdir: None,
+        timestamp: Some(Utc::now()),
+        hostname: init.hostname,
+    };
+    let presenting = match &init.present {
+        Some(t) => guest
+            .with_access_token(Some(t.clone()))
+            .map_err(|e| AgentError::Guest { id, source: e })?,
+        None => guest.clone(),
+    };
+    init_guest(&presenting, guest, &request, vm, id, deadline, console).await
 }
 
 /// Sends `/init` presenting the guest's current token (`presenting`). A connection that

@@ -25,8 +25,12 @@
 //! - every resource a sandbox holds is recorded in its `state.json` ([`state`]) before it
 //!   is taken, so [`crate::cleanup`] can remove it after a crash — except a paused
 //!   sandbox's snapshot, which the next start adopts instead;
-//! - a paused sandbox holds no VMM, namespace or slot: only files (its disk overlay and its
-//!   snapshot, on tmpfs for a fast resume and copied to disk to survive a reboot).
+//! - a paused sandbox's snapshot is whole from the moment it is paused: its files (disk
+//!   overlay and snapshot, on tmpfs for a fast resume and copied to disk to survive a
+//!   reboot) are all a resume needs. For `pause_hold` after the pause it may also keep its
+//!   VMM (stopped) with its namespace and slot, so that resuming is a `cont` rather than a
+//!   restore; those are released after that time, at shutdown, or when the VMM dies, and
+//!   the snapshot is untouched by that.
 
 mod launch;
 pub mod state;
@@ -300,6 +304,8 @@ pub(crate) struct Inner {
     pub(crate) templates: TemplateStore,
     pub(crate) warm: warm::Warm,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Permits for paused sandboxes that keep their VMM (`max_held`).
+    pub(crate) holds: Arc<tokio::sync::Semaphore>,
     sandboxes: Mutex<HashMap<SandboxId, Slot>>,
 }
 
@@ -363,6 +369,7 @@ impl Manager {
         Self {
             inner: Arc::new(Inner {
                 warm: warm::Warm::new(parts.warm),
+                holds: Arc::new(tokio::sync::Semaphore::new(parts.cfg.max_held as usize)),
                 cfg: parts.cfg,
                 tag: parts.tag,
                 vmm: parts.vmm,

@@ -5,9 +5,14 @@
 //! on its own.
 //!
 //! Pause saves the VM into `<tmpfs>/snapshot` (the RAM file is moved, not copied: tens of
-//! milliseconds), frees the namespace and slot, then copies the snapshot to the sandbox's
-//! directory in the background so it survives a reboot (`snapshot_durable`). Resume takes
-//! the tmpfs snapshot when it is there (fast), else the on-disk copy.
+//! milliseconds), then copies the snapshot to the sandbox's directory in the background so
+//! it survives a reboot (`snapshot_durable`). The VMM is either ended (namespace and slot
+//! freed) or, for `pause_hold` and while a hold permit is free, kept stopped: resuming a
+//! held VMM is a `cont` and a clock reset, milliseconds even under TCG, where a restore
+//! costs hundreds of milliseconds of code translation before the guest answers. A held
+//! VMM is let go after that time, at shutdown, or if it dies, and the sandbox stays paused
+//! on its snapshot. Resume otherwise restores the tmpfs snapshot when it is there (fast),
+//! else the on-disk copy.
 //!
 //! It also keeps the metrics sampler ([`crate::metrics`]) informed: it tracks the VM once
 //! it runs (create, resume), untracks it once paused (the tiers stay for the control
@@ -23,10 +28,10 @@ use nestbox_vmm::BoxFuture;
 use nestbox_vmm::snapshot::{
     BoxError, MANIFEST_FILE, MEMORY_FILE, RestoreMemory, STATE_FILE, SaveMode,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinHandle;
 
-use super::launch::{Init, Live};
+use super::launch::{Init, Live, send_init};
 use super::state::{self, Phase, StateFile};
 use super::{Command, Manager, SandboxHandle, State, sandbox_dir};
 use crate::error::AgentError;
@@ -45,7 +50,16 @@ pub(crate) struct SandboxTask {
     st: StateFile,
     dir: PathBuf,
     live: Option<Live>,
+    /// A paused sandbox's VMM, kept stopped for a fast resume.
+    held: Option<Held>,
     persist: Option<JoinHandle<Result<(), AgentError>>>,
+}
+
+/// A paused sandbox's VMM, stopped, with its network: resuming it is a `cont`.
+struct Held {
+    live: Live,
+    since: Instant,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// The fast (tmpfs) snapshot of a paused sandbox.
@@ -93,6 +107,7 @@ impl SandboxTask {
             st,
             dir,
             live,
+            held: None,
             persist: None,
         }
     }
@@ -142,6 +157,17 @@ impl SandboxTask {
                     self.persisted(done.unwrap_or_else(|e| Err(AgentError::Internal(format!("snapshot copy task: {e}")))));
                 }
                 _ = tick.tick() => {
+                    if let Some(held) = self.held.as_mut() {
+                        let why = match held.live.vm.exited() {
+                            Some(status) => Some(format!("its VMM exited ({status})")),
+                            None => (held.since.elapsed() >= self.manager.inner().cfg.pause_hold)
+                                .then(|| "its hold time is over".to_string()),
+                        };
+                        if let Some(why) = why {
+                            tracing::info!(sandbox = %id, %why, "paused sandbox lets its VMM go; its snapshot stays");
+                            self.release_held().await;
+                        }
+                    }
                     if let Some(live) = self.live.as_mut()
                         && let Some(status) = live.vm.exited()
                     {
@@ -199,7 +225,10 @@ impl SandboxTask {
             s.state = State::Stopping;
             s.guest = None;
         });
-        let live = self.live.take();
+        let live = self
+            .live
+            .take()
+            .or_else(|| self.held.take().map(|h| h.live));
         if let Some(h) = self.persist.take() {
             h.abort();
         }
@@ -227,7 +256,10 @@ impl SandboxTask {
             h.abort();
             let _ = h.await;
         }
-        let live = self.live.take();
+        let live = self
+            .live
+            .take()
+            .or_else(|| self.held.take().map(|h| h.live));
         let result = self
             .manager
             .release(&mut self.st, live, &self.dir, true)
@@ -267,9 +299,17 @@ impl SandboxTask {
         let started = Instant::now();
         let snap = tmpfs_snapshot(&self.st);
         let _ = tokio::fs::remove_dir_all(&snap).await;
-        match live.vm.save(&snap, SaveMode::Suspend, None).await {
+        // Keep the VMM (stopped) for a fast resume, if there is room for one more.
+        let hold = (!self.manager.inner().cfg.pause_hold.is_zero())
+            .then(|| self.manager.inner().holds.clone().try_acquire_owned().ok())
+            .flatten();
+        let saved = match hold {
+            Some(_) => live.vm.suspend_held(&snap).await,
+            None => live.vm.save(&snap, SaveMode::Suspend, None).await,
+        };
+        match saved {
             Ok(saved) => {
-                tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, auto, timings = ?saved.timings, "paused");
+                tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, auto, held = hold.is_some(), timings = ?saved.timings, "paused");
             }
             Err(e) => {
                 if live.vm.exited().is_none() {
@@ -293,9 +333,22 @@ impl SandboxTask {
         }
         // The tiers stay with the sampler for the control plane's flush.
         self.manager.inner().metrics.untrack(id).await;
-        let net = live.net;
-        self.st.vmm_pid = None;
-        self.manager.drop_network(&mut self.st, Some(net)).await;
+        match hold {
+            // Its pid and slot stay recorded: a crash now is cleaned up like any other.
+            Some(permit) => {
+                self.held = Some(Held {
+                    live,
+                    since: Instant::now(),
+                    _permit: permit,
+                });
+            }
+            None => {
+                self.st.vmm_pid = None;
+                self.manager
+                    .drop_network(&mut self.st, Some(live.net))
+                    .await;
+            }
+        }
         self.st.phase = Phase::Paused;
         self.st.auto_paused = auto;
         self.st.snapshot_durable = false;
@@ -337,6 +390,7 @@ impl SandboxTask {
 
     /// Waits for the on-disk snapshot copy, then frees the tmpfs copy.
     async fn settle(&mut self) -> Result<(), AgentError> {
+        self.release_held().await;
         if let Some(h) = self.persist.take() {
             let done = h
                 .await
@@ -383,6 +437,14 @@ impl SandboxTask {
             });
         }
         self.handle.set(|s| s.state = State::Resuming);
+        if self.held.is_some() {
+            match self.resume_held().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e.public_message(), "resuming the held VMM failed; restoring the snapshot instead");
+                }
+            }
+        }
         // Never consume the tmpfs snapshot while it is being copied.
         if let Some(h) = self.persist.take() {
             let done = h
@@ -449,6 +511,85 @@ impl SandboxTask {
                 Err(e)
             }
         }
+    }
+
+    /// Ends a paused sandbox's held VMM and frees its network; the snapshot stays whole.
+    async fn release_held(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        let id = self.st.sandbox_id;
+        let Live { mut vm, net } = held.live;
+        if let Err(e) = vm.stop(Duration::from_secs(5)).await {
+            tracing::warn!(sandbox = %id, error = %e, "stopping a held VMM");
+        }
+        self.st.vmm_pid = None;
+        self.manager.drop_network(&mut self.st, Some(net)).await;
+        if let Err(e) = state::write(&self.dir, &self.st) {
+            tracing::warn!(sandbox = %id, error = %e.public_message(), "recording the released VMM");
+        }
+    }
+
+    /// Resumes a paused sandbox whose VMM was held: `cont`, then the guest's clock. On
+    /// failure the VMM and network are released and the caller restores the snapshot (or
+    /// its on-disk copy) instead.
+    async fn resume_held(&mut self) -> Result<(), AgentError> {
+        let id = self.st.sandbox_id;
+        let started = Instant::now();
+        // The on-disk copy reads the RAM the guest is about to change: stop it (the next
+        // pause makes a new one).
+        if let Some(h) = self.persist.take() {
+            h.abort();
+            let _ = h.await;
+            let _ = tokio::fs::remove_dir_all(self.dir.join("snapshot.partial")).await;
+        }
+        let Some(mut held) = self.held.take() else {
+            return Err(AgentError::Internal(format!("sandbox {id} holds no VMM")));
+        };
+        let resumed = async {
+            held.live
+                .vm
+                .resume_held()
+                .await
+                .map_err(|e| AgentError::host("running the held VM again", id, e))?;
+            let guest = self
+                .manager
+                .guest_client(id, &held.live.net, &self.st.access_token)?;
+            let init = Init {
+                present: Some(self.st.access_token.clone()),
+                token: self.st.access_token.clone(),
+                env: None,
+                hostname: None,
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let console = self.dir.join("console.log");
+            send_init(&guest, init, held.live.vm.as_mut(), id, deadline, &console).await?;
+            Ok::<_, AgentError>(guest)
+        }
+        .await;
+        let guest = match resumed {
+            Ok(guest) => guest,
+            Err(e) => {
+                self.held = Some(held);
+                self.release_held().await;
+                return Err(e);
+            }
+        };
+        self.live = Some(held.live);
+        self.st.phase = Phase::Running;
+        self.st.auto_paused = false;
+        self.st.snapshot_durable = false;
+        // Consumed; the on-disk copy is stale now.
+        let _ = tokio::fs::remove_dir_all(tmpfs_snapshot(&self.st)).await;
+        let _ = tokio::fs::remove_dir_all(disk_snapshot(&self.dir)).await;
+        state::write(&self.dir, &self.st)?;
+        self.track().await;
+        self.handle.touch();
+        self.handle.set(|s| {
+            s.state = State::Running;
+            s.auto_paused = false;
+            s.guest = Some(guest);
+        });
+        tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, "resumed (held VMM)");
+        Ok(())
     }
 
     /// Freezes the sandbox into a template: memory + disk (snapshot) or disk alone (image).

@@ -35,14 +35,21 @@ pub struct AgentArgs {
     /// URL the control plane dials (default: http://<listen>).
     #[arg(long, env = "NESTBOX_AGENT_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Accelerator: auto, kvm or tcg.
-    #[arg(long, env = "NESTBOX_ACCEL", default_value = "auto", value_parser = parse_accel)]
-    pub accel: AccelChoice,
     /// Most sandboxes at once.
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: u32,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+/// How a host runs sandboxes (shared by `agent` and `up`).
+#[derive(clap::Args, Clone)]
+pub struct HostArgs {
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long, env = "NESTBOX_ACCEL", default_value = "auto", value_parser = parse_accel)]
+    pub accel: AccelChoice,
     /// Let guests reach private and link-local networks.
-    #[arg(long)]
+    #[arg(long, env = "NESTBOX_ALLOW_PRIVATE_EGRESS")]
     pub allow_private_egress: bool,
     /// The QEMU system emulator.
     #[arg(long, env = "NESTBOX_QEMU", default_value = "qemu-system-x86_64")]
@@ -50,6 +57,33 @@ pub struct AgentArgs {
     /// How long a sandbox may take to boot, seconds.
     #[arg(long, env = "NESTBOX_BOOT_TIMEOUT", default_value_t = 90)]
     pub boot_timeout: u64,
+    /// How long a paused sandbox keeps its VMM process, stopped, so that resuming it is a
+    /// continue rather than a restore; seconds (0: never). Its snapshot is whole either way.
+    #[arg(long, env = "NESTBOX_PAUSE_HOLD_SECS", default_value_t = 300)]
+    pub pause_hold_secs: u64,
+}
+
+impl Default for HostArgs {
+    fn default() -> Self {
+        Self {
+            accel: AccelChoice::Auto,
+            allow_private_egress: false,
+            qemu: "qemu-system-x86_64".into(),
+            boot_timeout: 90,
+            pause_hold_secs: 300,
+        }
+    }
+}
+
+impl HostArgs {
+    /// Sets these choices on an agent configuration.
+    pub fn apply(&self, cfg: &mut AgentConfig) {
+        cfg.accel = self.accel;
+        cfg.allow_private_egress = self.allow_private_egress;
+        cfg.qemu_binary = self.qemu.clone();
+        cfg.boot_timeout = std::time::Duration::from_secs(self.boot_timeout.max(1));
+        cfg.pause_hold = std::time::Duration::from_secs(self.pause_hold_secs);
+    }
 }
 
 /// Parses an accelerator name.
@@ -68,11 +102,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     cfg.registration_token = args.register_token;
     cfg.listen = args.listen;
     cfg.advertise_url = args.advertise;
-    cfg.accel = args.accel;
     cfg.max_sandboxes = args.max_sandboxes;
-    cfg.allow_private_egress = args.allow_private_egress;
-    cfg.qemu_binary = args.qemu;
-    cfg.boot_timeout = std::time::Duration::from_secs(args.boot_timeout.max(1));
+    args.host.apply(&mut cfg);
     let agent = nestbox_agent::start(cfg)
         .await
         .context("starting the host agent")?;

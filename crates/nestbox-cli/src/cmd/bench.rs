@@ -117,11 +117,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         templates: vec!["minimal".into()],
         guest_bin: None,
         admin_email: "bench@nestbox.local".into(),
-        accel: nestbox_agent::AccelChoice::Auto,
-        allow_private_egress: false,
         proxy_domain: None,
-        qemu: "qemu-system-x86_64".into(),
-        boot_timeout: 120,
+        host: super::agent::HostArgs {
+            boot_timeout: 120,
+            ..Default::default()
+        },
     };
     eprintln!(
         "starting a throwaway installation in {}…",

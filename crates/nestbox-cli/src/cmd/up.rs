@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use nestbox_agent::{AccelChoice, AgentConfig};
+use nestbox_agent::AgentConfig;
 use nestbox_control::ControlConfig;
 
-use super::agent::parse_accel;
+use super::agent::HostArgs;
 
 /// Prints a line to stdout; a closed stdout (e.g. a supervisor that stopped reading) must
 /// not bring the platform down.
@@ -58,22 +58,12 @@ pub struct UpArgs {
         default_value = "admin@nestbox.local"
     )]
     pub admin_email: String,
-    /// Accelerator: auto, kvm or tcg.
-    #[arg(long, env = "NESTBOX_ACCEL", default_value = "auto", value_parser = parse_accel)]
-    pub accel: AccelChoice,
-    /// Let guests reach private and link-local networks.
-    #[arg(long, env = "NESTBOX_ALLOW_PRIVATE_EGRESS")]
-    pub allow_private_egress: bool,
     /// Domain for reaching sandbox ports as `{port}-{sandbox_id}.{domain}` (needs a
     /// wildcard DNS record pointing here); the path and header forms work without it.
     #[arg(long, env = "NESTBOX_PROXY_DOMAIN")]
     pub proxy_domain: Option<String>,
-    /// The QEMU system emulator.
-    #[arg(long, env = "NESTBOX_QEMU", default_value = "qemu-system-x86_64")]
-    pub qemu: PathBuf,
-    /// How long a sandbox may take to boot, seconds.
-    #[arg(long, env = "NESTBOX_BOOT_TIMEOUT", default_value_t = 90)]
-    pub boot_timeout: u64,
+    #[command(flatten)]
+    pub host: HostArgs,
 }
 
 /// A running one-box platform.
@@ -216,10 +206,7 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
     };
     let mut agent_cfg = AgentConfig::new(&agent_dir, &images_dir, &url);
     agent_cfg.registration_token = registration_token;
-    agent_cfg.accel = args.accel;
-    agent_cfg.allow_private_egress = args.allow_private_egress;
-    agent_cfg.qemu_binary = args.qemu.clone();
-    agent_cfg.boot_timeout = std::time::Duration::from_secs(args.boot_timeout.max(1));
+    args.host.apply(&mut agent_cfg);
     let agent = match nestbox_agent::start(agent_cfg).await {
         Ok(a) => a,
         Err(e) => {

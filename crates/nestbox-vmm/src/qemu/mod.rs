@@ -253,6 +253,7 @@ impl QemuVmm {
             child,
             qmp,
             stopped: false,
+            held: None,
             info: self.info.clone(),
             spec,
             cmdline,
@@ -436,6 +437,14 @@ impl Vmm for QemuVmm {
     }
 }
 
+/// A held VM's snapshot: where it is and how its RAM file got there.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) dir: PathBuf,
+    /// The VM's RAM file and how it was placed into the snapshot (`None`: in the state).
+    pub(crate) ram: Option<(PathBuf, crate::snapshot::files::Placement)>,
+}
+
 /// A running QEMU.
 #[derive(Debug)]
 pub struct QemuVm {
@@ -446,6 +455,8 @@ pub struct QemuVm {
     qmp: QmpClient,
     /// Set once the process is reaped and the run files are gone (stop, suspend).
     stopped: bool,
+    /// Suspended but kept: the snapshot it was saved into.
+    held: Option<Held>,
     info: VmmInfo,
     /// The spec it runs (snapshots record its machine and disk).
     spec: VmSpec,
@@ -474,10 +485,18 @@ impl QemuVm {
         &self.memory
     }
 
-    /// The RAM file this VM owns and removes when it stops.
+    /// The RAM file this VM owns and removes when it stops (not a held VM's moved file:
+    /// the snapshot owns it).
     fn owned_memory(&self) -> Option<&Path> {
-        match &self.memory {
-            MemoryBacking::Owned(p) => Some(p),
+        match (&self.memory, &self.held) {
+            (
+                _,
+                Some(Held {
+                    ram: Some((_, crate::snapshot::files::Placement::Moved)),
+                    ..
+                }),
+            ) => None,
+            (MemoryBacking::Owned(p), _) => Some(p),
             _ => None,
         }
     }
@@ -584,6 +603,17 @@ impl Vm for QemuVm {
         freeze: Option<&'a mut dyn FreezeHook>,
     ) -> BoxFuture<'a, Result<SavedSnapshot, VmmError>> {
         Box::pin(self.save_vm(dir, mode, freeze))
+    }
+
+    fn suspend_held<'a>(
+        &'a mut self,
+        dir: &'a Path,
+    ) -> BoxFuture<'a, Result<SavedSnapshot, VmmError>> {
+        Box::pin(self.suspend_held_vm(dir))
+    }
+
+    fn resume_held(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(self.resume_held_vm())
     }
 }
 

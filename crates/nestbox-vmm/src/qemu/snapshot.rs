@@ -45,8 +45,8 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::{
-    GuestImages, MemoryBacking, QemuVm, QemuVmm, RunPaths, blocking, machine_argv, prepare_run_dir,
-    remove_run_files,
+    GuestImages, Held, MemoryBacking, QemuVm, QemuVmm, RunPaths, blocking, machine_argv,
+    prepare_run_dir, remove_run_files,
 };
 use crate::qmp::{MigrationStatus, QmpClient, QmpError};
 use crate::snapshot::{
@@ -240,7 +240,60 @@ impl QemuVm {
         freeze: Option<&mut dyn FreezeHook>,
     ) -> Result<SavedSnapshot, VmmError> {
         let span = tracing::info_span!("save", id = %self.id, ?mode, dir = %dir.display());
-        self.save_inner(dir, mode, freeze).instrument(span).await
+        self.save_inner(dir, mode, freeze, false)
+            .instrument(span)
+            .await
+    }
+
+    /// A [`SaveMode::Suspend`] that keeps the VMM, stopped (see [`crate::Vm::suspend_held`]).
+    pub(super) async fn suspend_held_vm(&mut self, dir: &Path) -> Result<SavedSnapshot, VmmError> {
+        if self.held.is_some() {
+            return Err(VmmError::Held {
+                id: self.id.clone(),
+                held: true,
+            });
+        }
+        let span = tracing::info_span!("suspend_held", id = %self.id, dir = %dir.display());
+        self.save_inner(dir, SaveMode::Suspend, None, true)
+            .instrument(span)
+            .await
+    }
+
+    /// Runs a held VM again (see [`crate::Vm::resume_held`]).
+    pub(super) async fn resume_held_vm(&mut self) -> Result<(), VmmError> {
+        let Some(held) = self.held.take() else {
+            return Err(VmmError::Held {
+                id: self.id.clone(),
+                held: false,
+            });
+        };
+        if let Some(status) = self.child.try_status() {
+            // The snapshot is untouched and whole; the VM is gone.
+            self.held = Some(held);
+            return Err(super::exited_error(
+                &self.id,
+                &status.to_string(),
+                &self.paths,
+            ));
+        }
+        let started = Instant::now();
+        let io = |op: &'static str, path: PathBuf| move |source| VmmError::Io { op, path, source };
+        // The manifest goes first: from here on the snapshot is no longer whole, and a
+        // crash must not leave one that looks restorable.
+        let manifest = held.dir.join(MANIFEST_FILE);
+        std::fs::remove_file(&manifest).map_err(io("consume the snapshot", manifest.clone()))?;
+        if let Some((src, how)) = &held.ram {
+            let ram = held.dir.join(MEMORY_FILE);
+            files::undo_placement(src, &ram, *how).map_err(io("take the ram file back", ram))?;
+        }
+        let _ = std::fs::remove_file(held.dir.join(STATE_FILE));
+        self.qmp.cont().await.map_err(qmp_err(&self.id))?;
+        tracing::info!(
+            id = %self.id,
+            ms = started.elapsed().as_millis() as u64,
+            "held vm runs again"
+        );
+        Ok(())
     }
 
     fn manifest_input(&self, dir: &Path, kind: SaveMode, memory: Option<PathBuf>) -> ManifestInput {
@@ -281,8 +334,15 @@ impl QemuVm {
         dir: &Path,
         mode: SaveMode,
         freeze: Option<&mut dyn FreezeHook>,
+        hold: bool,
     ) -> Result<SavedSnapshot, VmmError> {
         let started = Instant::now();
+        if self.held.is_some() {
+            return Err(VmmError::Held {
+                id: self.id.clone(),
+                held: true,
+            });
+        }
         if self.stopped {
             return Err(super::exited_error(
                 &self.id,
@@ -450,11 +510,19 @@ impl QemuVm {
                 };
                 timings.manifest = t.elapsed();
                 let t = Instant::now();
-                self.quit_after_suspend().await?;
-                // A copy (another filesystem) left the VM's file behind: the snapshot
-                // has the memory now.
-                if let Some((src, Placement::Copied | Placement::Reflinked)) = &undo {
-                    let _ = std::fs::remove_file(src);
+                if hold {
+                    // The VMM stays, stopped, mapping the RAM the snapshot now holds.
+                    self.held = Some(Held {
+                        dir: dir.clone(),
+                        ram: undo.clone(),
+                    });
+                } else {
+                    self.quit_after_suspend().await?;
+                    // A copy (another filesystem) left the VM's file behind: the snapshot
+                    // has the memory now.
+                    if let Some((src, Placement::Copied | Placement::Reflinked)) = &undo {
+                        let _ = std::fs::remove_file(src);
+                    }
                 }
                 timings.finish = t.elapsed();
                 timings.paused = stopped_at.elapsed();
@@ -667,6 +735,7 @@ impl QemuVmm {
             child,
             qmp,
             stopped: false,
+            held: None,
             info: self.info.clone(),
             machine: self.machine_config(&spec),
             spec,

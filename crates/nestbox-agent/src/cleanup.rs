@@ -82,14 +82,23 @@ pub async fn run(
     if let Ok(entries) = std::fs::read_dir(&sandboxes) {
         for entry in entries.flatten() {
             let dir = entry.path();
+            // A directory's old name (a pooled clone's): the directory itself is handled
+            // under its own name; a dangling one goes.
+            if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                if !dir.exists() {
+                    let _ = std::fs::remove_file(&dir);
+                }
+                continue;
+            }
             if let Some(mut st) = adoptable(&dir) {
                 // A partial on-disk copy from an interrupted persist is useless.
                 let _ = std::fs::remove_dir_all(dir.join("snapshot.partial"));
                 // A VMM it held (stopped) for a fast resume is not needed: the snapshot is
                 // whole.
                 if st.vmm_pid.is_some() || st.slot.is_some() {
+                    let name = st.vmm_name.clone().unwrap_or(st.sandbox_id.to_string());
                     if let Some(pid) = st.vmm_pid.take()
-                        && process_mentions(pid, &st.sandbox_id.to_string())
+                        && process_mentions(pid, &name)
                     {
                         tracing::info!(sandbox = %st.sandbox_id, pid, "ending the VMM a paused sandbox held");
                         kill_and_wait(pid).await;
@@ -112,8 +121,9 @@ pub async fn run(
                 continue;
             }
             if let Some(left) = state::read_leftovers(&dir) {
+                let name = left.vmm_name.unwrap_or(left.sandbox_id.to_string());
                 if let Some(pid) = left.vmm_pid
-                    && process_mentions(pid, &left.sandbox_id.to_string())
+                    && process_mentions(pid, &name)
                 {
                     tracing::warn!(sandbox = %left.sandbox_id, pid, "killing a VMM left by a previous run");
                     kill_and_wait(pid).await;
@@ -132,6 +142,15 @@ pub async fn run(
             }
             if std::fs::remove_dir_all(&dir).is_ok() {
                 report.directories += 1;
+            }
+        }
+        // Old names whose directory was removed above.
+        if let Ok(entries) = std::fs::read_dir(&sandboxes) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_symlink()) && !path.exists() {
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
     }

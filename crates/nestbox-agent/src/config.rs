@@ -64,6 +64,9 @@ pub struct AgentConfig {
     /// Most paused sandboxes holding their VMM at once (each costs the VMM's own memory,
     /// tens of MiB; the guest RAM is the snapshot's either way).
     pub max_held: u32,
+    /// Clones kept started, per snapshot template in use, for creates to take over
+    /// (see `sandbox::pool`); zero: none.
+    pub clone_pool: u32,
 }
 
 impl AgentConfig {
@@ -95,6 +98,7 @@ impl AgentConfig {
             warm_dir: PathBuf::from("/var/cache/nestbox/warm"),
             pause_hold: Duration::from_secs(300),
             max_held: 16,
+            clone_pool: 1,
         }
     }
 

@@ -340,7 +340,7 @@ impl HostAgent for Service {
             .template_id
             .parse()
             .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))?;
-        self.manager.delete_template(template)?;
+        self.manager.delete_template(template).await?;
         Ok(Response::new(DeleteTemplateResponse {}))
     }
 

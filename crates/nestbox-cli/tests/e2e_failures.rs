@@ -44,8 +44,12 @@ fn qemu_of(id: &str) -> bool {
 async fn a_failed_boot_releases_everything_and_records_the_reason() {
     // One second is far too short for a TCG boot: every create that boots fails after the
     // VM started. (A non-default machine boots instead of restoring the warm snapshot.)
+    // No pooled clones: the checks below count everything the instance holds.
     let nb = Nestbox::up_with(Options {
-        env: vec![("NESTBOX_BOOT_TIMEOUT".into(), "1".into())],
+        env: vec![
+            ("NESTBOX_BOOT_TIMEOUT".into(), "1".into()),
+            ("NESTBOX_CLONE_POOL".into(), "0".into()),
+        ],
     });
     let client = nb.client();
     let err = client
@@ -140,7 +144,7 @@ async fn a_crash_is_cleaned_up_on_the_next_start() {
 
 #[tokio::test]
 async fn create_destroy_cycles_leave_nothing_behind() {
-    let nb = Nestbox::up();
+    let mut nb = Nestbox::up();
     let client = nb.client();
     for i in 0..8 {
         // Alternate restores of the warm snapshot (default machine) and fresh boots.
@@ -156,6 +160,9 @@ async fn create_destroy_cycles_leave_nothing_behind() {
         client.destroy_sandbox(sb.id).await.unwrap();
         assert_gone(&nb, &fp, sb.id);
     }
+    // The default template's pooled clone is the only thing the instance still holds; a
+    // clean stop removes it too.
+    nb.stop();
     assert!(slots_of(&nb.tag()).is_empty());
     let left: Vec<_> = std::fs::read_dir(nb.data_dir().join("agent/sandboxes"))
         .unwrap()
@@ -166,7 +173,10 @@ async fn create_destroy_cycles_leave_nothing_behind() {
 
 #[tokio::test]
 async fn validation_happens_before_anything_is_taken() {
-    let nb = Nestbox::up();
+    // No pooled clones: the checks below count everything the instance holds.
+    let nb = Nestbox::up_with(Options {
+        env: vec![("NESTBOX_CLONE_POOL".into(), "0".into())],
+    });
     let client = nb.client();
     let cases = [
         (

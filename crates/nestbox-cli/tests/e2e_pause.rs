@@ -258,13 +258,13 @@ async fn a_crash_in_the_middle_of_a_pause_leaves_a_consistent_state() {
     client.destroy_sandbox(a).await.unwrap();
 }
 
-/// Whether a VMM process of `id` runs (a zombie does not count).
-fn vmm_alive(pid: u32, id: SandboxId) -> bool {
+/// Whether the VMM process `pid` named `name` runs (a zombie does not count).
+fn vmm_alive(pid: u32, name: &str) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
     !zombie
         && std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).contains(&id.to_string()))
+            .map(|b| String::from_utf8_lossy(&b).contains(name))
             .unwrap_or(false)
 }
 
@@ -285,13 +285,16 @@ async fn a_held_vmm_that_dies_or_is_let_go_leaves_a_whole_snapshot() {
     let before = counter(&client, a).await;
     client.pause_sandbox(a).await.unwrap();
     let fp = footprint(&nb, a);
-    assert!(vmm_alive(fp.vmm_pid, a), "a paused sandbox holds its VMM");
+    assert!(
+        vmm_alive(fp.vmm_pid, &fp.vmm_name),
+        "a paused sandbox holds its VMM"
+    );
     // SAFETY: a VMM of this test's sandbox, checked just above.
     unsafe {
         libc::kill(fp.vmm_pid as i32, libc::SIGKILL);
     }
     eventually(Duration::from_secs(30), "the VMM to be gone", || async {
-        (!vmm_alive(fp.vmm_pid, a)).then_some(())
+        (!vmm_alive(fp.vmm_pid, &fp.vmm_name)).then_some(())
     })
     .await;
     assert_eq!(
@@ -313,8 +316,10 @@ async fn a_held_vmm_that_dies_or_is_let_go_leaves_a_whole_snapshot() {
         || async {
             let st: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
-            (st["vmm_pid"].is_null() && st["slot"].is_null() && !vmm_alive(fp.vmm_pid, a))
-                .then_some(())
+            (st["vmm_pid"].is_null()
+                && st["slot"].is_null()
+                && !vmm_alive(fp.vmm_pid, &fp.vmm_name))
+            .then_some(())
         },
     )
     .await;

@@ -196,6 +196,16 @@ impl SlotAllocator {
         Err(NetError::SlotsExhausted)
     }
 
+    /// Records a new holder of a slot this allocator's owner holds (a pooled clone taken
+    /// over by a sandbox).
+    pub fn reassign(&self, slot: u32, holder: &str) -> Result<(), NetError> {
+        let path = self.dir.join(slot.to_string());
+        let tmp = self.dir.join(format!(".{slot}.tmp"));
+        std::fs::write(&tmp, format!("{} {}\n", self.owner, holder))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| NetError::SlotDir { path, source })
+    }
+
     /// Frees a slot. Freeing a free slot is not an error.
     pub fn release(&self, slot: u32) -> Result<(), NetError> {
         let path = self.dir.join(slot.to_string());

@@ -328,6 +328,10 @@ pub trait Vm: Send + Sync {
         &'a mut self,
         dir: &'a Path,
     ) -> BoxFuture<'a, Result<SavedSnapshot, VmmError>>;
+    /// Tells the VM that the caller renamed its run and memory directories (with every
+    /// file in them): the VMM keeps its open files and mappings, and later operations
+    /// (saves, stop) use the new paths. Its id stays the one it was started under.
+    fn relocate(&mut self, run_dir: &Path, memory_dir: &Path);
     /// Runs a held VM again. The snapshot is consumed (its manifest first, so it never
     /// looks restorable half-consumed; the RAM file goes back to the VM). If the VMM had
     /// exited, nothing is touched and the error says so.

@@ -18,6 +18,7 @@ use nestbox_vmm::snapshot::RestoreMemory;
 use nestbox_vmm::{Disk, DiskFormat, GuestConfig, NetworkSpec, Vm, VmSpec};
 use sha2::{Digest, Sha256};
 
+use super::pool::{self, PoolKey};
 use super::state::{self, Phase, StartedBy, StateFile};
 use super::{CreateParams, Manager, mem_dir, min_disk_mb, remove_dir_if_exists, sandbox_dir};
 use crate::error::AgentError;
@@ -115,11 +116,14 @@ impl Manager {
             started_by: StartedBy::Boot,
             slot: None,
             vmm_pid: None,
+            vmm_name: None,
             mem_dir: mem_dir(&inner.tag, id),
             snapshot_durable: false,
             started_at: Utc::now(),
             boot_ms: 0,
             guest_version: String::new(),
+            pooled: false,
+            dir_alias: None,
         };
         let origin = match p.template_id {
             Some(tpl) => {
@@ -207,15 +211,69 @@ impl Manager {
         Ok((origin, st))
     }
 
-    /// Creates a new sandbox's files, network and VM, and initialises its guest agent.
+    /// Creates a new sandbox's files, network and VM, and initialises its guest agent. A
+    /// clone of a snapshot template takes over a pooled one when there is one.
     pub(super) async fn launch_new(
         &self,
         p: &CreateParams,
         started: Instant,
     ) -> Result<(StateFile, Live, EnvdClient, String), AgentError> {
+        let (origin, st) = self.origin(p)?;
+        let key = match &origin {
+            Origin::Clone { template, .. } => pool::key(template, &st),
+            Origin::Boot { .. } => None,
+        };
+        let Some(key) = key else {
+            return self.launch_from(p, origin, st, started).await;
+        };
+        let result = match self.take_pooled(&key, p, started).await {
+            Some(done) => Ok(done),
+            None => self.launch_from(p, origin, st, started).await,
+        };
+        // Top the pool up for the next create, in the background.
+        self.refill_pool(key, p);
+        result
+    }
+
+    /// The pool key of `p`'s creates, if they start as clones a pooled one can serve.
+    pub(super) fn pool_key_of(&self, p: &CreateParams) -> Result<Option<PoolKey>, AgentError> {
+        Ok(match self.origin(p)? {
+            (Origin::Clone { template, .. }, st) => pool::key(&template, &st),
+            (Origin::Boot { .. }, _) => None,
+        })
+    }
+
+    /// The start of a pooled clone (no pool taken from, none refilled).
+    pub(super) async fn launch_for_pool(
+        &self,
+        p: &CreateParams,
+        key: &PoolKey,
+    ) -> Result<(StateFile, Live, EnvdClient, String), AgentError> {
+        let (origin, st) = self.origin(p)?;
+        let matches = match &origin {
+            Origin::Clone { template, .. } => pool::key(template, &st).as_ref() == Some(key),
+            Origin::Boot { .. } => false,
+        };
+        if !matches {
+            return Err(AgentError::Internal(format!(
+                "template {} no longer starts as a clone of {}",
+                p.template,
+                key.template.display()
+            )));
+        }
+        self.launch_from(p, origin, st, Instant::now()).await
+    }
+
+    /// [`Self::launch_new`] once the origin is known.
+    async fn launch_from(
+        &self,
+        p: &CreateParams,
+        origin: Origin,
+        mut st: StateFile,
+        started: Instant,
+    ) -> Result<(StateFile, Live, EnvdClient, String), AgentError> {
         let inner = self.inner();
         let id = p.id;
-        let (origin, mut st) = self.origin(p)?;
         let dir = sandbox_dir(&inner.cfg.data_dir, id);
         let result = async {
             // Directory and state record first: from here on a crash is cleaned up.
@@ -362,6 +420,7 @@ impl Manager {
             }
         };
         st.vmm_pid = Some(vm.pid());
+        st.vmm_name = Some(vm.id().to_string());
         let vmm_ms = phase.elapsed().as_millis();
         let restored = snapshot.is_some();
         // A restored guest keeps the version it had (resume); a clone learns it after /init.
@@ -481,6 +540,12 @@ impl Manager {
             }
             if let Err(e) = remove_dir_if_exists(dir).await {
                 note(AgentError::host("removing the sandbox directory", id, e));
+            }
+            if let Some(alias) = st.dir_alias.take()
+                && let Err(e) = tokio::fs::remove_file(&alias).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                note(AgentError::host("removing the directory's old name", id, e));
             }
         }
         first

@@ -33,6 +33,7 @@
 //!   the snapshot is untouched by that.
 
 mod launch;
+mod pool;
 pub mod state;
 mod task;
 mod warm;
@@ -304,6 +305,8 @@ pub(crate) struct Inner {
     pub(crate) templates: TemplateStore,
     pub(crate) warm: warm::Warm,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Started clones of snapshot templates for creates to take over.
+    pub(crate) pool: pool::Pool,
     /// Permits for paused sandboxes that keep their VMM (`max_held`).
     pub(crate) holds: Arc<tokio::sync::Semaphore>,
     sandboxes: Mutex<HashMap<SandboxId, Slot>>,
@@ -370,6 +373,7 @@ impl Manager {
             inner: Arc::new(Inner {
                 warm: warm::Warm::new(parts.warm),
                 holds: Arc::new(tokio::sync::Semaphore::new(parts.cfg.max_held as usize)),
+                pool: pool::Pool::default(),
                 cfg: parts.cfg,
                 tag: parts.tag,
                 vmm: parts.vmm,
@@ -383,6 +387,21 @@ impl Manager {
                 sandboxes: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Pooled clones (ready or starting).
+    pub fn pooled(&self) -> usize {
+        self.inner.pool.len()
+    }
+
+    /// Whether pooled clones are being started.
+    pub fn pool_filling(&self) -> bool {
+        self.inner.pool.filling()
+    }
+
+    /// Stops every pooled clone (benchmarks measure creates without them).
+    pub async fn drain_pools(&self) {
+        self.drain_pool(|_| true).await;
     }
 
     pub(crate) fn inner(&self) -> &Inner {
@@ -718,8 +737,12 @@ impl Manager {
     }
 
     /// Deletes a team template's files; refused while a sandbox on this host builds on
-    /// them (its disk is an overlay over the template's, its memory may map it).
-    pub fn delete_template(&self, template: TemplateId) -> Result<(), AgentError> {
+    /// them (its disk is an overlay over the template's, its memory may map it). Its
+    /// pooled clones are stopped first.
+    pub async fn delete_template(&self, template: TemplateId) -> Result<(), AgentError> {
+        if let Ok(stored) = self.template(template) {
+            self.drain_pool(|k| k.template == stored.dir).await;
+        }
         let users: Vec<SandboxId> = self
             .list()
             .iter()
@@ -746,6 +769,7 @@ impl Manager {
 
     /// Destroys every sandbox, paused ones included.
     pub async fn destroy_all(&self) {
+        self.drain_pool(|_| true).await;
         let ids: Vec<SandboxId> = self.all_ids();
         for id in ids {
             if let Err(e) = self.destroy_any(id).await {
@@ -757,6 +781,7 @@ impl Manager {
     /// Pauses every running sandbox (agent shutdown: they survive the restart). Returns
     /// the ids paused; those that could not be paused are destroyed.
     pub async fn pause_all(&self) -> (Vec<SandboxId>, Vec<SandboxId>) {
+        self.drain_pool(|_| true).await;
         let mut paused = Vec::new();
         let mut destroyed = Vec::new();
         for h in self.list() {
@@ -834,8 +859,10 @@ impl Manager {
         self.inner.warm.settled()
     }
 
-    /// Builds (or finds) the warm snapshots of the built-in templates, in the background.
+    /// Builds (or finds) the warm snapshots of the built-in templates and fills the
+    /// default template's clone pool, in the background.
     pub fn warm_up(&self) {
+        self.start_pool_reaper();
         let manager = self.clone();
         tokio::spawn(async move { warm::warm_up(manager).await });
     }

@@ -90,6 +90,10 @@ pub struct StateFile {
     pub slot: Option<u32>,
     /// Its VMM process while it runs.
     pub vmm_pid: Option<u32>,
+    /// The name its VMM's command line carries: the id it was started under (a pooled
+    /// clone's, for a sandbox that took one over), so cleanup never kills another process.
+    #[serde(default)]
+    pub vmm_name: Option<String>,
     /// Its tmpfs directory (guest RAM, fast snapshot).
     pub mem_dir: PathBuf,
     /// The on-disk copy of its snapshot is complete (survives a host reboot).
@@ -101,6 +105,14 @@ pub struct StateFile {
     pub boot_ms: u64,
     /// Guest agent version.
     pub guest_version: String,
+    /// A started clone waiting in the pool for a create to take it over.
+    #[serde(default)]
+    pub pooled: bool,
+    /// A symlink to this directory under the name it had as a pooled clone: that clone's
+    /// VMM reopens its disk by the old path (QEMU does when a pause hands the image over).
+    /// Removed with the directory.
+    #[serde(default)]
+    pub dir_alias: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for StateFile {
@@ -125,6 +137,9 @@ pub struct Leftovers {
     /// Its VMM, if one ran.
     #[serde(default)]
     pub vmm_pid: Option<u32>,
+    /// The name on its VMM's command line (default: the sandbox id).
+    #[serde(default)]
+    pub vmm_name: Option<String>,
     /// Its tmpfs directory.
     #[serde(default)]
     pub mem_dir: Option<PathBuf>,

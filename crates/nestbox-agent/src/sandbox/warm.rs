@@ -114,6 +114,26 @@ pub(crate) async fn warm_up(manager: Manager) {
             }
         }
     }
+    // The default create is the most common one: have a clone of it ready.
+    let default = nestbox_types::limits::DEFAULT_TEMPLATE;
+    if manager.templates().iter().any(|t| t == default)
+        && let Ok(access_token) = crate::random_token()
+    {
+        let disk_mb = manager.inner().cfg.default_disk_mb;
+        let params = CreateParams {
+            id: SandboxId::new(),
+            team: PLATFORM_TEAM,
+            template: default.to_string(),
+            template_id: None,
+            vcpus: DEFAULT_VCPUS,
+            memory_mb: DEFAULT_MEMORY_MB,
+            disk_size_mb: u32::try_from(disk_mb).unwrap_or(u32::MAX),
+            timeout_sec: 0,
+            env: HashMap::new(),
+            access_token,
+        };
+        manager.prefill_pool(&params).await;
+    }
     manager
         .inner()
         .warm

@@ -61,6 +61,10 @@ pub struct HostArgs {
     /// continue rather than a restore; seconds (0: never). Its snapshot is whole either way.
     #[arg(long, env = "NESTBOX_PAUSE_HOLD_SECS", default_value_t = 300)]
     pub pause_hold_secs: u64,
+    /// Clones of each snapshot template in use to keep started, so that a create takes
+    /// one over instead of restoring (each costs an idle sandbox's memory; 0: none).
+    #[arg(long, env = "NESTBOX_CLONE_POOL", default_value_t = 1)]
+    pub clone_pool: u32,
 }
 
 impl Default for HostArgs {
@@ -71,6 +75,7 @@ impl Default for HostArgs {
             qemu: "qemu-system-x86_64".into(),
             boot_timeout: 90,
             pause_hold_secs: 300,
+            clone_pool: 1,
         }
     }
 }
@@ -83,6 +88,7 @@ impl HostArgs {
         cfg.qemu_binary = self.qemu.clone();
         cfg.boot_timeout = std::time::Duration::from_secs(self.boot_timeout.max(1));
         cfg.pause_hold = std::time::Duration::from_secs(self.pause_hold_secs);
+        cfg.clone_pool = self.clone_pool;
     }
 }
 

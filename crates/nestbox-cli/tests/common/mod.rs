@@ -290,6 +290,9 @@ pub async fn sh_ok(client: &Client, id: SandboxId, command: &str) -> String {
 pub struct HostFootprint {
     pub slot: u32,
     pub vmm_pid: u32,
+    /// What the VMM's command line names (the id it started under: a pooled clone's for a
+    /// sandbox that took one over).
+    pub vmm_name: String,
     pub sandbox_dir: PathBuf,
     pub mem_dir: PathBuf,
 }
@@ -304,6 +307,9 @@ pub fn footprint(nb: &Nestbox, id: SandboxId) -> HostFootprint {
     HostFootprint {
         slot: state["slot"].as_u64().unwrap() as u32,
         vmm_pid: state["vmm_pid"].as_u64().unwrap() as u32,
+        vmm_name: state["vmm_name"]
+            .as_str()
+            .map_or_else(|| id.to_string(), String::from),
         mem_dir: PathBuf::from(state["mem_dir"].as_str().unwrap()),
         sandbox_dir,
     }
@@ -319,7 +325,7 @@ fn output(cmd: &str, args: &[&str]) -> String {
 pub fn assert_gone(nb: &Nestbox, fp: &HostFootprint, id: SandboxId) {
     let pid_alive = Path::new(&format!("/proc/{}", fp.vmm_pid)).exists()
         && std::fs::read(format!("/proc/{}/cmdline", fp.vmm_pid))
-            .map(|b| String::from_utf8_lossy(&b).contains(&id.to_string()))
+            .map(|b| String::from_utf8_lossy(&b).contains(&fp.vmm_name))
             .unwrap_or(false);
     assert!(
         !pid_alive,

@@ -615,6 +615,28 @@ impl Vm for QemuVm {
     fn resume_held(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
         Box::pin(self.resume_held_vm())
     }
+
+    fn relocate(&mut self, run_dir: &Path, memory_dir: &Path) {
+        let moved = |p: &Path, from: &Path, to: &Path| match p.strip_prefix(from) {
+            Ok(rest) => to.join(rest),
+            Err(_) => p.to_path_buf(),
+        };
+        let (old_run, old_memory) = (self.run_dir.clone(), self.spec.memory_dir.clone());
+        self.paths = RunPaths::new(run_dir, memory_dir, &self.id);
+        self.run_dir = run_dir.to_path_buf();
+        self.spec.root_disk.path = moved(&self.spec.root_disk.path, &old_run, run_dir);
+        self.spec.run_dir = run_dir.to_path_buf();
+        self.spec.memory_dir = memory_dir.to_path_buf();
+        if let MemoryBacking::Owned(p) = &mut self.memory {
+            *p = moved(p, &old_memory, memory_dir);
+        }
+        if let Some(held) = &mut self.held {
+            held.dir = moved(&held.dir, &old_memory, memory_dir);
+            if let Some((src, _)) = &mut held.ram {
+                *src = moved(src, &old_memory, memory_dir);
+            }
+        }
+    }
 }
 
 /// Kills a QEMU left behind by a crashed agent (found through the pid file in

@@ -276,6 +276,12 @@ impl QemuVm {
                 &self.paths,
             ));
         }
+        // A VMM that died but is not reaped yet shows as a closed monitor: ask it first,
+        // before the snapshot is touched.
+        if let Err(source) = self.qmp.query_status().await {
+            self.held = Some(held);
+            return Err(qmp_err(&self.id)(source));
+        }
         let started = Instant::now();
         let io = |op: &'static str, path: PathBuf| move |source| VmmError::Io { op, path, source };
         // The manifest goes first: from here on the snapshot is no longer whole, and a

@@ -190,6 +190,10 @@ pub(crate) enum Command {
     Resume {
         reply: oneshot::Sender<Result<(), AgentError>>,
     },
+    /// Let a paused sandbox's held VMM go (its snapshot stays).
+    ReleaseHeld {
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
     /// Finish copying the snapshot to disk, then free its tmpfs copy (agent shutdown).
     Settle {
         reply: oneshot::Sender<Result<(), AgentError>>,
@@ -399,9 +403,15 @@ impl Manager {
         self.inner.pool.filling()
     }
 
-    /// Stops every pooled clone (benchmarks measure creates without them).
+    /// Stops every pooled clone, and waits for clones being started to be stopped too
+    /// (shutdown; benchmarks measure creates without them).
     pub async fn drain_pools(&self) {
         self.drain_pool(|_| true).await;
+        // A fill in flight stops its clone itself (the drain changed the pool's epoch).
+        let waited = Instant::now();
+        while self.inner.pool.filling() && waited.elapsed() < self.inner.cfg.boot_timeout {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub(crate) fn inner(&self) -> &Inner {
@@ -703,6 +713,14 @@ impl Manager {
             .await
     }
 
+    /// Lets a paused sandbox's held VMM go: its next resume restores the snapshot (as
+    /// after the hold time or a restart). A no-op for a sandbox that holds none.
+    pub async fn release_held(&self, id: SandboxId) -> Result<(), AgentError> {
+        self.get(id)?
+            .request(|reply| Command::ReleaseHeld { reply })
+            .await
+    }
+
     /// Resets a sandbox's inactivity timer.
     pub fn ping(&self, id: SandboxId) -> Result<(), AgentError> {
         let h = self.get(id)?;
@@ -769,7 +787,7 @@ impl Manager {
 
     /// Destroys every sandbox, paused ones included.
     pub async fn destroy_all(&self) {
-        self.drain_pool(|_| true).await;
+        self.drain_pools().await;
         let ids: Vec<SandboxId> = self.all_ids();
         for id in ids {
             if let Err(e) = self.destroy_any(id).await {
@@ -781,7 +799,7 @@ impl Manager {
     /// Pauses every running sandbox (agent shutdown: they survive the restart). Returns
     /// the ids paused; those that could not be paused are destroyed.
     pub async fn pause_all(&self) -> (Vec<SandboxId>, Vec<SandboxId>) {
-        self.drain_pool(|_| true).await;
+        self.drain_pools().await;
         let mut paused = Vec::new();
         let mut destroyed = Vec::new();
         for h in self.list() {

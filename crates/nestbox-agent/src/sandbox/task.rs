@@ -135,6 +135,10 @@ impl SandboxTask {
                         Command::Resume { reply } => {
                             let _ = reply.send(self.resume().await);
                         }
+                        Command::ReleaseHeld { reply } => {
+                            self.release_held().await;
+                            let _ = reply.send(Ok(()));
+                        }
                         Command::Settle { reply } => {
                             let _ = reply.send(self.settle().await);
                         }

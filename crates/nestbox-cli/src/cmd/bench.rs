@@ -348,7 +348,8 @@ async fn measure(
     // 6. The platform's CPU with idle sandboxes (the metrics sampler among it).
     platform_cpu(args, launched, &client).await?;
 
-    // 7. Create/destroy cycles leave nothing behind.
+    // 7. Create/destroy cycles leave nothing behind (the pooled clones are stopped
+    // before the check, as at shutdown).
     let t = Instant::now();
     for _ in 0..args.cycles {
         let sb = client
@@ -356,6 +357,7 @@ async fn measure(
             .await?;
         client.destroy_sandbox(sb.id).await?;
     }
+    launched.agent.manager.drain_pools().await;
     let leftovers = leftovers(
         &launched.data_dir,
         &nestbox_agent::instance_tag(&launched.data_dir.join("agent")),
@@ -612,61 +614,87 @@ async fn snapshots(
     }
     let _ = std::fs::remove_dir_all(&mem_dir);
 
-    // Through REST: a booted 512 MiB sandbox, and a clone of the warm snapshot.
+    // Through REST: a booted 512 MiB sandbox, and a clone of the warm snapshot. Resume is
+    // measured both ways: with the VMM held (a `cont`), and restored from the snapshot
+    // (the VMM let go first, as after the hold time or a restart). Each is followed by
+    // the first exec, which under TCG pays for what a restore left cold.
     let cold = CreateSandboxRequest {
         disk_size_mb: u32::try_from(manager.default_disk_mb() + 1024).ok(),
         ..Default::default()
     };
-    let (mut pause, mut resume, mut clone_pause, mut clone_resume) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut m = SnapshotFigures::default();
     for _ in 0..runs {
-        let sb = client.create_sandbox(&cold).await?;
-        let t = Instant::now();
-        client.pause_sandbox(sb.id).await?;
-        pause.push(ms(t.elapsed()));
-        let t = Instant::now();
-        client.resume_sandbox(sb.id).await?;
-        resume.push(ms(t.elapsed()));
-        client.destroy_sandbox(sb.id).await?;
-        let sb = client
-            .create_sandbox(&CreateSandboxRequest::default())
-            .await?;
-        let t = Instant::now();
-        client.pause_sandbox(sb.id).await?;
-        clone_pause.push(ms(t.elapsed()));
-        let t = Instant::now();
-        client.resume_sandbox(sb.id).await?;
-        clone_resume.push(ms(t.elapsed()));
-        client.destroy_sandbox(sb.id).await?;
+        for (req, clone) in [(&cold, false), (&CreateSandboxRequest::default(), true)] {
+            let sb = client.create_sandbox(req).await?;
+            let t = Instant::now();
+            client.pause_sandbox(sb.id).await?;
+            m.pause[usize::from(clone)].push(ms(t.elapsed()));
+            let t = Instant::now();
+            client.resume_sandbox(sb.id).await?;
+            m.held[usize::from(clone)].push(ms(t.elapsed()));
+            let t = Instant::now();
+            run_true(client, sb.id).await?;
+            m.held_exec.push(ms(t.elapsed()));
+            client.pause_sandbox(sb.id).await?;
+            manager.release_held(sb.id).await?;
+            let t = Instant::now();
+            client.resume_sandbox(sb.id).await?;
+            m.restored[usize::from(clone)].push(ms(t.elapsed()));
+            let t = Instant::now();
+            run_true(client, sb.id).await?;
+            m.restored_exec.push(ms(t.elapsed()));
+            client.destroy_sandbox(sb.id).await?;
+        }
     }
     row(
         "bare VMM suspend (512 MiB, booted)",
         &stats(bare_pause),
         "ms",
     );
-    row("pause through REST (512 MiB, booted)", &stats(pause), "ms");
     row(
-        "pause through REST (clone of a snapshot)",
-        &stats(clone_pause),
+        "pause through REST (512 MiB, booted)",
+        &stats(m.pause[0].clone()),
         "ms",
     );
+    row(
+        "pause through REST (clone of a snapshot)",
+        &stats(m.pause[1].clone()),
+        "ms",
+    );
+    row(
+        "resume → exec-ready, VMM held (booted)",
+        &stats(m.held[0].clone()),
+        "ms",
+    );
+    row(
+        "resume → exec-ready, VMM held (clone)",
+        &stats(m.held[1].clone()),
+        "ms",
+    );
+    row("  then the first exec `true`", &stats(m.held_exec), "ms");
     row(
         "bare VMM restore of a suspended VM",
         &stats(bare_resume),
         "ms",
     );
     row(
-        "resume through REST → exec-ready (booted)",
-        &stats(resume),
+        "resume → exec-ready, restored (booted)",
+        &stats(m.restored[0].clone()),
         "ms",
     );
     row(
-        "resume through REST → exec-ready (clone)",
-        &stats(clone_resume),
+        "resume → exec-ready, restored (clone)",
+        &stats(m.restored[1].clone()),
+        "ms",
+    );
+    row(
+        "  then the first exec `true`",
+        &stats(m.restored_exec),
         "ms",
     );
 
-    // Create from a snapshot template (a team's), and its size on disk.
+    // Create from a snapshot template (a team's): taking over a pooled clone, and
+    // restoring one (the pools drained first), each followed by the first exec.
     let src = client
         .create_sandbox(&CreateSandboxRequest::default())
         .await?;
@@ -683,31 +711,62 @@ async fn snapshots(
         template: Some("bench-snapshot".into()),
         ..Default::default()
     };
-    let mut create = Vec::new();
+    let (mut pooled, mut pooled_exec, mut restored, mut restored_exec) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let settle_pools = || async {
+        let waited = Instant::now();
+        while manager.pool_filling() && waited.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     for _ in 0..runs {
-        let t = Instant::now();
-        let sb = client.create_sandbox(&from_tpl).await?;
-        create.push(ms(t.elapsed()));
-        client.destroy_sandbox(sb.id).await?;
+        // Restored: no pooled clone (fills in flight discard theirs after a drain).
+        manager.drain_pools().await;
+        settle_pools().await;
+        // Pooled: the restored create started filling the pool; wait until it is full.
+        for (times, execs) in [
+            (&mut restored, &mut restored_exec),
+            (&mut pooled, &mut pooled_exec),
+        ] {
+            let t = Instant::now();
+            let sb = client.create_sandbox(&from_tpl).await?;
+            times.push(ms(t.elapsed()));
+            let t = Instant::now();
+            run_true(client, sb.id).await?;
+            execs.push(ms(t.elapsed()));
+            client.destroy_sandbox(sb.id).await?;
+            settle_pools().await;
+        }
     }
     row("bare VMM restore of a clone", &stats(bare_clone), "ms");
     row(
-        "create from a snapshot template → exec-ready",
-        &stats(create),
+        "create from a snapshot template, pooled clone",
+        &stats(pooled),
         "ms",
     );
+    row("  then the first exec `true`", &stats(pooled_exec), "ms");
+    row(
+        "create from a snapshot template, restored",
+        &stats(restored),
+        "ms",
+    );
+    row("  then the first exec `true`", &stats(restored_exec), "ms");
     println!(
         "{:<44} {:>10.1} MiB  (512 MiB guest, 5 GiB disk; allocated)",
         "snapshot template size on disk",
         tpl.size_bytes as f64 / (1 << 20) as f64
     );
 
-    // Host memory of idle clones: resident set shared with the template's pages.
+    // Host memory of idle clones: resident set shared with the template's pages. Restored
+    // ones (no pool), then what one pooled clone costs (its warm-up ran a process, and
+    // QEMU keeps the code it translated for that).
     let n = 8;
+    manager.drain_pools().await;
     let before = meminfo_kb("MemAvailable:")?;
     let mut ids = Vec::new();
     for _ in 0..n {
         ids.push(client.create_sandbox(&from_tpl).await?.id);
+        manager.drain_pools().await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = meminfo_kb("MemAvailable:")?;
@@ -716,19 +775,59 @@ async fn snapshots(
         pss.push(smaps_kb(vmm_pid(&launched.data_dir, *id)?, "Pss:")? as f64 / 1024.0);
     }
     row(
-        &format!("idle clone: VMM proportional memory ({n} clones)"),
+        &format!("idle restored clone: VMM proportional memory ({n} clones)"),
         &stats(pss),
         "MiB",
     );
     println!(
         "{:<44} {:>10.1} MiB",
-        format!("host memory taken per idle clone ({n} clones)"),
+        format!("host memory taken per idle restored clone ({n})"),
         before.saturating_sub(after) as f64 / 1024.0 / n as f64
     );
     for id in ids {
         client.destroy_sandbox(id).await?;
     }
+    let sb = client.create_sandbox(&from_tpl).await?;
+    client.destroy_sandbox(sb.id).await?;
+    manager.drain_pools().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = meminfo_kb("MemAvailable:")?;
+    let sb = client.create_sandbox(&from_tpl).await?;
+    client.destroy_sandbox(sb.id).await?;
+    settle_pools().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = meminfo_kb("MemAvailable:")?;
+    println!(
+        "{:<44} {:>10.1} MiB",
+        "host memory taken by one pooled clone",
+        before.saturating_sub(after) as f64 / 1024.0
+    );
     client.delete_snapshot("bench-snapshot").await?;
+    Ok(())
+}
+
+/// What [`snapshots`] measures through REST, per run (`[booted, clone]` pairs).
+#[derive(Default)]
+struct SnapshotFigures {
+    pause: [Vec<f64>; 2],
+    held: [Vec<f64>; 2],
+    restored: [Vec<f64>; 2],
+    held_exec: Vec<f64>,
+    restored_exec: Vec<f64>,
+}
+
+/// Runs `true` in a sandbox through REST.
+async fn run_true(client: &Client, id: SandboxId) -> anyhow::Result<()> {
+    let r = client
+        .exec(
+            id,
+            &ExecRequest {
+                command: Some("true".into()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    anyhow::ensure!(r.exit_code == 0, "`true` exited with {}", r.exit_code);
     Ok(())
 }
 

@@ -426,6 +426,92 @@ async fn suspend_and_resume_twice_keeps_processes_and_tmpfs() {
 }
 
 #[tokio::test]
+async fn a_held_vm_resumes_in_place_or_leaves_a_whole_snapshot() {
+    let (template, kernel) = images();
+    let s = Scratch::new();
+    let disk = s.overlay(&template.rootfs, "root").await;
+    let vmm = tcg().await;
+    let id = "held";
+    let port = free_port();
+    let user = NetworkSpec::User { host_port: port };
+    let mut vm = boot(&vmm, s.spec(id, &kernel, &disk, user.clone())).await;
+    let ram = s.memory_dir().join(format!("{id}.ram"));
+    let client = guest(port);
+    init(&client).await;
+    let pid = start_counter(&client).await;
+    sh(&client, "echo kept > /dev/shm/note").await;
+    counter_passes(&client, 2).await;
+
+    // Held: a whole snapshot, and the VMM still there, stopped.
+    let dir = s.snapshot("held0");
+    let before = counter(&client).await;
+    let qemu_pid = vm.pid();
+    let saved = vm.suspend_held(&dir).await.unwrap();
+    assert_eq!(
+        saved.memory,
+        SavedMemory::File {
+            path: dir.join(MEMORY_FILE),
+            placement: Placement::Moved
+        }
+    );
+    assert!(vm.exited().is_none(), "a held VMM stays");
+    assert_ne!(vm.run_state().await.unwrap(), "running");
+    assert!(dir.join(MANIFEST_FILE).exists() && !ram.exists());
+    assert!(matches!(
+        vm.suspend_held(&s.snapshot("again")).await,
+        Err(VmmError::Held { .. })
+    ));
+    // Resumed in place: the same process, the snapshot consumed, the RAM file back.
+    vm.resume_held().await.unwrap();
+    assert_eq!(vm.pid(), qemu_pid);
+    assert_eq!(vm.run_state().await.unwrap(), "running");
+    for f in [MANIFEST_FILE, STATE_FILE, MEMORY_FILE] {
+        assert!(!dir.join(f).exists(), "{f} of a resumed snapshot is left");
+    }
+    assert!(ram.exists());
+    counter_passes(&client, before).await;
+    assert_eq!(sh(&client, "cat /dev/shm/note").await, "kept");
+    assert!(matches!(vm.resume_held().await, Err(VmmError::Held { .. })));
+
+    // Its directories renamed under it: it saves to, and stops from, the new paths.
+    let run2 = s.disk.path().join("run-held-moved");
+    let mem2 = s.shm.path().join("mem-moved");
+    std::fs::rename(vm.run_dir(), &run2).unwrap();
+    std::fs::rename(s.memory_dir(), &mem2).unwrap();
+    vm.relocate(&run2, &mem2);
+    assert_eq!(vm.run_dir(), run2.as_path());
+    let dir = mem2.join("held1");
+    let before = counter(&client).await;
+    vm.suspend_held(&dir).await.unwrap();
+    // Stopped instead of resumed: the snapshot stays whole and restores elsewhere.
+    vm.stop(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        qemus_mentioning(&run2).is_empty(),
+        "qemu {qemu_pid} survived"
+    );
+    for f in [MANIFEST_FILE, STATE_FILE, MEMORY_FILE] {
+        assert!(
+            dir.join(f).exists(),
+            "{f} of a held snapshot went with its VMM"
+        );
+    }
+    let port = free_port();
+    let mut spec = s.spec(id, &kernel, &disk, NetworkSpec::User { host_port: port });
+    spec.memory_dir = mem2.clone();
+    let mut vm = vmm
+        .restore(spec, &dir, RestoreMemory::Resume)
+        .await
+        .unwrap()
+        .vm;
+    let client = guest(port);
+    wait_agent(&client).await;
+    counter_passes(&client, before).await;
+    let running: Vec<u32> = client.list().await.unwrap().iter().map(|p| p.pid).collect();
+    assert!(running.contains(&pid), "counter {pid} not in {running:?}");
+    vm.stop(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test]
 async fn checkpoint_keeps_the_original_running_and_clones_are_independent() {
     let (template, kernel) = images();
     let s = Scratch::new();

@@ -489,25 +489,8 @@ impl SandboxTask {
             .await
         {
             Ok((live, guest, version)) => {
-                self.live = Some(live);
-                self.st.phase = Phase::Running;
-                self.st.auto_paused = false;
-                self.st.snapshot_durable = false;
-                self.st.guest_version = version.clone();
-                // The restore consumed one copy; the other is stale now.
-                let _ = tokio::fs::remove_dir_all(&fast).await;
-                let _ = tokio::fs::remove_dir_all(&durable).await;
-                state::write(&self.dir, &self.st)?;
-                self.track().await;
-                self.handle.touch();
-                self.handle.set(|s| {
-                    s.state = State::Running;
-                    s.auto_paused = false;
-                    s.guest = Some(guest);
-                    s.guest_version = version;
-                });
-                tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, "resumed");
-                Ok(())
+                self.running_again(live, guest, version, started, "restored")
+                    .await
             }
             Err(e) => {
                 self.handle.set(|s| s.state = State::Paused);
@@ -577,11 +560,27 @@ impl SandboxTask {
                 return Err(e);
             }
         };
-        self.live = Some(held.live);
+        let version = self.st.guest_version.clone();
+        self.running_again(held.live, guest, version, started, "held VMM")
+            .await
+    }
+
+    /// Records a resumed sandbox as running: its snapshot copies are spent (one was
+    /// consumed, the other is stale), the sampler tracks it, requests reach its guest.
+    async fn running_again(
+        &mut self,
+        live: Live,
+        guest: nestbox_envd::client::EnvdClient,
+        version: String,
+        started: Instant,
+        how: &'static str,
+    ) -> Result<(), AgentError> {
+        let id = self.st.sandbox_id;
+        self.live = Some(live);
         self.st.phase = Phase::Running;
         self.st.auto_paused = false;
         self.st.snapshot_durable = false;
-        // Consumed; the on-disk copy is stale now.
+        self.st.guest_version = version.clone();
         let _ = tokio::fs::remove_dir_all(tmpfs_snapshot(&self.st)).await;
         let _ = tokio::fs::remove_dir_all(disk_snapshot(&self.dir)).await;
         state::write(&self.dir, &self.st)?;
@@ -591,8 +590,9 @@ impl SandboxTask {
             s.state = State::Running;
             s.auto_paused = false;
             s.guest = Some(guest);
+            s.guest_version = version;
         });
-        tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, "resumed (held VMM)");
+        tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, how, "resumed");
         Ok(())
     }
 

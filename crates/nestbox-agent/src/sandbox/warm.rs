@@ -117,21 +117,8 @@ pub(crate) async fn warm_up(manager: Manager) {
     // The default create is the most common one: have a clone of it ready.
     let default = nestbox_types::limits::DEFAULT_TEMPLATE;
     if manager.templates().iter().any(|t| t == default)
-        && let Ok(access_token) = crate::random_token()
+        && let Ok(params) = default_machine(default, manager.inner().cfg.default_disk_mb)
     {
-        let disk_mb = manager.inner().cfg.default_disk_mb;
-        let params = CreateParams {
-            id: SandboxId::new(),
-            team: PLATFORM_TEAM,
-            template: default.to_string(),
-            template_id: None,
-            vcpus: DEFAULT_VCPUS,
-            memory_mb: DEFAULT_MEMORY_MB,
-            disk_size_mb: u32::try_from(disk_mb).unwrap_or(u32::MAX),
-            timeout_sec: 0,
-            env: HashMap::new(),
-            access_token,
-        };
         manager.prefill_pool(&params).await;
     }
     manager
@@ -139,6 +126,22 @@ pub(crate) async fn warm_up(manager: Manager) {
         .warm
         .settled
         .store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// A create of built-in template `name` on the default machine, by the platform.
+fn default_machine(name: &str, disk_mb: u64) -> Result<CreateParams, AgentError> {
+    Ok(CreateParams {
+        id: SandboxId::new(),
+        team: PLATFORM_TEAM,
+        template: name.to_string(),
+        template_id: None,
+        vcpus: DEFAULT_VCPUS,
+        memory_mb: DEFAULT_MEMORY_MB,
+        disk_size_mb: u32::try_from(disk_mb).unwrap_or(u32::MAX),
+        timeout_sec: 0,
+        env: HashMap::new(),
+        access_token: crate::random_token()?,
+    })
 }
 
 fn key_for(manager: &Manager, name: &str, disk_mb: u64) -> Result<String, AgentError> {
@@ -263,19 +266,8 @@ async fn build(
     key: &str,
     disk_mb: u64,
 ) -> Result<(), AgentError> {
-    let id = SandboxId::new();
-    let params = CreateParams {
-        id,
-        team: PLATFORM_TEAM,
-        template: name.to_string(),
-        template_id: None,
-        vcpus: DEFAULT_VCPUS,
-        memory_mb: DEFAULT_MEMORY_MB,
-        disk_size_mb: u32::try_from(disk_mb).unwrap_or(u32::MAX),
-        timeout_sec: 0,
-        env: HashMap::new(),
-        access_token: crate::random_token()?,
-    };
+    let params = default_machine(name, disk_mb)?;
+    let id = params.id;
     let handle = manager.create_inner(params, true).await?;
     let made = if handle.state() == State::Running {
         handle

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Nestbox, sh, sh_ok};
+use common::{Nestbox, Options, sh, sh_ok};
 use nestbox_types::api::{CreateSandboxRequest, CreateSnapshotRequest};
 use nestbox_types::{ErrorCode, SandboxStatus, TemplateKind};
 
@@ -23,7 +23,11 @@ fn template_dirs(nb: &Nestbox) -> Vec<String> {
 
 #[tokio::test]
 async fn snapshot_templates_start_independent_sandboxes() {
-    let nb = Nestbox::up();
+    // Every clone here is a restore of the same state (no pooled clones, which ran a
+    // process of their own first): their kernels' random generators start identical.
+    let nb = Nestbox::up_with(Options {
+        env: vec![("NESTBOX_CLONE_POOL".into(), "0".into())],
+    });
     let client = nb.client();
     let a = client
         .create_sandbox(&CreateSandboxRequest::default())
@@ -84,6 +88,14 @@ async fn snapshot_templates_start_independent_sandboxes() {
             "alive"
         );
     }
+    // Each clone's kernel random generator is its own (reseeded by the host at create).
+    let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let (rb, rc) = (
+        sh_ok(&client, b, random).await,
+        sh_ok(&client, c, random).await,
+    );
+    assert_eq!(rb.len(), 64, "{rb}");
+    assert_ne!(rb, rc, "two clones drew the same random bytes");
     // A clone (its memory maps the template's privately) pauses and resumes too.
     client.pause_sandbox(c).await.unwrap();
     client.resume_sandbox(c).await.unwrap();

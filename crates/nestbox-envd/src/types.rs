@@ -32,6 +32,11 @@ pub struct InitRequest {
     /// Nestbox extension: the guest's host name (clones of a snapshot get their own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Nestbox extension: random bytes from the host, hex, mixed into the guest kernel's
+    /// random generator, which is then reseeded. Clones of one snapshot start with the
+    /// same generator state; this makes them diverge at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<String>,
 }
 
 impl fmt::Debug for InitRequest {
@@ -52,6 +57,7 @@ impl fmt::Debug for InitRequest {
             .field("default_workdir", &self.default_workdir)
             .field("timestamp", &self.timestamp)
             .field("hostname", &self.hostname)
+            .field("entropy", &self.entropy.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }

@@ -569,6 +569,8 @@ pub(super) async fn send_init(
         default_workdir: None,
         timestamp: Some(Utc::now()),
         hostname: init.hostname,
+        // A clone (or a resumed sandbox) shares its generator state with its snapshot.
+        entropy: Some(crate::random_token()?),
     };
     let presenting = match &init.present {
         Some(t) => guest

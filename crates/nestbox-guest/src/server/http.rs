@@ -202,6 +202,11 @@ async fn init(server: &Server, request: Request<Incoming>) -> Response<ResponseB
         {
             tracing::warn!(error = %e, "cannot set the host name");
         }
+        if let Some(entropy) = init.entropy.as_deref()
+            && let Err(e) = system::add_entropy(entropy)
+        {
+            tracing::warn!(error = %e, "cannot reseed the random generator");
+        }
     }
     tracing::info!(request = ?init, "initialised");
     no_content()

@@ -305,7 +305,8 @@ async fn a_held_vmm_that_dies_or_is_let_go_leaves_a_whole_snapshot() {
     assert_state_survived(&client, a, pid, before).await;
 
     // Paused again and left alone past the hold time: the VMM and the network are let
-    // go, the sandbox stays paused on its snapshot and resumes from it.
+    // go, then its memory leaves tmpfs; the sandbox stays paused on its snapshot on disk
+    // and resumes from it.
     let before = counter(&client, a).await;
     client.pause_sandbox(a).await.unwrap();
     let fp = footprint(&nb, a);
@@ -323,6 +324,16 @@ async fn a_held_vmm_that_dies_or_is_let_go_leaves_a_whole_snapshot() {
         },
     )
     .await;
+    // Its memory leaves tmpfs too (the disk copy is whole): the resume below restores
+    // from disk.
+    let fast = fp.mem_dir.join("snapshot");
+    eventually(
+        Duration::from_secs(60),
+        "the tmpfs copy to be freed",
+        || async { (!fast.exists()).then_some(()) },
+    )
+    .await;
+    assert!(fp.sandbox_dir.join("snapshot/snapshot.json").is_file());
     let slot_file = std::path::Path::new("/run/nestbox/slots").join(fp.slot.to_string());
     assert!(
         !std::fs::read_to_string(&slot_file)

@@ -11,8 +11,9 @@
 //! held VMM is a `cont` and a clock reset, milliseconds even under TCG, where a restore
 //! costs hundreds of milliseconds of code translation before the guest answers. A held
 //! VMM is let go after that time, at shutdown, or if it dies, and the sandbox stays paused
-//! on its snapshot. Resume otherwise restores the tmpfs snapshot when it is there (fast),
-//! else the on-disk copy.
+//! on its snapshot. After the hold time (a minute without one) the tmpfs copy is freed too,
+//! once the disk copy is complete: a long-paused sandbox holds no RAM. Resume otherwise
+//! restores the tmpfs snapshot when it is there (fast), else the on-disk copy.
 //!
 //! It also keeps the metrics sampler ([`crate::metrics`]) informed: it tracks the VM once
 //! it runs (create, resume), untracks it once paused (the tiers stay for the control
@@ -43,6 +44,10 @@ const DISK_FILE: &str = "rootfs.qcow2";
 /// How often the task checks its VMM and the inactivity timeout.
 const TICK: Duration = Duration::from_millis(500);
 
+/// How long a paused sandbox's memory stays on tmpfs (for a fast resume) before it is
+/// left on disk alone, when no hold time is set (otherwise: the hold time).
+const TMPFS_KEEP: Duration = Duration::from_secs(60);
+
 /// The owner of one sandbox.
 pub(crate) struct SandboxTask {
     manager: Manager,
@@ -52,6 +57,8 @@ pub(crate) struct SandboxTask {
     live: Option<Live>,
     /// A paused sandbox's VMM, kept stopped for a fast resume.
     held: Option<Held>,
+    /// When it was paused, while its snapshot's memory is still on tmpfs.
+    paused_at: Option<Instant>,
     persist: Option<JoinHandle<Result<(), AgentError>>>,
 }
 
@@ -101,6 +108,8 @@ impl SandboxTask {
         live: Option<Live>,
     ) -> Self {
         let dir = sandbox_dir(&manager.inner().cfg.data_dir, st.sandbox_id);
+        // An adopted paused sandbox's tmpfs copy (after a crash) goes in time, too.
+        let paused_at = (live.is_none() && st.phase == Phase::Paused).then(Instant::now);
         Self {
             manager,
             handle,
@@ -108,6 +117,7 @@ impl SandboxTask {
             dir,
             live,
             held: None,
+            paused_at,
             persist: None,
         }
     }
@@ -172,6 +182,13 @@ impl SandboxTask {
                             self.release_held().await;
                         }
                     }
+                    if self.long_paused() {
+                        // Its memory waits on disk from now on, not in RAM.
+                        if let Err(e) = self.settle().await {
+                            tracing::warn!(sandbox = %id, error = %e.public_message(), "freeing a paused sandbox's memory");
+                        }
+                        self.paused_at = None;
+                    }
                     if let Some(live) = self.live.as_mut()
                         && let Some(status) = live.vm.exited()
                     {
@@ -214,6 +231,18 @@ impl SandboxTask {
                 .track(self.st.sandbox_id, target)
                 .await;
         }
+    }
+
+    /// Paused for longer than the hold time, with its snapshot copied to disk and no VMM
+    /// held: its tmpfs copy can go (a later resume restores from the disk copy).
+    fn long_paused(&self) -> bool {
+        self.held.is_none()
+            && self.persist.is_none()
+            && self.st.snapshot_durable
+            && self.paused_at.is_some_and(|t| {
+                let hold = self.manager.inner().cfg.pause_hold;
+                t.elapsed() >= if hold.is_zero() { TMPFS_KEEP } else { hold }
+            })
     }
 
     fn inactive(&self) -> bool {
@@ -356,6 +385,7 @@ impl SandboxTask {
         self.st.phase = Phase::Paused;
         self.st.auto_paused = auto;
         self.st.snapshot_durable = false;
+        self.paused_at = Some(Instant::now());
         let _ = tokio::fs::remove_dir_all(disk_snapshot(&self.dir)).await;
         state::write(&self.dir, &self.st)?;
         self.handle.set(|s| {
@@ -577,6 +607,7 @@ impl SandboxTask {
     ) -> Result<(), AgentError> {
         let id = self.st.sandbox_id;
         self.live = Some(live);
+        self.paused_at = None;
         self.st.phase = Phase::Running;
         self.st.auto_paused = false;
         self.st.snapshot_durable = false;

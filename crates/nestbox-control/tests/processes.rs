@@ -11,7 +11,8 @@ use common::{Engine, Harness, api_error, both_engines, raw_error};
 use futures::StreamExt;
 use nestbox_types::ErrorCode;
 use nestbox_types::api::{
-    ExecEvent, ProcessSignal, StartProcessRequest, StartTerminalRequest, WatchEvent, WatchQuery,
+    AuditLogQuery, ExecEvent, ProcessSignal, StartProcessRequest, StartTerminalRequest, WatchEvent,
+    WatchQuery,
 };
 use serde_json::json;
 
@@ -91,6 +92,33 @@ async fn processes_start_list_input_and_kill(engine: Engine) -> anyhow::Result<(
         h.key.kill_process(sb.id, "svc").await,
         404,
         ErrorCode::ProcessNotFound,
+    );
+
+    // Starts are audited (the refused duplicate too), without arguments or environment.
+    let audited = h
+        .admin
+        .client
+        .audit_logs_filtered(&AuditLogQuery {
+            action: Some("sandbox.process.start".into()),
+            ..Default::default()
+        })
+        .await?
+        .items;
+    assert_eq!(audited.len(), 3, "{audited:?}");
+    assert!(
+        audited
+            .iter()
+            .all(|a| a.resource_id == Some(sb.id.to_string()))
+    );
+    assert_eq!(
+        audited.iter().filter(|a| a.status == "failure").count(),
+        1,
+        "the duplicate tag"
+    );
+    let text = serde_json::to_string(&audited)?;
+    assert!(
+        text.contains("\"pid\"") && !text.contains("tail -f"),
+        "{text}"
     );
     h.shutdown().await;
     Ok(())
@@ -214,6 +242,20 @@ async fn terminals_and_watches(engine: Engine) -> anyhow::Result<()> {
     assert_eq!(
         (t.cmd.as_str(), t.args.as_slice()),
         ("/bin/bash", &["-l".to_string()][..])
+    );
+    let audited = h
+        .admin
+        .client
+        .audit_logs_filtered(&AuditLogQuery {
+            action: Some("sandbox.terminal.start".into()),
+            ..Default::default()
+        })
+        .await?
+        .items;
+    assert_eq!(
+        audited.len(),
+        1,
+        "a terminal is audited as such: {audited:?}"
     );
     for (cols, rows) in [(0, 24), (80, 0), (1001, 24)] {
         api_error(

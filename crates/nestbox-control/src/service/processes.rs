@@ -24,6 +24,7 @@ use nestbox_types::api::{
 use nestbox_types::{ErrorCode, SandboxId};
 
 use super::sandboxes::{validate_path, validate_user};
+use super::{AuditActor, AuditEntry};
 use crate::error::{ApiError, ApiResult, from_agent};
 use crate::extract::Caller;
 use crate::hostpool::AgentClient;
@@ -217,6 +218,8 @@ impl TerminalControl {
 }
 
 impl Services {
+    /// Starts a process (a terminal's too) and audits it: who started what where; its
+    /// arguments and environment are left out (they may carry secrets).
     async fn start(
         &self,
         caller: &Caller,
@@ -224,11 +227,35 @@ impl Services {
         request: pb::StartProcessRequest,
     ) -> ApiResult<ProcessInfo> {
         let (_, mut client) = self.running(caller, id).await?;
-        let info = client
+        let terminal = request.terminal.is_some();
+        let details = serde_json::json!({
+            "cmd": request.cmd, "tag": request.tag, "user": request.user, "terminal": terminal,
+        });
+        let started = client
             .start_process(request)
             .await
-            .map_err(|s| from_agent(&s))?
-            .into_inner();
+            .map_err(|s| from_agent(&s))
+            .map(|r| r.into_inner());
+        let mut details = details;
+        match &started {
+            Ok(info) => details["pid"] = info.pid.into(),
+            Err(e) => details["error"] = e.message.clone().into(),
+        }
+        self.audit(AuditEntry {
+            actor: AuditActor::Caller(*caller),
+            team: Some(caller.team),
+            action: if terminal {
+                "sandbox.terminal.start"
+            } else {
+                "sandbox.process.start"
+            },
+            resource_type: "sandbox",
+            resource_id: Some(id.to_string()),
+            ok: started.is_ok(),
+            details,
+        })
+        .await;
+        let info = started?;
         self.touch(id).await;
         Ok(info_view(info))
     }

@@ -278,9 +278,15 @@ pub enum VmmError {
         #[source]
         source: BoxError,
     },
-    /// The VMM binary is unusable.
+    /// A held VM was asked to suspend again, or one not held to resume in place.
     #[error("vm {id}: {}", if *held { "already held after a suspend" } else { "not held" })]
-    Held { id: String, held: bool },
+    Held {
+        /// VM id.
+        id: String,
+        /// Whether it was held.
+        held: bool,
+    },
+    /// The VMM binary is unusable.
     #[error("vmm binary {binary}: {detail}")]
     Binary {
         /// The binary.

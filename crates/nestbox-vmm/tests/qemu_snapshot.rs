@@ -461,6 +461,14 @@ async fn a_held_vm_resumes_in_place_or_leaves_a_whole_snapshot() {
         vm.suspend_held(&s.snapshot("again")).await,
         Err(VmmError::Held { .. })
     ));
+    // A resume that fails before the guest runs (here: the RAM file cannot go back)
+    // leaves the snapshot whole and the VM held.
+    std::fs::create_dir(&ram).unwrap();
+    assert!(matches!(vm.resume_held().await, Err(VmmError::Io { .. })));
+    for f in [MANIFEST_FILE, STATE_FILE, MEMORY_FILE] {
+        assert!(dir.join(f).exists(), "{f} of a held snapshot is gone");
+    }
+    std::fs::remove_dir(&ram).unwrap();
     // Resumed in place: the same process, the snapshot consumed, the RAM file back.
     vm.resume_held().await.unwrap();
     assert_eq!(vm.pid(), qemu_pid);

@@ -21,7 +21,8 @@
 //!   namespace, VMM), so a crash is cleaned up like any sandbox's; it is not listed, not
 //!   counted as a sandbox, never paused;
 //! - a template's pool is drained before its files are deleted, and a clone whose fill
-//!   began before a drain is stopped, not pooled (drains bump the pool's epoch);
+//!   began before a drain of its pool is stopped, not pooled (drains bump that pool's
+//!   epoch);
 //! - a take never hands over a clone whose VMM exited; a take-over that fails stops the
 //!   clone and the create restores as if the pool were empty.
 
@@ -85,8 +86,9 @@ struct PoolState {
     filling: HashSet<PoolKey>,
     /// When a create last matched each pool.
     wanted: HashMap<PoolKey, Instant>,
-    /// Bumped by every drain: a fill that began before it does not pool its clone.
-    epoch: u64,
+    /// Bumped for a pool by each drain of it: a fill that began before does not pool its
+    /// clone.
+    epochs: HashMap<PoolKey, u64>,
 }
 
 impl Pool {
@@ -196,10 +198,10 @@ impl Manager {
                 if !wanted || s.ready.get(&key).map_or(0, Vec::len) >= target {
                     break;
                 }
-                s.epoch
+                s.epochs.get(&key).copied().unwrap_or(0)
             };
-            // The pool never takes the last places of a host.
-            if self.count() + self.inner().pool.len() > self.inner().cfg.max_sandboxes as usize {
+            // The pool never takes the last places of a host (it counts this clone).
+            if self.count() + self.inner().pool.len() >= self.inner().cfg.max_sandboxes as usize {
                 break;
             }
             let entry = match self.start_pooled(&key, &recipe).await {
@@ -211,7 +213,7 @@ impl Manager {
             };
             let stale = {
                 let mut s = self.inner().pool.lock();
-                if s.epoch == epoch {
+                if s.epochs.get(&key).copied().unwrap_or(0) == epoch {
                     s.ready.entry(key.clone()).or_default().push(entry);
                     None
                 } else {
@@ -361,7 +363,17 @@ impl Manager {
     pub(crate) async fn drain_pool(&self, which: impl Fn(&PoolKey) -> bool) {
         let drained: Vec<Pooled> = {
             let mut s = self.inner().pool.lock();
-            s.epoch += 1;
+            let touched: HashSet<PoolKey> = s
+                .ready
+                .keys()
+                .chain(s.filling.iter())
+                .chain(s.wanted.keys())
+                .filter(|k| which(k))
+                .cloned()
+                .collect();
+            for k in touched {
+                *s.epochs.entry(k).or_default() += 1;
+            }
             s.wanted.retain(|k, _| !which(k));
             let keys: Vec<PoolKey> = s.ready.keys().filter(|k| which(k)).cloned().collect();
             keys.iter()

@@ -392,8 +392,14 @@ impl SandboxTask {
             s.state = State::Paused;
             s.auto_paused = auto;
         });
-        // Make it survive a reboot, in the background.
-        let from = snap;
+        self.start_persist();
+        Ok(())
+    }
+
+    /// Copies the tmpfs snapshot to the sandbox's directory in the background, so that it
+    /// survives a reboot ([`Self::persisted`] records it).
+    fn start_persist(&mut self) {
+        let from = tmpfs_snapshot(&self.st);
         let staging = self.dir.join("snapshot.partial");
         let to = disk_snapshot(&self.dir);
         self.persist = Some(tokio::spawn(async move {
@@ -403,7 +409,6 @@ impl SandboxTask {
                 AgentError::Internal(format!("moving the snapshot copy into place: {e}"))
             })
         }));
-        Ok(())
     }
 
     fn persisted(&mut self, result: Result<(), AgentError>) {
@@ -476,6 +481,11 @@ impl SandboxTask {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(sandbox = %id, error = %e.public_message(), "resuming the held VMM failed; restoring the snapshot instead");
+                    // Its disk copy was stopped for the fast path: make it again (the
+                    // restore below waits for it).
+                    if !self.st.snapshot_durable && has_snapshot(&tmpfs_snapshot(&self.st)) {
+                        self.start_persist();
+                    }
                 }
             }
         }
@@ -561,28 +571,10 @@ impl SandboxTask {
         let Some(mut held) = self.held.take() else {
             return Err(AgentError::Internal(format!("sandbox {id} holds no VMM")));
         };
-        let resumed = async {
-            held.live
-                .vm
-                .resume_held()
-                .await
-                .map_err(|e| AgentError::host("running the held VM again", id, e))?;
-            let guest = self
-                .manager
-                .guest_client(id, &held.live.net, &self.st.access_token)?;
-            let init = Init {
-                present: Some(self.st.access_token.clone()),
-                token: self.st.access_token.clone(),
-                env: None,
-                hostname: None,
-            };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let console = self.dir.join("console.log");
-            send_init(&guest, init, held.live.vm.as_mut(), id, deadline, &console).await?;
-            Ok::<_, AgentError>(guest)
-        }
-        .await;
-        let guest = match resumed {
+        let guest = match self
+            .manager
+            .guest_client(id, &held.live.net, &self.st.access_token)
+        {
             Ok(guest) => guest,
             Err(e) => {
                 self.held = Some(held);
@@ -590,6 +582,26 @@ impl SandboxTask {
                 return Err(e);
             }
         };
+        // On failure the VMM layer has put the snapshot back whole: restore it instead.
+        if let Err(e) = held.live.vm.resume_held().await {
+            self.held = Some(held);
+            self.release_held().await;
+            return Err(AgentError::host("running the held VM again", id, e));
+        }
+        // The guest runs: from here on the sandbox is running, whatever its agent answers
+        // (it keeps its token; /init sets its clock).
+        let init = Init {
+            present: Some(self.st.access_token.clone()),
+            token: self.st.access_token.clone(),
+            env: None,
+            hostname: None,
+        };
+        let deadline = Instant::now() + self.manager.inner().cfg.boot_timeout;
+        let console = self.dir.join("console.log");
+        if let Err(e) = send_init(&guest, init, held.live.vm.as_mut(), id, deadline, &console).await
+        {
+            tracing::warn!(sandbox = %id, error = %e.public_message(), "the resumed guest's clock was not set");
+        }
         let version = self.st.guest_version.clone();
         self.running_again(held.live, guest, version, started, "held VMM")
             .await

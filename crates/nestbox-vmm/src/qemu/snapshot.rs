@@ -284,16 +284,54 @@ impl QemuVm {
         }
         let started = Instant::now();
         let io = |op: &'static str, path: PathBuf| move |source| VmmError::Io { op, path, source };
-        // The manifest goes first: from here on the snapshot is no longer whole, and a
-        // crash must not leave one that looks restorable.
+        // The manifest is parked first: from here until the guest runs the snapshot does
+        // not look restorable, and every failure before `cont` puts it back whole.
         let manifest = held.dir.join(MANIFEST_FILE);
-        std::fs::remove_file(&manifest).map_err(io("consume the snapshot", manifest.clone()))?;
-        if let Some((src, how)) = &held.ram {
-            let ram = held.dir.join(MEMORY_FILE);
-            files::undo_placement(src, &ram, *how).map_err(io("take the ram file back", ram))?;
+        let parked = held.dir.join(format!("{MANIFEST_FILE}.resuming"));
+        if let Err(source) = std::fs::rename(&manifest, &parked) {
+            self.held = Some(held);
+            return Err(io("consume the snapshot", manifest)(source));
         }
-        let _ = std::fs::remove_file(held.dir.join(STATE_FILE));
-        self.qmp.cont().await.map_err(qmp_err(&self.id))?;
+        let ram = held.dir.join(MEMORY_FILE);
+        // A moved RAM file goes back where the VM maps it; a copy stays until the guest
+        // runs (the VM maps its own file).
+        let moved = match &held.ram {
+            Some((src, Placement::Moved)) => Some(src.clone()),
+            _ => None,
+        };
+        let back = match &moved {
+            Some(src) => {
+                std::fs::rename(&ram, src).map_err(io("take the ram file back", ram.clone()))
+            }
+            None => Ok(()),
+        };
+        let ran = match back {
+            Ok(()) => self.qmp.cont().await.map_err(qmp_err(&self.id)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ran {
+            if let Some(src) = &moved
+                && src.exists()
+                && let Err(error) = std::fs::rename(src, &ram)
+            {
+                tracing::error!(%error, ram = %src.display(), "cannot put the ram file back into the snapshot");
+            }
+            if let Err(error) = std::fs::rename(&parked, &manifest) {
+                tracing::error!(%error, manifest = %parked.display(), "cannot put the manifest back");
+            }
+            self.held = Some(held);
+            return Err(e);
+        }
+        // The guest runs: the snapshot is spent.
+        let mut spent = vec![parked, held.dir.join(STATE_FILE)];
+        if moved.is_none() && held.ram.is_some() {
+            spent.push(ram);
+        }
+        for f in spent {
+            if let Err(error) = std::fs::remove_file(&f) {
+                tracing::warn!(%error, file = %f.display(), "cannot remove a resumed snapshot's file");
+            }
+        }
         tracing::info!(
             id = %self.id,
             ms = started.elapsed().as_millis() as u64,

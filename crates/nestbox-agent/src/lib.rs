@@ -285,10 +285,18 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| step("binding the gRPC listener")(Box::new(e)))?;
-    let url = cfg
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+    // New registrations get a TLS certificate: advertise https (an advertised http URL is
+    // upgraded once the certificate is there).
+    let advertised = |tls: bool| {
+        let url = cfg
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        match (tls, url.strip_prefix("http://")) {
+            (true, Some(rest)) => format!("https://{rest}"),
+            _ => url,
+        }
+    };
 
     let (vcpus, memory_mb, disk_mb) = host_specs(&cfg);
     let creds = register::ensure(
@@ -298,7 +306,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         cfg.registration_token.as_deref(),
         RegisterHostRequest {
             token: String::new(),
-            address: url.clone(),
+            address: advertised(true),
             version: VERSION.to_string(),
             vcpus,
             memory_mb,
@@ -308,6 +316,19 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     )
     .await
     .map_err(|e| step("registering with the control plane")(Box::new(e)))?;
+    let tls = match &creds.tls {
+        Some(bundle) => Some(
+            nestbox_pki::server_config(bundle)
+                .map_err(|e| step("loading the TLS certificate")(Box::new(e)))?,
+        ),
+        None => {
+            tracing::warn!(
+                "registered without a TLS certificate: serving plain HTTP/2 (register again to get one)"
+            );
+            None
+        }
+    };
+    let url = advertised(tls.is_some());
 
     let service = grpc::Service::new(manager.clone(), creds.host_id);
     let auth = grpc::Authenticator::new(creds.host_id, creds.host_key.clone());
@@ -326,6 +347,10 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         use axum::serve::ListenerExt as _;
+        if let Some(tls) = tls {
+            serve_tls(listener, app, tls, rx).await;
+            return;
+        }
         let listener = listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "TCP_NODELAY");
@@ -362,6 +387,62 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         heartbeat,
         shutdown: Some(tx),
     })
+}
+
+/// Serves `app` over TLS (client certificates required, see [`nestbox_pki`]) until
+/// `shutdown`, then lets open connections finish for a while.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Arc<nestbox_pki::rustls::ServerConfig>,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "accepting a connection");
+                        continue;
+                    }
+                };
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY");
+                }
+                let (acceptor, app, builder) = (acceptor.clone(), app.clone(), builder.clone());
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        acceptor.accept(tcp),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown()).await;
 }
 
 /// Builds the VMM driver for this host. The KVM probe (accelerator `auto`) boots the first

@@ -63,6 +63,10 @@ pub struct Credentials {
     pub host_key: String,
     /// The control plane it registered with.
     pub control_plane_url: String,
+    /// Its TLS server certificate from the control plane's CA (registrations by versions
+    /// without one serve plain HTTP/2 until they register again).
+    #[serde(default)]
+    pub tls: Option<nestbox_types::api::HostTls>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -162,6 +166,7 @@ pub async fn ensure(
         host_token: reg.host_token,
         host_key: reg.host_key,
         control_plane_url: control_plane.to_string(),
+        tls: reg.tls,
     };
     store(path, &creds)?;
     tracing::info!(host = %creds.host_id, "registered with the control plane");

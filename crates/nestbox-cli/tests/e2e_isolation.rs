@@ -1,5 +1,6 @@
 //! Isolation with real VMs: sandboxes reach the outside through NAT, but not each other,
-//! not the host's own services, and another team sees none of them.
+//! not the host's own services, and another team sees none of them; the host agent
+//! answers only the control plane (mutual TLS).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -264,4 +265,66 @@ async fn another_team_cannot_see_or_touch_a_sandbox() {
         nestbox_types::SandboxStatus::Running
     );
     owner.destroy_sandbox(sb.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_host_agent_answers_only_the_control_plane() {
+    let nb = Nestbox::up();
+    let admin = nb
+        .anonymous()
+        .login(&nb.admin_email, &nb.admin_password)
+        .await
+        .unwrap();
+    let admin = nb.anonymous().with_token(admin.token);
+    let hosts = admin.list_hosts().await.unwrap().items;
+    let address = hosts[0].address.clone().unwrap();
+    let authority = address
+        .strip_prefix("https://")
+        .unwrap_or_else(|| panic!("the agent is not reached over TLS: {address}"));
+    // Everything the control plane does with it works (sandboxes run through it)...
+    let sb = nb
+        .client()
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(sh_ok(&nb.client(), sb.id, "echo ok").await.trim(), "ok");
+    // ...but nobody else gets an answer: not in plain HTTP, not over TLS without a client
+    // certificate, not with a certificate of another authority.
+    let get = |client: reqwest::Client, url: String| async move {
+        client
+            .get(url)
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await
+    };
+    let plain = get(reqwest::Client::new(), format!("http://{authority}/")).await;
+    assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
+    let anonymous = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let no_cert = get(anonymous, format!("https://{authority}/")).await;
+    assert!(
+        no_cert.is_err(),
+        "a client without a certificate got {no_cert:?}"
+    );
+    let stranger = nestbox_pki::Authority::new(b"another installation")
+        .unwrap()
+        .control_plane()
+        .unwrap();
+    let identity = reqwest::Identity::from_pem(
+        format!("{}{}", stranger.cert_pem, stranger.key_pem).as_bytes(),
+    )
+    .unwrap();
+    let foreign = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .identity(identity)
+        .build()
+        .unwrap();
+    let foreign = get(foreign, format!("https://{authority}/")).await;
+    assert!(
+        foreign.is_err(),
+        "another authority's client got {foreign:?}"
+    );
+    nb.client().destroy_sandbox(sb.id).await.unwrap();
 }

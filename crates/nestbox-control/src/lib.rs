@@ -114,7 +114,8 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
             source,
         })?;
     let sessions = auth::Sessions::new(&cfg.master_secret, cfg.session_ttl);
-    let pool = hostpool::HostPool::new(cfg.master_secret.clone());
+    let pool = hostpool::HostPool::new(cfg.master_secret.clone())
+        .map_err(|e| StartError::Config(format!("the host certificate authority: {e}")))?;
     Ok(Arc::new(Services {
         db,
         cfg: Arc::new(cfg),

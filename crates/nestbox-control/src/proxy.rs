@@ -237,23 +237,34 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
             .parse()
             .map_err(|e| ApiError::invalid(format!("invalid path: {e}")))?;
     }
-    services
-        .forwarder
-        .forward(Request::from_parts(parts, body), upstream)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                ErrorCode::HostUnavailable,
-                format!("the sandbox's host cannot be reached: {e}"),
-            )
-        })
+    let request = Request::from_parts(parts, body);
+    let forwarded = if address.starts_with("https://") {
+        services
+            .pool
+            .tls_forwarder(host)?
+            .forward(request, upstream)
+            .await
+    } else {
+        services.forwarder.forward(request, upstream).await
+    };
+    forwarded.map_err(|e| {
+        ApiError::new(
+            ErrorCode::HostUnavailable,
+            format!("the sandbox's host cannot be reached: {e}"),
+        )
+    })
 }
 
-/// The socket address of an agent URL (`http://host:port`).
+/// The socket address of an agent URL (`http(s)://host:port`).
 async fn resolve(address: &str) -> Result<SocketAddr, ApiError> {
-    let bad = || ApiError::internal(format!("host address `{address}` is not http://host:port"));
+    let bad = || {
+        ApiError::internal(format!(
+            "host address `{address}` is not http(s)://host:port"
+        ))
+    };
     let authority = address
-        .strip_prefix("http://")
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
         .ok_or_else(bad)?
         .trim_end_matches('/');
     if let Ok(addr) = authority.parse::<SocketAddr>() {

@@ -49,10 +49,12 @@ pub enum ForwardError {
     Target(String),
 }
 
-/// A pooled HTTP/1.1 client that forwards requests as they are.
+/// A pooled HTTP/1.1 client that forwards requests as they are, over `C` (plain TCP by
+/// default; a TLS connector for hops that need one).
 #[derive(Clone, Debug)]
-pub struct Forwarder {
-    client: Client<HttpConnector, Body>,
+pub struct Forwarder<C = HttpConnector> {
+    client: Client<C, Body>,
+    scheme: &'static str,
 }
 
 impl Default for Forwarder {
@@ -106,15 +108,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 impl Forwarder {
-    /// A forwarder with its own connection pool.
+    /// A forwarder over plain TCP with its own connection pool.
     pub fn new() -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        Self::with_connector(connector, "http")
+    }
+}
+
+impl<C> Forwarder<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    /// A forwarder over `connector`, addressing upstreams as `scheme://addr` (the
+    /// connector's caller should bound connecting by [`CONNECT_TIMEOUT`]).
+    pub fn with_connector(connector: C, scheme: &'static str) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Self { client }
+        Self { client, scheme }
     }
 
     /// Sends `request` to `upstream` (its path and query kept, its `Host` kept) and returns
@@ -133,7 +146,7 @@ impl Forwarder {
             .map_or("/", |p| p.as_str())
             .to_owned();
         *request.uri_mut() = Uri::builder()
-            .scheme("http")
+            .scheme(self.scheme)
             .authority(upstream.to_string())
             .path_and_query(path)
             .build()

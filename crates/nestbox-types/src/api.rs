@@ -657,6 +657,28 @@ pub struct RegisterHostResponse {
     pub host_key: String,
     /// How often to heartbeat.
     pub heartbeat_interval_sec: u32,
+    /// The agent's TLS server certificate and key, and the CA whose client certificate
+    /// (the control plane's) it must require. Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<HostTls>,
+}
+
+/// TLS material issued by the control plane's CA (PEM).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct HostTls {
+    /// The CA's certificate.
+    pub ca_pem: String,
+    /// The certificate.
+    pub cert_pem: String,
+    /// Its private key (PKCS#8). Secret.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for HostTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostTls").finish_non_exhaustive()
+    }
 }
 
 /// `POST /v1/hosts/{id}/heartbeat`.

@@ -137,6 +137,7 @@ impl Services {
             host_key: self.pool.host_key(host.id),
             heartbeat_interval_sec: u32::try_from(self.cfg.heartbeat_interval.as_secs())
                 .unwrap_or(15),
+            tls: Some(self.pool.host_tls(host.id)?),
         })
     }
 

@@ -32,7 +32,8 @@ pub struct AgentArgs {
     /// Where the gRPC server listens.
     #[arg(long, env = "NESTBOX_AGENT_LISTEN", default_value = "0.0.0.0:7701")]
     pub listen: SocketAddr,
-    /// URL the control plane dials (default: http://<listen>).
+    /// URL the control plane dials (default: https://<listen>; served over TLS once
+    /// registered, whatever the scheme given).
     #[arg(long, env = "NESTBOX_AGENT_ADVERTISE")]
     pub advertise: Option<String>,
     /// Most sandboxes at once.

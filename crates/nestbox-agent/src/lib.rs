@@ -365,6 +365,19 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             tracing::error!(error = %e, "agent server failed");
         }
     });
+    // The control plane must know where the agent listens now before anyone is told it
+    // is up (a restart may have moved it).
+    if let Err(e) = register::heartbeat_once(
+        &http,
+        &cfg.control_plane_url,
+        &creds,
+        &url,
+        u32::try_from(manager.count()).unwrap_or(u32::MAX),
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "first heartbeat failed; retrying in the background");
+    }
     let counter = manager.clone();
     let heartbeat = tokio::spawn(register::heartbeat_loop(
         http,

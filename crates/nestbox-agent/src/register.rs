@@ -173,6 +173,38 @@ pub async fn ensure(
     Ok(creds)
 }
 
+/// Sends one heartbeat: the control plane learns that the agent is up, and at which
+/// address, at once (a restarted agent may listen on another port).
+pub async fn heartbeat_once(
+    http: &reqwest::Client,
+    control_plane: &str,
+    creds: &Credentials,
+    address: &str,
+    sandboxes: u32,
+) -> Result<(), String> {
+    let url = format!(
+        "{}/v1/hosts/{}/heartbeat",
+        control_plane.trim_end_matches('/'),
+        creds.host_id
+    );
+    let body = HeartbeatRequest {
+        sandboxes,
+        version: crate::VERSION.to_string(),
+        address: address.to_string(),
+    };
+    match http
+        .post(&url)
+        .bearer_auth(&creds.host_token)
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("refused: {}", r.status())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Sends a heartbeat every `interval` until the task is aborted, to the control plane the
 /// agent is configured with now (it may have moved since registration).
 pub async fn heartbeat_loop(
@@ -183,36 +215,16 @@ pub async fn heartbeat_loop(
     interval: Duration,
     sandboxes: impl Fn() -> u32 + Send + 'static,
 ) {
-    let url = format!(
-        "{}/v1/hosts/{}/heartbeat",
-        control_plane.trim_end_matches('/'),
-        creds.host_id
-    );
     let mut tick = tokio::time::interval(interval);
     let mut failing = false;
     loop {
         tick.tick().await;
-        let body = HeartbeatRequest {
-            sandboxes: sandboxes(),
-            version: crate::VERSION.to_string(),
-            address: address.clone(),
-        };
-        let result = http
-            .post(&url)
-            .bearer_auth(&creds.host_token)
-            .json(&body)
-            .send()
-            .await;
-        match result {
-            Ok(r) if r.status().is_success() => {
+        match heartbeat_once(&http, &control_plane, &creds, &address, sandboxes()).await {
+            Ok(()) => {
                 if failing {
                     tracing::info!("heartbeats reach the control plane again");
                 }
                 failing = false;
-            }
-            Ok(r) => {
-                tracing::warn!(status = %r.status(), "heartbeat refused");
-                failing = true;
             }
             Err(e) => {
                 if !failing {

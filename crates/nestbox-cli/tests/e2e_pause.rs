@@ -20,7 +20,8 @@ async fn start_state(client: &Client, id: SandboxId) -> u32 {
     let pid = sh_ok(
         client,
         id,
-        "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter; sleep 0.2; done' >/dev/null 2>&1 & echo $!",
+        // Written to a side file and renamed: a reader never sees it half-written.
+        "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter.tmp; mv /dev/shm/counter.tmp /dev/shm/counter; sleep 0.2; done' >/dev/null 2>&1 & echo $!",
     )
     .await;
     let pid: u32 = pid.trim().parse().unwrap();

@@ -611,23 +611,33 @@ async fn init_guest(
             return Err(AgentError::Guest { id, source: err });
         }
         broke = true;
-        if vm.exited().is_some() {
-            return Err(AgentError::Boot {
-                id,
-                reason: format!("the VMM exited; console: {}", console_tail(console, 12)),
-            });
-        }
-        if Instant::now() >= deadline {
-            return Err(AgentError::Boot {
-                id,
-                reason: format!(
-                    "guest agent not answering ({err}); console: {}",
-                    console_tail(console, 12)
-                ),
-            });
+        if let Some(e) = give_up(vm, id, deadline, console, &err) {
+            return Err(e);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The error to stop waiting for a guest agent with: its VMM exited, or `deadline` passed
+/// (`last` is why the last attempt failed). `None`: try again.
+fn give_up(
+    vm: &mut dyn Vm,
+    id: SandboxId,
+    deadline: Instant,
+    console: &Path,
+    last: &dyn std::fmt::Display,
+) -> Option<AgentError> {
+    let reason = if vm.exited().is_some() {
+        "the VMM exited".to_string()
+    } else if Instant::now() >= deadline {
+        format!("guest agent not answering ({last})")
+    } else {
+        return None;
+    };
+    Some(AgentError::Boot {
+        id,
+        reason: format!("{reason}; console: {}", console_tail(console, 12)),
+    })
 }
 
 /// Polls the guest agent's health until it answers, the VMM exits or the deadline passes.
@@ -643,20 +653,8 @@ async fn wait_for_guest(
         match probe.health().await {
             Ok(v) => return Ok(v),
             Err(e) => {
-                if vm.exited().is_some() {
-                    return Err(AgentError::Boot {
-                        id,
-                        reason: format!("the VMM exited; console: {}", console_tail(console, 12)),
-                    });
-                }
-                if Instant::now() >= deadline {
-                    return Err(AgentError::Boot {
-                        id,
-                        reason: format!(
-                            "guest agent not answering ({e}); console: {}",
-                            console_tail(console, 12)
-                        ),
-                    });
+                if let Some(e) = give_up(vm, id, deadline, console, &e) {
+                    return Err(e);
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

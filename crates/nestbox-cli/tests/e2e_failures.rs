@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Nestbox, Options, assert_gone, eventually, footprint};
+use common::{Nestbox, assert_gone, eventually, footprint};
 use nestbox_types::api::CreateSandboxRequest;
 use nestbox_types::{ErrorCode, SandboxStatus};
 
@@ -45,12 +45,7 @@ async fn a_failed_boot_releases_everything_and_records_the_reason() {
     // One second is far too short for a TCG boot: every create that boots fails after the
     // VM started. (A non-default machine boots instead of restoring the warm snapshot.)
     // No pooled clones: the checks below count everything the instance holds.
-    let nb = Nestbox::up_with(Options {
-        env: vec![
-            ("NESTBOX_BOOT_TIMEOUT".into(), "1".into()),
-            ("NESTBOX_CLONE_POOL".into(), "0".into()),
-        ],
-    });
+    let nb = Nestbox::up_env(&[("NESTBOX_BOOT_TIMEOUT", "1"), ("NESTBOX_CLONE_POOL", "0")]);
     let client = nb.client();
     let err = client
         .create_sandbox(&CreateSandboxRequest {
@@ -174,9 +169,7 @@ async fn create_destroy_cycles_leave_nothing_behind() {
 #[tokio::test]
 async fn validation_happens_before_anything_is_taken() {
     // No pooled clones: the checks below count everything the instance holds.
-    let nb = Nestbox::up_with(Options {
-        env: vec![("NESTBOX_CLONE_POOL".into(), "0".into())],
-    });
+    let nb = Nestbox::up_env(&[("NESTBOX_CLONE_POOL", "0")]);
     let client = nb.client();
     let cases = [
         (

@@ -198,12 +198,7 @@ async fn another_team_cannot_see_or_touch_a_sandbox() {
         .unwrap();
 
     // The admin creates a second user, who gets a team and an API key of their own.
-    let admin = nb
-        .anonymous()
-        .login(&nb.admin_email, &nb.admin_password)
-        .await
-        .unwrap();
-    let admin = nb.anonymous().with_token(admin.token);
+    let admin = nb.admin().await;
     let created = admin
         .create_user(&CreateUserRequest {
             email: "other@example.com".into(),
@@ -270,12 +265,7 @@ async fn another_team_cannot_see_or_touch_a_sandbox() {
 #[tokio::test]
 async fn the_host_agent_answers_only_the_control_plane() {
     let nb = Nestbox::up();
-    let admin = nb
-        .anonymous()
-        .login(&nb.admin_email, &nb.admin_password)
-        .await
-        .unwrap();
-    let admin = nb.anonymous().with_token(admin.token);
+    let admin = nb.admin().await;
     let hosts = admin.list_hosts().await.unwrap().items;
     let address = hosts[0].address.clone().unwrap();
     let authority = address
@@ -297,13 +287,19 @@ async fn the_host_agent_answers_only_the_control_plane() {
             .send()
             .await
     };
+    // Clients that would accept any server certificate: only their own is in question.
+    let tls_client = |identity: Option<reqwest::Identity>| {
+        let builder = reqwest::Client::builder().danger_accept_invalid_certs(true);
+        match identity {
+            Some(identity) => builder.identity(identity),
+            None => builder,
+        }
+        .build()
+        .unwrap()
+    };
     let plain = get(reqwest::Client::new(), format!("http://{authority}/")).await;
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
-    let anonymous = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap();
-    let no_cert = get(anonymous, format!("https://{authority}/")).await;
+    let no_cert = get(tls_client(None), format!("https://{authority}/")).await;
     assert!(
         no_cert.is_err(),
         "a client without a certificate got {no_cert:?}"
@@ -316,12 +312,7 @@ async fn the_host_agent_answers_only_the_control_plane() {
         format!("{}{}", stranger.cert_pem, stranger.key_pem).as_bytes(),
     )
     .unwrap();
-    let foreign = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .identity(identity)
-        .build()
-        .unwrap();
-    let foreign = get(foreign, format!("https://{authority}/")).await;
+    let foreign = get(tls_client(Some(identity)), format!("https://{authority}/")).await;
     assert!(
         foreign.is_err(),
         "another authority's client got {foreign:?}"

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Nestbox, Options, eventually, footprint, sh, sh_ok};
+use common::{Nestbox, eventually, footprint, new_sandbox, sh, sh_ok, vmm_alive};
 use nestbox_client::Client;
 use nestbox_types::api::{CreateSandboxRequest, ExecRequest};
 use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
@@ -259,27 +259,11 @@ async fn a_crash_in_the_middle_of_a_pause_leaves_a_consistent_state() {
     client.destroy_sandbox(a).await.unwrap();
 }
 
-/// Whether the VMM process `pid` named `name` runs (a zombie does not count).
-fn vmm_alive(pid: u32, name: &str) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
-    !zombie
-        && std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).contains(name))
-            .unwrap_or(false)
-}
-
 #[tokio::test]
 async fn a_held_vmm_that_dies_or_is_let_go_leaves_a_whole_snapshot() {
-    let nb = Nestbox::up_with(Options {
-        env: vec![("NESTBOX_PAUSE_HOLD_SECS".into(), "4".into())],
-    });
+    let nb = Nestbox::up_env(&[("NESTBOX_PAUSE_HOLD_SECS", "4")]);
     let client = nb.client();
-    let a = client
-        .create_sandbox(&CreateSandboxRequest::default())
-        .await
-        .unwrap()
-        .id;
+    let a = new_sandbox(&client).await;
     let pid = start_state(&client, a).await;
 
     // Paused, it keeps its VMM (stopped) and network for a while; that VMM dies.

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Nestbox, eventually, footprint, sh, sh_ok};
+use common::{Nestbox, eventually, footprint, new_sandbox, sh, sh_ok};
 use nestbox_envd::client::EnvdClient;
 use nestbox_hostsys::net::SlotAddrs;
 use nestbox_types::api::{CreateSandboxRequest, CreateSnapshotRequest};
@@ -44,11 +44,7 @@ async fn wait_for_pooled_clone(nb: &Nestbox, template: TemplateId) -> (PathBuf, 
 async fn creates_take_over_pooled_clones() {
     let mut nb = Nestbox::up();
     let client = nb.client();
-    let src = client
-        .create_sandbox(&CreateSandboxRequest::default())
-        .await
-        .unwrap()
-        .id;
+    let src = new_sandbox(&client).await;
     sh_ok(
         &client,
         src,

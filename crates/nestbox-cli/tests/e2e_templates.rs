@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Nestbox, Options, sh, sh_ok};
+use common::{Nestbox, sh, sh_ok};
 use nestbox_types::api::{CreateSandboxRequest, CreateSnapshotRequest};
 use nestbox_types::{ErrorCode, SandboxStatus, TemplateKind};
 
@@ -25,9 +25,7 @@ fn template_dirs(nb: &Nestbox) -> Vec<String> {
 async fn snapshot_templates_start_independent_sandboxes() {
     // Every clone here is a restore of the same state (no pooled clones, which ran a
     // process of their own first): their kernels' random generators start identical.
-    let nb = Nestbox::up_with(Options {
-        env: vec![("NESTBOX_CLONE_POOL".into(), "0".into())],
-    });
+    let nb = Nestbox::up_env(&[("NESTBOX_CLONE_POOL", "0")]);
     let client = nb.client();
     let a = client
         .create_sandbox(&CreateSandboxRequest::default())

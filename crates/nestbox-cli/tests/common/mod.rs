@@ -71,6 +71,26 @@ impl Nestbox {
         Self::up_with(Options::default())
     }
 
+    /// Starts an instance with these environment variables set.
+    pub fn up_env(vars: &[(&str, &str)]) -> Nestbox {
+        Self::up_with(Options {
+            env: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    /// A client with the first-run admin's session (a platform admin).
+    pub async fn admin(&self) -> Client {
+        let login = self
+            .anonymous()
+            .login(&self.admin_email, &self.admin_password)
+            .await
+            .unwrap();
+        self.anonymous().with_token(login.token)
+    }
+
     /// Starts an instance with extra environment.
     pub fn up_with(opts: Options) -> Nestbox {
         let images = images_dir();
@@ -320,13 +340,30 @@ fn output(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A default sandbox of `client`'s team.
+pub async fn new_sandbox(client: &Client) -> SandboxId {
+    client
+        .create_sandbox(&nestbox_types::api::CreateSandboxRequest::default())
+        .await
+        .unwrap()
+        .id
+}
+
+/// Whether the VMM process `pid`, whose command line names `name`, runs (a zombie or a
+/// recycled pid does not count).
+pub fn vmm_alive(pid: u32, name: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
+    !zombie
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).contains(name))
+            .unwrap_or(false)
+}
+
 /// Asserts that nothing of the sandbox is left on the host: process, namespace, links,
 /// slot, files.
 pub fn assert_gone(nb: &Nestbox, fp: &HostFootprint, id: SandboxId) {
-    let pid_alive = Path::new(&format!("/proc/{}", fp.vmm_pid)).exists()
-        && std::fs::read(format!("/proc/{}/cmdline", fp.vmm_pid))
-            .map(|b| String::from_utf8_lossy(&b).contains(&fp.vmm_name))
-            .unwrap_or(false);
+    let pid_alive = vmm_alive(fp.vmm_pid, &fp.vmm_name);
     assert!(
         !pid_alive,
         "the VMM process {} of {id} still runs",

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Nestbox, eventually, footprint, new_sandbox, sh, sh_ok, vmm_alive};
+use common::{Nestbox, assert_gone, eventually, footprint, new_sandbox, sh, sh_ok, vmm_alive};
 use nestbox_client::Client;
 use nestbox_types::api::{CreateSandboxRequest, ExecRequest};
 use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
@@ -332,5 +332,11 @@ async fn a_held_vmm_that_dies_or_is_let_go_leaves_a_whole_snapshot() {
     );
     client.resume_sandbox(a).await.unwrap();
     assert_state_survived(&client, a, pid, before).await;
+
+    // Destroyed while paused with its VMM held: nothing of it is left.
+    client.pause_sandbox(a).await.unwrap();
+    let fp = footprint(&nb, a);
+    assert!(vmm_alive(fp.vmm_pid, &fp.vmm_name), "held again");
     client.destroy_sandbox(a).await.unwrap();
+    assert_gone(&nb, &fp, a);
 }

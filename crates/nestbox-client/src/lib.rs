@@ -437,6 +437,21 @@ impl Client {
         .await
     }
 
+    /// Gives a running sandbox a new deadline `lifetime_sec` from now (only a later one
+    /// with `extend_only`).
+    pub async fn set_lifetime(
+        &self,
+        id: SandboxId,
+        lifetime_sec: u32,
+        extend_only: bool,
+    ) -> Result<Sandbox, ClientError> {
+        self.post(
+            &format!("/v1/sandboxes/{id}/lifetime"),
+            &serde_json::json!({ "lifetime_sec": lifetime_sec, "extend_only": extend_only }),
+        )
+        .await
+    }
+
     /// Resets a sandbox's inactivity timer.
     pub async fn ping_sandbox(&self, id: SandboxId) -> Result<(), ClientError> {
         let path = format!("/v1/sandboxes/{id}/ping");

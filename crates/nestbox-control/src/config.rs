@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_disk_mb: u32,
     /// Inactivity timeout, seconds.
     pub max_timeout_sec: u32,
+    /// Absolute lifetime of a sandbox, seconds.
+    pub max_lifetime_sec: u32,
     /// Exec timeout, seconds.
     pub max_exec_timeout_sec: u32,
     /// Upload size, bytes.
@@ -36,6 +38,7 @@ impl Default for Limits {
             min_memory_mb: 128,
             max_disk_mb: 102_400,
             max_timeout_sec: 7 * 24 * 3600,
+            max_lifetime_sec: 7 * 24 * 3600,
             max_exec_timeout_sec: 3600,
             max_upload_bytes: 4 << 30,
             max_env_vars: 128,
@@ -61,6 +64,9 @@ pub struct ControlConfig {
     pub host_grace: Duration,
     /// How often the host monitor runs.
     pub monitor_interval: Duration,
+    /// How often sandboxes whose lifetime ended are looked for (the precision of a
+    /// deadline).
+    pub expiry_interval: Duration,
     /// Heartbeat period announced to agents.
     pub heartbeat_interval: Duration,
     /// Memory overcommit factor the scheduler allows per host.
@@ -93,6 +99,7 @@ impl ControlConfig {
             session_ttl: Duration::from_secs(12 * 3600),
             host_grace: Duration::from_secs(90),
             monitor_interval: Duration::from_secs(10),
+            expiry_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(15),
             memory_overcommit: 2.0,
             create_timeout: Duration::from_secs(180),

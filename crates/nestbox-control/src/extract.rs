@@ -33,6 +33,9 @@ pub enum Actor {
         /// The key.
         id: ApiKeyId,
     },
+    /// The control plane itself, acting for a team (a sandbox's lifetime ending). Never
+    /// the result of authenticating a request.
+    System,
 }
 
 impl Actor {
@@ -41,6 +44,7 @@ impl Actor {
         match self {
             Actor::User { id, .. } => id.to_string(),
             Actor::ApiKey { id } => id.to_string(),
+            Actor::System => "system".to_string(),
         }
     }
 
@@ -49,6 +53,7 @@ impl Actor {
         match self {
             Actor::User { .. } => nestbox_db::ActorType::User,
             Actor::ApiKey { .. } => nestbox_db::ActorType::ApiKey,
+            Actor::System => nestbox_db::ActorType::System,
         }
     }
 
@@ -56,7 +61,7 @@ impl Actor {
     pub fn user(&self) -> Option<UserId> {
         match self {
             Actor::User { id, .. } => Some(*id),
-            Actor::ApiKey { .. } => None,
+            Actor::ApiKey { .. } | Actor::System => None,
         }
     }
 
@@ -78,6 +83,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The control plane acting on `team`'s resources.
+    pub fn system(team: TeamId) -> Self {
+        Caller {
+            actor: Actor::System,
+            team,
+            role: TeamRole::Member,
+        }
+    }
+
     /// Fails unless the caller is a user (not an API key).
     pub fn require_user(&self) -> Result<UserId, ApiError> {
         self.actor.user().ok_or_else(|| {
@@ -247,5 +261,36 @@ where
             .await
             .map(|axum::extract::Path(v)| Path(v))
             .map_err(|e| ApiError::invalid(format!("invalid path: {}", e.body_text())))
+    }
+}
+
+/// A JSON body that may be left out: an empty body (with any content type) is
+/// `T::default()`; anything else must be valid JSON of `T`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OptionalJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for OptionalJson<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(ErrorCode::PayloadTooLarge, "request body too large")
+                } else {
+                    ApiError::invalid(e.body_text())
+                }
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(OptionalJson)
+            .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
     }
 }

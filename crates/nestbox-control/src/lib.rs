@@ -3,13 +3,15 @@
 //! Stateless: all state is in the database (SQLite on one box, PostgreSQL for a fleet).
 //! It serves the REST API ([`api`]), holds the business rules ([`service`]), places
 //! sandboxes on hosts ([`scheduler`]), calls host agents over gRPC ([`hostpool`]) and
-//! reconciles the fleet ([`monitor`]).
+//! reconciles the fleet ([`monitor`]) and ends sandboxes whose lifetime is over
+//! ([`expiry`]).
 
 pub mod api;
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
 pub mod error;
+pub mod expiry;
 pub mod extract;
 pub mod hostpool;
 pub mod monitor;
@@ -155,7 +157,13 @@ pub async fn start(cfg: ControlConfig) -> Result<RunningControlPlane, StartError
             tracing::error!(error = %e, "API server failed");
         }
     });
-    let monitor = tokio::spawn(monitor::run(services.clone()));
+    let background = services.clone();
+    let monitor = tokio::spawn(async move {
+        tokio::join!(
+            monitor::run(background.clone()),
+            expiry::run(background.clone())
+        );
+    });
     tracing::info!(%addr, "control plane listening");
     Ok(RunningControlPlane {
         addr,

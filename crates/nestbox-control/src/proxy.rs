@@ -12,8 +12,10 @@
 //! - the caller is the sandbox's team (its API key or a member's session, as for every
 //!   other sandbox endpoint) or holds the sandbox's traffic token
 //!   (`e2b-traffic-access-token`); anyone else gets the same `404` as a missing sandbox;
-//! - the guest agent's port ([`GUEST_AGENT_PORT`]) also needs the guest's access token in
+//! - the guest agent's port ([`GUEST_AGENT_PORT`]) needs the guest's access token in
 //!   `X-Access-Token`, checked here, so the guest agent is never reachable without it;
+//!   that token alone is enough there (it is what E2B's SDKs send, and it opens nothing
+//!   but that sandbox's guest agent);
 //! - a sandbox that is not running answers `409 sandbox_not_running` at once, a port
 //!   nobody listens on `502 port_unreachable` at once: a request never hangs on them;
 //! - the platform's credentials (API key, traffic token, a session bearer) are removed
@@ -164,33 +166,42 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
         )
     };
 
+    let offered_envd = parts
+        .headers
+        .get(ACCESS_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| check_sandbox_secret(secret, SandboxSecret::Envd, id, t));
     let traffic = parts
         .headers
         .get(TRAFFIC_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let sandbox = match traffic {
-        Some(token) => {
-            if !check_sandbox_secret(secret, SandboxSecret::Traffic, id, &token) {
+    let by_sandbox_token = match (&traffic, target.port == GUEST_AGENT_PORT && offered_envd) {
+        (_, true) => true,
+        (Some(token), false) => {
+            if !check_sandbox_secret(secret, SandboxSecret::Traffic, id, token) {
                 return Err(not_found());
             }
-            sandboxes::get(&services.db, id).await.map_err(|e| {
-                if e.is_not_found() {
-                    not_found()
-                } else {
-                    e.into()
-                }
-            })?
+            true
         }
-        None => {
-            let by_key = parts.headers.contains_key("x-api-key");
-            let caller = Caller::from_request_parts(&mut parts, state).await?;
-            if !by_key {
-                // The session's bearer token is ours, not the sandbox's.
-                parts.headers.remove(header::AUTHORIZATION);
+        (None, false) => false,
+    };
+    let sandbox = if by_sandbox_token {
+        sandboxes::get(&services.db, id).await.map_err(|e| {
+            if e.is_not_found() {
+                not_found()
+            } else {
+                e.into()
             }
-            services.sandbox_row(&caller, id).await?
+        })?
+    } else {
+        let by_key = parts.headers.contains_key("x-api-key");
+        let caller = Caller::from_request_parts(&mut parts, state).await?;
+        if !by_key {
+            // The session's bearer token is ours, not the sandbox's.
+            parts.headers.remove(header::AUTHORIZATION);
         }
+        services.sandbox_row(&caller, id).await?
     };
     if sandbox.status != SandboxStatus::Running {
         let hint = match sandbox.status {
@@ -202,16 +213,10 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
             format!("sandbox {id} is {}{hint}", sandbox.status),
         ));
     }
-    if target.port == GUEST_AGENT_PORT {
-        let offered = parts
-            .headers
-            .get(ACCESS_TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok());
-        if !offered.is_some_and(|t| check_sandbox_secret(secret, SandboxSecret::Envd, id, t)) {
-            return Err(ApiError::forbidden(format!(
-                "port {GUEST_AGENT_PORT} is the guest agent's: send its access token in X-Access-Token"
-            )));
-        }
+    if target.port == GUEST_AGENT_PORT && !offered_envd {
+        return Err(ApiError::forbidden(format!(
+            "port {GUEST_AGENT_PORT} is the guest agent's: send its access token in X-Access-Token"
+        )));
     }
 
     let (host, address) = services.host_address(sandbox.host_id).await?;

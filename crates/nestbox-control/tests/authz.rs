@@ -270,6 +270,28 @@ const MATRIX: &[Row] = &[
         "/v1/sandboxes/{sandbox_id}/files/watch",
         TEAM_RESOURCE,
     ),
+    row("POST", "/v1/sandboxes/{sandbox_id}/lifetime", TEAM_RESOURCE),
+    // E2B's REST API: the same rules as /v1 (team resources are hidden from other teams).
+    row("POST", "/sandboxes", ANY_CALLER),
+    row("GET", "/sandboxes", ANY_CALLER),
+    row("POST", "/v2/sandboxes", ANY_CALLER),
+    row("GET", "/v2/sandboxes", ANY_CALLER),
+    row("GET", "/sandboxes/{sandboxID}", TEAM_RESOURCE),
+    row("DELETE", "/sandboxes/{sandboxID}", TEAM_RESOURCE),
+    row("POST", "/sandboxes/{sandboxID}/timeout", TEAM_RESOURCE),
+    row("POST", "/sandboxes/{sandboxID}/refreshes", TEAM_RESOURCE),
+    row("POST", "/sandboxes/{sandboxID}/pause", TEAM_RESOURCE),
+    row("POST", "/sandboxes/{sandboxID}/resume", TEAM_RESOURCE),
+    row("POST", "/sandboxes/{sandboxID}/connect", TEAM_RESOURCE),
+    row("POST", "/v2/sandboxes/{sandboxID}/connect", TEAM_RESOURCE),
+    row("GET", "/sandboxes/{sandboxID}/metrics", TEAM_RESOURCE),
+    row("GET", "/sandboxes/metrics", ANY_CALLER),
+    row("POST", "/sandboxes/{sandboxID}/snapshots", TEAM_RESOURCE),
+    row("GET", "/snapshots", ANY_CALLER),
+    row("GET", "/templates", ANY_CALLER),
+    row("GET", "/templates/{templateID}", ANY_CALLER),
+    row("DELETE", "/templates/{templateID}", TEAM_RESOURCE),
+    row("GET", "/templates/aliases/{alias}", ANY_CALLER),
 ];
 
 /// `(METHOD, path)` of every operation in the OpenAPI document.
@@ -606,6 +628,55 @@ impl World {
             ),
             ("GET", "/v1/sandboxes/{sandbox_id}/files/watch") => {
                 call(files("/watch?path=/data&recursive=true"), Body::Empty)
+            }
+            ("POST", "/v1/sandboxes/{sandbox_id}/lifetime") => call(
+                format!("/v1/sandboxes/{sb}/lifetime"),
+                Body::Json(json!({ "lifetime_sec": 3600 })),
+            ),
+            ("POST", "/sandboxes") | ("POST", "/v2/sandboxes") => {
+                call(path.into(), Body::Json(json!({ "templateID": "base" })))
+            }
+            ("DELETE", "/sandboxes/{sandboxID}") => {
+                let doomed = self.fresh_sandbox().await?;
+                call(format!("/sandboxes/{}", doomed.id), Body::Empty)
+            }
+            ("POST", "/sandboxes/{sandboxID}/pause") => {
+                let running = self.fresh_sandbox().await?;
+                call(format!("/sandboxes/{}/pause", running.id), Body::Empty)
+            }
+            ("POST", "/sandboxes/{sandboxID}/resume") => {
+                let paused = self.fresh_sandbox().await?;
+                self.key_api().pause(paused.id).await?;
+                call(format!("/sandboxes/{}/resume", paused.id), Body::Empty)
+            }
+            ("POST", "/sandboxes/{sandboxID}/timeout") => call(
+                format!("/sandboxes/{sb}/timeout"),
+                Body::Json(json!({ "timeout": 3600 })),
+            ),
+            ("POST", "/sandboxes/{sandboxID}/refreshes") => call(
+                format!("/sandboxes/{sb}/refreshes"),
+                Body::Json(json!({ "duration": 60 })),
+            ),
+            ("POST", "/sandboxes/{sandboxID}/snapshots") => call(
+                format!("/sandboxes/{sb}/snapshots"),
+                Body::Json(json!({ "name": unique("e2bsnap") })),
+            ),
+            ("GET", "/sandboxes/metrics") => {
+                call(format!("/sandboxes/metrics?sandbox_ids={sb}"), Body::Empty)
+            }
+            ("GET", "/templates/{templateID}") => call("/templates/base".into(), Body::Empty),
+            ("GET", "/templates/aliases/{alias}") => {
+                call("/templates/aliases/minimal".into(), Body::Empty)
+            }
+            ("DELETE", "/templates/{templateID}") => {
+                let doomed = self
+                    .key_api()
+                    .snapshot(&common::api::snapshot(sb, &unique("doomed")))
+                    .await?;
+                call(format!("/templates/{}", doomed.name), Body::Empty)
+            }
+            (_, p) if p.contains("{sandboxID}") => {
+                call(p.replace("{sandboxID}", &sb.to_string()), Body::Empty)
             }
             (m, p) if p.contains("{process}") => {
                 // A fresh process of team A for every call (kills end it).

@@ -126,6 +126,7 @@ async fn create_with_explicit_values_env_and_metadata(engine: Engine) -> anyhow:
             timeout_sec: Some(0),
             env: map(&[("GREETING", "hello"), ("_X1", "")]),
             metadata: map(&[("owner", "alice"), ("purpose", "ci run 7")]),
+            ..Default::default()
         })
         .await?;
     assert_eq!(

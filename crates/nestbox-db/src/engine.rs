@@ -575,6 +575,7 @@ wire_args!(
     nestbox_types::HostStatus,
     nestbox_types::TeamRole,
     nestbox_types::TemplateKind,
+    nestbox_types::Expiry,
     crate::model::UserStatus,
     crate::model::HostKind,
     crate::model::ActorType,

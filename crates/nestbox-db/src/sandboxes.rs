@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use nestbox_types::{HostId, SandboxId, SandboxStatus, TeamId, TemplateId};
+use nestbox_types::{Expiry, HostId, SandboxId, SandboxStatus, TeamId, TemplateId};
 
 use crate::engine::{Arg, Conn, Db, DbRow, args, now};
 use crate::error::{DbError, missing_as_not_found};
@@ -48,6 +48,12 @@ pub struct Sandbox {
     pub stopped_at: Option<DateTime<Utc>>,
     pub last_active_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// When its lifetime ends while it runs; `None`: no deadline.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The lifetime a resume applies again when it names none.
+    pub lifetime_sec: Option<u32>,
+    /// What its lifetime's end does.
+    pub on_expiry: Expiry,
 }
 
 /// What [`insert`] needs. The sandbox starts `pending`.
@@ -63,6 +69,9 @@ pub struct NewSandbox {
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
     pub created_by: String,
+    /// Absolute lifetime from now; `None`: no deadline.
+    pub lifetime_sec: Option<u32>,
+    pub on_expiry: Expiry,
 }
 
 /// Which sandboxes [`list_for_team`] returns. Empty fields do not filter.
@@ -85,7 +94,7 @@ pub struct HostLoad {
 const COLUMNS: &str = "s.id, s.team_id, s.host_id, s.template_id, s.template_name, s.status, \
                        s.error, s.vcpus, s.memory_mb, s.disk_size_mb, s.timeout_sec, s.env, \
                        s.created_by, s.created_at, s.started_at, s.stopped_at, s.last_active_at, \
-                       s.updated_at";
+                       s.updated_at, s.expires_at, s.lifetime_sec, s.on_expiry";
 
 fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
     let env = r.json("env")?;
@@ -111,6 +120,9 @@ fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
         stopped_at: r.time_opt("stopped_at")?,
         last_active_at: r.time_opt("last_active_at")?,
         updated_at: r.time("updated_at")?,
+        expires_at: r.time_opt("expires_at")?,
+        lifetime_sec: r.u32_opt("lifetime_sec")?,
+        on_expiry: r.parse("on_expiry")?,
     })
 }
 
@@ -129,8 +141,9 @@ pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
     tx.conn()
         .execute(
             "INSERT INTO sandboxes (id, team_id, template_id, template_name, status, vcpus, \
-                 memory_mb, disk_size_mb, timeout_sec, env, created_by, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+                 memory_mb, disk_size_mb, timeout_sec, env, created_by, created_at, updated_at, \
+                 expires_at, lifetime_sec, on_expiry) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)",
             args![
                 id,
                 new.team_id,
@@ -144,6 +157,10 @@ pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
                 env,
                 &new.created_by,
                 at,
+                new.lifetime_sec
+                    .map(|s| at + chrono::Duration::seconds(i64::from(s))),
+                new.lifetime_sec,
+                new.on_expiry,
             ],
         )
         .await
@@ -339,6 +356,93 @@ pub async fn set_running(
         .await
         .map_err(|e| missing_as_not_found(e, "host", host))?;
     Ok(n > 0)
+}
+
+/// How [`set_lifetime`] changes a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifetimeChange {
+    /// The sandbox ends `lifetime_sec` from now, sooner or later than before (E2B's
+    /// `set_timeout`); a sandbox without a deadline gets one.
+    Set,
+    /// Only a later end than the current one applies, and only to a sandbox that has a
+    /// deadline (E2B's refresh, and `connect` on a running sandbox).
+    Extend,
+}
+
+/// Sets a sandbox's deadline to `lifetime_sec` from now (see [`LifetimeChange`]) and, for
+/// [`LifetimeChange::Set`], records `lifetime_sec` as the lifetime a resume applies again.
+/// Only `running` sandboxes (and `starting` ones, whose create is in flight) change.
+/// Returns whether it applied.
+pub async fn set_lifetime(
+    db: &Db,
+    id: SandboxId,
+    lifetime_sec: u32,
+    change: LifetimeChange,
+) -> Result<bool, DbError> {
+    let at = now();
+    let end = at + chrono::Duration::seconds(i64::from(lifetime_sec));
+    let live = [SandboxStatus::Running, SandboxStatus::Starting];
+    let mut sql = Sql::new("UPDATE sandboxes SET expires_at = ");
+    sql.bind(end).push(", updated_at = ").bind(at);
+    if change == LifetimeChange::Set {
+        sql.push(", lifetime_sec = ").bind(lifetime_sec);
+    }
+    sql.push(" WHERE id = ")
+        .bind(id)
+        .push(" AND status IN ")
+        .bind_list(live);
+    if change == LifetimeChange::Extend {
+        sql.push(" AND expires_at IS NOT NULL AND expires_at < ")
+            .bind(end);
+    }
+    Ok(db.execute(&sql.text, sql.args).await? > 0)
+}
+
+/// Starts a new lifetime for a sandbox that is resuming: `lifetime_sec` (or, when `None`,
+/// the one it recorded) from now, and records it. A sandbox without a recorded lifetime and
+/// none given keeps no deadline.
+pub async fn restart_lifetime(
+    db: &Db,
+    id: SandboxId,
+    lifetime_sec: Option<u32>,
+) -> Result<(), DbError> {
+    let at = now();
+    match lifetime_sec {
+        Some(secs) => {
+            let end = at + chrono::Duration::seconds(i64::from(secs));
+            db.execute(
+                "UPDATE sandboxes SET expires_at = $2, lifetime_sec = $3, updated_at = $4 \
+                 WHERE id = $1",
+                args![id, end, secs, at],
+            )
+            .await?;
+        }
+        None => {
+            let Some(secs) = get(db, id).await?.lifetime_sec else {
+                return Ok(());
+            };
+            let end = at + chrono::Duration::seconds(i64::from(secs));
+            db.execute(
+                "UPDATE sandboxes SET expires_at = $2, updated_at = $3 WHERE id = $1",
+                args![id, end, at],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Running sandboxes whose lifetime ended at or before `at`, soonest first, at most `limit`.
+pub async fn expired(db: &Db, at: DateTime<Utc>, limit: u32) -> Result<Vec<Sandbox>, DbError> {
+    let mut sql = Sql::new(&format!(
+        "SELECT {COLUMNS} FROM sandboxes s WHERE s.status = "
+    ));
+    sql.bind(SandboxStatus::Running)
+        .push(" AND s.expires_at IS NOT NULL AND s.expires_at <= ")
+        .bind(at)
+        .push(" ORDER BY s.expires_at LIMIT ")
+        .bind(limit);
+    db.fetch_all(&sql.text, sql.args, from_row).await
 }
 
 /// Records activity (commands, file operations, proxied traffic) now.

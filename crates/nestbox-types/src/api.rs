@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ApiKeyId, AuditLogId, ErrorCode, HostId, HostStatus, SandboxId, SandboxStatus, TeamId,
+    ApiKeyId, AuditLogId, ErrorCode, Expiry, HostId, HostStatus, SandboxId, SandboxStatus, TeamId,
     TeamRole, TemplateId, TemplateKind, UserId,
 };
 
@@ -270,6 +270,36 @@ pub struct CreateSandboxRequest {
     /// Free-form labels, filterable in lists.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Absolute lifetime, seconds: the sandbox ends this long after it starts (and again
+    /// after each resume) unless extended (`POST /v1/sandboxes/{id}/lifetime`); omitted: no
+    /// deadline. Independent of the inactivity timeout.
+    #[serde(default)]
+    pub lifetime_sec: Option<u32>,
+    /// What the end of its lifetime does: `destroy` (default) or `pause`.
+    #[serde(default)]
+    pub on_expiry: Option<Expiry>,
+}
+
+/// `POST /v1/sandboxes/{id}/lifetime`: a new deadline for a running sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LifetimeRequest {
+    /// The sandbox now ends this many seconds from now (sooner or later than before).
+    pub lifetime_sec: u32,
+    /// Only move the deadline later, never sooner (a keep-alive).
+    #[serde(default)]
+    pub extend_only: bool,
+}
+
+/// `POST /v1/sandboxes/{id}/resume` (the body is optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// The new lifetime from now, seconds; omitted: the one it had (if any).
+    #[serde(default)]
+    pub lifetime_sec: Option<u32>,
 }
 
 /// A sandbox.
@@ -308,6 +338,14 @@ pub struct Sandbox {
     /// When it was destroyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_at: Option<DateTime<Utc>>,
+    /// When its lifetime ends, while it runs; absent: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The lifetime it was given (and a resume gives it again), seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_sec: Option<u32>,
+    /// What the end of its lifetime does.
+    pub on_expiry: Expiry,
     /// Opens the sandbox's ports through the proxy without team credentials (header
     /// `e2b-traffic-access-token`); in the answers of create and get only.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,6 +6,7 @@
 //! the guest agent, the host agent and the control plane can all use it.
 
 pub mod api;
+pub mod e2b;
 pub mod error;
 pub mod ids;
 pub mod limits;
@@ -18,4 +19,4 @@ pub use ids::{
     UserId,
 };
 pub use size::{ByteSize, SizeParseError};
-pub use status::{HostStatus, SandboxStatus, StatusParseError, TeamRole, TemplateKind};
+pub use status::{Expiry, HostStatus, SandboxStatus, StatusParseError, TeamRole, TemplateKind};

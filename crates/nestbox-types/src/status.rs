@@ -148,6 +148,17 @@ wire_enum!(
     }
 );
 
+wire_enum!(
+    /// What happens to a running sandbox when its lifetime ends (`expires_at`).
+    Expiry, "expiry action", {
+        /// Destroyed, like a delete (E2B's default: killed).
+        Destroy => "destroy",
+        /// Paused with its memory and processes (E2B's `autoPause`); a resume starts a new
+        /// lifetime.
+        Pause => "pause",
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -179,6 +179,12 @@ pub enum SandboxCommand {
         /// Inactivity timeout, seconds.
         #[arg(long)]
         timeout_sec: Option<u32>,
+        /// Absolute lifetime, seconds (the sandbox ends this long after it starts).
+        #[arg(long)]
+        lifetime_sec: Option<u32>,
+        /// Pause instead of destroying it when its lifetime ends.
+        #[arg(long)]
+        pause_on_expiry: bool,
         /// Environment variable KEY=VALUE (repeatable).
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
@@ -335,6 +341,8 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
             memory_mb,
             disk_size_mb,
             timeout_sec,
+            lifetime_sec,
+            pause_on_expiry,
             env,
             metadata,
             quiet,
@@ -347,6 +355,8 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                 timeout_sec,
                 env: parse_pairs(&env, "env")?,
                 metadata: parse_pairs(&metadata, "metadata")?,
+                lifetime_sec,
+                on_expiry: pause_on_expiry.then_some(nestbox_types::Expiry::Pause),
             };
             let sb = client(&conn)?.create_sandbox(&req).await?;
             if quiet {

@@ -7,6 +7,7 @@
 
 mod auth;
 mod docs;
+pub mod e2b;
 mod hosts;
 mod processes;
 mod sandboxes;
@@ -49,6 +50,8 @@ const JSON_LIMIT: usize = 32 << 20;
         (name = "templates", description = "What sandboxes start from"),
         (name = "hosts", description = "Machines running the host agent"),
         (name = "admin", description = "Platform administration"),
+        (name = "e2b", description = "E2B's REST API, for E2B's SDKs (`E2B_API_URL`): E2B's paths, \
+                                     field names and error shape (`{\"code\": <status>, \"message\"}`)"),
     )
 )]
 struct ApiDoc;
@@ -103,6 +106,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::pause_sandbox))
         .routes(routes!(sandboxes::resume_sandbox))
         .routes(routes!(sandboxes::ping_sandbox))
+        .routes(routes!(sandboxes::set_lifetime))
         .routes(routes!(
             snapshots::create_snapshot,
             snapshots::list_snapshots
@@ -126,6 +130,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(processes::start_terminal))
         .routes(routes!(processes::attach_terminal))
         .routes(routes!(processes::watch_dir))
+        .merge(e2b::routes())
 }
 
 /// The OpenAPI document of the API.

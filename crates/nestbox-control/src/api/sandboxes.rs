@@ -11,14 +11,15 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use nestbox_types::api::{
     AuditLog, AuditLogQuery, CreateSandboxRequest, EntryInfo, ExecEvent, ExecRequest, ExecResult,
-    FileList, MetricsQuery, MkdirRequest, Page, PathQuery, Sandbox, SandboxListQuery,
-    SandboxMetrics, Template,
+    FileList, LifetimeRequest, MetricsQuery, MkdirRequest, Page, PathQuery, ResumeRequest, Sandbox,
+    SandboxListQuery, SandboxMetrics, Template,
 };
 use nestbox_types::{ErrorBody, SandboxId};
 
 use crate::error::ApiResult;
-use crate::extract::{Caller, Json, Path, Query};
+use crate::extract::{Caller, Json, OptionalJson, Path, Query};
 use crate::state::AppState;
+use nestbox_db::sandboxes::LifetimeChange;
 
 /// Templates the caller's team can start sandboxes from.
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", security(("api_key" = []), ("session" = [])),
@@ -99,9 +100,10 @@ pub async fn pause_sandbox(
     s.services.pause_sandbox(&caller, id).await.map(axum::Json)
 }
 
-/// Resumes a paused sandbox with its processes, open files and memory.
+/// Resumes a paused sandbox with its processes, open files and memory. A sandbox with a
+/// lifetime starts a new one (the body's `lifetime_sec`, else the one it had).
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/resume", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
-    params(("sandbox_id" = SandboxId, Path)),
+    params(("sandbox_id" = SandboxId, Path)), request_body(content = ResumeRequest, description = "optional"),
     responses((status = 200, description = "the sandbox, running", body = Sandbox), (status = 404, body = ErrorBody),
               (status = 409, description = "not paused (`conflict`)", body = ErrorBody),
               (status = 503, body = ErrorBody)))]
@@ -109,8 +111,36 @@ pub async fn resume_sandbox(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<SandboxId>,
+    OptionalJson(req): OptionalJson<ResumeRequest>,
 ) -> ApiResult<axum::Json<Sandbox>> {
-    s.services.resume_sandbox(&caller, id).await.map(axum::Json)
+    s.services
+        .resume_sandbox(&caller, id, req.lifetime_sec)
+        .await
+        .map(axum::Json)
+}
+
+/// Gives a running sandbox a new deadline: it ends `lifetime_sec` from now (destroyed, or
+/// paused if it was created with `on_expiry: pause`). With `extend_only`, a sooner end
+/// than the current one is ignored.
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/lifetime", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)), request_body = LifetimeRequest,
+    responses((status = 200, description = "the sandbox with its new `expires_at`", body = Sandbox), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, description = "not running (`sandbox_not_running`)", body = ErrorBody)))]
+pub async fn set_lifetime(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Json(req): Json<LifetimeRequest>,
+) -> ApiResult<axum::Json<Sandbox>> {
+    let change = if req.extend_only {
+        LifetimeChange::Extend
+    } else {
+        LifetimeChange::Set
+    };
+    s.services
+        .set_lifetime(&caller, id, req.lifetime_sec, change)
+        .await
+        .map(axum::Json)
 }
 
 /// Keeps a running sandbox alive: resets its inactivity timer (after `timeout_sec` without

@@ -7,6 +7,7 @@
 
 pub mod auditlog;
 pub mod hosts;
+pub mod lifetime;
 pub mod metrics;
 pub mod pause;
 pub mod processes;

@@ -23,6 +23,8 @@
 //!   client that goes away mid-call never leaves a half state, and the outcome is audited;
 //! - once paused, the sandbox's metrics are fetched from the agent and stored
 //!   ([`super::metrics`]); a failure there does not fail the pause;
+//! - a resume starts a new lifetime ([`super::lifetime`]) before the sandbox is marked
+//!   running again;
 //! - ping needs a running sandbox; it resets the agent's inactivity timer and records
 //!   activity.
 
@@ -155,8 +157,17 @@ impl Services {
         self.get_sandbox(caller, id).await
     }
 
-    /// Resumes a paused sandbox with its processes, open files and memory.
-    pub async fn resume_sandbox(&self, caller: &Caller, id: SandboxId) -> ApiResult<api::Sandbox> {
+    /// Resumes a paused sandbox with its processes, open files and memory, and starts a new
+    /// lifetime (`lifetime_sec`, else the one it had; see [`super::lifetime`]).
+    pub async fn resume_sandbox(
+        &self,
+        caller: &Caller,
+        id: SandboxId,
+        lifetime_sec: Option<u32>,
+    ) -> ApiResult<api::Sandbox> {
+        if let Some(secs) = lifetime_sec {
+            self.validate_lifetime(secs)?;
+        }
         let sb = self.sandbox_row(caller, id).await?;
         match sb.status {
             SandboxStatus::Paused => {}
@@ -198,7 +209,7 @@ impl Services {
                 Err(status) => Err(from_agent(&status)),
             };
             let outcome = match resumed {
-                Ok(()) => record_resumed(&db, id).await,
+                Ok(()) => record_resumed(&db, id, lifetime_sec).await,
                 Err(e) => Err(e),
             };
             write_audit(
@@ -237,8 +248,15 @@ impl Services {
     }
 }
 
-/// Records that the agent resumed the sandbox.
-async fn record_resumed(db: &nestbox_db::Db, id: SandboxId) -> ApiResult<()> {
+/// Records that the agent resumed the sandbox, with a new lifetime.
+async fn record_resumed(
+    db: &nestbox_db::Db,
+    id: SandboxId,
+    lifetime_sec: Option<u32>,
+) -> ApiResult<()> {
+    // The new deadline first: once the sandbox is `running` again, the expiry task must not
+    // see the old one (already past when its lifetime's end paused it).
+    sandboxes::restart_lifetime(db, id, lifetime_sec).await?;
     let applied = sandboxes::transition(
         db,
         id,

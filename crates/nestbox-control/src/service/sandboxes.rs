@@ -74,6 +74,11 @@ pub fn sandbox_view(s: &sandboxes::Sandbox) -> api::Sandbox {
         created_at: s.created_at,
         started_at: s.started_at,
         stopped_at: s.stopped_at,
+        expires_at: (s.status == SandboxStatus::Running)
+            .then_some(s.expires_at)
+            .flatten(),
+        lifetime_sec: s.lifetime_sec,
+        on_expiry: s.on_expiry,
         traffic_access_token: None,
         envd_access_token: None,
     }
@@ -458,6 +463,9 @@ impl Services {
         }
         validate_env(limits, &req.env)?;
         validate_metadata(limits, &req.metadata)?;
+        if let Some(lifetime) = req.lifetime_sec {
+            self.validate_lifetime(lifetime)?;
+        }
 
         let mut candidates = self.candidates().await?;
         // A template stored on one host can only start there.
@@ -501,6 +509,8 @@ impl Services {
                 env: req.env.clone(),
                 metadata: req.metadata.clone(),
                 created_by: caller.actor.id_string(),
+                lifetime_sec: req.lifetime_sec,
+                on_expiry: req.on_expiry.unwrap_or(nestbox_types::Expiry::Destroy),
             },
         )
         .await?;
@@ -635,21 +645,30 @@ impl Services {
         if !(1..=200).contains(&limit) {
             return Err(ApiError::invalid("limit must be 1–200"));
         }
-        let page = nestbox_db::Page {
-            limit,
-            cursor: q.cursor.clone(),
-        };
-        let paged = sandboxes::list_for_team(
-            &self.db,
-            caller.team,
-            &sandboxes::SandboxFilter { statuses, metadata },
-            &page,
-        )
-        .await?;
+        let paged = self
+            .sandbox_page(
+                caller,
+                sandboxes::SandboxFilter { statuses, metadata },
+                limit,
+                q.cursor.clone(),
+            )
+            .await?;
         Ok(api::Page {
             items: paged.items.iter().map(sandbox_view).collect(),
             next_cursor: paged.next_cursor,
         })
+    }
+
+    /// A page of the caller's team's sandbox records matching `filter`, newest first.
+    pub(crate) async fn sandbox_page(
+        &self,
+        caller: &Caller,
+        filter: sandboxes::SandboxFilter,
+        limit: u32,
+        cursor: Option<String>,
+    ) -> ApiResult<nestbox_db::Paged<sandboxes::Sandbox>> {
+        let page = nestbox_db::Page { limit, cursor };
+        Ok(sandboxes::list_for_team(&self.db, caller.team, &filter, &page).await?)
     }
 
     /// Destroys a sandbox. Idempotent for sandboxes already stopped.

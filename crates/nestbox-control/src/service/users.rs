@@ -91,7 +91,7 @@ impl Services {
                         .collect(),
                 })
             }
-            Actor::ApiKey { .. } => {
+            Actor::ApiKey { .. } | Actor::System => {
                 let team = teams::get(&self.db, caller.team).await?;
                 Ok(Me {
                     user: None,

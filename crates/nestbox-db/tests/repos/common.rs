@@ -121,6 +121,8 @@ pub fn new_sandbox(team: TeamId) -> NewSandbox {
         env: BTreeMap::new(),
         metadata: BTreeMap::new(),
         created_by: "usr-test".into(),
+        lifetime_sec: None,
+        on_expiry: nestbox_types::Expiry::Destroy,
     }
 }
 

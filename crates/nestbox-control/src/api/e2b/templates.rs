@@ -1,0 +1,246 @@
+//! E2B's template and snapshot routes. A snapshot is a template the team made from a
+//! sandbox; its id is its name, which works wherever E2B takes a template id.
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use nestbox_types::api::{CreateSnapshotRequest, Template as OurTemplate};
+use nestbox_types::e2b::{
+    Error, NewSnapshot, SnapshotInfo, SnapshotListQuery, Template, TemplateAlias, TemplateBuild,
+    TemplateWithBuilds,
+};
+use nestbox_types::limits::{DEFAULT_TEMPLATE, ENVD_VERSION};
+use nestbox_types::{ErrorCode, TemplateKind};
+
+use super::{E2bError, E2bResult, sandbox_id};
+use crate::error::ApiError;
+use crate::extract::OptionalJson;
+use crate::extract::{Caller, Path, Query};
+use crate::state::AppState;
+
+/// Our name of a template E2B names `name`.
+fn our_name(name: &str) -> &str {
+    match name {
+        "base" => DEFAULT_TEMPLATE,
+        other => other,
+    }
+}
+
+fn template(t: &OurTemplate) -> Template {
+    Template {
+        template_id: t.name.clone(),
+        build_id: t.id.to_string(),
+        cpu_count: t.vcpus,
+        memory_mb: t.memory_mb,
+        disk_size_mb: t.disk_size_mb,
+        public: t.platform,
+        aliases: vec![t.name.clone()],
+        names: vec![t.name.clone()],
+        created_at: t.created_at,
+        updated_at: t.created_at,
+        created_by: None,
+        last_spawned_at: None,
+        spawn_count: 0,
+        build_count: 1,
+        envd_version: ENVD_VERSION.to_string(),
+        build_status: "ready".into(),
+    }
+}
+
+async fn find(state: &AppState, caller: &Caller, name: &str) -> E2bResult<OurTemplate> {
+    let name = our_name(name);
+    let all = state.services.list_templates(caller).await?;
+    all.items
+        .into_iter()
+        .find(|t| t.name == name || t.id.to_string() == name)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::TemplateNotFound,
+                format!(
+                    "template `{}` not found",
+                    name.chars().take(80).collect::<String>()
+                ),
+            )
+            .into()
+        })
+}
+
+/// Makes a snapshot of a sandbox (memory and disk; the disk only with `memory: false`): a
+/// template of the team that new sandboxes start from, where the sandbox was.
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/snapshots", tag = super::TAG, security(("api_key" = [])),
+    params(("sandboxID" = String, Path)), request_body = NewSnapshot,
+    responses((status = 201, body = SnapshotInfo), (status = 400, body = Error), (status = 401, body = Error),
+              (status = 404, body = Error), (status = 409, body = Error)))]
+pub async fn create_snapshot(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    Path(raw): Path<String>,
+    body: Result<OptionalJson<NewSnapshot>, ApiError>,
+) -> E2bResult<(StatusCode, axum::Json<SnapshotInfo>)> {
+    let caller = caller?;
+    let id = sandbox_id(&raw)?;
+    let OptionalJson(req) = body?;
+    let name = req.name.unwrap_or_else(|| {
+        let id = id.to_string();
+        let short: String = id.trim_start_matches("sb-").chars().take(8).collect();
+        format!(
+            "snapshot-{short}-{}",
+            chrono::Utc::now().format("%Y%m%d%H%M%S")
+        )
+    });
+    let kind = match req.memory {
+        Some(false) => TemplateKind::Image,
+        _ => TemplateKind::Snapshot,
+    };
+    let made = s
+        .services
+        .create_snapshot(
+            &caller,
+            &CreateSnapshotRequest {
+                sandbox_id: id,
+                name,
+                overwrite: false,
+                kind: Some(kind),
+            },
+        )
+        .await
+        .map_err(|e| E2bError::from(e).no_retry())?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(SnapshotInfo {
+            snapshot_id: made.name.clone(),
+            names: vec![made.name],
+        }),
+    ))
+}
+
+/// The team's snapshots (templates it made from sandboxes), newest first.
+#[utoipa::path(get, path = "/snapshots", tag = super::TAG, security(("api_key" = [])), params(SnapshotListQuery),
+    responses((status = 200, body = Vec<SnapshotInfo>,
+               headers(("x-next-token" = String, description = "the next page's `nextToken`; absent on the last page"))),
+              (status = 400, body = Error), (status = 401, body = Error)))]
+pub async fn list_snapshots(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    query: Result<Query<SnapshotListQuery>, ApiError>,
+) -> E2bResult<Response> {
+    let caller = caller?;
+    let Query(q) = query?;
+    if q.sandbox_id.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::NotImplemented,
+            "listing the snapshots of one sandbox is not supported yet; list all of them",
+        )
+        .into());
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::invalid("limit must be 1–100").into());
+    }
+    let offset: usize = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => t
+            .parse()
+            .map_err(|_| E2bError::from(ApiError::invalid("invalid nextToken")))?,
+        None => 0,
+    };
+    let mut mine: Vec<OurTemplate> = s
+        .services
+        .list_templates(&caller)
+        .await?
+        .items
+        .into_iter()
+        .filter(|t| !t.platform)
+        .filter(|t| q.name.as_deref().is_none_or(|n| n == t.name))
+        .collect();
+    mine.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.name.cmp(&a.name)));
+    let end = (offset + limit as usize).min(mine.len());
+    let items: Vec<SnapshotInfo> = mine
+        .get(offset.min(end)..end)
+        .unwrap_or_default()
+        .iter()
+        .map(|t| SnapshotInfo {
+            snapshot_id: t.name.clone(),
+            names: vec![t.name.clone()],
+        })
+        .collect();
+    let mut resp = axum::Json(items).into_response();
+    if end < mine.len()
+        && let Ok(v) = HeaderValue::try_from(end.to_string())
+    {
+        resp.headers_mut().insert("x-next-token", v);
+    }
+    Ok(resp)
+}
+
+/// Templates the team can start sandboxes from (its own and the platform's).
+#[utoipa::path(get, path = "/templates", tag = super::TAG, security(("api_key" = [])),
+    responses((status = 200, body = Vec<Template>), (status = 401, body = Error)))]
+pub async fn list_templates(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+) -> E2bResult<axum::Json<Vec<Template>>> {
+    let caller = caller?;
+    let all = s.services.list_templates(&caller).await?;
+    Ok(axum::Json(all.items.iter().map(template).collect()))
+}
+
+/// One template (by name or id) with its build.
+#[utoipa::path(get, path = "/templates/{templateID}", tag = super::TAG, security(("api_key" = [])),
+    params(("templateID" = String, Path)),
+    responses((status = 200, body = TemplateWithBuilds), (status = 401, body = Error), (status = 404, body = Error)))]
+pub async fn get_template(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    Path(name): Path<String>,
+) -> E2bResult<axum::Json<TemplateWithBuilds>> {
+    let caller = caller?;
+    let t = find(&s, &caller, &name).await?;
+    let build = TemplateBuild {
+        build_id: t.id.to_string(),
+        status: "ready".into(),
+        created_at: t.created_at,
+        updated_at: t.created_at,
+        finished_at: Some(t.created_at),
+        cpu_count: t.vcpus,
+        memory_mb: t.memory_mb,
+        disk_size_mb: t.disk_size_mb,
+        envd_version: ENVD_VERSION.to_string(),
+    };
+    Ok(axum::Json(TemplateWithBuilds {
+        template: template(&t),
+        builds: vec![build],
+    }))
+}
+
+/// Deletes a template of the team (a snapshot). 404 if there is none of that name.
+#[utoipa::path(delete, path = "/templates/{templateID}", tag = super::TAG, security(("api_key" = [])),
+    params(("templateID" = String, Path)),
+    responses((status = 204), (status = 401, body = Error), (status = 403, body = Error), (status = 404, body = Error),
+              (status = 409, body = Error)))]
+pub async fn delete_template(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    Path(name): Path<String>,
+) -> E2bResult<StatusCode> {
+    let caller = caller?;
+    let t = find(&s, &caller, &name).await?;
+    s.services.delete_snapshot(&caller, &t.name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether a template of that name exists for the team.
+#[utoipa::path(get, path = "/templates/aliases/{alias}", tag = super::TAG, security(("api_key" = [])),
+    params(("alias" = String, Path)),
+    responses((status = 200, body = TemplateAlias), (status = 401, body = Error), (status = 404, body = Error)))]
+pub async fn get_alias(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    Path(alias): Path<String>,
+) -> E2bResult<axum::Json<TemplateAlias>> {
+    let caller = caller?;
+    let t = find(&s, &caller, &alias).await?;
+    Ok(axum::Json(TemplateAlias {
+        template_id: t.name,
+        public: t.platform,
+    }))
+}

@@ -1,0 +1,558 @@
+//! The bodies of E2B's REST API, which the control plane serves beside `/v1` so that E2B's
+//! SDKs work against Nestbox unmodified (`E2B_API_URL`).
+//!
+//! Field names, optionality and formats follow what the stock SDKs send and parse (Python
+//! `e2b` 2.63, npm `e2b` 2.51): camelCase with E2B's spellings (`templateID`, `memoryMB`),
+//! except `allow_internet_access`. Fields the SDKs require in answers are never optional
+//! here; request fields the SDKs may leave out are `Option`. Unknown request fields are
+//! accepted (newer SDKs add fields); the control plane refuses the ones it knows and does
+//! not support rather than ignoring them.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "openapi")]
+use utoipa::{IntoParams, ToSchema};
+
+/// E2B's error body: `code` is always the HTTP status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::Error))]
+pub struct Error {
+    /// The HTTP status.
+    pub code: u16,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// `POST /sandboxes` and `POST /v2/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::NewSandbox))]
+#[serde(rename_all = "camelCase")]
+pub struct NewSandbox {
+    /// Template name (`base` is the platform's default template) or id.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Lifetime, seconds (default 300): the sandbox is killed (or paused, with
+    /// `autoPause`) this long after it starts unless extended.
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    /// Pause instead of kill when the lifetime ends.
+    #[serde(default)]
+    pub auto_pause: Option<bool>,
+    /// Whether an automatic pause keeps memory (it always does here).
+    #[serde(default)]
+    pub auto_pause_memory: Option<bool>,
+    /// Resume a paused sandbox when traffic reaches it (not supported: refused when enabled).
+    #[serde(default)]
+    pub auto_resume: Option<AutoResume>,
+    /// Whether the sandbox may reach the internet.
+    #[serde(default, rename = "allow_internet_access")]
+    pub allow_internet_access: Option<bool>,
+    /// Egress and ingress rules.
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
+    /// Labels.
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Environment of every process.
+    #[serde(default)]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    /// Older SDKs' flag; every sandbox requires its access token here.
+    #[serde(default)]
+    pub secure: Option<bool>,
+    /// An MCP gateway configuration (not supported: refused when given).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub mcp: Option<serde_json::Value>,
+    /// Volumes to mount (not supported: refused when given).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<Object>>))]
+    pub volume_mounts: Option<Vec<serde_json::Value>>,
+}
+
+/// `autoResume` of [`NewSandbox`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::AutoResume))]
+pub struct AutoResume {
+    /// Whether traffic resumes a paused sandbox.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+/// A sandbox's network rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::NetworkConfig))]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// Destinations allowed even when denied otherwise (CIDRs, addresses or domains).
+    #[serde(default)]
+    pub allow_out: Option<Vec<String>>,
+    /// Destinations denied (CIDRs or addresses; `0.0.0.0/0` for everything).
+    #[serde(default)]
+    pub deny_out: Option<Vec<String>>,
+    /// Whether the sandbox's ports are reachable without its traffic token.
+    #[serde(default)]
+    pub allow_public_traffic: Option<bool>,
+    /// Host header rewriting for proxied requests (not supported: refused when given).
+    #[serde(default)]
+    pub mask_request_host: Option<String>,
+}
+
+/// `POST /sandboxes/{id}/connect` and `POST /v2/sandboxes/{id}/connect`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::ConnectSandbox))]
+pub struct ConnectSandbox {
+    /// A new lifetime from now, seconds (a running sandbox's is only extended).
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    /// `false`: boot afresh instead of resuming memory (not supported: refused).
+    #[serde(default)]
+    pub memory: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/resume` (deprecated by E2B in favour of connect).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::ResumedSandbox))]
+#[serde(rename_all = "camelCase")]
+pub struct ResumedSandbox {
+    /// A new lifetime from now, seconds.
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    /// Ignored (deprecated by E2B).
+    #[serde(default)]
+    pub auto_pause: Option<bool>,
+    /// `false`: boot afresh instead of resuming memory (not supported: refused).
+    #[serde(default)]
+    pub memory: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/pause`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::PauseSandbox))]
+#[serde(rename_all = "camelCase")]
+pub struct PauseSandbox {
+    /// `false`: keep only the filesystem (not supported: memory is always kept).
+    #[serde(default)]
+    pub memory: Option<bool>,
+    /// Fail if the guest agent does not answer (it must answer for a pause here anyway).
+    #[serde(default)]
+    pub require_healthy_guest: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/timeout`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxTimeout))]
+pub struct SandboxTimeout {
+    /// The sandbox now ends this many seconds from now.
+    pub timeout: u32,
+}
+
+/// `POST /sandboxes/{id}/refreshes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxRefresh))]
+pub struct SandboxRefresh {
+    /// Keep the sandbox alive at least this many seconds from now (0–3600, default 60).
+    #[serde(default)]
+    pub duration: Option<u32>,
+}
+
+/// A created or connected sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::Sandbox))]
+pub struct Sandbox {
+    /// Template it started from.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Id.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// The host it runs on (E2B's deprecated client id).
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// The version of E2B's in-VM protocol the guest agent speaks.
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    /// Sent to the guest agent as `X-Access-Token`.
+    #[serde(rename = "envdAccessToken")]
+    pub envd_access_token: String,
+    /// Opens the sandbox's ports (`e2b-traffic-access-token`).
+    #[serde(rename = "trafficAccessToken")]
+    pub traffic_access_token: String,
+    /// Domain of `{port}-{sandboxID}.{domain}` host names.
+    pub domain: Option<String>,
+}
+
+/// E2B's sandbox states (only these two are ever reported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxState))]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Running (or starting, or on a host that is briefly unreachable).
+    Running,
+    /// Paused with its memory.
+    Paused,
+}
+
+/// A sandbox in a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::ListedSandbox))]
+#[serde(rename_all = "camelCase")]
+pub struct ListedSandbox {
+    /// Template it started from.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Id.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// The host it runs on.
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When its lifetime ends (far in the future for a sandbox without a deadline).
+    pub end_at: DateTime<Utc>,
+    /// vCPUs.
+    pub cpu_count: u32,
+    /// Memory, MiB.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    /// Root disk, MiB.
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u32,
+    /// Labels.
+    pub metadata: BTreeMap<String, String>,
+    /// `running` or `paused`.
+    pub state: SandboxState,
+    /// The version of E2B's in-VM protocol the guest agent speaks.
+    pub envd_version: String,
+}
+
+/// `autoPause` as E2B reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::Lifecycle))]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    /// Whether traffic resumes it (never, here).
+    pub auto_resume: bool,
+    /// `kill` or `pause`.
+    pub on_timeout: String,
+}
+
+/// `GET /sandboxes/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxDetail))]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxDetail {
+    /// What a list shows.
+    #[serde(flatten)]
+    pub listed: ListedSandbox,
+    /// Sent to the guest agent as `X-Access-Token`.
+    pub envd_access_token: String,
+    /// Domain of `{port}-{sandboxID}.{domain}` host names.
+    pub domain: Option<String>,
+    /// What the end of its lifetime does.
+    pub lifecycle: Lifecycle,
+}
+
+/// Query of `GET /v2/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    /// `key=value` pairs, form-encoded, each key and value percent-encoded.
+    pub metadata: Option<String>,
+    /// Comma-separated states (`running`, `paused`); default both.
+    pub state: Option<String>,
+    /// Items per page, 1–100 (default 100).
+    pub limit: Option<u32>,
+    /// The `x-next-token` header of the previous page.
+    pub next_token: Option<String>,
+}
+
+/// Query of `GET /sandboxes` (running sandboxes, unpaged).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct ListRunningQuery {
+    /// `key=value` pairs, form-encoded, each key and value percent-encoded.
+    pub metadata: Option<String>,
+}
+
+/// One metrics sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxMetric))]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxMetric {
+    /// When it was taken.
+    pub timestamp: DateTime<Utc>,
+    /// The same, in seconds since the epoch.
+    pub timestamp_unix: i64,
+    /// vCPUs.
+    pub cpu_count: u32,
+    /// CPU use in percent of the sandbox's vCPUs.
+    pub cpu_used_pct: f64,
+    /// Memory used, bytes (the VM's resident memory on its host).
+    pub mem_used: u64,
+    /// Memory of the sandbox, bytes.
+    pub mem_total: u64,
+    /// Page cache, bytes (not measured: 0).
+    pub mem_cache: u64,
+    /// Disk used, bytes (what its copy-on-write disk takes on its host).
+    pub disk_used: u64,
+    /// Disk size, bytes.
+    pub disk_total: u64,
+}
+
+/// Query of `GET /sandboxes/{id}/metrics`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct MetricsQuery {
+    /// Oldest sample, seconds since the epoch.
+    pub start: Option<i64>,
+    /// Newest sample, seconds since the epoch.
+    pub end: Option<i64>,
+}
+
+/// Query of `GET /sandboxes/metrics`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct ManyMetricsQuery {
+    /// Comma-separated sandbox ids (at most 100).
+    pub sandbox_ids: String,
+}
+
+/// `GET /sandboxes/metrics`: the newest sample of each running sandbox asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxesWithMetrics))]
+pub struct SandboxesWithMetrics {
+    /// By sandbox id.
+    pub sandboxes: BTreeMap<String, SandboxMetric>,
+}
+
+/// `POST /sandboxes/{id}/snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::NewSnapshot))]
+pub struct NewSnapshot {
+    /// Template name; default a generated one.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `false`: the disk only (an image template); default memory and disk.
+    #[serde(default)]
+    pub memory: Option<bool>,
+}
+
+/// A snapshot (a template made from a sandbox).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SnapshotInfo))]
+pub struct SnapshotInfo {
+    /// Usable as `templateID` to create sandboxes from it, and to delete it.
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// Its names.
+    pub names: Vec<String>,
+}
+
+/// Query of `GET /snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotListQuery {
+    /// Only snapshots made from this sandbox.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: Option<String>,
+    /// Only the snapshot of this name.
+    pub name: Option<String>,
+    /// Items per page, 1–100 (default 100).
+    pub limit: Option<u32>,
+    /// The `x-next-token` header of the previous page.
+    pub next_token: Option<String>,
+}
+
+/// A template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::Template))]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    /// Id (its name works wherever an id does).
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Its one build (templates are made whole here).
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// vCPUs of its sandboxes.
+    pub cpu_count: u32,
+    /// Memory of its sandboxes, MiB.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    /// Root disk of its sandboxes, MiB.
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u32,
+    /// Visible to every team (a platform template).
+    pub public: bool,
+    /// Its names.
+    pub aliases: Vec<String>,
+    /// Its names.
+    pub names: Vec<String>,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When it was last replaced.
+    pub updated_at: DateTime<Utc>,
+    /// Who made it (not recorded: null).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub created_by: Option<serde_json::Value>,
+    /// Not recorded: null.
+    pub last_spawned_at: Option<DateTime<Utc>>,
+    /// Not recorded: 0.
+    pub spawn_count: u64,
+    /// Always 1.
+    pub build_count: u32,
+    /// The version of E2B's in-VM protocol its sandboxes speak.
+    pub envd_version: String,
+    /// Always `ready`.
+    pub build_status: String,
+}
+
+/// One build of a template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateBuild))]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuild {
+    /// Id.
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// Always `ready`.
+    pub status: String,
+    /// When it started.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// vCPUs.
+    pub cpu_count: u32,
+    /// Memory, MiB.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    /// Root disk, MiB.
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u32,
+    /// The version of E2B's in-VM protocol its sandboxes speak.
+    pub envd_version: String,
+}
+
+/// `GET /templates/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateWithBuilds))]
+pub struct TemplateWithBuilds {
+    /// The template.
+    #[serde(flatten)]
+    pub template: Template,
+    /// Its builds.
+    pub builds: Vec<TemplateBuild>,
+}
+
+/// `GET /templates/aliases/{alias}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateAlias))]
+pub struct TemplateAlias {
+    /// The template's id.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Visible to every team.
+    pub public: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_bodies_of_both_sdks_parse() {
+        let py: NewSandbox = serde_json::from_str(
+            r#"{"templateID":"base","timeout":120,"autoPause":true,"autoResume":{"enabled":false},
+                "allow_internet_access":true,"metadata":{"a":"b"},"envVars":{"X":"1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(py.template_id, "base");
+        assert_eq!(py.timeout, Some(120));
+        assert_eq!(py.auto_pause, Some(true));
+        assert_eq!(py.allow_internet_access, Some(true));
+        assert_eq!(py.env_vars.unwrap()["X"], "1");
+        let js: NewSandbox = serde_json::from_str(r#"{"templateID":"base"}"#).unwrap();
+        assert!(js.timeout.is_none() && js.metadata.is_none());
+        // Newer SDKs' fields are accepted.
+        serde_json::from_str::<NewSandbox>(r#"{"templateID":"x","someday":1}"#).unwrap();
+    }
+
+    #[test]
+    fn answers_use_e2b_spellings() {
+        let listed = ListedSandbox {
+            template_id: "minimal".into(),
+            sandbox_id: "sb-1".into(),
+            client_id: "host-1".into(),
+            started_at: DateTime::from_timestamp(0, 0).unwrap(),
+            end_at: DateTime::from_timestamp(300, 0).unwrap(),
+            cpu_count: 1,
+            memory_mb: 512,
+            disk_size_mb: 5120,
+            metadata: BTreeMap::new(),
+            state: SandboxState::Paused,
+            envd_version: "0.5.2".into(),
+        };
+        let v = serde_json::to_value(SandboxDetail {
+            listed,
+            envd_access_token: "t".into(),
+            domain: None,
+            lifecycle: Lifecycle {
+                auto_resume: false,
+                on_timeout: "kill".into(),
+            },
+        })
+        .unwrap();
+        for key in [
+            "templateID",
+            "sandboxID",
+            "clientID",
+            "startedAt",
+            "endAt",
+            "cpuCount",
+            "memoryMB",
+            "diskSizeMB",
+            "envdVersion",
+            "envdAccessToken",
+            "lifecycle",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing in {v}");
+        }
+        assert_eq!(v["state"], "paused");
+        assert_eq!(v["lifecycle"]["onTimeout"], "kill");
+    }
+}

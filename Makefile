@@ -10,7 +10,7 @@ GUEST_BIN := target/$(TARGET)/guest/nestbox-guest
 TEST_IMAGES := $(CURDIR)/target/nestbox-images
 DATA_DIR ?= /var/lib/nestbox
 
-.PHONY: up test check guest images test-images openapi bench deps fmt clean-test-state
+.PHONY: up test check guest images test-images sdk-deps openapi bench deps fmt clean-test-state
 
 ## System packages the platform needs (Debian/Ubuntu).
 deps:
@@ -30,9 +30,16 @@ test-images: guest
 	$(CARGO) build --locked -p nestbox-cli
 	./target/debug/nestbox image build --out $(TEST_IMAGES) --cache $(CURDIR)/target/nestbox-image-cache --guest-bin $(GUEST_BIN) --templates minimal,python
 
+## E2B's stock SDKs (pinned) for the compatibility suites: a virtualenv and node_modules.
+SDK_VENV := $(CURDIR)/target/sdk-venv
+sdk-deps:
+	[ -x $(SDK_VENV)/bin/pip ] || python3 -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/pip install --quiet --disable-pip-version-check -r sdk-tests/python/requirements.txt
+	npm ci --prefix sdk-tests/js --no-audit --no-fund --loglevel=error
+
 ## The whole test suite. Needs root (namespaces, TAP, nftables, VMs), like the host agent.
-test: deps test-images
-	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) $(CARGO) nextest run --locked --workspace --no-fail-fast
+test: deps test-images sdk-deps
+	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_SDK_VENV=$(SDK_VENV) $(CARGO) nextest run --locked --workspace --no-fail-fast
 
 ## Formatting and lints, as CI runs them.
 check:

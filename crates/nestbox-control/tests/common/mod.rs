@@ -13,9 +13,9 @@
 //! ([`Harness::key_api`], [`TestUser::api`]); [`Harness::add_agent`] registers more
 //! simulated hosts.
 //!
-//! The background monitor of `start` only runs its first pass (the interval is an hour);
-//! tests run passes explicitly with [`Harness::monitor_pass`] so that nothing changes
-//! behind their back.
+//! The background monitor and expiry task of `start` only run their first pass (the
+//! interval is an hour); tests run passes explicitly with [`Harness::monitor_pass`] and
+//! [`Harness::expiry_pass`] so that nothing changes behind their back.
 
 #![allow(dead_code)]
 
@@ -193,6 +193,7 @@ impl Harness {
         cfg.limits = opts.limits;
         cfg.host_grace = opts.host_grace;
         cfg.monitor_interval = Duration::from_secs(3600);
+        cfg.expiry_interval = Duration::from_secs(3600);
         cfg.pause_timeout = opts.pause_timeout;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
@@ -301,6 +302,13 @@ impl Harness {
             .map_err(|e| anyhow::anyhow!("monitor pass failed: {e}"))
     }
 
+    /// One pass of the expiry task (ends sandboxes whose lifetime is over).
+    pub async fn expiry_pass(&self) -> anyhow::Result<usize> {
+        nestbox_control::expiry::pass(&self.services)
+            .await
+            .map_err(|e| anyhow::anyhow!("expiry pass failed: {e}"))
+    }
+
     /// Stops the control plane and the agent.
     pub async fn shutdown(mut self) {
         if let Some(cp) = self.cp.take() {
@@ -352,4 +360,21 @@ pub async fn arrived(hold: &SimHold) -> anyhow::Result<()> {
     tokio::time::timeout(WAIT, hold.arrived())
         .await
         .context("the held call never reached the agent")
+}
+
+/// Polls `check` until it says yes; fails after [`WAIT`].
+pub async fn wait_until<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }

@@ -1,0 +1,228 @@
+// E2B's stock JavaScript SDK against a real Nestbox: nothing here knows it is not E2B.
+//
+// Run by the end-to-end test `e2e_e2b_sdk` with E2B_API_URL, E2B_API_KEY and E2B_SANDBOX_URL
+// pointing at a fresh `nestbox up`, and NESTBOX_OTHER_API_KEY: another team's key.
+
+import { test, before, after } from 'node:test'
+import assert from 'node:assert/strict'
+import { randomBytes, randomUUID } from 'node:crypto'
+import {
+  Sandbox,
+  CommandExitError,
+  NotFoundError,
+  AuthenticationError,
+  SandboxError,
+} from 'e2b'
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+
+async function waitFor(what, check, timeoutMs = 120_000) {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const got = await check()
+    if (got) return got
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(250)
+  }
+}
+
+async function infoOrNull(id) {
+  try {
+    return await Sandbox.getInfo(id)
+  } catch (e) {
+    if (e instanceof NotFoundError) return null
+    throw e
+  }
+}
+
+let sbx
+before(async () => {
+  sbx = await Sandbox.create({ metadata: { suite: 'js' }, envs: { GREETING: 'hi' }, timeoutMs: 900_000 })
+})
+after(async () => {
+  await sbx?.kill()
+})
+
+test('run: collected, streamed, failing', async () => {
+  const r = await sbx.commands.run('echo $GREETING; echo err >&2')
+  assert.deepEqual([r.exitCode, r.stdout, r.stderr], [0, 'hi\n', 'err\n'])
+
+  const chunks = []
+  const streamed = await sbx.commands.run('for i in 1 2 3; do echo $i; done', {
+    onStdout: (d) => chunks.push(d),
+  })
+  assert.equal(chunks.join(''), '1\n2\n3\n')
+  assert.equal(streamed.stdout, '1\n2\n3\n')
+
+  await assert.rejects(sbx.commands.run('echo oops >&2; exit 3'), (e) => {
+    assert.ok(e instanceof CommandExitError)
+    assert.equal(e.exitCode, 3)
+    assert.equal(e.stderr, 'oops\n')
+    return true
+  })
+})
+
+test('background, list, kill, stdin', async () => {
+  const sleeper = await sbx.commands.run('sleep 600', { background: true })
+  assert.ok((await sbx.commands.list()).some((p) => p.pid === sleeper.pid))
+  assert.equal(await sbx.commands.kill(sleeper.pid), true)
+  await waitFor('the killed process to go', async () =>
+    (await sbx.commands.list()).every((p) => p.pid !== sleeper.pid))
+
+  const cat = await sbx.commands.run('cat', { background: true, stdin: true })
+  await sbx.commands.sendStdin(cat.pid, 'hello from stdin\n')
+  await sbx.commands.closeStdin(cat.pid)
+  const done = await cat.wait()
+  assert.equal(done.stdout, 'hello from stdin\n')
+})
+
+test('pty', async () => {
+  const out = []
+  const term = await sbx.pty.create({ rows: 24, cols: 80, onData: (d) => out.push(Buffer.from(d)) })
+  await sbx.pty.resize(term.pid, { rows: 40, cols: 132 })
+  await sbx.pty.sendInput(term.pid, new TextEncoder().encode('stty size; echo pty-$((40+2)); exit\n'))
+  await term.wait()
+  const text = Buffer.concat(out).toString()
+  assert.match(text, /40 132/)
+  assert.match(text, /pty-42/)
+
+  const idle = await sbx.pty.create({ rows: 24, cols: 80, onData: () => {} })
+  assert.equal(await sbx.pty.kill(idle.pid), true)
+})
+
+test('files', async () => {
+  await sbx.files.write('/tmp/js/a/b.txt', 'content')
+  assert.equal(await sbx.files.read('/tmp/js/a/b.txt'), 'content')
+  assert.equal(await sbx.files.exists('/tmp/js/a/b.txt'), true)
+  assert.equal((await sbx.files.getInfo('/tmp/js/a/b.txt')).size, 7)
+  assert.equal(await sbx.files.makeDir('/tmp/js/d'), true)
+  const names = (await sbx.files.list('/tmp/js')).map((e) => e.name).sort()
+  assert.deepEqual(names, ['a', 'd'])
+  const deep = (await sbx.files.list('/tmp/js', { depth: 3 })).map((e) => e.path)
+  assert.ok(deep.includes('/tmp/js/a/b.txt'))
+  await sbx.files.rename('/tmp/js/a/b.txt', '/tmp/js/c.txt')
+  assert.equal(await sbx.files.exists('/tmp/js/a/b.txt'), false)
+  await sbx.files.remove('/tmp/js/c.txt')
+  assert.equal(await sbx.files.exists('/tmp/js/c.txt'), false)
+  await sbx.files.write([
+    { path: '/tmp/js/m/1.txt', data: 'one' },
+    { path: '/tmp/js/m/2.txt', data: 'two' },
+  ])
+  assert.equal(await sbx.files.read('/tmp/js/m/2.txt'), 'two')
+})
+
+test('a 50 MiB round trip is byte-exact', async () => {
+  const data = randomBytes(50 << 20)
+  await sbx.files.write('/tmp/big-js.bin', new Blob([data]))
+  const back = await sbx.files.read('/tmp/big-js.bin', { format: 'bytes' })
+  assert.ok(Buffer.from(back).equals(data))
+})
+
+test('watch a directory', async () => {
+  await sbx.files.makeDir('/tmp/js-watched')
+  const events = []
+  const handle = await sbx.files.watchDir('/tmp/js-watched', (e) => events.push(e))
+  await sbx.files.write('/tmp/js-watched/new.txt', 'x')
+  await waitFor('a watch event', () => events.some((e) => e.name === 'new.txt'))
+  await handle.stop()
+})
+
+test('list: filters and paging', async () => {
+  const run = randomUUID().slice(0, 12)
+  const made = []
+  for (let i = 0; i < 3; i++) {
+    made.push(await Sandbox.create({ metadata: { run, n: String(i) }, timeoutMs: 600_000 }))
+  }
+  try {
+    await made[2].pause()
+    const pager = Sandbox.list({ query: { metadata: { run } }, limit: 2 })
+    const first = await pager.nextItems()
+    assert.equal(first.length, 2)
+    assert.equal(pager.hasNext, true)
+    const second = await pager.nextItems()
+    assert.equal(second.length, 1)
+    assert.equal(pager.hasNext, false)
+    const ids = new Set([...first, ...second].map((s) => s.sandboxId))
+    assert.deepEqual(ids, new Set(made.map((s) => s.sandboxId)))
+    const paused = await Sandbox.list({ query: { metadata: { run }, state: ['paused'] } }).nextItems()
+    assert.deepEqual(paused.map((s) => s.sandboxId), [made[2].sandboxId])
+  } finally {
+    for (const s of made) await s.kill()
+  }
+})
+
+test('pause and connect keep processes and tmpfs', async () => {
+  const s = await Sandbox.create({ timeoutMs: 600_000 })
+  try {
+    await s.commands.run('mount -t tmpfs tmpfs /mnt && echo kept > /mnt/f')
+    const counter = await s.commands.run('sleep 3600', { background: true })
+    assert.equal(await s.pause(), true)
+    assert.equal(await s.pause(), false)
+    assert.equal((await Sandbox.getInfo(s.sandboxId)).state, 'paused')
+    const back = await Sandbox.connect(s.sandboxId)
+    assert.equal((await Sandbox.getInfo(s.sandboxId)).state, 'running')
+    assert.equal(await back.files.read('/mnt/f'), 'kept\n')
+    assert.ok((await back.commands.list()).some((p) => p.pid === counter.pid))
+  } finally {
+    await s.kill()
+  }
+})
+
+test('setTimeout, then killed at the deadline', async () => {
+  const s = await Sandbox.create({ timeoutMs: 600_000 })
+  await s.setTimeout(3_000)
+  await waitFor('the sandbox to be killed', async () => (await infoOrNull(s.sandboxId)) === null)
+  assert.equal(await Sandbox.kill(s.sandboxId), false)
+})
+
+test('paused at the deadline, then connect', async () => {
+  const s = await Sandbox.create({ timeoutMs: 4_000, lifecycle: { onTimeout: 'pause' } })
+  await s.commands.run('echo before > /tmp/state')
+  await waitFor('the sandbox to pause', async () => (await infoOrNull(s.sandboxId))?.state === 'paused')
+  const back = await Sandbox.connect(s.sandboxId, { timeoutMs: 600_000 })
+  try {
+    assert.equal(await back.files.read('/tmp/state'), 'before\n')
+  } finally {
+    await back.kill()
+  }
+})
+
+test('metrics', async () => {
+  const metrics = await waitFor('metrics samples', async () => {
+    const m = await sbx.getMetrics()
+    return m.length > 0 ? m : null
+  })
+  const last = metrics[metrics.length - 1]
+  assert.ok(last.cpuCount >= 1)
+  assert.ok(last.memTotal > 0)
+})
+
+test('snapshots', async () => {
+  await sbx.files.write('/home/user/js-snapshot.txt', 'snapshot data')
+  const snap = await sbx.createSnapshot()
+  const child = await Sandbox.create(snap.snapshotId, { timeoutMs: 600_000 })
+  try {
+    assert.equal(await child.files.read('/home/user/js-snapshot.txt'), 'snapshot data')
+  } finally {
+    await child.kill()
+  }
+  assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), true)
+  assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), false)
+})
+
+test("another team's key gets not-found; a wrong key is refused", async () => {
+  const other = process.env.NESTBOX_OTHER_API_KEY
+  await assert.rejects(Sandbox.getInfo(sbx.sandboxId, { apiKey: other }), NotFoundError)
+  await assert.rejects(Sandbox.connect(sbx.sandboxId, { apiKey: other }), NotFoundError)
+  assert.equal(await Sandbox.kill(sbx.sandboxId, { apiKey: other }), false)
+  assert.equal((await sbx.commands.run('true')).exitCode, 0)
+  await assert.rejects(Sandbox.create({ apiKey: 'e2b_not-a-key' }), AuthenticationError)
+})
+
+test('bad input is a clear error', async () => {
+  await assert.rejects(Sandbox.create('no-such-template'), (e) => {
+    assert.ok(e instanceof SandboxError)
+    assert.match(e.message, /404.*no-such-template/)
+    return true
+  })
+})

@@ -1,0 +1,270 @@
+"""E2B's stock Python SDK against a real Nestbox: nothing here knows it is not E2B.
+
+Run by the end-to-end test `e2e_e2b_sdk` with E2B_API_URL, E2B_API_KEY and E2B_SANDBOX_URL
+pointing at a fresh `nestbox up`, and NESTBOX_OTHER_API_KEY: another team's key.
+"""
+
+import os
+import time
+import uuid
+
+import pytest
+from e2b import (
+    AuthenticationException,
+    CommandExitException,
+    NotFoundException,
+    Sandbox,
+    SandboxException,
+)
+from e2b.sandbox.commands.command_handle import PtySize
+from e2b.sandbox.sandbox_api import SandboxQuery
+from e2b.sandbox.sandbox_api import SandboxState
+
+
+def wait_for(what, check, timeout=120.0, every=0.25):
+    """Polls `check` until it returns something truthy; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def sbx():
+    s = Sandbox.create(metadata={"suite": "python"}, envs={"GREETING": "hi"}, timeout=900)
+    yield s
+    s.kill()
+
+
+def info_or_none(sandbox_id):
+    try:
+        return Sandbox.get_info(sandbox_id)
+    except NotFoundException:
+        return None
+
+
+def test_run_collected_streamed_and_failing(sbx):
+    r = sbx.commands.run("echo $GREETING; echo err >&2")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "hi\n", "err\n")
+
+    chunks = []
+    r = sbx.commands.run("for i in 1 2 3; do echo $i; done", on_stdout=chunks.append)
+    assert "".join(chunks) == "1\n2\n3\n" == r.stdout
+
+    with pytest.raises(CommandExitException) as failed:
+        sbx.commands.run("echo oops >&2; exit 3")
+    assert failed.value.exit_code == 3
+    assert failed.value.stderr == "oops\n"
+
+    r = sbx.commands.run("pwd; echo $X", cwd="/tmp", envs={"X": "per-command"})
+    assert r.stdout == "/tmp\nper-command\n"
+
+
+def test_background_list_kill_and_stdin(sbx):
+    sleeper = sbx.commands.run("sleep 600", background=True)
+    assert any(p.pid == sleeper.pid for p in sbx.commands.list())
+    assert sbx.commands.kill(sleeper.pid)
+    wait_for("the killed process to go", lambda: all(p.pid != sleeper.pid for p in sbx.commands.list()))
+    assert not sbx.commands.kill(sleeper.pid)
+
+    cat = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.send_stdin(cat.pid, "hello from stdin\n")
+    sbx.commands.close_stdin(cat.pid)
+    assert cat.wait().stdout == "hello from stdin\n"
+
+    # Reconnecting to a running process gets its later output.
+    ticker = sbx.commands.run("sleep 1; echo tick; sleep 600", background=True)
+    again = sbx.commands.connect(ticker.pid)
+    seen = []
+    with pytest.raises(CommandExitException):
+        again.wait(on_stdout=lambda d: (seen.append(d), "tick" in "".join(seen) and sbx.commands.kill(ticker.pid)))
+    assert "tick" in "".join(seen)
+
+
+def test_pty(sbx):
+    out = bytearray()
+    term = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.resize(term.pid, PtySize(rows=40, cols=132))
+    sbx.pty.send_stdin(term.pid, b"stty size; echo pty-$((40+2)); exit\n")
+    term.wait(on_pty=out.extend)
+    text = out.decode(errors="replace")
+    assert "40 132" in text
+    assert "pty-42" in text
+
+    idle = sbx.pty.create(PtySize(rows=24, cols=80))
+    assert sbx.pty.kill(idle.pid)
+
+
+def test_files(sbx):
+    info = sbx.files.write("/tmp/sdk/a/b.txt", "content")
+    assert info.path == "/tmp/sdk/a/b.txt"
+    assert sbx.files.read("/tmp/sdk/a/b.txt") == "content"
+    assert sbx.files.exists("/tmp/sdk/a/b.txt")
+    assert sbx.files.get_info("/tmp/sdk/a/b.txt").size == len("content")
+
+    assert sbx.files.make_dir("/tmp/sdk/d")
+    assert not sbx.files.make_dir("/tmp/sdk/d")
+    names = sorted(e.name for e in sbx.files.list("/tmp/sdk"))
+    assert names == ["a", "d"]
+    deep = sorted(e.path for e in sbx.files.list("/tmp/sdk", depth=3))
+    assert "/tmp/sdk/a/b.txt" in deep
+
+    moved = sbx.files.rename("/tmp/sdk/a/b.txt", "/tmp/sdk/c.txt")
+    assert moved.path == "/tmp/sdk/c.txt"
+    assert not sbx.files.exists("/tmp/sdk/a/b.txt")
+    sbx.files.remove("/tmp/sdk/c.txt")
+    assert not sbx.files.exists("/tmp/sdk/c.txt")
+
+    written = sbx.files.write_files(
+        [{"path": "/tmp/sdk/m/1.txt", "data": "one"}, {"path": "/tmp/sdk/m/2.txt", "data": b"two"}]
+    )
+    assert sorted(w.path for w in written) == ["/tmp/sdk/m/1.txt", "/tmp/sdk/m/2.txt"]
+    assert sbx.files.read("/tmp/sdk/m/2.txt") == "two"
+
+    from e2b import FileNotFoundException
+
+    with pytest.raises(FileNotFoundException):
+        sbx.files.read("/tmp/sdk/nope")
+
+
+def test_fifty_mib_round_trip_is_byte_exact(sbx):
+    data = os.urandom(50 << 20)
+    sbx.files.write("/tmp/big.bin", data)
+    assert sbx.files.read("/tmp/big.bin", format="bytes") == data
+    r = sbx.commands.run("stat -c %s /tmp/big.bin")
+    assert r.stdout.strip() == str(50 << 20)
+
+
+def test_watch_dir(sbx):
+    sbx.files.make_dir("/tmp/watched")
+    handle = sbx.files.watch_dir("/tmp/watched")
+    sbx.files.write("/tmp/watched/new.txt", "x")
+    events = []
+    wait_for("a watch event", lambda: events.extend(handle.get_new_events()) or any(e.name == "new.txt" for e in events))
+    handle.stop()
+
+
+def test_list_filters_and_paging():
+    run = uuid.uuid4().hex[:12]
+    made = [Sandbox.create(metadata={"run": run, "n": str(i)}, timeout=600) for i in range(3)]
+    try:
+        made[2].pause()
+        query = SandboxQuery(metadata={"run": run})
+        pager = Sandbox.list(query=query, limit=2)
+        first = pager.next_items()
+        assert len(first) == 2 and pager.has_next
+        second = pager.next_items()
+        assert len(second) == 1 and not pager.has_next
+        ids = {s.sandbox_id for s in first + second}
+        assert ids == {s.sandbox_id for s in made}
+
+        paused = Sandbox.list(query=SandboxQuery(metadata={"run": run}, state=[SandboxState.PAUSED])).next_items()
+        assert [s.sandbox_id for s in paused] == [made[2].sandbox_id]
+        one = Sandbox.list(query=SandboxQuery(metadata={"run": run, "n": "1"})).next_items()
+        assert [s.sandbox_id for s in one] == [made[1].sandbox_id]
+        assert one[0].metadata == {"run": run, "n": "1"}
+        assert one[0].cpu_count >= 1 and one[0].memory_mb >= 128
+    finally:
+        for s in made:
+            s.kill()
+
+
+def test_pause_resume_connect_keep_processes_and_tmpfs():
+    s = Sandbox.create(timeout=600)
+    try:
+        s.commands.run("mount -t tmpfs tmpfs /mnt && echo kept > /mnt/f")
+        counter = s.commands.run(
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.tmp; mv /tmp/n.tmp /tmp/n; sleep 0.2; done",
+            background=True,
+        )
+        assert s.pause()
+        assert not s.pause(), "pausing a paused sandbox says so"
+        assert Sandbox.get_info(s.sandbox_id).state == SandboxState.PAUSED
+        again = Sandbox.connect(s.sandbox_id)
+        assert Sandbox.get_info(s.sandbox_id).state == SandboxState.RUNNING
+        assert again.files.read("/mnt/f") == "kept\n"
+        assert any(p.pid == counter.pid for p in again.commands.list())
+        before = int(again.files.read("/tmp/n"))
+        wait_for("the counter to go on", lambda: int(again.files.read("/tmp/n")) > before)
+        # Connecting to a running sandbox just extends it.
+        assert Sandbox.connect(s.sandbox_id, timeout=900).sandbox_id == s.sandbox_id
+    finally:
+        s.kill()
+
+
+def test_set_timeout_and_kill_on_deadline():
+    s = Sandbox.create(timeout=600)
+    end = Sandbox.get_info(s.sandbox_id).end_at
+    s.set_timeout(3)
+    assert Sandbox.get_info(s.sandbox_id).end_at < end
+    wait_for("the sandbox to be killed at its deadline", lambda: info_or_none(s.sandbox_id) is None)
+    assert not s.kill(), "killing a killed sandbox says so"
+
+
+def test_auto_pause_on_deadline_then_connect():
+    s = Sandbox.create(timeout=4, lifecycle={"on_timeout": "pause"})
+    s.commands.run("echo before > /tmp/state")
+    wait_for(
+        "the sandbox to pause at its deadline",
+        lambda: (i := info_or_none(s.sandbox_id)) is not None and i.state == SandboxState.PAUSED,
+    )
+    back = Sandbox.connect(s.sandbox_id, timeout=600)
+    try:
+        assert back.files.read("/tmp/state") == "before\n"
+        assert back.commands.run("echo alive").stdout == "alive\n"
+        assert Sandbox.get_info(s.sandbox_id).state == SandboxState.RUNNING
+    finally:
+        back.kill()
+
+
+def test_metrics(sbx):
+    sbx.commands.run("head -c 20000000 /dev/urandom | sha256sum >/dev/null")
+    metrics = wait_for("metrics samples", lambda: sbx.get_metrics())
+    m = metrics[-1]
+    assert m.cpu_count >= 1
+    assert m.mem_total > 0 and 0 < m.mem_used
+    assert m.disk_total > 0
+
+
+def test_snapshots(sbx):
+    sbx.files.write("/home/user/from-snapshot.txt", "snapshot data")
+    snap = sbx.create_snapshot()
+    assert snap.snapshot_id
+    child = Sandbox.create(template=snap.snapshot_id, timeout=600)
+    try:
+        assert child.files.read("/home/user/from-snapshot.txt") == "snapshot data"
+        assert child.sandbox_id != sbx.sandbox_id
+    finally:
+        child.kill()
+    assert Sandbox.delete_snapshot(snap.snapshot_id)
+    assert not Sandbox.delete_snapshot(snap.snapshot_id)
+
+
+def test_another_team_gets_not_found_and_a_wrong_key_is_refused(sbx):
+    other = os.environ["NESTBOX_OTHER_API_KEY"]
+    with pytest.raises(NotFoundException):
+        Sandbox.get_info(sbx.sandbox_id, api_key=other)
+    with pytest.raises(NotFoundException):
+        Sandbox.connect(sbx.sandbox_id, api_key=other)
+    assert not Sandbox.kill(sbx.sandbox_id, api_key=other)
+    assert sbx.commands.run("true").exit_code == 0, "still alive for its own team"
+    ids = [s.sandbox_id for s in Sandbox.list(api_key=other).next_items()]
+    assert sbx.sandbox_id not in ids
+
+    with pytest.raises(AuthenticationException):
+        Sandbox.create(api_key="e2b_not-a-key")
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(api_key="e2b_not-a-key").next_items()
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(SandboxException) as e:
+        Sandbox.create(template="no-such-template")
+    assert "404" in str(e.value) and "no-such-template" in str(e.value)
+    with pytest.raises(SandboxException) as e:
+        Sandbox.create(timeout=10**9)
+    assert "400" in str(e.value)

@@ -181,6 +181,7 @@ def test_pause_resume_connect_keep_processes_and_tmpfs():
             "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.tmp; mv /tmp/n.tmp /tmp/n; sleep 0.2; done",
             background=True,
         )
+        before = int(wait_for("the counter to start", lambda: s.files.exists("/tmp/n") and s.files.read("/tmp/n").strip()))
         assert s.pause()
         assert not s.pause(), "pausing a paused sandbox says so"
         assert Sandbox.get_info(s.sandbox_id).state == SandboxState.PAUSED
@@ -188,7 +189,6 @@ def test_pause_resume_connect_keep_processes_and_tmpfs():
         assert Sandbox.get_info(s.sandbox_id).state == SandboxState.RUNNING
         assert again.files.read("/mnt/f") == "kept\n"
         assert any(p.pid == counter.pid for p in again.commands.list())
-        before = int(again.files.read("/tmp/n"))
         wait_for("the counter to go on", lambda: int(again.files.read("/tmp/n")) > before)
         # Connecting to a running sandbox just extends it.
         assert Sandbox.connect(s.sandbox_id, timeout=900).sandbox_id == s.sandbox_id

@@ -276,6 +276,21 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
+    // That token alone opens the guest agent (it is all E2B's SDKs send), and nothing else.
+    let r = http
+        .get(&guest)
+        .header("x-access-token", &envd)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = http
+        .get(format!("{}/v1/sandboxes/{id}/ports/{PORT}/", nb.url))
+        .header("x-access-token", &envd)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the guest's token opens no other port");
 
     // 6. Clear answers, at once, for a port nobody listens on and for bad targets.
     let r = http

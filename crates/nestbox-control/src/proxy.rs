@@ -187,6 +187,16 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
         (None, false) => false,
     };
     let sandbox = if by_sandbox_token {
+        // A session of ours that came along is still ours: it never reaches the sandbox.
+        let session = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| services.sessions.verify(t.trim()).is_ok());
+        if session {
+            parts.headers.remove(header::AUTHORIZATION);
+        }
         sandboxes::get(&services.db, id).await.map_err(|e| {
             if e.is_not_found() {
                 not_found()

@@ -157,8 +157,7 @@ pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
                 env,
                 &new.created_by,
                 at,
-                new.lifetime_sec
-                    .map(|s| at + chrono::Duration::seconds(i64::from(s))),
+                new.lifetime_sec.map(|s| after(at, s)),
                 new.lifetime_sec,
                 new.on_expiry,
             ],
@@ -380,7 +379,7 @@ pub async fn set_lifetime(
     change: LifetimeChange,
 ) -> Result<bool, DbError> {
     let at = now();
-    let end = at + chrono::Duration::seconds(i64::from(lifetime_sec));
+    let end = after(at, lifetime_sec);
     let live = [SandboxStatus::Running, SandboxStatus::Starting];
     let mut sql = Sql::new("UPDATE sandboxes SET expires_at = ");
     sql.bind(end).push(", updated_at = ").bind(at);
@@ -406,30 +405,21 @@ pub async fn restart_lifetime(
     id: SandboxId,
     lifetime_sec: Option<u32>,
 ) -> Result<(), DbError> {
+    let Some(secs) = lifetime_sec.or(get(db, id).await?.lifetime_sec) else {
+        return Ok(());
+    };
     let at = now();
-    match lifetime_sec {
-        Some(secs) => {
-            let end = at + chrono::Duration::seconds(i64::from(secs));
-            db.execute(
-                "UPDATE sandboxes SET expires_at = $2, lifetime_sec = $3, updated_at = $4 \
-                 WHERE id = $1",
-                args![id, end, secs, at],
-            )
-            .await?;
-        }
-        None => {
-            let Some(secs) = get(db, id).await?.lifetime_sec else {
-                return Ok(());
-            };
-            let end = at + chrono::Duration::seconds(i64::from(secs));
-            db.execute(
-                "UPDATE sandboxes SET expires_at = $2, updated_at = $3 WHERE id = $1",
-                args![id, end, at],
-            )
-            .await?;
-        }
-    }
+    db.execute(
+        "UPDATE sandboxes SET expires_at = $2, lifetime_sec = $3, updated_at = $4 WHERE id = $1",
+        args![id, after(at, secs), secs, at],
+    )
+    .await?;
     Ok(())
+}
+
+/// `secs` seconds after `at`.
+fn after(at: DateTime<Utc>, secs: u32) -> DateTime<Utc> {
+    at + chrono::Duration::seconds(i64::from(secs))
 }
 
 /// Running sandboxes whose lifetime ended at or before `at`, soonest first, at most `limit`.

@@ -79,6 +79,9 @@ where
 /// [`Services::audit`] for detached tasks, which own a database handle but not the services.
 pub(crate) async fn write_audit(db: &nestbox_db::Db, e: AuditEntry<'_>) {
     let (actor_type, actor_id) = match &e.actor {
+        AuditActor::Caller(c) if c.actor == crate::extract::Actor::System => {
+            (ActorType::System, None)
+        }
         AuditActor::Caller(c) => (c.actor.kind(), Some(c.actor.id_string())),
         AuditActor::Host(id) => (ActorType::Host, Some(id.clone())),
         AuditActor::System => (ActorType::System, None),

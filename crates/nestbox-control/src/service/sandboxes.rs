@@ -558,7 +558,10 @@ impl Services {
                         .and_then(|s| chrono::DateTime::from_timestamp_millis(s.started_at_unix_ms))
                         .unwrap_or_else(chrono::Utc::now);
                     match sandboxes::set_running(&db, id, host, started).await {
-                        Ok(true) => Ok(()),
+                        // A lifetime runs from the start, not from the request.
+                        Ok(true) => sandboxes::restart_lifetime(&db, id, None)
+                            .await
+                            .map_err(ApiError::from),
                         Ok(false) => Err(ApiError::conflict(format!(
                             "sandbox {id} was destroyed while it started"
                         ))),

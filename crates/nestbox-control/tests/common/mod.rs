@@ -304,7 +304,7 @@ impl Harness {
 
     /// One pass of the expiry task (ends sandboxes whose lifetime is over).
     pub async fn expiry_pass(&self) -> anyhow::Result<usize> {
-        nestbox_control::expiry::pass(&self.services)
+        nestbox_control::expiry::pass(&self.services, &mut Default::default())
             .await
             .map_err(|e| anyhow::anyhow!("expiry pass failed: {e}"))
     }

@@ -91,6 +91,32 @@ pub(crate) fn sandbox_id(raw: &str) -> Result<SandboxId, E2bError> {
     })
 }
 
+/// Our name of the template E2B names `name`: `base` (E2B's default) is our default.
+pub(crate) fn template_name(name: &str) -> &str {
+    match name {
+        "" | "base" => nestbox_types::limits::DEFAULT_TEMPLATE,
+        other => other,
+    }
+}
+
+/// E2B's page size: 1–100, default 100.
+pub(crate) fn page_limit(limit: Option<u32>) -> E2bResult<u32> {
+    let limit = limit.unwrap_or(100);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::invalid("limit must be 1–100").into());
+    }
+    Ok(limit)
+}
+
+/// A page of a list: the items, and the next page's token in `x-next-token`.
+pub(crate) fn paged<T: serde::Serialize>(items: Vec<T>, next: Option<String>) -> Response {
+    let mut resp = axum::Json(items).into_response();
+    if let Some(value) = next.and_then(|n| HeaderValue::try_from(n).ok()) {
+        resp.headers_mut().insert("x-next-token", value);
+    }
+    resp
+}
+
 /// E2B's routes, for the API router (and its OpenAPI document).
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use nestbox_db::sandboxes::{self as repo, LifetimeChange, SandboxFilter};
 use nestbox_types::api::{self, CreateSandboxRequest};
@@ -13,7 +13,7 @@ use nestbox_types::e2b::{
     MetricsQuery, NewSandbox, PauseSandbox, ResumedSandbox, Sandbox, SandboxDetail, SandboxMetric,
     SandboxRefresh, SandboxState, SandboxTimeout, SandboxesWithMetrics,
 };
-use nestbox_types::limits::{DEFAULT_TEMPLATE, ENVD_VERSION};
+use nestbox_types::limits::ENVD_VERSION;
 use nestbox_types::{ErrorCode, Expiry, SandboxId, SandboxStatus};
 
 use super::{E2bError, E2bResult, sandbox_id};
@@ -28,11 +28,20 @@ const DEFAULT_LIFETIME_SEC: u32 = 300;
 const DEFAULT_REFRESH_SEC: u32 = 60;
 /// Longest extension of one refresh, seconds (E2B's limit).
 const MAX_REFRESH_SEC: u32 = 3600;
-/// E2B's name of the default template.
-const E2B_DEFAULT_TEMPLATE: &str = "base";
 
 fn not_supported(what: &str) -> E2bError {
     ApiError::invalid(format!("{what} is not supported by this server")).into()
+}
+
+/// Refuses `memory: false` (E2B's filesystem-only pauses and cold resumes): here a
+/// sandbox's memory is always kept.
+fn memory_kept(memory: Option<bool>) -> E2bResult<()> {
+    match memory {
+        Some(false) => Err(not_supported(
+            "memory: false (a pause always keeps memory and a resume restores it)",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The domain E2B's SDKs build `https://{port}-{sandboxID}.{domain}` from: the proxy
@@ -139,10 +148,7 @@ fn create_request(req: NewSandbox) -> E2bResult<CreateSandboxRequest> {
             return Err(not_supported("network.maskRequestHost"));
         }
     }
-    let template = match req.template_id.as_str() {
-        "" | E2B_DEFAULT_TEMPLATE => DEFAULT_TEMPLATE.to_string(),
-        other => other.to_string(),
-    };
+    let template = super::template_name(&req.template_id).to_string();
     Ok(CreateSandboxRequest {
         template: Some(template),
         // E2B's sandboxes have an absolute lifetime and no inactivity timeout.
@@ -232,6 +238,7 @@ fn statuses(state: Option<&str>) -> E2bResult<Vec<SandboxStatus>> {
     for w in wanted {
         match w {
             "running" => out.extend([
+                SandboxStatus::Pending,
                 SandboxStatus::Running,
                 SandboxStatus::Starting,
                 SandboxStatus::Missing,
@@ -292,10 +299,7 @@ pub async fn list_v2(
 ) -> E2bResult<Response> {
     let caller = caller?;
     let Query(q) = query?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::invalid("limit must be 1–100").into());
-    }
+    let limit = super::page_limit(q.limit)?;
     let filter = SandboxFilter {
         statuses: statuses(q.state.as_deref())?,
         metadata: metadata_filter(q.metadata.as_deref())?,
@@ -310,13 +314,7 @@ pub async fn list_v2(
         )
         .await?;
     let items: Vec<ListedSandbox> = page.items.iter().filter_map(listed).collect();
-    let mut resp = axum::Json(items).into_response();
-    if let Some(next) = page.next_cursor
-        && let Ok(value) = HeaderValue::try_from(next)
-    {
-        resp.headers_mut().insert("x-next-token", value);
-    }
-    Ok(resp)
+    Ok(super::paged(items, page.next_cursor))
 }
 
 /// One sandbox.
@@ -332,9 +330,7 @@ pub async fn get_sandbox(
     let caller = caller?;
     let id = sandbox_id(&raw)?;
     let sb = visible(&s, &caller, id).await?;
-    let Some(listed) = listed(&sb) else {
-        return Err(sandbox_not_found(id));
-    };
+    let listed = listed(&sb).ok_or_else(|| sandbox_not_found(id))?;
     let view = s.services.get_sandbox(&caller, id).await?;
     Ok(axum::Json(SandboxDetail {
         listed,
@@ -430,9 +426,7 @@ pub async fn pause(
     let caller = caller?;
     let id = sandbox_id(&raw)?;
     let OptionalJson(req) = body?;
-    if req.memory == Some(false) {
-        return Err(not_supported("memory: false (a pause always keeps memory)"));
-    }
+    memory_kept(req.memory)?;
     visible(&s, &caller, id).await?;
     s.services.pause_sandbox(&caller, id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -556,8 +550,8 @@ fn metric(sb_vcpus: u32, memory_mb: u32, disk_mb: u32, p: &api::MetricPoint) -> 
 fn range_for(start: Option<i64>) -> &'static str {
     let now = Utc::now().timestamp();
     match start {
-        Some(s) if now - s > 2 * 3600 => "24h",
-        Some(s) if now - s > 600 => "2h",
+        Some(s) if now.saturating_sub(s) > 2 * 3600 => "24h",
+        Some(s) if now.saturating_sub(s) > 600 => "2h",
         _ => "10m",
     }
 }
@@ -680,7 +674,10 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(req.template.as_deref(), Some(DEFAULT_TEMPLATE));
+        assert_eq!(
+            req.template.as_deref(),
+            Some(nestbox_types::limits::DEFAULT_TEMPLATE)
+        );
         assert_eq!(req.lifetime_sec, Some(DEFAULT_LIFETIME_SEC));
         assert_eq!(req.timeout_sec, Some(0));
         assert_eq!(req.on_expiry, Some(Expiry::Destroy));

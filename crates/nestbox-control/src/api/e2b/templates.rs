@@ -2,14 +2,14 @@
 //! sandbox; its id is its name, which works wherever E2B takes a template id.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use nestbox_types::api::{CreateSnapshotRequest, Template as OurTemplate};
 use nestbox_types::e2b::{
     Error, NewSnapshot, SnapshotInfo, SnapshotListQuery, Template, TemplateAlias, TemplateBuild,
     TemplateWithBuilds,
 };
-use nestbox_types::limits::{DEFAULT_TEMPLATE, ENVD_VERSION};
+use nestbox_types::limits::ENVD_VERSION;
 use nestbox_types::{ErrorCode, TemplateKind};
 
 use super::{E2bError, E2bResult, sandbox_id};
@@ -17,14 +17,6 @@ use crate::error::ApiError;
 use crate::extract::OptionalJson;
 use crate::extract::{Caller, Path, Query};
 use crate::state::AppState;
-
-/// Our name of a template E2B names `name`.
-fn our_name(name: &str) -> &str {
-    match name {
-        "base" => DEFAULT_TEMPLATE,
-        other => other,
-    }
-}
 
 fn template(t: &OurTemplate) -> Template {
     Template {
@@ -48,7 +40,7 @@ fn template(t: &OurTemplate) -> Template {
 }
 
 async fn find(state: &AppState, caller: &Caller, name: &str) -> E2bResult<OurTemplate> {
-    let name = our_name(name);
+    let name = super::template_name(name);
     let all = state.services.list_templates(caller).await?;
     all.items
         .into_iter()
@@ -133,10 +125,7 @@ pub async fn list_snapshots(
         )
         .into());
     }
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::invalid("limit must be 1–100").into());
-    }
+    let limit = super::page_limit(q.limit)?;
     let offset: usize = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
         Some(t) => t
             .parse()
@@ -153,7 +142,7 @@ pub async fn list_snapshots(
         .filter(|t| q.name.as_deref().is_none_or(|n| n == t.name))
         .collect();
     mine.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.name.cmp(&a.name)));
-    let end = (offset + limit as usize).min(mine.len());
+    let end = offset.saturating_add(limit as usize).min(mine.len());
     let items: Vec<SnapshotInfo> = mine
         .get(offset.min(end)..end)
         .unwrap_or_default()
@@ -163,13 +152,10 @@ pub async fn list_snapshots(
             names: vec![t.name.clone()],
         })
         .collect();
-    let mut resp = axum::Json(items).into_response();
-    if end < mine.len()
-        && let Ok(v) = HeaderValue::try_from(end.to_string())
-    {
-        resp.headers_mut().insert("x-next-token", v);
-    }
-    Ok(resp)
+    Ok(super::paged(
+        items,
+        (end < mine.len()).then(|| end.to_string()),
+    ))
 }
 
 /// Templates the team can start sandboxes from (its own and the platform's).

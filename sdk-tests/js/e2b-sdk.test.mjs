@@ -187,6 +187,30 @@ test('paused at the deadline, then connect', async () => {
   }
 })
 
+test('fork: copies diverge independently', async () => {
+  const src = await Sandbox.create({ timeoutMs: 600_000 })
+  try {
+    await src.commands.run('echo original > /tmp/state')
+    const forks = await src.fork({ count: 2, timeoutMs: 600_000 })
+    assert.equal(forks.length, 2)
+    try {
+      for (const [i, f] of forks.entries()) {
+        assert.ok(f instanceof Sandbox, String(f))
+        assert.equal(await f.files.read('/tmp/state'), 'original\n')
+        await f.commands.run(`echo fork-${i} > /tmp/state`)
+      }
+      for (const [i, f] of forks.entries()) {
+        assert.equal(await f.files.read('/tmp/state'), `fork-${i}\n`)
+      }
+      assert.equal(await src.files.read('/tmp/state'), 'original\n')
+    } finally {
+      for (const f of forks) if (f instanceof Sandbox) await f.kill()
+    }
+  } finally {
+    await src.kill()
+  }
+})
+
 test('metrics', async () => {
   const metrics = await waitFor('metrics samples', async () => {
     const m = await sbx.getMetrics()

@@ -268,3 +268,34 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(SandboxException) as e:
         Sandbox.create(timeout=10**9)
     assert "400" in str(e.value)
+
+
+def test_fork_copies_diverge_independently():
+    src = Sandbox.create(timeout=600)
+    try:
+        src.commands.run("echo original > /tmp/state; mount -t tmpfs tmpfs /mnt && echo mem > /mnt/m")
+        sleeper = src.commands.run("sleep 3600", background=True)
+        forks = src.fork(count=3, timeout=600)
+        assert len(forks) == 3
+        for f in forks:
+            assert isinstance(f, Sandbox), f
+        try:
+            ids = {f.sandbox_id for f in forks} | {src.sandbox_id}
+            assert len(ids) == 4, "each fork has its own id"
+            for i, f in enumerate(forks):
+                assert f.files.read("/tmp/state") == "original\n"
+                assert f.files.read("/mnt/m") == "mem\n", "memory (tmpfs) came along"
+                assert any(p.pid == sleeper.pid for p in f.commands.list()), "processes came along"
+                f.commands.run(f"echo fork-{i} > /tmp/state")
+            for i, f in enumerate(forks):
+                assert f.files.read("/tmp/state") == f"fork-{i}\n", "forks diverge"
+            assert src.files.read("/tmp/state") == "original\n", "the source is untouched"
+            hostnames = {f.commands.run("hostname").stdout for f in forks}
+            assert len(hostnames) == 3
+            randoms = {f.commands.run("head -c 16 /dev/urandom | od -An -tx1").stdout for f in forks}
+            assert len(randoms) == 3
+        finally:
+            for f in forks:
+                f.kill()
+    finally:
+        src.kill()

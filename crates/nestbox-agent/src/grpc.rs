@@ -252,6 +252,7 @@ impl HostAgent for Service {
             timeout_sec: r.timeout_sec,
             env: r.env.into_iter().collect(),
             access_token: r.access_token,
+            no_pool: r.no_pool,
         };
         // The create runs to its end even if the caller goes away: a half-created sandbox
         // must be either finished or released, never abandoned.

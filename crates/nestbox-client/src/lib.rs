@@ -437,6 +437,19 @@ impl Client {
         .await
     }
 
+    /// Makes `count` running copies of a running sandbox.
+    pub async fn fork_sandbox(
+        &self,
+        id: SandboxId,
+        count: u32,
+    ) -> Result<nestbox_types::api::ForkResult, ClientError> {
+        self.post(
+            &format!("/v1/sandboxes/{id}/fork"),
+            &serde_json::json!({ "count": count }),
+        )
+        .await
+    }
+
     /// Gives a running sandbox a new deadline `lifetime_sec` from now (only a later one
     /// with `extend_only`).
     pub async fn set_lifetime(

@@ -46,29 +46,13 @@ impl Backoff {
 
 /// Runs until the task is aborted; passes run only while this replica holds the lock.
 pub async fn run(services: Arc<Services>) {
-    let mut tick = tokio::time::interval(services.cfg.expiry_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lock: Option<nestbox_db::LeaderLock> = None;
+    let every = services.cfg.expiry_interval;
+    let mut ticker = crate::leader::LeaderTicker::new(&services, LEADER_KEY, every, "expiry");
     let mut backoff = Backoff::default();
     loop {
-        tick.tick().await;
-        if let Some(held) = lock.as_mut()
-            && !held.still_held().await
+        if ticker.leading().await
+            && let Err(e) = pass(&services, &mut backoff).await
         {
-            tracing::warn!("lost the expiry task's leader lock");
-            lock = None;
-        }
-        if lock.is_none() {
-            match services.db.try_lock_leader(LEADER_KEY).await {
-                Ok(Some(l)) => lock = Some(l),
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "taking the expiry task's leader lock");
-                    continue;
-                }
-            }
-        }
-        if let Err(e) = pass(&services, &mut backoff).await {
             tracing::warn!(error = %e, "expiry pass failed");
         }
     }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod expiry;
 pub mod extract;
 pub mod hostpool;
+pub mod leader;
 pub mod monitor;
 pub mod proxy;
 pub mod scheduler;

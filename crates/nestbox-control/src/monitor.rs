@@ -20,6 +20,9 @@
 //!    - known to the agent but stopped, failed or unknown in the database → destroyed on
 //!      the agent (an orphan).
 //!
+//! 3. fork templates no sandbox uses any more are deleted
+//!    ([`Services::sweep_fork_templates`]).
+//!
 //! Sandboxes in `pending`/`starting` are never touched: their create call owns them.
 
 use std::collections::HashMap;
@@ -43,28 +46,12 @@ pub const LEADER_KEY: i64 = 0x6e62_786d_6f6e; // "nbxmon"
 /// Runs the monitor until the task is aborted. Passes run only while this replica holds
 /// the monitor's leader lock; the others keep trying, so one takes over if the leader dies.
 pub async fn run(services: Arc<Services>) {
-    let mut tick = tokio::time::interval(services.cfg.monitor_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lock: Option<nestbox_db::LeaderLock> = None;
+    let every = services.cfg.monitor_interval;
+    let mut ticker = crate::leader::LeaderTicker::new(&services, LEADER_KEY, every, "host monitor");
     loop {
-        tick.tick().await;
-        if let Some(held) = lock.as_mut()
-            && !held.still_held().await
+        if ticker.leading().await
+            && let Err(e) = pass(&services).await
         {
-            tracing::warn!("lost the host monitor's leader lock");
-            lock = None;
-        }
-        if lock.is_none() {
-            match services.db.try_lock_leader(LEADER_KEY).await {
-                Ok(Some(l)) => lock = Some(l),
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "taking the host monitor's leader lock");
-                    continue;
-                }
-            }
-        }
-        if let Err(e) = pass(&services).await {
             tracing::warn!(error = %e, "host monitor pass failed");
         }
     }
@@ -111,6 +98,10 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
             tracing::warn!(host = %host.id, error = %e, "reconciling sandboxes");
         }
     }
+    // Fork templates whose copies are all gone (a minute's grace for forks in flight).
+    services
+        .sweep_fork_templates(Utc::now() - chrono::Duration::seconds(60))
+        .await;
     Ok(())
 }
 

@@ -271,7 +271,9 @@ const MATRIX: &[Row] = &[
         TEAM_RESOURCE,
     ),
     row("POST", "/v1/sandboxes/{sandbox_id}/lifetime", TEAM_RESOURCE),
+    row("POST", "/v1/sandboxes/{sandbox_id}/fork", TEAM_RESOURCE),
     // E2B's REST API: the same rules as /v1 (team resources are hidden from other teams).
+    row("POST", "/sandboxes/{sandboxID}/fork", TEAM_RESOURCE),
     row("POST", "/sandboxes", ANY_CALLER),
     row("GET", "/sandboxes", ANY_CALLER),
     row("POST", "/v2/sandboxes", ANY_CALLER),
@@ -383,7 +385,19 @@ enum Body {
 
 impl World {
     async fn new(engine: Engine) -> anyhow::Result<World> {
-        let h = Harness::start(engine).await?;
+        // Room for every sandbox the matrix makes (creates and forks keep theirs).
+        let h = Harness::with(
+            engine,
+            common::Options {
+                agent: SimAgentConfig {
+                    max_sandboxes: 256,
+                    memory_mb: 256 * 1024,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
         let owner = h.user("owner").await?;
         let admin = h.user("teamadmin").await?;
         let member = h.user("member").await?;
@@ -632,6 +646,14 @@ impl World {
             ("POST", "/v1/sandboxes/{sandbox_id}/lifetime") => call(
                 format!("/v1/sandboxes/{sb}/lifetime"),
                 Body::Json(json!({ "lifetime_sec": 3600 })),
+            ),
+            ("POST", "/v1/sandboxes/{sandbox_id}/fork") => call(
+                format!("/v1/sandboxes/{sb}/fork"),
+                Body::Json(json!({ "count": 1 })),
+            ),
+            ("POST", "/sandboxes/{sandboxID}/fork") => call(
+                format!("/sandboxes/{sb}/fork"),
+                Body::Json(json!({ "count": 1 })),
             ),
             ("POST", "/sandboxes") | ("POST", "/v2/sandboxes") => {
                 call(path.into(), Body::Json(json!({ "templateID": "base" })))

@@ -67,6 +67,8 @@ async fn publish(h: &Harness, t: &Template) -> anyhow::Result<()> {
             size_bytes: row.size_bytes,
             host_id: row.host_id,
             created_by: row.created_by,
+            source_sandbox_id: row.source_sandbox_id,
+            ephemeral: row.ephemeral,
         },
     )
     .await?;

@@ -4,9 +4,15 @@
 //! both have a template of the same name, the team's own shadows the platform's, in
 //! [`get_visible`] and [`list_visible`] alike. Names are unique per team. An [`upsert`] keeps
 //! the row's id; callers that keep files per generation must name them themselves.
+//!
+//! A fork's one-off template (`ephemeral`) belongs to its team but is never visible by name
+//! ([`get_visible`], [`list_visible`]); [`unused_ephemeral`] finds those no sandbox holds
+//! any more, for deletion.
 
 use chrono::{DateTime, Utc};
-use nestbox_types::{HostId, PLATFORM_TEAM, TeamId, TemplateId, TemplateKind};
+use nestbox_types::{
+    HostId, PLATFORM_TEAM, SandboxId, SandboxStatus, TeamId, TemplateId, TemplateKind,
+};
 
 use crate::engine::{Conn, Db, DbRow, args, now};
 use crate::error::{DbError, missing_as_not_found};
@@ -31,6 +37,10 @@ pub struct Template {
     pub created_by: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The sandbox it was made from, if any.
+    pub source_sandbox_id: Option<SandboxId>,
+    /// A fork's one-off template: hidden, deleted once unused.
+    pub ephemeral: bool,
 }
 
 /// What [`upsert`] writes.
@@ -45,10 +55,12 @@ pub struct NewTemplate {
     pub size_bytes: u64,
     pub host_id: Option<HostId>,
     pub created_by: Option<String>,
+    pub source_sandbox_id: Option<SandboxId>,
+    pub ephemeral: bool,
 }
 
 const COLUMNS: &str = "id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, size_bytes, \
-                       host_id, created_by, created_at, updated_at";
+                       host_id, created_by, created_at, updated_at, source_sandbox_id, ephemeral";
 
 fn from_row(r: &dyn DbRow) -> Result<Template, DbError> {
     Ok(Template {
@@ -64,6 +76,8 @@ fn from_row(r: &dyn DbRow) -> Result<Template, DbError> {
         created_by: r.string_opt("created_by")?,
         created_at: r.time("created_at")?,
         updated_at: r.time("updated_at")?,
+        source_sandbox_id: r.id_opt("source_sandbox_id")?,
+        ephemeral: r.bool("ephemeral")?,
     })
 }
 
@@ -73,13 +87,15 @@ pub async fn upsert(db: &Db, new: &NewTemplate) -> Result<Template, DbError> {
     db.fetch_one(
         &format!(
             "INSERT INTO templates (id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, \
-                                    size_bytes, host_id, created_by, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+                                    size_bytes, host_id, created_by, created_at, updated_at, \
+                                    source_sandbox_id, ephemeral) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13) \
              ON CONFLICT (team_id, name) DO UPDATE SET \
                 kind = excluded.kind, vcpus = excluded.vcpus, memory_mb = excluded.memory_mb, \
                 disk_size_mb = excluded.disk_size_mb, size_bytes = excluded.size_bytes, \
                 host_id = excluded.host_id, created_by = excluded.created_by, \
-                updated_at = excluded.updated_at \
+                updated_at = excluded.updated_at, source_sandbox_id = excluded.source_sandbox_id, \
+                ephemeral = excluded.ephemeral \
              RETURNING {COLUMNS}"
         ),
         args![
@@ -94,6 +110,8 @@ pub async fn upsert(db: &Db, new: &NewTemplate) -> Result<Template, DbError> {
             new.host_id,
             new.created_by.clone(),
             now(),
+            new.source_sandbox_id,
+            new.ephemeral,
         ],
         from_row,
     )
@@ -145,8 +163,10 @@ async fn insert(
     conn.fetch_one(
         &format!(
             "INSERT INTO templates (id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, \
-                                    size_bytes, host_id, created_by, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) RETURNING {COLUMNS}"
+                                    size_bytes, host_id, created_by, created_at, updated_at, \
+                                    source_sandbox_id, ephemeral) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13) \
+             RETURNING {COLUMNS}"
         ),
         args![
             id,
@@ -160,6 +180,8 @@ async fn insert(
             new.host_id,
             new.created_by.clone(),
             now(),
+            new.source_sandbox_id,
+            new.ephemeral,
         ],
         from_row,
     )
@@ -172,9 +194,9 @@ pub async fn get_visible(db: &Db, team: TeamId, name: &str) -> Result<Option<Tem
     db.fetch_optional(
         &format!(
             "SELECT {COLUMNS} FROM templates WHERE name = $2 AND team_id IN ($1, $3) \
-             ORDER BY CASE WHEN team_id = $1 THEN 0 ELSE 1 END LIMIT 1"
+             AND ephemeral = $4 ORDER BY CASE WHEN team_id = $1 THEN 0 ELSE 1 END LIMIT 1"
         ),
-        args![team, name, PLATFORM_TEAM],
+        args![team, name, PLATFORM_TEAM, false],
         from_row,
     )
     .await
@@ -185,12 +207,12 @@ pub async fn get_visible(db: &Db, team: TeamId, name: &str) -> Result<Option<Tem
 pub async fn list_visible(db: &Db, team: TeamId) -> Result<Vec<Template>, DbError> {
     db.fetch_all(
         &format!(
-            "SELECT {COLUMNS} FROM templates t WHERE t.team_id = $1 \
+            "SELECT {COLUMNS} FROM templates t WHERE t.ephemeral = $3 AND (t.team_id = $1 \
                 OR (t.team_id = $2 AND NOT EXISTS ( \
-                    SELECT 1 FROM templates o WHERE o.team_id = $1 AND o.name = t.name)) \
+                    SELECT 1 FROM templates o WHERE o.team_id = $1 AND o.name = t.name))) \
              ORDER BY t.name, t.team_id"
         ),
-        args![team, PLATFORM_TEAM],
+        args![team, PLATFORM_TEAM, false],
         from_row,
     )
     .await
@@ -224,4 +246,41 @@ pub async fn delete(db: &Db, id: TemplateId) -> Result<bool, DbError> {
         .execute("DELETE FROM templates WHERE id = $1", args![id])
         .await?
         > 0)
+}
+
+/// One-off (fork) templates that no sandbox holding host resources was made from, and that
+/// are older than `before` (so a fork still creating its sandboxes is left alone).
+pub async fn unused_ephemeral(db: &Db, before: DateTime<Utc>) -> Result<Vec<Template>, DbError> {
+    let holding: Vec<SandboxStatus> = SandboxStatus::ALL
+        .iter()
+        .copied()
+        .filter(SandboxStatus::holds_host_resources)
+        .collect();
+    let mut sql = crate::page::Sql::new(&format!(
+        "SELECT {COLUMNS} FROM templates t WHERE t.ephemeral = "
+    ));
+    sql.bind(true)
+        .push(" AND t.created_at < ")
+        .bind(before)
+        .push(" AND NOT EXISTS (SELECT 1 FROM sandboxes s WHERE s.template_id = t.id AND s.status IN ")
+        .bind_list(holding)
+        .push(")");
+    db.fetch_all(&sql.text, sql.args, from_row).await
+}
+
+/// The team's templates made from `sandbox` (fork templates excluded), newest first.
+pub async fn made_from(
+    db: &Db,
+    team: TeamId,
+    sandbox: SandboxId,
+) -> Result<Vec<Template>, DbError> {
+    db.fetch_all(
+        &format!(
+            "SELECT {COLUMNS} FROM templates WHERE team_id = $1 AND source_sandbox_id = $2 \
+             AND ephemeral = $3 ORDER BY created_at DESC, name"
+        ),
+        args![team, sandbox, false],
+        from_row,
+    )
+    .await
 }

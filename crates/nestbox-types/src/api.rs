@@ -280,6 +280,39 @@ pub struct CreateSandboxRequest {
     pub on_expiry: Option<Expiry>,
 }
 
+/// `POST /v1/sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many copies, 1–20 (default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Lifetime of each copy, seconds (default: the source's, if it has one).
+    #[serde(default)]
+    pub lifetime_sec: Option<u32>,
+}
+
+/// One copy of a fork: the sandbox, or why it could not start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ForkItem {
+    /// The running copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    /// Why this copy failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::ErrorDetail>,
+}
+
+/// The answer of `POST /v1/sandboxes/{id}/fork`: one item per copy asked for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ForkResult {
+    /// In no particular order.
+    pub items: Vec<ForkItem>,
+}
+
 /// `POST /v1/sandboxes/{id}/lifetime`: a new deadline for a running sandbox.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

@@ -167,6 +167,32 @@ pub struct SandboxRefresh {
     pub duration: Option<u32>,
 }
 
+/// `POST /sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxForkRequest))]
+pub struct SandboxForkRequest {
+    /// Lifetime of each copy, seconds (default: the source's).
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    /// How many copies, 1–20 (default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// One copy of a fork: the sandbox, or why it could not start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxForkResult))]
+pub struct SandboxForkResult {
+    /// The running copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    /// Why this copy failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Error>,
+}
+
 /// A created or connected sandbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

@@ -231,7 +231,9 @@ impl Manager {
             None => self.launch_from(p, origin, st, started).await,
         };
         // Top the pool up for the next create, in the background.
-        self.refill_pool(key, p);
+        if !p.no_pool {
+            self.refill_pool(key, p);
+        }
         result
     }
 

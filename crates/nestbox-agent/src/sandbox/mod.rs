@@ -116,6 +116,8 @@ pub struct CreateParams {
     pub env: HashMap<String, String>,
     /// Token the guest agent will require.
     pub access_token: String,
+    /// Keep no pooled clone of its template ahead of time (a fork's one-off template).
+    pub no_pool: bool,
 }
 
 /// Facts about a sandbox that never change.

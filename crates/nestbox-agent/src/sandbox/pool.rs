@@ -185,6 +185,7 @@ impl Manager {
             timeout_sec: 0,
             env: HashMap::new(),
             access_token: String::new(),
+            no_pool: false,
         })
     }
 

@@ -141,6 +141,7 @@ fn default_machine(name: &str, disk_mb: u64) -> Result<CreateParams, AgentError>
         timeout_sec: 0,
         env: HashMap::new(),
         access_token: crate::random_token()?,
+        no_pool: false,
     })
 }
 

@@ -53,6 +53,12 @@ pub struct BenchArgs {
     /// Runs only the platform CPU measurement.
     #[arg(long)]
     pub only_sampler: bool,
+    /// Copies per fork in the fork measurement.
+    #[arg(long, default_value_t = 10)]
+    pub fork_count: u32,
+    /// Runs only the fork measurement.
+    #[arg(long)]
+    pub only_fork: bool,
     /// Built guest images.
     #[arg(
         long,
@@ -152,6 +158,9 @@ async fn measure(
     let client = Client::new(&launched.url)?.with_api_key(key.clone());
     if args.only_sampler {
         return platform_cpu(args, launched, &client).await;
+    }
+    if args.only_fork {
+        return fork(args, &client).await;
     }
     let manager = &launched.agent.manager;
     let vmm_info = launched.agent.manager.vmm_info();
@@ -348,7 +357,10 @@ async fn measure(
     // 6. The platform's CPU with idle sandboxes (the metrics sampler among it).
     platform_cpu(args, launched, &client).await?;
 
-    // 7. Create/destroy cycles leave nothing behind (the pooled clones are stopped
+    // 7. Fork of a running sandbox into N copies vs. N plain creates.
+    fork(args, &client).await?;
+
+    // 8. Create/destroy cycles leave nothing behind (the pooled clones are stopped
     // before the check, as at shutdown).
     let t = Instant::now();
     for _ in 0..args.cycles {
@@ -825,6 +837,60 @@ struct SnapshotFigures {
     restored: [Vec<f64>; 2],
     held_exec: Vec<f64>,
     restored_exec: Vec<f64>,
+}
+
+/// Fork of a running default sandbox (512 MiB) into `fork_count` copies, from the request
+/// until every copy ran a command, next to as many plain creates (each then running a
+/// command), in the same run. Each measurement destroys what it made.
+async fn fork(args: &BenchArgs, client: &Client) -> anyhow::Result<()> {
+    let n = args.fork_count.max(1);
+    let source = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await?;
+    run_true(client, source.id).await?;
+    let mut forked = Vec::new();
+    let mut created = Vec::new();
+    for _ in 0..args.runs.min(3) {
+        let t = Instant::now();
+        let result = client.fork_sandbox(source.id, n).await?;
+        let copies: Vec<SandboxId> = result
+            .items
+            .iter()
+            .filter_map(|i| i.sandbox.as_ref().map(|s| s.id))
+            .collect();
+        anyhow::ensure!(
+            copies.len() == n as usize,
+            "{} of {n} copies started",
+            copies.len()
+        );
+        futures::future::try_join_all(copies.iter().map(|id| run_true(client, *id))).await?;
+        forked.push(ms(t.elapsed()));
+        for id in copies {
+            client.destroy_sandbox(id).await?;
+        }
+
+        let t = Instant::now();
+        let plain = CreateSandboxRequest::default();
+        let made =
+            futures::future::try_join_all((0..n).map(|_| client.create_sandbox(&plain))).await?;
+        futures::future::try_join_all(made.iter().map(|s| run_true(client, s.id))).await?;
+        created.push(ms(t.elapsed()));
+        for s in made {
+            client.destroy_sandbox(s.id).await?;
+        }
+    }
+    client.destroy_sandbox(source.id).await?;
+    row(
+        &format!("fork 1 → {n}, all exec-ready"),
+        &stats(forked),
+        "ms",
+    );
+    row(
+        &format!("baseline: {n} creates, all exec-ready"),
+        &stats(created),
+        "ms",
+    );
+    Ok(())
 }
 
 /// Runs `true` in a sandbox through REST.

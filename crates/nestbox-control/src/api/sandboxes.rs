@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use nestbox_types::api::{
     AuditLog, AuditLogQuery, CreateSandboxRequest, EntryInfo, ExecEvent, ExecRequest, ExecResult,
-    FileList, LifetimeRequest, MetricsQuery, MkdirRequest, Page, PathQuery, ResumeRequest, Sandbox,
-    SandboxListQuery, SandboxMetrics, Template,
+    FileList, ForkItem, ForkRequest, ForkResult, LifetimeRequest, MetricsQuery, MkdirRequest, Page,
+    PathQuery, ResumeRequest, Sandbox, SandboxListQuery, SandboxMetrics, Template,
 };
 use nestbox_types::{ErrorBody, SandboxId};
 
@@ -117,6 +117,45 @@ pub async fn resume_sandbox(
         .resume_sandbox(&caller, id, req.lifetime_sec)
         .await
         .map(axum::Json)
+}
+
+/// Makes running copies of a running sandbox (processes, memory, disk): each is an
+/// independent sandbox with its own id, tokens, host name and random state. The source is
+/// stopped only for the checkpoint. One item per copy asked for: the sandbox, or its error.
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/fork", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)), request_body(content = ForkRequest, description = "optional"),
+    responses((status = 201, description = "at least one copy runs", body = ForkResult), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, description = "not running (`sandbox_not_running`)", body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+pub async fn fork_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    OptionalJson(req): OptionalJson<ForkRequest>,
+) -> ApiResult<(StatusCode, axum::Json<ForkResult>)> {
+    let outcomes = s
+        .services
+        .fork_sandbox(&caller, id, req.count.unwrap_or(1), req.lifetime_sec)
+        .await?;
+    if !outcomes.iter().any(Result::is_ok)
+        && let Some(Err(e)) = outcomes.first()
+    {
+        return Err(e.clone());
+    }
+    let items = outcomes
+        .into_iter()
+        .map(|o| match o {
+            Ok(sandbox) => ForkItem {
+                sandbox: Some(sandbox),
+                error: None,
+            },
+            Err(e) => ForkItem {
+                sandbox: None,
+                error: Some(ErrorBody::new(e.code, e.message).error),
+            },
+        })
+        .collect();
+    Ok((StatusCode::CREATED, axum::Json(ForkResult { items })))
 }
 
 /// Gives a running sandbox a new deadline: it ends `lifetime_sec` from now (destroyed, or

@@ -398,7 +398,6 @@ impl Services {
         caller: &Caller,
         req: &CreateSandboxRequest,
     ) -> ApiResult<api::Sandbox> {
-        let limits = &self.cfg.limits;
         let name = req
             .template
             .clone()
@@ -416,6 +415,19 @@ impl Services {
                     format!("template `{name}` not found"),
                 )
             })?;
+        self.create_from(caller, req, template).await
+    }
+
+    /// Creates a sandbox from `template` (already resolved and visible to the caller's
+    /// team; `req.template` is not looked at) and returns it running.
+    pub(crate) async fn create_from(
+        &self,
+        caller: &Caller,
+        req: &CreateSandboxRequest,
+        template: templates::Template,
+    ) -> ApiResult<api::Sandbox> {
+        let limits = &self.cfg.limits;
+        let name = template.name.clone();
         // A snapshot resumes a machine as it was: its vCPUs and memory are fixed.
         let snapshot = template.kind == TemplateKind::Snapshot;
         let fixed = |field: &str, asked: Option<u32>, has: u32, unit: &str| match asked {
@@ -541,6 +553,8 @@ impl Services {
                 .host_id
                 .map(|_| template.id.to_string())
                 .unwrap_or_default(),
+            // A fork's one-off template gets no pooled clone.
+            no_pool: template.ephemeral,
         };
         let mut client = self.pool.client(placed.host, &placed.address)?;
         let db = self.db.clone();
@@ -730,7 +744,24 @@ impl Services {
             details: serde_json::json!({ "previous_status": sb.status }),
         })
         .await;
+        if let Some(template) = sb.template_id {
+            self.drop_fork_template(template).await;
+        }
         Ok(())
+    }
+
+    /// Deletes `template` if it is a fork's one-off template that no sandbox uses any more
+    /// (else the host monitor's sweep gets it later).
+    async fn drop_fork_template(&self, template: nestbox_types::TemplateId) {
+        let Ok(t) = templates::get(&self.db, template).await else {
+            return;
+        };
+        if !t.ephemeral {
+            return;
+        }
+        if let Err(e) = self.remove_template(AuditActor::System, t).await {
+            tracing::debug!(template = %template, error = %e, "fork template kept for now");
+        }
     }
 
     /// Runs a command and collects its output.

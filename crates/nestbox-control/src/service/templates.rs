@@ -114,19 +114,57 @@ async fn discard(client: &AgentClient, host: HostId, id: TemplateId, timeout: Du
 }
 
 /// What [`make_template`] works with.
-struct Making {
-    id: TemplateId,
-    new: templates::NewTemplate,
-    sandbox: nestbox_types::SandboxId,
-    host: HostId,
-    client: AgentClient,
+pub(super) struct Making {
+    pub(super) id: TemplateId,
+    pub(super) new: templates::NewTemplate,
+    pub(super) sandbox: nestbox_types::SandboxId,
+    pub(super) host: HostId,
+    pub(super) client: AgentClient,
     /// The template being overwritten and the hosts with its files.
-    old: Option<(templates::Template, Vec<(HostId, AgentClient)>)>,
-    timeout: Duration,
+    pub(super) old: Option<(templates::Template, Vec<(HostId, AgentClient)>)>,
+    pub(super) timeout: Duration,
+}
+
+impl Services {
+    /// What making a template of `kind` named `name` from `sb` (on its host) takes.
+    pub(super) async fn making(
+        &self,
+        caller: &Caller,
+        sb: &nestbox_db::sandboxes::Sandbox,
+        name: String,
+        kind: TemplateKind,
+        ephemeral: bool,
+    ) -> ApiResult<Making> {
+        let (host, client) = self.agent_for(sb.host_id).await?;
+        Ok(Making {
+            id: TemplateId::new(),
+            new: templates::NewTemplate {
+                team_id: caller.team,
+                name,
+                kind,
+                vcpus: sb.vcpus,
+                memory_mb: sb.memory_mb,
+                disk_size_mb: sb.disk_size_mb,
+                size_bytes: 0,
+                host_id: Some(host),
+                created_by: Some(caller.actor.id_string()),
+                source_sandbox_id: Some(sb.id),
+                ephemeral,
+            },
+            sandbox: sb.id,
+            host,
+            client,
+            old: None,
+            timeout: self.cfg.template_timeout,
+        })
+    }
 }
 
 /// New files, then (overwrite) the old files, then the record.
-async fn make_template(db: &nestbox_db::Db, m: Making) -> ApiResult<templates::Template> {
+pub(super) async fn make_template(
+    db: &nestbox_db::Db,
+    m: Making,
+) -> ApiResult<templates::Template> {
     let Making {
         id,
         mut new,
@@ -292,26 +330,11 @@ impl Services {
                 Some((t, hosts))
             }
         };
-        let (host, client) = self.agent_for(sb.host_id).await?;
-        let making = Making {
-            id: TemplateId::new(),
-            new: templates::NewTemplate {
-                team_id: caller.team,
-                name: req.name.clone(),
-                kind,
-                vcpus: sb.vcpus,
-                memory_mb: sb.memory_mb,
-                disk_size_mb: sb.disk_size_mb,
-                size_bytes: 0,
-                host_id: Some(host),
-                created_by: Some(caller.actor.id_string()),
-            },
-            sandbox: sb.id,
-            host,
-            client,
-            old,
-            timeout: self.cfg.template_timeout,
-        };
+        let mut making = self
+            .making(caller, &sb, req.name.clone(), kind, false)
+            .await?;
+        making.old = old;
+        let host = making.host;
         let db = self.db.clone();
         let who = *caller;
         let replaced = making.old.as_ref().map(|(t, _)| t.id.to_string());
@@ -360,10 +383,19 @@ impl Services {
                 "`{name}` is a platform template; only platform admins may delete it"
             )));
         }
+        self.remove_template(AuditActor::Caller(*caller), t).await
+    }
+
+    /// Deletes a template that no sandbox uses: its files on every host that has them,
+    /// then its record. Audited as `who`.
+    pub(crate) async fn remove_template(
+        &self,
+        who: AuditActor,
+        t: templates::Template,
+    ) -> ApiResult<()> {
         self.ensure_unused(&t).await?;
         let mut hosts = self.template_hosts(&t).await?;
         let db = self.db.clone();
-        let who = *caller;
         let timeout = self.cfg.template_timeout;
         detached(async move {
             let outcome = match delete_files(&mut hosts, t.id, timeout).await {
@@ -376,7 +408,7 @@ impl Services {
             write_audit(
                 &db,
                 AuditEntry {
-                    actor: AuditActor::Caller(who),
+                    actor: who,
                     team: (!t.team_id.is_platform()).then_some(t.team_id),
                     action: "template.delete",
                     resource_type: "template",
@@ -393,6 +425,39 @@ impl Services {
             outcome
         })
         .await
+    }
+
+    /// The team's templates made from one of its sandboxes, newest first.
+    pub async fn templates_made_from(
+        &self,
+        caller: &Caller,
+        sandbox: nestbox_types::SandboxId,
+    ) -> ApiResult<Vec<Template>> {
+        let list = templates::made_from(&self.db, caller.team, sandbox).await?;
+        Ok(list.iter().map(template_view).collect())
+    }
+
+    /// Deletes the fork templates no sandbox uses any more (made before `before`, so that
+    /// a fork still starting its sandboxes keeps its template). Returns how many went.
+    pub async fn sweep_fork_templates(&self, before: chrono::DateTime<chrono::Utc>) -> usize {
+        let unused = match templates::unused_ephemeral(&self.db, before).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing unused fork templates");
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for t in unused {
+            let id = t.id;
+            match self.remove_template(AuditActor::System, t).await {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::debug!(template = %id, error = %e, "fork template not removed yet")
+                }
+            }
+        }
+        removed
     }
 
     /// Asks a host which templates it can boot and records them as platform templates.
@@ -436,6 +501,8 @@ impl Services {
                     size_bytes: info.size_bytes,
                     host_id: None,
                     created_by: None,
+                    source_sandbox_id: None,
+                    ephemeral: false,
                 },
             )
             .await

@@ -284,6 +284,8 @@ db_test!(delete_cascades, |t| {
             size_bytes: 1,
             host_id: Some(h.id),
             created_by: None,
+            source_sandbox_id: None,
+            ephemeral: false,
         },
     )
     .await

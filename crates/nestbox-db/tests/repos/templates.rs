@@ -15,6 +15,8 @@ fn tpl(team: TeamId, name: &str, vcpus: u32) -> NewTemplate {
         size_bytes: 200 * 1024 * 1024,
         host_id: None,
         created_by: Some("usr-x".into()),
+        source_sandbox_id: None,
+        ephemeral: false,
     }
 }
 
@@ -193,4 +195,81 @@ db_test!(replace_swaps_rows_in_one_step, |t| {
         .await
         .unwrap();
     assert_eq!(templates::get(&t.db, fresh.id).await.unwrap(), fresh);
+});
+
+db_test!(fork_templates_are_hidden_and_found_once_unused, |t| {
+    let (_, a) = team(&t.db, "a").await;
+    let source = sandboxes::insert(&t.db, &new_sandbox(a.id)).await.unwrap();
+    let mut spec = tpl(a.id, "fork-1", 1);
+    spec.ephemeral = true;
+    spec.source_sandbox_id = Some(source.id);
+    let fork = templates::create(&t.db, &spec).await.unwrap();
+    let mut named = tpl(a.id, "named", 1);
+    named.source_sandbox_id = Some(source.id);
+    let named = templates::create(&t.db, &named).await.unwrap();
+
+    assert_eq!(
+        templates::get_visible(&t.db, a.id, "fork-1").await.unwrap(),
+        None
+    );
+    let visible: Vec<String> = templates::list_visible(&t.db, a.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(visible, vec!["named".to_string()]);
+    assert_eq!(
+        templates::made_from(&t.db, a.id, source.id).await.unwrap(),
+        vec![named.clone()]
+    );
+    let (_, b) = team(&t.db, "b").await;
+    assert!(
+        templates::made_from(&t.db, b.id, source.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // In use by a running sandbox: not unused. Stopped: unused (once old enough).
+    let mut child = new_sandbox(a.id);
+    child.template_id = Some(fork.id);
+    let child = sandboxes::insert(&t.db, &child).await.unwrap();
+    sandboxes::transition(
+        &t.db,
+        child.id,
+        &[SandboxStatus::Pending],
+        SandboxStatus::Running,
+        None,
+    )
+    .await
+    .unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::seconds(5);
+    assert!(
+        templates::unused_ephemeral(&t.db, later)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    sandboxes::transition(
+        &t.db,
+        child.id,
+        &[SandboxStatus::Running],
+        SandboxStatus::Stopped,
+        None,
+    )
+    .await
+    .unwrap();
+    let unused = templates::unused_ephemeral(&t.db, later).await.unwrap();
+    assert_eq!(
+        unused.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![fork.id]
+    );
+    let earlier = fork.created_at - chrono::Duration::seconds(1);
+    assert!(
+        templates::unused_ephemeral(&t.db, earlier)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 });

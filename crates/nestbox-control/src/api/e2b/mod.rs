@@ -131,6 +131,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::connect_v2))
         .routes(routes!(sandboxes::metrics))
         .routes(routes!(sandboxes::many_metrics))
+        .routes(routes!(sandboxes::fork))
         .routes(routes!(templates::create_snapshot))
         .routes(routes!(templates::list_snapshots))
         .routes(routes!(templates::list_templates))

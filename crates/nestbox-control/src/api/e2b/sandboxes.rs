@@ -10,8 +10,9 @@ use nestbox_db::sandboxes::{self as repo, LifetimeChange, SandboxFilter};
 use nestbox_types::api::{self, CreateSandboxRequest};
 use nestbox_types::e2b::{
     ConnectSandbox, Error, Lifecycle, ListQuery, ListRunningQuery, ListedSandbox, ManyMetricsQuery,
-    MetricsQuery, NewSandbox, PauseSandbox, ResumedSandbox, Sandbox, SandboxDetail, SandboxMetric,
-    SandboxRefresh, SandboxState, SandboxTimeout, SandboxesWithMetrics,
+    MetricsQuery, NewSandbox, PauseSandbox, ResumedSandbox, Sandbox, SandboxDetail,
+    SandboxForkRequest, SandboxForkResult, SandboxMetric, SandboxRefresh, SandboxState,
+    SandboxTimeout, SandboxesWithMetrics,
 };
 use nestbox_types::limits::ENVD_VERSION;
 use nestbox_types::{ErrorCode, Expiry, SandboxId, SandboxStatus};
@@ -528,6 +529,52 @@ pub async fn resume(
         StatusCode::CREATED,
         axum::Json(created(&s, &headers, &view)),
     ))
+}
+
+/// Makes `count` running copies of a running sandbox (processes, memory, disk); one
+/// entry per copy: the sandbox, or its error.
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/fork", tag = super::TAG, security(("api_key" = [])),
+    params(("sandboxID" = String, Path)), request_body = SandboxForkRequest,
+    responses((status = 201, body = Vec<SandboxForkResult>), (status = 400, body = Error), (status = 401, body = Error),
+              (status = 404, body = Error), (status = 409, body = Error)))]
+pub async fn fork(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Result<OptionalJson<SandboxForkRequest>, ApiError>,
+) -> E2bResult<(StatusCode, axum::Json<Vec<SandboxForkResult>>)> {
+    let caller = caller?;
+    let id = sandbox_id(&raw)?;
+    let OptionalJson(req) = body?;
+    visible(&s, &caller, id).await?;
+    let outcomes = s
+        .services
+        .fork_sandbox(&caller, id, req.count.unwrap_or(1), req.timeout)
+        .await
+        .map_err(|e| E2bError::from(e).no_retry())?;
+    if !outcomes.iter().any(Result::is_ok)
+        && let Some(Err(e)) = outcomes.first()
+    {
+        return Err(E2bError::from(e.clone()).no_retry());
+    }
+    let items = outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(sb) => SandboxForkResult {
+                sandbox: Some(created(&s, &headers, sb)),
+                error: None,
+            },
+            Err(e) => SandboxForkResult {
+                sandbox: None,
+                error: Some(Error {
+                    code: e.code.http_status(),
+                    message: e.message.clone(),
+                }),
+            },
+        })
+        .collect();
+    Ok((StatusCode::CREATED, axum::Json(items)))
 }
 
 fn metric(sb_vcpus: u32, memory_mb: u32, disk_mb: u32, p: &api::MetricPoint) -> SandboxMetric {

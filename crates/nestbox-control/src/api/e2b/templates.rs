@@ -118,13 +118,6 @@ pub async fn list_snapshots(
 ) -> E2bResult<Response> {
     let caller = caller?;
     let Query(q) = query?;
-    if q.sandbox_id.is_some() {
-        return Err(ApiError::new(
-            ErrorCode::NotImplemented,
-            "listing the snapshots of one sandbox is not supported yet; list all of them",
-        )
-        .into());
-    }
     let limit = super::page_limit(q.limit)?;
     let offset: usize = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
         Some(t) => t
@@ -132,11 +125,15 @@ pub async fn list_snapshots(
             .map_err(|_| E2bError::from(ApiError::invalid("invalid nextToken")))?,
         None => 0,
     };
-    let mut mine: Vec<OurTemplate> = s
-        .services
-        .list_templates(&caller)
-        .await?
-        .items
+    let all = match q.sandbox_id.as_deref() {
+        Some(raw) => {
+            let id = sandbox_id(raw)?;
+            s.services.sandbox_row(&caller, id).await?;
+            s.services.templates_made_from(&caller, id).await?
+        }
+        None => s.services.list_templates(&caller).await?.items,
+    };
+    let mut mine: Vec<OurTemplate> = all
         .into_iter()
         .filter(|t| !t.platform)
         .filter(|t| q.name.as_deref().is_none_or(|n| n == t.name))

@@ -13,7 +13,9 @@ need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # qemu-system-x86 first: on machines with a newer qemu-utils from backports the two
 # conflict, and installing qemu-system-x86 replaces it with the matching version.
-for pkg in qemu-system-x86 nftables debootstrap e2fsprogs lz4 cpio iproute2 ca-certificates; do
+# dnsmasq-base (the binary alone, no service) is for the test suite: the end-to-end
+# tests' stand-in for the internet's DNS.
+for pkg in qemu-system-x86 nftables debootstrap e2fsprogs lz4 cpio iproute2 ca-certificates dnsmasq-base; do
   have "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -70,6 +70,15 @@ impl Service {
     }
 }
 
+/// Egress rules off the wire (absent: none).
+fn egress_rules(rules: Option<EgressRules>) -> nestbox_types::egress::EgressRules {
+    let rules = rules.unwrap_or_default();
+    nestbox_types::egress::EgressRules {
+        allow_out: rules.allow_out,
+        deny_out: rules.deny_out,
+    }
+}
+
 fn parse_sandbox(s: &str) -> Result<SandboxId, Status> {
     s.parse()
         .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))
@@ -253,6 +262,7 @@ impl HostAgent for Service {
             env: r.env.into_iter().collect(),
             access_token: r.access_token,
             no_pool: r.no_pool,
+            egress: egress_rules(r.egress),
         };
         // The create runs to its end even if the caller goes away: a half-created sandbox
         // must be either finished or released, never abandoned.
@@ -307,6 +317,16 @@ impl HostAgent for Service {
         let id = parse_sandbox(&req.into_inner().sandbox_id)?;
         self.manager.ping(id)?;
         Ok(Response::new(PingSandboxResponse {}))
+    }
+
+    async fn set_egress(
+        &self,
+        req: Request<SetEgressRequest>,
+    ) -> Result<Response<SetEgressResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        self.manager.set_egress(id, egress_rules(r.egress)).await?;
+        Ok(Response::new(SetEgressResponse {}))
     }
 
     async fn create_template(

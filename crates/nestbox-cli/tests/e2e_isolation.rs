@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-
-use common::{Nestbox, footprint, sh_ok};
+use common::{Internet, Nestbox, footprint, host_primary_ip, sh_ok};
 use nestbox_client::Client;
 use nestbox_hostsys::net::SlotAddrs;
 use nestbox_types::ErrorCode;
@@ -21,107 +19,6 @@ async fn probe(client: &Client, id: nestbox_types::SandboxId, ip: &str, port: u1
     );
     // (`timeout` runs bash, which knows /dev/tcp; the outer shell is sh.)
     sh_ok(client, id, &cmd).await.trim().to_string()
-}
-
-/// A network namespace standing in for "the internet": a veth pair with a public-looking
-/// (TEST-NET-2) address on the far side and a web server there.
-struct Outside {
-    ns: String,
-    host_if: String,
-    server: std::process::Child,
-    log: tempfile::NamedTempFile,
-}
-
-impl Outside {
-    fn new() -> Outside {
-        let n = std::process::id() % 10000;
-        let ns = format!("nbxtout{n}");
-        let host_if = format!("nbxto{n}");
-        let peer = format!("nbxtp{n}");
-        let run = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().unwrap();
-            assert!(st.success(), "ip {args:?}");
-        };
-        let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
-        run(&["netns", "add", &ns]);
-        run(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &ns,
-        ]);
-        run(&["addr", "add", "198.51.100.1/30", "dev", &host_if]);
-        run(&["link", "set", &host_if, "up"]);
-        run(&["-n", &ns, "addr", "add", "198.51.100.2/30", "dev", &peer]);
-        run(&["-n", &ns, "link", "set", &peer, "up"]);
-        run(&["-n", &ns, "link", "set", "lo", "up"]);
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let server = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "python3",
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "198.51.100.2",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        // Ready once the server accepts connections (the host routes to it directly).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::net::TcpStream::connect_timeout(
-            &"198.51.100.2:8080".parse().unwrap(),
-            std::time::Duration::from_millis(500),
-        )
-        .is_err()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the outside web server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        Outside {
-            ns,
-            host_if,
-            server,
-            log,
-        }
-    }
-
-    fn server_log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.ns])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "delete", &self.host_if])
-            .status();
-    }
-}
-
-fn host_primary_ip() -> String {
-    let out = Command::new("ip")
-        .args(["-4", "-o", "route", "get", "1.1.1.1"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut words = text.split_whitespace();
-    while let Some(w) = words.next() {
-        if w == "src" {
-            return words.next().unwrap().to_string();
-        }
-    }
-    panic!("no source address in `{text}`");
 }
 
 #[tokio::test]
@@ -147,7 +44,7 @@ async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("the host service answers locally");
 
     // Egress through NAT works: the outside sees the host's address, not the sandbox's.
-    let outside = Outside::new();
+    let outside = Internet::new("198.51.100", &[], &[]);
     let page = sh_ok(
         &client,
         a,
@@ -157,11 +54,11 @@ async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
     assert!(page.contains("200"), "egress to the outside failed: {page}");
     assert!(
         outside
-            .server_log()
+            .web_log()
             .lines()
             .any(|l| l.starts_with("198.51.100.1 ") && l.contains("\"GET / ")),
         "the outside should see the host's address: {}",
-        outside.server_log()
+        outside.web_log()
     );
 
     // Not another sandbox (its guest agent port, through its per-slot address).

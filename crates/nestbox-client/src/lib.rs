@@ -223,6 +223,15 @@ impl Client {
             .await
     }
 
+    async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(Method::PUT, path).json(body), path)
+            .await
+    }
+
     async fn patch<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -463,6 +472,15 @@ impl Client {
             &serde_json::json!({ "lifetime_sec": lifetime_sec, "extend_only": extend_only }),
         )
         .await
+    }
+
+    /// Replaces a running or paused sandbox's egress rules.
+    pub async fn set_egress(
+        &self,
+        id: SandboxId,
+        rules: &nestbox_types::api::EgressRequest,
+    ) -> Result<Sandbox, ClientError> {
+        self.put(&format!("/v1/sandboxes/{id}/egress"), rules).await
     }
 
     /// Resets a sandbox's inactivity timer.

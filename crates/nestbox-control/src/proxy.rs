@@ -11,7 +11,8 @@
 //! Rules:
 //! - the caller is the sandbox's team (its API key or a member's session, as for every
 //!   other sandbox endpoint) or holds the sandbox's traffic token
-//!   (`e2b-traffic-access-token`); anyone else gets the same `404` as a missing sandbox;
+//!   (`e2b-traffic-access-token`), or the sandbox's ports are public (`public_traffic`,
+//!   E2B's `allowPublicTraffic`); anyone else gets the same `404` as a missing sandbox;
 //! - the guest agent's port ([`GUEST_AGENT_PORT`]) needs the guest's access token in
 //!   `X-Access-Token`, checked here, so the guest agent is never reachable without it;
 //!   that token alone is enough there (it is what E2B's SDKs send, and it opens nothing
@@ -186,24 +187,44 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
         }
         (None, false) => false,
     };
-    let sandbox = if by_sandbox_token {
-        // A session of ours that came along is still ours: it never reaches the sandbox.
-        let session = parts
-            .headers
+    let row = || async {
+        sandboxes::get(&services.db, id).await.map_err(|e| {
+            if e.is_not_found() {
+                not_found()
+            } else {
+                ApiError::from(e)
+            }
+        })
+    };
+    // A session of ours that came along is still ours: it never reaches the sandbox.
+    let strip_session = |headers: &mut http::HeaderMap| {
+        let session = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| services.sessions.verify(t.trim()).is_ok());
         if session {
-            parts.headers.remove(header::AUTHORIZATION);
+            headers.remove(header::AUTHORIZATION);
         }
-        sandboxes::get(&services.db, id).await.map_err(|e| {
-            if e.is_not_found() {
-                not_found()
-            } else {
-                e.into()
-            }
-        })?
+    };
+    // (An unknown sandbox is left to the credential check below, so that a caller without
+    // credentials learns nothing about which sandboxes exist.)
+    let public = if by_sandbox_token {
+        None
+    } else {
+        match row().await {
+            Ok(sb) => Some(sb).filter(|sb| sb.public_traffic),
+            Err(e) if e.code == ErrorCode::SandboxNotFound => None,
+            Err(e) => return Err(e),
+        }
+    };
+    let sandbox = if by_sandbox_token {
+        strip_session(&mut parts.headers);
+        row().await?
+    } else if let Some(sandbox) = public {
+        // Public ports need no credentials; any of ours that came along stay here.
+        strip_session(&mut parts.headers);
+        sandbox
     } else {
         let by_key = parts.headers.contains_key("x-api-key");
         let caller = Caller::from_request_parts(&mut parts, state).await?;

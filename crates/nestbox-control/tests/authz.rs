@@ -272,6 +272,8 @@ const MATRIX: &[Row] = &[
     ),
     row("POST", "/v1/sandboxes/{sandbox_id}/lifetime", TEAM_RESOURCE),
     row("POST", "/v1/sandboxes/{sandbox_id}/fork", TEAM_RESOURCE),
+    row("PUT", "/v1/sandboxes/{sandbox_id}/egress", TEAM_RESOURCE),
+    row("PUT", "/sandboxes/{sandboxID}/network", TEAM_RESOURCE),
     // E2B's REST API: the same rules as /v1 (team resources are hidden from other teams).
     row("POST", "/sandboxes/{sandboxID}/fork", TEAM_RESOURCE),
     row("POST", "/sandboxes", ANY_CALLER),
@@ -646,6 +648,14 @@ impl World {
             ("POST", "/v1/sandboxes/{sandbox_id}/lifetime") => call(
                 format!("/v1/sandboxes/{sb}/lifetime"),
                 Body::Json(json!({ "lifetime_sec": 3600 })),
+            ),
+            ("PUT", "/v1/sandboxes/{sandbox_id}/egress") => call(
+                format!("/v1/sandboxes/{sb}/egress"),
+                Body::Json(json!({ "deny_out": ["198.51.100.0/24"] })),
+            ),
+            ("PUT", "/sandboxes/{sandboxID}/network") => call(
+                format!("/sandboxes/{sb}/network"),
+                Body::Json(json!({ "denyOut": ["198.51.100.0/24"] })),
             ),
             ("POST", "/v1/sandboxes/{sandbox_id}/fork") => call(
                 format!("/v1/sandboxes/{sb}/fork"),

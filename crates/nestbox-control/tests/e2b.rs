@@ -442,8 +442,52 @@ async fn e2b_errors_have_e2b_shape(engine: Engine) -> anyhow::Result<()> {
         (
             Method::POST,
             "/v2/sandboxes".into(),
-            Some(json!({"templateID": "base", "allow_internet_access": false})),
+            Some(json!({"templateID": "base", "network": {"allowOut": ["::1"]}})),
             400,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes".into(),
+            Some(json!({"templateID": "base", "network": {"denyOut": ["example.com"]}})),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes".into(),
+            Some(json!({"templateID": "base", "network": {"rules": {"a.com": [{}]}}})),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes".into(),
+            Some(json!({"templateID": "base", "network": {"egressProxy": {"address": "p:1080"}}})),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v2/sandboxes".into(),
+            Some(
+                json!({"templateID": "base", "network": {"allowOut": ["a.com"], "dnsServers": ["dns.google"]}}),
+            ),
+            400,
+        ),
+        (
+            Method::PUT,
+            format!("/sandboxes/{}/network", sb.id),
+            Some(json!({"allowOut": ["1.2.3.4/40"]})),
+            400,
+        ),
+        (
+            Method::PUT,
+            format!("/sandboxes/{}/network", sb.id),
+            Some(json!({"allowOut": "not a list"})),
+            400,
+        ),
+        (
+            Method::PUT,
+            "/sandboxes/sb-00000000-0000-0000-0000-000000000000/network".into(),
+            Some(json!({})),
+            404,
         ),
         (
             Method::POST,

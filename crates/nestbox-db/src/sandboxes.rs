@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use nestbox_types::egress::EgressRules;
 use nestbox_types::{Expiry, HostId, SandboxId, SandboxStatus, TeamId, TemplateId};
 
 use crate::engine::{Arg, Conn, Db, DbRow, args, now};
@@ -54,6 +55,10 @@ pub struct Sandbox {
     pub lifetime_sec: Option<u32>,
     /// What its lifetime's end does.
     pub on_expiry: Expiry,
+    /// Its egress rules (normalised).
+    pub egress: EgressRules,
+    /// Its ports answer without the traffic token.
+    pub public_traffic: bool,
 }
 
 /// What [`insert`] needs. The sandbox starts `pending`.
@@ -72,6 +77,9 @@ pub struct NewSandbox {
     /// Absolute lifetime from now; `None`: no deadline.
     pub lifetime_sec: Option<u32>,
     pub on_expiry: Expiry,
+    /// Egress rules, validated and normalised by the caller.
+    pub egress: EgressRules,
+    pub public_traffic: bool,
 }
 
 /// Which sandboxes [`list_for_team`] returns. Empty fields do not filter.
@@ -94,12 +102,16 @@ pub struct HostLoad {
 const COLUMNS: &str = "s.id, s.team_id, s.host_id, s.template_id, s.template_name, s.status, \
                        s.error, s.vcpus, s.memory_mb, s.disk_size_mb, s.timeout_sec, s.env, \
                        s.created_by, s.created_at, s.started_at, s.stopped_at, s.last_active_at, \
-                       s.updated_at, s.expires_at, s.lifetime_sec, s.on_expiry";
+                       s.updated_at, s.expires_at, s.lifetime_sec, s.on_expiry, s.egress, \
+                       s.public_traffic";
 
 fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
     let env = r.json("env")?;
     let env: BTreeMap<String, String> = serde_json::from_value(env.clone())
         .map_err(|_| DbError::corrupt("env", env.to_string()))?;
+    let egress = r.json("egress")?;
+    let egress: EgressRules = serde_json::from_value(egress.clone())
+        .map_err(|_| DbError::corrupt("egress", egress.to_string()))?;
     Ok(Sandbox {
         id: r.id("id")?,
         team_id: r.id("team_id")?,
@@ -123,6 +135,8 @@ fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
         expires_at: r.time_opt("expires_at")?,
         lifetime_sec: r.u32_opt("lifetime_sec")?,
         on_expiry: r.parse("on_expiry")?,
+        egress,
+        public_traffic: r.bool("public_traffic")?,
     })
 }
 
@@ -142,8 +156,9 @@ pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
         .execute(
             "INSERT INTO sandboxes (id, team_id, template_id, template_name, status, vcpus, \
                  memory_mb, disk_size_mb, timeout_sec, env, created_by, created_at, updated_at, \
-                 expires_at, lifetime_sec, on_expiry) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)",
+                 expires_at, lifetime_sec, on_expiry, egress, public_traffic) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15, \
+                 $16, $17)",
             args![
                 id,
                 new.team_id,
@@ -160,6 +175,8 @@ pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
                 new.lifetime_sec.map(|s| after(at, s)),
                 new.lifetime_sec,
                 new.on_expiry,
+                egress_json(&new.egress)?,
+                new.public_traffic,
             ],
         )
         .await
@@ -495,6 +512,24 @@ pub async fn count_by_template(
             .bind_list(statuses.iter().copied());
     }
     db.fetch_one(&sql.text, sql.args, |r| r.u64("n")).await
+}
+
+fn egress_json(rules: &EgressRules) -> Result<serde_json::Value, DbError> {
+    serde_json::to_value(rules).map_err(|e| DbError::corrupt("egress", e.to_string()))
+}
+
+/// Replaces a sandbox's egress rules. Returns whether the sandbox exists.
+pub async fn set_egress(db: &Db, id: SandboxId, rules: &EgressRules) -> Result<bool, DbError> {
+    let n = db
+        .acquire()
+        .await?
+        .conn()
+        .execute(
+            "UPDATE sandboxes SET egress = $2, updated_at = $3 WHERE id = $1",
+            args![id, egress_json(rules)?, now()],
+        )
+        .await?;
+    Ok(n > 0)
 }
 
 /// Replaces a sandbox's metadata (one transaction). Returns whether the sandbox exists.

@@ -21,6 +21,10 @@
 //! creation of files in [`SlotAllocator::dir`]; each file names the owning instance so the
 //! start-up cleanup removes only its own leftovers.
 //!
+//! Tenants add their own egress rules on top, inside the namespace (see
+//! [`SandboxNet::ns_ruleset`]): they are evaluated before the host's rules see the packet,
+//! so they can narrow what a sandbox reaches but never widen it.
+//!
 //! Invariants: a [`SandboxNet`] exists only when its namespace, veth pair, TAP and rules all
 //! exist (setup rolls back on failure); deleting the namespace removes the TAP, both veth
 //! ends and the in-namespace rules at once.
@@ -29,6 +33,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+
+use nestbox_types::egress::Egress;
 
 use crate::process::{Cmd, ProcessError};
 
@@ -44,6 +50,16 @@ pub const GUEST_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
 pub const GUEST_PREFIX: u8 = 30;
 /// Name of the TAP device inside each namespace.
 pub const TAP_NAME: &str = "tap0";
+/// The nftables table inside each namespace.
+pub const NS_TABLE: &str = "nestbox";
+/// Its set of blocks the tenant allows.
+const SET_ALLOW: &str = "egress_allow";
+/// Its set of blocks the tenant denies.
+const SET_DENY: &str = "egress_deny";
+/// Its set of addresses allowed domain names resolved to.
+const SET_PINNED: &str = "egress_pinned";
+/// Its chain redirecting the guest's DNS queries to the pinning resolver.
+const CHAIN_DNS: &str = "dns";
 
 /// A networking operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -396,22 +412,41 @@ pub struct SandboxNet {
 
 impl SandboxNet {
     /// The ruleset loaded inside the namespace.
+    ///
+    /// Traffic from the guest to the outside passes the `egress` chain, whose sets hold the
+    /// tenant's rules ([`SandboxNet::apply_egress`]): an allowed or pinned address is let
+    /// through, a denied one rejected, anything else let through. The `dns` chain is empty
+    /// unless the rules name domains; then every DNS query the guest sends, whatever its
+    /// destination, goes to the pinning resolver listening on the gateway address.
+    /// Connections already established are not cut by a change of rules.
     pub fn ns_ruleset(addrs: &SlotAddrs) -> String {
         let g = &addrs.ns_if;
         let sip = addrs.sandbox_ip;
         format!(
-            "table ip nestbox {{
+            "table ip {NS_TABLE} {{
+  set {SET_ALLOW} {{ type ipv4_addr; flags interval; auto-merge; }}
+  set {SET_DENY} {{ type ipv4_addr; flags interval; auto-merge; }}
+  set {SET_PINNED} {{ type ipv4_addr; }}
   chain pre {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"{g}\" ip daddr {sip} dnat to {GUEST_IP}
+    iifname \"{TAP_NAME}\" jump {CHAIN_DNS}
+  }}
+  chain {CHAIN_DNS} {{
   }}
   chain post {{
     type nat hook postrouting priority srcnat; policy accept;
     oifname \"{g}\" ip saddr {GUEST_GATEWAY}/{GUEST_PREFIX} masquerade
   }}
+  chain egress {{
+    ip daddr @{SET_ALLOW} accept
+    ip daddr @{SET_PINNED} accept
+    ip daddr @{SET_DENY} reject with icmp type admin-prohibited
+  }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
     ct state established,related accept
+    iifname \"{TAP_NAME}\" oifname \"{g}\" jump egress
     iifname \"{TAP_NAME}\" oifname \"{g}\" accept
     iifname \"{g}\" oifname \"{TAP_NAME}\" ct status dnat accept
   }}
@@ -419,10 +454,83 @@ impl SandboxNet {
     type filter hook input priority filter; policy drop;
     iifname \"lo\" accept
     ct state established,related accept
+    iifname \"{TAP_NAME}\" ip daddr {GUEST_GATEWAY} meta l4proto {{ tcp, udp }} th dport 53 accept
   }}
 }}
 "
         )
+    }
+
+    /// The script that replaces the tenant's rules in the namespace, in one transaction:
+    /// the allow and deny sets, no pinned address, and the DNS redirection when the rules
+    /// name domains.
+    pub fn egress_script(egress: &Egress) -> String {
+        let mut r = String::new();
+        for set in [SET_ALLOW, SET_DENY, SET_PINNED] {
+            let _ = writeln!(r, "flush set ip {NS_TABLE} {set}");
+        }
+        let _ = writeln!(r, "flush chain ip {NS_TABLE} {CHAIN_DNS}");
+        for (set, nets) in [
+            (SET_ALLOW, &egress.allow_nets),
+            (SET_DENY, &egress.deny_nets),
+        ] {
+            if !nets.is_empty() {
+                let list = nets.iter().map(ToString::to_string).collect::<Vec<_>>();
+                let _ = writeln!(
+                    r,
+                    "add element ip {NS_TABLE} {set} {{ {} }}",
+                    list.join(", ")
+                );
+            }
+        }
+        if !egress.allow_domains.is_empty() {
+            let _ = writeln!(
+                r,
+                "add rule ip {NS_TABLE} {CHAIN_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat to {GUEST_GATEWAY}"
+            );
+        }
+        r
+    }
+
+    /// Puts the tenant's rules in force (replacing earlier ones and every pinned address).
+    pub async fn apply_egress(&self, egress: &Egress) -> Result<(), NetError> {
+        self.nft(Self::egress_script(egress)).await
+    }
+
+    /// Lets the guest reach `ips` (addresses a domain rule resolved to).
+    pub async fn pin(&self, ips: &[Ipv4Addr]) -> Result<(), NetError> {
+        self.pinned_elements("add", ips).await
+    }
+
+    /// Takes back addresses [`SandboxNet::pin`] let through; each must be pinned.
+    pub async fn unpin(&self, ips: &[Ipv4Addr]) -> Result<(), NetError> {
+        self.pinned_elements("delete", ips).await
+    }
+
+    async fn pinned_elements(&self, verb: &str, ips: &[Ipv4Addr]) -> Result<(), NetError> {
+        if ips.is_empty() {
+            return Ok(());
+        }
+        let list = ips.iter().map(ToString::to_string).collect::<Vec<_>>();
+        self.nft(format!(
+            "{verb} element ip {NS_TABLE} {SET_PINNED} {{ {} }}\n",
+            list.join(", ")
+        ))
+        .await
+    }
+
+    async fn nft(&self, script: String) -> Result<(), NetError> {
+        Cmd::new("nft")
+            .args(["-f", "-"])
+            .netns(self.addrs.netns_path())
+            .stdin(script)
+            .run()
+            .await
+            .map_err(|source| NetError::Command {
+                slot: self.addrs.slot,
+                source,
+            })?;
+        Ok(())
     }
 
     /// Creates the namespace, links, addresses, routes and rules of `slot`. On failure

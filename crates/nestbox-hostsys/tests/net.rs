@@ -72,3 +72,71 @@ async fn host_firewall_installs_and_removes() {
     let all = text(Cmd::new("nft").args(["list", "tables"])).await;
     assert!(!all.contains(fw.table()), "{all}");
 }
+
+#[tokio::test]
+async fn egress_rules_fill_the_namespace_sets_and_replace_each_other() {
+    use nestbox_types::egress::EgressRules;
+    let slots_dir = tempfile::tempdir().unwrap();
+    let slots = SlotAllocator::new(slots_dir.path(), "egresstest")
+        .unwrap()
+        // Not the range of the test above: the two run at once, each with its own files.
+        .with_range(16200..=16383);
+    let slot = slots.allocate("test").unwrap();
+    let net = SandboxNet::setup(slot).await.unwrap();
+    let list = || async {
+        text(
+            Cmd::new("nft")
+                .args(["list", "table", "ip", "nestbox"])
+                .netns(net.addrs.netns_path()),
+        )
+        .await
+    };
+    // Overlapping blocks merge; names turn DNS redirection on.
+    let egress = EgressRules {
+        allow_out: vec![
+            "203.0.113.0/24".into(),
+            "203.0.113.7".into(),
+            "example.com".into(),
+        ],
+        deny_out: vec!["0.0.0.0/0".into()],
+    }
+    .parse()
+    .unwrap();
+    net.apply_egress(&egress).await.unwrap();
+    net.pin(&["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()])
+        .await
+        .unwrap();
+    let rules = list().await;
+    assert!(rules.contains("203.0.113.0/24"), "{rules}");
+    assert!(rules.contains("0.0.0.0/0"), "{rules}");
+    assert!(rules.contains("192.0.2.10"), "{rules}");
+    assert!(rules.contains("dnat to 172.16.0.1"), "{rules}");
+    net.unpin(&["192.0.2.10".parse().unwrap()]).await.unwrap();
+    let rules = list().await;
+    assert!(!rules.contains("192.0.2.10"), "{rules}");
+    assert!(rules.contains("192.0.2.11"), "{rules}");
+
+    // New rules replace the old ones whole, pinned addresses included.
+    let cidr_only = EgressRules {
+        allow_out: vec![],
+        deny_out: vec!["198.51.100.0/24".into()],
+    }
+    .parse()
+    .unwrap();
+    net.apply_egress(&cidr_only).await.unwrap();
+    let rules = list().await;
+    assert!(rules.contains("198.51.100.0/24"), "{rules}");
+    assert!(!rules.contains("203.0.113.0/24"), "{rules}");
+    assert!(!rules.contains("192.0.2.11"), "{rules}");
+    assert!(
+        !rules.contains("dnat to 172.16.0.1"),
+        "no names, no redirection: {rules}"
+    );
+    // And no rules at all leaves every set empty.
+    net.apply_egress(&Default::default()).await.unwrap();
+    let rules = list().await;
+    assert!(!rules.contains("198.51.100.0/24"), "{rules}");
+
+    net.teardown().await.unwrap();
+    slots.release(slot).unwrap();
+}

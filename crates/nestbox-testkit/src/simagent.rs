@@ -196,6 +196,8 @@ pub enum SimOp {
     ResumeSandbox,
     /// `PingSandbox`.
     PingSandbox,
+    /// `SetEgress`.
+    SetEgress,
     /// `CreateTemplate`.
     CreateTemplate,
     /// `DeleteTemplate`.
@@ -284,6 +286,12 @@ impl SimSandbox {
     /// Environment variables given at creation.
     pub fn env(&self) -> BTreeMap<String, String> {
         self.request.env.clone().into_iter().collect()
+    }
+
+    /// The egress rules in force (from the create, replaced by `SetEgress`).
+    pub fn egress(&self) -> (Vec<String>, Vec<String>) {
+        let e = self.request.egress.clone().unwrap_or_default();
+        (e.allow_out, e.deny_out)
     }
 }
 
@@ -1642,6 +1650,18 @@ impl HostAgent for Service {
         self.with_running(&id, |sb| {
             sb.last_active_unix_ms = now_ms();
             Ok(Response::new(PingSandboxResponse {}))
+        })
+    }
+
+    async fn set_egress(
+        &self,
+        request: Request<pb::SetEgressRequest>,
+    ) -> Result<Response<pb::SetEgressResponse>, Status> {
+        self.shared.enter(SimOp::SetEgress).await?;
+        let req = request.into_inner();
+        self.with_sandbox(&req.sandbox_id, |sb| {
+            sb.request.egress = req.egress;
+            Ok(Response::new(pb::SetEgressResponse {}))
         })
     }
 

@@ -278,6 +278,49 @@ pub struct CreateSandboxRequest {
     /// What the end of its lifetime does: `destroy` (default) or `pause`.
     #[serde(default)]
     pub on_expiry: Option<Expiry>,
+    /// Egress rules, in force before the sandbox's first instruction runs; omitted: none
+    /// (the host's own rules always apply).
+    #[serde(default)]
+    pub egress: Option<EgressRequest>,
+    /// Its ports answer through the proxy without the traffic token (default `false`).
+    #[serde(default)]
+    pub public_traffic: Option<bool>,
+}
+
+/// A sandbox's egress rules as set (`egress` at create, `PUT /v1/sandboxes/{id}/egress`).
+///
+/// `allow_out` takes IPv4 addresses, CIDR blocks and domain names (`example.com` for that
+/// name, `*.example.com` for every name below it); `deny_out` takes addresses and blocks.
+/// An allowed destination is reachable even when a deny rule covers it; anything neither
+/// allowed nor denied is reachable. Domain rules work by the host's resolver: the
+/// addresses it answers for an allowed name become reachable.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EgressRequest {
+    /// Destinations allowed even when denied.
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    /// Destinations denied; `0.0.0.0/0` for everything not allowed.
+    #[serde(default)]
+    pub deny_out: Vec<String>,
+    /// `false` denies everything not allowed (as `0.0.0.0/0` in `deny_out` does).
+    #[serde(default)]
+    pub allow_internet_access: Option<bool>,
+}
+
+impl EgressRequest {
+    /// The rules this request stands for (not yet validated).
+    pub fn rules(&self) -> crate::egress::EgressRules {
+        let mut rules = crate::egress::EgressRules {
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+        };
+        if self.allow_internet_access == Some(false) {
+            rules.deny_out.push(crate::egress::ALL_TRAFFIC.to_string());
+        }
+        rules
+    }
 }
 
 /// `POST /v1/sandboxes/{id}/fork`.
@@ -379,6 +422,12 @@ pub struct Sandbox {
     pub lifetime_sec: Option<u32>,
     /// What the end of its lifetime does.
     pub on_expiry: Expiry,
+    /// Its egress rules, normalised; absent: none.
+    #[serde(default, skip_serializing_if = "crate::egress::EgressRules::is_empty")]
+    pub egress: crate::egress::EgressRules,
+    /// Its ports answer through the proxy without the traffic token.
+    #[serde(default)]
+    pub public_traffic: bool,
     /// Opens the sandbox's ports through the proxy without team credentials (header
     /// `e2b-traffic-access-token`); in the answers of create and get only.
     #[serde(default, skip_serializing_if = "Option::is_none")]

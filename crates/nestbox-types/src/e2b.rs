@@ -84,24 +84,68 @@ pub struct AutoResume {
     pub enabled: bool,
 }
 
-/// A sandbox's network rules.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// A sandbox's network settings (at create, and as `GET /sandboxes/{id}` reports them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[cfg_attr(feature = "openapi", schema(as = e2b::NetworkConfig))]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfig {
     /// Destinations allowed even when denied otherwise (CIDRs, addresses or domains).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_out: Option<Vec<String>>,
     /// Destinations denied (CIDRs or addresses; `0.0.0.0/0` for everything).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny_out: Option<Vec<String>>,
-    /// Whether the sandbox's ports are reachable without its traffic token.
-    #[serde(default)]
+    /// DNS servers allowed when `allowOut` names a domain (IPv4 addresses; added to the
+    /// allowed destinations). Every DNS query goes to the host's resolver either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+    /// Whether the sandbox's ports are reachable without its traffic token (default: yes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_public_traffic: Option<bool>,
     /// Host header rewriting for proxied requests (not supported: refused when given).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_request_host: Option<String>,
+    /// Per-domain request transforms (not supported: refused when not empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub rules: Option<serde_json::Value>,
+    /// A SOCKS5 proxy for egress (not supported: refused when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// Ports serving HTTPS themselves (not supported: refused when not empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_ports: Option<Vec<u16>>,
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the egress rules; an omitted field is cleared.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxNetworkUpdateConfig))]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdate {
+    /// Destinations allowed even when denied otherwise (CIDRs, addresses or domains).
+    #[serde(default)]
+    pub allow_out: Option<Vec<String>>,
+    /// Destinations denied (CIDRs or addresses).
+    #[serde(default)]
+    pub deny_out: Option<Vec<String>>,
+    /// DNS servers allowed when `allowOut` names a domain.
+    #[serde(default)]
+    pub dns_servers: Option<Vec<String>>,
+    /// `false` denies everything not allowed, as `0.0.0.0/0` in `denyOut` does (snake
+    /// case on the wire, as E2B's SDKs send it).
+    #[serde(default, rename = "allow_internet_access")]
+    pub allow_internet_access: Option<bool>,
+    /// Per-domain request transforms (not supported: refused when not empty).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub rules: Option<serde_json::Value>,
+    /// A SOCKS5 proxy for egress (not supported: refused when given).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub egress_proxy: Option<serde_json::Value>,
 }
 
 /// `POST /sandboxes/{id}/connect` and `POST /v2/sandboxes/{id}/connect`.
@@ -294,6 +338,10 @@ pub struct SandboxDetail {
     pub domain: Option<String>,
     /// What the end of its lifetime does.
     pub lifecycle: Lifecycle,
+    /// Whether it reaches destinations no rule allows.
+    pub allow_internet_access: bool,
+    /// Its network settings.
+    pub network: NetworkConfig,
 }
 
 /// Query of `GET /v2/sandboxes`.
@@ -561,6 +609,13 @@ mod tests {
                 auto_resume: false,
                 on_timeout: "kill".into(),
             },
+            allow_internet_access: false,
+            network: NetworkConfig {
+                allow_out: Some(vec!["example.com".into()]),
+                deny_out: Some(vec!["0.0.0.0/0".into()]),
+                allow_public_traffic: Some(true),
+                ..Default::default()
+            },
         })
         .unwrap();
         for key in [
@@ -580,5 +635,20 @@ mod tests {
         }
         assert_eq!(v["state"], "paused");
         assert_eq!(v["lifecycle"]["onTimeout"], "kill");
+        assert_eq!(v["allowInternetAccess"], false);
+        assert_eq!(v["network"]["allowOut"][0], "example.com");
+        assert_eq!(v["network"]["allowPublicTraffic"], true);
+        // Fields we never set are absent, not null: E2B's SDKs parse a present `rules` or
+        // `egressProxy` as an object.
+        let network = v["network"].as_object().unwrap();
+        for absent in [
+            "rules",
+            "egressProxy",
+            "dnsServers",
+            "maskRequestHost",
+            "httpsPorts",
+        ] {
+            assert!(!network.contains_key(absent), "{absent} in {v}");
+        }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod e2b;
+pub mod egress;
 pub mod error;
 pub mod ids;
 pub mod limits;

@@ -33,6 +33,8 @@ pub(crate) fn image_key(image: &nestbox_image::TemplateImage) -> String {
 pub(crate) struct Live {
     pub vm: Box<dyn Vm>,
     pub net: SandboxNet,
+    /// Its resolver, holding its egress rules (dropped with the network).
+    pub egress: super::egress::Guard,
 }
 
 /// Where a new sandbox's VM comes from.
@@ -124,6 +126,7 @@ impl Manager {
             guest_version: String::new(),
             pooled: false,
             dir_alias: None,
+            egress: p.egress.clone(),
         };
         let origin = match p.template_id {
             Some(tpl) => {
@@ -220,6 +223,9 @@ impl Manager {
     ) -> Result<(StateFile, Live, EnvdClient, String), AgentError> {
         let (origin, st) = self.origin(p)?;
         let key = match &origin {
+            // A sandbox with egress rules starts its own clone: a pooled one ran (if
+            // briefly) without them.
+            Origin::Clone { .. } if !st.egress.is_empty() => None,
             Origin::Clone { template, .. } => pool::key(template, &st),
             Origin::Boot { .. } => None,
         };
@@ -379,6 +385,14 @@ impl Manager {
                 return Err(e);
             }
         };
+        // The tenant's egress rules hold before the guest runs.
+        let egress = match self.start_egress(id, &net, &st.egress).await {
+            Ok(guard) => guard,
+            Err(e) => {
+                self.drop_network(st, Some(net)).await;
+                return Err(e);
+            }
+        };
         let net_ms = phase.elapsed().as_millis();
         let spec = VmSpec {
             id: id.to_string(),
@@ -414,6 +428,7 @@ impl Manager {
         let mut vm = match started_vm {
             Ok(vm) => vm,
             Err(e) => {
+                drop(egress);
                 self.drop_network(st, Some(net)).await;
                 return Err(AgentError::Boot {
                     id,
@@ -462,12 +477,13 @@ impl Manager {
         }
         .await;
         match up {
-            Ok((guest, version)) => Ok((Live { vm, net }, guest, version)),
+            Ok((guest, version)) => Ok((Live { vm, net, egress }, guest, version)),
             Err(e) => {
                 if let Err(stop) = vm.stop(Duration::from_secs(5)).await {
                     tracing::warn!(sandbox = %id, error = %stop, "stopping a VM that did not come up");
                 }
                 st.vmm_pid = None;
+                drop(egress);
                 self.drop_network(st, Some(net)).await;
                 Err(e)
             }

@@ -32,6 +32,7 @@
 //!   restore; those are released after that time, at shutdown, or when the VMM dies, and
 //!   the snapshot is untouched by that.
 
+mod egress;
 mod launch;
 mod pool;
 pub mod state;
@@ -118,6 +119,8 @@ pub struct CreateParams {
     pub access_token: String,
     /// Keep no pooled clone of its template ahead of time (a fork's one-off template).
     pub no_pool: bool,
+    /// The tenant's egress rules.
+    pub egress: nestbox_types::egress::EgressRules,
 }
 
 /// Facts about a sandbox that never change.
@@ -205,6 +208,11 @@ pub(crate) enum Command {
         key: String,
         kind: Kind,
         reply: oneshot::Sender<Result<StoredTemplate, AgentError>>,
+    },
+    /// Replace the egress rules.
+    SetEgress {
+        rules: nestbox_types::egress::EgressRules,
+        reply: oneshot::Sender<Result<(), AgentError>>,
     },
 }
 
@@ -712,6 +720,19 @@ impl Manager {
     pub async fn resume(&self, id: SandboxId) -> Result<(), AgentError> {
         self.get(id)?
             .request(|reply| Command::Resume { reply })
+            .await
+    }
+
+    /// Replaces a sandbox's egress rules: at once if it runs (or holds its VMM), from its
+    /// next resume if it is paused.
+    pub async fn set_egress(
+        &self,
+        id: SandboxId,
+        rules: nestbox_types::egress::EgressRules,
+    ) -> Result<(), AgentError> {
+        egress::parse(id, &rules)?;
+        self.get(id)?
+            .request(|reply| Command::SetEgress { rules, reply })
             .await
     }
 

@@ -186,6 +186,7 @@ impl Manager {
             env: HashMap::new(),
             access_token: String::new(),
             no_pool: false,
+            egress: Default::default(),
         })
     }
 

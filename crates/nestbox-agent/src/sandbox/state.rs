@@ -113,6 +113,9 @@ pub struct StateFile {
     /// Removed with the directory.
     #[serde(default)]
     pub dir_alias: Option<PathBuf>,
+    /// The tenant's egress rules (validated), put in force whenever it runs.
+    #[serde(default)]
+    pub egress: nestbox_types::egress::EgressRules,
 }
 
 impl std::fmt::Debug for StateFile {

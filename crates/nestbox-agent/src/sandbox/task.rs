@@ -155,6 +155,9 @@ impl SandboxTask {
                         Command::CreateTemplate { store, key, kind, reply } => {
                             let _ = reply.send(self.create_template(&store, &key, kind).await);
                         }
+                        Command::SetEgress { rules, reply } => {
+                            let _ = reply.send(self.set_egress(rules).await);
+                        }
                     }
                     if self.handle.state() == State::Stopping {
                         // The VM died during the operation and everything was released.
@@ -540,11 +543,38 @@ impl SandboxTask {
         }
     }
 
+    /// Replaces the egress rules: in force at once while a VM (running or held) has a
+    /// network, recorded for the next resume in any case.
+    async fn set_egress(
+        &mut self,
+        rules: nestbox_types::egress::EgressRules,
+    ) -> Result<(), AgentError> {
+        let id = self.st.sandbox_id;
+        let egress = super::egress::parse(id, &rules)?;
+        let normalized = egress.rules();
+        let live = self.live.as_ref().or(self.held.as_ref().map(|h| &h.live));
+        if let Some(live) = live {
+            live.egress
+                .replace(egress)
+                .await
+                .map_err(|e| AgentError::host("putting the egress rules in force", id, e))?;
+        }
+        self.st.egress = normalized;
+        state::write(&self.dir, &self.st)?;
+        tracing::info!(sandbox = %id, "egress rules replaced");
+        Ok(())
+    }
+
     /// Ends a paused sandbox's held VMM and frees its network; the snapshot stays whole.
     async fn release_held(&mut self) {
         let Some(held) = self.held.take() else { return };
         let id = self.st.sandbox_id;
-        let Live { mut vm, net } = held.live;
+        let Live {
+            mut vm,
+            net,
+            egress,
+        } = held.live;
+        drop(egress);
         if let Err(e) = vm.stop(Duration::from_secs(5)).await {
             tracing::warn!(sandbox = %id, error = %e, "stopping a held VMM");
         }

@@ -142,6 +142,7 @@ fn default_machine(name: &str, disk_mb: u64) -> Result<CreateParams, AgentError>
         env: HashMap::new(),
         access_token: crate::random_token()?,
         no_pool: false,
+        egress: Default::default(),
     })
 }
 
@@ -164,6 +165,8 @@ fn key_for(manager: &Manager, name: &str, disk_mb: u64) -> Result<String, AgentE
         "vcpus": DEFAULT_VCPUS,
         "memory_mb": DEFAULT_MEMORY_MB,
         "disk_mb": disk_mb,
+        // The guest's resolv.conf is written at boot: a snapshot keeps the servers it had.
+        "dns": inner.dns,
     });
     Ok(format!(
         "{name}-{}",

@@ -52,6 +52,10 @@ pub struct HostArgs {
     /// Let guests reach private and link-local networks.
     #[arg(long, env = "NESTBOX_ALLOW_PRIVATE_EGRESS")]
     pub allow_private_egress: bool,
+    /// DNS servers for guests, and behind the resolver of sandboxes with domain egress
+    /// rules (comma-separated IPv4 addresses; default: the host's, minus loopback ones).
+    #[arg(long, env = "NESTBOX_DNS", value_delimiter = ',')]
+    pub dns: Vec<std::net::Ipv4Addr>,
     /// The QEMU system emulator.
     #[arg(long, env = "NESTBOX_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
@@ -73,6 +77,7 @@ impl Default for HostArgs {
         Self {
             accel: AccelChoice::Auto,
             allow_private_egress: false,
+            dns: Vec::new(),
             qemu: "qemu-system-x86_64".into(),
             boot_timeout: 90,
             pause_hold_secs: 300,
@@ -86,6 +91,9 @@ impl HostArgs {
     pub fn apply(&self, cfg: &mut AgentConfig) {
         cfg.accel = self.accel;
         cfg.allow_private_egress = self.allow_private_egress;
+        if !self.dns.is_empty() {
+            cfg.dns = Some(self.dns.clone());
+        }
         cfg.qemu_binary = self.qemu.clone();
         cfg.boot_timeout = std::time::Duration::from_secs(self.boot_timeout.max(1));
         cfg.pause_hold = std::time::Duration::from_secs(self.pause_hold_secs);

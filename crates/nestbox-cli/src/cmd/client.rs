@@ -191,6 +191,11 @@ pub enum SandboxCommand {
         /// Metadata KEY=VALUE (repeatable).
         #[arg(long = "metadata", short = 'm')]
         metadata: Vec<String>,
+        #[command(flatten)]
+        egress: EgressArgs,
+        /// Let anyone reach its ports through the proxy, without the traffic token.
+        #[arg(long)]
+        public: bool,
         /// Print only the id.
         #[arg(long, short)]
         quiet: bool,
@@ -313,6 +318,15 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Replace a running or paused sandbox's egress rules (none given: no rules).
+    Egress {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        #[command(flatten)]
+        egress: EgressArgs,
+    },
     /// Reset a sandbox's inactivity timer.
     Ping {
         #[command(flatten)]
@@ -331,6 +345,32 @@ pub enum SandboxCommand {
     },
 }
 
+/// Egress rules on the command line.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EgressArgs {
+    /// Destination the sandbox may reach even when denied: an IPv4 address, a CIDR block
+    /// or a domain name (`example.com`, `*.example.com`); repeatable.
+    #[arg(long = "allow-out")]
+    allow_out: Vec<String>,
+    /// Destination the sandbox may not reach unless allowed: an IPv4 address or a CIDR
+    /// block (`0.0.0.0/0`: everything); repeatable.
+    #[arg(long = "deny-out")]
+    deny_out: Vec<String>,
+    /// Deny everything not allowed (as `--deny-out 0.0.0.0/0`).
+    #[arg(long)]
+    no_internet: bool,
+}
+
+impl EgressArgs {
+    fn request(&self) -> nestbox_types::api::EgressRequest {
+        nestbox_types::api::EgressRequest {
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+            allow_internet_access: self.no_internet.then_some(false),
+        }
+    }
+}
+
 /// Runs a sandbox subcommand.
 pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
     match command {
@@ -345,6 +385,8 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
             pause_on_expiry,
             env,
             metadata,
+            egress,
+            public,
             quiet,
         } => {
             let req = CreateSandboxRequest {
@@ -357,6 +399,8 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                 metadata: parse_pairs(&metadata, "metadata")?,
                 lifetime_sec,
                 on_expiry: pause_on_expiry.then_some(nestbox_types::Expiry::Pause),
+                egress: Some(egress.request()),
+                public_traffic: Some(public),
             };
             let sb = client(&conn)?.create_sandbox(&req).await?;
             if quiet {
@@ -564,6 +608,12 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        SandboxCommand::Egress { conn, id, egress } => {
+            let sb = client(&conn)?
+                .set_egress(parse_id(&id)?, &egress.request())
+                .await?;
+            print_json(&sb.egress)
         }
         SandboxCommand::Ping { conn, id } => client(&conn)?
             .ping_sandbox(parse_id(&id)?)

@@ -488,3 +488,172 @@ pub fn md(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// A network namespace standing in for "the internet": a /24 of documentation addresses
+/// (`{net}.0/24`; the host is `.1`), a web server answering on port 8080 at every address
+/// of the namespace, and a DNS server at `.53` answering the names it was given (and
+/// REFUSED for any other). Tests in one run use different networks.
+pub struct Internet {
+    pub net: String,
+    ns: String,
+    host_if: String,
+    children: Vec<Child>,
+    web_log: tempfile::NamedTempFile,
+    dns_log: tempfile::NamedTempFile,
+}
+
+impl Internet {
+    /// An internet at `{net}.0/24` with hosts at `{net}.{octet}` for each of `octets`
+    /// (`.2` and `.53` are always there) and DNS `names` (`(name, octet)`).
+    pub fn new(net: &str, octets: &[u8], names: &[(&str, u8)]) -> Internet {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = std::process::id() % 10000;
+        let k = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = format!("nbxtnet{n}{k}");
+        let host_if = format!("nbxti{n}{k}");
+        let peer = format!("nbxtj{n}{k}");
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
+        run(&["netns", "add", &ns]);
+        run(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &ns,
+        ]);
+        run(&["addr", "add", &format!("{net}.1/24"), "dev", &host_if]);
+        run(&["link", "set", &host_if, "up"]);
+        let mut all: Vec<u8> = vec![2, 53];
+        for octet in octets {
+            if !all.contains(octet) {
+                all.push(*octet);
+            }
+        }
+        for octet in &all {
+            run(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{net}.{octet}/24"),
+                "dev",
+                &peer,
+            ]);
+        }
+        run(&["-n", &ns, "link", "set", &peer, "up"]);
+        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        let web_log = tempfile::NamedTempFile::new().unwrap();
+        let dns_log = tempfile::NamedTempFile::new().unwrap();
+        let web = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"])
+            .stdout(Stdio::null())
+            .stderr(web_log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let mut dns = Command::new("ip");
+        dns.args(["netns", "exec", &ns])
+            .args([
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args(["--no-poll", "--conf-file=/dev/null", "--bind-interfaces"])
+            .args([
+                "--log-queries",
+                "--log-facility=-",
+                "--user=root",
+                "--pid-file=",
+            ])
+            .arg(format!("--listen-address={net}.53"));
+        for (name, octet) in names {
+            dns.arg(format!("--host-record={name},{net}.{octet}"));
+        }
+        let dns = dns
+            .stdout(Stdio::null())
+            .stderr(dns_log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let internet = Internet {
+            net: net.to_string(),
+            ns,
+            host_if,
+            children: vec![web, dns],
+            web_log,
+            dns_log,
+        };
+        // Ready once both answer (the host routes to the namespace directly).
+        let web_addr: std::net::SocketAddr = format!("{net}.2:8080").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let web_up =
+                std::net::TcpStream::connect_timeout(&web_addr, Duration::from_millis(500)).is_ok();
+            let dns_up = internet.dns_log().contains("started");
+            if web_up && dns_up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the test internet did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        internet
+    }
+
+    /// `{net}.{octet}`.
+    pub fn ip(&self, octet: u8) -> String {
+        format!("{}.{octet}", self.net)
+    }
+
+    /// The DNS server's address.
+    pub fn dns(&self) -> String {
+        self.ip(53)
+    }
+
+    /// What the web server logged (one line per request, the client's address first).
+    pub fn web_log(&self) -> String {
+        std::fs::read_to_string(self.web_log.path()).unwrap_or_default()
+    }
+
+    /// What the DNS server logged (`query[A] NAME from ADDRESS` per query).
+    pub fn dns_log(&self) -> String {
+        std::fs::read_to_string(self.dns_log.path()).unwrap_or_default()
+    }
+
+    /// Whether the DNS server was ever asked about `name`.
+    pub fn was_asked(&self, name: &str) -> bool {
+        self.dns_log()
+            .lines()
+            .any(|l| l.contains("query[") && l.contains(&format!(" {name} from ")))
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.host_if])
+            .status();
+    }
+}
+
+/// The host's own address on its default route (what a sandbox must never reach).
+pub fn host_primary_ip() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "route", "get", "1.1.1.1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "src" {
+            return words.next().unwrap().to_string();
+        }
+    }
+    panic!("no source address in `{text}`");
+}

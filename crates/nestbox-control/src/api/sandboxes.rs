@@ -10,9 +10,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use nestbox_types::api::{
-    AuditLog, AuditLogQuery, CreateSandboxRequest, EntryInfo, ExecEvent, ExecRequest, ExecResult,
-    FileList, ForkItem, ForkRequest, ForkResult, LifetimeRequest, MetricsQuery, MkdirRequest, Page,
-    PathQuery, ResumeRequest, Sandbox, SandboxListQuery, SandboxMetrics, Template,
+    AuditLog, AuditLogQuery, CreateSandboxRequest, EgressRequest, EntryInfo, ExecEvent,
+    ExecRequest, ExecResult, FileList, ForkItem, ForkRequest, ForkResult, LifetimeRequest,
+    MetricsQuery, MkdirRequest, Page, PathQuery, ResumeRequest, Sandbox, SandboxListQuery,
+    SandboxMetrics, Template,
 };
 use nestbox_types::{ErrorBody, SandboxId};
 
@@ -156,6 +157,25 @@ pub async fn fork_sandbox(
         })
         .collect();
     Ok((StatusCode::CREATED, axum::Json(ForkResult { items })))
+}
+
+/// Replaces a running or paused sandbox's egress rules (a paused one gets them on
+/// resume). New connections follow the new rules at once; established ones carry on.
+#[utoipa::path(put, path = "/v1/sandboxes/{sandbox_id}/egress", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)), request_body = EgressRequest,
+    responses((status = 200, description = "the sandbox with its new rules", body = Sandbox), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, description = "neither running nor paused (`conflict`)", body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+pub async fn set_egress(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Json(req): Json<EgressRequest>,
+) -> ApiResult<axum::Json<Sandbox>> {
+    s.services
+        .set_egress(&caller, id, &req)
+        .await
+        .map(axum::Json)
 }
 
 /// Gives a running sandbox a new deadline: it ends `lifetime_sec` from now (destroyed, or

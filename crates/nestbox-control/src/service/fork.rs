@@ -82,6 +82,13 @@ impl Services {
             metadata: sb.metadata.clone(),
             lifetime_sec: lifetime_sec.or(sb.lifetime_sec),
             on_expiry: Some(sb.on_expiry),
+            // A copy is never less confined than its source.
+            egress: Some(api::EgressRequest {
+                allow_out: sb.egress.allow_out.clone(),
+                deny_out: sb.egress.deny_out.clone(),
+                allow_internet_access: None,
+            }),
+            public_traffic: Some(sb.public_traffic),
             ..Default::default()
         };
         let outcomes: Vec<ApiResult<api::Sandbox>> = futures::stream::iter(0..count)

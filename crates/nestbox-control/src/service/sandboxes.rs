@@ -33,11 +33,13 @@ use nestbox_proto::hostagent::{
 use nestbox_types::api::{
     self, CreateSandboxRequest, Encoding, EntryInfo, ExecEvent, ExecRequest, ExecResult, FileType,
 };
+use nestbox_types::egress::EgressRules;
 use nestbox_types::limits::{
     DEFAULT_DISK_SIZE_MB, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_SEC, is_valid_template_name,
 };
 use nestbox_types::{ErrorCode, HostId, SandboxId, SandboxStatus, TemplateKind};
 
+use super::egress::{pb_egress, validate_egress};
 use super::{AuditActor, AuditEntry};
 use crate::auth::{SandboxSecret, sandbox_secret};
 use crate::error::{ApiError, ApiResult, from_agent};
@@ -79,6 +81,8 @@ pub fn sandbox_view(s: &sandboxes::Sandbox) -> api::Sandbox {
             .flatten(),
         lifetime_sec: s.lifetime_sec,
         on_expiry: s.on_expiry,
+        egress: s.egress.clone(),
+        public_traffic: s.public_traffic,
         traffic_access_token: None,
         envd_access_token: None,
     }
@@ -478,6 +482,10 @@ impl Services {
         if let Some(lifetime) = req.lifetime_sec {
             self.validate_lifetime(lifetime)?;
         }
+        let egress = match &req.egress {
+            Some(e) => validate_egress(&e.rules())?,
+            None => EgressRules::default(),
+        };
 
         let mut candidates = self.candidates().await?;
         // A template stored on one host can only start there.
@@ -523,6 +531,8 @@ impl Services {
                 created_by: caller.actor.id_string(),
                 lifetime_sec: req.lifetime_sec,
                 on_expiry: req.on_expiry.unwrap_or(nestbox_types::Expiry::Destroy),
+                egress: egress.clone(),
+                public_traffic: req.public_traffic.unwrap_or(false),
             },
         )
         .await?;
@@ -555,6 +565,7 @@ impl Services {
                 .unwrap_or_default(),
             // A fork's one-off template gets no pooled clone.
             no_pool: template.ephemeral,
+            egress: pb_egress(&egress),
         };
         let mut client = self.pool.client(placed.host, &placed.address)?;
         let db = self.db.clone();

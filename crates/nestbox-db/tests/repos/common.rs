@@ -123,6 +123,8 @@ pub fn new_sandbox(team: TeamId) -> NewSandbox {
         created_by: "usr-test".into(),
         lifetime_sec: None,
         on_expiry: nestbox_types::Expiry::Destroy,
+        egress: Default::default(),
+        public_traffic: false,
     }
 }
 

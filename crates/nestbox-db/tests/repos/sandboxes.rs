@@ -378,6 +378,39 @@ db_test!(metadata_and_status_filters, |t| {
     );
 });
 
+db_test!(network_settings_round_trip, |t| {
+    let (_, team) = team(&t.db, "net").await;
+    let mut new = new_sandbox(team.id);
+    new.egress = nestbox_types::egress::EgressRules {
+        allow_out: vec!["example.com".into(), "198.51.100.0/24".into()],
+        deny_out: vec!["0.0.0.0/0".into()],
+    };
+    new.public_traffic = true;
+    let sb = sandboxes::insert(&t.db, &new).await.unwrap();
+    assert_eq!(sb.egress, new.egress);
+    assert!(sb.public_traffic);
+    let plain = sandboxes::insert(&t.db, &new_sandbox(team.id))
+        .await
+        .unwrap();
+    assert!(plain.egress.is_empty());
+    assert!(!plain.public_traffic);
+
+    let open = nestbox_types::egress::EgressRules::default();
+    assert!(sandboxes::set_egress(&t.db, sb.id, &open).await.unwrap());
+    assert!(
+        sandboxes::get(&t.db, sb.id)
+            .await
+            .unwrap()
+            .egress
+            .is_empty()
+    );
+    assert!(
+        !sandboxes::set_egress(&t.db, SandboxId::new(), &open)
+            .await
+            .unwrap()
+    );
+});
+
 db_test!(pagination_with_equal_timestamps, |t| {
     let (_, team) = team(&t.db, "a").await;
     let mut all = Vec::new();

@@ -16,6 +16,7 @@
 //! - E2B's Python SDK retries 429/502/503/504 unless told `Should-Retry: false`: answers
 //!   to operations that must not run twice (create, snapshot) say so.
 
+mod network;
 mod sandboxes;
 mod templates;
 
@@ -132,6 +133,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::metrics))
         .routes(routes!(sandboxes::many_metrics))
         .routes(routes!(sandboxes::fork))
+        .routes(routes!(network::update_network))
         .routes(routes!(templates::create_snapshot))
         .routes(routes!(templates::list_snapshots))
         .routes(routes!(templates::list_templates))

@@ -113,7 +113,11 @@ fn sandbox_not_found(id: SandboxId) -> E2bError {
 }
 
 /// The caller's sandbox if E2B would show it.
-async fn visible(state: &AppState, caller: &Caller, id: SandboxId) -> E2bResult<repo::Sandbox> {
+pub(super) async fn visible(
+    state: &AppState,
+    caller: &Caller,
+    id: SandboxId,
+) -> E2bResult<repo::Sandbox> {
     let sb = state.services.sandbox_row(caller, id).await?;
     if state_of(sb.status).is_none() {
         return Err(sandbox_not_found(id));
@@ -136,19 +140,21 @@ fn create_request(req: NewSandbox) -> E2bResult<CreateSandboxRequest> {
     if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
         return Err(not_supported("volumeMounts"));
     }
-    if req.allow_internet_access == Some(false) {
-        return Err(not_supported("allow_internet_access: false (egress rules)"));
+    let net = req.network.unwrap_or_default();
+    if net.mask_request_host.is_some() {
+        return Err(not_supported("network.maskRequestHost"));
     }
-    if let Some(net) = &req.network {
-        if net.allow_out.as_ref().is_some_and(|v| !v.is_empty())
-            || net.deny_out.as_ref().is_some_and(|v| !v.is_empty())
-        {
-            return Err(not_supported("network.allowOut/denyOut (egress rules)"));
-        }
-        if net.mask_request_host.is_some() {
-            return Err(not_supported("network.maskRequestHost"));
-        }
+    if net.https_ports.as_ref().is_some_and(|p| !p.is_empty()) {
+        return Err(not_supported("network.httpsPorts"));
     }
+    let egress = super::network::egress_request(
+        net.allow_out,
+        net.deny_out,
+        net.dns_servers,
+        req.allow_internet_access,
+        &net.rules,
+        &net.egress_proxy,
+    )?;
     let template = super::template_name(&req.template_id).to_string();
     Ok(CreateSandboxRequest {
         template: Some(template),
@@ -162,6 +168,9 @@ fn create_request(req: NewSandbox) -> E2bResult<CreateSandboxRequest> {
         } else {
             Expiry::Destroy
         }),
+        egress: Some(egress),
+        // E2B's default: a sandbox's URLs are public unless asked otherwise.
+        public_traffic: Some(net.allow_public_traffic.unwrap_or(true)),
         ..Default::default()
     })
 }
@@ -333,7 +342,10 @@ pub async fn get_sandbox(
     let sb = visible(&s, &caller, id).await?;
     let listed = listed(&sb).ok_or_else(|| sandbox_not_found(id))?;
     let view = s.services.get_sandbox(&caller, id).await?;
+    let (allow_internet_access, network) = super::network::network_view(&sb);
     Ok(axum::Json(SandboxDetail {
+        allow_internet_access,
+        network,
         listed,
         envd_access_token: view.envd_access_token.unwrap_or_default(),
         domain: domain(&s, &headers),

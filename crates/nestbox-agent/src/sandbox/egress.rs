@@ -1,0 +1,67 @@
+//! A sandbox's egress rules on the host: the nftables sets of its namespace, filled by
+//! [`nestbox_dns::DnsGuard`], which every running sandbox has (listening on the guest's
+//! gateway; the guest's DNS queries reach it only while the rules name domains).
+//!
+//! Rules are in force before the guest runs: [`start`] is called by `bring_up` right
+//! after the namespace is made and before the VMM starts. They are kept in the sandbox's
+//! `state.json`, so a resume (or a restore after a restart) brings them back.
+
+use std::net::SocketAddr;
+
+use nestbox_dns::{DnsGuard, PinTable, Sockets, TableError};
+use nestbox_hostsys::net::{GUEST_GATEWAY, SandboxNet};
+use nestbox_types::SandboxId;
+use nestbox_types::egress::{Egress, EgressRules};
+
+use super::Manager;
+use crate::error::AgentError;
+
+/// The nftables sets of one sandbox's namespace.
+pub(crate) struct NsTable(SandboxNet);
+
+impl PinTable for NsTable {
+    async fn replace(&self, egress: &Egress) -> Result<(), TableError> {
+        Ok(self.0.apply_egress(egress).await?)
+    }
+    async fn pin(&self, ips: &[std::net::Ipv4Addr]) -> Result<(), TableError> {
+        Ok(self.0.pin(ips).await?)
+    }
+    async fn unpin(&self, ips: &[std::net::Ipv4Addr]) -> Result<(), TableError> {
+        Ok(self.0.unpin(ips).await?)
+    }
+}
+
+/// A running sandbox's resolver, holding its rules.
+pub(crate) type Guard = DnsGuard<NsTable>;
+
+/// Validates rules the control plane sent (it validated them too; an agent never trusts
+/// its input).
+pub(crate) fn parse(id: SandboxId, rules: &EgressRules) -> Result<Egress, AgentError> {
+    rules
+        .parse()
+        .map_err(|e| AgentError::Invalid(format!("sandbox {id}: egress rules: {e}")))
+}
+
+impl Manager {
+    /// Puts `rules` in force in `net` and starts the sandbox's resolver.
+    pub(super) async fn start_egress(
+        &self,
+        id: SandboxId,
+        net: &SandboxNet,
+        rules: &EgressRules,
+    ) -> Result<Guard, AgentError> {
+        let egress = parse(id, rules)?;
+        let netns = net.addrs.netns_path();
+        let sockets = Sockets::bind_in(&netns, SocketAddr::from((GUEST_GATEWAY, 53)))
+            .map_err(|e| AgentError::host("starting the sandbox's resolver", id, e))?;
+        let upstream = self
+            .inner()
+            .dns
+            .iter()
+            .map(|ip| SocketAddr::from((*ip, 53)))
+            .collect();
+        DnsGuard::start(sockets, NsTable(net.clone()), egress, upstream)
+            .await
+            .map_err(|e| AgentError::host("putting the egress rules in force", id, e))
+    }
+}

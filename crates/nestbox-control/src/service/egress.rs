@@ -1,0 +1,109 @@
+//! A sandbox's egress rules after creation (`PUT /v1/sandboxes/{id}/egress`, E2B's
+//! `PUT /sandboxes/{id}/network`).
+//!
+//! Rules are validated and normalised here ([`validate_egress`]) and enforced by the
+//! sandbox's host (`nestbox_dns`, nftables in its namespace), which keeps them across
+//! pause and resume. A change reaches the agent first and the database after: the agent
+//! refusing leaves everything as it was; the database failing after the agent took the new
+//! rules is reported, and the agent is set back to the old ones (best effort, logged).
+//! Only running and paused sandboxes have rules to change; a paused one gets them on
+//! resume. Forks inherit their source's rules.
+
+use nestbox_db::sandboxes;
+use nestbox_proto::hostagent::{self as pb, SetEgressRequest};
+use nestbox_types::api::{self, EgressRequest};
+use nestbox_types::egress::EgressRules;
+use nestbox_types::{SandboxId, SandboxStatus};
+
+use super::{AuditActor, AuditEntry, detached, write_audit};
+use crate::error::{ApiError, ApiResult, from_agent};
+use crate::extract::Caller;
+use crate::state::Services;
+
+/// Validates and normalises egress rules (`invalid_request` naming the bad entry).
+pub(crate) fn validate_egress(rules: &EgressRules) -> ApiResult<EgressRules> {
+    rules
+        .normalized()
+        .map_err(|e| ApiError::invalid(format!("egress: {e}")))
+}
+
+/// Egress rules on the agents' wire (absent when there are none).
+pub(crate) fn pb_egress(rules: &EgressRules) -> Option<pb::EgressRules> {
+    (!rules.is_empty()).then(|| pb::EgressRules {
+        allow_out: rules.allow_out.clone(),
+        deny_out: rules.deny_out.clone(),
+    })
+}
+
+impl Services {
+    /// Replaces a running or paused sandbox's egress rules.
+    pub async fn set_egress(
+        &self,
+        caller: &Caller,
+        id: SandboxId,
+        req: &EgressRequest,
+    ) -> ApiResult<api::Sandbox> {
+        let rules = validate_egress(&req.rules())?;
+        let sb = self.sandbox_row(caller, id).await?;
+        match sb.status {
+            SandboxStatus::Running | SandboxStatus::Paused => {}
+            SandboxStatus::Pending | SandboxStatus::Starting => {
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is starting; retry once it runs"
+                )));
+            }
+            other => {
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is {other}; only a running or paused sandbox has egress rules"
+                )));
+            }
+        }
+        let (host, mut client) = self.agent_for(sb.host_id).await?;
+        let db = self.db.clone();
+        let who = *caller;
+        let old = sb.egress.clone();
+        detached(async move {
+            let request = |rules: &EgressRules| SetEgressRequest {
+                sandbox_id: id.to_string(),
+                egress: pb_egress(rules),
+            };
+            let outcome = match client.set_egress(request(&rules)).await {
+                Err(status) => Err(from_agent(&status)),
+                Ok(_) => match sandboxes::set_egress(&db, id, &rules).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ApiError::new(
+                        nestbox_types::ErrorCode::SandboxNotFound,
+                        format!("sandbox {id} was deleted meanwhile"),
+                    )),
+                    Err(e) => {
+                        if let Err(back) = client.set_egress(request(&old)).await {
+                            tracing::error!(sandbox = %id, error = %back.message(), "setting the old egress rules back");
+                        }
+                        Err(ApiError::from(e))
+                    }
+                },
+            };
+            write_audit(
+                &db,
+                AuditEntry {
+                    actor: AuditActor::Caller(who),
+                    team: Some(who.team),
+                    action: "sandbox.egress",
+                    resource_type: "sandbox",
+                    resource_id: Some(id.to_string()),
+                    ok: outcome.is_ok(),
+                    details: serde_json::json!({
+                        "host": host.to_string(),
+                        "allow_out": rules.allow_out,
+                        "deny_out": rules.deny_out,
+                        "error": outcome.as_ref().err().map(|e| e.message.clone()),
+                    }),
+                },
+            )
+            .await;
+            outcome
+        })
+        .await?;
+        self.get_sandbox(caller, id).await
+    }
+}

@@ -12,6 +12,7 @@ import {
   NotFoundError,
   AuthenticationError,
   SandboxError,
+  ALL_TRAFFIC,
 } from 'e2b'
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
@@ -249,4 +250,53 @@ test('bad input is a clear error', async () => {
     assert.match(e.message, /404.*no-such-template/)
     return true
   })
+})
+
+// The test internet the end-to-end test runs: web servers on port 8080 at the addresses of
+// allowed.test, other.test and one more (OPEN), and the DNS server the host resolves with.
+const ALLOWED = process.env.NESTBOX_TEST_IP_ALLOWED ?? ''
+const OTHER = process.env.NESTBOX_TEST_IP_OTHER ?? ''
+const OPEN = process.env.NESTBOX_TEST_IP_OPEN ?? ''
+
+async function reach(s, host, port = 8080) {
+  const r = await s.commands.run(
+    `timeout 3 bash -c 'exec 3<>/dev/tcp/${host}/${port}' 2>/dev/null && echo OPEN || echo CLOSED`,
+  )
+  return r.stdout.trim()
+}
+
+async function resolve(s, name) {
+  const r = await s.commands.run(`getent hosts ${name} | cut -d' ' -f1 || true`)
+  return r.stdout.trim()
+}
+
+test('egress: allow and deny by address and domain', { skip: !ALLOWED && 'needs NESTBOX_TEST_IP_*' }, async () => {
+  const s = await Sandbox.create({
+    timeoutMs: 600_000,
+    network: { allowOut: ['allowed.test', OPEN], denyOut: [ALL_TRAFFIC] },
+  })
+  try {
+    assert.equal(await resolve(s, 'allowed.test'), ALLOWED)
+    assert.equal(await reach(s, 'allowed.test'), 'OPEN')
+    assert.equal(await resolve(s, 'other.test'), '')
+    assert.equal(await reach(s, OTHER), 'CLOSED')
+    assert.equal(await reach(s, OPEN), 'OPEN')
+
+    await s.updateNetwork({ denyOut: [`${OTHER}/32`] })
+    assert.equal(await resolve(s, 'other.test'), OTHER)
+    assert.equal(await reach(s, 'other.test'), 'CLOSED')
+    assert.equal(await reach(s, ALLOWED), 'OPEN')
+    await s.updateNetwork({ allowInternetAccess: false })
+    assert.equal(await reach(s, ALLOWED), 'CLOSED')
+  } finally {
+    await s.kill()
+  }
+
+  const closed = await Sandbox.create({ timeoutMs: 600_000, allowInternetAccess: false })
+  try {
+    assert.equal(await reach(closed, ALLOWED), 'CLOSED')
+    assert.equal(await resolve(closed, 'allowed.test'), '')
+  } finally {
+    await closed.kill()
+  }
 })

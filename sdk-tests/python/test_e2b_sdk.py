@@ -299,3 +299,58 @@ def test_fork_copies_diverge_independently():
                 f.kill()
     finally:
         src.kill()
+
+
+# The test internet the end-to-end test runs: web servers on port 8080 at the addresses of
+# allowed.test, other.test and one more (OPEN), and the DNS server the host resolves with.
+ALLOWED = os.environ.get("NESTBOX_TEST_IP_ALLOWED", "")
+OTHER = os.environ.get("NESTBOX_TEST_IP_OTHER", "")
+OPEN = os.environ.get("NESTBOX_TEST_IP_OPEN", "")
+
+
+def reach(s, host, port=8080):
+    """OPEN or CLOSED: whether the sandbox opens a TCP connection to host:port."""
+    cmd = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{host}/{port}' 2>/dev/null && echo OPEN || echo CLOSED"
+    return s.commands.run(cmd).stdout.strip()
+
+
+def resolve(s, name):
+    return s.commands.run(f"getent hosts {name} | cut -d' ' -f1 || true").stdout.strip()
+
+
+@pytest.mark.skipif(not ALLOWED, reason="needs the test internet (NESTBOX_TEST_IP_*)")
+def test_egress_allow_and_deny_by_address_and_domain():
+    from e2b.sandbox.network import ALL_TRAFFIC
+
+    s = Sandbox.create(
+        timeout=600,
+        network={"allow_out": ["allowed.test", OPEN], "deny_out": [ALL_TRAFFIC]},
+    )
+    try:
+        # A domain rule: the name resolves and its address is reachable; nothing else is.
+        assert resolve(s, "allowed.test") == ALLOWED
+        assert reach(s, "allowed.test") == "OPEN"
+        assert resolve(s, "other.test") == ""
+        assert reach(s, OTHER) == "CLOSED"
+        # A CIDR rule.
+        assert reach(s, OPEN) == "OPEN"
+        info = Sandbox.get_info(s.sandbox_id)
+        assert info.allow_internet_access is False
+
+        # Replaced on the running sandbox: open by default, one address denied.
+        s.update_network({"deny_out": [f"{OTHER}/32"]})
+        assert resolve(s, "other.test") == OTHER
+        assert reach(s, "other.test") == "CLOSED"
+        assert reach(s, ALLOWED) == "OPEN"
+        # And closed again.
+        s.update_network({"allow_internet_access": False})
+        assert reach(s, ALLOWED) == "CLOSED"
+    finally:
+        s.kill()
+
+    closed = Sandbox.create(timeout=600, allow_internet_access=False)
+    try:
+        assert reach(closed, ALLOWED) == "CLOSED"
+        assert resolve(closed, "allowed.test") == ""
+    finally:
+        closed.kill()

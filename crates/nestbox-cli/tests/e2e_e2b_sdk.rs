@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Nestbox, other_team_key};
+use common::{Internet, Nestbox, other_team_key};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -42,8 +42,11 @@ fn js_dir() -> PathBuf {
 }
 
 /// Runs one suite; returns its combined output and whether it passed.
-fn suite(mut cmd: Command, nb: &Nestbox, other_key: &str) -> (String, bool) {
+fn suite(mut cmd: Command, nb: &Nestbox, other_key: &str, net: &Internet) -> (String, bool) {
     let out = cmd
+        .env("NESTBOX_TEST_IP_ALLOWED", net.ip(10))
+        .env("NESTBOX_TEST_IP_OTHER", net.ip(20))
+        .env("NESTBOX_TEST_IP_OPEN", net.ip(40))
         .env("E2B_API_URL", &nb.url)
         .env("E2B_API_KEY", &nb.api_key)
         .env("E2B_SANDBOX_URL", &nb.url)
@@ -64,7 +67,14 @@ fn suite(mut cmd: Command, nb: &Nestbox, other_key: &str) -> (String, bool) {
 async fn e2b_sdks_work_unmodified() {
     let venv = venv();
     let js = js_dir();
-    let nb = Nestbox::up();
+    // The suites' egress tests reach a test internet; the host resolves names with its DNS
+    // server.
+    let net = Internet::new(
+        "203.0.113.128/25",
+        &[10, 20, 40],
+        &[("allowed.test", 10), ("other.test", 20)],
+    );
+    let nb = Nestbox::up_env(&[("NESTBOX_DNS", &net.dns())]);
     let other_key = other_team_key(&nb, "e2b-other@example.com").await;
 
     let mut py = Command::new(venv.join("bin/pytest"));
@@ -72,14 +82,14 @@ async fn e2b_sdks_work_unmodified() {
         .arg("-p")
         .arg("no:cacheprovider")
         .arg(workspace().join("sdk-tests/python"));
-    let (py_out, py_ok) = tokio::task::block_in_place(|| suite(py, &nb, &other_key));
+    let (py_out, py_ok) = tokio::task::block_in_place(|| suite(py, &nb, &other_key, &net));
     println!("--- E2B Python SDK suite ---\n{py_out}");
 
     let mut node = Command::new("node");
     node.current_dir(&js)
         .args(["--test", "--test-concurrency=1", "--test-reporter=spec"])
         .arg("e2b-sdk.test.mjs");
-    let (js_out, js_ok) = tokio::task::block_in_place(|| suite(node, &nb, &other_key));
+    let (js_out, js_ok) = tokio::task::block_in_place(|| suite(node, &nb, &other_key, &net));
     println!("--- E2B JavaScript SDK suite ---\n{js_out}");
 
     assert!(

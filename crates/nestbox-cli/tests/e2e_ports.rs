@@ -368,4 +368,57 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
         .await
         .unwrap();
     assert_eq!(error_code(r).await, ErrorCode::SandboxNotRunning);
+
+    // 9. A sandbox with public ports answers anyone, and still strips our credentials; its
+    // guest agent still wants its own token.
+    let public = client
+        .create_sandbox(&CreateSandboxRequest {
+            template: Some("python".into()),
+            public_traffic: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(public.public_traffic);
+    start_server(&nb, &http, public.id).await;
+    let text = http
+        .get(format!("{}/open", nb.url))
+        .header("e2b-sandbox-id", public.id.to_string())
+        .header("e2b-sandbox-port", PORT.to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.starts_with("GET /open ") && text.contains("key=-"),
+        "{text}"
+    );
+    let other = common::other_team_key(&nb, "ports-public@example.com").await;
+    let text = http
+        .get(format!(
+            "{}/v1/sandboxes/{}/ports/{PORT}/keyed",
+            nb.url, public.id
+        ))
+        .header("x-api-key", &other)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.starts_with("GET /keyed ") && text.contains("key=-"),
+        "{text}"
+    );
+    let r = http
+        .get(format!("{}/health", nb.url))
+        .header("e2b-sandbox-id", public.id.to_string())
+        .header("e2b-sandbox-port", "49983")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    client.destroy_sandbox(public.id).await.unwrap();
 }

@@ -2,9 +2,12 @@
 //! [`nestbox_dns::DnsGuard`], which every running sandbox has (listening on the guest's
 //! gateway; the guest's DNS queries reach it only while the rules name domains).
 //!
-//! Rules are in force before the guest runs: [`start`] is called by `bring_up` right
-//! after the namespace is made and before the VMM starts. They are kept in the sandbox's
-//! `state.json`, so a resume (or a restore after a restart) brings them back.
+//! Rules are in force before the sandbox is the tenant's: `bring_up` starts the guard
+//! right after the namespace is made and before the VMM starts, and a create that takes
+//! over a pooled clone (which ran the template's code only) replaces the clone's open
+//! rules before the guest agent gets the tenant's token. Rules are kept in the sandbox's
+//! `state.json`, so a resume (or a restore after a restart) brings them back. Connections
+//! open when rules change carry on; new ones follow the new rules.
 
 use std::net::SocketAddr;
 

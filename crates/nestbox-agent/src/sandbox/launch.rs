@@ -223,9 +223,6 @@ impl Manager {
     ) -> Result<(StateFile, Live, EnvdClient, String), AgentError> {
         let (origin, st) = self.origin(p)?;
         let key = match &origin {
-            // A sandbox with egress rules starts its own clone: a pooled one ran (if
-            // briefly) without them.
-            Origin::Clone { .. } if !st.egress.is_empty() => None,
             Origin::Clone { template, .. } => pool::key(template, &st),
             Origin::Boot { .. } => None,
         };

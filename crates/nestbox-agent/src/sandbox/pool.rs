@@ -6,8 +6,8 @@
 //! restored, initialised and exercised (one shell through the process API) ahead of time.
 //! A create that matches it takes it over: the clone's directories are renamed to the
 //! sandbox's, the VMM is told its new paths (it keeps its open files and mappings), its
-//! slot is recorded as the sandbox's, and one `/init` gives the guest agent the sandbox's
-//! token, environment, host name and clock. The result is the same sandbox a restore would
+//! slot is recorded as the sandbox's, its egress rules are put in force, and one `/init`
+//! gives the guest agent the sandbox's token, environment, host name and clock. The result is the same sandbox a restore would
 //! have made, minus the cold start.
 //!
 //! Policy: every create of a clone (a team's snapshot template, or the warm snapshot of a
@@ -327,6 +327,13 @@ impl Manager {
         st.timeout_sec = p.timeout_sec;
         st.pooled = false;
         let taken = async {
+            // The tenant's egress rules hold before the sandbox is theirs.
+            let egress = super::egress::parse(id, &p.egress)?;
+            st.egress = egress.rules();
+            live.egress
+                .replace(egress)
+                .await
+                .map_err(|e| AgentError::host("putting the egress rules in force", id, e))?;
             if let Some(slot) = st.slot {
                 inner
                     .slots

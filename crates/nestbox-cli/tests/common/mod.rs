@@ -489,12 +489,13 @@ pub fn md(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// A network namespace standing in for "the internet": a /24 of documentation addresses
-/// (`{net}.0/24`; the host is `.1`), a web server answering on port 8080 at every address
-/// of the namespace, and a DNS server at `.53` answering the names it was given (and
-/// REFUSED for any other). Tests in one run use different networks.
+/// A network namespace standing in for "the internet": a block of documentation
+/// addresses (`subnet`, e.g. `203.0.113.0/25`; the host is its first address), a web server
+/// answering on port 8080 at every address of the namespace, and a DNS server at offset 53
+/// answering the names it was given (and REFUSED for any other). Tests that may run at the
+/// same time use blocks that do not overlap (and none the machine itself uses).
 pub struct Internet {
-    pub net: String,
+    base: std::net::Ipv4Addr,
     ns: String,
     host_if: String,
     children: Vec<Child>,
@@ -503,10 +504,13 @@ pub struct Internet {
 }
 
 impl Internet {
-    /// An internet at `{net}.0/24` with hosts at `{net}.{octet}` for each of `octets`
-    /// (`.2` and `.53` are always there) and DNS `names` (`(name, octet)`).
-    pub fn new(net: &str, octets: &[u8], names: &[(&str, u8)]) -> Internet {
+    /// An internet on `subnet` with hosts at the offsets `hosts` (2 and 53 are always
+    /// there) and DNS `names` (`(name, offset)`).
+    pub fn new(subnet: &str, hosts: &[u8], names: &[(&str, u8)]) -> Internet {
         static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let (base, prefix) = subnet.split_once('/').expect("a CIDR block");
+        let base: std::net::Ipv4Addr = base.parse().unwrap();
+        let at = |offset: u8| std::net::Ipv4Addr::from(u32::from(base) + u32::from(offset));
         let n = std::process::id() % 10000;
         let k = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ns = format!("nbxtnet{n}{k}");
@@ -521,21 +525,27 @@ impl Internet {
         run(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &ns,
         ]);
-        run(&["addr", "add", &format!("{net}.1/24"), "dev", &host_if]);
+        run(&[
+            "addr",
+            "add",
+            &format!("{}/{prefix}", at(1)),
+            "dev",
+            &host_if,
+        ]);
         run(&["link", "set", &host_if, "up"]);
         let mut all: Vec<u8> = vec![2, 53];
-        for octet in octets {
-            if !all.contains(octet) {
-                all.push(*octet);
+        for offset in hosts {
+            if !all.contains(offset) {
+                all.push(*offset);
             }
         }
-        for octet in &all {
+        for offset in &all {
             run(&[
                 "-n",
                 &ns,
                 "addr",
                 "add",
-                &format!("{net}.{octet}/24"),
+                &format!("{}/{prefix}", at(*offset)),
                 "dev",
                 &peer,
             ]);
@@ -566,9 +576,9 @@ impl Internet {
                 "--user=root",
                 "--pid-file=",
             ])
-            .arg(format!("--listen-address={net}.53"));
-        for (name, octet) in names {
-            dns.arg(format!("--host-record={name},{net}.{octet}"));
+            .arg(format!("--listen-address={}", at(53)));
+        for (name, offset) in names {
+            dns.arg(format!("--host-record={name},{}", at(*offset)));
         }
         let dns = dns
             .stdout(Stdio::null())
@@ -576,7 +586,7 @@ impl Internet {
             .spawn()
             .unwrap();
         let internet = Internet {
-            net: net.to_string(),
+            base,
             ns,
             host_if,
             children: vec![web, dns],
@@ -584,7 +594,7 @@ impl Internet {
             dns_log,
         };
         // Ready once both answer (the host routes to the namespace directly).
-        let web_addr: std::net::SocketAddr = format!("{net}.2:8080").parse().unwrap();
+        let web_addr = std::net::SocketAddr::from((at(2), 8080));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let web_up =
@@ -599,9 +609,9 @@ impl Internet {
         internet
     }
 
-    /// `{net}.{octet}`.
-    pub fn ip(&self, octet: u8) -> String {
-        format!("{}.{octet}", self.net)
+    /// The address at `offset` in the block.
+    pub fn ip(&self, offset: u8) -> String {
+        std::net::Ipv4Addr::from(u32::from(self.base) + u32::from(offset)).to_string()
     }
 
     /// The DNS server's address.

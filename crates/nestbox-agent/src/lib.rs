@@ -348,7 +348,10 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let server = tokio::spawn(async move {
         use axum::serve::ListenerExt as _;
         if let Some(tls) = tls {
-            serve_tls(listener, app, tls, rx).await;
+            nestbox_forward::serve_tls(listener, app, tls, async {
+                let _ = rx.await;
+            })
+            .await;
             return;
         }
         let listener = listener.tap_io(|tcp| {
@@ -400,62 +403,6 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         heartbeat,
         shutdown: Some(tx),
     })
-}
-
-/// Serves `app` over TLS (client certificates required, see [`nestbox_pki`]) until
-/// `shutdown`, then lets open connections finish for a while.
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    tls: Arc<nestbox_pki::rustls::ServerConfig>,
-    mut shutdown: tokio::sync::oneshot::Receiver<()>,
-) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accepting a connection");
-                        continue;
-                    }
-                };
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY");
-                }
-                let (acceptor, app, builder) = (acceptor.clone(), app.clone(), builder.clone());
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let stream = match tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        acceptor.accept(tcp),
-                    )
-                    .await
-                    {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(%peer, error = %e, "connection ended");
-                    }
-                });
-            }
-            _ = &mut shutdown => break,
-        }
-    }
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown()).await;
 }
 
 /// Builds the VMM driver for this host. The KVM probe (accelerator `auto`) boots the first

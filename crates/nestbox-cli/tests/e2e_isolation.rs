@@ -44,7 +44,7 @@ async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("the host service answers locally");
 
     // Egress through NAT works: the outside sees the host's address, not the sandbox's.
-    let outside = Internet::new("198.51.100.0/24", &[], &[]);
+    let outside = Internet::new("198.51.100.0/25", &[], &[]);
     let page = sh_ok(
         &client,
         a,

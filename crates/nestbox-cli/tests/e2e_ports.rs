@@ -117,6 +117,7 @@ async fn start_server(nb: &Nestbox, http: &reqwest::Client, id: SandboxId) {
 async fn a_server_in_a_sandbox_answers_through_the_proxy() {
     let nb = Nestbox::up_with(Options {
         env: vec![("NESTBOX_PROXY_DOMAIN".into(), DOMAIN.into())],
+        ..Default::default()
     });
     let client = nb.client();
     let http = reqwest::Client::new();

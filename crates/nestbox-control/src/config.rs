@@ -82,6 +82,21 @@ pub struct ControlConfig {
     /// Domain under which `{port}-{sandbox_id}.{domain}` reaches a port in a sandbox (a
     /// wildcard DNS name pointing at the control plane); `None` turns host routing off.
     pub proxy_domain: Option<String>,
+    /// The public listener serves HTTPS with this certificate chain and key (PEM files;
+    /// for E2B's SDKs, a wildcard certificate for `*.{proxy_domain}`); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// A second, plain-HTTP listener (on loopback) for a host agent in the same process,
+    /// when the public one serves TLS with a certificate that agent cannot check.
+    pub local_listen: Option<SocketAddr>,
+}
+
+/// Where the public listener's certificate and key are.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM (the server's certificate first).
+    pub cert: std::path::PathBuf,
+    /// Its private key, PEM.
+    pub key: std::path::PathBuf,
 }
 
 impl ControlConfig {
@@ -106,6 +121,8 @@ impl ControlConfig {
             pause_timeout: Duration::from_secs(120),
             template_timeout: Duration::from_secs(600),
             proxy_domain: None,
+            tls: None,
+            local_listen: None,
         }
     }
 

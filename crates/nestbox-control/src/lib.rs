@@ -48,6 +48,15 @@ pub enum StartError {
         #[source]
         source: nestbox_db::DbError,
     },
+    /// The TLS certificate or key could not be used.
+    #[error("TLS certificate {}", path.display())]
+    Tls {
+        /// The certificate (or key) file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The listener could not be bound.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -75,11 +84,15 @@ pub fn redact_url(url: &str) -> String {
 pub struct RunningControlPlane {
     /// Where the API listens.
     pub addr: SocketAddr,
+    /// Where the plain-HTTP loopback listener for an in-process agent listens, if any.
+    pub local_addr: Option<SocketAddr>,
+    /// The public listener serves HTTPS.
+    pub tls: bool,
     /// The services (for in-process callers such as `nestbox up`).
     pub services: Arc<Services>,
     server: JoinHandle<()>,
     monitor: JoinHandle<()>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for RunningControlPlane {
@@ -93,14 +106,24 @@ impl std::fmt::Debug for RunningControlPlane {
 impl RunningControlPlane {
     /// The API's base URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The URL a host agent in the same process uses: the loopback listener if there is
+    /// one, else [`Self::url`].
+    pub fn local_url(&self) -> String {
+        match self.local_addr {
+            Some(addr) => format!("http://{addr}"),
+            None => self.url(),
+        }
     }
 
     /// Stops serving (in-flight requests finish) and stops background jobs.
     pub async fn shutdown(mut self) {
         self.monitor.abort();
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
         let _ = (&mut self.server).await;
         self.services.db.close().await;
@@ -130,33 +153,86 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
     }))
 }
 
+async fn bind(at: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Listen { addr: at, source };
+    let listener = tokio::net::TcpListener::bind(at).await.map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    Ok((listener, addr))
+}
+
+/// The public listener's TLS configuration from the operator's files.
+async fn load_tls(
+    files: &config::TlsFiles,
+) -> Result<Arc<nestbox_pki::rustls::ServerConfig>, StartError> {
+    let read = |path: std::path::PathBuf| async move {
+        tokio::fs::read_to_string(&path)
+            .await
+            .map_err(|e| StartError::Tls {
+                path,
+                source: Box::new(e),
+            })
+    };
+    let cert = read(files.cert.clone()).await?;
+    let key = read(files.key.clone()).await?;
+    nestbox_pki::public_server_config(&cert, &key).map_err(|e| StartError::Tls {
+        path: files.cert.clone(),
+        source: Box::new(e),
+    })
+}
+
 /// Starts the API server and the host monitor.
 pub async fn start(cfg: ControlConfig) -> Result<RunningControlPlane, StartError> {
     let listen = cfg.listen;
     let services = services(cfg).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: listen,
-        source,
-    })?;
+    let tls = match &services.cfg.tls {
+        Some(files) => Some(load_tls(files).await?),
+        None => None,
+    };
+    let (listener, addr) = bind(listen).await?;
+    let local = match services.cfg.local_listen {
+        Some(at) => Some(bind(at).await?),
+        None => None,
+    };
+    let local_addr = local.as_ref().map(|(_, a)| *a);
     let app = api::router(AppState {
         services: services.clone(),
     });
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let serve_plain = |listener: tokio::net::TcpListener, rx| {
+        axum::serve(listener, app.clone()).with_graceful_shutdown(stopped(rx))
+    };
+    let public: futures::future::BoxFuture<'static, ()> = match tls.clone() {
+        Some(tls) => Box::pin(nestbox_forward::serve_tls(
+            listener,
+            app.clone(),
+            tls,
+            stopped(rx.clone()),
+        )),
+        None => {
+            let serving = serve_plain(listener, rx.clone());
+            Box::pin(async move {
+                if let Err(e) = serving.await {
+                    tracing::error!(error = %e, "API server failed");
+                }
             })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "API server failed");
         }
+    };
+    let internal: futures::future::BoxFuture<'static, ()> = match local {
+        Some((listener, _)) => {
+            let serving = serve_plain(listener, rx.clone());
+            Box::pin(async move {
+                if let Err(e) = serving.await {
+                    tracing::error!(error = %e, "local API listener failed");
+                }
+            })
+        }
+        None => Box::pin(std::future::ready(())),
+    };
+    let server = tokio::spawn(async move {
+        tokio::join!(public, internal);
     });
     let background = services.clone();
     let monitor = tokio::spawn(async move {
@@ -165,9 +241,11 @@ pub async fn start(cfg: ControlConfig) -> Result<RunningControlPlane, StartError
             expiry::run(background.clone())
         );
     });
-    tracing::info!(%addr, "control plane listening");
+    tracing::info!(%addr, tls = tls.is_some(), ?local_addr, "control plane listening");
     Ok(RunningControlPlane {
         addr,
+        local_addr,
+        tls: tls.is_some(),
         services,
         server,
         monitor,

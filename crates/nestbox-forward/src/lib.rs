@@ -1,5 +1,6 @@
 //! One reverse-proxy hop: forwards an HTTP request to an upstream server and its answer
-//! back, WebSocket (and any other HTTP/1.1) upgrades included.
+//! back, WebSocket (and any other HTTP/1.1) upgrades included. (And [`serve_tls`]: serving
+//! a router over TLS, which both ends of the hop need.)
 //!
 //! The control plane uses it to reach a host agent, the host agent to reach a port inside
 //! a sandbox. What this module owns, and its invariants:
@@ -11,6 +12,10 @@
 //! - upstream connections are pooled (keep-alive), and connecting is bounded by
 //!   [`CONNECT_TIMEOUT`]; a request that has connected is never cut short by this module
 //!   (long polls and streams are the upstream's business).
+
+mod serve;
+
+pub use serve::{DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, serve_tls};
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -15,6 +15,9 @@
 //!   ([`client_config`], [`host_name`]), whatever address the host is at.
 //!
 //! Rotating the master secret rotates all of it (hosts then register again).
+//!
+//! The control plane's public listener is another matter: it serves the operator's own
+//! certificate ([`public_server_config`]), which nothing here derives.
 
 use std::sync::Arc;
 
@@ -214,6 +217,21 @@ pub fn server_config(host: &TlsBundle) -> Result<Arc<rustls::ServerConfig>, PkiE
     Ok(Arc::new(config))
 }
 
+/// The control plane's public TLS server (API, E2B's API, sandbox ports by host name):
+/// the operator's certificate chain and key (PEM; usually a wildcard certificate for the
+/// proxy domain), no client certificates. Speaks HTTP/2 and HTTP/1.1.
+pub fn public_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert_pem, "certificate")?, key(key_pem)?)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The control plane's TLS client for one host: the host's certificate must be the CA's
 /// for [`host_name`] (checked whatever address is dialled); the control plane presents
 /// its own. `alpn` lists the protocols to offer.
@@ -317,5 +335,21 @@ mod tests {
         let ca = Authority::new(b"s").unwrap();
         server_config(&ca.host(HostId::new()).unwrap()).unwrap();
         client_config(&ca.control_plane().unwrap(), &[b"h2"]).unwrap();
+    }
+
+    #[test]
+    fn the_public_listener_takes_an_operators_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["*.sandboxes.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = public_server_config(&cert.pem(), &key.serialize_pem()).unwrap();
+        assert_eq!(config.alpn_protocols[0], b"h2");
+        assert!(matches!(
+            public_server_config("not a certificate", &key.serialize_pem()),
+            Err(PkiError::Pem { .. })
+        ));
+        assert!(public_server_config(&cert.pem(), "not a key").is_err());
     }
 }

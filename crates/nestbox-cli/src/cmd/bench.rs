@@ -124,6 +124,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         guest_bin: None,
         admin_email: "bench@nestbox.local".into(),
         proxy_domain: None,
+        tls: Default::default(),
         host: super::agent::HostArgs {
             boot_timeout: 120,
             ..Default::default()

@@ -27,6 +27,33 @@ pub struct ServerArgs {
     /// wildcard DNS record pointing here).
     #[arg(long, env = "NESTBOX_PROXY_DOMAIN")]
     pub proxy_domain: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Serving the API over HTTPS (shared by `server` and `up`).
+#[derive(clap::Args, Clone, Default)]
+pub struct TlsArgs {
+    /// Serve HTTPS with this certificate chain (PEM). For E2B's SDKs without
+    /// `E2B_SANDBOX_URL`: a wildcard certificate for `*.{proxy-domain}`, on port 443.
+    #[arg(long, env = "NESTBOX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "NESTBOX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The control plane's setting.
+    pub fn files(&self) -> Option<nestbox_control::config::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(nestbox_control::config::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the control plane until interrupted.
@@ -34,6 +61,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let secret = paths::master_secret(&args.secret_file)?;
     let mut cfg = nestbox_control::ControlConfig::new(args.listen, args.database_url, secret);
     cfg.proxy_domain = args.proxy_domain;
+    cfg.tls = args.tls.files();
     let cp = nestbox_control::start(cfg)
         .await
         .context("starting the control plane")?;

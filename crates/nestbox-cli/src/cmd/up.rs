@@ -63,6 +63,8 @@ pub struct UpArgs {
     #[arg(long, env = "NESTBOX_PROXY_DOMAIN")]
     pub proxy_domain: Option<String>,
     #[command(flatten)]
+    pub tls: super::server::TlsArgs,
+    #[command(flatten)]
     pub host: HostArgs,
 }
 
@@ -172,6 +174,12 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
         .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("nestbox.db").display()));
     let mut cp_cfg = ControlConfig::new(args.listen, database_url, secret);
     cp_cfg.proxy_domain = args.proxy_domain.clone();
+    cp_cfg.tls = args.tls.files();
+    if cp_cfg.tls.is_some() {
+        // The host agent here reaches the control plane on loopback, without TLS: the
+        // public certificate names the proxy domain, not this address.
+        cp_cfg.local_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    }
     let cp = nestbox_control::start(cp_cfg)
         .await
         .context("starting the control plane")?;
@@ -204,7 +212,7 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
             }
         }
     };
-    let mut agent_cfg = AgentConfig::new(&agent_dir, &images_dir, &url);
+    let mut agent_cfg = AgentConfig::new(&agent_dir, &images_dir, cp.local_url());
     agent_cfg.registration_token = registration_token;
     args.host.apply(&mut agent_cfg);
     let agent = match nestbox_agent::start(agent_cfg).await {

@@ -63,6 +63,10 @@ pub struct Nestbox {
 #[derive(Default, Clone)]
 pub struct Options {
     pub env: Vec<(String, String)>,
+    /// Where the API listens (default: a free port on loopback).
+    pub listen: Option<String>,
+    /// It serves HTTPS (`NESTBOX_TLS_CERT`/`NESTBOX_TLS_KEY` in `env`).
+    pub https: bool,
 }
 
 impl Nestbox {
@@ -78,6 +82,7 @@ impl Nestbox {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            ..Default::default()
         })
     }
 
@@ -113,7 +118,10 @@ impl Nestbox {
     }
 
     fn start(&mut self, images: &Path, opts: &Options) {
-        let port = free_port();
+        let listen = opts
+            .listen
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -122,7 +130,7 @@ impl Nestbox {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nestbox"));
         cmd.args(["up", "--data-dir"])
             .arg(self.dir.path().join("data"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", &listen])
             .arg("--images-dir")
             .arg(images)
             .env("NESTBOX_LOG", "info,tower_http=warn")
@@ -159,7 +167,8 @@ impl Nestbox {
             }
         }
         self.child = Some(child);
-        self.url = format!("http://127.0.0.1:{port}");
+        let scheme = if opts.https { "https" } else { "http" };
+        self.url = format!("{scheme}://{listen}");
         let env = std::fs::read_to_string(self.data_dir().join("admin.env"))
             .expect("admin.env written on first run");
         for line in env.lines() {
@@ -578,7 +587,11 @@ impl Internet {
             ])
             .arg(format!("--listen-address={}", at(53)));
         for (name, offset) in names {
-            dns.arg(format!("--host-record={name},{}", at(*offset)));
+            match name.strip_prefix("*.") {
+                // The domain and every name below it.
+                Some(domain) => dns.arg(format!("--address=/{domain}/{}", at(*offset))),
+                None => dns.arg(format!("--host-record={name},{}", at(*offset))),
+            };
         }
         let dns = dns
             .stdout(Stdio::null())
@@ -629,6 +642,21 @@ impl Internet {
         std::fs::read_to_string(self.dns_log.path()).unwrap_or_default()
     }
 
+    /// A command run inside the namespace (a client "on the internet"), resolving names
+    /// with the namespace's DNS server.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let etc = Path::new("/etc/netns").join(&self.ns);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            etc.join("resolv.conf"),
+            format!("nameserver {}\n", self.dns()),
+        )
+        .unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns]).arg(program);
+        cmd
+    }
+
     /// Whether the DNS server was ever asked about `name`.
     pub fn was_asked(&self, name: &str) -> bool {
         self.dns_log()
@@ -649,6 +677,7 @@ impl Drop for Internet {
         let _ = Command::new("ip")
             .args(["link", "delete", &self.host_if])
             .status();
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.ns));
     }
 }
 

@@ -398,10 +398,8 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
     );
     let other = common::other_team_key(&nb, "ports-public@example.com").await;
     let text = http
-        .get(format!(
-            "{}/v1/sandboxes/{}/ports/{PORT}/keyed",
-            nb.url, public.id
-        ))
+        .get(format!("{}/keyed", nb.url))
+        .header("host", format!("{PORT}-{}.{DOMAIN}", public.id))
         .header("x-api-key", &other)
         .send()
         .await
@@ -413,6 +411,16 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
         text.starts_with("GET /keyed ") && text.contains("key=-"),
         "{text}"
     );
+    // Never under the API's own paths: there a public sandbox is as private as any.
+    let r = http
+        .get(format!(
+            "{}/v1/sandboxes/{}/ports/{PORT}/",
+            nb.url, public.id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     let r = http
         .get(format!("{}/health", nb.url))
         .header("e2b-sandbox-id", public.id.to_string())

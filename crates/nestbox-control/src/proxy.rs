@@ -12,7 +12,8 @@
 //! - the caller is the sandbox's team (its API key or a member's session, as for every
 //!   other sandbox endpoint) or holds the sandbox's traffic token
 //!   (`e2b-traffic-access-token`), or the sandbox's ports are public (`public_traffic`,
-//!   E2B's `allowPublicTraffic`); anyone else gets the same `404` as a missing sandbox;
+//!   E2B's `allowPublicTraffic`; forms 1 and 2 only); anyone else gets the same `404` as a
+//!   missing sandbox;
 //! - the guest agent's port ([`GUEST_AGENT_PORT`]) needs the guest's access token in
 //!   `X-Access-Token`, checked here, so the guest agent is never reachable without it;
 //!   that token alone is enough there (it is what E2B's SDKs send, and it opens nothing
@@ -201,15 +202,18 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
         let session = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| services.sessions.verify(t.trim()).is_ok());
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .is_some_and(|(_, t)| services.sessions.verify(t.trim()).is_ok());
         if session {
             headers.remove(header::AUTHORIZATION);
         }
     };
     // (An unknown sandbox is left to the credential check below, so that a caller without
-    // credentials learns nothing about which sandboxes exist.)
-    let public = if by_sandbox_token {
+    // credentials learns nothing about which sandboxes exist. Public ports are served by
+    // host name and routing headers only, never under the API's own paths, so a public
+    // sandbox's pages never run in the API's origin.)
+    let public = if by_sandbox_token || target.path.is_some() {
         None
     } else {
         match row().await {

@@ -10,7 +10,13 @@
 //! - forwards the rest, as the guest sent it, to the host's resolvers, and returns their
 //!   answer unchanged;
 //! - for an allowed name, lets through ("pins") the IPv4 addresses of the answer *before*
-//!   the guest sees it, for the answer's TTL clamped to [`PIN_MIN`]..[`PIN_MAX`].
+//!   the guest sees it, for the answer's TTL clamped to [`PIN_MIN`]..[`PIN_MAX`] (at most
+//!   [`MAX_PINS_PER_ANSWER`] per answer and [`MAX_PINS`] per sandbox: a guest allowed a
+//!   wildcard cannot make the host hold an unbounded set).
+//!
+//! Queries go upstream under a fresh random id, rebuilt from what was parsed, and an
+//! answer counts only if it carries that id and the same question: the guest cannot
+//! choose the id an off-path forger would have to guess, nor smuggle other bytes out.
 //!
 //! An address is therefore reachable through a domain rule only if the host's resolver
 //! gave it for an allowed name: resolving elsewhere (another server, DNS over HTTPS,
@@ -21,7 +27,8 @@
 //! recording table and a fake upstream; the host agent implements it on the namespace's
 //! sets. Invariants: a pinned address is in [`PinTable`] for as long as the guard's own
 //! record says (pins and unpins are serialised with that record); replacing the rules
-//! drops every pin, in the table and in the record, at once.
+//! keeps exactly the pins of names the new rules still allow, in the table and in the
+//! record at once; once the guard is dropped nothing more is pinned.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -47,6 +54,12 @@ pub const PIN_MIN: Duration = Duration::from_secs(10 * 60);
 pub const PIN_MAX: Duration = Duration::from_secs(24 * 60 * 60);
 /// How long one upstream resolver may take to answer.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most addresses pinned for one sandbox at once; an answer that would pin more fails.
+pub const MAX_PINS: usize = 4096;
+/// Most addresses one answer pins (the first ones; the rest stay unreachable).
+pub const MAX_PINS_PER_ANSWER: usize = 32;
+/// How long one change of the table may take.
+pub const TABLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often expired pins are taken back.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// Most UDP queries answered at once; more are dropped (the guest retries).
@@ -62,8 +75,12 @@ pub type TableError = Box<dyn std::error::Error + Send + Sync>;
 /// Where the tenant's rules and the pinned addresses are enforced (the nftables sets of
 /// the sandbox's namespace).
 pub trait PinTable: Send + Sync + 'static {
-    /// Puts `egress` in force, replacing the rules and every pinned address.
-    fn replace(&self, egress: &Egress) -> impl Future<Output = Result<(), TableError>> + Send;
+    /// Puts `egress` in force, replacing the rules and every pinned address but `keep`.
+    fn replace(
+        &self,
+        egress: &Egress,
+        keep: &[Ipv4Addr],
+    ) -> impl Future<Output = Result<(), TableError>> + Send;
     /// Lets the guest reach `ips`.
     fn pin(&self, ips: &[Ipv4Addr]) -> impl Future<Output = Result<(), TableError>> + Send;
     /// Takes back pinned addresses.
@@ -144,16 +161,45 @@ impl Sockets {
     }
 }
 
-struct State {
-    egress: Arc<Egress>,
-    /// Pinned address → when it expires.
-    pins: HashMap<Ipv4Addr, Instant>,
+/// A pinned address: until when, and for which names.
+struct Pin {
+    until: Instant,
+    names: Vec<String>,
 }
 
 struct Shared<T> {
     table: T,
     upstream: Vec<SocketAddr>,
-    state: Mutex<State>,
+    /// The rules in force (read by every query; written under `pins`' lock).
+    egress: std::sync::RwLock<Arc<Egress>>,
+    /// Pinned addresses; its lock serialises every change of the table.
+    pins: Mutex<HashMap<Ipv4Addr, Pin>>,
+    /// The guard was dropped: pin nothing more.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl<T: PinTable> Shared<T> {
+    fn egress(&self) -> Arc<Egress> {
+        match self.egress.read() {
+            Ok(e) => e.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set_egress(&self, egress: Egress) {
+        let mut guard = match self.egress.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Arc::new(egress);
+    }
+}
+
+/// `op` on the table, bounded by [`TABLE_TIMEOUT`].
+async fn bounded(op: impl Future<Output = Result<(), TableError>>) -> Result<(), TableError> {
+    tokio::time::timeout(TABLE_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| Err("the table did not answer in time".into()))
 }
 
 /// A running resolver for one sandbox. Dropping it stops it (its sockets close); the
@@ -173,6 +219,9 @@ impl<T: PinTable> std::fmt::Debug for DnsGuard<T> {
 
 impl<T: PinTable> Drop for DnsGuard<T> {
     fn drop(&mut self) {
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for t in &self.tasks {
             t.abort();
         }
@@ -188,16 +237,17 @@ impl<T: PinTable> DnsGuard<T> {
         egress: Egress,
         upstream: Vec<SocketAddr>,
     ) -> Result<Self, DnsError> {
-        table.replace(&egress).await.map_err(DnsError::Table)?;
+        bounded(table.replace(&egress, &[]))
+            .await
+            .map_err(DnsError::Table)?;
         let udp = UdpSocket::from_std(sockets.udp).map_err(DnsError::Register)?;
         let tcp = TcpListener::from_std(sockets.tcp).map_err(DnsError::Register)?;
         let shared = Arc::new(Shared {
             table,
             upstream,
-            state: Mutex::new(State {
-                egress: Arc::new(egress),
-                pins: HashMap::new(),
-            }),
+            egress: std::sync::RwLock::new(Arc::new(egress)),
+            pins: Mutex::new(HashMap::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let tasks = vec![
             tokio::spawn(serve_udp(shared.clone(), Arc::new(udp))),
@@ -207,36 +257,30 @@ impl<T: PinTable> DnsGuard<T> {
         Ok(DnsGuard { shared, tasks })
     }
 
-    /// Replaces the rules: the table's and the guard's, every pin dropped. On failure the
-    /// earlier rules stay in the guard (the table may hold either: the caller reports it).
+    /// Replaces the rules: the table's and the guard's. Pins of names the new rules still
+    /// allow stay; the others go. On failure the earlier rules stay in the guard (the table
+    /// may hold either: the caller reports it).
     pub async fn replace(&self, egress: Egress) -> Result<(), DnsError> {
-        let mut state = self.shared.state.lock().await;
-        self.shared
-            .table
-            .replace(&egress)
-            .await
-            .map_err(DnsError::Table)?;
-        state.egress = Arc::new(egress);
-        state.pins.clear();
+        let mut pins = self.shared.pins.lock().await;
+        pins.retain(|_, pin| pin.names.iter().any(|n| egress.domain_allowed(n)));
+        let keep: Vec<Ipv4Addr> = pins.keys().copied().collect();
+        if let Err(e) = bounded(self.shared.table.replace(&egress, &keep)).await {
+            // The table's pins are unknown now: forget ours, so they are pinned again.
+            pins.clear();
+            return Err(DnsError::Table(e));
+        }
+        self.shared.set_egress(egress);
         Ok(())
     }
 
     /// The rules in force.
-    pub async fn egress(&self) -> Arc<Egress> {
-        self.shared.state.lock().await.egress.clone()
+    pub fn egress(&self) -> Arc<Egress> {
+        self.shared.egress()
     }
 
     /// Addresses pinned now.
     pub async fn pinned(&self) -> Vec<Ipv4Addr> {
-        let mut v: Vec<_> = self
-            .shared
-            .state
-            .lock()
-            .await
-            .pins
-            .keys()
-            .copied()
-            .collect();
+        let mut v: Vec<_> = self.shared.pins.lock().await.keys().copied().collect();
         v.sort();
         v
     }
@@ -320,24 +364,27 @@ async fn sweep<T: PinTable>(shared: Arc<Shared<T>>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     loop {
         tick.tick().await;
-        let mut state = shared.state.lock().await;
+        let mut pins = shared.pins.lock().await;
         let now = Instant::now();
-        let expired: Vec<Ipv4Addr> = state
-            .pins
+        let expired: Vec<Ipv4Addr> = pins
             .iter()
-            .filter(|(_, until)| **until <= now)
+            .filter(|(_, pin)| pin.until <= now)
             .map(|(ip, _)| *ip)
             .collect();
         if expired.is_empty() {
             continue;
         }
-        match shared.table.unpin(&expired).await {
-            Ok(()) => {
-                for ip in &expired {
-                    state.pins.remove(ip);
+        if let Err(e) = bounded(shared.table.unpin(&expired)).await {
+            // One at a time, so one that is gone already does not keep the others.
+            tracing::debug!(error = %e, "sandbox resolver: taking back expired addresses");
+            for ip in &expired {
+                if let Err(e) = bounded(shared.table.unpin(&[*ip])).await {
+                    tracing::warn!(%ip, error = %e, "sandbox resolver: taking back an expired address");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "sandbox resolver: taking back expired addresses"),
+        }
+        for ip in &expired {
+            pins.remove(ip);
         }
     }
 }
@@ -375,20 +422,34 @@ async fn answer<T: PinTable>(
         return reply_code(&parsed, ResponseCode::FormErr);
     };
     let name = question.name().to_ascii();
-    let egress = shared.state.lock().await.egress.clone();
-    if !egress.may_resolve(&name) {
+    if !shared.egress().may_resolve(&name) {
         tracing::debug!(name, "sandbox resolver: refused");
         return reply_code(&parsed, ResponseCode::Refused);
     }
-    let Some(raw) = ask_upstream(&shared.upstream, query, transport).await else {
-        return reply_code(&parsed, ResponseCode::ServFail);
-    };
-    let Ok(response) = Message::from_vec(&raw) else {
-        return reply_code(&parsed, ResponseCode::ServFail);
-    };
-    if response.id() != parsed.id() || response.message_type() != MessageType::Response {
+    // Upstream under a fresh random id, rebuilt from what was parsed.
+    let mut id = [0u8; 2];
+    if getrandom::fill(&mut id).is_err() {
         return reply_code(&parsed, ResponseCode::ServFail);
     }
+    let upstream_id = u16::from_ne_bytes(id);
+    let mut outgoing = parsed.clone();
+    outgoing.set_id(upstream_id);
+    let Ok(outgoing) = outgoing.to_vec() else {
+        return reply_code(&parsed, ResponseCode::FormErr);
+    };
+    let Some(raw) = ask_upstream(&shared.upstream, &outgoing, transport).await else {
+        return reply_code(&parsed, ResponseCode::ServFail);
+    };
+    let Ok(mut response) = Message::from_vec(&raw) else {
+        return reply_code(&parsed, ResponseCode::ServFail);
+    };
+    if response.id() != upstream_id
+        || response.message_type() != MessageType::Response
+        || response.queries() != parsed.queries()
+    {
+        return reply_code(&parsed, ResponseCode::ServFail);
+    }
+    response.set_id(parsed.id());
     let addresses: Vec<(Ipv4Addr, Duration)> = response
         .answers()
         .iter()
@@ -396,31 +457,53 @@ async fn answer<T: PinTable>(
             RData::A(a) => Some((a.0, Duration::from_secs(u64::from(r.ttl())))),
             _ => None,
         })
+        .take(MAX_PINS_PER_ANSWER)
         .collect();
     if !addresses.is_empty() {
+        let mut pins = shared.pins.lock().await;
+        if shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
         // Checked again under the lock: the rules may have changed meanwhile.
-        let mut state = shared.state.lock().await;
-        if state.egress.domain_allowed(&name) {
+        let egress = shared.egress();
+        if egress.domain_allowed(&name) {
             let now = Instant::now();
             let fresh: Vec<Ipv4Addr> = addresses
                 .iter()
                 .map(|(ip, _)| *ip)
-                .filter(|ip| !state.pins.contains_key(ip))
+                .filter(|ip| !pins.contains_key(ip))
                 .collect();
-            if let Err(e) = shared.table.pin(&fresh).await {
+            if pins.len() + fresh.len() > MAX_PINS {
+                tracing::warn!(
+                    name,
+                    pinned = pins.len(),
+                    "sandbox resolver: too many addresses pinned"
+                );
+                return reply_code(&parsed, ResponseCode::ServFail);
+            }
+            if !fresh.is_empty()
+                && let Err(e) = bounded(shared.table.pin(&fresh)).await
+            {
                 tracing::warn!(name, error = %e, "sandbox resolver: letting answered addresses through");
                 return reply_code(&parsed, ResponseCode::ServFail);
             }
+            let lower = name.trim_end_matches('.').to_ascii_lowercase();
             for (ip, ttl) in addresses {
                 let until = now + ttl.clamp(PIN_MIN, PIN_MAX);
-                let entry = state.pins.entry(ip).or_insert(until);
-                *entry = (*entry).max(until);
+                let pin = pins.entry(ip).or_insert_with(|| Pin {
+                    until,
+                    names: Vec::new(),
+                });
+                pin.until = pin.until.max(until);
+                if !pin.names.contains(&lower) && pin.names.len() < 8 {
+                    pin.names.push(lower.clone());
+                }
             }
-        } else if !state.egress.may_resolve(&name) {
+        } else if !egress.may_resolve(&name) {
             return reply_code(&parsed, ResponseCode::Refused);
         }
     }
-    Some(raw)
+    response.to_vec().ok()
 }
 
 /// A reply with no answer and `code`, echoing the question.

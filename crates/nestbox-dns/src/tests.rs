@@ -21,9 +21,9 @@ struct Recorder {
 }
 
 impl PinTable for Recorder {
-    async fn replace(&self, _egress: &Egress) -> Result<(), TableError> {
+    async fn replace(&self, _egress: &Egress, keep: &[Ipv4Addr]) -> Result<(), TableError> {
         self.replaced.fetch_add(1, Ordering::SeqCst);
-        self.pinned.lock().unwrap().clear();
+        *self.pinned.lock().unwrap() = keep.to_vec();
         Ok(())
     }
     async fn pin(&self, ips: &[Ipv4Addr]) -> Result<(), TableError> {
@@ -185,7 +185,51 @@ fn addresses(m: &Message) -> Vec<Ipv4Addr> {
         .collect()
 }
 
+const MANY: &[&str] = &[
+    "203.0.113.100",
+    "203.0.113.101",
+    "203.0.113.102",
+    "203.0.113.103",
+    "203.0.113.104",
+    "203.0.113.105",
+    "203.0.113.106",
+    "203.0.113.107",
+    "203.0.113.108",
+    "203.0.113.109",
+    "203.0.113.110",
+    "203.0.113.111",
+    "203.0.113.112",
+    "203.0.113.113",
+    "203.0.113.114",
+    "203.0.113.115",
+    "203.0.113.116",
+    "203.0.113.117",
+    "203.0.113.118",
+    "203.0.113.119",
+    "203.0.113.120",
+    "203.0.113.121",
+    "203.0.113.122",
+    "203.0.113.123",
+    "203.0.113.124",
+    "203.0.113.125",
+    "203.0.113.126",
+    "203.0.113.127",
+    "203.0.113.128",
+    "203.0.113.129",
+    "203.0.113.130",
+    "203.0.113.131",
+    "203.0.113.132",
+    "203.0.113.133",
+    "203.0.113.134",
+    "203.0.113.135",
+    "203.0.113.136",
+    "203.0.113.137",
+    "203.0.113.138",
+    "203.0.113.139",
+];
+
 const ZONE: &[(&str, &[&str])] = &[
+    ("many.test", MANY),
     ("allowed.test", &["203.0.113.10", "203.0.113.11"]),
     ("other.test", &["203.0.113.20"]),
     ("api.wild.test", &["203.0.113.30"]),
@@ -269,11 +313,17 @@ async fn an_open_sandbox_resolves_everything_but_pins_only_allowed_names() {
 }
 
 #[tokio::test]
-async fn new_rules_drop_every_pin_and_apply_to_the_next_query() {
+async fn new_rules_keep_only_the_pins_they_allow_and_apply_to_the_next_query() {
     let up = Upstream::start(ZONE).await;
     let (g, table, addr) = guard(egress(&["allowed.test"], &["0.0.0.0/0"]), &up).await;
     ask(addr, &query("allowed.test.")).await;
     assert_eq!(table.pins().len(), 2);
+    // Rules that still allow the name keep its addresses reachable.
+    g.replace(egress(&["allowed.test", "203.0.113.99"], &["0.0.0.0/0"]))
+        .await
+        .unwrap();
+    assert_eq!(table.pins().len(), 2);
+    assert_eq!(g.pinned().await.len(), 2);
     g.replace(egress(&["other.test"], &["0.0.0.0/0"]))
         .await
         .unwrap();
@@ -326,6 +376,19 @@ async fn bad_queries_and_a_dead_upstream_get_error_codes() {
         ask(addr, &query("allowed.test.")).await.response_code(),
         ResponseCode::ServFail
     );
+}
+
+#[tokio::test]
+async fn one_answer_pins_a_bounded_number_of_addresses() {
+    let up = Upstream::start(ZONE).await;
+    let (_g, table, addr) = guard(egress(&["many.test"], &["0.0.0.0/0"]), &up).await;
+    let answer = ask(addr, &query("many.test.")).await;
+    assert_eq!(
+        addresses(&answer).len(),
+        MANY.len(),
+        "the answer passes whole"
+    );
+    assert_eq!(table.pins().len(), MAX_PINS_PER_ANSWER);
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use ipnet::Ipv4Net;
 use nestbox_types::egress::Egress;
 
 use crate::process::{Cmd, ProcessError};
@@ -42,6 +43,8 @@ use crate::process::{Cmd, ProcessError};
 pub const PREFIX: &str = "nbx";
 /// Highest slot number: 10.200.0.0/16 holds 16384 /30 networks.
 pub const MAX_SLOT: u32 = 16383;
+/// The block every slot's addresses come from.
+pub const SANDBOX_RANGE: &str = "10.200.0.0/16";
 /// The guest's address inside every sandbox.
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 2);
 /// The guest's gateway: the TAP inside the namespace.
@@ -60,6 +63,60 @@ const SET_DENY: &str = "egress_deny";
 const SET_PINNED: &str = "egress_pinned";
 /// Its chain redirecting the guest's DNS queries to the pinning resolver.
 const CHAIN_DNS: &str = "dns";
+/// Its chain checking what the guest starts against the tenant's rules.
+const CHAIN_EGRESS: &str = "egress";
+/// Its forward chain.
+const CHAIN_FORWARD: &str = "forward";
+/// The rules' generation at set-up (new connections carry mark 0, so they always differ).
+const FIRST_GENERATION: u32 = 1;
+
+/// A generation never handed out before by this process (and, seeded from the clock,
+/// unlikely to equal one of an earlier process), never [`FIRST_GENERATION`] or 0.
+fn next_generation() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static LAST: AtomicU32 = AtomicU32::new(FIRST_GENERATION);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    LAST.fetch_max(
+        u32::try_from(secs & 0x7fff_ffff).unwrap_or(0),
+        Ordering::Relaxed,
+    );
+    let g = LAST.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    if g <= FIRST_GENERATION {
+        LAST.store(FIRST_GENERATION + 1, Ordering::Relaxed);
+        FIRST_GENERATION + 1
+    } else {
+        g
+    }
+}
+
+/// The namespace's forward rules for rules of `generation`.
+fn forward_rules(addrs: &SlotAddrs, generation: u32) -> Vec<String> {
+    let g = &addrs.ns_if;
+    vec![
+        // The host's connections to the guest, both ways.
+        format!("iifname \"{g}\" oifname \"{TAP_NAME}\" ct status dnat accept"),
+        format!("iifname \"{TAP_NAME}\" oifname \"{g}\" ct status dnat accept"),
+        // The guest's: new ones, and those the current rules have not passed yet.
+        format!(
+            "iifname \"{TAP_NAME}\" oifname \"{g}\" ct mark != {generation} jump {CHAIN_EGRESS}"
+        ),
+        "ct state established,related accept".to_string(),
+        format!("iifname \"{TAP_NAME}\" oifname \"{g}\" accept"),
+    ]
+}
+
+/// The egress chain's rules for rules of `generation`.
+fn egress_chain_rules(generation: u32) -> Vec<String> {
+    vec![
+        format!("ip daddr @{SET_ALLOW} ct mark set {generation} accept"),
+        format!("ip daddr @{SET_PINNED} ct mark set {generation} accept"),
+        format!("ip daddr @{SET_DENY} reject with icmp type admin-prohibited"),
+        format!("ct mark set {generation}"),
+    ]
+}
 
 /// A networking operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +373,11 @@ impl HostFirewall {
             "    type filter hook forward priority filter - 5; policy accept;"
         );
         let _ = writeln!(r, "    iifname \"{PREFIX}h*\" oifname \"{PREFIX}h*\" drop");
+        // Only sandbox addresses come from sandbox links (spoofed sources never leave).
+        let _ = writeln!(
+            r,
+            "    iifname \"{PREFIX}h*\" ip saddr != {SANDBOX_RANGE} drop"
+        );
         if !dns.is_empty() {
             let _ = writeln!(
                 r,
@@ -349,7 +411,7 @@ impl HostFirewall {
         );
         let _ = writeln!(
             r,
-            "    ip saddr 10.200.0.0/16 oifname != \"{PREFIX}h*\" masquerade"
+            "    ip saddr {SANDBOX_RANGE} oifname != \"{PREFIX}h*\" masquerade"
         );
         let _ = writeln!(r, "  }}");
         let _ = writeln!(r, "}}");
@@ -413,20 +475,37 @@ pub struct SandboxNet {
 impl SandboxNet {
     /// The ruleset loaded inside the namespace.
     ///
-    /// Traffic from the guest to the outside passes the `egress` chain, whose sets hold the
-    /// tenant's rules ([`SandboxNet::apply_egress`]): an allowed or pinned address is let
-    /// through, a denied one rejected, anything else let through. The `dns` chain is empty
-    /// unless the rules name domains; then every DNS query the guest sends, whatever its
-    /// destination, goes to the pinning resolver listening on the gateway address.
-    /// Connections already established are not cut by a change of rules.
+    /// Traffic the guest starts towards the outside passes the `egress` chain, whose sets
+    /// hold the tenant's rules ([`SandboxNet::apply_egress`]): an allowed or pinned address
+    /// is let through, a denied one rejected, anything else let through. Each connection
+    /// is marked with the generation of the rules that passed it; when the rules change
+    /// (a new generation), connections of older ones are checked again on their next
+    /// packet, so a rule change applies to open connections too. Connections the host
+    /// opens to the guest (its guest agent, its ports) are not the tenant's to filter.
+    /// The `dns` chain is empty unless the rules name domains; then every DNS query the
+    /// guest sends, whatever its destination, goes to the pinning resolver listening on
+    /// the gateway address. Packets from the guest with another source address than its
+    /// own are dropped before anything else sees them.
     pub fn ns_ruleset(addrs: &SlotAddrs) -> String {
         let g = &addrs.ns_if;
         let sip = addrs.sandbox_ip;
+        let indent = |rules: Vec<String>| {
+            rules
+                .iter()
+                .map(|r| format!("    {r}\n"))
+                .collect::<String>()
+        };
+        let forward = indent(forward_rules(addrs, FIRST_GENERATION));
+        let egress = indent(egress_chain_rules(FIRST_GENERATION));
         format!(
             "table ip {NS_TABLE} {{
   set {SET_ALLOW} {{ type ipv4_addr; flags interval; auto-merge; }}
   set {SET_DENY} {{ type ipv4_addr; flags interval; auto-merge; }}
   set {SET_PINNED} {{ type ipv4_addr; }}
+  chain spoof {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname \"{TAP_NAME}\" ip saddr != {GUEST_IP} drop
+  }}
   chain pre {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"{g}\" ip daddr {sip} dnat to {GUEST_IP}
@@ -438,18 +517,11 @@ impl SandboxNet {
     type nat hook postrouting priority srcnat; policy accept;
     oifname \"{g}\" ip saddr {GUEST_GATEWAY}/{GUEST_PREFIX} masquerade
   }}
-  chain egress {{
-    ip daddr @{SET_ALLOW} accept
-    ip daddr @{SET_PINNED} accept
-    ip daddr @{SET_DENY} reject with icmp type admin-prohibited
-  }}
-  chain forward {{
+  chain {CHAIN_EGRESS} {{
+{egress}  }}
+  chain {CHAIN_FORWARD} {{
     type filter hook forward priority filter; policy drop;
-    ct state established,related accept
-    iifname \"{TAP_NAME}\" oifname \"{g}\" jump egress
-    iifname \"{TAP_NAME}\" oifname \"{g}\" accept
-    iifname \"{g}\" oifname \"{TAP_NAME}\" ct status dnat accept
-  }}
+{forward}  }}
   chain input {{
     type filter hook input priority filter; policy drop;
     iifname \"lo\" accept
@@ -462,20 +534,29 @@ impl SandboxNet {
     }
 
     /// The script that replaces the tenant's rules in the namespace, in one transaction:
-    /// the allow and deny sets, no pinned address, and the DNS redirection when the rules
-    /// name domains.
-    pub fn egress_script(egress: &Egress) -> String {
+    /// the allow and deny sets, the pinned addresses (`keep` only), the DNS redirection
+    /// when the rules name domains, and a new generation (see [`SandboxNet::ns_ruleset`]).
+    pub fn egress_script(
+        addrs: &SlotAddrs,
+        egress: &Egress,
+        keep: &[Ipv4Addr],
+        generation: u32,
+    ) -> String {
         let mut r = String::new();
         for set in [SET_ALLOW, SET_DENY, SET_PINNED] {
             let _ = writeln!(r, "flush set ip {NS_TABLE} {set}");
         }
-        let _ = writeln!(r, "flush chain ip {NS_TABLE} {CHAIN_DNS}");
-        for (set, nets) in [
-            (SET_ALLOW, &egress.allow_nets),
-            (SET_DENY, &egress.deny_nets),
+        for chain in [CHAIN_DNS, CHAIN_EGRESS, CHAIN_FORWARD] {
+            let _ = writeln!(r, "flush chain ip {NS_TABLE} {chain}");
+        }
+        let nets = |nets: &[Ipv4Net]| nets.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let addresses = keep.iter().map(ToString::to_string).collect::<Vec<_>>();
+        for (set, list) in [
+            (SET_ALLOW, nets(&egress.allow_nets)),
+            (SET_DENY, nets(&egress.deny_nets)),
+            (SET_PINNED, addresses),
         ] {
-            if !nets.is_empty() {
-                let list = nets.iter().map(ToString::to_string).collect::<Vec<_>>();
+            if !list.is_empty() {
                 let _ = writeln!(
                     r,
                     "add element ip {NS_TABLE} {set} {{ {} }}",
@@ -489,12 +570,21 @@ impl SandboxNet {
                 "add rule ip {NS_TABLE} {CHAIN_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat to {GUEST_GATEWAY}"
             );
         }
+        for rule in egress_chain_rules(generation) {
+            let _ = writeln!(r, "add rule ip {NS_TABLE} {CHAIN_EGRESS} {rule}");
+        }
+        for rule in forward_rules(addrs, generation) {
+            let _ = writeln!(r, "add rule ip {NS_TABLE} {CHAIN_FORWARD} {rule}");
+        }
         r
     }
 
-    /// Puts the tenant's rules in force (replacing earlier ones and every pinned address).
-    pub async fn apply_egress(&self, egress: &Egress) -> Result<(), NetError> {
-        self.nft(Self::egress_script(egress)).await
+    /// Puts the tenant's rules in force, replacing earlier ones and every pinned address
+    /// but `keep`; connections already open are checked against the new rules.
+    pub async fn apply_egress(&self, egress: &Egress, keep: &[Ipv4Addr]) -> Result<(), NetError> {
+        let generation = next_generation();
+        self.nft(Self::egress_script(&self.addrs, egress, keep, generation))
+            .await
     }
 
     /// Lets the guest reach `ips` (addresses a domain rule resolved to).

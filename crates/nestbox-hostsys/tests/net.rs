@@ -102,7 +102,7 @@ async fn egress_rules_fill_the_namespace_sets_and_replace_each_other() {
     }
     .parse()
     .unwrap();
-    net.apply_egress(&egress).await.unwrap();
+    net.apply_egress(&egress, &[]).await.unwrap();
     net.pin(&["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()])
         .await
         .unwrap();
@@ -116,24 +116,42 @@ async fn egress_rules_fill_the_namespace_sets_and_replace_each_other() {
     assert!(!rules.contains("192.0.2.10"), "{rules}");
     assert!(rules.contains("192.0.2.11"), "{rules}");
 
-    // New rules replace the old ones whole, pinned addresses included.
+    // New rules replace the old ones whole, pinned addresses but the kept one included,
+    // under a new generation (connections of the old one are checked again).
+    let generation = |rules: &str| {
+        rules
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("ip daddr @egress_allow ct mark set "))
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap()
+    };
+    let before = generation(&list().await);
     let cidr_only = EgressRules {
         allow_out: vec![],
         deny_out: vec!["198.51.100.0/24".into()],
     }
     .parse()
     .unwrap();
-    net.apply_egress(&cidr_only).await.unwrap();
+    net.apply_egress(&cidr_only, &["192.0.2.11".parse().unwrap()])
+        .await
+        .unwrap();
     let rules = list().await;
     assert!(rules.contains("198.51.100.0/24"), "{rules}");
     assert!(!rules.contains("203.0.113.0/24"), "{rules}");
-    assert!(!rules.contains("192.0.2.11"), "{rules}");
+    assert!(rules.contains("192.0.2.11"), "kept: {rules}");
+    assert!(!rules.contains("192.0.2.10"), "{rules}");
+    assert_ne!(generation(&rules), before, "{rules}");
+    assert!(
+        rules.contains(&format!("ct mark != {}", generation(&rules))),
+        "{rules}"
+    );
     assert!(
         !rules.contains("dnat to 172.16.0.1"),
         "no names, no redirection: {rules}"
     );
     // And no rules at all leaves every set empty.
-    net.apply_egress(&Default::default()).await.unwrap();
+    net.apply_egress(&Default::default(), &[]).await.unwrap();
     let rules = list().await;
     assert!(!rules.contains("198.51.100.0/24"), "{rules}");
 

@@ -316,7 +316,12 @@ impl EgressRequest {
             allow_out: self.allow_out.clone(),
             deny_out: self.deny_out.clone(),
         };
-        if self.allow_internet_access == Some(false) {
+        if self.allow_internet_access == Some(false)
+            && !rules
+                .deny_out
+                .iter()
+                .any(|d| d == crate::egress::ALL_TRAFFIC)
+        {
             rules.deny_out.push(crate::egress::ALL_TRAFFIC.to_string());
         }
         rules

@@ -107,9 +107,28 @@ impl Egress {
         self.allow_nets.is_empty() && self.allow_domains.is_empty() && self.deny_nets.is_empty()
     }
 
-    /// Everything not allowed is denied (`0.0.0.0/0` is in `deny_out`).
+    /// Everything not allowed is denied: the deny rules together cover every address
+    /// (`0.0.0.0/0`, or e.g. `0.0.0.0/1` with `128.0.0.0/1`).
     pub fn denies_all(&self) -> bool {
-        self.deny_nets.iter().any(|n| n.prefix_len() == 0)
+        let mut ranges: Vec<(u64, u64)> = self
+            .deny_nets
+            .iter()
+            .map(|n| {
+                (
+                    u64::from(u32::from(n.network())),
+                    u64::from(u32::from(n.broadcast())),
+                )
+            })
+            .collect();
+        ranges.sort_unstable();
+        let mut next = 0u64;
+        for (start, end) in ranges {
+            if start > next {
+                return false;
+            }
+            next = next.max(end + 1);
+        }
+        next > u64::from(u32::MAX)
     }
 
     /// Whether a name may be resolved for the sandbox: always, unless everything not
@@ -348,6 +367,12 @@ mod tests {
             .parse()
             .unwrap();
         assert!(open.may_resolve("anything.org"), "not everything is denied");
+        let halves = rules(&[], &["128.0.0.0/1", "0.0.0.0/1"]).parse().unwrap();
+        assert!(halves.denies_all(), "two halves deny everything");
+        let gap = rules(&[], &["0.0.0.0/1", "128.0.0.0/2", "224.0.0.0/3"])
+            .parse()
+            .unwrap();
+        assert!(!gap.denies_all(), "192.0.0.0/3 is left");
         let closed = rules(&["example.com"], &[ALL_TRAFFIC]).parse().unwrap();
         assert!(closed.may_resolve("example.com"));
         assert!(!closed.may_resolve("other.com"));

@@ -6,8 +6,8 @@
 //! right after the namespace is made and before the VMM starts, and a create that takes
 //! over a pooled clone (which ran the template's code only) replaces the clone's open
 //! rules before the guest agent gets the tenant's token. Rules are kept in the sandbox's
-//! `state.json`, so a resume (or a restore after a restart) brings them back. Connections
-//! open when rules change carry on; new ones follow the new rules.
+//! `state.json`, so a resume (or a restore after a restart) brings them back. A change
+//! applies to open connections too (see `SandboxNet::ns_ruleset`).
 
 use std::net::SocketAddr;
 
@@ -23,8 +23,12 @@ use crate::error::AgentError;
 pub(crate) struct NsTable(SandboxNet);
 
 impl PinTable for NsTable {
-    async fn replace(&self, egress: &Egress) -> Result<(), TableError> {
-        Ok(self.0.apply_egress(egress).await?)
+    async fn replace(
+        &self,
+        egress: &Egress,
+        keep: &[std::net::Ipv4Addr],
+    ) -> Result<(), TableError> {
+        Ok(self.0.apply_egress(egress, keep).await?)
     }
     async fn pin(&self, ips: &[std::net::Ipv4Addr]) -> Result<(), TableError> {
         Ok(self.0.pin(ips).await?)

@@ -1,11 +1,13 @@
 //! E2B's network settings: egress rules at create and `PUT /sandboxes/{id}/network`, and
 //! how `GET /sandboxes/{id}` reports them.
 //!
-//! E2B's `allowInternetAccess: false` is `0.0.0.0/0` in `denyOut`; `dnsServers` (IPv4
-//! addresses, at most [`MAX_DNS_SERVERS`]) are allowed destinations when `allowOut` names a
-//! domain, as on E2B, though every DNS query a sandbox with domain rules sends goes to the
-//! host's pinning resolver whatever its destination. Request transforms (`rules`), an
-//! egress proxy and HTTPS backends are refused as unsupported, never silently ignored.
+//! E2B's `allowInternetAccess: false` is `0.0.0.0/0` in `denyOut`. `dnsServers` (IPv4
+//! addresses, at most [`MAX_DNS_SERVERS`]) is validated and has no effect: on E2B it opens
+//! those servers (every port) so that a sandbox with domain rules can resolve; here every
+//! DNS query of such a sandbox goes to the host's pinning resolver whatever its
+//! destination, and opening the servers would hand a closed sandbox DNS-over-HTTPS and
+//! DNS-over-TLS, i.e. a way out. Request transforms (`rules`), an egress proxy and HTTPS
+//! backends are refused as unsupported, never silently ignored.
 
 use std::net::Ipv4Addr;
 
@@ -14,7 +16,6 @@ use axum::http::StatusCode;
 use nestbox_db::sandboxes as repo;
 use nestbox_types::api::EgressRequest;
 use nestbox_types::e2b::{Error, NetworkConfig, NetworkUpdate};
-use nestbox_types::egress::EgressRules;
 
 use super::{E2bResult, sandbox_id};
 use crate::error::ApiError;
@@ -52,7 +53,7 @@ pub(super) fn egress_request(
     if non_empty(egress_proxy) {
         return Err(not_supported("network.egressProxy"));
     }
-    let mut allow_out = allow_out.unwrap_or_default();
+    let allow_out = allow_out.unwrap_or_default();
     let dns_servers = dns_servers.unwrap_or_default();
     if dns_servers.len() > MAX_DNS_SERVERS {
         return Err(ApiError::invalid(format!(
@@ -68,15 +69,6 @@ pub(super) fn egress_request(
             ))
             .into());
         }
-    }
-    let names_a_domain = EgressRules {
-        allow_out: allow_out.clone(),
-        deny_out: Vec::new(),
-    }
-    .parse()
-    .is_ok_and(|e| !e.allow_domains.is_empty());
-    if names_a_domain {
-        allow_out.extend(dns_servers);
     }
     Ok(EgressRequest {
         allow_out,

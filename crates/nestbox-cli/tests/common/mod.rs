@@ -240,7 +240,10 @@ impl Nestbox {
             unsafe {
                 libc::kill(child.id() as i32, libc::SIGTERM);
             }
-            let deadline = Instant::now() + Duration::from_secs(60);
+            // A graceful stop pauses every running sandbox and copies its snapshot to
+            // disk, which under TCG on a loaded machine can take minutes; killing it
+            // sooner leaves its VMMs behind.
+            let deadline = Instant::now() + Duration::from_secs(240);
             loop {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;

@@ -54,6 +54,6 @@ openapi:
 	UPDATE_OPENAPI=1 $(CARGO) nextest run -p nestbox-control --test openapi
 
 ## Benchmarks on this machine (real VMs); prints medians.
-bench: test-images
+bench: test-images sdk-deps
 	$(CARGO) build --locked --release -p nestbox-cli
-	$(SUDO) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) ./target/release/nestbox bench --images-dir $(TEST_IMAGES)
+	$(SUDO) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_BENCH_PYTHON=$(SDK_VENV)/bin/python ./target/release/nestbox bench --images-dir $(TEST_IMAGES)

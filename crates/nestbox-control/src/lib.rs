@@ -201,7 +201,14 @@ pub async fn start(cfg: ControlConfig) -> Result<RunningControlPlane, StartError
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    // Small writes go out at once (streamed events would otherwise wait on delayed ACKs).
     let serve_plain = |listener: tokio::net::TcpListener, rx| {
+        use axum::serve::ListenerExt as _;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        });
         axum::serve(listener, app.clone()).with_graceful_shutdown(stopped(rx))
     };
     let public: futures::future::BoxFuture<'static, ()> = match tls.clone() {

@@ -59,6 +59,13 @@ pub struct BenchArgs {
     /// Runs only the fork measurement.
     #[arg(long)]
     pub only_fork: bool,
+    /// A Python with E2B's SDK (`pip install e2b`) for the SDK-vs-REST comparison;
+    /// without one that comparison is skipped.
+    #[arg(long, env = "NESTBOX_BENCH_PYTHON")]
+    pub sdk_python: Option<PathBuf>,
+    /// Only the SDK-vs-REST comparison.
+    #[arg(long)]
+    pub only_sdk: bool,
     /// Built guest images.
     #[arg(
         long,
@@ -162,6 +169,9 @@ async fn measure(
     }
     if args.only_fork {
         return fork(args, &client).await;
+    }
+    if args.only_sdk {
+        return sdk_vs_rest(args, launched, &client, &key).await;
     }
     let manager = &launched.agent.manager;
     let vmm_info = launched.agent.manager.vmm_info();
@@ -361,7 +371,10 @@ async fn measure(
     // 7. Fork of a running sandbox into N copies vs. N plain creates.
     fork(args, &client).await?;
 
-    // 8. Create/destroy cycles leave nothing behind (the pooled clones are stopped
+    // 8. Create → first command through E2B's Python SDK vs. our REST API.
+    sdk_vs_rest(args, launched, &client, &key).await?;
+
+    // 9. Create/destroy cycles leave nothing behind (the pooled clones are stopped
     // before the check, as at shutdown).
     let t = Instant::now();
     for _ in 0..args.cycles {
@@ -890,6 +903,94 @@ async fn fork(args: &BenchArgs, client: &Client) -> anyhow::Result<()> {
         &format!("baseline: {n} creates, all exec-ready"),
         &stats(created),
         "ms",
+    );
+    Ok(())
+}
+
+/// What the Python side of [`sdk_vs_rest`] runs: one create → first command per line read
+/// on stdin, printing its milliseconds (timed inside Python, the import and the process
+/// start excluded), the sandbox killed untimed.
+const SDK_ROUND: &str = r#"
+import sys, time
+from e2b import Sandbox
+print("ready", flush=True)
+for _ in sys.stdin:
+    t = time.perf_counter()
+    s = Sandbox.create()
+    s.commands.run("true")
+    ms = (time.perf_counter() - t) * 1000
+    s.kill()
+    print(ms, flush=True)
+"#;
+
+/// Create → first command through E2B's Python SDK (E2B's REST API and the guest agent's
+/// protocol through the proxy) against the same through our REST API with the Rust
+/// client, interleaved round by round, each round starting with the clone pool full.
+async fn sdk_vs_rest(
+    args: &BenchArgs,
+    launched: &super::up::Launched,
+    client: &Client,
+    key: &str,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let Some(python) = &args.sdk_python else {
+        println!("(SDK vs REST skipped: no --sdk-python with E2B's SDK)");
+        return Ok(());
+    };
+    let mut child = tokio::process::Command::new(python)
+        .args(["-c", SDK_ROUND])
+        .env("E2B_API_URL", &launched.url)
+        .env("E2B_SANDBOX_URL", &launched.url)
+        .env("E2B_API_KEY", key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", python.display()))?;
+    let mut stdin = child.stdin.take().context("the SDK process's stdin")?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("its stdout")?).lines();
+    anyhow::ensure!(
+        lines.next_line().await?.as_deref() == Some("ready"),
+        "E2B's SDK did not load in {}",
+        python.display()
+    );
+    let manager = &launched.agent.manager;
+    let pool_full = || async {
+        let waited = Instant::now();
+        while (manager.pool_filling() || manager.pooled() == 0)
+            && waited.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (mut rest, mut sdk) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs.max(3) {
+        pool_full().await;
+        let t = Instant::now();
+        let sb = client
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await?;
+        run_true(client, sb.id).await?;
+        rest.push(ms(t.elapsed()));
+        client.destroy_sandbox(sb.id).await?;
+
+        pool_full().await;
+        stdin.write_all(b"go\n").await?;
+        let line = lines
+            .next_line()
+            .await?
+            .context("the SDK process ended early")?;
+        sdk.push(line.trim().parse::<f64>().context("an SDK round's time")?);
+    }
+    drop(stdin);
+    let _ = child.wait().await;
+    let (rest, sdk) = (stats(rest), stats(sdk));
+    row("create → first command, REST (Rust client)", &rest, "ms");
+    row("create → first command, E2B Python SDK", &sdk, "ms");
+    println!(
+        "{:<44} {:>10.1} ms (target ≤ 10)",
+        "  SDK path adds (median − median)",
+        sdk.median - rest.median
     );
     Ok(())
 }

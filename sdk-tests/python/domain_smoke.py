@@ -5,6 +5,7 @@ Run by the end-to-end test `e2e_tls` from a network namespace whose DNS answers 
 with the control plane's address; SSL_CERT_FILE holds the test's CA. Prints DONE.
 """
 
+import httpx
 from e2b import Sandbox
 
 s = Sandbox.create(timeout=300)
@@ -18,6 +19,19 @@ try:
     s.commands.run("for i in 1 2 3; do echo $i; done", on_stdout=chunks.append)
     assert "".join(chunks) == "1\n2\n3\n", chunks
     assert Sandbox.get_info(s.sandbox_id).sandbox_id == s.sandbox_id
+    # Signed file URLs: anyone holding one reads (or writes) that one path, nothing else.
+    url = s.download_url("/tmp/x")
+    r = httpx.get(url)
+    assert (r.status_code, r.text) == (200, "over https"), (r.status_code, r.text)
+    up = s.upload_url("/tmp/up.txt")
+    r = httpx.post(up, files={"file": ("up.txt", b"uploaded")})
+    assert r.status_code == 200, (r.status_code, r.text)
+    assert s.files.read("/tmp/up.txt") == "uploaded"
+    assert httpx.post(url, files={"file": ("x", b"y")}).status_code == 401, "a read URL does not write"
+    tampered = url.replace("%2Ftmp%2Fx", "%2Fetc%2Fhostname")
+    assert tampered != url and httpx.get(tampered).status_code == 401
+    expired = s.download_url("/tmp/x", use_signature_expiration=-60)
+    assert httpx.get(expired).status_code == 401
 finally:
     s.kill()
 print("DONE")

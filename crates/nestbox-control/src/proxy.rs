@@ -35,7 +35,7 @@ use nestbox_db::sandboxes;
 use nestbox_proto::proxy::{AUTH_HEADER, PORT_HEADER, SANDBOX_HEADER};
 use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
 
-use crate::auth::{SandboxSecret, check_sandbox_secret};
+use crate::auth::{SandboxSecret, check_sandbox_secret, sandbox_secret};
 use crate::error::ApiError;
 use crate::extract::Caller;
 use crate::state::AppState;
@@ -168,11 +168,26 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
         )
     };
 
-    let offered_envd = parts
+    let mut offered_envd = parts
         .headers
         .get(ACCESS_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| check_sandbox_secret(secret, SandboxSecret::Envd, id, t));
+    // A signed file URL (E2B's `download_url`/`upload_url`) stands for the guest token on
+    // that one path and operation; the guest agent then gets the token itself.
+    if target.port == GUEST_AGENT_PORT
+        && !offered_envd
+        && parts.uri.path() == "/files"
+        && let Some(query) = parts.uri.query()
+        && let Some(checked) = file_signature(secret, id, &parts.method, query, now_unix())
+    {
+        checked?;
+        let token = sandbox_secret(secret, SandboxSecret::Envd, id);
+        let value = HeaderValue::try_from(token)
+            .map_err(|e| ApiError::internal(format!("header value: {e}")))?;
+        parts.headers.insert(ACCESS_TOKEN_HEADER, value);
+        offered_envd = true;
+    }
     let traffic = parts
         .headers
         .get(TRAFFIC_TOKEN_HEADER)
@@ -322,9 +337,145 @@ async fn resolve(address: &str) -> Result<SocketAddr, ApiError> {
         .ok_or_else(bad)
 }
 
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Checks a signed `/files` URL: `None` when the query carries no signature, else whether
+/// it is E2B's v1 signature of this path, operation (GET reads, anything else writes),
+/// user and the sandbox's guest token, and not expired.
+///
+/// The signature is `v1_` + unpadded base64 of SHA-256 over
+/// `{path}:{read|write}:{username}:{token}`, with `:{expiration}` appended when the URL
+/// carries `signature_expiration` (Unix seconds).
+fn file_signature(
+    secret: &[u8],
+    id: SandboxId,
+    method: &http::Method,
+    query: &str,
+    now: i64,
+) -> Option<Result<(), ApiError>> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    use subtle::ConstantTimeEq as _;
+    let mut path = None;
+    let mut user = String::new();
+    let mut signature = None;
+    let mut expiration = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "path" => path = Some(v.into_owned()),
+            "username" => user = v.into_owned(),
+            "signature" => signature = Some(v.into_owned()),
+            "signature_expiration" => expiration = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let signature = signature?;
+    let refused = |why: &str| {
+        Some(Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!("signed file URL: {why}"),
+        )))
+    };
+    let Some(path) = path else {
+        return refused("it names no path");
+    };
+    let operation = if method == http::Method::GET || method == http::Method::HEAD {
+        "read"
+    } else {
+        "write"
+    };
+    let token = sandbox_secret(secret, SandboxSecret::Envd, id);
+    let mut raw = format!("{path}:{operation}:{user}:{token}");
+    if let Some(exp) = &expiration {
+        let Ok(at) = exp.parse::<i64>() else {
+            return refused("signature_expiration is not a Unix time");
+        };
+        if at < now {
+            return refused("it has expired");
+        }
+        raw.push(':');
+        raw.push_str(exp);
+    }
+    let digest = sha2::Sha256::digest(raw.as_bytes());
+    let expected = format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    );
+    if bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
+        Some(Ok(()))
+    } else {
+        refused("the signature does not match")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_file_urls_are_checked() {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let secret = [7u8; 32];
+        let id = SandboxId::new();
+        let token = sandbox_secret(&secret, SandboxSecret::Envd, id);
+        let sign = |raw: String| {
+            format!(
+                "v1_{}",
+                base64::engine::general_purpose::STANDARD_NO_PAD
+                    .encode(sha2::Sha256::digest(raw.as_bytes()))
+            )
+        };
+        let get = http::Method::GET;
+        let post = http::Method::POST;
+        let enc = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        // No signature: not a signed request.
+        assert!(file_signature(&secret, id, &get, "path=/tmp/x", 0).is_none());
+        let read = sign(format!("/tmp/x:read::{token}"));
+        let q = format!("path=%2Ftmp%2Fx&signature={}", enc(&read));
+        assert!(matches!(
+            file_signature(&secret, id, &get, &q, 0),
+            Some(Ok(()))
+        ));
+        // The same signature does not write, nor read another path or sandbox.
+        assert!(matches!(
+            file_signature(&secret, id, &post, &q, 0),
+            Some(Err(_))
+        ));
+        let other = format!("path=%2Fetc%2Fshadow&signature={}", enc(&read));
+        assert!(matches!(
+            file_signature(&secret, id, &get, &other, 0),
+            Some(Err(_))
+        ));
+        assert!(matches!(
+            file_signature(&secret, SandboxId::new(), &get, &q, 0),
+            Some(Err(_))
+        ));
+        // A user and an expiry are signed too; past the expiry it is refused.
+        let write = sign(format!("/tmp/y:write:root:{token}:1000"));
+        let q = format!(
+            "path=/tmp/y&username=root&signature={}&signature_expiration=1000",
+            enc(&write)
+        );
+        assert!(matches!(
+            file_signature(&secret, id, &post, &q, 999),
+            Some(Ok(()))
+        ));
+        let late = file_signature(&secret, id, &post, &q, 1001);
+        assert!(
+            matches!(&late, Some(Err(e)) if e.message.contains("expired")),
+            "{late:?}"
+        );
+        let moved = q.replace("signature_expiration=1000", "signature_expiration=9999");
+        assert!(matches!(
+            file_signature(&secret, id, &post, &moved, 0),
+            Some(Err(_))
+        ));
+    }
 
     fn t(domain: Option<&str>, headers: &[(&str, &str)], uri: &str) -> Option<Target> {
         let mut h = http::HeaderMap::new();

@@ -925,7 +925,8 @@ for _ in sys.stdin:
 
 /// Create → first command through E2B's Python SDK (E2B's REST API and the guest agent's
 /// protocol through the proxy) against the same through our REST API with the Rust
-/// client, interleaved round by round, each round starting with the clone pool full.
+/// client, interleaved round by round, each round starting with the clone pool full. Both
+/// run the process the SDK runs for a command: `/bin/bash -l -c true`.
 async fn sdk_vs_rest(
     args: &BenchArgs,
     launched: &super::up::Launched,
@@ -970,7 +971,26 @@ async fn sdk_vs_rest(
         let sb = client
             .create_sandbox(&CreateSandboxRequest::default())
             .await?;
-        run_true(client, sb.id).await?;
+        // The process E2B's SDK starts for `commands.run("true")`: a login shell.
+        let r = client
+            .exec(
+                sb.id,
+                &ExecRequest {
+                    argv: Some(vec![
+                        "/bin/bash".into(),
+                        "-l".into(),
+                        "-c".into(),
+                        "true".into(),
+                    ]),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        anyhow::ensure!(
+            r.exit_code == 0,
+            "`bash -l -c true` exited with {}",
+            r.exit_code
+        );
         rest.push(ms(t.elapsed()));
         client.destroy_sandbox(sb.id).await?;
 

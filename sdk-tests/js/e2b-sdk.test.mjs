@@ -300,3 +300,20 @@ test('egress: allow and deny by address and domain', { skip: !ALLOWED && 'needs 
     await closed.kill()
   }
 })
+
+test('auto-resume on traffic', async () => {
+  const s = await Sandbox.create({
+    timeoutMs: 600_000,
+    lifecycle: { onTimeout: 'pause', autoResume: true },
+  })
+  try {
+    await s.commands.run('echo kept > /tmp/state')
+    await s.pause()
+    assert.equal((await Sandbox.getInfo(s.sandboxId)).state, 'paused')
+    // The next request to the sandbox resumes it; nothing else is needed.
+    assert.equal(await s.files.read('/tmp/state'), 'kept\n')
+    assert.equal((await Sandbox.getInfo(s.sandboxId)).state, 'running')
+  } finally {
+    await s.kill()
+  }
+})

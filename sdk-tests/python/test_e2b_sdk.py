@@ -354,3 +354,17 @@ def test_egress_allow_and_deny_by_address_and_domain():
         assert resolve(closed, "allowed.test") == ""
     finally:
         closed.kill()
+
+
+def test_auto_resume_on_traffic():
+    s = Sandbox.create(timeout=600, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        s.commands.run("echo kept > /tmp/state")
+        s.pause()
+        assert Sandbox.get_info(s.sandbox_id).state == SandboxState.PAUSED
+        # The next request to the sandbox resumes it; nothing else is needed.
+        assert s.files.read("/tmp/state") == "kept\n"
+        assert Sandbox.get_info(s.sandbox_id).state == SandboxState.RUNNING
+        assert s.commands.run("echo hi").stdout == "hi\n"
+    finally:
+        s.kill()

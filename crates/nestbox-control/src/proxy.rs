@@ -19,7 +19,8 @@
 //!   that token alone is enough there (it is what E2B's SDKs send, and it opens nothing
 //!   but that sandbox's guest agent);
 //! - a sandbox that is not running answers `409 sandbox_not_running` at once, a port
-//!   nobody listens on `502 port_unreachable` at once: a request never hangs on them;
+//!   nobody listens on `502 port_unreachable` at once: a request never hangs on them —
+//!   except a paused sandbox created with `auto_resume`, which the request resumes first;
 //! - the platform's credentials (API key, traffic token, a session bearer) are removed
 //!   before the request goes on: code in the sandbox never sees them;
 //! - the request goes to the sandbox's host agent, which forwards it to the guest
@@ -253,6 +254,11 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
         }
         services.sandbox_row(&caller, id).await?
     };
+    let sandbox = if sandbox.status == SandboxStatus::Paused && sandbox.auto_resume {
+        resume_for_traffic(services, sandbox).await?
+    } else {
+        sandbox
+    };
     if sandbox.status != SandboxStatus::Running {
         let hint = match sandbox.status {
             SandboxStatus::Paused => "; resume it to reach its ports",
@@ -335,6 +341,33 @@ async fn resolve(address: &str) -> Result<SocketAddr, ApiError> {
         })?
         .next()
         .ok_or_else(bad)
+}
+
+/// Resumes a paused sandbox with `auto_resume` for a request that reached one of its
+/// ports, and returns it running. Requests that arrive together resume it once: those that
+/// lose the race wait (up to the pause timeout) until it runs.
+async fn resume_for_traffic(
+    services: &crate::state::Services,
+    sb: sandboxes::Sandbox,
+) -> Result<sandboxes::Sandbox, ApiError> {
+    let id = sb.id;
+    let resumed = services
+        .resume_sandbox(&Caller::system(sb.team_id), id, None)
+        .await;
+    let deadline = tokio::time::Instant::now() + services.cfg.pause_timeout;
+    loop {
+        let now = sandboxes::get(&services.db, id).await?;
+        if now.status == SandboxStatus::Running {
+            return Ok(now);
+        }
+        if now.status != SandboxStatus::Paused || tokio::time::Instant::now() >= deadline {
+            return match resumed {
+                Err(e) => Err(e),
+                Ok(_) => Ok(now),
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 fn now_unix() -> i64 {

@@ -430,12 +430,6 @@ async fn e2b_errors_have_e2b_shape(engine: Engine) -> anyhow::Result<()> {
         (
             Method::POST,
             "/v2/sandboxes".into(),
-            Some(json!({"templateID": "base", "autoResume": {"enabled": true}})),
-            400,
-        ),
-        (
-            Method::POST,
-            "/v2/sandboxes".into(),
             Some(json!({"templateID": "base", "mcp": {"x": {}}})),
             400,
         ),

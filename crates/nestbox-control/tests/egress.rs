@@ -319,13 +319,15 @@ async fn e2b_network_fields_map_to_rules(engine: Engine) -> anyhow::Result<()> {
         strings(&["0.0.0.0/0"])
     );
 
-    // Private ports on request.
+    // Private ports, and resumed by traffic, on request.
     let created = e2b(
         &h,
         Method::POST,
         "/v2/sandboxes",
         Some(json!({
             "templateID": "base",
+            "autoPause": true,
+            "autoResume": {"enabled": true},
             "network": {"dnsServers": ["192.0.2.53"], "allowPublicTraffic": false}
         })),
     )
@@ -333,7 +335,12 @@ async fn e2b_network_fields_map_to_rules(engine: Engine) -> anyhow::Result<()> {
     assert_eq!(created.0, 201, "{created:?}");
     let id: SandboxId = created.1["sandboxID"].as_str().unwrap().parse()?;
     assert_eq!(h.agent.sandbox(id).unwrap().egress(), (vec![], vec![]));
-    assert!(!h.key.get_sandbox(id).await?.public_traffic);
+    let sb = h.key.get_sandbox(id).await?;
+    assert!(!sb.public_traffic);
+    assert!(sb.auto_resume);
+    let got = e2b(&h, Method::GET, &format!("/sandboxes/{id}"), None).await?;
+    assert_eq!(got.1["lifecycle"]["autoResume"], true, "{got:?}");
+    assert_eq!(got.1["lifecycle"]["onTimeout"], "pause", "{got:?}");
     h.shutdown().await;
     Ok(())
 }

@@ -59,6 +59,8 @@ pub struct Sandbox {
     pub egress: EgressRules,
     /// Its ports answer without the traffic token.
     pub public_traffic: bool,
+    /// A request to one of its ports resumes it when it is paused.
+    pub auto_resume: bool,
 }
 
 /// What [`insert`] needs. The sandbox starts `pending`.
@@ -80,6 +82,7 @@ pub struct NewSandbox {
     /// Egress rules, validated and normalised by the caller.
     pub egress: EgressRules,
     pub public_traffic: bool,
+    pub auto_resume: bool,
 }
 
 /// Which sandboxes [`list_for_team`] returns. Empty fields do not filter.
@@ -103,7 +106,7 @@ const COLUMNS: &str = "s.id, s.team_id, s.host_id, s.template_id, s.template_nam
                        s.error, s.vcpus, s.memory_mb, s.disk_size_mb, s.timeout_sec, s.env, \
                        s.created_by, s.created_at, s.started_at, s.stopped_at, s.last_active_at, \
                        s.updated_at, s.expires_at, s.lifetime_sec, s.on_expiry, s.egress, \
-                       s.public_traffic";
+                       s.public_traffic, s.auto_resume";
 
 fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
     let env = r.json("env")?;
@@ -137,6 +140,7 @@ fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
         on_expiry: r.parse("on_expiry")?,
         egress,
         public_traffic: r.bool("public_traffic")?,
+        auto_resume: r.bool("auto_resume")?,
     })
 }
 
@@ -156,9 +160,9 @@ pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
         .execute(
             "INSERT INTO sandboxes (id, team_id, template_id, template_name, status, vcpus, \
                  memory_mb, disk_size_mb, timeout_sec, env, created_by, created_at, updated_at, \
-                 expires_at, lifetime_sec, on_expiry, egress, public_traffic) \
+                 expires_at, lifetime_sec, on_expiry, egress, public_traffic, auto_resume) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15, \
-                 $16, $17)",
+                 $16, $17, $18)",
             args![
                 id,
                 new.team_id,
@@ -177,6 +181,7 @@ pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
                 new.on_expiry,
                 egress_json(&new.egress)?,
                 new.public_traffic,
+                new.auto_resume,
             ],
         )
         .await

@@ -285,6 +285,9 @@ pub struct CreateSandboxRequest {
     /// Its ports answer through the proxy without the traffic token (default `false`).
     #[serde(default)]
     pub public_traffic: Option<bool>,
+    /// While it is paused, a request to one of its ports resumes it (default `false`).
+    #[serde(default)]
+    pub auto_resume: Option<bool>,
 }
 
 /// A sandbox's egress rules as set (`egress` at create, `PUT /v1/sandboxes/{id}/egress`).
@@ -433,6 +436,9 @@ pub struct Sandbox {
     /// Its ports answer through the proxy without the traffic token.
     #[serde(default)]
     pub public_traffic: bool,
+    /// While it is paused, a request to one of its ports resumes it.
+    #[serde(default)]
+    pub auto_resume: bool,
     /// Opens the sandbox's ports through the proxy without team credentials (header
     /// `e2b-traffic-access-token`); in the answers of create and get only.
     #[serde(default, skip_serializing_if = "Option::is_none")]

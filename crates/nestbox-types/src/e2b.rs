@@ -46,7 +46,7 @@ pub struct NewSandbox {
     /// Whether an automatic pause keeps memory (it always does here).
     #[serde(default)]
     pub auto_pause_memory: Option<bool>,
-    /// Resume a paused sandbox when traffic reaches it (not supported: refused when enabled).
+    /// Resume the sandbox, while it is paused, when a request reaches one of its ports.
     #[serde(default)]
     pub auto_resume: Option<AutoResume>,
     /// Whether the sandbox may reach the internet.
@@ -317,7 +317,7 @@ pub struct ListedSandbox {
 #[cfg_attr(feature = "openapi", schema(as = e2b::Lifecycle))]
 #[serde(rename_all = "camelCase")]
 pub struct Lifecycle {
-    /// Whether traffic resumes it (never, here).
+    /// Whether a request to one of its ports resumes it while it is paused.
     pub auto_resume: bool,
     /// `kill` or `pause`.
     pub on_timeout: String,

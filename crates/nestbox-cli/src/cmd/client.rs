@@ -196,6 +196,9 @@ pub enum SandboxCommand {
         /// Let anyone reach its ports through the proxy, without the traffic token.
         #[arg(long)]
         public: bool,
+        /// While it is paused, let a request to one of its ports resume it.
+        #[arg(long)]
+        auto_resume: bool,
         /// Print only the id.
         #[arg(long, short)]
         quiet: bool,
@@ -387,6 +390,7 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
             metadata,
             egress,
             public,
+            auto_resume,
             quiet,
         } => {
             let req = CreateSandboxRequest {
@@ -401,6 +405,7 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                 on_expiry: pause_on_expiry.then_some(nestbox_types::Expiry::Pause),
                 egress: Some(egress.request()),
                 public_traffic: Some(public),
+                auto_resume: Some(auto_resume),
             };
             let sb = client(&conn)?.create_sandbox(&req).await?;
             if quiet {

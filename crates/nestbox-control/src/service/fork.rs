@@ -89,6 +89,7 @@ impl Services {
                 allow_internet_access: None,
             }),
             public_traffic: Some(sb.public_traffic),
+            auto_resume: Some(sb.auto_resume),
             ..Default::default()
         };
         let outcomes: Vec<ApiResult<api::Sandbox>> = futures::stream::iter(0..count)

@@ -83,6 +83,7 @@ pub fn sandbox_view(s: &sandboxes::Sandbox) -> api::Sandbox {
         on_expiry: s.on_expiry,
         egress: s.egress.clone(),
         public_traffic: s.public_traffic,
+        auto_resume: s.auto_resume,
         traffic_access_token: None,
         envd_access_token: None,
     }
@@ -533,6 +534,7 @@ impl Services {
                 on_expiry: req.on_expiry.unwrap_or(nestbox_types::Expiry::Destroy),
                 egress: egress.clone(),
                 public_traffic: req.public_traffic.unwrap_or(false),
+                auto_resume: req.auto_resume.unwrap_or(false),
             },
         )
         .await?;

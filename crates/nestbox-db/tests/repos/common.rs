@@ -125,6 +125,7 @@ pub fn new_sandbox(team: TeamId) -> NewSandbox {
         on_expiry: nestbox_types::Expiry::Destroy,
         egress: Default::default(),
         public_traffic: false,
+        auto_resume: false,
     }
 }
 

@@ -386,14 +386,17 @@ db_test!(network_settings_round_trip, |t| {
         deny_out: vec!["0.0.0.0/0".into()],
     };
     new.public_traffic = true;
+    new.auto_resume = true;
     let sb = sandboxes::insert(&t.db, &new).await.unwrap();
     assert_eq!(sb.egress, new.egress);
     assert!(sb.public_traffic);
+    assert!(sb.auto_resume);
     let plain = sandboxes::insert(&t.db, &new_sandbox(team.id))
         .await
         .unwrap();
     assert!(plain.egress.is_empty());
     assert!(!plain.public_traffic);
+    assert!(!plain.auto_resume);
 
     let open = nestbox_types::egress::EgressRules::default();
     assert!(sandboxes::set_egress(&t.db, sb.id, &open).await.unwrap());

@@ -126,9 +126,6 @@ pub(super) async fn visible(
 }
 
 fn create_request(req: NewSandbox) -> E2bResult<CreateSandboxRequest> {
-    if req.auto_resume.as_ref().is_some_and(|a| a.enabled) {
-        return Err(not_supported("autoResume"));
-    }
     if req.auto_pause_memory == Some(false) {
         return Err(not_supported(
             "autoPauseMemory: false (a pause always keeps memory)",
@@ -171,6 +168,7 @@ fn create_request(req: NewSandbox) -> E2bResult<CreateSandboxRequest> {
         egress: Some(egress),
         // E2B's default: a sandbox's URLs are public unless asked otherwise.
         public_traffic: Some(net.allow_public_traffic.unwrap_or(true)),
+        auto_resume: Some(req.auto_resume.is_some_and(|a| a.enabled)),
         ..Default::default()
     })
 }
@@ -350,7 +348,7 @@ pub async fn get_sandbox(
         envd_access_token: view.envd_access_token.unwrap_or_default(),
         domain: domain(&s, &headers),
         lifecycle: Lifecycle {
-            auto_resume: false,
+            auto_resume: sb.auto_resume,
             on_timeout: match sb.on_expiry {
                 Expiry::Destroy => "kill".into(),
                 Expiry::Pause => "pause".into(),

@@ -94,7 +94,8 @@ async fn e2b_sdks_work_unmodified() {
 
     assert!(
         py_ok && js_ok,
-        "E2B SDK suites failed (python ok: {py_ok}, javascript ok: {js_ok}); log tail:\n{}",
+        "E2B SDK suites failed (python ok: {py_ok}, javascript ok: {js_ok}); warnings and errors:\n{}\nlog tail:\n{}",
+        nb.log_problems(),
         nb.log_tail()
     );
 }

@@ -220,6 +220,17 @@ impl Nestbox {
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
+    /// Every warning and error the instance logged (the last 200), for failure messages
+    /// of long tests whose tail has moved on.
+    pub fn log_problems(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        lines[lines.len().saturating_sub(200)..].join("\n")
+    }
+
     /// The instance tag (names its host-wide resources).
     pub fn tag(&self) -> String {
         nestbox_agent_tag(&self.data_dir().join("agent"))

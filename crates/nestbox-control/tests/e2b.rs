@@ -7,7 +7,7 @@
 mod common;
 
 use chrono::Utc;
-use common::{Engine, Harness, both_engines};
+use common::{Engine, Harness, both_engines, e2b, e2b_as};
 use nestbox_types::api::{CreateSandboxRequest, Sandbox};
 use nestbox_types::{Expiry, SandboxStatus};
 use serde_json::{Value, json};
@@ -22,40 +22,6 @@ both_engines!(
     e2b_list_pages_with_next_token_header,
     e2b_templates_and_snapshots,
 );
-
-/// An E2B call with the first-run key: status, headers and JSON body (`Null` if empty).
-async fn e2b(
-    h: &Harness,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
-    e2b_as(h, &h.api_key, method, path, body).await
-}
-
-async fn e2b_as(
-    h: &Harness,
-    key: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
-    let (http, url) = h.raw(path);
-    let mut rb = http.request(method, url).header("X-API-KEY", key);
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let resp = rb.send().await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.text().await?;
-    let value = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text)?
-    };
-    Ok((status, headers, value))
-}
 
 /// Asserts E2B's error shape with `status`.
 #[track_caller]

@@ -21,6 +21,17 @@ both_engines!(
     e2b_network_fields_map_to_rules,
 );
 
+/// An E2B call with the first-run key: status and JSON body.
+async fn e2b(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let (status, _, value) = common::e2b(h, method, path, body).await?;
+    Ok((status, value))
+}
+
 fn rules(allow: &[&str], deny: &[&str]) -> EgressRequest {
     EgressRequest {
         allow_out: allow.iter().map(|s| s.to_string()).collect(),
@@ -234,28 +245,6 @@ async fn forks_keep_their_sources_rules(engine: Engine) -> anyhow::Result<()> {
     }
     h.shutdown().await;
     Ok(())
-}
-
-async fn e2b(
-    h: &Harness,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, Value)> {
-    let (http, url) = h.raw(path);
-    let mut rb = http.request(method, url).header("X-API-KEY", &h.api_key);
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let resp = rb.send().await?;
-    let status = resp.status().as_u16();
-    let text = resp.text().await?;
-    let value = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text)?
-    };
-    Ok((status, value))
 }
 
 async fn e2b_network_fields_map_to_rules(engine: Engine) -> anyhow::Result<()> {

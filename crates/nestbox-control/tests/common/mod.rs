@@ -378,3 +378,37 @@ where
     }
     Ok(())
 }
+
+/// An E2B call with the first-run key: status, headers and JSON body (`Null` if empty).
+pub async fn e2b(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, reqwest::header::HeaderMap, serde_json::Value)> {
+    e2b_as(h, &h.api_key, method, path, body).await
+}
+
+pub async fn e2b_as(
+    h: &Harness,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, reqwest::header::HeaderMap, serde_json::Value)> {
+    let (http, url) = h.raw(path);
+    let mut rb = http.request(method, url).header("X-API-KEY", key);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let resp = rb.send().await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await?;
+    let value = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text)?
+    };
+    Ok((status, headers, value))
+}

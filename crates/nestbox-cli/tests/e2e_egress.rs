@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{Internet, Nestbox, host_primary_ip, sh_ok};
+use common::{
+    Internet, Nestbox, assert_gone, assert_instance_clean, footprint, host_primary_ip, sh_ok,
+};
 use nestbox_client::Client;
 use nestbox_types::SandboxId;
 use nestbox_types::api::{CreateSandboxRequest, EgressRequest};
@@ -200,5 +202,13 @@ async fn egress_rules_confine_a_sandbox() {
         "OPEN"
     );
     drop(listener);
+    // Nothing of it stays: namespace (and the resolver's sockets in it), slot, VMM, files;
+    // and nothing of the installation once it stops.
+    let fp = footprint(&nb, id);
     client.destroy_sandbox(id).await.unwrap();
+    assert_gone(&nb, &fp, id);
+    let tag = nb.tag();
+    let mut nb = nb;
+    nb.stop();
+    assert_instance_clean(&tag);
 }

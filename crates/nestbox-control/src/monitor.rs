@@ -214,27 +214,6 @@ async fn lost(
     host: nestbox_types::HostId,
     sb: &sandboxes::Sandbox,
 ) -> Result<(), crate::error::ApiError> {
-    let applied = sandboxes::transition(
-        &services.db,
-        sb.id,
-        &[sb.status],
-        SandboxStatus::Error,
-        Some("lost by its host (the VM exited or the host agent restarted)"),
-    )
-    .await?;
-    if applied {
-        tracing::warn!(sandbox = %sb.id, "sandbox lost by its host");
-        services
-            .audit(AuditEntry {
-                actor: AuditActor::System,
-                team: Some(sb.team_id),
-                action: "sandbox.lost",
-                resource_type: "sandbox",
-                resource_id: Some(sb.id.to_string()),
-                ok: false,
-                details: serde_json::json!({ "host": host.to_string(), "was": sb.status }),
-            })
-            .await;
-    }
+    crate::service::record_lost(&services.db, host, sb.id, sb.team_id, sb.status).await?;
     Ok(())
 }

@@ -65,6 +65,43 @@ impl Services {
     }
 }
 
+/// Records that a sandbox's host no longer knows it: `was → error` (compare-and-set, so a
+/// sandbox that changed meanwhile is left alone), audited as `sandbox.lost`. Returns whether
+/// this call made the change. Used by the monitor and by a resume the agent cannot serve.
+pub(crate) async fn record_lost(
+    db: &nestbox_db::Db,
+    host: nestbox_types::HostId,
+    id: nestbox_types::SandboxId,
+    team: nestbox_types::TeamId,
+    was: nestbox_types::SandboxStatus,
+) -> Result<bool, ApiError> {
+    let applied = nestbox_db::sandboxes::transition(
+        db,
+        id,
+        &[was],
+        nestbox_types::SandboxStatus::Error,
+        Some("lost by its host (the VM exited or the host agent restarted)"),
+    )
+    .await?;
+    if applied {
+        tracing::warn!(sandbox = %id, host = %host, "sandbox lost by its host");
+        write_audit(
+            db,
+            AuditEntry {
+                actor: AuditActor::System,
+                team: Some(team),
+                action: "sandbox.lost",
+                resource_type: "sandbox",
+                resource_id: Some(id.to_string()),
+                ok: false,
+                details: serde_json::json!({ "host": host.to_string(), "was": was }),
+            },
+        )
+        .await;
+    }
+    Ok(applied)
+}
+
 /// Runs a multi-step change in its own task and waits for its outcome. The task runs to its
 /// end even if the request that started it is dropped (the client went away): the change
 /// always leaves a clear state and records it, and nothing is written to a dead connection.

@@ -18,7 +18,10 @@
 //!   the sandbox is not running because it has paused it itself (its inactivity timer), the
 //!   sandbox simply stays paused;
 //! - resume needs a `paused` sandbox (else `conflict`) and marks it `running` only once the
-//!   agent resumed it; on failure it stays `paused` (its saved state is intact);
+//!   agent resumed it; on failure it stays `paused` (its saved state is intact) — unless the
+//!   agent does not know the sandbox at all (its host lost it, e.g. in a crash mid-pause):
+//!   then it becomes `error` at once, as the monitor would record it, and the caller gets a
+//!   `conflict` saying so;
 //! - the agent calls and what follows them run in detached tasks ([`super::detached`]): a
 //!   client that goes away mid-call never leaves a half state, and the outcome is audited;
 //! - once paused, the sandbox's metrics are fetched from the agent and stored
@@ -185,6 +188,7 @@ impl Services {
         let (host, mut client) = self.agent_for(sb.host_id).await?;
         let db = self.db.clone();
         let who = *caller;
+        let team = sb.team_id;
         let timeout = self.cfg.pause_timeout;
         detached(async move {
             let mut rpc = tonic::Request::new(ResumeSandboxRequest {
@@ -204,6 +208,18 @@ impl Services {
                     .await =>
                 {
                     Ok(())
+                }
+                // The host does not have it (it lost it while pausing, or since): the
+                // sandbox cannot come back. Recorded now rather than at the monitor's next
+                // pass, so the caller gets the truth.
+                Err(status) if nestbox_proto::error_code(&status) == ErrorCode::SandboxNotFound => {
+                    let lost =
+                        super::record_lost(&db, host, id, team, SandboxStatus::Paused).await?;
+                    Err(ApiError::conflict(if lost {
+                        format!("sandbox {id} was lost by its host; its saved state is gone")
+                    } else {
+                        format!("sandbox {id} changed while it resumed")
+                    }))
                 }
                 // The saved state is intact: the sandbox stays paused.
                 Err(status) => Err(from_agent(&status)),

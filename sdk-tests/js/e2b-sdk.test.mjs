@@ -13,6 +13,8 @@ import {
   AuthenticationError,
   SandboxError,
   ALL_TRAFFIC,
+  ApiClient,
+  ConnectionConfig,
 } from 'e2b'
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
@@ -220,6 +222,36 @@ test('metrics', async () => {
   const last = metrics[metrics.length - 1]
   assert.ok(last.cpuCount >= 1)
   assert.ok(last.memTotal > 0)
+})
+
+test("logs through the SDK's API client", async () => {
+  const marker = `js-log-${randomUUID().slice(0, 8)}`
+  await sbx.commands.run(`echo ${marker} > /dev/console`, { user: 'root' })
+  const { api } = new ApiClient(new ConnectionConfig())
+  const v2 = async (query) => {
+    const res = await api.GET('/v2/sandboxes/{sandboxID}/logs', {
+      params: { path: { sandboxID: sbx.sandboxId }, query },
+    })
+    assert.equal(res.response.status, 200, JSON.stringify(res.error))
+    return res.data.logs
+  }
+  const entry = await waitFor('the marker in the log', async () =>
+    (await v2({ search: marker })).find((e) => e.message === marker),
+  )
+  assert.equal(entry.level, 'info')
+  assert.equal(entry.fields.source, 'console')
+  const newest = await v2({ direction: 'backward', limit: 3 })
+  assert.equal(newest.length, 3)
+  assert.ok(Date.parse(newest[0].timestamp) >= Date.parse(newest[2].timestamp), 'newest first')
+  const v1 = await api.GET('/sandboxes/{sandboxID}/logs', {
+    params: { path: { sandboxID: sbx.sandboxId }, query: { start: 0, limit: 1000 } },
+  })
+  assert.ok(v1.data.logs.some((l) => l.line === marker))
+  const other = new ApiClient(new ConnectionConfig({ apiKey: process.env.NESTBOX_OTHER_API_KEY }))
+  const hidden = await other.api.GET('/v2/sandboxes/{sandboxID}/logs', {
+    params: { path: { sandboxID: sbx.sandboxId } },
+  })
+  assert.equal(hidden.response.status, 404)
 })
 
 test('snapshots', async () => {

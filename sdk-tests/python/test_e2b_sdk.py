@@ -230,6 +230,48 @@ def test_metrics(sbx):
     assert m.disk_total > 0
 
 
+def test_logs_through_the_sdks_api_client(sbx):
+    # The SDK's high-level classes have no logs call; its generated API client does.
+    from e2b.api.client.api.sandboxes import (
+        get_sandboxes_sandbox_id_logs,
+        get_v_2_sandboxes_sandbox_id_logs,
+    )
+    from e2b.api.client.models import LogLevel, LogsDirection, SandboxLogs, SandboxLogsV2Response
+    from e2b.api.client_sync import get_api_client
+    from e2b.connection_config import ConnectionConfig
+
+    marker = f"sdk-log-{uuid.uuid4().hex[:8]}"
+    sbx.commands.run(f"echo {marker} > /dev/console", user="root")
+    api = get_api_client(ConnectionConfig())
+
+    def v2(**params):
+        res = get_v_2_sandboxes_sandbox_id_logs.sync(sbx.sandbox_id, client=api, **params)
+        assert isinstance(res, SandboxLogsV2Response), res
+        return res.logs
+
+    entry = wait_for(
+        "the marker in the log",
+        lambda: next((e for e in v2(search=marker) if e.message == marker), None),
+    )
+    assert entry.level == LogLevel.INFO
+    assert entry.fields["source"] == "console"
+    newest = v2(direction=LogsDirection.BACKWARD, limit=5)
+    assert len(newest) == 5
+    assert all(a.timestamp >= b.timestamp for a, b in zip(newest, newest[1:])), "newest first"
+    assert all(e.timestamp.timestamp() * 1000 >= int(entry.timestamp.timestamp() * 1000)
+               for e in v2(cursor=int(entry.timestamp.timestamp() * 1000)))
+    assert all(e.level in (LogLevel.WARN, LogLevel.ERROR) for e in v2(level=LogLevel.WARN))
+
+    v1 = get_sandboxes_sandbox_id_logs.sync(sbx.sandbox_id, client=api, start=0, limit=1000)
+    assert isinstance(v1, SandboxLogs), v1
+    assert any(line.line == marker for line in v1.logs)
+    assert [line.line for line in v1.logs] == [e.message for e in v1.log_entries]
+
+    other = get_api_client(ConnectionConfig(api_key=os.environ["NESTBOX_OTHER_API_KEY"]))
+    res = get_v_2_sandboxes_sandbox_id_logs.sync_detailed(sbx.sandbox_id, client=other)
+    assert res.status_code == 404
+
+
 def test_snapshots(sbx):
     sbx.files.write("/home/user/from-snapshot.txt", "snapshot data")
     snap = sbx.create_snapshot()

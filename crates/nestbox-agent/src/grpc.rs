@@ -666,6 +666,53 @@ impl HostAgent for Service {
         }))
     }
 
+    async fn get_sandbox_logs(
+        &self,
+        req: Request<GetSandboxLogsRequest>,
+    ) -> Result<Response<GetSandboxLogsResponse>, Status> {
+        use crate::sandbox::logs::{Level, Query};
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        if r.limit == 0 || r.limit > nestbox_types::limits::MAX_LOG_PAGE {
+            return Err(AgentError::Invalid(format!(
+                "limit must be 1..={}",
+                nestbox_types::limits::MAX_LOG_PAGE
+            ))
+            .into());
+        }
+        let min_level = match r.min_level.as_str() {
+            "" => Level::Debug,
+            name => Level::parse(name).ok_or_else(|| {
+                AgentError::Invalid(format!(
+                    "unknown level `{name}`: debug, info, warn or error"
+                ))
+            })?,
+        };
+        let query = Query {
+            start_ms: r.start_unix_ms,
+            cursor: r.cursor,
+            limit: r.limit as usize,
+            backward: r.backward,
+            min_level,
+            search: (!r.search.is_empty()).then_some(r.search),
+        };
+        let page = self.manager.logs(id, query).await?;
+        Ok(Response::new(GetSandboxLogsResponse {
+            entries: page
+                .entries
+                .into_iter()
+                .map(|e| LogEntry {
+                    seq: e.seq,
+                    unix_ms: e.ts,
+                    level: e.level.as_str().to_string(),
+                    message: e.msg,
+                    fields: e.fields.into_iter().collect(),
+                })
+                .collect(),
+            more: page.more,
+        }))
+    }
+
     async fn flush_sandbox_metrics(
         &self,
         req: Request<FlushSandboxMetricsRequest>,

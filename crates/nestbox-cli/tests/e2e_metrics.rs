@@ -1,6 +1,7 @@
 //! Sandbox metrics with real VMs: live samples while a sandbox runs, the stored ones once
 //! it is paused (by the user or by its inactivity timeout), nothing once it is destroyed,
-//! and nothing for another team.
+//! and nothing for another team. Sandbox logs with real VMs: the console, the guest
+//! agent's structured lines and the host's events, through pause and resume.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,9 @@ use std::time::Duration;
 
 use common::{Nestbox, eventually, sh_ok};
 use nestbox_client::Client;
-use nestbox_types::api::{CreateSandboxRequest, MetricPoint, Sandbox};
+use nestbox_types::api::{
+    CreateSandboxRequest, LogDirection, LogEntry, LogLevel, LogsQuery, MetricPoint, Sandbox,
+};
 use nestbox_types::{ErrorCode, SandboxStatus};
 
 /// Asserts a point describes a VM of `sb`'s size.
@@ -160,4 +163,168 @@ async fn an_inactive_sandbox_keeps_its_metrics_when_paused() {
         assert_plausible(p, &sb);
     }
     client.destroy_sandbox(sb.id).await.unwrap();
+}
+
+/// Every entry of a sandbox's log, oldest first.
+async fn whole_log(client: &Client, id: nestbox_types::SandboxId) -> Vec<LogEntry> {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = client
+            .sandbox_logs(
+                id,
+                &LogsQuery {
+                    limit: Some(1000),
+                    cursor: cursor.clone(),
+                    ..LogsQuery::default()
+                },
+            )
+            .await
+            .unwrap();
+        all.extend(page.entries);
+        cursor = page.next_cursor;
+        if !page.has_more {
+            return all;
+        }
+    }
+}
+
+/// Waits until the log has an entry with this message.
+async fn logged(client: &Client, id: nestbox_types::SandboxId, message: &str) -> LogEntry {
+    eventually(Duration::from_secs(30), message, || async {
+        whole_log(client, id)
+            .await
+            .into_iter()
+            .find(|e| e.message == message)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_sandbox_log_holds_its_console_its_processes_and_its_pauses() {
+    let nb = Nestbox::up();
+    let client = nb.client();
+    let sb = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+
+    // A line written to the console, and the guest agent's own line about the process.
+    sh_ok(&client, sb.id, "echo nbx-log-one > /dev/console").await;
+    let one = logged(&client, sb.id, "nbx-log-one").await;
+    assert_eq!(one.fields["source"], "console");
+    assert_eq!(one.level, LogLevel::Info);
+    let all = whole_log(&client, sb.id).await;
+    let started = all
+        .iter()
+        .rev()
+        .find(|e| e.message == "process started")
+        .unwrap_or_else(|| panic!("no process entry in {all:#?}"));
+    assert_eq!(started.fields["source"], "guest");
+    assert_eq!(started.fields["cmd"], "/bin/sh");
+    let pid = &started.fields["pid"];
+    let ended = eventually(Duration::from_secs(30), "the process's end", || async {
+        whole_log(&client, sb.id)
+            .await
+            .into_iter()
+            .find(|e| e.message == "process ended" && e.fields.get("pid") == Some(pid))
+    })
+    .await;
+    assert_eq!(ended.fields["status"], "exit status 0");
+    assert!(ended.seq > started.seq && ended.timestamp >= started.timestamp);
+
+    // Paused: the log is still there, and says so last.
+    client.pause_sandbox(sb.id).await.unwrap();
+    let newest = client
+        .sandbox_logs(
+            sb.id,
+            &LogsQuery {
+                limit: Some(1),
+                direction: Some(LogDirection::Backward),
+                ..LogsQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(newest.entries[0].message, "paused");
+    assert_eq!(newest.entries[0].fields["source"], "host");
+    assert!(newest.has_more);
+
+    // Resumed (a new console): the log goes on from where it was.
+    client.resume_sandbox(sb.id).await.unwrap();
+    let cursor = whole_log(&client, sb.id)
+        .await
+        .last()
+        .map(|e| e.seq.to_string());
+    sh_ok(&client, sb.id, "echo nbx-log-two > /dev/console").await;
+    logged(&client, sb.id, "nbx-log-two").await;
+    let all = whole_log(&client, sb.id).await;
+    let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=all.len() as u64).collect::<Vec<_>>(),
+        "numbered without gaps"
+    );
+    assert!(all.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
+    let pos = |m: &str| all.iter().position(|e| e.message == m).unwrap();
+    assert!(pos("nbx-log-one") < pos("paused"));
+    assert!(pos("paused") < pos("resumed"));
+    assert!(pos("resumed") < pos("nbx-log-two"));
+    assert_eq!(
+        all.iter().filter(|e| e.message == "nbx-log-one").count(),
+        1,
+        "nothing twice"
+    );
+
+    // Following from a cursor gives only what came after it.
+    let since = client
+        .sandbox_logs(
+            sb.id,
+            &LogsQuery {
+                cursor,
+                ..LogsQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(since.entries.iter().any(|e| e.message == "nbx-log-two"));
+    assert!(since.entries.iter().all(|e| e.message != "paused"));
+
+    // Filters: text (case-insensitive) and level.
+    let found = client
+        .sandbox_logs(
+            sb.id,
+            &LogsQuery {
+                search: Some("NBX-LOG-TWO".into()),
+                ..LogsQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.entries.len(), 1, "{:?}", found.entries);
+    let errors = client
+        .sandbox_logs(
+            sb.id,
+            &LogsQuery {
+                level: Some(LogLevel::Warn),
+                ..LogsQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(errors.entries.iter().all(|e| e.level >= LogLevel::Warn));
+
+    // Another team sees nothing; a destroyed sandbox's log is gone with it.
+    let other = other_team(&nb).await;
+    let e = other
+        .sandbox_logs(sb.id, &LogsQuery::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("sandbox_not_found"), "{e}");
+    client.destroy_sandbox(sb.id).await.unwrap();
+    let e = client
+        .sandbox_logs(sb.id, &LogsQuery::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not_found"), "{e}");
 }

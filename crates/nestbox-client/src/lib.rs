@@ -686,6 +686,17 @@ impl Client {
         self.json(self.request(Method::GET, &path).query(&query), &path)
             .await
     }
+
+    /// A page of a sandbox's log.
+    pub async fn sandbox_logs(
+        &self,
+        id: SandboxId,
+        query: &LogsQuery,
+    ) -> Result<SandboxLogs, ClientError> {
+        let path = format!("/v1/sandboxes/{id}/logs");
+        self.json(self.request(Method::GET, &path).query(query), &path)
+            .await
+    }
 }
 
 /// Parses a server-sent event stream whose `data:` lines are JSON [`ExecEvent`]s.

@@ -1,5 +1,6 @@
 //! Sandbox metrics: live from the host while running, stored on pause (asked or automatic)
-//! and destroy, refused for stopped sandboxes, bad ranges and other teams.
+//! and destroy, refused for stopped sandboxes, bad ranges and other teams. Sandbox logs:
+//! paged from the host (`/v1` and E2B's two routes), refused the same way.
 
 // Tests may panic on what they expect (see clippy.toml); helpers here are not `#[test]`s.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -18,6 +19,7 @@ both_engines!(
     an_automatic_pause_stores_them_too,
     destroying_stores_the_day_tier_and_hides_the_metrics,
     bad_ranges_and_other_teams_are_refused,
+    logs_come_from_the_host_and_bad_queries_are_refused,
 );
 
 async fn a_running_sandbox_reports_live_metrics(engine: Engine) -> anyhow::Result<()> {
@@ -164,6 +166,139 @@ async fn bad_ranges_and_other_teams_are_refused(engine: Engine) -> anyhow::Resul
         h.anonymous().sandbox_metrics(sb.id, None).await,
         401,
         ErrorCode::Unauthorized,
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn logs_come_from_the_host_and_bad_queries_are_refused(engine: Engine) -> anyhow::Result<()> {
+    use nestbox_types::api::{LogDirection, LogLevel, LogsQuery};
+    let h = Harness::start(engine).await?;
+    let sb = h.sandbox().await?;
+    let page = h.key.sandbox_logs(sb.id, &LogsQuery::default()).await?;
+    assert_eq!(page.entries.len(), 1, "{page:?}");
+    assert_eq!(page.entries[0].level, LogLevel::Info);
+    assert_eq!(page.next_cursor.as_deref(), Some("1"));
+    assert!(!page.has_more);
+    // Past the cursor there is nothing yet; the cursor stays for the next poll.
+    let after = h
+        .key
+        .sandbox_logs(
+            sb.id,
+            &LogsQuery {
+                cursor: Some("1".into()),
+                ..LogsQuery::default()
+            },
+        )
+        .await?;
+    assert!(after.entries.is_empty());
+    assert_eq!(after.next_cursor.as_deref(), Some("1"));
+    let back = h
+        .key
+        .sandbox_logs(
+            sb.id,
+            &LogsQuery {
+                direction: Some(LogDirection::Backward),
+                since: Some(chrono::Utc::now() - chrono::Duration::days(1)),
+                ..LogsQuery::default()
+            },
+        )
+        .await?;
+    assert!(back.entries.is_empty(), "nothing before a day ago");
+    assert_eq!(h.agent.calls(SimOp::GetSandboxLogs), 3);
+
+    // E2B's routes read the same log.
+    let (status, _, body) = common::e2b(
+        &h,
+        reqwest::Method::GET,
+        &format!("/sandboxes/{}/logs", sb.id),
+        None,
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["logs"][0]["line"], body["logEntries"][0]["message"]);
+    assert_eq!(body["logEntries"][0]["level"], "info");
+    let (status, _, body) = common::e2b(
+        &h,
+        reqwest::Method::GET,
+        &format!("/v2/sandboxes/{}/logs?direction=backward&level=warn", sb.id),
+        None,
+    )
+    .await?;
+    assert_eq!(
+        (status, body["logs"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+
+    // Bad queries: /v1's error shape, and E2B's.
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "cursor=abc",
+        "level=loud",
+        "direction=sideways",
+        "since=yesterday",
+        "bogus=1",
+    ] {
+        let (http, url) = h.raw(&format!("/v1/sandboxes/{}/logs?{bad}", sb.id));
+        let resp = http.get(url).header("x-api-key", &h.api_key).send().await?;
+        raw_error(resp, 400, ErrorCode::InvalidRequest).await?;
+    }
+    let long = "x".repeat(257);
+    let (http, url) = h.raw(&format!("/v1/sandboxes/{}/logs?search={long}", sb.id));
+    let resp = http.get(url).header("x-api-key", &h.api_key).send().await?;
+    raw_error(resp, 400, ErrorCode::InvalidRequest).await?;
+    for bad in ["limit=0", "direction=up", "level=LOUD", "cursor=x"] {
+        let (status, _, body) = common::e2b(
+            &h,
+            reqwest::Method::GET,
+            &format!("/v2/sandboxes/{}/logs?{bad}", sb.id),
+            None,
+        )
+        .await?;
+        assert_eq!(
+            (status, &body["code"]),
+            (400, &serde_json::json!(400)),
+            "{bad}: {body}"
+        );
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (status, _, _) = common::e2b(
+        &h,
+        reqwest::Method::GET,
+        &format!("/sandboxes/{}/logs?limit=5000", sb.id),
+        None,
+    )
+    .await?;
+    assert_eq!(status, 400);
+    assert_eq!(
+        h.agent.calls(SimOp::GetSandboxLogs),
+        5,
+        "bad queries never reach the host"
+    );
+
+    // Another team, nobody, and a stopped sandbox.
+    let other = h.user("other").await?;
+    api_error(
+        other
+            .client
+            .sandbox_logs(sb.id, &LogsQuery::default())
+            .await,
+        404,
+        ErrorCode::SandboxNotFound,
+    );
+    api_error(
+        h.anonymous()
+            .sandbox_logs(sb.id, &LogsQuery::default())
+            .await,
+        401,
+        ErrorCode::Unauthorized,
+    );
+    h.key.destroy_sandbox(sb.id).await?;
+    api_error(
+        h.key.sandbox_logs(sb.id, &LogsQuery::default()).await,
+        404,
+        ErrorCode::NotFound,
     );
     h.shutdown().await;
     Ok(())

@@ -204,6 +204,8 @@ pub enum SimOp {
     DeleteTemplate,
     /// `GetSandboxMetrics`.
     GetSandboxMetrics,
+    /// `GetSandboxLogs`.
+    GetSandboxLogs,
     /// `FlushSandboxMetrics`.
     FlushSandboxMetrics,
 }
@@ -1754,6 +1756,47 @@ impl HostAgent for Service {
         self.with_sandbox(&req.sandbox_id, |sb| {
             Ok(Response::new(pb::GetSandboxMetricsResponse {
                 series: Some(sim_metrics(sb, range)),
+            }))
+        })
+    }
+
+    /// The simulated log holds one entry: the sandbox's start (`seq` 1, at its start
+    /// time, `info`); the query's limit, direction, cursor, start time, level and search
+    /// apply to it.
+    async fn get_sandbox_logs(
+        &self,
+        request: Request<pb::GetSandboxLogsRequest>,
+    ) -> Result<Response<pb::GetSandboxLogsResponse>, Status> {
+        self.shared.enter(SimOp::GetSandboxLogs).await?;
+        let req = request.into_inner();
+        if req.limit == 0 || req.limit > 1000 {
+            return Err(invalid("limit must be 1..=1000"));
+        }
+        self.with_sandbox(&req.sandbox_id, |sb| {
+            let at = sb.started_at_unix_ms;
+            let visible = match (req.backward, req.start_unix_ms, req.cursor) {
+                (false, start, cursor) => {
+                    start.is_none_or(|t| at >= t) && cursor.is_none_or(|c| 1 > c)
+                }
+                (true, start, cursor) => {
+                    start.is_none_or(|t| at <= t) && cursor.is_none_or(|c| 1 < c)
+                }
+            };
+            let level_ok = matches!(req.min_level.as_str(), "" | "debug" | "info");
+            let search_ok = "sandbox started".contains(&req.search.to_lowercase());
+            let entries = (visible && level_ok && search_ok)
+                .then(|| pb::LogEntry {
+                    seq: 1,
+                    unix_ms: at,
+                    level: "info".into(),
+                    message: "sandbox started".into(),
+                    fields: [("source".to_string(), "host".to_string())].into(),
+                })
+                .into_iter()
+                .collect();
+            Ok(Response::new(pb::GetSandboxLogsResponse {
+                entries,
+                more: false,
             }))
         })
     }

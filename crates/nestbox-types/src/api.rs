@@ -867,6 +867,108 @@ pub struct SandboxMetrics {
     pub points: Vec<MetricPoint>,
 }
 
+// ---------------------------------------------------------------------------- logs
+
+/// A log entry's severity (ordered: `debug < info < warn < error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Debugging detail.
+    Debug,
+    /// Informational.
+    Info,
+    /// A warning.
+    Warn,
+    /// An error.
+    Error,
+}
+
+impl LogLevel {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+
+    /// Parses a lowercase name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "debug" => Some(Self::Debug),
+            "info" => Some(Self::Info),
+            "warn" => Some(Self::Warn),
+            "error" => Some(Self::Error),
+            _ => None,
+        }
+    }
+}
+
+/// Which way a log is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum LogDirection {
+    /// Oldest first.
+    #[default]
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+/// Query of `GET /v1/sandboxes/{sandbox_id}/logs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// Entries per page, 1–1000 (default 100).
+    pub limit: Option<u32>,
+    /// `forward` (the default: oldest first) or `backward` (newest first).
+    pub direction: Option<LogDirection>,
+    /// Forward: entries at or after this time; backward: at or before it (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// The `next_cursor` of the previous page: the page after it, in the same direction.
+    pub cursor: Option<String>,
+    /// Only entries at least this severe.
+    pub level: Option<LogLevel>,
+    /// Only entries whose message contains this text (case-insensitive; up to 256 bytes).
+    pub search: Option<String>,
+}
+
+/// One entry of a sandbox's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct LogEntry {
+    /// Its number in the sandbox's log (from 1, without gaps).
+    pub seq: u64,
+    /// When it was written (never earlier than the entry before it).
+    pub timestamp: DateTime<Utc>,
+    /// Severity.
+    pub level: LogLevel,
+    /// The message.
+    pub message: String,
+    /// Structured fields; `source` is `console` (the kernel, init), `guest` (the guest
+    /// agent: processes started and ended, …) or `host` (paused, resumed).
+    pub fields: BTreeMap<String, String>,
+}
+
+/// A page of a sandbox's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct SandboxLogs {
+    /// In the direction asked for.
+    pub entries: Vec<LogEntry>,
+    /// Pass as `cursor` for the next page (also once `has_more` is false: following a
+    /// running sandbox's log forward, it returns what was written since). Absent only when
+    /// the page is empty and no cursor was given.
+    pub next_cursor: Option<String>,
+    /// Whether more entries matched than this page holds.
+    pub has_more: bool,
+}
+
 // ---------------------------------------------------------------------------- audit
 
 /// Query of `GET /v1/audit-logs`.

@@ -424,6 +424,81 @@ pub struct SandboxesWithMetrics {
     pub sandboxes: BTreeMap<String, SandboxMetric>,
 }
 
+/// A log line, as `GET /sandboxes/{id}/logs` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxLog))]
+pub struct SandboxLog {
+    /// When it was written.
+    pub timestamp: DateTime<Utc>,
+    /// The message.
+    pub line: String,
+}
+
+/// A structured log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxLogEntry))]
+pub struct SandboxLogEntry {
+    /// When it was written.
+    pub timestamp: DateTime<Utc>,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    /// The message.
+    pub message: String,
+    /// Structured fields.
+    pub fields: BTreeMap<String, String>,
+}
+
+/// `GET /sandboxes/{id}/logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxLogs))]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxLogs {
+    /// The lines, oldest first.
+    pub logs: Vec<SandboxLog>,
+    /// The same entries, structured.
+    pub log_entries: Vec<SandboxLogEntry>,
+}
+
+/// `GET /v2/sandboxes/{id}/logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::SandboxLogsV2Response))]
+pub struct SandboxLogsV2 {
+    /// In the direction asked for.
+    pub logs: Vec<SandboxLogEntry>,
+}
+
+/// Query of `GET /sandboxes/{id}/logs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct LogsQuery {
+    /// Oldest entry, Unix milliseconds.
+    pub start: Option<i64>,
+    /// At most this many entries (1–1000, default 1000).
+    pub limit: Option<u32>,
+}
+
+/// Query of `GET /v2/sandboxes/{id}/logs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct LogsV2Query {
+    /// Forward: entries at or after this time (Unix milliseconds); backward: at or before.
+    pub cursor: Option<i64>,
+    /// At most this many entries (1–1000, default 1000).
+    pub limit: Option<u32>,
+    /// `forward` (oldest first, the default) or `backward` (newest first).
+    pub direction: Option<String>,
+    /// Only entries at least this severe: `debug`, `info`, `warn` or `error`.
+    pub level: Option<String>,
+    /// Only entries whose message contains this (case-insensitive).
+    pub search: Option<String>,
+}
+
 /// `POST /sandboxes/{id}/snapshots`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

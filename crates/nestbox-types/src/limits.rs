@@ -30,6 +30,9 @@ pub fn is_valid_template_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Most log entries one request returns (E2B's logs endpoints default to this too).
+pub const MAX_LOG_PAGE: u32 = 1000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

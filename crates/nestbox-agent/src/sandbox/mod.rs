@@ -34,6 +34,7 @@
 
 mod egress;
 mod launch;
+pub mod logs;
 mod pool;
 pub mod state;
 mod task;
@@ -224,6 +225,8 @@ pub struct SandboxHandle {
     status: Mutex<Status>,
     last_active_ms: AtomicI64,
     commands: mpsc::Sender<Command>,
+    /// Its log: the task collects into it, readers page through it.
+    log: Arc<Mutex<logs::SandboxLog>>,
 }
 
 impl SandboxHandle {
@@ -665,6 +668,7 @@ impl Manager {
                     }),
                     last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
                     commands: tx,
+                    log: self.open_log(id),
                 });
                 tokio::spawn(
                     task::SandboxTask::new(self.clone(), handle.clone(), st, Some(live)).run(rx),
@@ -681,6 +685,27 @@ impl Manager {
         }
     }
 
+    fn open_log(&self, id: SandboxId) -> Arc<Mutex<logs::SandboxLog>> {
+        Arc::new(Mutex::new(logs::SandboxLog::open(&sandbox_dir(
+            &self.inner.cfg.data_dir,
+            id,
+        ))))
+    }
+
+    /// A page of a sandbox's log (running or paused).
+    pub async fn logs(&self, id: SandboxId, query: logs::Query) -> Result<logs::Page, AgentError> {
+        let log = self.get(id)?.log.clone();
+        let dir = sandbox_dir(&self.inner.cfg.data_dir, id);
+        tokio::task::spawn_blocking(move || {
+            // Held so a rotation cannot happen mid-read.
+            let _guard = log.lock();
+            logs::read(&dir, &query)
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("log reader: {e}")))?
+        .map_err(|e| AgentError::Internal(format!("reading the log of {id}: {e}")))
+    }
+
     /// Takes back a paused sandbox found on disk at start-up.
     pub(crate) fn adopt_paused(&self, st: state::StateFile) {
         let id = st.sandbox_id;
@@ -695,6 +720,7 @@ impl Manager {
             }),
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
             commands: tx,
+            log: self.open_log(id),
         });
         tokio::spawn(task::SandboxTask::new(self.clone(), handle.clone(), st, None).run(rx));
         self.register(handle);

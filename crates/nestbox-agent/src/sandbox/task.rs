@@ -174,6 +174,9 @@ impl SandboxTask {
                     self.persisted(done.unwrap_or_else(|e| Err(AgentError::Internal(format!("snapshot copy task: {e}")))));
                 }
                 _ = tick.tick() => {
+                    if self.live.is_some() || self.held.is_some() {
+                        self.log(|l| l.collect(Utc::now().timestamp_millis())).await;
+                    }
                     if let Some(held) = self.held.as_mut() {
                         let why = match held.live.vm.exited() {
                             Some(status) => Some(format!("its VMM exited ({status})")),
@@ -217,6 +220,23 @@ impl SandboxTask {
                     }
                 }
             }
+        }
+    }
+
+    /// Works on the sandbox's log off the async workers; a failure is logged, not raised
+    /// (the sandbox runs on without its log).
+    async fn log(
+        &self,
+        work: impl FnOnce(&mut super::logs::SandboxLog) -> std::io::Result<()> + Send + 'static,
+    ) {
+        let log = self.handle.log.clone();
+        let done = tokio::task::spawn_blocking(move || match log.lock() {
+            Ok(mut l) => work(&mut l),
+            Err(_) => Err(std::io::Error::other("the log's lock is poisoned")),
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = done.map_err(std::io::Error::other) {
+            tracing::warn!(sandbox = %self.st.sandbox_id, error = %e, "sandbox log");
         }
     }
 
@@ -367,6 +387,12 @@ impl SandboxTask {
                 ));
             }
         }
+        let what = if auto { "paused (inactive)" } else { "paused" };
+        self.log(move |l| {
+            l.collect(Utc::now().timestamp_millis())?;
+            l.event(super::logs::Level::Info, what)
+        })
+        .await;
         // The tiers stay with the sampler for the control plane's flush.
         self.manager.inner().metrics.untrack(id).await;
         match hold {
@@ -514,6 +540,8 @@ impl SandboxTask {
         }
         let started = Instant::now();
         let _ = tokio::fs::create_dir_all(&self.st.mem_dir).await;
+        // The restored VMM writes a new console file.
+        self.log(|l| l.new_console()).await;
         let init = Init {
             present: Some(self.st.access_token.clone()),
             token: self.st.access_token.clone(),
@@ -666,6 +694,8 @@ impl SandboxTask {
             s.guest_version = version;
         });
         tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, how, "resumed");
+        self.log(|l| l.event(super::logs::Level::Info, "resumed"))
+            .await;
         Ok(())
     }
 

@@ -15,7 +15,8 @@ use futures::StreamExt;
 use nestbox_client::Client;
 use nestbox_types::SandboxId;
 use nestbox_types::api::{
-    CreateSandboxRequest, Encoding, ExecEvent, ExecRequest, SandboxListQuery,
+    CreateSandboxRequest, Encoding, ExecEvent, ExecRequest, LogDirection, LogEntry, LogLevel,
+    LogsQuery, SandboxListQuery,
 };
 
 use crate::paths;
@@ -321,6 +322,28 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show a sandbox's log: its console (kernel, init, guest agent) and its host's events.
+    Logs {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        /// The last N entries (with `--follow`: then what comes).
+        #[arg(long, short = 'n', default_value_t = 100)]
+        tail: u32,
+        /// Only entries at least this severe: debug, info, warn or error.
+        #[arg(long)]
+        level: Option<String>,
+        /// Only entries whose message contains this (case-insensitive).
+        #[arg(long)]
+        search: Option<String>,
+        /// Keep printing new entries until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Print entries as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace a running or paused sandbox's egress rules (none given: no rules).
     Egress {
         #[command(flatten)]
@@ -613,6 +636,86 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        SandboxCommand::Logs {
+            conn,
+            id,
+            tail,
+            level,
+            search,
+            follow,
+            json,
+        } => {
+            let level = level
+                .map(|l| {
+                    LogLevel::parse(&l)
+                        .with_context(|| format!("level `{l}`: debug, info, warn or error"))
+                })
+                .transpose()?;
+            let c = client(&conn)?;
+            let id = parse_id(&id)?;
+            let print = |e: &LogEntry| -> anyhow::Result<()> {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    let fields: Vec<String> = e
+                        .fields
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "source")
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    println!(
+                        "{} {:<5} {}{}{}",
+                        e.timestamp.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                        e.level.as_str(),
+                        e.message,
+                        if fields.is_empty() { "" } else { " " },
+                        fields.join(" ")
+                    );
+                }
+                Ok(())
+            };
+            // The newest `tail` entries, printed oldest first.
+            let last = c
+                .sandbox_logs(
+                    id,
+                    &LogsQuery {
+                        limit: Some(tail.clamp(1, 1000)),
+                        direction: Some(LogDirection::Backward),
+                        level,
+                        search: search.clone(),
+                        ..LogsQuery::default()
+                    },
+                )
+                .await?;
+            let mut cursor = last.entries.first().map(|e| e.seq.to_string());
+            for e in last.entries.iter().rev() {
+                print(e)?;
+            }
+            if !follow {
+                return Ok(());
+            }
+            loop {
+                let page = c
+                    .sandbox_logs(
+                        id,
+                        &LogsQuery {
+                            limit: Some(1000),
+                            cursor: cursor.clone().or(Some("0".into())),
+                            level,
+                            search: search.clone(),
+                            ..LogsQuery::default()
+                        },
+                    )
+                    .await?;
+                for e in &page.entries {
+                    print(e)?;
+                }
+                cursor = page.next_cursor.or(cursor);
+                if !page.has_more {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
         }
         SandboxCommand::Egress { conn, id, egress } => {
             let sb = client(&conn)?

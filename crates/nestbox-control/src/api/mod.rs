@@ -123,6 +123,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::download, sandboxes::upload))
         .routes(routes!(sandboxes::audit_logs))
         .routes(routes!(sandboxes::sandbox_metrics))
+        .routes(routes!(sandboxes::sandbox_logs))
         .routes(routes!(processes::start_process, processes::list_processes))
         .routes(routes!(processes::kill_process))
         .routes(routes!(processes::signal_process))

@@ -12,13 +12,14 @@ use futures::{Stream, StreamExt};
 use nestbox_types::api::{
     AuditLog, AuditLogQuery, CreateSandboxRequest, EgressRequest, EntryInfo, ExecEvent,
     ExecRequest, ExecResult, FileList, ForkItem, ForkRequest, ForkResult, LifetimeRequest,
-    MetricsQuery, MkdirRequest, Page, PathQuery, ResumeRequest, Sandbox, SandboxListQuery,
-    SandboxMetrics, Template,
+    LogDirection, LogsQuery, MetricsQuery, MkdirRequest, Page, PathQuery, ResumeRequest, Sandbox,
+    SandboxListQuery, SandboxLogs, SandboxMetrics, Template,
 };
 use nestbox_types::{ErrorBody, SandboxId};
 
 use crate::error::ApiResult;
 use crate::extract::{Caller, Json, OptionalJson, Path, Query};
+use crate::service::logs::LogsRequest;
 use crate::state::AppState;
 use nestbox_db::sandboxes::LifetimeChange;
 
@@ -410,6 +411,59 @@ pub async fn sandbox_metrics(
         .sandbox_metrics(&caller, id, q.range.as_deref())
         .await
         .map(axum::Json)
+}
+
+/// A page of a sandbox's log: its console (the kernel, init, the guest agent's lines about
+/// processes it started and ended) and its host's events (paused, resumed), oldest first
+/// unless `direction=backward`. Follow a running sandbox by asking again with the
+/// `next_cursor` of the last page.
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}/logs", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path), LogsQuery),
+    responses((status = 200, body = SandboxLogs),
+              (status = 400, description = "a bad limit, cursor, level or search (`invalid_request`)", body = ErrorBody),
+              (status = 401, body = ErrorBody),
+              (status = 404, description = "no such sandbox (`sandbox_not_found`), or it is stopped (`not_found`)", body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+pub async fn sandbox_logs(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<axum::Json<SandboxLogs>> {
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<u64>()
+                .map_err(|_| crate::error::ApiError::invalid("cursor: not one this API returned"))
+        })
+        .transpose()?;
+    let page = s
+        .services
+        .sandbox_logs(
+            &caller,
+            id,
+            LogsRequest {
+                start_ms: q.since.map(|t| t.timestamp_millis()),
+                cursor,
+                limit: q.limit.unwrap_or(100),
+                backward: q.direction == Some(LogDirection::Backward),
+                min_level: q.level,
+                search: q.search,
+            },
+        )
+        .await?;
+    let next_cursor = page
+        .entries
+        .last()
+        .map(|e| e.seq)
+        .or(cursor)
+        .map(|c| c.to_string());
+    Ok(axum::Json(SandboxLogs {
+        entries: page.entries,
+        next_cursor,
+        has_more: page.more,
+    }))
 }
 
 /// The audit log, newest first: the caller's team's (its owner and admins), or with

@@ -10,6 +10,7 @@ pub mod egress;
 pub mod fork;
 pub mod hosts;
 pub mod lifetime;
+pub mod logs;
 pub mod metrics;
 pub mod pause;
 pub mod processes;

@@ -16,6 +16,7 @@
 //! - E2B's Python SDK retries 429/502/503/504 unless told `Should-Retry: false`: answers
 //!   to operations that must not run twice (create, snapshot) say so.
 
+mod logs;
 mod network;
 mod sandboxes;
 mod templates;
@@ -132,6 +133,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::connect_v2))
         .routes(routes!(sandboxes::metrics))
         .routes(routes!(sandboxes::many_metrics))
+        .routes(routes!(logs::logs))
+        .routes(routes!(logs::logs_v2))
         .routes(routes!(sandboxes::fork))
         .routes(routes!(network::update_network))
         .routes(routes!(templates::create_snapshot))

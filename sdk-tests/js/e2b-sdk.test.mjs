@@ -114,6 +114,29 @@ test('files', async () => {
   assert.equal(await sbx.files.read('/tmp/js/m/2.txt'), 'two')
 })
 
+test('gzip, octet-stream and metadata', async () => {
+  const data = randomBytes(1 << 20)
+  const info = await sbx.files.write('/home/user/js-meta/packed.bin', new Blob([data]), {
+    gzip: true,
+    metadata: { Owner: 'bob' },
+  })
+  assert.deepEqual(info.metadata, { owner: 'bob' })
+  const back = await sbx.files.read('/home/user/js-meta/packed.bin', { format: 'bytes', gzip: true })
+  assert.ok(Buffer.from(back).equals(data))
+  assert.deepEqual((await sbx.files.getInfo('/home/user/js-meta/packed.bin')).metadata, { owner: 'bob' })
+  await sbx.files.write('/home/user/js-meta/plain.txt', 'plain', { useOctetStream: true })
+  assert.equal(await sbx.files.read('/home/user/js-meta/plain.txt'), 'plain')
+  await sbx.files.makeDir('/home/user/js-meta/w')
+  const events = []
+  const handle = await sbx.files.watchDir('/home/user/js-meta/w', (e) => events.push(e), { includeEntry: true })
+  await sbx.files.write('/home/user/js-meta/w/e.txt', '12345')
+  const withEntry = await waitFor('an event with its entry', () =>
+    events.find((e) => e.name === 'e.txt' && e.entry && e.entry.size === 5),
+  )
+  assert.equal(withEntry.entry.path, '/home/user/js-meta/w/e.txt')
+  await handle.stop()
+})
+
 test('a 50 MiB round trip is byte-exact', async () => {
   const data = randomBytes(50 << 20)
   await sbx.files.write('/tmp/big-js.bin', new Blob([data]))

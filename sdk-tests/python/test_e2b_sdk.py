@@ -131,6 +131,37 @@ def test_files(sbx):
         sbx.files.read("/tmp/sdk/nope")
 
 
+def test_gzip_octet_stream_and_metadata(sbx):
+    import io
+
+    data = os.urandom(1 << 20) + b"tail"
+    info = sbx.files.write(
+        "/home/user/meta/packed.bin", data, gzip=True, metadata={"Owner": "alice", "build": "7"}
+    )
+    assert info.metadata == {"owner": "alice", "build": "7"}
+    assert sbx.files.read("/home/user/meta/packed.bin", format="bytes", gzip=True) == data
+    assert sbx.files.read("/home/user/meta/packed.bin", format="bytes") == data
+    assert sbx.files.get_info("/home/user/meta/packed.bin").metadata == {"owner": "alice", "build": "7"}
+    listed = {e.name: e.metadata for e in sbx.files.list("/home/user/meta")}
+    assert listed == {"packed.bin": {"owner": "alice", "build": "7"}}
+    # A file-like object goes as a streamed octet-stream upload.
+    sbx.files.write("/home/user/meta/streamed.txt", io.BytesIO(b"streamed"))
+    assert sbx.files.read("/home/user/meta/streamed.txt") == "streamed"
+    assert sbx.files.get_info("/home/user/meta/streamed.txt").metadata is None
+    # Entries in watch events.
+    sbx.files.make_dir("/home/user/meta/w")
+    handle = sbx.files.watch_dir("/home/user/meta/w", include_entry=True)
+    sbx.files.write("/home/user/meta/w/e.txt", "12345")
+    events = []
+    entry = wait_for(
+        "an event with its entry",
+        lambda: events.extend(handle.get_new_events())
+        or next((e.entry for e in events if e.name == "e.txt" and e.entry and e.entry.size == 5), None),
+    )
+    assert entry.path == "/home/user/meta/w/e.txt"
+    handle.stop()
+
+
 def test_fifty_mib_round_trip_is_byte_exact(sbx):
     data = os.urandom(50 << 20)
     sbx.files.write("/tmp/big.bin", data)

@@ -865,11 +865,21 @@ impl EnvdClient {
         path: &str,
         recursive: bool,
     ) -> Result<EnvdStream<WatchDirResponse>, EnvdError> {
-        let request = WatchDirRequest {
+        self.watch_dir_with(WatchDirRequest {
             path: path.into(),
             recursive,
             include_entry: false,
-        };
+            allow_network_mounts: false,
+        })
+        .await
+    }
+
+    /// `filesystem.WatchDir` with every option of the request (entries in events, network
+    /// mounts).
+    pub async fn watch_dir_with(
+        &self,
+        request: WatchDirRequest,
+    ) -> Result<EnvdStream<WatchDirResponse>, EnvdError> {
         self.server_stream(
             "filesystem.WatchDir",
             "/filesystem.Filesystem/WatchDir",
@@ -884,6 +894,7 @@ impl EnvdClient {
             path: path.into(),
             recursive,
             include_entry: false,
+            allow_network_mounts: false,
         };
         let response: CreateWatcherResponse = self
             .unary(

@@ -102,6 +102,9 @@ pub struct UploadEntry {
     /// Always [`UploadEntryType::File`] today.
     #[serde(rename = "type")]
     pub kind: UploadEntryType,
+    /// The user metadata stored with the file (`X-Metadata-*` headers), when any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
 }
 
 /// The JSON body of plain-HTTP errors: `{"code":404,"message":"…"}`.
@@ -142,6 +145,7 @@ mod tests {
             path: "/a/b".into(),
             name: "b".into(),
             kind: UploadEntryType::File,
+            metadata: None,
         };
         assert_eq!(
             serde_json::to_string(&[entry]).unwrap(),

@@ -305,3 +305,120 @@ async fn an_aborted_upload_leaves_no_file() {
         "partial files left behind: {leftovers:?}"
     );
 }
+
+async fn gzip(data: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    async_compression::tokio::bufread::GzipEncoder::new(data)
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
+    out
+}
+
+async fn gunzip(data: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    async_compression::tokio::bufread::GzipDecoder::new(data)
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn gzip_both_ways_and_metadata_on_uploads() {
+    let guest = Guest::with_token(TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let data = pseudo_random(3 * 1024 * 1024, 5);
+    let path = dir.path().join("packed.bin");
+    let path_str = path.to_str().unwrap();
+    let upload = |body: Vec<u8>, encoding: &'static str, meta: &[(&'static str, &'static str)]| {
+        let mut rb = http
+            .post(guest.url("/files"))
+            .query(&[("path", path_str)])
+            .header("x-access-token", TOKEN)
+            .header("content-type", "application/octet-stream")
+            .header("content-encoding", encoding)
+            .body(body);
+        for (k, v) in meta {
+            rb = rb.header(format!("X-Metadata-{k}"), *v);
+        }
+        rb.send()
+    };
+
+    // A gzip upload with metadata: the file holds the plain bytes, the answer and every
+    // later description carry the metadata (keys lowercase).
+    let response = upload(
+        gzip(&data).await,
+        "gzip",
+        &[("Owner", "alice"), ("build", "42")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let entries: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        entries[0]["metadata"],
+        serde_json::json!({"owner": "alice", "build": "42"})
+    );
+    assert_eq!(sha256(&std::fs::read(&path).unwrap()), sha256(&data));
+    let info = guest.client(Some(TOKEN)).stat(path_str).await.unwrap();
+    assert_eq!(
+        info.metadata.get("owner").map(String::as_str),
+        Some("alice")
+    );
+    assert_eq!(info.metadata.len(), 2);
+    assert!(!info.is_symlink);
+
+    // A download that accepts gzip gets it; one that does not gets the plain bytes.
+    let packed = http
+        .get(guest.url("/files"))
+        .query(&[("path", path_str)])
+        .header("x-access-token", TOKEN)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(packed.headers()["content-encoding"], "gzip");
+    let body = packed.bytes().await.unwrap();
+    assert_eq!(sha256(&gunzip(&body).await), sha256(&data));
+    let (size, plain) = download_all(&guest, path_str).await;
+    assert_eq!(
+        (size, sha256(&plain)),
+        (Some(data.len() as u64), sha256(&data))
+    );
+
+    // A new upload without metadata replaces the file and its metadata.
+    let response = upload(b"plain".to_vec(), "identity", &[]).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let info = guest.client(Some(TOKEN)).stat(path_str).await.unwrap();
+    assert!(info.metadata.is_empty(), "{:?}", info.metadata);
+
+    // Broken gzip, an unknown encoding and bad metadata are 400s that leave the file alone.
+    for (body, encoding, meta) in [
+        (b"not gzip at all".to_vec(), "gzip", vec![]),
+        (b"x".to_vec(), "br", vec![]),
+        (b"x".to_vec(), "identity", vec![("k", "caf\u{e9}")]),
+    ] {
+        let response = upload(body, encoding, &meta).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "{encoding} {meta:?}"
+        );
+        let err: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(err["code"], 400);
+        assert_eq!(std::fs::read(&path).unwrap(), b"plain");
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("packed.bin")],
+        "no temporary file left"
+    );
+}

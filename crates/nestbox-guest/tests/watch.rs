@@ -156,3 +156,66 @@ async fn polled_watchers_collect_events_until_removed() {
     );
     assert!(client.remove_watcher(&id).await.unwrap_err().is_not_found());
 }
+
+#[tokio::test]
+async fn events_carry_their_entry_when_asked() {
+    use nestbox_envd::filesystem::WatchDirRequest;
+    let guest = Guest::with_token(TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = guest.client(Some(TOKEN));
+    let mut events = client
+        .watch_dir_with(WatchDirRequest {
+            path: root.to_str().unwrap().into(),
+            recursive: false,
+            include_entry: true,
+            allow_network_mounts: false,
+        })
+        .await
+        .unwrap();
+    let _start = tokio::time::timeout(LIMIT, events.next()).await.unwrap();
+    std::fs::write(root.join("e.txt"), b"12345").unwrap();
+    std::fs::remove_file(root.join("e.txt")).unwrap();
+    let mut entries = Vec::new();
+    tokio::time::timeout(LIMIT, async {
+        while let Some(item) = events.next().await {
+            if let Some(watch_dir_response::Event::Filesystem(ev)) = item.unwrap().event {
+                let ty = EventType::try_from(ev.r#type).unwrap();
+                entries.push((ty, ev.entry));
+                if ty == EventType::Remove {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // The file may already be gone when its create event is read; the remove never
+    // carries an entry; any entry there is describes the file.
+    assert_eq!(
+        entries.last().map(|e| (e.0, e.1.is_none())),
+        Some((EventType::Remove, true))
+    );
+    for (_, entry) in entries.iter().filter_map(|(t, e)| Some((t, e.as_ref()?))) {
+        assert_eq!(entry.name, "e.txt");
+        assert_eq!(entry.path, root.join("e.txt").to_str().unwrap());
+    }
+
+    // Without a removal racing it, a write's entry is there, with its size.
+    std::fs::write(root.join("f.txt"), b"123").unwrap();
+    let entry = tokio::time::timeout(LIMIT, async {
+        loop {
+            let item = events.next().await.unwrap().unwrap();
+            if let Some(watch_dir_response::Event::Filesystem(ev)) = item.event
+                && ev.name == "f.txt"
+                && let Some(entry) = ev.entry
+                && entry.size == 3
+            {
+                return entry;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!entry.is_symlink);
+}

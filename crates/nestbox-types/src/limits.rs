@@ -12,9 +12,10 @@ pub const DEFAULT_TIMEOUT_SEC: u32 = 300;
 pub const GUEST_AGENT_PORT: u16 = 49983;
 /// The version of E2B's in-VM protocol (envd) the guest agent speaks, as E2B's SDKs read
 /// it from the REST API's `envdVersion`: they enable features by comparing it, so it names
-/// the newest envd whose client-visible features the guest implements, and no newer one
-/// (0.5.7 would make them send gzip uploads, 0.6.x file metadata).
-pub const ENVD_VERSION: &str = "0.5.2";
+/// the newest envd whose client-visible features the guest implements, and no newer one:
+/// octet-stream and gzip uploads (0.5.7), file metadata (0.6.2), entries in watch events
+/// (0.6.3), watching network mounts on request (0.6.4).
+pub const ENVD_VERSION: &str = "0.6.4";
 /// Name of the template every installation ships.
 pub const DEFAULT_TEMPLATE: &str = "minimal";
 

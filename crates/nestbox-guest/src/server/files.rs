@@ -1,12 +1,16 @@
 //! `GET /files` (download) and `POST /files` (upload), streamed both ways.
 //!
-//! Downloads stream from the open file with `Content-Length`; nothing is read whole into
-//! memory. Uploads (`multipart/form-data` fields named `file`, or a raw
-//! `application/octet-stream` body) stream into a temporary file in the destination's
-//! directory, which is then given to the user and renamed over the destination, so a
-//! reader never sees a half-written file and a failed upload leaves the old file intact.
-//! Missing parent directories are created and owned by the user. Errors are plain JSON
-//! `{"code": <status>, "message": …}` as in E2B's envd.
+//! Downloads stream from the open file with `Content-Length`, or gzip-encoded (fastest
+//! level, no length) when the client accepts gzip; nothing is read whole into memory.
+//!
+//! Uploads (`multipart/form-data` fields named `file`, or a raw
+//! `application/octet-stream` body, either possibly `Content-Encoding: gzip`, decoded as
+//! it streams) stream into a temporary file in the destination's directory, which gets
+//! the upload's user metadata (`X-Metadata-*` headers, see [`super::metadata`]), is given
+//! to the user and renamed over the destination, so a reader never sees a half-written
+//! file and a failed upload leaves the old file intact. Missing parent directories are
+//! created and owned by the user. Errors are plain JSON `{"code": <status>, "message": …}`
+//! as in E2B's envd.
 
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -194,16 +198,34 @@ async fn try_download(
     } else {
         (file.take(PSEUDO_FILE_LIMIT), None)
     };
-    let stream = tokio_util::io::ReaderStream::with_capacity(reader, DOWNLOAD_CHUNK)
-        .map_ok(Frame::data)
-        .map_err(|e| Box::new(e) as nestbox_envd::connect::server::BoxError);
-    let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
+    let gzip = accepts_gzip(request.headers());
+    let body = if gzip {
+        // The fastest level: clients ask for gzip by default, and the guest's CPU is the
+        // tenant's.
+        let encoder = async_compression::tokio::bufread::GzipEncoder::with_quality(
+            tokio::io::BufReader::with_capacity(DOWNLOAD_CHUNK, reader),
+            async_compression::Level::Fastest,
+        );
+        tokio_util::io::ReaderStream::with_capacity(encoder, DOWNLOAD_CHUNK)
+            .map_ok(Frame::data)
+            .map_err(|e| Box::new(e) as nestbox_envd::connect::server::BoxError)
+            .boxed()
+    } else {
+        tokio_util::io::ReaderStream::with_capacity(reader, DOWNLOAD_CHUNK)
+            .map_ok(Frame::data)
+            .map_err(|e| Box::new(e) as nestbox_envd::connect::server::BoxError)
+            .boxed()
+    };
+    let mut response = Response::new(StreamBody::new(body).boxed_unsync());
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if let Some(length) = length {
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    } else if let Some(length) = length {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     let name: String = path
@@ -223,6 +245,26 @@ async fn try_download(
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
     Ok(response)
+}
+
+/// Whether the client takes a gzip-encoded answer (`Accept-Encoding: gzip`, not `q=0`).
+fn accepts_gzip(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip"))
+                && !refused
+        })
 }
 
 /// `POST /files?path=…&username=…`.
@@ -255,16 +297,22 @@ async fn try_upload(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    if let Some(encoding) = request
+    let gzipped = match request
         .headers()
         .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .filter(|e| !e.eq_ignore_ascii_case("identity"))
+        .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase())
+        .as_deref()
     {
-        return Err(FilesError::BadRequest(format!(
-            "content-encoding {encoding} is not supported; send the file uncompressed"
-        )));
-    }
+        None | Some("identity") => false,
+        Some("gzip" | "x-gzip") => true,
+        Some(other) => {
+            return Err(FilesError::BadRequest(format!(
+                "content-encoding {other:?} is not supported: send gzip or no encoding"
+            )));
+        }
+    };
+    let metadata =
+        super::metadata::from_headers(request.headers()).map_err(FilesError::BadRequest)?;
     let essence = content_type
         .split(';')
         .next()
@@ -272,10 +320,15 @@ async fn try_upload(
         .trim()
         .to_ascii_lowercase();
     let body = pump_body(request.into_body());
+    let body: BodyStream = if gzipped {
+        Box::pin(gunzip(body))
+    } else {
+        Box::pin(body)
+    };
 
     if essence == "application/octet-stream" {
         let path = resolve(query.path.as_deref(), &user)?;
-        let entry = write_file(&path, &user, body).await?;
+        let entry = write_file(&path, &user, body, &metadata).await?;
         return Ok(vec![entry]);
     }
     if essence.starts_with("multipart/") {
@@ -304,13 +357,35 @@ async fn try_upload(
                 )));
             }
             let data = field.map_err(|e| FilesError::Body(e.to_string()));
-            entries.push(write_file(&path, &user, data).await?);
+            entries.push(write_file(&path, &user, data, &metadata).await?);
         }
         return Ok(entries);
     }
     Err(FilesError::BadRequest(format!(
         "unsupported content type {content_type:?}: send multipart/form-data or application/octet-stream"
     )))
+}
+
+/// An upload's body.
+type BodyStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, FilesError>> + Send>>;
+
+/// Decompresses a gzip body as it streams (`Content-Encoding: gzip`); data that is not
+/// gzip is a bad request.
+fn gunzip(
+    body: impl Stream<Item = Result<Bytes, FilesError>> + Send + 'static,
+) -> impl Stream<Item = Result<Bytes, FilesError>> + Send {
+    // Errors of the body itself travel through the reader as `Other`; the decoder's own
+    // are `InvalidData`.
+    let reader =
+        tokio_util::io::StreamReader::new(body.map_err(|e| io::Error::other(e.to_string())));
+    let decoder = async_compression::tokio::bufread::GzipDecoder::new(reader);
+    tokio_util::io::ReaderStream::with_capacity(decoder, DOWNLOAD_CHUNK).map_err(|e| {
+        if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::UnexpectedEof {
+            FilesError::BadRequest(format!("the upload is not valid gzip data: {e}"))
+        } else {
+            FilesError::Body(e.to_string())
+        }
+    })
 }
 
 /// Most bytes of a failed upload read and discarded after the answer was sent.
@@ -378,7 +453,12 @@ impl Drop for TempFile {
 static UPLOADS: AtomicU64 = AtomicU64::new(0);
 
 /// Streams `data` to `path` through a temporary file in the same directory.
-async fn write_file<S>(path: &Path, user: &User, data: S) -> Result<UploadEntry, FilesError>
+async fn write_file<S>(
+    path: &Path,
+    user: &User,
+    data: S,
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<UploadEntry, FilesError>
 where
     S: Stream<Item = Result<Bytes, FilesError>>,
 {
@@ -451,6 +531,19 @@ where
     }
     drop(file);
     chown(&temp.path, user).map_err(|e| FilesError::io("chown", &target, e))?;
+    if !metadata.is_empty() {
+        super::metadata::write(&temp.path, metadata).map_err(|e| match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => FilesError::BadRequest(format!(
+                "the file system of {} keeps no metadata",
+                target.display()
+            )),
+            Some(libc::ENOSPC | libc::E2BIG | libc::ERANGE) => FilesError::BadRequest(format!(
+                "the metadata is too large for the file system of {}",
+                target.display()
+            )),
+            _ => FilesError::io("set metadata on", &target, e),
+        })?;
+    }
     tokio::fs::rename(&temp.path, &target)
         .await
         .map_err(|e| FilesError::io("rename into", &target, e))?;
@@ -463,6 +556,7 @@ where
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         kind: UploadEntryType::File,
+        metadata: (!metadata.is_empty()).then(|| metadata.clone()),
     })
 }
 
@@ -480,6 +574,20 @@ mod tests {
         let query = parse_query(&uri);
         assert_eq!(query.path.as_deref(), Some("x y"));
         assert_eq!(query.username.as_deref(), Some("user"));
+    }
+
+    #[test]
+    fn gzip_is_taken_unless_refused() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert!(accepts_gzip(&h("gzip")));
+        assert!(accepts_gzip(&h("br, gzip;q=0.5")));
+        assert!(!accepts_gzip(&h("gzip;q=0")));
+        assert!(!accepts_gzip(&h("identity")));
+        assert!(!accepts_gzip(&http::HeaderMap::new()));
     }
 
     #[test]

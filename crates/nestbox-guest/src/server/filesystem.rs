@@ -135,11 +135,14 @@ pub async fn serve(
         "WatchDir" => watch_dir(server, request).await,
         "CreateWatcher" => {
             rpc::unary(request, |req: CreateWatcherRequest, parts| async move {
-                let (path, _user, _db) = resolve(&server, &parts.headers, &req.path)?;
-                let recursive = req.recursive;
+                let (path, _user, db) = resolve(&server, &parts.headers, &req.path)?;
+                let options = watch::Options {
+                    recursive: req.recursive,
+                    include_entry: req.include_entry.then(|| Arc::new(db)),
+                    allow_network_mounts: req.allow_network_mounts,
+                };
                 let watchers = server.clone();
-                let watcher_id =
-                    blocking(move || watchers.watchers.create(&path, recursive)).await?;
+                let watcher_id = blocking(move || watchers.watchers.create(&path, options)).await?;
                 Ok(CreateWatcherResponse { watcher_id })
             })
             .await
@@ -177,12 +180,16 @@ async fn watch_dir(server: Arc<Server>, request: Request<Incoming>) -> Response<
         Ok(message) => message,
         Err(err) => return stream_error(meta.codec, &err),
     };
-    let path = match resolve(&server, &parts.headers, &req.path) {
-        Ok((path, _, _)) => path,
+    let (path, db) = match resolve(&server, &parts.headers, &req.path) {
+        Ok((path, _, db)) => (path, db),
         Err(err) => return stream_error(meta.codec, &err),
     };
-    let recursive = req.recursive;
-    let started = blocking(move || watch::start(&path, recursive).map_err(|e| e.to_connect()));
+    let options = watch::Options {
+        recursive: req.recursive,
+        include_entry: req.include_entry.then(|| Arc::new(db)),
+        allow_network_mounts: req.allow_network_mounts,
+    };
+    let started = blocking(move || watch::start(&path, options).map_err(|e| e.to_connect()));
     let mut rx = match started.await {
         Ok(rx) => rx,
         Err(err) => return stream_error(meta.codec, &err),
@@ -384,7 +391,14 @@ pub fn entry_info(path: &Path, db: &UserDb) -> io::Result<EntryInfo> {
         owner: db.user_name(meta.uid()),
         group: db.group_name(meta.gid()),
         modified_time,
+        is_symlink: symlink_target.is_some() || file_type.is_symlink(),
         symlink_target,
+        // Links themselves carry no user attributes.
+        metadata: if file_type.is_symlink() {
+            Default::default()
+        } else {
+            super::metadata::read(path).into_iter().collect()
+        },
     })
 }
 

@@ -20,6 +20,7 @@ mod args;
 mod files;
 mod filesystem;
 mod http;
+mod metadata;
 mod metrics;
 mod paths;
 mod process;

@@ -16,19 +16,25 @@
 //!   in later (files created in a new directory before its watch is in place are missed;
 //!   the directory's own `create` event is always reported);
 //! - kernel events map as fsnotify's do: create and moved-to → `create`, modify → `write`,
-//!   delete → `remove`, moved-from → `rename`, attrib → `chmod`.
+//!   delete → `remove`, moved-from → `rename`, attrib → `chmod`;
+//! - with `include_entry`, `create`, `write` and `chmod` events carry the entry as it is
+//!   when the event is read (none if it is already gone); `remove` and `rename` never do;
+//! - a directory on a network file system (NFS, SMB/CIFS, FUSE, 9P) is watched only when
+//!   the request allows it (`allow_network_mounts`), as there changes may go unreported.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use nestbox_envd::connect::ConnectError;
 use nestbox_envd::filesystem::{EventType, FilesystemEvent};
 use tokio::sync::mpsc;
+
+use super::users::UserDb;
 
 /// Events a watch may have queued for its reader.
 pub const QUEUE_EVENTS: usize = 1024;
@@ -51,6 +57,14 @@ pub enum WatchError {
         #[source]
         source: std::io::Error,
     },
+    /// The directory is on a network file system and the request did not allow that.
+    #[error(
+        "{path} is on a network file system, where changes may go unreported; set allow_network_mounts to watch it anyway"
+    )]
+    NetworkMount {
+        /// The directory.
+        path: PathBuf,
+    },
     /// inotify refused (too many watches or instances).
     #[error("inotify on {path}")]
     Inotify {
@@ -67,6 +81,7 @@ impl WatchError {
     pub fn to_connect(&self) -> ConnectError {
         match self {
             WatchError::Path { path, source } => super::rpc::io_error("watch", path, source),
+            WatchError::NetworkMount { .. } => ConnectError::failed_precondition(self.to_string()),
             WatchError::Inotify { source, .. } => {
                 ConnectError::resource_exhausted(format!("{self}: {source}"))
             }
@@ -141,12 +156,50 @@ fn kind(mask: EventMask) -> Option<EventType> {
     }
 }
 
+/// What a watch reports and where it may run.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Subdirectories too (those created later included).
+    pub recursive: bool,
+    /// Events carry the entry they are about (when it still exists), described with these
+    /// users' and groups' names.
+    pub include_entry: Option<Arc<UserDb>>,
+    /// Watching a directory on a network file system is allowed.
+    pub allow_network_mounts: bool,
+}
+
+/// File system magic numbers (`statfs`) of network and FUSE file systems.
+const NETWORK_FS: [i64; 6] = [
+    0x6969,      // NFS
+    0x517b,      // SMB
+    0xff53_4d42, // CIFS
+    0xfe53_4d42, // SMB2
+    0x6573_5546, // FUSE
+    0x0102_1997, // 9P (v9fs)
+];
+
+fn on_network_fs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| NETWORK_FS.contains(&s.filesystem_type().0))
+        .unwrap_or(false)
+}
+
 /// Starts watching `root`; events arrive on the returned receiver until it is dropped.
-pub fn start(root: &Path, recursive: bool) -> Result<mpsc::Receiver<WatchItem>, WatchError> {
+pub fn start(root: &Path, options: Options) -> Result<mpsc::Receiver<WatchItem>, WatchError> {
+    let Options {
+        recursive,
+        include_entry,
+        allow_network_mounts,
+    } = options;
     let meta = std::fs::metadata(root).map_err(|source| WatchError::Path {
         path: root.to_path_buf(),
         source,
     })?;
+    if !allow_network_mounts && on_network_fs(root) {
+        return Err(WatchError::NetworkMount {
+            path: root.to_path_buf(),
+        });
+    }
     if !meta.is_dir() {
         return Err(WatchError::Path {
             path: root.to_path_buf(),
@@ -222,10 +275,16 @@ pub fn start(root: &Path, recursive: bool) -> Result<mpsc::Receiver<WatchItem>, 
             let Some(kind) = kind(event.mask) else {
                 continue;
             };
+            let entry = match (&include_entry, kind) {
+                (Some(db), k) if k != EventType::Remove && k != EventType::Rename => {
+                    super::filesystem::entry_info(&root.join(&rel), db).ok()
+                }
+                _ => None,
+            };
             let item = FilesystemEvent {
                 name: rel.to_string_lossy().into_owned(),
                 r#type: kind as i32,
-                entry: None,
+                entry,
             };
             if tx.send(Ok(item)).await.is_err() {
                 return;
@@ -245,7 +304,7 @@ pub struct Watchers {
 
 impl Watchers {
     /// Starts a polled watcher; returns its id.
-    pub fn create(&self, root: &Path, recursive: bool) -> Result<String, ConnectError> {
+    pub fn create(&self, root: &Path, options: Options) -> Result<String, ConnectError> {
         let full = || {
             ConnectError::resource_exhausted(format!(
                 "there are {MAX_WATCHERS} watchers already; remove one first"
@@ -254,7 +313,7 @@ impl Watchers {
         if self.len()? >= MAX_WATCHERS {
             return Err(full());
         }
-        let rx = start(root, recursive).map_err(|e| e.to_connect())?;
+        let rx = start(root, options).map_err(|e| e.to_connect())?;
         let mut table = self
             .table
             .lock()

@@ -325,7 +325,9 @@ impl HostAgent for Service {
     ) -> Result<Response<SetEgressResponse>, Status> {
         let r = req.into_inner();
         let id = parse_sandbox(&r.sandbox_id)?;
-        self.manager.set_egress(id, egress_rules(r.egress)).await?;
+        self.manager
+            .set_egress(id, egress_rules(r.egress), r.version)
+            .await?;
         Ok(Response::new(SetEgressResponse {}))
     }
 

@@ -149,6 +149,7 @@ const AUDIT: [Expect; 8] = [UNAUTH, FORBID, OK, FORBID, FORBID, OK, OK, OK];
 /// Every operation of the API and who may call it.
 const MATRIX: &[Row] = &[
     row("GET", "/health", PUBLIC),
+    row("GET", "/health/ready", PUBLIC),
     row("POST", "/v1/auth/login", PUBLIC),
     row("GET", "/v1/me", ANY_CALLER),
     row("GET", "/v1/teams", ANY_USER),
@@ -497,7 +498,7 @@ impl World {
         let files = |rest: &str| format!("/v1/sandboxes/{sb}/files{rest}");
         let call = |path: String, body: Body| Call { path, body };
         Ok(match (method, path) {
-            ("GET", "/health") => call(path.into(), Body::Empty),
+            ("GET", "/health") | ("GET", "/health/ready") => call(path.into(), Body::Empty),
             ("POST", "/v1/auth/login") => call(
                 path.into(),
                 Body::Json(json!({ "email": self.spare.email, "password": common::PASSWORD })),

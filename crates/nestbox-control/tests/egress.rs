@@ -17,6 +17,7 @@ both_engines!(
     v1_rules_are_validated_normalised_and_reach_the_agent,
     v1_rules_change_on_running_and_paused_sandboxes_only,
     a_refused_change_changes_nothing,
+    concurrent_changes_end_with_the_agent_and_the_database_agreeing,
     forks_keep_their_sources_rules,
     e2b_network_fields_map_to_rules,
 );
@@ -213,9 +214,49 @@ async fn a_refused_change_changes_nothing(engine: Engine) -> anyhow::Result<()> 
         strings(&["0.0.0.0/0"]),
         "the database keeps the rules the agent still enforces"
     );
+    let held = h.agent.sandbox(sb.id).unwrap();
+    assert_eq!(held.egress().1, strings(&["0.0.0.0/0"]));
     assert_eq!(
-        h.agent.sandbox(sb.id).unwrap().egress().1,
-        strings(&["0.0.0.0/0"])
+        held.egress_version, 2,
+        "the undoing change reached the agent too"
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn concurrent_changes_end_with_the_agent_and_the_database_agreeing(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let sb = h.sandbox().await?;
+    // Eight changes at once, all held at the agent and then let go together: they reach
+    // it in any order.
+    let hold = h.agent.hold(SimOp::SetEgress);
+    let mut changes = Vec::new();
+    for i in 0..8 {
+        let key = h.key.clone();
+        changes.push(tokio::spawn(async move {
+            key.set_egress(sb.id, &rules(&[&format!("203.0.113.{i}")], &["0.0.0.0/0"]))
+                .await
+        }));
+    }
+    hold.arrived().await;
+    while h.agent.calls(SimOp::SetEgress) < 8 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    hold.release();
+    for c in changes {
+        c.await??;
+    }
+    let recorded = h.key.get_sandbox(sb.id).await?.egress;
+    let held = h.agent.sandbox(sb.id).unwrap();
+    assert_eq!(
+        held.egress(),
+        (recorded.allow_out.clone(), recorded.deny_out.clone())
+    );
+    assert_eq!(
+        held.egress_version, 8,
+        "the last recorded change is the one in force"
     );
     h.shutdown().await;
     Ok(())

@@ -108,6 +108,58 @@ async fn serves_its_document_docs_and_health(engine: Engine) -> anyhow::Result<(
     let health = h.anonymous().health().await?;
     assert_eq!(health.status, "ok");
     assert_eq!(health.version, nestbox_control::VERSION);
+
+    // Ready: a host is online with the platform's templates.
+    let ready = |h: &Harness| {
+        let (http, url) = h.raw("/health/ready");
+        async move {
+            let resp = http.get(url).send().await?;
+            let status = resp.status().as_u16();
+            anyhow::Ok((status, resp.json::<serde_json::Value>().await?))
+        }
+    };
+    let (status, body) = ready(&h).await?;
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &serde_json::json!("ready"))
+    );
+    // With no host online it is not, says why, and a create of a template nobody has
+    // registered is "retry later", not "not found".
+    nestbox_db::hosts::mark_stale_unreachable(
+        &h.services.db,
+        chrono::Utc::now() + chrono::Duration::hours(1),
+    )
+    .await?;
+    let (status, body) = ready(&h).await?;
+    assert_eq!(
+        (status, &body["status"]),
+        (503, &serde_json::json!("starting"))
+    );
+    assert_eq!(body["reason"], "no host is online yet");
+    common::api_error(
+        h.key
+            .create_sandbox(&nestbox_types::api::CreateSandboxRequest {
+                template: Some("not-registered-yet".into()),
+                ..Default::default()
+            })
+            .await,
+        503,
+        nestbox_types::ErrorCode::HostUnavailable,
+    );
+    assert_eq!(h.anonymous().health().await?.status, "ok", "still live");
+    // The host's next heartbeat makes it ready again; then an unknown template is 404.
+    h.agent.heartbeat().await?;
+    assert_eq!(ready(&h).await?.0, 200);
+    common::api_error(
+        h.key
+            .create_sandbox(&nestbox_types::api::CreateSandboxRequest {
+                template: Some("not-registered-yet".into()),
+                ..Default::default()
+            })
+            .await,
+        404,
+        nestbox_types::ErrorCode::TemplateNotFound,
+    );
     h.shutdown().await;
     Ok(())
 }

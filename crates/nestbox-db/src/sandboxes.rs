@@ -523,18 +523,86 @@ fn egress_json(rules: &EgressRules) -> Result<serde_json::Value, DbError> {
     serde_json::to_value(rules).map_err(|e| DbError::corrupt("egress", e.to_string()))
 }
 
-/// Replaces a sandbox's egress rules. Returns whether the sandbox exists.
-pub async fn set_egress(db: &Db, id: SandboxId, rules: &EgressRules) -> Result<bool, DbError> {
-    let n = db
-        .acquire()
-        .await?
+/// A recorded change of a sandbox's egress rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressChange {
+    /// The change's version: one more than the one before.
+    pub version: i64,
+    /// The rules it replaced.
+    pub previous: EgressRules,
+}
+
+fn parse_egress(value: serde_json::Value) -> Result<EgressRules, DbError> {
+    serde_json::from_value(value.clone()).map_err(|_| DbError::corrupt("egress", value.to_string()))
+}
+
+/// Records new egress rules under the next version (one transaction); `None` when the
+/// sandbox does not exist. When `expect` is given, the change is made only if the rules'
+/// current version is that one (`None` otherwise).
+async fn change_egress(
+    db: &Db,
+    id: SandboxId,
+    rules: &EgressRules,
+    expect: Option<i64>,
+) -> Result<Option<EgressChange>, DbError> {
+    // The row stays locked until the update (SQLite's write transactions lock the file).
+    let lock = match db.engine() {
+        crate::Engine::Postgres => " FOR UPDATE",
+        crate::Engine::Sqlite => "",
+    };
+    let mut tx = db.begin().await?;
+    let current = tx
         .conn()
-        .execute(
-            "UPDATE sandboxes SET egress = $2, updated_at = $3 WHERE id = $1",
-            args![id, egress_json(rules)?, now()],
+        .fetch_optional(
+            &format!("SELECT egress, egress_version FROM sandboxes WHERE id = $1{lock}"),
+            args![id],
+            |r| Ok((r.json("egress")?, r.i64("egress_version")?)),
         )
         .await?;
-    Ok(n > 0)
+    let Some((previous, version)) = current else {
+        return Ok(None);
+    };
+    if expect.is_some_and(|v| v != version) {
+        return Ok(None);
+    }
+    let change = EgressChange {
+        version: version + 1,
+        previous: parse_egress(previous)?,
+    };
+    tx.conn()
+        .execute(
+            "UPDATE sandboxes SET egress = $2, egress_version = $3, updated_at = $4 WHERE id = $1",
+            args![id, egress_json(rules)?, change.version, now()],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(Some(change))
+}
+
+/// Records new egress rules under the next version; `None` when the sandbox does not
+/// exist. The sandbox's host is told afterwards, with the version: it takes a change only
+/// if it is newer than the one it holds.
+pub async fn set_egress(
+    db: &Db,
+    id: SandboxId,
+    rules: &EgressRules,
+) -> Result<Option<EgressChange>, DbError> {
+    change_egress(db, id, rules, None).await
+}
+
+/// Undoes `change` (its host refused it) by recording its previous rules under the next
+/// version — only if no later change was made meanwhile (that one stands). Returns the
+/// version of the undoing change.
+pub async fn revert_egress(
+    db: &Db,
+    id: SandboxId,
+    change: &EgressChange,
+) -> Result<Option<i64>, DbError> {
+    Ok(
+        change_egress(db, id, &change.previous, Some(change.version))
+            .await?
+            .map(|c| c.version),
+    )
 }
 
 /// Replaces a sandbox's metadata (one transaction). Returns whether the sandbox exists.

@@ -271,6 +271,8 @@ pub struct SimSandbox {
     pub last_active_unix_ms: i64,
     /// `boot`, `restore` (from a snapshot template) or `resume`.
     pub started_by: String,
+    /// The version of the egress change in force (0: the create's rules).
+    pub egress_version: u64,
     files: BTreeMap<String, Node>,
     /// Background processes by pid.
     processes: BTreeMap<u32, SimProcess>,
@@ -843,6 +845,7 @@ fn new_sandbox(request: CreateSandboxRequest) -> SimSandbox {
         auto_paused: false,
         last_active_unix_ms: now,
         started_by: "boot".into(),
+        egress_version: 0,
         files,
         processes: BTreeMap::new(),
     }
@@ -1661,8 +1664,14 @@ impl HostAgent for Service {
     ) -> Result<Response<pb::SetEgressResponse>, Status> {
         self.shared.enter(SimOp::SetEgress).await?;
         let req = request.into_inner();
+        // As the real agent: a change no newer than the one in force changes nothing.
         self.with_sandbox(&req.sandbox_id, |sb| {
-            sb.request.egress = req.egress;
+            if req.version == 0 || req.version > sb.egress_version {
+                sb.request.egress = req.egress;
+                if req.version != 0 {
+                    sb.egress_version = req.version;
+                }
+            }
             Ok(Response::new(pb::SetEgressResponse {}))
         })
     }

@@ -42,14 +42,17 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
-/// `GET /health`.
+/// `GET /health` and `GET /health/ready`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Health {
-    /// `ok` when the server answers.
+    /// `ok` when the server answers (`/health`); `ready` or `starting` (`/health/ready`).
     pub status: String,
     /// Server version.
     pub version: String,
+    /// Why it is not ready yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 // ---------------------------------------------------------------- auth, users, teams

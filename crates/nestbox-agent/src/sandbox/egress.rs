@@ -41,6 +41,13 @@ impl PinTable for NsTable {
 /// A running sandbox's resolver, holding its rules.
 pub(crate) type Guard = DnsGuard<NsTable>;
 
+/// Whether an egress change of `version` is older than (or the same as) the one in force,
+/// `holding`: it arrived late and must not undo a newer one. Version 0 is unversioned and
+/// always taken.
+pub(crate) fn stale(holding: u64, version: u64) -> bool {
+    version != 0 && version <= holding
+}
+
 /// Validates rules the control plane sent (it validated them too; an agent never trusts
 /// its input).
 pub(crate) fn parse(id: SandboxId, rules: &EgressRules) -> Result<Egress, AgentError> {
@@ -70,5 +77,19 @@ impl Manager {
         DnsGuard::start(sockets, NsTable(net.clone()), egress, upstream)
             .await
             .map_err(|e| AgentError::host("putting the egress rules in force", id, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stale;
+
+    #[test]
+    fn only_newer_versions_are_taken() {
+        assert!(!stale(0, 1));
+        assert!(!stale(3, 4));
+        assert!(stale(4, 4), "the same change twice");
+        assert!(stale(4, 3), "an older change arriving late");
+        assert!(!stale(4, 0), "unversioned changes are always taken");
     }
 }

@@ -127,6 +127,7 @@ impl Manager {
             pooled: false,
             dir_alias: None,
             egress: p.egress.clone(),
+            egress_version: 0,
         };
         let origin = match p.template_id {
             Some(tpl) => {

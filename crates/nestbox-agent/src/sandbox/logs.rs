@@ -191,7 +191,8 @@ impl SandboxLog {
     /// Reads what the console got since the last call and logs its complete lines.
     pub(crate) fn collect(&mut self, now_ms: i64) -> std::io::Result<()> {
         let console = self.dir.join(CONSOLE_FILE);
-        let mut file = match File::open(&console) {
+        // Writable only so that read bytes can be punched out (`fallocate` needs it).
+        let mut file = match OpenOptions::new().read(true).write(true).open(&console) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),

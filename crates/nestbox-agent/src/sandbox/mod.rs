@@ -213,6 +213,7 @@ pub(crate) enum Command {
     /// Replace the egress rules.
     SetEgress {
         rules: nestbox_types::egress::EgressRules,
+        version: u64,
         reply: oneshot::Sender<Result<(), AgentError>>,
     },
 }
@@ -755,10 +756,15 @@ impl Manager {
         &self,
         id: SandboxId,
         rules: nestbox_types::egress::EgressRules,
+        version: u64,
     ) -> Result<(), AgentError> {
         egress::parse(id, &rules)?;
         self.get(id)?
-            .request(|reply| Command::SetEgress { rules, reply })
+            .request(|reply| Command::SetEgress {
+                rules,
+                version,
+                reply,
+            })
             .await
     }
 

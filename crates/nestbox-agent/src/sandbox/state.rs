@@ -116,6 +116,9 @@ pub struct StateFile {
     /// The tenant's egress rules (validated), put in force whenever it runs.
     #[serde(default)]
     pub egress: nestbox_types::egress::EgressRules,
+    /// The version of the last egress change taken (0: the rules it was created with).
+    #[serde(default)]
+    pub egress_version: u64,
 }
 
 impl std::fmt::Debug for StateFile {

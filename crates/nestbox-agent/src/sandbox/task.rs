@@ -155,8 +155,8 @@ impl SandboxTask {
                         Command::CreateTemplate { store, key, kind, reply } => {
                             let _ = reply.send(self.create_template(&store, &key, kind).await);
                         }
-                        Command::SetEgress { rules, reply } => {
-                            let _ = reply.send(self.set_egress(rules).await);
+                        Command::SetEgress { rules, version, reply } => {
+                            let _ = reply.send(self.set_egress(rules, version).await);
                         }
                     }
                     if self.handle.state() == State::Stopping {
@@ -572,12 +572,18 @@ impl SandboxTask {
     }
 
     /// Replaces the egress rules: in force at once while a VM (running or held) has a
-    /// network, recorded for the next resume in any case.
+    /// network, recorded for the next resume in any case. A change older than the one in
+    /// force (`version`, see [`super::egress::stale`]) changes nothing.
     async fn set_egress(
         &mut self,
         rules: nestbox_types::egress::EgressRules,
+        version: u64,
     ) -> Result<(), AgentError> {
         let id = self.st.sandbox_id;
+        if super::egress::stale(self.st.egress_version, version) {
+            tracing::info!(sandbox = %id, version, holding = self.st.egress_version, "an older egress change arrived late; ignored");
+            return Ok(());
+        }
         let egress = super::egress::parse(id, &rules)?;
         let normalized = egress.rules();
         let live = self.live.as_ref().or(self.held.as_ref().map(|h| &h.live));
@@ -588,6 +594,9 @@ impl SandboxTask {
                 .map_err(|e| AgentError::host("putting the egress rules in force", id, e))?;
         }
         self.st.egress = normalized;
+        if version != 0 {
+            self.st.egress_version = version;
+        }
         state::write(&self.dir, &self.st)?;
         tracing::info!(sandbox = %id, "egress rules replaced");
         Ok(())

@@ -125,7 +125,12 @@ impl Launched {
     }
 }
 
+/// How long `up` waits for its host to be online with its templates.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Starts control plane and host agent in this process (first-run bootstrap included).
+/// Returns once sandboxes can be created (`/health/ready`); only then is `admin.env`
+/// written.
 pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
     paths::private_dir(&args.data_dir)?;
     let data_dir = std::fs::canonicalize(&args.data_dir).context("resolving the data directory")?;
@@ -192,13 +197,18 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
                 anyhow::bail!("creating the first admin: {e}");
             }
         };
-    if let Some(first) = &first_run {
-        let body = format!(
-            "# Created by `nestbox up` on first run. Keep it secret.\nNESTBOX_URL={url}\nNESTBOX_API_KEY={}\nNESTBOX_ADMIN_EMAIL={}\nNESTBOX_ADMIN_PASSWORD={}\n",
-            first.api_key, first.email, first.password
-        );
-        paths::write_private(&data_dir.join("admin.env"), body.as_bytes())?;
-    }
+    // `admin.env` is written once the platform is ready (scripts wait for it), or when
+    // start-up fails after the admin was created (its password is shown only once).
+    let save_admin = || -> anyhow::Result<()> {
+        if let Some(first) = &first_run {
+            let body = format!(
+                "# Created by `nestbox up` on first run. Keep it secret.\nNESTBOX_URL={url}\nNESTBOX_API_KEY={}\nNESTBOX_ADMIN_EMAIL={}\nNESTBOX_ADMIN_PASSWORD={}\n",
+                first.api_key, first.email, first.password
+            );
+            paths::write_private(&data_dir.join("admin.env"), body.as_bytes())?;
+        }
+        Ok(())
+    };
 
     let agent_dir = data_dir.join("agent");
     let registration_token = if agent_dir.join("credentials.json").exists() {
@@ -207,6 +217,7 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
         match cp.services.create_host_unchecked("local").await {
             Ok(host) => Some(host.registration_token),
             Err(e) => {
+                save_admin()?;
                 cp.shutdown().await;
                 anyhow::bail!("creating the local host: {e}");
             }
@@ -218,17 +229,34 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
     let agent = match nestbox_agent::start(agent_cfg).await {
         Ok(a) => a,
         Err(e) => {
+            save_admin()?;
             cp.shutdown().await;
             return Err(e).context("starting the host agent");
         }
     };
-    if let Err(e) = cp
-        .services
-        .sync_host_templates(agent.host_id, &agent.url)
-        .await
-    {
-        tracing::warn!(error = %e, "reading the host's templates");
+    // Ready means ready: the host is online with its templates before anyone is told.
+    let deadline = std::time::Instant::now() + READY_WAIT;
+    loop {
+        if let Err(e) = cp
+            .services
+            .sync_host_templates(agent.host_id, &agent.url)
+            .await
+        {
+            tracing::warn!(error = %e, "reading the host's templates");
+        }
+        match cp.services.readiness().await {
+            Ok(()) => break,
+            Err(reason) if std::time::Instant::now() < deadline => {
+                tracing::debug!(%reason, "waiting for the platform to be ready");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "the platform is not ready yet; carrying on");
+                break;
+            }
+        }
     }
+    save_admin()?;
     Ok(Launched {
         cp,
         agent,

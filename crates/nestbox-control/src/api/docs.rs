@@ -1,15 +1,39 @@
-//! Health and the API documentation page.
+//! Health (liveness and readiness) and the API documentation page.
 
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::Html;
 use nestbox_types::api::Health;
 
-/// Liveness of the control plane.
+use crate::state::AppState;
+
+/// Liveness: the control plane answers.
 #[utoipa::path(get, path = "/health", tag = "system", responses((status = 200, body = Health)))]
 pub async fn health() -> axum::Json<Health> {
     axum::Json(Health {
         status: "ok".into(),
         version: crate::VERSION.into(),
+        reason: None,
     })
+}
+
+/// Readiness: sandboxes can be created — the database answers and at least one host is
+/// online with the platform's templates. `503` with the reason until then.
+#[utoipa::path(get, path = "/health/ready", tag = "system",
+    responses((status = 200, body = Health), (status = 503, description = "not ready yet", body = Health)))]
+pub async fn ready(State(s): State<AppState>) -> (StatusCode, axum::Json<Health>) {
+    let (status, word, reason) = match s.services.readiness().await {
+        Ok(()) => (StatusCode::OK, "ready", None),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "starting", Some(reason)),
+    };
+    (
+        status,
+        axum::Json(Health {
+            status: word.into(),
+            version: crate::VERSION.into(),
+            reason,
+        }),
+    )
 }
 
 /// A self-contained page rendering `/openapi.json` (no external scripts, works offline).

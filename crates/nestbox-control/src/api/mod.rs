@@ -80,6 +80,7 @@ impl Modify for Security {
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(docs::health))
+        .routes(routes!(docs::ready))
         .routes(routes!(auth::login))
         .routes(routes!(auth::me))
         .routes(routes!(teams::list_teams, teams::create_team))

@@ -3,9 +3,13 @@
 //!
 //! Rules are validated and normalised here ([`validate_egress`]) and enforced by the
 //! sandbox's host (`nestbox_dns`, nftables in its namespace), which keeps them across
-//! pause and resume. A change reaches the agent first and the database after: the agent
-//! refusing leaves everything as it was; the database failing after the agent took the new
-//! rules is reported, and the agent is set back to the old ones (best effort, logged).
+//! pause and resume. A change is recorded in the database first, under the next version
+//! of the sandbox's rules, then sent to the agent with that version; the agent takes a
+//! change only if it is newer than the one it holds. So concurrent changes, whatever order
+//! they reach the agent in, end with the agent and the database holding the same, last
+//! recorded rules. An agent that refuses a change has it undone in the database (unless a
+//! later change was made meanwhile) and is sent the undoing change too (best effort,
+//! logged: it may have taken the change before failing).
 //! Only running and paused sandboxes have rules to change; a paused one gets them on
 //! resume. Forks inherit their source's rules.
 
@@ -61,25 +65,39 @@ impl Services {
         let (host, mut client) = self.agent_for(sb.host_id).await?;
         let db = self.db.clone();
         let who = *caller;
-        let old = sb.egress.clone();
         detached(async move {
-            let request = |rules: &EgressRules| SetEgressRequest {
+            let request = |rules: &EgressRules, version: i64| SetEgressRequest {
                 sandbox_id: id.to_string(),
                 egress: pb_egress(rules),
+                version: u64::try_from(version).unwrap_or(0),
             };
-            let outcome = match client.set_egress(request(&rules)).await {
-                Err(status) => Err(from_agent(&status)),
-                Ok(_) => match sandboxes::set_egress(&db, id, &rules).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(ApiError::new(
-                        nestbox_types::ErrorCode::SandboxNotFound,
-                        format!("sandbox {id} was deleted meanwhile"),
-                    )),
-                    Err(e) => {
-                        if let Err(back) = client.set_egress(request(&old)).await {
-                            tracing::error!(sandbox = %id, error = %back.message(), "setting the old egress rules back");
+            // Recorded first, under the next version: of concurrent changes, the host keeps
+            // the newest that reaches it, and the database holds that same one.
+            let outcome = match sandboxes::set_egress(&db, id, &rules).await {
+                Err(e) => Err(ApiError::from(e)),
+                Ok(None) => Err(ApiError::new(
+                    nestbox_types::ErrorCode::SandboxNotFound,
+                    format!("sandbox {id} was deleted meanwhile"),
+                )),
+                Ok(Some(change)) => match client.set_egress(request(&rules, change.version)).await {
+                    Ok(_) => Ok(()),
+                    Err(status) => {
+                        // Undone unless a later change was made meanwhile; the host gets
+                        // the undoing change too (it may have taken this one before failing).
+                        match sandboxes::revert_egress(&db, id, &change).await {
+                            Ok(Some(version)) => {
+                                if let Err(back) =
+                                    client.set_egress(request(&change.previous, version)).await
+                                {
+                                    tracing::warn!(sandbox = %id, error = %back.message(), "setting the previous egress rules back");
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::error!(sandbox = %id, error = %e, "undoing a failed egress change");
+                            }
                         }
-                        Err(ApiError::from(e))
+                        Err(from_agent(&status))
                     }
                 },
             };

@@ -249,6 +249,35 @@ impl Services {
     }
 }
 
+impl Services {
+    /// Whether sandboxes can be created: the database answers and at least one host is
+    /// online with the platform's default template registered. The reason when not.
+    pub async fn readiness(&self) -> Result<(), String> {
+        // The cause goes to the log, never to the (unauthenticated) caller.
+        let db_down = |e: nestbox_db::DbError| {
+            tracing::warn!(error = %e, "readiness: the database does not answer");
+            "the database does not answer".to_string()
+        };
+        let online = nestbox_db::hosts::list_online(&self.db)
+            .await
+            .map_err(db_down)?;
+        if online.is_empty() {
+            return Err("no host is online yet".into());
+        }
+        let default = nestbox_db::templates::get_visible(
+            &self.db,
+            nestbox_types::PLATFORM_TEAM,
+            nestbox_types::limits::DEFAULT_TEMPLATE,
+        )
+        .await
+        .map_err(db_down)?;
+        if default.is_none() {
+            return Err("no host has registered the platform's templates yet".into());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -412,14 +412,19 @@ impl Services {
                 "template must be 1–64 letters, digits, `.`, `_` or `-`",
             ));
         }
-        let template = templates::get_visible(&self.db, caller.team, &name)
-            .await?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::TemplateNotFound,
-                    format!("template `{name}` not found"),
-                )
-            })?;
+        let Some(template) = templates::get_visible(&self.db, caller.team, &name).await? else {
+            // While no host has registered its templates, "not found" would be a lie.
+            if let Err(reason) = self.readiness().await {
+                return Err(ApiError::new(
+                    ErrorCode::HostUnavailable,
+                    format!("the platform is starting ({reason}); retry shortly"),
+                ));
+            }
+            return Err(ApiError::new(
+                ErrorCode::TemplateNotFound,
+                format!("template `{name}` not found"),
+            ));
+        };
         self.create_from(caller, req, template).await
     }
 

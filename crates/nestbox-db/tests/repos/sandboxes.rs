@@ -398,8 +398,13 @@ db_test!(network_settings_round_trip, |t| {
     assert!(!plain.public_traffic);
     assert!(!plain.auto_resume);
 
+    // Changes are versioned and remember what they replaced.
     let open = nestbox_types::egress::EgressRules::default();
-    assert!(sandboxes::set_egress(&t.db, sb.id, &open).await.unwrap());
+    let first = sandboxes::set_egress(&t.db, sb.id, &open)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.version, &first.previous), (1, &new.egress));
     assert!(
         sandboxes::get(&t.db, sb.id)
             .await
@@ -407,10 +412,33 @@ db_test!(network_settings_round_trip, |t| {
             .egress
             .is_empty()
     );
+    // Undoing it records the previous rules as the next version…
+    assert_eq!(
+        sandboxes::revert_egress(&t.db, sb.id, &first)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        sandboxes::get(&t.db, sb.id).await.unwrap().egress,
+        new.egress
+    );
+    // …but never over a later change.
+    assert_eq!(
+        sandboxes::revert_egress(&t.db, sb.id, &first)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        sandboxes::get(&t.db, sb.id).await.unwrap().egress,
+        new.egress
+    );
     assert!(
-        !sandboxes::set_egress(&t.db, SandboxId::new(), &open)
+        sandboxes::set_egress(&t.db, SandboxId::new(), &open)
             .await
             .unwrap()
+            .is_none()
     );
 });
 

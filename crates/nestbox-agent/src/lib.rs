@@ -224,10 +224,14 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     cfg.validate().map_err(StartError::Config)?;
     preflight(&cfg)?;
     let cfg = Arc::new(cfg);
-    std::fs::create_dir_all(cfg.data_dir.join("sandboxes"))
-        .map_err(|e| step("creating the data directory")(Box::new(e)))?;
+    // Sandbox files and guest RAM live in directories nobody else may own, replace or read.
+    nestbox_hostsys::dirs::private_dir(&cfg.data_dir)
+        .and_then(|()| nestbox_hostsys::dirs::private_dir(&cfg.data_dir.join("sandboxes")))
+        .map_err(|e| step("preparing the data directory")(Box::new(e)))?;
     let tag = instance_tag(&cfg.data_dir);
-    let mem_root = PathBuf::from("/dev/shm").join(format!("nestbox-{tag}"));
+    let mem_root = sandbox::mem_root(&tag);
+    nestbox_hostsys::dirs::private_dir(&mem_root)
+        .map_err(|e| step("preparing the guest memory directory")(Box::new(e)))?;
     let slots = SlotAllocator::new(&cfg.slots_dir, tag.clone())
         .map_err(|e| step("opening the slot directory")(Box::new(e)))?;
 

@@ -104,6 +104,21 @@ async fn a_crash_is_cleaned_up_on_the_next_start() {
         .await
         .unwrap();
     let fp = footprint(&nb, sb.id);
+    // Guest RAM and sandbox files sit in directories only the agent's user may enter.
+    for dir in [
+        fp.mem_dir.parent().unwrap(),
+        fp.sandbox_dir.parent().unwrap(),
+    ] {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(dir).unwrap();
+        assert!(meta.is_dir(), "{} is a real directory", dir.display());
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid()),
+            (0o700, 0),
+            "{}",
+            dir.display()
+        );
+    }
     nb.kill();
     // The VMM runs in its own session: it survives the crash of its agent.
     assert!(

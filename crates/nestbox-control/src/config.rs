@@ -88,6 +88,8 @@ pub struct ControlConfig {
     /// A second, plain-HTTP listener (on loopback) for a host agent in the same process,
     /// when the public one serves TLS with a certificate that agent cannot check.
     pub local_listen: Option<SocketAddr>,
+    /// Login attempts allowed per client address and per account.
+    pub login_limits: crate::throttle::LoginLimits,
 }
 
 /// Where the public listener's certificate and key are.
@@ -123,6 +125,7 @@ impl ControlConfig {
             proxy_domain: None,
             tls: None,
             local_listen: None,
+            login_limits: crate::throttle::LoginLimits::default(),
         }
     }
 

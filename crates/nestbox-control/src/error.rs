@@ -16,6 +16,8 @@ pub struct ApiError {
     pub code: ErrorCode,
     /// Message for the client.
     pub message: String,
+    /// Seconds to wait before retrying (`Retry-After`); retryable errors without one say 2.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,7 +26,14 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to retry after `secs` seconds.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// 400 `invalid_request`.
@@ -80,7 +89,12 @@ impl IntoResponse for ApiError {
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp =
             (status, axum::Json(ErrorBody::new(self.code, self.message))).into_response();
-        if self.code.retryable() {
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        } else if self.code.retryable() {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("2"),

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod scheduler;
 pub mod service;
 pub mod state;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -140,6 +141,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
             source,
         })?;
     let sessions = auth::Sessions::new(&cfg.master_secret, cfg.session_ttl);
+    let login_limits = cfg.login_limits;
     let pool = hostpool::HostPool::new(cfg.master_secret.clone())
         .map_err(|e| StartError::Config(format!("the host certificate authority: {e}")))?;
     Ok(Arc::new(Services {
@@ -150,6 +152,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         scheduler: Box::new(scheduler::LeastLoaded),
         forwarder: nestbox_forward::Forwarder::new(),
         key_uses: Default::default(),
+        login: throttle::LoginThrottle::new(login_limits),
     }))
 }
 
@@ -209,7 +212,12 @@ pub async fn start(cfg: ControlConfig) -> Result<RunningControlPlane, StartError
                 tracing::debug!(error = %e, "TCP_NODELAY");
             }
         });
-        axum::serve(listener, app.clone()).with_graceful_shutdown(stopped(rx))
+        axum::serve(
+            listener,
+            app.clone()
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(rx))
     };
     let public: futures::future::BoxFuture<'static, ()> = match tls.clone() {
         Some(tls) => Box::pin(nestbox_forward::serve_tls(

@@ -27,6 +27,8 @@ pub struct Services {
     /// second (a busy proxy client) costs one database write a minute, not one a request.
     pub key_uses:
         std::sync::Mutex<std::collections::HashMap<nestbox_types::ApiKeyId, std::time::Instant>>,
+    /// Login rate limits and the password-hashing slots.
+    pub login: crate::throttle::LoginThrottle,
 }
 
 /// How often an API key's `last_used_at` is written.

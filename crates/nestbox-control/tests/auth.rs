@@ -21,6 +21,7 @@ both_engines!(
     malformed_credentials_are_401,
     team_header_selects_only_own_teams,
     malformed_bodies_get_our_error_shape,
+    login_floods_get_429_while_the_rest_keeps_answering,
 );
 
 async fn login_and_me(engine: Engine) -> anyhow::Result<()> {
@@ -256,4 +257,68 @@ async fn api_key_of(h: &Harness) -> anyhow::Result<String> {
         .create_api_key(h.team, "raw requests")
         .await?
         .key)
+}
+
+async fn login_floods_get_429_while_the_rest_keeps_answering(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::with(
+        engine,
+        common::Options {
+            login_limits: nestbox_control::throttle::LoginLimits {
+                per_address_per_minute: 12,
+                per_account_per_minute: 4,
+            },
+            ..Default::default()
+        },
+    )
+    .await?;
+    let alice = h.user("alice").await?;
+    let login = |email: String, password: &'static str| {
+        let (http, url) = h.raw("/v1/auth/login");
+        async move {
+            let resp = http
+                .post(url)
+                .json(&serde_json::json!({ "email": email, "password": password }))
+                .send()
+                .await?;
+            let retry = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await?;
+            anyhow::Ok((status, retry, body))
+        }
+    };
+    // One account guessed at: four attempts are checked, the fifth is refused unhashed,
+    // even with the right password.
+    for _ in 0..4 {
+        assert_eq!(login(alice.email.clone(), "wrong password!").await?.0, 401);
+    }
+    let (status, retry, body) = login(alice.email.clone(), common::PASSWORD).await?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    assert!(
+        retry.is_some_and(|s| (1..=60).contains(&s)),
+        "Retry-After {retry:?}"
+    );
+    // Spraying other accounts from the same address runs out too, while everything else
+    // keeps answering.
+    let flood: Vec<_> = (0..20)
+        .map(|i| login(format!("nobody{i}@example.com"), "whatever password"))
+        .collect();
+    let anonymous = h.anonymous();
+    let (results, health) = tokio::join!(futures::future::join_all(flood), anonymous.health());
+    assert_eq!(health?.status, "ok");
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Ok((429, _, _))))
+        .count();
+    assert!(refused >= 12, "{refused} of 20 refused");
+    assert!(results.iter().all(|r| matches!(r, Ok((401 | 429, _, _)))));
+    assert!(h.key.me().await.is_ok(), "API keys are not throttled");
+    h.shutdown().await;
+    Ok(())
 }

@@ -544,6 +544,35 @@ async fn only_platform_admins_delete_platform_templates(engine: Engine) -> anyho
     assert_eq!(h.agent.template_log(), log_before);
     assert!(h.agent.template(t.id).is_some());
 
+    // An API key of the platform team itself may not write its templates either: not
+    // overwrite one, not add one every team would see.
+    let platform_key = h
+        .services
+        .create_api_key_unchecked(PLATFORM_TEAM, "platform", None, None)
+        .await?;
+    let platform = nestbox_client::Client::new(&h.url)?.with_api_key(platform_key.key.clone());
+    let platform_sb = platform
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await?;
+    let platform_api = common::api::Api::new(&h.url, vec![("x-api-key", platform_key.key)]);
+    for name in ["golden", "brand-new"] {
+        api_error(
+            platform_api
+                .snapshot(&CreateSnapshotRequest {
+                    overwrite: true,
+                    ..snapshot(platform_sb.id, name)
+                })
+                .await,
+            403,
+            ErrorCode::Forbidden,
+        );
+    }
+    assert_eq!(
+        h.agent.template_log(),
+        log_before,
+        "refused before the host"
+    );
+
     h.admin.api().delete_snapshot("golden").await?;
     assert!(h.agent.template(t.id).is_none());
     assert!(

@@ -51,6 +51,8 @@ pub async fn serve_tls(
                         }
                         Err(_) => return,
                     };
+                    // Handlers see the client's address as with axum's own server.
+                    let app = app.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
                     let service = hyper_util::service::TowerToHyperService::new(app);
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)

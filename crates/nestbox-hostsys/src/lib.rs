@@ -9,7 +9,9 @@
 //! - [`net`]: per-sandbox network namespaces, veth/TAP, nftables isolation, slot
 //!   allocation.
 //! - [`disk`]: template base images expanded per disk size, qcow2 copy-on-write overlays.
+//! - [`dirs`]: private directories (0700, ours, not links) for data and guest RAM.
 
+pub mod dirs;
 pub mod disk;
 pub mod net;
 pub mod process;

@@ -11,15 +11,21 @@ use crate::error::ApiResult;
 use crate::extract::{Caller, Json, Query};
 use crate::state::AppState;
 
-/// Logs in with email and password and returns a session token.
+/// Logs in with email and password and returns a session token. Attempts are limited per
+/// client address and per account: past the limit, `429 rate_limited` with `Retry-After`.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody), (status = 400, body = ErrorBody),
+              (status = 429, description = "too many attempts; retry after `Retry-After` seconds", body = ErrorBody)))]
 pub async fn login(
     State(s): State<AppState>,
+    extensions: axum::http::Extensions,
     Json(req): Json<LoginRequest>,
 ) -> ApiResult<axum::Json<LoginResponse>> {
+    let from = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     s.services
-        .login(&req.email, &req.password)
+        .login(&req.email, &req.password, from)
         .await
         .map(axum::Json)
 }

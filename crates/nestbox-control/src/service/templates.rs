@@ -296,6 +296,13 @@ impl Services {
         if !is_valid_template_name(&req.name) {
             return Err(invalid_name());
         }
+        // The platform team's templates are every team's: only platform admins write them
+        // (never an API key, even one of the platform team).
+        if caller.team.is_platform() && !caller.actor.is_admin() {
+            return Err(ApiError::forbidden(
+                "templates of the platform team are every team's; only platform admins may make them",
+            ));
+        }
         let kind = req.kind.unwrap_or(TemplateKind::Snapshot);
         let sb = self.sandbox_row(caller, req.sandbox_id).await?;
         if !matches!(sb.status, SandboxStatus::Running | SandboxStatus::Paused) {

@@ -36,17 +36,25 @@ pub fn team_view(t: &teams::Team) -> api::Team {
 }
 
 impl Services {
-    /// Exchanges email and password for a session token.
-    pub async fn login(&self, email: &str, password: &str) -> ApiResult<LoginResponse> {
+    /// Exchanges email and password for a session token. Attempts are rate-limited per
+    /// client address (`from`) and per account ([`crate::throttle`]).
+    pub async fn login(
+        &self,
+        email: &str,
+        password: &str,
+        from: Option<std::net::IpAddr>,
+    ) -> ApiResult<LoginResponse> {
+        self.login.admit(from, email)?;
         let invalid = || ApiError::unauthorized("invalid email or password");
         let Some(user) = users::get_by_email(&self.db, email).await? else {
-            auth::dummy_password_check(password);
+            // The same time as a real check, so unknown emails cannot be told apart.
+            self.login.check_password(password.to_owned(), None).await;
             return Err(invalid());
         };
-        let ok = user
-            .password_hash
-            .as_deref()
-            .is_some_and(|h| auth::verify_password(password, h));
+        let ok = self
+            .login
+            .check_password(password.to_owned(), user.password_hash.clone())
+            .await;
         let audit = |ok: bool| AuditEntry {
             actor: AuditActor::User(user.id.to_string()),
             team: None,
@@ -132,7 +140,7 @@ impl Services {
         let email = validate_email(&req.email)?;
         let name = validate_name("name", &req.name)?;
         auth::check_password_policy(&req.password)?;
-        let hash = auth::hash_password(&req.password)?;
+        let hash = self.login.hash_password(req.password.clone()).await?;
         let user = users::create(
             &self.db,
             &users::NewUser {

@@ -82,6 +82,8 @@ pub struct Options {
     /// Deadline of pause and resume calls (and how long the monitor leaves a fresh pause
     /// alone).
     pub pause_timeout: Duration,
+    /// Login attempts per address and per account.
+    pub login_limits: nestbox_control::throttle::LoginLimits,
 }
 
 impl Default for Options {
@@ -91,6 +93,7 @@ impl Default for Options {
             host_grace: Duration::from_secs(90),
             agent: SimAgentConfig::default(),
             pause_timeout: Duration::from_secs(120),
+            login_limits: Default::default(),
         }
     }
 }
@@ -195,6 +198,7 @@ impl Harness {
         cfg.monitor_interval = Duration::from_secs(3600);
         cfg.expiry_interval = Duration::from_secs(3600);
         cfg.pause_timeout = opts.pause_timeout;
+        cfg.login_limits = opts.login_limits;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
         let base = cp.url();

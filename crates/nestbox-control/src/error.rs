@@ -64,9 +64,9 @@ impl ApiError {
         Self::new(ErrorCode::Conflict, message)
     }
 
-    /// 500, logging `detail` with a fresh request id.
+    /// 500, logging `detail` (once, here) with the request's id.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
-        let request_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let request_id = crate::request_id::current_or_fresh();
         tracing::error!(request_id, error = %detail, "internal error");
         Self::new(
             ErrorCode::Internal,
@@ -87,8 +87,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut resp =
-            (status, axum::Json(ErrorBody::new(self.code, self.message))).into_response();
+        let mut body = ErrorBody::new(self.code, self.message);
+        body.error.request_id = crate::request_id::current();
+        let mut resp = (status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
@@ -146,7 +147,7 @@ pub fn from_agent(status: &tonic::Status) -> ApiError {
             )
         }
         _ => {
-            let request_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+            let request_id = crate::request_id::current_or_fresh();
             tracing::error!(request_id, code = %code, error = %status.message(), "host agent error");
             ApiError::new(
                 ErrorCode::AgentError,

@@ -17,6 +17,7 @@ pub mod hostpool;
 pub mod leader;
 pub mod monitor;
 pub mod proxy;
+pub mod request_id;
 pub mod scheduler;
 pub mod service;
 pub mod state;

@@ -24,6 +24,7 @@ use nestbox_types::{ErrorCode, HostStatus, SandboxId, SandboxStatus, TeamRole};
 use sha2::{Digest, Sha256};
 
 both_engines!(
+    errors_name_their_request_and_hide_internals,
     create_with_defaults_runs_on_the_agent,
     create_with_explicit_values_env_and_metadata,
     list_filters_and_pages,
@@ -903,6 +904,69 @@ async fn audit_log_records_changes_for_team_admins(engine: Engine) -> anyhow::Re
     assert!(
         log.items.iter().any(|a| a.action == "api_key.create"),
         "the first run's key is audited"
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn errors_name_their_request_and_hide_internals(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let call = |method: reqwest::Method, path: String| {
+        let (http, url) = h.raw(&path);
+        let key = h.api_key.clone();
+        async move {
+            let resp = http
+                .request(method, url)
+                .header("x-api-key", key)
+                .send()
+                .await?;
+            let id = resp
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            anyhow::Ok((status, id, body))
+        }
+    };
+    // Every answer names its request; an error body carries the same id.
+    let (status, id, body) = call(
+        reqwest::Method::GET,
+        format!("/v1/sandboxes/{}", SandboxId::new()),
+    )
+    .await?;
+    let id = id.expect("x-request-id");
+    assert_eq!(status, 404);
+    assert_eq!(id.len(), 12);
+    assert_eq!(body["error"]["request_id"], serde_json::json!(id));
+    let (_, other, _) = call(reqwest::Method::GET, "/v1/me".into()).await?;
+    assert!(other.is_some_and(|o| o != id), "each request its own id");
+
+    // A host failure (in work detached from the request) reaches the client with the
+    // request's id and without the host's details, which go to the log.
+    let sb = h.sandbox().await?;
+    h.agent.fail_next(
+        SimOp::PauseSandbox,
+        ErrorCode::Internal,
+        "qemu: /var/lib/nestbox/agent/sandboxes/secret: broken",
+    );
+    let (status, id, body) = call(
+        reqwest::Method::POST,
+        format!("/v1/sandboxes/{}/pause", sb.id),
+    )
+    .await?;
+    let id = id.expect("x-request-id");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (502, Some("agent_error"))
+    );
+    assert_eq!(body["error"]["request_id"], serde_json::json!(id));
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&id), "{message}");
+    assert!(
+        !message.contains("/var/lib") && !message.contains("qemu"),
+        "{message}"
     );
     h.shutdown().await;
     Ok(())

@@ -179,4 +179,5 @@ pub fn router(state: AppState) -> Router {
             crate::proxy::intercept,
         ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(crate::request_id::layer))
 }

@@ -111,7 +111,7 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 {
-    tokio::spawn(work)
+    tokio::spawn(crate::request_id::scoped(work))
         .await
         .map_err(|e| ApiError::internal(format!("detached task: {e}")))?
 }

@@ -898,13 +898,14 @@ impl LogLevel {
         }
     }
 
-    /// Parses a lowercase name.
+    /// Parses a level name, case-insensitively (`trace` is `debug`, `warning` is `warn`,
+    /// `fatal` is `error`, as loggers name them).
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "debug" => Some(Self::Debug),
+        match s.to_ascii_lowercase().as_str() {
+            "trace" | "debug" => Some(Self::Debug),
             "info" => Some(Self::Info),
-            "warn" => Some(Self::Warn),
-            "error" => Some(Self::Error),
+            "warn" | "warning" => Some(Self::Warn),
+            "error" | "fatal" => Some(Self::Error),
             _ => None,
         }
     }

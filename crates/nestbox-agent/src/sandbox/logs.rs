@@ -50,41 +50,7 @@ const KEEP_TAIL: u64 = 64 << 10;
 const READ_CHUNK: u64 = 1 << 20;
 
 /// Severity, as E2B names it (ordered: `debug < info < warn < error`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    /// Debug (and trace).
-    Debug,
-    /// Informational.
-    Info,
-    /// A warning.
-    Warn,
-    /// An error.
-    Error,
-}
-
-impl Level {
-    /// Parses a level name (case-insensitive; `trace` is `debug`, `warning` is `warn`).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "trace" | "debug" => Some(Self::Debug),
-            "info" => Some(Self::Info),
-            "warn" | "warning" => Some(Self::Warn),
-            "error" | "fatal" => Some(Self::Error),
-            _ => None,
-        }
-    }
-
-    /// The lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Debug => "debug",
-            Self::Info => "info",
-            Self::Warn => "warn",
-            Self::Error => "error",
-        }
-    }
-}
+pub use nestbox_types::api::LogLevel as Level;
 
 /// One log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

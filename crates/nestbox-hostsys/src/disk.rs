@@ -111,13 +111,17 @@ impl BaseImages {
         tokio::fs::create_dir_all(&parent)
             .await
             .map_err(io_err(&parent))?;
+        // Each call builds its own copy: concurrent creates of a new size never share a
+        // temporary file. The first to finish publishes it; the others find it there.
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = parent.join(format!(
-            ".{}.tmp-{}",
+            ".{}.tmp-{}-{}",
             target
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or("base"),
-            std::process::id()
+            std::process::id(),
+            BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let result = async {
             Cmd::new("cp")
@@ -131,14 +135,16 @@ impl BaseImages {
                     source: e,
                 })?;
             expand_ext4(&tmp, size_mb).await?;
-            tokio::fs::rename(&tmp, &target)
-                .await
-                .map_err(io_err(&target))
+            // Published without replacing: a base already in place (a concurrent build
+            // finished first) may be in use and stays as it is.
+            match tokio::fs::hard_link(&tmp, &target).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(io_err(&target)(e)),
+            }
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
+        let _ = tokio::fs::remove_file(&tmp).await;
         result.map(|()| target)
     }
 
@@ -359,9 +365,28 @@ mod tests {
         let shrunk = shrink_ext4(&flat).await.unwrap();
         assert!(shrunk < 64 * 1024 * 1024, "shrunk to {shrunk}");
         assert_eq!(std::fs::metadata(&flat).unwrap().len(), shrunk);
+        // Concurrent first builds of one new size agree on one whole base and leave no
+        // temporary file.
+        let ensure = || bases.ensure("t", "k1", &src, 512, 32);
+        let built = tokio::join!(ensure(), ensure(), ensure(), ensure());
+        let built = [built.0, built.1, built.2, built.3];
+        let first = built[0].as_ref().unwrap().clone();
+        assert!(built.iter().all(|b| b.as_ref().unwrap() == &first));
+        assert_eq!(std::fs::metadata(&first).unwrap().len(), 512 * 1024 * 1024);
+        Cmd::new("e2fsck")
+            .arg("-fn")
+            .arg(&first)
+            .run()
+            .await
+            .unwrap();
+        let names: Vec<String> = std::fs::read_dir(first.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
         // A new build key prunes the old bases.
         bases.ensure("t", "k2", &src, 64, 32).await.unwrap();
-        assert_eq!(bases.prune("t", "k2").await.unwrap(), 1);
+        assert_eq!(bases.prune("t", "k2").await.unwrap(), 2);
         assert!(!base.exists());
     }
 }

@@ -125,10 +125,14 @@ pub async fn handle(State(state): State<ProxyState>, mut request: Request<Body>)
             ErrorCode::PortUnreachable,
             format!("nothing accepts connections on port {port} in sandbox {id}"),
         ),
-        Err(e) => error(
-            ErrorCode::PortUnreachable,
-            format!("port {port} of sandbox {id}: {e}"),
-        ),
+        Err(e) => {
+            // Accepted, then broken: worth a line in the log (the client sees a 502).
+            tracing::warn!(sandbox = %id, port, error = %e, "forwarding to the guest failed");
+            error(
+                ErrorCode::PortUnreachable,
+                format!("port {port} of sandbox {id}: {e}"),
+            )
+        }
     }
 }
 

@@ -28,6 +28,9 @@ use crate::error::ApiError;
 /// Keys a limiter tracks before it forgets the idle ones.
 pub const MAX_TRACKED: usize = 10_000;
 
+/// Longest email address (RFC 5321): longer input is keyed by its first this many chars.
+const MAX_EMAIL: usize = 320;
+
 /// Attempts per minute (and burst) for each client address and each account.
 #[derive(Debug, Clone, Copy)]
 pub struct LoginLimits {
@@ -107,7 +110,13 @@ impl LoginThrottle {
         }
         take(
             &self.by_account,
-            &email.trim().to_lowercase(),
+            // At most an email's longest legal length: a huge "email" makes no huge key.
+            &email
+                .trim()
+                .chars()
+                .take(MAX_EMAIL)
+                .collect::<String>()
+                .to_lowercase(),
             "for this account",
         )
     }
@@ -167,6 +176,18 @@ mod tests {
         t.admit(Some(a), "y@example.com").unwrap();
         let e = t.admit(Some(a), "z@example.com").unwrap_err();
         assert!(e.message.contains("address"), "{e:?}");
+        // An oversized "email" counts as its first 320 characters.
+        let long = format!("{}@example.com", "a".repeat(400));
+        let t2 = LoginThrottle::new(LoginLimits {
+            per_address_per_minute: 0,
+            per_account_per_minute: 1,
+        });
+        t2.admit(None, &long).unwrap();
+        let same_prefix = format!("{}b", &long[..320]);
+        assert!(
+            t2.admit(None, &same_prefix).is_err(),
+            "keyed by the first 320 chars"
+        );
         // Unlimited when set to 0.
         let open = LoginThrottle::new(LoginLimits {
             per_address_per_minute: 0,

@@ -1,26 +1,36 @@
-//! Start-up cleanup: removes what a crashed agent left behind, and finds the paused
-//! sandboxes that survive.
+//! Start-up recovery: takes back what an earlier run of this agent left running, and
+//! removes what cannot be taken back.
 //!
-//! Everything a sandbox takes is recorded before it is taken (see
-//! [`crate::sandbox::state`]), so after a crash this module can find and remove, for this
-//! agent instance only: VMM processes (killed only if their command line names the
-//! sandbox, so a recycled pid is never hit), network namespaces and veth links of the
-//! instance's slots, slot files, tmpfs files and sandbox directories.
+//! An agent that crashes, is OOM-killed or is restarted on a new binary leaves its VMMs
+//! running (each runs in a session of its own). Everything a sandbox takes is recorded
+//! before it is taken (see [`crate::sandbox::state`]), and each VMM keeps a record of its
+//! own (see [`nestbox_vmm::Vmm::adopt`]), so for this agent instance only:
 //!
-//! A sandbox that was **paused** needs only files: if its snapshot is intact (on tmpfs, or
-//! its on-disk copy after a reboot) it is returned to be adopted, not removed; a VMM and
-//! network it still held (stopped, for a fast resume) are removed. Sandboxes that were starting or running when the agent died are
-//! gone — their VMM is killed — and the control plane learns it from the agent's list.
+//! - a **running** sandbox whose VMM is the same process (pid and start time) and whose
+//!   namespace is there is adopted: it keeps running untouched. A pause or snapshot the
+//!   crash interrupted is undone (the guest runs again); a pause that had finished but
+//!   was not yet recorded is recorded. Pooled clones are adopted the same way, to go back
+//!   into their pool;
+//! - a **paused** sandbox that held its VMM (stopped, for a fast resume) keeps holding it;
+//!   a resume the crash interrupted after its guest ran again is recorded as running;
+//! - a paused sandbox without a VMM needs only files: if its snapshot is intact (on tmpfs,
+//!   or its on-disk copy after a reboot) it is returned to be adopted;
+//! - anything else — a sandbox that was starting, a VMM that cannot be adopted, the
+//!   agent's own warm-up builds — is removed: VMM processes (killed only if their command
+//!   line names the sandbox, so a recycled pid is never hit), network namespaces and veth
+//!   links of the instance's slots, slot files, tmpfs files and sandbox directories. The
+//!   control plane learns of such a loss from the agent's list.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use nestbox_hostsys::net::{SandboxNet, SlotAddrs, SlotAllocator};
-use nestbox_vmm::snapshot::MANIFEST_FILE;
+use nestbox_vmm::snapshot::{MANIFEST_FILE, MEMORY_FILE};
+use nestbox_vmm::{Vm, Vmm};
 
 use crate::sandbox::state::{self, Phase, StateFile};
 
-/// What the cleanup removed.
+/// What the recovery removed and kept.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CleanupReport {
     /// VMM processes killed.
@@ -29,8 +39,86 @@ pub struct CleanupReport {
     pub networks: usize,
     /// Sandbox directories removed.
     pub directories: usize,
-    /// Paused sandboxes kept.
+    /// Paused sandboxes kept (without a VMM).
     pub paused: usize,
+    /// Sandboxes whose VMM was adopted (running, held or pooled).
+    pub adopted: usize,
+}
+
+/// What the recovery hands to the manager.
+#[derive(Default)]
+pub struct Recovered {
+    /// Paused sandboxes without a VMM.
+    pub paused: Vec<StateFile>,
+    /// Sandboxes whose VMM was adopted: running ones, pooled clones (`pooled`) and paused
+    /// ones holding their VMM ([`Vm::is_held`]).
+    pub live: Vec<(StateFile, Box<dyn Vm>)>,
+}
+
+/// Takes over the VMM of the sandbox in `dir` if it can be: see the module docs.
+async fn adopt_live(vmm: &dyn Vmm, dir: &Path) -> Option<(StateFile, Box<dyn Vm>)> {
+    let mut st = state::read(dir)?;
+    let named = dir
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy() == st.sandbox_id.to_string());
+    let slot = st.slot?;
+    let pid = st.vmm_pid?;
+    if !named
+        || st.internal
+        || st.phase == Phase::Starting
+        || !SlotAddrs::new(slot).netns_path().exists()
+    {
+        return None;
+    }
+    let vm = match vmm.adopt(dir).await {
+        Ok(vm) if vm.pid() == pid => vm,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(sandbox = %st.sandbox_id, error = %e, "its VMM cannot be taken over");
+            return None;
+        }
+    };
+    let fast = st.mem_dir.join("snapshot");
+    match (st.phase, vm.is_held()) {
+        // A pause that finished (held) before it was recorded.
+        (Phase::Running, true) => {
+            st.phase = Phase::Paused;
+            st.snapshot_durable = false;
+        }
+        // A held VMM's resume that ran the guest before it was recorded.
+        (Phase::Paused, false) => {
+            st.phase = Phase::Running;
+            st.auto_paused = false;
+            st.snapshot_durable = false;
+            let _ = std::fs::remove_dir_all(&fast);
+            let _ = std::fs::remove_dir_all(dir.join("snapshot"));
+        }
+        _ => {}
+    }
+    if st.phase == Phase::Running {
+        // What an undone pause left: its copy on disk, if it began.
+        let _ = std::fs::remove_dir_all(dir.join("snapshot.partial"));
+    }
+    if let Err(e) = state::write(dir, &st) {
+        tracing::warn!(sandbox = %st.sandbox_id, error = %e.public_message(), "recording an adopted sandbox");
+        return None;
+    }
+    Some((st, vm))
+}
+
+/// A sandbox recorded as running whose VMM could not be adopted, after a pause that
+/// finished (its snapshot is whole: the manifest is written last): recorded as paused,
+/// so the paused path below keeps it (and ends a VMM that is left).
+fn finish_pause(dir: &Path) {
+    let Some(mut st) = state::read(dir) else {
+        return;
+    };
+    if st.phase == Phase::Running && st.mem_dir.join("snapshot").join(MANIFEST_FILE).is_file() {
+        tracing::warn!(sandbox = %st.sandbox_id, "a pause finished before a restart: recording it");
+        st.phase = Phase::Paused;
+        st.snapshot_durable = false;
+        let _ = state::write(dir, &st);
+    }
 }
 
 fn process_mentions(pid: u32, needle: &str) -> bool {
@@ -63,21 +151,32 @@ fn adoptable(dir: &Path) -> Option<StateFile> {
     if st.phase != Phase::Paused {
         return None;
     }
+    // A resume that a crash interrupted may have taken the RAM file out of the snapshot
+    // (to where its VMM maps it): it goes back.
+    let snapshot_ram = st.mem_dir.join("snapshot").join(MEMORY_FILE);
+    let name = st.vmm_name.clone().unwrap_or(st.sandbox_id.to_string());
+    let taken = st.mem_dir.join(format!("{name}.ram"));
+    if !snapshot_ram.exists() && taken.is_file() {
+        let _ = std::fs::rename(&taken, &snapshot_ram);
+    }
     let fast = st.mem_dir.join("snapshot").join(MANIFEST_FILE);
     let durable = dir.join("snapshot").join(MANIFEST_FILE);
     let disk = dir.join("rootfs.qcow2");
     (disk.is_file() && (fast.is_file() || (st.snapshot_durable && durable.is_file()))).then_some(st)
 }
 
-/// Removes the leftovers of this agent instance and returns the paused sandboxes to adopt.
+/// Adopts what this agent instance left running, removes its other leftovers, and
+/// returns the sandboxes to take back.
 pub async fn run(
     data_dir: &Path,
     mem_root: &Path,
     slots: &SlotAllocator,
-) -> (CleanupReport, Vec<StateFile>) {
+    vmm: &dyn Vmm,
+) -> (CleanupReport, Recovered) {
     let mut report = CleanupReport::default();
-    let mut keep = Vec::new();
+    let mut recovered = Recovered::default();
     let mut kept_mem: HashSet<PathBuf> = HashSet::new();
+    let mut kept_slots: HashSet<u32> = HashSet::new();
     let sandboxes = data_dir.join("sandboxes");
     if let Ok(entries) = std::fs::read_dir(&sandboxes) {
         for entry in entries.flatten() {
@@ -90,6 +189,14 @@ pub async fn run(
                 }
                 continue;
             }
+            if let Some((st, vm)) = adopt_live(vmm, &dir).await {
+                kept_mem.insert(st.mem_dir.clone());
+                kept_slots.extend(st.slot);
+                report.adopted += 1;
+                recovered.live.push((st, vm));
+                continue;
+            }
+            finish_pause(&dir);
             if let Some(mut st) = adoptable(&dir) {
                 // A partial on-disk copy from an interrupted persist is useless.
                 let _ = std::fs::remove_dir_all(dir.join("snapshot.partial"));
@@ -117,7 +224,7 @@ pub async fn run(
                 }
                 kept_mem.insert(st.mem_dir.clone());
                 report.paused += 1;
-                keep.push(st);
+                recovered.paused.push(st);
                 continue;
             }
             if let Some(left) = state::read_leftovers(&dir) {
@@ -156,7 +263,7 @@ pub async fn run(
     }
     // Slots whose sandbox directory was already gone (paused sandboxes hold none).
     if let Ok(owned) = slots.owned() {
-        for (slot, holder) in owned {
+        for (slot, holder) in owned.into_iter().filter(|(s, _)| !kept_slots.contains(s)) {
             tracing::warn!(slot, holder = %holder, "removing a leftover network slot");
             if let Err(e) = SandboxNet::teardown_addrs(&SlotAddrs::new(slot)).await {
                 tracing::error!(slot, error = %e, "removing a leftover network");
@@ -176,5 +283,5 @@ pub async fn run(
     if report != CleanupReport::default() {
         tracing::warn!(?report, "cleaned up after a previous run");
     }
-    (report, keep)
+    (report, recovered)
 }

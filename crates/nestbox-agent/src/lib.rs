@@ -202,6 +202,20 @@ impl RunningAgent {
         ShutdownReport { paused, destroyed }
     }
 
+    /// Stops serving and leaves every sandbox exactly as it is — running VMMs, held ones,
+    /// pooled clones, their networks and the host firewall — for the next run of the agent
+    /// to take back (an upgrade: replace the binary, stop the agent this way, start it
+    /// again). A crash leaves the same behind; this only skips the wait for nothing.
+    pub async fn detach(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.heartbeat.abort();
+        self.manager.detach_all().await;
+        let _ = (&mut self.server).await;
+        tracing::info!("host agent stopped; its sandboxes run on for the next start");
+    }
+
     /// Stops serving and destroys every sandbox, paused ones included, leaving nothing on
     /// the host (used by throwaway installations such as the benchmark).
     pub async fn shutdown_and_destroy(mut self) {
@@ -235,7 +249,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let slots = SlotAllocator::new(&cfg.slots_dir, tag.clone())
         .map_err(|e| step("opening the slot directory")(Box::new(e)))?;
 
-    let (_, paused) = cleanup::run(&cfg.data_dir, &mem_root, &slots).await;
+    let images = ImageStore::new(&cfg.images_dir);
+    let vmm = crate::vmm_for(&cfg, &images, &tag).await?;
+    tracing::info!(vmm = %vmm.info(), "VMM ready");
+
+    let (_, recovered) = cleanup::run(&cfg.data_dir, &mem_root, &slots, vmm.as_ref()).await;
 
     let dns = cfg.dns.clone().unwrap_or_else(host_dns_servers);
     let firewall = HostFirewall::new(&tag);
@@ -246,10 +264,6 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         })
         .await
         .map_err(|e| step("installing the host firewall")(Box::new(e)))?;
-
-    let images = ImageStore::new(&cfg.images_dir);
-    let vmm = crate::vmm_for(&cfg, &images, &tag).await?;
-    tracing::info!(vmm = %vmm.info(), "VMM ready");
 
     let bases = BaseImages::new(cfg.data_dir.join("bases"))
         .map_err(|e| step("opening the base image directory")(Box::new(e)))?;
@@ -272,8 +286,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         warm: templates::TemplateStore::new(&cfg.warm_dir)
             .map_err(|e| step("opening the warm snapshot store")(Box::new(e)))?,
     });
-    for st in paused {
+    for st in recovered.paused {
         manager.adopt_paused(st);
+    }
+    for (st, vm) in recovered.live {
+        manager.adopt_live(st, vm).await;
     }
     if manager.templates().is_empty() {
         tracing::warn!(images = %cfg.images_dir.display(), "no templates found; build them with `nestbox image build`");

@@ -1,6 +1,7 @@
 //! Failure paths with real VMs: a failed boot releases everything and leaves the sandbox
-//! `error` with its reason; a crashed `nestbox up` is cleaned up on its next start; a host
-//! without the tools gets a clear error; many create/destroy cycles leave nothing behind.
+//! `error` with its reason; after a crash of `nestbox up` its next start takes back what
+//! survived and cleans up what did not; a host without the tools gets a clear error; many
+//! create/destroy cycles leave nothing behind.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Nestbox, assert_gone, eventually, footprint};
+use common::{Nestbox, assert_gone, eventually, footprint, sh_ok, vmm_alive};
 use nestbox_types::api::CreateSandboxRequest;
 use nestbox_types::{ErrorCode, SandboxStatus};
 
@@ -119,16 +120,33 @@ async fn a_crash_is_cleaned_up_on_the_next_start() {
             dir.display()
         );
     }
+    let kept = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap()
+        .id;
+    let kept_vmm = footprint(&nb, kept).vmm_pid;
     nb.kill();
-    // The VMM runs in its own session: it survives the crash of its agent.
+    // The VMM runs in its own session: it survives the crash of its agent…
     assert!(
         qemu_of(&sb.id.to_string()),
         "the VMM outlives a crashed agent"
     );
+    // …unless something else ends it while the agent is down (the kernel's OOM killer,
+    // an operator).
+    // SAFETY: kill(2) on the VMM of this test's sandbox, checked just above.
+    unsafe {
+        libc::kill(fp.vmm_pid as i32, libc::SIGKILL);
+    }
+    eventually(Duration::from_secs(30), "the VMM to be gone", || async {
+        (!vmm_alive(fp.vmm_pid, &fp.vmm_name)).then_some(())
+    })
+    .await;
 
     nb.restart();
-    // The leftovers of the crashed run are gone…
+    // The leftovers of the lost sandbox are gone; the other one was taken back.
     assert_gone(&nb, &fp, sb.id);
+    assert_eq!(footprint(&nb, kept).vmm_pid, kept_vmm);
     // …and the control plane learns that the sandbox was lost.
     let client = nb.client();
     let status = eventually(
@@ -144,6 +162,12 @@ async fn a_crash_is_cleaned_up_on_the_next_start() {
     )
     .await;
     assert!(status.error.unwrap_or_default().contains("lost"));
+    assert_eq!(
+        client.get_sandbox(kept).await.unwrap().status,
+        SandboxStatus::Running
+    );
+    sh_ok(&client, kept, "true").await;
+    client.destroy_sandbox(kept).await.unwrap();
     // The restarted instance works.
     let again = client
         .create_sandbox(&CreateSandboxRequest::default())

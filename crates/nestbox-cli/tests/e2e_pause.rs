@@ -1,7 +1,8 @@
 //! Pause and resume with real VMs: processes, tmpfs files and memory survive; the
 //! inactivity timeout pauses (never stops); paused sandboxes survive agent restarts and
 //! crashes; a paused sandbox's held VMM (the fast resume) can die or be let go without
-//! losing anything.
+//! losing anything; running, held and pooled VMMs carry on through a crash or an upgrade
+//! of the agent.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -354,4 +355,119 @@ async fn a_held_vmm_that_dies_or_is_let_go_leaves_a_whole_snapshot() {
     assert!(vmm_alive(fp.vmm_pid, &fp.vmm_name), "held again");
     client.destroy_sandbox(a).await.unwrap();
     assert_gone(&nb, &fp, a);
+}
+
+/// The pooled clones the instance holds: their VMM pids.
+fn pooled_vmms(nb: &Nestbox) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(nb.data_dir().join("agent/sandboxes")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| std::fs::read(e.path().join("state.json")).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|st| st["pooled"] == true && st["phase"] == "running")
+        .filter_map(|st| st["vmm_pid"].as_u64().map(|p| p as u32))
+        .collect()
+}
+
+#[tokio::test]
+async fn agent_crashes_and_upgrades_keep_sandboxes_running() {
+    let mut nb = Nestbox::up_env(&[("NESTBOX_PAUSE_HOLD_SECS", "3600")]);
+    let client = nb.client();
+    // A running sandbox with a process and memory state…
+    let a = new_sandbox(&client).await;
+    let pid_a = start_state(&client, a).await;
+    // …a paused one holding its VMM (stopped, for a fast resume)…
+    let b = new_sandbox(&client).await;
+    let pid_b = start_state(&client, b).await;
+    let before_b = counter(&client, b).await;
+    client.pause_sandbox(b).await.unwrap();
+    // …and a pooled clone waiting for the next create.
+    let pooled = eventually(Duration::from_secs(120), "a pooled clone", || async {
+        let p = pooled_vmms(&nb);
+        (!p.is_empty()).then_some(p)
+    })
+    .await;
+    let (fa, fb) = (footprint(&nb, a), footprint(&nb, b));
+    assert!(vmm_alive(fb.vmm_pid, &fb.vmm_name), "b holds its VMM");
+
+    // A crash: the VMMs run on without their agent, and the next start takes them back.
+    let before_a = counter(&client, a).await;
+    nb.kill();
+    assert!(
+        vmm_alive(fa.vmm_pid, &fa.vmm_name),
+        "a's VMM outlives the crash"
+    );
+    nb.restart();
+    let client = nb.client();
+    let got = client.get_sandbox(a).await.unwrap();
+    assert_eq!(got.status, SandboxStatus::Running, "{got:?}");
+    assert_eq!(
+        footprint(&nb, a).vmm_pid,
+        fa.vmm_pid,
+        "a runs in the same VMM"
+    );
+    assert_state_survived(&client, a, pid_a, before_a).await;
+    assert_eq!(
+        client.get_sandbox(b).await.unwrap().status,
+        SandboxStatus::Paused
+    );
+    assert_eq!(
+        footprint(&nb, b).vmm_pid,
+        fb.vmm_pid,
+        "b still holds its VMM"
+    );
+    assert!(vmm_alive(fb.vmm_pid, &fb.vmm_name));
+    let still = pooled_vmms(&nb);
+    assert!(
+        pooled.iter().all(|p| still.contains(p)),
+        "pooled clones stay pooled: {pooled:?} then {still:?}"
+    );
+    // A create takes one of them over.
+    let c = new_sandbox(&client).await;
+    let fc = footprint(&nb, c);
+    assert!(
+        pooled.contains(&fc.vmm_pid),
+        "the create took over a pooled clone ({} not in {pooled:?})",
+        fc.vmm_pid
+    );
+    sh_ok(&client, c, "echo 'on c' > /dev/shm/c").await;
+
+    // An upgrade: the platform stops for a restart (SIGUSR2) and a new binary starts on
+    // the same data directory; running, held and pooled VMMs carry on.
+    let upgraded = nb.dir.path().join("nestbox-upgraded");
+    std::fs::copy(env!("CARGO_BIN_EXE_nestbox"), &upgraded).unwrap();
+    let before_a = counter(&client, a).await;
+    nb.upgrade_to(&upgraded);
+    let client = nb.client();
+    for (id, fp) in [(a, &fa), (c, &fc)] {
+        assert_eq!(
+            client.get_sandbox(id).await.unwrap().status,
+            SandboxStatus::Running
+        );
+        assert_eq!(
+            footprint(&nb, id).vmm_pid,
+            fp.vmm_pid,
+            "{id} runs in the same VMM"
+        );
+    }
+    assert_state_survived(&client, a, pid_a, before_a).await;
+    assert_eq!(sh_ok(&client, c, "cat /dev/shm/c").await.trim(), "on c");
+    // b resumes in its held VMM, with its memory and processes.
+    assert_eq!(
+        footprint(&nb, b).vmm_pid,
+        fb.vmm_pid,
+        "b still holds its VMM"
+    );
+    client.resume_sandbox(b).await.unwrap();
+    assert_eq!(footprint(&nb, b).vmm_pid, fb.vmm_pid, "b resumed in place");
+    assert_state_survived(&client, b, pid_b, before_b).await;
+
+    for id in [a, b, c] {
+        let fp = footprint(&nb, id);
+        client.destroy_sandbox(id).await.unwrap();
+        assert_gone(&nb, &fp, id);
+    }
 }

@@ -23,7 +23,11 @@
 //! 3. fork templates no sandbox uses any more are deleted
 //!    ([`Services::sweep_fork_templates`]).
 //!
-//! Sandboxes in `pending`/`starting` are never touched: their create call owns them.
+//! 4. sandboxes `pending` or `starting` for longer than twice the create call's deadline
+//!    have lost their create call (the control plane restarted in the middle):
+//!    → `running` if their host runs them, else `error` (audited as
+//!    `sandbox.create_interrupted`). Younger ones are never touched: their create call
+//!    owns them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -86,6 +90,13 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
                 details: serde_json::json!({}),
             })
             .await;
+    }
+    // Creates interrupted before a host was chosen.
+    let stale = Utc::now() - create_deadline(services);
+    for sb in sandboxes::list_by_status(&services.db, &[SandboxStatus::Pending]).await? {
+        if sb.host_id.is_none() && sb.updated_at < stale {
+            interrupted(services, &sb).await?;
+        }
     }
     for host in hosts::list_online(&services.db).await? {
         let Some(address) = host.address.clone() else {
@@ -187,6 +198,28 @@ async fn reconcile(
                 .await;
         }
     }
+    // Creates that outlived every deadline: their create call is gone (a restart of the
+    // control plane in the middle). The host's answer settles them.
+    let stale = Utc::now() - create_deadline(services);
+    let starting = sandboxes::list_by_host(
+        &services.db,
+        host,
+        &[SandboxStatus::Pending, SandboxStatus::Starting],
+    )
+    .await?;
+    for sb in starting.iter().filter(|sb| sb.updated_at < stale) {
+        match on_agent.get(&sb.id) {
+            Some(info) if SandboxState::try_from(info.state) == Ok(SandboxState::Running) => {
+                let started = chrono::DateTime::from_timestamp_millis(info.started_at_unix_ms)
+                    .unwrap_or_else(Utc::now);
+                if sandboxes::set_running(&services.db, sb.id, host, started).await? {
+                    sandboxes::restart_lifetime(&services.db, sb.id, None).await?;
+                    tracing::warn!(sandbox = %sb.id, "an interrupted create had finished on its host");
+                }
+            }
+            _ => interrupted(services, sb).await?,
+        }
+    }
     for id in on_agent.into_keys() {
         let orphan = match sandboxes::get(&services.db, id).await {
             Ok(sb) => sb.status.is_terminal() || sb.host_id != Some(host),
@@ -204,6 +237,46 @@ async fn reconcile(
                 tracing::warn!(sandbox = %id, error = %s.message(), "destroying an orphan");
             }
         }
+    }
+    Ok(())
+}
+
+/// How long a create may stay `pending` or `starting` before the monitor settles it:
+/// twice the create call's own deadline (a live create call has answered by then).
+fn create_deadline(services: &Services) -> chrono::Duration {
+    chrono::Duration::from_std(services.cfg.create_timeout * 2)
+        .unwrap_or(chrono::Duration::minutes(6))
+}
+
+/// Records a create that nothing will finish any more as failed.
+async fn interrupted(
+    services: &Services,
+    sb: &sandboxes::Sandbox,
+) -> Result<(), crate::error::ApiError> {
+    let applied = sandboxes::transition(
+        &services.db,
+        sb.id,
+        &[SandboxStatus::Pending, SandboxStatus::Starting],
+        SandboxStatus::Error,
+        Some("its create was interrupted (the platform restarted); create it again"),
+    )
+    .await?;
+    if applied {
+        tracing::warn!(sandbox = %sb.id, "an interrupted create is recorded as failed");
+        services
+            .audit(AuditEntry {
+                actor: AuditActor::System,
+                team: Some(sb.team_id),
+                action: "sandbox.create_interrupted",
+                resource_type: "sandbox",
+                resource_id: Some(sb.id.to_string()),
+                ok: true,
+                details: serde_json::json!({
+                    "host": sb.host_id.map(|h| h.to_string()),
+                    "status": sb.status.to_string(),
+                }),
+            })
+            .await;
     }
     Ok(())
 }

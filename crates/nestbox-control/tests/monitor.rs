@@ -23,6 +23,7 @@ both_engines!(
     a_paused_sandbox_its_host_lost_becomes_error,
     paused_sandboxes_go_missing_with_their_host_and_come_back_paused,
     a_sandbox_resumed_behind_its_back_runs_once_its_pause_settled,
+    creates_that_lost_their_call_are_settled,
 );
 
 /// A control plane whose hosts are unreachable after two seconds without heartbeat.
@@ -350,6 +351,92 @@ async fn a_sandbox_resumed_behind_its_back_runs_once_its_pause_settled(
     })
     .await?;
     assert_eq!(h.key.exec(sb.id, &echo()).await?.stdout, "echo alive\n");
+    h.shutdown().await;
+    Ok(())
+}
+
+/// A sandbox record left `pending` (no host yet) or `starting` (on `host`), as a control
+/// plane that died in the middle of a create leaves it.
+async fn abandoned_create(
+    h: &Harness,
+    host: Option<nestbox_types::HostId>,
+) -> anyhow::Result<SandboxId> {
+    let sb = sandboxes::insert(
+        &h.services.db,
+        &sandboxes::NewSandbox {
+            team_id: h.team,
+            template_id: None,
+            template_name: "minimal".into(),
+            vcpus: 1,
+            memory_mb: 512,
+            disk_size_mb: 5120,
+            timeout_sec: 0,
+            env: Default::default(),
+            metadata: Default::default(),
+            created_by: "test".into(),
+            lifetime_sec: None,
+            on_expiry: nestbox_types::Expiry::Destroy,
+            egress: Default::default(),
+            public_traffic: false,
+            auto_resume: false,
+        },
+    )
+    .await?;
+    if let Some(host) = host {
+        sandboxes::set_host(&h.services.db, sb.id, Some(host)).await?;
+        sandboxes::transition(
+            &h.services.db,
+            sb.id,
+            &[SandboxStatus::Pending],
+            SandboxStatus::Starting,
+            None,
+        )
+        .await?;
+    }
+    Ok(sb.id)
+}
+
+async fn creates_that_lost_their_call_are_settled(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::with(
+        engine,
+        Options {
+            create_timeout: Duration::from_secs(1),
+            ..Options::default()
+        },
+    )
+    .await?;
+    // The host finished one of them, never heard of another; a third never got a host.
+    let finished = abandoned_create(&h, Some(h.host_id)).await?;
+    h.agent.adopt(finished, h.team, "minimal");
+    let unknown = abandoned_create(&h, Some(h.host_id)).await?;
+    let hostless = abandoned_create(&h, None).await?;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // A create younger than the deadline still belongs to its call.
+    let young = abandoned_create(&h, Some(h.host_id)).await?;
+    h.monitor_pass().await?;
+
+    let got = h.key.get_sandbox(finished).await?;
+    assert_eq!(got.status, SandboxStatus::Running, "{got:?}");
+    for id in [unknown, hostless] {
+        let got = h.key.get_sandbox(id).await?;
+        assert_eq!(got.status, SandboxStatus::Error, "{got:?}");
+        let reason = got.error.unwrap_or_default();
+        assert!(reason.contains("interrupted"), "says why: {reason}");
+    }
+    assert_eq!(
+        h.key.get_sandbox(young).await?.status,
+        SandboxStatus::Starting
+    );
+    let log = h.admin.client.audit_logs(&PageQuery::default()).await?;
+    let audited = log
+        .items
+        .iter()
+        .filter(|a| a.action == "sandbox.create_interrupted")
+        .count();
+    assert_eq!(audited, 2, "each settled failure is audited");
+    // Nothing else is touched on the host.
+    assert!(h.agent.sandbox(finished).is_some());
+    assert_eq!(h.agent.calls(SimOp::Destroy), 0);
     h.shutdown().await;
     Ok(())
 }

@@ -263,7 +263,7 @@ pub async fn shrink_ext4(path: &Path) -> Result<u64, DiskError> {
             path: path.to_path_buf(),
             source: ProcessError::Failed {
                 argv: format!("e2fsck -fy {}", path.display()),
-                status: check.status,
+                status: crate::process::Exit::Status(check.status),
                 stderr: crate::process::tail(&check.stdout),
             },
         });

@@ -43,8 +43,8 @@ pub enum ProcessError {
     Failed {
         /// The command line.
         argv: String,
-        /// Its exit status.
-        status: ExitStatus,
+        /// How it ended.
+        status: Exit,
         /// The last bytes it wrote to stderr (or stdout when stderr was empty).
         stderr: String,
     },
@@ -370,7 +370,7 @@ impl Cmd {
             };
             Err(ProcessError::Failed {
                 argv: self.argv(),
-                status: out.status,
+                status: Exit::Status(out.status),
                 stderr,
             })
         }
@@ -407,7 +407,7 @@ impl Cmd {
         Ok(Supervised {
             argv: self.argv(),
             pid,
-            child,
+            proc: Proc::Child(child),
         })
     }
 }
@@ -418,15 +418,132 @@ impl fmt::Display for Cmd {
     }
 }
 
-/// A long-lived child process. Dropping it kills and (in the background) reaps it.
+/// How a supervised process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Its exit status (a process this one started and reaped).
+    Status(ExitStatus),
+    /// It ended, but its status went to whoever reaped it: a process adopted after a
+    /// restart ([`Supervised::adopt`]) is not our child.
+    Unknown,
+}
+
+impl Exit {
+    /// The exit code, if it exited normally and we know it.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            Exit::Status(s) => s.code(),
+            Exit::Unknown => None,
+        }
+    }
+
+    /// Whether it is known to have exited with status 0.
+    pub fn success(&self) -> bool {
+        matches!(self, Exit::Status(s) if s.success())
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Status(s) => s.fmt(f),
+            Exit::Unknown => f.write_str("ended (status unknown: adopted process)"),
+        }
+    }
+}
+
+/// The start time of process `pid` (clock ticks after boot, `/proc/<pid>/stat` field 22):
+/// with the pid, it names one process for the life of the machine.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields after it are
+    // counted from its last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A pidfd (`pidfd_open(2)`) for `pid`.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let raw = i32::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new file descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Whether the process behind a pidfd has ended (the pidfd polls readable).
+fn pidfd_ended(fd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents != 0
+}
+
+/// The process a [`Supervised`] holds.
+#[derive(Debug)]
+enum Proc {
+    /// Started by this process.
+    Child(tokio::process::Child),
+    /// Found running after a restart: reached through a pidfd, so a recycled pid is
+    /// never signalled.
+    Adopted(tokio::io::unix::AsyncFd<OwnedFd>),
+}
+
+/// A long-lived process: a child this process started (killed and, in the background,
+/// reaped when dropped) or one adopted after a restart ([`Supervised::adopt`], signalled
+/// through a pidfd and killed when dropped).
 #[derive(Debug)]
 pub struct Supervised {
     argv: String,
     pid: u32,
-    child: tokio::process::Child,
+    proc: Proc,
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if let Proc::Adopted(fd) = &self.proc
+            && !pidfd_ended(fd.get_ref())
+        {
+            self.signal(libc::SIGKILL);
+        }
+    }
 }
 
 impl Supervised {
+    /// Takes over a running process that an earlier instance of this program started
+    /// (after a crash or an upgrade restart), if it is still the process started at
+    /// `start_time` (see [`start_time`]); `argv` describes it in errors. The process keeps
+    /// running; dropping the handle kills it, as for a child.
+    pub fn adopt(pid: u32, start_time: u64, argv: &str) -> Result<Self, ProcessError> {
+        let io = |source| ProcessError::Io {
+            argv: argv.to_string(),
+            source,
+        };
+        // The pidfd first: if the start time matches afterwards, the pidfd names that
+        // process (a pid recycled in between would show another start time).
+        let fd = pidfd_open(pid).map_err(io)?;
+        if self::start_time(pid) != Some(start_time) || pidfd_ended(&fd) {
+            return Err(io(std::io::Error::from_raw_os_error(libc::ESRCH)));
+        }
+        // SAFETY: the pidfd is an `OwnedFd` this handle owns; it is never replaced or closed
+        // while registered.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+            .map_err(|e| io(std::io::Error::from(e)))?;
+        Ok(Self {
+            argv: argv.to_string(),
+            pid,
+            proc: Proc::Adopted(fd),
+        })
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid
@@ -437,14 +554,24 @@ impl Supervised {
         &self.argv
     }
 
-    /// The exit status if it has exited, without waiting.
-    pub fn try_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+    /// How it ended if it has, without waiting.
+    pub fn try_status(&mut self) -> Option<Exit> {
+        match &mut self.proc {
+            Proc::Child(c) => c.try_wait().ok().flatten().map(Exit::Status),
+            Proc::Adopted(fd) => pidfd_ended(fd.get_ref()).then_some(Exit::Unknown),
+        }
     }
 
-    /// Waits for the process to exit.
-    pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
-        self.child.wait().await.map_err(|source| ProcessError::Io {
+    /// Waits for the process to end.
+    pub async fn wait(&mut self) -> Result<Exit, ProcessError> {
+        let result = match &mut self.proc {
+            Proc::Child(c) => c.wait().await.map(Exit::Status),
+            Proc::Adopted(fd) => fd.readable().await.map(|mut guard| {
+                guard.retain_ready();
+                Exit::Unknown
+            }),
+        };
+        result.map_err(|source| ProcessError::Io {
             argv: self.argv.clone(),
             source,
         })
@@ -456,8 +583,24 @@ impl Supervised {
         let Ok(pid) = i32::try_from(self.pid) else {
             return;
         };
-        // SAFETY: plain kill(2) calls on a child we have not reaped yet (so the pid and, if
-        // it leads one, the process group are ours).
+        if let Proc::Adopted(fd) = &self.proc {
+            // SAFETY: pidfd_send_signal on our pidfd: it reaches that process or none.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.get_ref().as_raw_fd(),
+                    sig,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
+            if pidfd_ended(fd.get_ref()) {
+                return;
+            }
+        }
+        // SAFETY: plain kill(2) calls on a process that has not ended (a child we have not
+        // reaped, or an adopted one whose pidfd says it is alive), so the pid and, if it
+        // leads one, the process group are ours.
         unsafe {
             if libc::getpgid(pid) == pid {
                 libc::kill(-pid, sig);
@@ -467,27 +610,26 @@ impl Supervised {
         }
     }
 
-    /// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns once reaped.
-    pub async fn terminate(&mut self, grace: Duration) -> Result<ExitStatus, ProcessError> {
+    /// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns once it has ended.
+    pub async fn terminate(&mut self, grace: Duration) -> Result<Exit, ProcessError> {
         if let Some(status) = self.try_status() {
             return Ok(status);
         }
         self.signal(libc::SIGTERM);
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(res) => res.map_err(|source| ProcessError::Io {
-                argv: self.argv.clone(),
-                source,
-            }),
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(res) => res,
             Err(_) => self.kill().await,
         }
     }
 
-    /// Sends SIGKILL and returns once reaped.
-    pub async fn kill(&mut self) -> Result<ExitStatus, ProcessError> {
+    /// Sends SIGKILL and returns once it has ended.
+    pub async fn kill(&mut self) -> Result<Exit, ProcessError> {
         if self.try_status().is_none() {
             self.signal(libc::SIGKILL);
         }
-        let _ = self.child.start_kill();
+        if let Proc::Child(c) = &mut self.proc {
+            let _ = c.start_kill();
+        }
         self.wait().await
     }
 }
@@ -571,5 +713,24 @@ mod tests {
         assert!(child.pid() > 0);
         let status = child.terminate(Duration::from_secs(5)).await.unwrap();
         assert!(!status.success());
+    }
+
+    #[tokio::test]
+    async fn adopted_processes_are_checked_signalled_and_waited_for() {
+        let mut child = Cmd::new("sleep")
+            .arg("30")
+            .new_session()
+            .spawn(None)
+            .unwrap();
+        let pid = child.pid();
+        let started = start_time(pid).unwrap();
+        // Another start time is another process: refused.
+        assert!(Supervised::adopt(pid, started + 1, "sleep 30").is_err());
+        let mut adopted = Supervised::adopt(pid, started, "sleep 30").unwrap();
+        assert!(adopted.try_status().is_none());
+        assert_eq!(adopted.kill().await.unwrap(), Exit::Unknown);
+        // The real parent still gets the status.
+        assert!(!child.wait().await.unwrap().success());
+        assert!(Supervised::adopt(pid, started, "sleep 30").is_err());
     }
 }

@@ -79,7 +79,7 @@ async fn fsck(image: &Path) -> Result<(), ImageError> {
             step: format!("check {}", image.display()),
             source: nestbox_hostsys::process::ProcessError::Failed {
                 argv: cmd.argv(),
-                status: out.status,
+                status: nestbox_hostsys::process::Exit::Status(out.status),
                 stderr: nestbox_hostsys::process::tail(if out.stderr.is_empty() {
                     &out.stdout
                 } else {

@@ -286,6 +286,15 @@ pub enum VmmError {
         /// Whether it was held.
         held: bool,
     },
+    /// A VM found after a restart cannot be taken over (its process is gone or another
+    /// one, its record or monitor is unusable).
+    #[error("vm in {}: cannot be adopted: {reason}", run_dir.display())]
+    NotAdoptable {
+        /// Its run directory.
+        run_dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The VMM binary is unusable.
     #[error("vmm binary {binary}: {detail}")]
     Binary {
@@ -338,6 +347,8 @@ pub trait Vm: Send + Sync {
     /// file in them): the VMM keeps its open files and mappings, and later operations
     /// (saves, stop) use the new paths. Its id stays the one it was started under.
     fn relocate(&mut self, run_dir: &Path, memory_dir: &Path);
+    /// Whether the VM is held (stopped after [`Vm::suspend_held`], its snapshot whole).
+    fn is_held(&self) -> bool;
     /// Runs a held VM again. The snapshot is consumed (its manifest first, so it never
     /// looks restorable half-consumed; the RAM file goes back to the VM). If the VMM had
     /// exited, nothing is touched and the error says so.
@@ -362,6 +373,12 @@ pub trait Vmm: Send + Sync {
         snapshot: &'a Path,
         memory: RestoreMemory,
     ) -> BoxFuture<'a, Result<Restored, VmmError>>;
+    /// Takes over a VM that an earlier process started and left running (after a crash or
+    /// an upgrade restart), from the record in its run directory: the same process (pid
+    /// and start time), its monitor reconnected. A save that process left half done is
+    /// undone (the guest runs again); a held VM stays held. The VM is then owned as if
+    /// this driver had started it.
+    fn adopt<'a>(&'a self, run_dir: &'a Path) -> BoxFuture<'a, Result<Box<dyn Vm>, VmmError>>;
     /// Runs restore's checks (manifest, compatibility with `spec`, files) without starting
     /// anything; returns the manifest.
     fn check_snapshot<'a>(

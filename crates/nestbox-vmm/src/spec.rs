@@ -25,7 +25,7 @@ pub const FAST_ARGS: &[&str] = &[
 ];
 
 /// Root disk image format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DiskFormat {
     /// A raw image (a template copy or reflink clone).
     Raw,
@@ -44,7 +44,7 @@ impl DiskFormat {
 }
 
 /// The root disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Disk {
     /// Image path.
     pub path: PathBuf,
@@ -53,7 +53,7 @@ pub struct Disk {
 }
 
 /// How the guest reaches the network.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetworkSpec {
     /// No NIC: loopback only.
     None,
@@ -76,7 +76,7 @@ pub enum NetworkSpec {
 }
 
 /// Guest settings passed on the kernel command line.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestConfig {
     /// `nbx.hostname`.
     pub hostname: Option<String>,
@@ -91,7 +91,7 @@ pub struct GuestConfig {
 }
 
 /// Everything needed to boot one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     /// Identifier, used in file and process names: `[A-Za-z0-9_-]{1,64}`.
     pub id: String,

@@ -37,6 +37,15 @@ pub(crate) struct Live {
     pub egress: super::egress::Guard,
 }
 
+impl Live {
+    /// Leaves the VM, its network and its resolver's rules as they are, without running
+    /// any destructor: the VMM is not killed, its run files stay, the namespace stays
+    /// (an upgrade restart; the next run of the agent takes them back).
+    pub(crate) fn detach(self) {
+        std::mem::forget(self);
+    }
+}
+
 /// Where a new sandbox's VM comes from.
 enum Origin {
     /// Boot a kernel with a root filesystem (the base image, expanded to the disk size).
@@ -125,6 +134,8 @@ impl Manager {
             boot_ms: 0,
             guest_version: String::new(),
             pooled: false,
+            pool_template: None,
+            internal: false,
             dir_alias: None,
             egress: p.egress.clone(),
             egress_version: 0,

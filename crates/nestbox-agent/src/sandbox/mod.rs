@@ -210,6 +210,11 @@ pub(crate) enum Command {
         kind: Kind,
         reply: oneshot::Sender<Result<StoredTemplate, AgentError>>,
     },
+    /// Leave the VM running, untouched, for the next run of the agent to take back (an
+    /// upgrade restart); the task ends.
+    Detach {
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
     /// Replace the egress rules.
     SetEgress {
         rules: nestbox_types::egress::EgressRules,
@@ -657,7 +662,14 @@ impl Manager {
             result = self.launch_new(&params, started).await;
         }
         match result {
-            Ok((st, live, guest, guest_version)) => {
+            Ok((mut st, live, guest, guest_version)) => {
+                if internal {
+                    st.internal = true;
+                    let dir = sandbox_dir(&self.inner.cfg.data_dir, id);
+                    if let Err(e) = state::write(&dir, &st) {
+                        tracing::warn!(sandbox = %id, error = %e.public_message(), "marking an internal sandbox");
+                    }
+                }
                 let (tx, rx) = mpsc::channel(8);
                 let handle = Arc::new(SandboxHandle {
                     facts: SandboxFacts::from_state(&st, internal),
@@ -726,6 +738,97 @@ impl Manager {
         tokio::spawn(task::SandboxTask::new(self.clone(), handle.clone(), st, None).run(rx));
         self.register(handle);
         tracing::info!(sandbox = %id, "adopted a paused sandbox");
+    }
+
+    /// Takes back a sandbox whose VMM an earlier run of this agent left running (see
+    /// [`crate::cleanup`]): a running sandbox runs on, a paused one keeps holding its VMM,
+    /// a pooled clone goes back into its pool. Its resolver is started again (pinned
+    /// addresses are pinned again as the guest resolves them). If it cannot be taken back
+    /// (its resolver does not start, its pool is gone), everything it holds is released.
+    pub(crate) async fn adopt_live(&self, mut st: state::StateFile, vm: Box<dyn nestbox_vmm::Vm>) {
+        let id = st.sandbox_id;
+        let dir = sandbox_dir(&self.inner.cfg.data_dir, id);
+        let Some(slot) = st.slot else { return };
+        let net = nestbox_hostsys::net::SandboxNet {
+            addrs: nestbox_hostsys::net::SlotAddrs::new(slot),
+        };
+        let live = match self.start_egress(id, &net, &st.egress).await {
+            Ok(egress) => launch::Live { vm, net, egress },
+            Err(e) => {
+                tracing::error!(sandbox = %id, error = %e.public_message(), "taking back a sandbox: its resolver");
+                let mut vm = vm;
+                let _ = vm.stop(Duration::from_secs(5)).await;
+                self.release(&mut st, None, &dir, false).await;
+                let _ = nestbox_hostsys::net::SandboxNet::teardown_addrs(&net.addrs).await;
+                if st.phase == Phase::Paused {
+                    // Its snapshot is whole: it stays paused, without the VMM.
+                    let _ = state::write(&dir, &st);
+                    self.adopt_paused(st);
+                } else {
+                    self.release(&mut st, None, &dir, true).await;
+                }
+                return;
+            }
+        };
+        if st.pooled {
+            self.adopt_pooled(st, live).await;
+            return;
+        }
+        let held = live.vm.is_held();
+        let permit = match held {
+            true => match self.inner.holds.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    // No room to hold it: its snapshot is whole, the VMM goes.
+                    let launch::Live {
+                        mut vm,
+                        net,
+                        egress,
+                    } = live;
+                    drop(egress);
+                    let _ = vm.stop(Duration::from_secs(5)).await;
+                    st.vmm_pid = None;
+                    self.drop_network(&mut st, Some(net)).await;
+                    let _ = state::write(&dir, &st);
+                    self.adopt_paused(st);
+                    return;
+                }
+            },
+            false => None,
+        };
+        let guest = if held {
+            None
+        } else {
+            match self.guest_client(id, &live.net, &st.access_token) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %e.public_message(), "taking back a sandbox: its guest client");
+                    self.release(&mut st, Some(live), &dir, true).await;
+                    return;
+                }
+            }
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let handle = Arc::new(SandboxHandle {
+            facts: SandboxFacts::from_state(&st, false),
+            status: Mutex::new(Status {
+                state: if held { State::Paused } else { State::Running },
+                auto_paused: st.auto_paused,
+                guest,
+                guest_version: st.guest_version.clone(),
+            }),
+            last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
+            commands: tx,
+            log: self.open_log(id),
+        });
+        let task = task::SandboxTask::new(self.clone(), handle.clone(), st, None);
+        let task = match permit {
+            Some(permit) => task.holding(live, permit),
+            None => task.running(live),
+        };
+        tokio::spawn(task.run(rx));
+        self.register(handle);
+        tracing::info!(sandbox = %id, held, "took back a sandbox left running by an earlier run");
     }
 
     /// Destroys a sandbox: stops its VM (if any) and releases everything. Errors of the
@@ -892,6 +995,32 @@ impl Manager {
             }
         }
         (paused, destroyed)
+    }
+
+    /// Lets go of every sandbox without touching it (an upgrade restart): VMMs, networks
+    /// and files stay as they are for the next run to take back ([`crate::cleanup`]).
+    /// Pooled clones stay too; internal sandboxes (warm-up builds) are destroyed.
+    pub async fn detach_all(&self) {
+        for id in self.all_ids() {
+            let Some(h) = self.handle_any(id) else {
+                continue;
+            };
+            let result = if h.facts.internal {
+                h.request(|reply| Command::Destroy { reply }).await
+            } else {
+                h.request(|reply| Command::Detach { reply }).await
+            };
+            if let Err(e) = result {
+                tracing::warn!(sandbox = %id, error = %e.public_message(), "letting a sandbox go");
+            }
+        }
+        let pooled: Vec<pool::Pooled> = {
+            let mut s = self.inner.pool.lock();
+            s.ready.drain().flat_map(|(_, v)| v).collect()
+        };
+        for entry in pooled {
+            entry.detach();
+        }
     }
 
     fn all_ids(&self) -> Vec<SandboxId> {

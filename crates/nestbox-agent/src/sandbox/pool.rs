@@ -74,6 +74,14 @@ pub(crate) struct Pooled {
     version: String,
 }
 
+impl Pooled {
+    /// Leaves the clone running for the next run of the agent (see
+    /// [`Manager::detach_all`]).
+    pub(super) fn detach(self) {
+        self.live.detach();
+    }
+}
+
 /// The pooled clones of this host.
 #[derive(Default)]
 pub(crate) struct Pool {
@@ -81,8 +89,8 @@ pub(crate) struct Pool {
 }
 
 #[derive(Default)]
-struct PoolState {
-    ready: HashMap<PoolKey, Vec<Pooled>>,
+pub(super) struct PoolState {
+    pub(super) ready: HashMap<PoolKey, Vec<Pooled>>,
     filling: HashSet<PoolKey>,
     /// When a create last matched each pool.
     wanted: HashMap<PoolKey, Instant>,
@@ -92,7 +100,7 @@ struct PoolState {
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         // A panic while holding the lock leaves plain data behind: carry on with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -260,6 +268,7 @@ impl Manager {
         let ready = async {
             guest::run(p.id, &guest, warm, None).await?;
             entry.st.pooled = true;
+            entry.st.pool_template = Some(key.template.clone());
             let dir = sandbox_dir(&self.inner().cfg.data_dir, p.id);
             state::write(&dir, &entry.st)
         }
@@ -270,6 +279,42 @@ impl Manager {
                 self.release_pooled(entry).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Puts a pooled clone an earlier run of this agent left running back into its pool
+    /// (see [`Manager::adopt_live`]); one whose template is gone, or that the pool has no
+    /// room for, is released.
+    pub(super) async fn adopt_pooled(&self, st: StateFile, live: Live) {
+        let version = st.guest_version.clone();
+        let entry = Pooled { st, live, version };
+        let key = entry
+            .st
+            .pool_template
+            .clone()
+            .filter(|t| t.is_dir())
+            .map(|template| PoolKey {
+                template,
+                disk_mb: entry.st.disk_size_mb,
+            });
+        let target = self.inner().cfg.clone_pool as usize;
+        let rejected = match key {
+            Some(key) => {
+                let mut s = self.inner().pool.lock();
+                let ready = s.ready.entry(key.clone()).or_default();
+                if ready.len() < target {
+                    tracing::info!(clone = %entry.st.sandbox_id, "took back a pooled clone");
+                    ready.push(entry);
+                    s.wanted.insert(key, Instant::now());
+                    None
+                } else {
+                    Some(entry)
+                }
+            }
+            None => Some(entry),
+        };
+        if let Some(entry) = rejected {
+            self.release_pooled(entry).await;
         }
     }
 
@@ -326,6 +371,7 @@ impl Manager {
         st.template_id = p.template_id;
         st.timeout_sec = p.timeout_sec;
         st.pooled = false;
+        st.pool_template = None;
         let taken = async {
             // The tenant's egress rules hold before the sandbox is theirs.
             let egress = super::egress::parse(id, &p.egress)?;

@@ -108,6 +108,13 @@ pub struct StateFile {
     /// A started clone waiting in the pool for a create to take it over.
     #[serde(default)]
     pub pooled: bool,
+    /// A pooled clone's template directory (its pool, with `disk_size_mb`).
+    #[serde(default)]
+    pub pool_template: Option<PathBuf>,
+    /// A sandbox the agent runs for itself (a warm snapshot build): never adopted after a
+    /// restart.
+    #[serde(default)]
+    pub internal: bool,
     /// A symlink to this directory under the name it had as a pooled clone: that clone's
     /// VMM reopens its disk by the old path (QEMU does when a pause hands the image over).
     /// Removed with the directory.

@@ -122,10 +122,35 @@ impl SandboxTask {
         }
     }
 
+    /// The task of an adopted running sandbox (see [`Manager::adopt_live`]).
+    pub(crate) fn running(mut self, live: Live) -> Self {
+        self.paused_at = None;
+        self.live = Some(live);
+        self
+    }
+
+    /// The task of an adopted paused sandbox that holds its VMM (with a hold permit).
+    pub(crate) fn holding(mut self, live: Live, permit: OwnedSemaphorePermit) -> Self {
+        self.held = Some(Held {
+            live,
+            since: Instant::now(),
+            _permit: permit,
+        });
+        self
+    }
+
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let id = self.st.sandbox_id;
         if self.live.is_some() {
             self.track().await;
+        }
+        // A paused sandbox taken back after a restart whose snapshot was not yet copied
+        // to disk: copy it now (so it survives a reboot and its tmpfs copy can go).
+        if self.st.phase == Phase::Paused
+            && !self.st.snapshot_durable
+            && has_snapshot(&tmpfs_snapshot(&self.st))
+        {
+            self.start_persist();
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -157,6 +182,11 @@ impl SandboxTask {
                         }
                         Command::SetEgress { rules, version, reply } => {
                             let _ = reply.send(self.set_egress(rules, version).await);
+                        }
+                        Command::Detach { reply } => {
+                            self.detach().await;
+                            let _ = reply.send(Ok(()));
+                            return;
                         }
                     }
                     if self.handle.state() == State::Stopping {
@@ -221,6 +251,24 @@ impl SandboxTask {
                 }
             }
         }
+    }
+
+    /// Lets go of the sandbox without touching it (see [`Manager::detach_all`]): a copy of
+    /// its snapshot to disk in progress is stopped (the next run makes it again).
+    async fn detach(&mut self) {
+        if let Some(h) = self.persist.take() {
+            h.abort();
+            let _ = h.await;
+        }
+        self.log(|l| l.collect(Utc::now().timestamp_millis())).await;
+        if let Some(live) = self.live.take() {
+            live.detach();
+        }
+        if let Some(held) = self.held.take() {
+            held.live.detach();
+        }
+        self.manager.unreserve(self.st.sandbox_id);
+        tracing::info!(sandbox = %self.st.sandbox_id, "left running for the next run of the agent");
     }
 
     /// Works on the sandbox's log off the async workers; a failure is logged, not raised

@@ -126,7 +126,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "Nestbox host agent {} serving on {}",
         agent.host_id, agent.url
     );
-    super::server::shutdown_signal().await;
-    agent.shutdown().await;
+    match super::server::shutdown_signal().await {
+        super::server::Stop::Full => {
+            agent.shutdown().await;
+        }
+        super::server::Stop::Restart => agent.detach().await,
+    }
     Ok(())
 }

@@ -66,24 +66,40 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .context("starting the control plane")?;
     eprintln!("Nestbox control plane listening on {}", cp.url());
-    shutdown_signal().await;
+    // The control plane holds no sandbox: both ways of stopping are the same.
+    let _ = shutdown_signal().await;
     cp.shutdown().await;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+/// How the process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT or SIGTERM: a full stop (a host agent pauses its sandboxes).
+    Full,
+    /// SIGUSR2: a restart, e.g. onto a new binary (a host agent leaves its sandboxes
+    /// running for its next start to take back).
+    Restart,
+}
+
+/// Resolves on SIGINT or SIGTERM ([`Stop::Full`]) or SIGUSR2 ([`Stop::Restart`]).
+pub async fn shutdown_signal() -> Stop {
+    let wait = |kind: tokio::signal::unix::SignalKind| async move {
+        match tokio::signal::unix::signal(kind) {
             Ok(mut s) => {
                 s.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+    let stop = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Stop::Full,
+        _ = wait(tokio::signal::unix::SignalKind::terminate()) => Stop::Full,
+        _ = wait(tokio::signal::unix::SignalKind::user_defined2()) => Stop::Restart,
+    };
+    match stop {
+        Stop::Full => eprintln!("shutting down…"),
+        Stop::Restart => eprintln!("stopping for a restart; sandboxes keep running…"),
     }
-    eprintln!("shutting down…");
+    stop
 }

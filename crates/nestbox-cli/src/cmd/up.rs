@@ -114,6 +114,13 @@ impl Launched {
         self.cp.shutdown().await;
     }
 
+    /// Stops the platform for a restart (an upgrade): the agent leaves every sandbox
+    /// running, held or pooled as it is, and the next start takes them back.
+    pub async fn detach(self) {
+        self.agent.detach().await;
+        self.cp.shutdown().await;
+    }
+
     /// Stops everything and destroys every sandbox (throwaway installations).
     pub async fn shutdown_and_destroy(self) {
         let host = self.agent.host_id;
@@ -287,7 +294,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         launched.agent.host_id,
         launched.agent.url
     );
-    super::server::shutdown_signal().await;
-    launched.shutdown().await;
+    match super::server::shutdown_signal().await {
+        super::server::Stop::Full => launched.shutdown().await,
+        super::server::Stop::Restart => launched.detach().await,
+    }
     Ok(())
 }

@@ -57,6 +57,10 @@ pub struct Nestbox {
     pub admin_password: String,
     child: Option<Child>,
     pub log: PathBuf,
+    /// What it was started with (restarts keep it).
+    opts: Options,
+    /// The `nestbox` binary it runs.
+    binary: PathBuf,
 }
 
 /// Extra settings of an instance.
@@ -112,6 +116,8 @@ impl Nestbox {
             child: None,
             log: dir.path().join("nestbox.log"),
             dir,
+            opts: opts.clone(),
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_nestbox")),
         };
         nb.start(&images, &opts);
         nb
@@ -127,7 +133,7 @@ impl Nestbox {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nestbox"));
+        let mut cmd = Command::new(&self.binary);
         cmd.args(["up", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen", &listen])
@@ -193,10 +199,26 @@ impl Nestbox {
             self.admin_email.clone(),
             self.admin_password.clone(),
         );
-        self.start(&images, &Options::default());
+        let opts = self.opts.clone();
+        self.start(&images, &opts);
         if self.api_key.is_empty() {
             (self.api_key, self.admin_email, self.admin_password) = keep;
         }
+    }
+
+    /// Upgrades the instance in place: stops it for a restart (SIGUSR2: its sandboxes keep
+    /// running) and starts `binary` on the same data directory.
+    pub fn upgrade_to(&mut self, binary: &Path) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child process.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGUSR2);
+            }
+            let status = child.wait().unwrap();
+            assert!(status.success(), "a restart stop exits cleanly: {status}");
+        }
+        self.binary = binary.to_path_buf();
+        self.restart();
     }
 
     pub fn data_dir(&self) -> PathBuf {

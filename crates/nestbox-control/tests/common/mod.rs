@@ -84,6 +84,8 @@ pub struct Options {
     pub pause_timeout: Duration,
     /// Login attempts per address and per account.
     pub login_limits: nestbox_control::throttle::LoginLimits,
+    /// Deadline of create calls (the monitor settles creates older than twice that).
+    pub create_timeout: Duration,
 }
 
 impl Default for Options {
@@ -94,6 +96,7 @@ impl Default for Options {
             agent: SimAgentConfig::default(),
             pause_timeout: Duration::from_secs(120),
             login_limits: Default::default(),
+            create_timeout: Duration::from_secs(180),
         }
     }
 }
@@ -199,6 +202,7 @@ impl Harness {
         cfg.expiry_interval = Duration::from_secs(3600);
         cfg.pause_timeout = opts.pause_timeout;
         cfg.login_limits = opts.login_limits;
+        cfg.create_timeout = opts.create_timeout;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
         let base = cp.url();

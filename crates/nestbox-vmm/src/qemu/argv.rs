@@ -17,7 +17,8 @@ use crate::spec::{GUEST_AGENT_PORT, NetworkSpec, VmSpec};
 pub const MACHINE_TYPE: &str = "microvm";
 
 /// Where guest RAM lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MemoryBacking {
     /// The VM's own RAM file, `share=on`: the file is the memory, so `x-ignore-shared`
     /// leaves it out of snapshots. Removed when the VM stops.
@@ -48,6 +49,8 @@ pub struct RunPaths {
     pub stderr_log: PathBuf,
     /// Guest RAM.
     pub memory_file: PathBuf,
+    /// What a later process needs to take the VM over ([`super::record`]).
+    pub record: PathBuf,
 }
 
 impl RunPaths {
@@ -59,6 +62,7 @@ impl RunPaths {
             pid_file: run_dir.join(super::PID_FILE),
             stderr_log: run_dir.join(super::STDERR_LOG),
             memory_file: memory_dir.join(format!("{id}.ram")),
+            record: run_dir.join(super::record::RECORD_FILE),
         }
     }
 }

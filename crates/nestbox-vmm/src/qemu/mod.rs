@@ -18,6 +18,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod record;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -246,13 +247,15 @@ impl QemuVmm {
         tracing::info!(id = %spec.id, pid = child.pid(), "vm started");
         self.warm_digests(&images);
         let machine = self.machine_config(&spec);
-        Ok(QemuVm {
+        let vm = QemuVm {
             id: spec.id.clone(),
             run_dir: spec.run_dir.clone(),
             paths,
+            start_time: nestbox_hostsys::process::start_time(child.pid()).unwrap_or(0),
             child,
             qmp,
             stopped: false,
+            saving: None,
             held: None,
             info: self.info.clone(),
             spec,
@@ -261,7 +264,9 @@ impl QemuVmm {
             digests: self.digests.clone(),
             memory,
             machine,
-        })
+        };
+        vm.write_record();
+        Ok(vm)
     }
 
     /// Starts QEMU with `argv` and connects QMP. On failure the process is killed and
@@ -348,6 +353,7 @@ fn prepare_run_dir(spec: &VmSpec) -> Result<RunPaths, VmmError> {
     for f in [
         &paths.qmp_socket,
         &paths.pid_file,
+        &paths.record,
         &paths.console_log,
         &paths.stderr_log,
         &paths.memory_file,
@@ -389,7 +395,7 @@ fn exited_error(id: &str, status: &str, paths: &RunPaths) -> VmmError {
 /// Removes a VM's run files (not the console log or QEMU's log) and the RAM file it
 /// owns, if any.
 fn remove_run_files(paths: &RunPaths, memory: Option<&Path>) {
-    for f in [&paths.qmp_socket, &paths.pid_file]
+    for f in [&paths.qmp_socket, &paths.pid_file, &paths.record]
         .into_iter()
         .map(PathBuf::as_path)
         .chain(memory)
@@ -424,6 +430,14 @@ impl Vmm for QemuVmm {
         Box::pin(self.restore_vm(spec, snapshot, memory))
     }
 
+    fn adopt<'a>(&'a self, run_dir: &'a Path) -> BoxFuture<'a, Result<Box<dyn Vm>, VmmError>> {
+        Box::pin(async move {
+            self.adopt_vm(run_dir)
+                .await
+                .map(|vm| Box::new(vm) as Box<dyn Vm>)
+        })
+    }
+
     fn check_snapshot<'a>(
         &'a self,
         spec: &'a VmSpec,
@@ -438,7 +452,7 @@ impl Vmm for QemuVmm {
 }
 
 /// A held VM's snapshot: where it is and how its RAM file got there.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Held {
     pub(crate) dir: PathBuf,
     /// The VM's RAM file and how it was placed into the snapshot (`None`: in the state).
@@ -452,9 +466,15 @@ pub struct QemuVm {
     run_dir: PathBuf,
     paths: RunPaths,
     child: Supervised,
+    /// When its process started ([`nestbox_hostsys::process::start_time`]): with the pid,
+    /// what names this process in its record.
+    start_time: u64,
     qmp: QmpClient,
     /// Set once the process is reaped and the run files are gone (stop, suspend).
     stopped: bool,
+    /// The snapshot directory of a save in progress (recorded: a later process that takes
+    /// the VM over undoes it).
+    saving: Option<PathBuf>,
     /// Suspended but kept: the snapshot it was saved into.
     held: Option<Held>,
     info: VmmInfo,
@@ -616,6 +636,10 @@ impl Vm for QemuVm {
         Box::pin(self.resume_held_vm())
     }
 
+    fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
     fn relocate(&mut self, run_dir: &Path, memory_dir: &Path) {
         let moved = |p: &Path, from: &Path, to: &Path| match p.strip_prefix(from) {
             Ok(rest) => to.join(rest),
@@ -636,6 +660,7 @@ impl Vm for QemuVm {
                 *src = moved(src, &old_memory, memory_dir);
             }
         }
+        self.write_record();
     }
 }
 

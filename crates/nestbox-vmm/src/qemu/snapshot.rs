@@ -221,7 +221,7 @@ fn write_snapshot_manifest(input: ManifestInput) -> Result<SnapshotManifest, Vmm
 }
 
 /// Removes what a failed save wrote (never the caller's files).
-fn remove_snapshot_files(dir: &Path) {
+pub(super) fn remove_snapshot_files(dir: &Path) {
     for name in [
         STATE_FILE.to_string(),
         MEMORY_FILE.to_string(),
@@ -240,9 +240,30 @@ impl QemuVm {
         freeze: Option<&mut dyn FreezeHook>,
     ) -> Result<SavedSnapshot, VmmError> {
         let span = tracing::info_span!("save", id = %self.id, ?mode, dir = %dir.display());
-        self.save_inner(dir, mode, freeze, false)
+        self.recorded_save(dir, mode, freeze, false)
             .instrument(span)
             .await
+    }
+
+    /// [`Self::save_inner`], with the save recorded while it runs: a process that takes
+    /// the VM over after a crash in the middle undoes it ([`super::record`]).
+    async fn recorded_save(
+        &mut self,
+        dir: &Path,
+        mode: SaveMode,
+        freeze: Option<&mut dyn FreezeHook>,
+        hold: bool,
+    ) -> Result<SavedSnapshot, VmmError> {
+        if !self.stopped && self.held.is_none() {
+            self.saving = Some(absolute(dir)?);
+            self.write_record();
+        }
+        let result = self.save_inner(dir, mode, freeze, hold).await;
+        self.saving = None;
+        if !self.stopped {
+            self.write_record();
+        }
+        result
     }
 
     /// A [`SaveMode::Suspend`] that keeps the VMM, stopped (see [`crate::Vm::suspend_held`]).
@@ -254,7 +275,7 @@ impl QemuVm {
             });
         }
         let span = tracing::info_span!("suspend_held", id = %self.id, dir = %dir.display());
-        self.save_inner(dir, SaveMode::Suspend, None, true)
+        self.recorded_save(dir, SaveMode::Suspend, None, true)
             .instrument(span)
             .await
     }
@@ -332,6 +353,7 @@ impl QemuVm {
                 tracing::warn!(%error, file = %f.display(), "cannot remove a resumed snapshot's file");
             }
         }
+        self.write_record();
         tracing::info!(
             id = %self.id,
             ms = started.elapsed().as_millis() as u64,
@@ -361,7 +383,7 @@ impl QemuVm {
 
     /// Undoes a save that failed before `cont`/quit: the RAM file back where the VM
     /// maps it, the snapshot files removed, the guest resumed.
-    async fn abort_save(&mut self, dir: &Path, undo: Option<(PathBuf, Placement)>) {
+    pub(super) async fn abort_save(&mut self, dir: &Path, undo: Option<(PathBuf, Placement)>) {
         if let Some((src, how)) = undo
             && let Err(error) = files::undo_placement(&src, &dir.join(MEMORY_FILE), how)
         {
@@ -776,9 +798,11 @@ impl QemuVmm {
             id: spec.id.clone(),
             run_dir: spec.run_dir.clone(),
             paths,
+            start_time: nestbox_hostsys::process::start_time(child.pid()).unwrap_or(0),
             child,
             qmp,
             stopped: false,
+            saving: None,
             held: None,
             info: self.info.clone(),
             machine: self.machine_config(&spec),
@@ -788,6 +812,7 @@ impl QemuVmm {
             digests: self.digests.clone(),
             memory,
         };
+        vm.write_record();
         Ok(Restored {
             vm: Box::new(vm),
             manifest,

@@ -19,9 +19,13 @@
 //!   agent's own warm-up builds — is removed: VMM processes (killed only if their command
 //!   line names the sandbox, so a recycled pid is never hit), network namespaces and veth
 //!   links of the instance's slots, slot files, tmpfs files and sandbox directories. The
-//!   control plane learns of such a loss from the agent's list.
+//!   control plane learns of such a loss from the agent's list;
+//! - a QEMU whose pid no record names (a crash between its start and the record of its
+//!   pid) is found by its command line, which names a file under the instance's sandbox
+//!   directory, and killed.
 
 use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nestbox_hostsys::net::{SandboxNet, SlotAddrs, SlotAllocator};
@@ -145,6 +149,33 @@ async fn kill_and_wait(pid: u32) {
     }
 }
 
+/// QEMU processes of this instance that nothing accounts for: their command line names a
+/// file under the instance's sandbox directory, and they are not among `keep` (the
+/// adopted VMMs). A crash between a VMM's start and the record of its pid leaves one.
+fn stray_vmms(sandboxes: &Path, keep: &HashSet<u32>) -> Vec<u32> {
+    let needle = format!("{}/", sandboxes.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !keep.contains(pid) && *pid != std::process::id())
+        .filter(|pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let mut args = raw.split(|b| *b == 0);
+            let program = args.next().unwrap_or_default();
+            let program = Path::new(std::ffi::OsStr::from_bytes(program));
+            program
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system"))
+                && String::from_utf8_lossy(&raw).contains(&needle)
+        })
+        .collect()
+}
+
 /// A paused sandbox whose snapshot can still be restored.
 fn adoptable(dir: &Path) -> Option<StateFile> {
     let st = state::read(dir)?;
@@ -260,6 +291,13 @@ pub async fn run(
                 }
             }
         }
+    }
+    // VMMs no record names (started, but killed before their pid was recorded).
+    let adopted: HashSet<u32> = recovered.live.iter().map(|(_, vm)| vm.pid()).collect();
+    for pid in stray_vmms(&sandboxes, &adopted) {
+        tracing::warn!(pid, "killing a VMM no sandbox records");
+        kill_and_wait(pid).await;
+        report.processes += 1;
     }
     // Slots whose sandbox directory was already gone (paused sandboxes hold none).
     if let Ok(owned) = slots.owned() {

@@ -392,6 +392,11 @@ async fn agent_crashes_and_upgrades_keep_sandboxes_running() {
     .await;
     let (fa, fb) = (footprint(&nb, a), footprint(&nb, b));
     assert!(vmm_alive(fb.vmm_pid, &fb.vmm_name), "b holds its VMM");
+    // Every VMM runs under QEMU's seccomp filter.
+    for pid in [fa.vmm_pid, fb.vmm_pid] {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
+    }
 
     // A crash: the VMMs run on without their agent, and the next start takes them back.
     let before_a = counter(&client, a).await;

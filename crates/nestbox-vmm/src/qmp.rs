@@ -10,6 +10,7 @@
 //! "timestamp"}`) can arrive at any time.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -194,6 +195,60 @@ impl QmpClient {
         arguments: Option<Value>,
         limit: Duration,
     ) -> Result<Value, QmpError> {
+        self.run(command, arguments, limit, None).await
+    }
+
+    /// `getfd`: hands QEMU a file descriptor (sent with the command, `SCM_RIGHTS`) under
+    /// `name`, for commands that take `fd:NAME` (a migration to or from a file the caller
+    /// opened, so QEMU needs neither a shell nor access to the path).
+    pub async fn getfd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.run(
+            "getfd",
+            Some(json!({ "fdname": name })),
+            DEFAULT_COMMAND_TIMEOUT,
+            Some(fd),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Writes one request line; a descriptor to pass travels with its first bytes.
+    async fn write_line(&self, line: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        let mut w = self.writer.lock().await;
+        let mut rest = line;
+        if let Some(fd) = fd {
+            let stream: &UnixStream = w.as_ref();
+            let fds = [fd.as_raw_fd()];
+            let sent = loop {
+                stream.writable().await?;
+                let attempt = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    nix::sys::socket::sendmsg::<()>(
+                        stream.as_raw_fd(),
+                        &[std::io::IoSlice::new(rest)],
+                        &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                        None,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+                match attempt {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            };
+            rest = &rest[sent..];
+        }
+        w.write_all(rest).await
+    }
+
+    async fn run(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        limit: Duration,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -207,17 +262,14 @@ impl QmpClient {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        {
-            let mut w = self.writer.lock().await;
-            if let Err(e) = w.write_all(line.as_bytes()).await {
-                self.forget(id);
-                return Err(match e.kind() {
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
-                        QmpError::Closed
-                    }
-                    _ => QmpError::Io(e),
-                });
-            }
+        if let Err(e) = self.write_line(line.as_bytes(), fd).await {
+            self.forget(id);
+            return Err(match e.kind() {
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                    QmpError::Closed
+                }
+                _ => QmpError::Io(e),
+            });
         }
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(res)) => res.map_err(|e| match e {

@@ -140,6 +140,12 @@ async fn boots_to_ready_serves_health_and_stops_clean() {
     assert!(ready.guest_uptime_ms.is_some());
     assert!(memory_file.exists(), "guest RAM should be a file");
     assert_eq!(vm.run_state().await.unwrap(), "running");
+    // QEMU runs under its seccomp filter (mode 2).
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    assert!(
+        proc_status.lines().any(|l| l == "Seccomp:\t2"),
+        "no seccomp filter:\n{proc_status}"
+    );
 
     let status = http_status(port, "/health").unwrap();
     assert!(status.contains(" 204"), "GET /health answered {status:?}");

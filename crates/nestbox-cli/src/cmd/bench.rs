@@ -132,6 +132,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         admin_email: "bench@nestbox.local".into(),
         proxy_domain: None,
         tls: Default::default(),
+        create_timeout: 180,
         host: super::agent::HostArgs {
             boot_timeout: 120,
             ..Default::default()

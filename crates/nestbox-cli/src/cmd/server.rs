@@ -29,6 +29,10 @@ pub struct ServerArgs {
     pub proxy_domain: Option<String>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// How long a create may take on its host, in seconds; a create left unfinished
+    /// (the control plane restarted in the middle) is settled after twice that.
+    #[arg(long, env = "NESTBOX_CREATE_TIMEOUT_SECS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub create_timeout: u64,
 }
 
 /// Serving the API over HTTPS (shared by `server` and `up`).
@@ -62,6 +66,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut cfg = nestbox_control::ControlConfig::new(args.listen, args.database_url, secret);
     cfg.proxy_domain = args.proxy_domain;
     cfg.tls = args.tls.files();
+    cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
     let cp = nestbox_control::start(cfg)
         .await
         .context("starting the control plane")?;

@@ -64,6 +64,10 @@ pub struct UpArgs {
     pub proxy_domain: Option<String>,
     #[command(flatten)]
     pub tls: super::server::TlsArgs,
+    /// How long a create may take on its host, in seconds; a create left unfinished
+    /// (a restart in the middle) is settled after twice that.
+    #[arg(long, env = "NESTBOX_CREATE_TIMEOUT_SECS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub create_timeout: u64,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -187,6 +191,7 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
     let mut cp_cfg = ControlConfig::new(args.listen, database_url, secret);
     cp_cfg.proxy_domain = args.proxy_domain.clone();
     cp_cfg.tls = args.tls.files();
+    cp_cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
     if cp_cfg.tls.is_some() {
         // The host agent here reaches the control plane on loopback, without TLS: the
         // public certificate names the proxy domain, not this address.

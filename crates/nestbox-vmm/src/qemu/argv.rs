@@ -15,6 +15,8 @@ use crate::spec::{GUEST_AGENT_PORT, NetworkSpec, VmSpec};
 
 /// QEMU's machine type.
 pub const MACHINE_TYPE: &str = "microvm";
+/// The `-sandbox` setting every VM runs with (QEMU's seccomp filter).
+pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Where guest RAM lives.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -117,6 +119,10 @@ pub fn machine_argv(
         "none",
         "-no-reboot",
     ]);
+    // QEMU's seccomp filter: no obsolete system calls, no privilege changes, no new
+    // processes (snapshots stream through a descriptor the host agent hands in), no
+    // scheduler or resource changes.
+    push(&["-sandbox", SECCOMP]);
     // The RAM block is named after the backend id (`mem0`) whatever its type, so a
     // snapshot loads into any of them.
     let backend = match memory {
@@ -269,6 +275,10 @@ mod tests {
         assert_eq!(value_after(&argv, "-smp"), ["2"]);
         assert!(
             argv.contains(&"-no-reboot".to_string()) && argv.contains(&"-nodefaults".to_string())
+        );
+        assert_eq!(
+            value_after(&argv, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
         );
         assert_eq!(
             value_after(&argv, "-object")[0],

@@ -4,7 +4,7 @@
 //! save(dir, mode):
 //!   migrate-set-parameters (no bandwidth cap) + x-ignore-shared      guest running
 //!   stop ───────────────────────────────────────────────────────────┐ guest stopped
-//!   migrate "exec:cat > dir/state.bin", poll query-migrate           │ (QEMU has flushed
+//!   getfd (dir/state.bin, opened here), migrate "fd:", poll          │ (QEMU has flushed
 //!   ├─ RAM: Suspend → rename into dir │ Checkpoint → sparse copy     │  and released the
 //!   └─ freeze hook (the caller's disk freeze), concurrently          │  disk image)
 //!   Checkpoint: cont ───────────────────────────────────────────────┘ guest running
@@ -19,13 +19,15 @@
 //!   Copy:   sparse copy dir/memory.ram → <memory_dir>/<id>.ram (share=on)
 //!   in-state RAM: anonymous memory
 //!   spawn QEMU (same machine, -incoming defer) ─ x-ignore-shared ─
-//!   migrate-incoming "exec:cat dir/state.bin" ─ poll until completed ─ cont
+//!   getfd (dir/state.bin) ─ migrate-incoming "fd:" ─ poll until completed ─ cont
 //!   any failure: kill QEMU, put the RAM file back, return the error
 //! ```
 //!
 //! Why these steps:
-//! - QEMU 7.2 has no `file:` migration URI (8.2+), so the stream goes through `exec:cat`
-//!   (a `/bin/sh -c` command: paths are shell-quoted).
+//! - QEMU 7.2 has no `file:` migration URI (8.2+). The host agent opens the state file
+//!   and hands its descriptor in over QMP (`getfd`, `SCM_RIGHTS`), and the stream goes to
+//!   `fd:NAME`: QEMU never starts a process (its seccomp filter forbids it) and never
+//!   opens the path itself.
 //! - `x-ignore-shared` must be set on both sides; on the destination that needs
 //!   `-incoming defer`.
 //! - The default `max-bandwidth` (128 MiB/s) would throttle a stream that carries RAM.
@@ -76,13 +78,23 @@ pub(crate) fn absolute(path: &Path) -> Result<PathBuf, VmmError> {
     })
 }
 
-/// A path as one `/bin/sh` word.
-fn sh_quote(path: &Path) -> Result<String, VmmError> {
-    let s = path.to_str().ok_or_else(|| VmmError::SnapshotDir {
-        dir: path.to_path_buf(),
-        reason: "the path is not UTF-8".into(),
-    })?;
-    Ok(format!("'{}'", s.replace('\'', r"'\''")))
+/// The name the state file's descriptor is handed to QEMU under.
+const STATE_FD: &str = "nbx-state";
+
+/// Opens the state file for QEMU: a new file to save into, or an existing one to load.
+fn open_state(path: &Path, create: bool) -> Result<std::fs::File, VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    if create {
+        opts.write(true).create_new(true).mode(0o600);
+    } else {
+        opts.read(true);
+    }
+    opts.open(path).map_err(|source| VmmError::Io {
+        op: if create { "create" } else { "open" },
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn qmp_err(id: &str) -> impl Fn(QmpError) -> VmmError + '_ {
@@ -437,7 +449,6 @@ impl QemuVm {
                 });
             }
         }
-        let uri = format!("exec:cat > {}", sh_quote(&dir.join(STATE_FILE))?);
         let id = self.id.clone();
         self.qmp
             .set_migration_parameters(json!({
@@ -460,11 +471,25 @@ impl QemuVm {
 
         // The device state (and the RAM, unless it is a shared file of ours).
         let t = Instant::now();
-        let saved = match self.qmp.migrate(&uri).await {
-            Ok(()) => wait_migration(&self.qmp, &mut self.child, &id, &self.paths, "save")
-                .await
-                .map(drop),
-            Err(source) => Err(qmp_err(&id)(source)),
+        let handed = match open_state(&dir.join(STATE_FILE), true) {
+            Ok(file) => {
+                use std::os::fd::AsFd;
+                // QEMU keeps its own copy of the descriptor; ours closes here.
+                self.qmp
+                    .getfd(STATE_FD, file.as_fd())
+                    .await
+                    .map_err(qmp_err(&id))
+            }
+            Err(e) => Err(e),
+        };
+        let saved = match handed {
+            Err(e) => Err(e),
+            Ok(()) => match self.qmp.migrate(&format!("fd:{STATE_FD}")).await {
+                Ok(()) => wait_migration(&self.qmp, &mut self.child, &id, &self.paths, "save")
+                    .await
+                    .map(drop),
+                Err(source) => Err(qmp_err(&id)(source)),
+            },
         };
         if let Err(e) = saved {
             self.abort_save(&dir, None).await;
@@ -718,7 +743,6 @@ impl QemuVmm {
             ..Default::default()
         };
         let state = dir.join(&manifest.state.file);
-        let uri = format!("exec:cat {}", sh_quote(&state)?);
         let paths = prepare_run_dir(&spec)?;
 
         let t = Instant::now();
@@ -764,7 +788,7 @@ impl QemuVmm {
             &memory,
             true,
         );
-        let (child, qmp) = match self.load(&spec, &paths, argv, &uri, &mut timings).await {
+        let (child, qmp) = match self.load(&spec, &paths, argv, &state, &mut timings).await {
             Ok(x) => x,
             Err(e) => {
                 if let Some((src, placement)) = &placed
@@ -827,7 +851,7 @@ impl QemuVmm {
         spec: &VmSpec,
         paths: &RunPaths,
         argv: Vec<String>,
-        uri: &str,
+        state: &Path,
         timings: &mut RestoreTimings,
     ) -> Result<(Supervised, QmpClient), VmmError> {
         let t = Instant::now();
@@ -839,7 +863,16 @@ impl QemuVmm {
             qmp.set_migration_capability("x-ignore-shared", true)
                 .await
                 .map_err(qmp_err(id))?;
-            qmp.migrate_incoming(uri).await.map_err(qmp_err(id))?;
+            {
+                use std::os::fd::AsFd;
+                let file = open_state(state, false)?;
+                qmp.getfd(STATE_FD, file.as_fd())
+                    .await
+                    .map_err(qmp_err(id))?;
+            }
+            qmp.migrate_incoming(&format!("fd:{STATE_FD}"))
+                .await
+                .map_err(qmp_err(id))?;
             wait_migration(&qmp, &mut child, id, paths, "load").await?;
             timings.load = t.elapsed();
             // Saved while stopped, so it arrives `paused`: resume it. Waiting for
@@ -860,16 +893,5 @@ impl QemuVmm {
                 Err(e)
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_are_quoted_for_the_shell() {
-        assert_eq!(sh_quote(Path::new("/a b/c")).unwrap(), "'/a b/c'");
-        assert_eq!(sh_quote(Path::new("/it's/$x")).unwrap(), r"'/it'\''s/$x'");
     }
 }

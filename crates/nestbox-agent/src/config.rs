@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub dns: Option<Vec<Ipv4Addr>>,
     /// Let guests reach private and link-local ranges.
     pub allow_private_egress: bool,
+    /// Run VMMs without control groups where the host has no usable hierarchy (else the
+    /// agent refuses to start).
+    pub unconfined: bool,
     /// Where slot files live (machine-wide, shared by agents on one host).
     pub slots_dir: PathBuf,
     /// Heartbeat period.
@@ -92,6 +95,7 @@ impl AgentConfig {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             dns: None,
             allow_private_egress: false,
+            unconfined: false,
             slots_dir: PathBuf::from("/run/nestbox/slots"),
             heartbeat_interval: Duration::from_secs(15),
             warm_templates: vec![nestbox_types::limits::DEFAULT_TEMPLATE.to_string()],

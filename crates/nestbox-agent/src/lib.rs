@@ -165,6 +165,7 @@ pub struct RunningAgent {
     pub manager: Manager,
     firewall: HostFirewall,
     mem_root: PathBuf,
+    cgroups: Option<nestbox_vmm::qemu::Cgroups>,
     server: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -180,6 +181,17 @@ impl std::fmt::Debug for RunningAgent {
 }
 
 impl RunningAgent {
+    /// Removes the instance's control groups once no VMM is left in them.
+    fn remove_cgroups(&self) {
+        if let Some(c) = &self.cgroups {
+            c.hierarchy
+                .sweep(&c.parent, &std::collections::HashSet::new());
+            if let Err(e) = c.hierarchy.group(&c.parent).remove() {
+                tracing::warn!(error = %e, "removing the instance's cgroup");
+            }
+        }
+    }
+
     /// Stops serving, pauses every running sandbox (they survive the restart; one that
     /// cannot be paused is destroyed) and removes the host firewall table.
     pub async fn shutdown(mut self) -> ShutdownReport {
@@ -191,6 +203,7 @@ impl RunningAgent {
         let _ = (&mut self.server).await;
         // Paused sandboxes keep their tmpfs snapshots; remove the directory only if empty.
         let _ = std::fs::remove_dir(&self.mem_root);
+        self.remove_cgroups();
         if let Err(e) = self.firewall.remove().await {
             tracing::warn!(error = %e, "removing the host firewall table");
         }
@@ -226,6 +239,7 @@ impl RunningAgent {
         self.manager.destroy_all().await;
         let _ = (&mut self.server).await;
         let _ = std::fs::remove_dir_all(&self.mem_root);
+        self.remove_cgroups();
         if let Err(e) = self.firewall.remove().await {
             tracing::warn!(error = %e, "removing the host firewall table");
         }
@@ -249,11 +263,24 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let slots = SlotAllocator::new(&cfg.slots_dir, tag.clone())
         .map_err(|e| step("opening the slot directory")(Box::new(e)))?;
 
+    let cgroups = confinement(&cfg, &tag)?;
     let images = ImageStore::new(&cfg.images_dir);
-    let vmm = crate::vmm_for(&cfg, &images, &tag).await?;
+    let vmm = crate::vmm_for(&cfg, &images, cgroups.clone()).await?;
     tracing::info!(vmm = %vmm.info(), "VMM ready");
 
     let (_, recovered) = cleanup::run(&cfg.data_dir, &mem_root, &slots, vmm.as_ref()).await;
+    if let Some(c) = &cgroups {
+        // Groups of VMMs that are gone (the ones taken back keep theirs).
+        let keep = recovered
+            .live
+            .iter()
+            .map(|(_, vm)| vm.id().to_string())
+            .collect();
+        let removed = c.hierarchy.sweep(&c.parent, &keep);
+        if removed > 0 {
+            tracing::info!(removed, "removed the cgroups of VMMs a previous run left");
+        }
+    }
 
     let dns = cfg.dns.clone().unwrap_or_else(host_dns_servers);
     let firewall = HostFirewall::new(&tag);
@@ -420,6 +447,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         manager,
         firewall,
         mem_root,
+        cgroups,
         server,
         heartbeat,
         shutdown: Some(tx),
@@ -428,12 +456,35 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
 
 /// Builds the VMM driver for this host. The KVM probe (accelerator `auto`) boots the first
 /// template's kernel; its verdict is cached machine-wide until the next reboot.
+/// How VMMs are confined on this host: their control groups, found now; a host without a
+/// usable hierarchy is refused unless the configuration says to run unconfined.
+fn confinement(
+    cfg: &AgentConfig,
+    tag: &str,
+) -> Result<Option<nestbox_vmm::qemu::Cgroups>, StartError> {
+    match nestbox_hostsys::cgroup::Hierarchy::detect() {
+        Some(hierarchy) => {
+            tracing::info!(cgroups = hierarchy.describe(), "VMMs run in control groups");
+            Ok(Some(nestbox_vmm::qemu::Cgroups {
+                hierarchy,
+                parent: PathBuf::from(format!("nestbox-{tag}")),
+            }))
+        }
+        None if cfg.unconfined => {
+            tracing::warn!("no usable cgroup hierarchy: VMMs run without CPU, memory and process limits (--unconfined)");
+            Ok(None)
+        }
+        None => Err(StartError::Preflight(
+            "no usable cgroup hierarchy (the cpu, memory and pids controllers, v2 or v1): sandboxes could not be held to their limits; enable them, or pass --unconfined to run without".into(),
+        )),
+    }
+}
+
 async fn vmm_for(
     cfg: &AgentConfig,
     images: &ImageStore,
-    tag: &str,
+    cgroups: Option<nestbox_vmm::qemu::Cgroups>,
 ) -> Result<Arc<dyn nestbox_vmm::Vmm>, StartError> {
-    let _ = tag;
     let accel = match cfg.accel {
         AccelChoice::Auto => nestbox_vmm::AccelChoice::Auto,
         AccelChoice::Kvm => nestbox_vmm::AccelChoice::Kvm,
@@ -450,6 +501,7 @@ async fn vmm_for(
         accel,
         probe,
         state_dir: Some(PathBuf::from("/run/nestbox")),
+        cgroups,
     })
     .await
     .map_err(|e| step("starting the QEMU driver")(Box::new(e)))?;

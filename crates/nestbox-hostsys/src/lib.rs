@@ -10,7 +10,9 @@
 //!   allocation.
 //! - [`disk`]: template base images expanded per disk size, qcow2 copy-on-write overlays.
 //! - [`dirs`]: private directories (0700, ours, not links) for data and guest RAM.
+//! - [`cgroup`]: a control group per VMM with limits from its sandbox's size (v1 or v2).
 
+pub mod cgroup;
 pub mod dirs;
 pub mod disk;
 pub mod net;

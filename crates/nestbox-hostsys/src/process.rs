@@ -48,6 +48,15 @@ pub enum ProcessError {
         /// The last bytes it wrote to stderr (or stdout when stderr was empty).
         stderr: String,
     },
+    /// A control group to join could not be opened.
+    #[error("cannot join cgroup {}", path.display())]
+    Cgroup {
+        /// Its `cgroup.procs` file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The program did not finish in time and was killed.
     #[error("`{argv}` did not finish within {after:?}")]
     Timeout {
@@ -138,6 +147,7 @@ pub struct Cmd {
     netns: Option<PathBuf>,
     new_session: bool,
     inherit_output: bool,
+    cgroups: Vec<PathBuf>,
 }
 
 impl Cmd {
@@ -153,6 +163,7 @@ impl Cmd {
             netns: None,
             new_session: false,
             inherit_output: false,
+            cgroups: Vec::new(),
         }
     }
 
@@ -202,6 +213,13 @@ impl Cmd {
         self
     }
 
+    /// Has the command join the control groups whose `cgroup.procs` files are given
+    /// before it runs anything (see [`crate::cgroup`]).
+    pub fn join_cgroups(mut self, procs: Vec<PathBuf>) -> Self {
+        self.cgroups = procs;
+        self
+    }
+
     /// Starts the command in a new session (its own process group, no controlling tty).
     pub fn new_session(mut self) -> Self {
         self.new_session = true;
@@ -232,7 +250,7 @@ impl Cmd {
 
     /// Builds the tokio command. The returned fd (the network namespace, if any) must stay
     /// open until the command has been spawned.
-    fn command(&self) -> Result<(tokio::process::Command, Option<OwnedFd>), ProcessError> {
+    fn command(&self) -> Result<(tokio::process::Command, Vec<OwnedFd>), ProcessError> {
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.args).kill_on_drop(true);
         for (k, v) in &self.envs {
@@ -251,14 +269,42 @@ impl Cmd {
                 )?),
                 None => None,
             };
+        let mut procs: Vec<OwnedFd> = Vec::new();
+        for path in &self.cgroups {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|source| ProcessError::Cgroup {
+                    path: path.clone(),
+                    source,
+                })?;
+            procs.push(OwnedFd::from(file));
+        }
         let new_session = self.new_session;
-        if netns.is_some() || new_session {
+        if netns.is_some() || new_session || !procs.is_empty() {
             let fd = netns.as_ref().map(|f| f.as_raw_fd());
+            // Fixed-size, allocated before the fork: the child may not allocate.
+            let mut joins = [-1i32; 8];
+            for (slot, f) in joins.iter_mut().zip(&procs) {
+                *slot = f.as_raw_fd();
+            }
+            if procs.len() > joins.len() {
+                return Err(ProcessError::Cgroup {
+                    path: self.cgroups[joins.len()].clone(),
+                    source: std::io::Error::other("more than 8 hierarchies"),
+                });
+            }
             // SAFETY: the closure runs in the forked child before exec and only makes
-            // async-signal-safe system calls (setns, setsid). `fd` stays open in the parent
-            // until spawn returns because the caller holds the returned `OwnedFd`.
+            // async-signal-safe system calls (write, setns, setsid) on descriptors that stay
+            // open in the parent until spawn returns (the caller holds the returned fds).
             unsafe {
                 cmd.pre_exec(move || {
+                    for fd in joins.iter().copied().filter(|fd| *fd >= 0) {
+                        // `0`: the writing process joins the group.
+                        if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                     if let Some(fd) = fd
                         && libc::setns(fd, libc::CLONE_NEWNET) != 0
                     {
@@ -271,7 +317,9 @@ impl Cmd {
                 });
             }
         }
-        Ok((cmd, netns))
+        let mut held: Vec<OwnedFd> = netns.into_iter().collect();
+        held.extend(procs);
+        Ok((cmd, held))
     }
 
     fn spawn_error(&self, source: std::io::Error) -> ProcessError {

@@ -295,6 +295,14 @@ pub enum VmmError {
         /// Why.
         reason: String,
     },
+    /// The VMM's confinement (its control group) could not be set up.
+    #[error("vm {id}: cannot confine the vmm: {reason}")]
+    Confine {
+        /// VM id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
     /// The VMM binary is unusable.
     #[error("vmm binary {binary}: {detail}")]
     Binary {

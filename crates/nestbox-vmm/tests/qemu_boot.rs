@@ -372,3 +372,75 @@ fn is_root() -> bool {
     // SAFETY: geteuid(2) has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+#[tokio::test]
+async fn a_vm_runs_in_its_cgroup_with_limits_from_its_size() {
+    let Some(hierarchy) = nestbox_hostsys::cgroup::Hierarchy::detect() else {
+        eprintln!("skipped: no usable cgroup hierarchy on this host");
+        return;
+    };
+    let (template, kernel) = images();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = overlay(&template.rootfs, dir.path(), "1G").await;
+    let parent = PathBuf::from(format!("nestbox-test-{}", std::process::id()));
+    let vmm = QemuVmm::new(QemuOptions {
+        accel: AccelChoice::Tcg,
+        cgroups: Some(nestbox_vmm::qemu::Cgroups {
+            hierarchy: hierarchy.clone(),
+            parent: parent.clone(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let s = spec(
+        "confined",
+        &kernel,
+        Disk {
+            path: disk,
+            format: DiskFormat::Qcow2,
+        },
+        NetworkSpec::User {
+            host_port: free_port(),
+        },
+        dir.path(),
+    );
+    let (mut vm, _) = nestbox_vmm::boot_and_wait_ready(&vmm, s, READY_WITHIN)
+        .await
+        .unwrap();
+    let group = hierarchy.group(&parent.join("confined"));
+    // The VMM is in its group in every hierarchy, from its start.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.pid())).unwrap();
+    let name = format!("/{}/confined", parent.display());
+    assert!(
+        cgroups.lines().filter(|l| l.ends_with(&name)).count() >= 3,
+        "not in its group:\n{cgroups}"
+    );
+    for d in group.dirs() {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|p| p == vm.pid().to_string()),
+            "{}",
+            d.display()
+        );
+        // Its limits: 1 vCPU + half a CPU, 512 MiB + the TCG overhead, 512 threads.
+        for (file, want) in [
+            ("cpu.cfs_quota_us", "150000"),
+            (
+                "memory.limit_in_bytes",
+                &((512u64 + 1024) << 20).to_string(),
+            ),
+            ("pids.max", "512"),
+        ] {
+            if let Ok(got) = std::fs::read_to_string(d.join(file)) {
+                assert_eq!(got.trim(), want, "{file}");
+            }
+        }
+    }
+    vm.stop(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        group.dirs().iter().all(|d| !d.exists()),
+        "the group goes with the VMM"
+    );
+    let _ = hierarchy.group(&parent).remove();
+}

@@ -70,6 +70,10 @@ pub struct HostArgs {
     /// one over instead of restoring (each costs an idle sandbox's memory; 0: none).
     #[arg(long, env = "NESTBOX_CLONE_POOL", default_value_t = 1)]
     pub clone_pool: u32,
+    /// Run VMMs without their control groups when the host has no usable cgroup
+    /// hierarchy (otherwise the agent refuses to start there).
+    #[arg(long, env = "NESTBOX_UNCONFINED")]
+    pub unconfined: bool,
 }
 
 impl Default for HostArgs {
@@ -82,6 +86,7 @@ impl Default for HostArgs {
             boot_timeout: 90,
             pause_hold_secs: 300,
             clone_pool: 1,
+            unconfined: false,
         }
     }
 }
@@ -98,6 +103,7 @@ impl HostArgs {
         cfg.boot_timeout = std::time::Duration::from_secs(self.boot_timeout.max(1));
         cfg.pause_hold = std::time::Duration::from_secs(self.pause_hold_secs);
         cfg.clone_pool = self.clone_pool;
+        cfg.unconfined = self.unconfined;
     }
 }
 

@@ -475,6 +475,12 @@ pub fn assert_instance_clean(tag: &str) {
         !Path::new(&format!("/dev/shm/nestbox-{tag}")).exists(),
         "guest memory of {tag} left"
     );
+    for controller in ["cpu", "memory", "pids"] {
+        let group = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(format!("nestbox-{tag}"));
+        assert!(!group.exists(), "cgroup {} left", group.display());
+    }
 }
 
 /// Polls `check` until it returns `Some` or `limit` passes.

@@ -65,6 +65,39 @@ pub struct QemuOptions {
     pub probe: Option<ProbeImages>,
     /// Where the KVM probe verdict is cached.
     pub state_dir: Option<PathBuf>,
+    /// Control groups for VMMs: each runs in `<parent>/<vm id>` with limits from its size
+    /// (`None`: unconfined).
+    pub cgroups: Option<Cgroups>,
+}
+
+/// Where VMMs' control groups are made.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    /// The host's hierarchy.
+    pub hierarchy: nestbox_hostsys::cgroup::Hierarchy,
+    /// The parent group, relative to the hierarchy's root (`nestbox-<tag>`).
+    pub parent: PathBuf,
+}
+
+/// Memory a VMM may use beyond its guest's RAM, MiB: under TCG the translated-code cache
+/// and QEMU's own allocations, under KVM less.
+fn vmm_overhead_mb(accel: Accel) -> u64 {
+    match accel {
+        Accel::Tcg => 1024,
+        Accel::Kvm => 256,
+    }
+}
+
+/// The limits of a VMM running `spec`: its vCPUs plus half a CPU for device emulation,
+/// CPU weight by vCPUs, its guest RAM plus [`vmm_overhead_mb`], 512 threads.
+pub fn vmm_limits(spec: &VmSpec, accel: Accel) -> nestbox_hostsys::cgroup::Limits {
+    nestbox_hostsys::cgroup::Limits {
+        cpu_millis: spec.vcpus.saturating_mul(1000).saturating_add(500),
+        cpu_shares: spec.vcpus.saturating_mul(1024),
+        memory_bytes: (u64::from(spec.memory_mb) + vmm_overhead_mb(accel)) << 20,
+        pids: 512,
+        io_weight: 100,
+    }
 }
 
 impl Default for QemuOptions {
@@ -74,6 +107,7 @@ impl Default for QemuOptions {
             accel: AccelChoice::Auto,
             probe: None,
             state_dir: None,
+            cgroups: None,
         }
     }
 }
@@ -92,6 +126,7 @@ pub struct QemuVmm {
     /// The host CPU's model name (snapshots under KVM record it).
     host_cpu: Option<String>,
     digests: Arc<DigestCache>,
+    cgroups: Option<Cgroups>,
 }
 
 /// The kernel and initramfs a VM booted: their paths and stamps, hashed (through the
@@ -204,7 +239,15 @@ impl QemuVmm {
             tsc_khz,
             host_cpu: host_cpu_model(),
             digests: Arc::new(DigestCache::default()),
+            cgroups: opts.cgroups,
         })
+    }
+
+    /// The control group of VM `id`, if VMMs are confined (not created here).
+    pub(crate) fn cgroup_of(&self, id: &str) -> Option<nestbox_hostsys::cgroup::Group> {
+        self.cgroups
+            .as_ref()
+            .map(|c| c.hierarchy.group(&c.parent.join(id)))
     }
 
     /// The machine `spec` describes on this host.
@@ -256,6 +299,7 @@ impl QemuVmm {
             qmp,
             stopped: false,
             saving: None,
+            cgroup: self.cgroup_of(&spec.id),
             held: None,
             info: self.info.clone(),
             spec,
@@ -281,14 +325,52 @@ impl QemuVmm {
         if let NetworkSpec::Tap { netns, .. } = &spec.network {
             cmd = cmd.netns(netns);
         }
+        // Its control group first: the VMM joins it before it runs anything.
+        let group = match &self.cgroups {
+            Some(c) => Some(
+                c.hierarchy
+                    .create(&c.parent.join(&spec.id), &vmm_limits(spec, self.info.accel))
+                    .map_err(|e| VmmError::Confine {
+                        id: spec.id.clone(),
+                        reason: e.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
+        if let Some(g) = &group {
+            cmd = cmd.join_cgroups(g.procs_files());
+        }
         tracing::debug!(id = %spec.id, argv = %cmd.argv(), "starting qemu");
-        let mut child = cmd
-            .spawn(Some(&paths.stderr_log))
-            .map_err(|source| VmmError::Spawn {
-                id: spec.id.clone(),
-                source,
-            })?;
+        let spawned = cmd.spawn(Some(&paths.stderr_log));
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(source) => {
+                if let Some(g) = &group {
+                    let _ = g.remove();
+                }
+                return Err(VmmError::Spawn {
+                    id: spec.id.clone(),
+                    source,
+                });
+            }
+        };
+        let result = self.connect(spec, paths, &mut child).await;
+        if result.is_err()
+            && let Some(g) = &group
+        {
+            let _ = g.remove();
+        }
+        result.map(|qmp| (child, qmp))
+    }
 
+    /// Connects QMP to a VMM just started. On failure the process is killed and reaped and
+    /// the QMP socket and pid file removed.
+    async fn connect(
+        &self,
+        spec: &VmSpec,
+        paths: &RunPaths,
+        child: &mut Supervised,
+    ) -> Result<QmpClient, VmmError> {
         // Connect QMP, noticing an early exit (bad arguments, missing files) at once.
         let deadline = tokio::time::Instant::now() + QMP_WAIT;
         let stream = loop {
@@ -318,7 +400,7 @@ impl QemuVmm {
             }
         };
         match QmpClient::handshake(stream, QMP_WAIT).await {
-            Ok(q) => Ok((child, q)),
+            Ok(q) => Ok(q),
             Err(source) => {
                 let _ = child.kill().await;
                 remove_run_files(paths, None);
@@ -475,6 +557,8 @@ pub struct QemuVm {
     /// The snapshot directory of a save in progress (recorded: a later process that takes
     /// the VM over undoes it).
     saving: Option<PathBuf>,
+    /// Its control group, removed once the process has exited.
+    cgroup: Option<nestbox_hostsys::cgroup::Group>,
     /// Suspended but kept: the snapshot it was saved into.
     held: Option<Held>,
     info: VmmInfo,
@@ -503,6 +587,15 @@ impl QemuVm {
     /// Where its RAM lives.
     pub fn memory(&self) -> &MemoryBacking {
         &self.memory
+    }
+
+    /// Removes the VM's control group (its process has exited).
+    pub(crate) fn remove_cgroup(&mut self) {
+        if let Some(g) = self.cgroup.take()
+            && let Err(error) = g.remove()
+        {
+            tracing::warn!(id = %self.id, %error, "removing the vm's cgroup");
+        }
     }
 
     /// The RAM file this VM owns and removes when it stops (not a held VM's moved file:
@@ -561,6 +654,7 @@ impl QemuVm {
         };
         self.stopped = true;
         remove_run_files(&self.paths, self.owned_memory());
+        self.remove_cgroup();
         tracing::info!(id = %self.id, %status, forced, "vm stopped");
         Ok(StopReport {
             exit_code: status.code(),

@@ -147,6 +147,7 @@ impl QemuVmm {
             qmp,
             stopped: false,
             saving: None,
+            cgroup: self.cgroup_of(&spec.id),
             held: record.held,
             info: self.info.clone(),
             machine: self.machine_config(&spec),

@@ -646,6 +646,7 @@ impl QemuVm {
         };
         self.stopped = true;
         remove_run_files(&self.paths, None);
+        self.remove_cgroup();
         result.map_err(|source| VmmError::Spawn {
             id: self.id.clone(),
             source,
@@ -827,6 +828,7 @@ impl QemuVmm {
             qmp,
             stopped: false,
             saving: None,
+            cgroup: self.cgroup_of(&spec.id),
             held: None,
             info: self.info.clone(),
             machine: self.machine_config(&spec),
@@ -890,6 +892,9 @@ impl QemuVmm {
                     tracing::error!(%error, "cannot kill a vmm whose restore failed");
                 }
                 remove_run_files(paths, None);
+                if let Some(g) = self.cgroup_of(&spec.id) {
+                    let _ = g.remove();
+                }
                 Err(e)
             }
         }

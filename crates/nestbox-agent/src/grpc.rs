@@ -331,6 +331,16 @@ impl HostAgent for Service {
         Ok(Response::new(SetEgressResponse {}))
     }
 
+    async fn rotate_sandbox_token(
+        &self,
+        req: Request<RotateSandboxTokenRequest>,
+    ) -> Result<Response<RotateSandboxTokenResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        self.manager.rotate_token(id, r.access_token).await?;
+        Ok(Response::new(RotateSandboxTokenResponse {}))
+    }
+
     async fn create_template(
         &self,
         req: Request<CreateTemplateRequest>,

@@ -1,12 +1,13 @@
 //! Isolation with real VMs: sandboxes reach the outside through NAT, but not each other,
-//! not the host's own services, and another team sees none of them; the host agent
-//! answers only the control plane (mutual TLS).
+//! not the host's own services, not over IPv6, and nobody reaches them through the host's
+//! forward path; another team sees none of them; the host agent answers only the control
+//! plane (mutual TLS).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use common::{Internet, Nestbox, footprint, host_primary_ip, sh_ok};
+use common::{Internet, Nestbox, footprint, host_primary_ip, sh, sh_ok};
 use nestbox_client::Client;
 use nestbox_hostsys::net::SlotAddrs;
 use nestbox_types::ErrorCode;
@@ -59,6 +60,60 @@ async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
             .any(|l| l.starts_with("198.51.100.1 ") && l.contains("\"GET / ")),
         "the outside should see the host's address: {}",
         outside.web_log()
+    );
+
+    // The host forwards nothing new to a sandbox: a machine that routes the sandbox
+    // range through the host (here, the outside network) reaches no guest, neither its
+    // guest agent nor anything else.
+    let routed = outside
+        .command("ip")
+        .args(["route", "add", "10.200.0.0/16", "via", "198.51.100.1"])
+        .status()
+        .unwrap();
+    assert!(routed.success());
+    let forward = outside
+        .command("bash")
+        .args([
+            "-c",
+            &format!(
+                "timeout 3 bash -c 'exec 3<>/dev/tcp/{}/49983' 2>/dev/null && echo OPEN || echo CLOSED",
+                addr_a.sandbox_ip
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&forward.stdout).trim(),
+        "CLOSED",
+        "the host forwarded a connection to a guest"
+    );
+
+    // Sandboxes speak IPv4 only: what IPv6 a guest sends (router and neighbour
+    // solicitations, a connection to a link-local address) is dropped at its link.
+    let _ = sh(
+        &client,
+        a,
+        "timeout 3 bash -c 'exec 3<>/dev/tcp/fe80::1%eth0/80' 2>/dev/null; ip -6 route get 2001:db8::1 || true",
+    )
+    .await;
+    let v6 = std::process::Command::new("ip")
+        .args(["netns", "exec", &addr_a.netns])
+        .args(["nft", "list", "table", "ip6", "nestbox"])
+        .output()
+        .unwrap();
+    let v6 = String::from_utf8_lossy(&v6.stdout).into_owned();
+    let dropped: u64 = v6
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(dropped > 0, "no IPv6 from the guest was dropped:\n{v6}");
+    let guest_v6 = sh(&client, a, "ip -6 addr show scope global").await;
+    assert!(
+        guest_v6.stdout.trim().is_empty(),
+        "the guest got a global IPv6 address: {}",
+        guest_v6.stdout
     );
 
     // Not another sandbox (its guest agent port, through its per-slot address).

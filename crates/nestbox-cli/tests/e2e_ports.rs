@@ -339,6 +339,62 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
         assert_eq!(error_code(r).await, ErrorCode::SandboxNotFound);
     }
 
+    // 7b. Rotated tokens: the old ones open nothing any more — neither the guest agent nor
+    // the ports — and the new ones do.
+    let rotated = client.rotate_tokens(id).await.unwrap();
+    let traffic2 = rotated.traffic_access_token.unwrap();
+    let envd2 = rotated.envd_access_token.unwrap();
+    assert!(traffic2 != traffic && envd2 != envd, "new tokens");
+    let file = format!(
+        "{}/v1/sandboxes/{id}/ports/49983/files?path=/etc/hostname",
+        nb.url
+    );
+    let r = http
+        .get(&file)
+        .header("x-access-token", &envd)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the old guest token opens nothing");
+    let r = http
+        .get(&file)
+        .header("x-access-token", &envd2)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "the new one does: {}", r.status());
+    let r = http
+        .get(format!("{}/t", nb.url))
+        .header("host", &host)
+        .header("e2b-traffic-access-token", &traffic)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, ErrorCode::SandboxNotFound);
+    let text = http
+        .get(format!("{}/t2", nb.url))
+        .header("host", &host)
+        .header("e2b-traffic-access-token", &traffic2)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.starts_with("GET /t2 "), "{text}");
+    // The platform's own calls still reach the guest (the host agent holds its new token).
+    let out = client
+        .exec(
+            id,
+            &nestbox_types::api::ExecRequest {
+                command: Some("cat /etc/hostname".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+
     // 8. A paused sandbox answers at once that it is not running; so does a destroyed one.
     client.pause_sandbox(id).await.unwrap();
     let r = http

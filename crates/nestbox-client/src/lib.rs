@@ -431,6 +431,16 @@ impl Client {
         self.delete(&format!("/v1/sandboxes/{id}")).await
     }
 
+    /// `POST /v1/sandboxes/{id}/rotate-tokens`: new guest and traffic tokens; the old ones
+    /// stop working.
+    pub async fn rotate_tokens(&self, id: SandboxId) -> Result<Sandbox, ClientError> {
+        self.post(
+            &format!("/v1/sandboxes/{id}/rotate-tokens"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     /// Pauses a running sandbox: its memory, processes and disk are saved.
     pub async fn pause_sandbox(&self, id: SandboxId) -> Result<Sandbox, ClientError> {
         self.post(&format!("/v1/sandboxes/{id}/pause"), &serde_json::json!({}))

@@ -32,9 +32,16 @@ pub enum SandboxSecret {
     Traffic,
 }
 
-/// A per-sandbox secret derived from the master secret: nothing is stored, a sandbox's
-/// tokens are recomputed when needed and cannot be guessed from its id.
-pub fn sandbox_secret(master_secret: &[u8], purpose: SandboxSecret, id: SandboxId) -> String {
+/// A per-sandbox secret derived from the master secret, the sandbox's id and its token
+/// generation: nothing is stored, a sandbox's tokens are recomputed when needed and cannot
+/// be guessed from its id, and a rotation (the next generation) makes every earlier one
+/// worthless. Generation 0 is the tokens a sandbox is created with.
+pub fn sandbox_secret(
+    master_secret: &[u8],
+    purpose: SandboxSecret,
+    id: SandboxId,
+    generation: u64,
+) -> String {
     let label: &[u8] = match purpose {
         SandboxSecret::Envd => b"nestbox sandbox envd token v1",
         SandboxSecret::Traffic => b"nestbox sandbox traffic token v1",
@@ -44,18 +51,23 @@ pub fn sandbox_secret(master_secret: &[u8], purpose: SandboxSecret, id: SandboxI
     mac.update(label);
     mac.update(&[0]);
     mac.update(id.to_string().as_bytes());
+    if generation > 0 {
+        mac.update(&[0]);
+        mac.update(generation.to_string().as_bytes());
+    }
     hex::encode(mac.finalize().into_bytes())
 }
 
-/// Whether `offered` is `id`'s secret for `purpose` (constant time).
+/// Whether `offered` is `id`'s secret for `purpose` at `generation` (constant time).
 pub fn check_sandbox_secret(
     master_secret: &[u8],
     purpose: SandboxSecret,
     id: SandboxId,
+    generation: u64,
     offered: &str,
 ) -> bool {
     use subtle::ConstantTimeEq as _;
-    let expected = sandbox_secret(master_secret, purpose, id);
+    let expected = sandbox_secret(master_secret, purpose, id, generation);
     bool::from(expected.as_bytes().ct_eq(offered.as_bytes()))
 }
 

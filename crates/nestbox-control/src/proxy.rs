@@ -169,41 +169,6 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
         )
     };
 
-    let mut offered_envd = parts
-        .headers
-        .get(ACCESS_TOKEN_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| check_sandbox_secret(secret, SandboxSecret::Envd, id, t));
-    // A signed file URL (E2B's `download_url`/`upload_url`) stands for the guest token on
-    // that one path and operation; the guest agent then gets the token itself.
-    if target.port == GUEST_AGENT_PORT
-        && !offered_envd
-        && parts.uri.path() == "/files"
-        && let Some(query) = parts.uri.query()
-        && let Some(checked) = file_signature(secret, id, &parts.method, query, now_unix())
-    {
-        checked?;
-        let token = sandbox_secret(secret, SandboxSecret::Envd, id);
-        let value = HeaderValue::try_from(token)
-            .map_err(|e| ApiError::internal(format!("header value: {e}")))?;
-        parts.headers.insert(ACCESS_TOKEN_HEADER, value);
-        offered_envd = true;
-    }
-    let traffic = parts
-        .headers
-        .get(TRAFFIC_TOKEN_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let by_sandbox_token = match (&traffic, target.port == GUEST_AGENT_PORT && offered_envd) {
-        (_, true) => true,
-        (Some(token), false) => {
-            if !check_sandbox_secret(secret, SandboxSecret::Traffic, id, token) {
-                return Err(not_found());
-            }
-            true
-        }
-        (None, false) => false,
-    };
     let row = || async {
         sandboxes::get(&services.db, id).await.map_err(|e| {
             if e.is_not_found() {
@@ -212,6 +177,63 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
                 ApiError::from(e)
             }
         })
+    };
+    let traffic = parts
+        .headers
+        .get(TRAFFIC_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    // Tokens are checked against the sandbox's current generation (a rotation makes
+    // older ones worthless), so the record is read first when one may be offered; an
+    // unknown sandbox matches no token.
+    let early = if traffic.is_some()
+        || target.port == GUEST_AGENT_PORT
+        || parts.headers.contains_key(ACCESS_TOKEN_HEADER)
+    {
+        match row().await {
+            Ok(sb) => Some(sb),
+            Err(e) if e.code == ErrorCode::SandboxNotFound => None,
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    let generation = early.as_ref().map(|sb| sb.token_generation);
+    let mut offered_envd = parts
+        .headers
+        .get(ACCESS_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .zip(generation)
+        .is_some_and(|(t, g)| check_sandbox_secret(secret, SandboxSecret::Envd, id, g, t));
+    // A signed file URL (E2B's `download_url`/`upload_url`) stands for the guest token on
+    // that one path and operation; the guest agent then gets the token itself.
+    if target.port == GUEST_AGENT_PORT
+        && !offered_envd
+        && parts.uri.path() == "/files"
+        && let Some(query) = parts.uri.query()
+        && let Some(generation) = generation
+        && let Some(checked) =
+            file_signature(secret, id, generation, &parts.method, query, now_unix())
+    {
+        checked?;
+        let token = sandbox_secret(secret, SandboxSecret::Envd, id, generation);
+        let value = HeaderValue::try_from(token)
+            .map_err(|e| ApiError::internal(format!("header value: {e}")))?;
+        parts.headers.insert(ACCESS_TOKEN_HEADER, value);
+        offered_envd = true;
+    }
+    let by_sandbox_token = match (&traffic, target.port == GUEST_AGENT_PORT && offered_envd) {
+        (_, true) => true,
+        (Some(token), false) => {
+            let valid = generation.is_some_and(|g| {
+                check_sandbox_secret(secret, SandboxSecret::Traffic, id, g, token)
+            });
+            if !valid {
+                return Err(not_found());
+            }
+            true
+        }
+        (None, false) => false,
     };
     // A session of ours that came along is still ours: it never reaches the sandbox.
     let strip_session = |headers: &mut http::HeaderMap| {
@@ -240,7 +262,10 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
     };
     let sandbox = if by_sandbox_token {
         strip_session(&mut parts.headers);
-        row().await?
+        match early {
+            Some(sb) => sb,
+            None => row().await?,
+        }
     } else if let Some(sandbox) = public {
         // Public ports need no credentials; any of ours that came along stay here.
         strip_session(&mut parts.headers);
@@ -384,6 +409,7 @@ fn now_unix() -> i64 {
 fn file_signature(
     secret: &[u8],
     id: SandboxId,
+    generation: u64,
     method: &http::Method,
     query: &str,
     now: i64,
@@ -419,7 +445,7 @@ fn file_signature(
     } else {
         "write"
     };
-    let token = sandbox_secret(secret, SandboxSecret::Envd, id);
+    let token = sandbox_secret(secret, SandboxSecret::Envd, id, generation);
     let mut raw = format!("{path}:{operation}:{user}:{token}");
     if let Some(exp) = &expiration {
         let Ok(at) = exp.parse::<i64>() else {
@@ -453,7 +479,7 @@ mod tests {
         use sha2::Digest as _;
         let secret = [7u8; 32];
         let id = SandboxId::new();
-        let token = sandbox_secret(&secret, SandboxSecret::Envd, id);
+        let token = sandbox_secret(&secret, SandboxSecret::Envd, id, 0);
         let sign = |raw: String| {
             format!(
                 "v1_{}",
@@ -467,25 +493,25 @@ mod tests {
             percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
         };
         // No signature: not a signed request.
-        assert!(file_signature(&secret, id, &get, "path=/tmp/x", 0).is_none());
+        assert!(file_signature(&secret, id, 0, &get, "path=/tmp/x", 0).is_none());
         let read = sign(format!("/tmp/x:read::{token}"));
         let q = format!("path=%2Ftmp%2Fx&signature={}", enc(&read));
         assert!(matches!(
-            file_signature(&secret, id, &get, &q, 0),
+            file_signature(&secret, id, 0, &get, &q, 0),
             Some(Ok(()))
         ));
         // The same signature does not write, nor read another path or sandbox.
         assert!(matches!(
-            file_signature(&secret, id, &post, &q, 0),
+            file_signature(&secret, id, 0, &post, &q, 0),
             Some(Err(_))
         ));
         let other = format!("path=%2Fetc%2Fshadow&signature={}", enc(&read));
         assert!(matches!(
-            file_signature(&secret, id, &get, &other, 0),
+            file_signature(&secret, id, 0, &get, &other, 0),
             Some(Err(_))
         ));
         assert!(matches!(
-            file_signature(&secret, SandboxId::new(), &get, &q, 0),
+            file_signature(&secret, SandboxId::new(), 0, &get, &q, 0),
             Some(Err(_))
         ));
         // A user and an expiry are signed too; past the expiry it is refused.
@@ -495,17 +521,17 @@ mod tests {
             enc(&write)
         );
         assert!(matches!(
-            file_signature(&secret, id, &post, &q, 999),
+            file_signature(&secret, id, 0, &post, &q, 999),
             Some(Ok(()))
         ));
-        let late = file_signature(&secret, id, &post, &q, 1001);
+        let late = file_signature(&secret, id, 0, &post, &q, 1001);
         assert!(
             matches!(&late, Some(Err(e)) if e.message.contains("expired")),
             "{late:?}"
         );
         let moved = q.replace("signature_expiration=1000", "signature_expiration=9999");
         assert!(matches!(
-            file_signature(&secret, id, &post, &moved, 0),
+            file_signature(&secret, id, 0, &post, &moved, 0),
             Some(Err(_))
         ));
     }

@@ -275,6 +275,11 @@ const MATRIX: &[Row] = &[
     row("POST", "/v1/sandboxes/{sandbox_id}/lifetime", TEAM_RESOURCE),
     row("POST", "/v1/sandboxes/{sandbox_id}/fork", TEAM_RESOURCE),
     row("PUT", "/v1/sandboxes/{sandbox_id}/egress", TEAM_RESOURCE),
+    row(
+        "POST",
+        "/v1/sandboxes/{sandbox_id}/rotate-tokens",
+        TEAM_RESOURCE,
+    ),
     row("PUT", "/sandboxes/{sandboxID}/network", TEAM_RESOURCE),
     // E2B's REST API: the same rules as /v1 (team resources are hidden from other teams).
     row("POST", "/sandboxes/{sandboxID}/fork", TEAM_RESOURCE),
@@ -592,6 +597,13 @@ impl World {
             ("DELETE", "/v1/sandboxes/{sandbox_id}") => {
                 let doomed = self.fresh_sandbox().await?;
                 call(format!("/v1/sandboxes/{}", doomed.id), Body::Empty)
+            }
+            ("POST", "/v1/sandboxes/{sandbox_id}/rotate-tokens") => {
+                let running = self.fresh_sandbox().await?;
+                call(
+                    format!("/v1/sandboxes/{}/rotate-tokens", running.id),
+                    Body::Empty,
+                )
             }
             ("POST", "/v1/sandboxes/{sandbox_id}/pause") => {
                 let running = self.fresh_sandbox().await?;
@@ -972,6 +984,19 @@ async fn host_routes_need_their_own_host_token(engine: Engine) -> anyhow::Result
     }
     let ok = heartbeat(first.host_id, Some(&first.host_token)).await?;
     assert_eq!(ok.status().as_u16(), 204);
+    // A host's own token cannot point the control plane at another machine.
+    let (http, url) = h.raw(&format!("/v1/hosts/{}/heartbeat", first.host_id));
+    let elsewhere = http
+        .post(url)
+        .bearer_auth(&first.host_token)
+        .json(&HeartbeatRequest {
+            sandboxes: 0,
+            version: "1".into(),
+            address: "https://198.51.100.7:7701".into(),
+        })
+        .send()
+        .await?;
+    raw_error(elsewhere, 400, ErrorCode::InvalidRequest).await?;
 
     // The control plane signs its calls for each host with that host's key only.
     assert_ne!(first.host_key, creds.host_key);

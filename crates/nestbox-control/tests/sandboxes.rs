@@ -29,6 +29,7 @@ both_engines!(
     create_with_explicit_values_env_and_metadata,
     list_filters_and_pages,
     destroy_stops_and_is_idempotent,
+    rotating_tokens_replaces_both_and_a_refusal_keeps_the_old,
     exec_collects_output_and_exit_codes,
     exec_streams_events,
     exec_validation,
@@ -967,6 +968,72 @@ async fn errors_name_their_request_and_hide_internals(engine: Engine) -> anyhow:
     assert!(
         !message.contains("/var/lib") && !message.contains("qemu"),
         "{message}"
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn rotating_tokens_replaces_both_and_a_refusal_keeps_the_old(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let sb = h.sandbox().await?;
+    let before = h.key.get_sandbox(sb.id).await?;
+    let (envd0, traffic0) = (before.envd_access_token, before.traffic_access_token);
+    assert!(envd0.is_some() && traffic0.is_some());
+    assert_eq!(
+        h.agent.sandbox(sb.id).unwrap().request.access_token,
+        envd0.clone().unwrap(),
+        "the guest holds the token it was created with"
+    );
+
+    let rotated = h.key.rotate_tokens(sb.id).await?;
+    assert_ne!(rotated.envd_access_token, envd0);
+    assert_ne!(rotated.traffic_access_token, traffic0);
+    assert_eq!(
+        h.agent.sandbox(sb.id).unwrap().request.access_token,
+        rotated.envd_access_token.clone().unwrap(),
+        "the guest was given the new token"
+    );
+    // Every later read shows the new tokens.
+    let again = h.key.get_sandbox(sb.id).await?;
+    assert_eq!(again.envd_access_token, rotated.envd_access_token);
+    assert_eq!(again.traffic_access_token, rotated.traffic_access_token);
+
+    // A host that refuses leaves the tokens as they were.
+    h.agent.fail_next(
+        SimOp::RotateToken,
+        ErrorCode::Internal,
+        "the guest did not answer",
+    );
+    api_error(h.key.rotate_tokens(sb.id).await, 502, ErrorCode::AgentError);
+    let kept = h.key.get_sandbox(sb.id).await?;
+    assert_eq!(kept.envd_access_token, rotated.envd_access_token);
+    assert_eq!(kept.traffic_access_token, rotated.traffic_access_token);
+
+    // Only a running sandbox is rotated.
+    h.key.pause_sandbox(sb.id).await?;
+    api_error(
+        h.key.rotate_tokens(sb.id).await,
+        409,
+        ErrorCode::SandboxNotRunning,
+    );
+    api_error(
+        h.key.rotate_tokens(SandboxId::new()).await,
+        404,
+        ErrorCode::SandboxNotFound,
+    );
+    let log = h.admin.client.audit_logs(&Default::default()).await?;
+    let audited: Vec<&str> = log
+        .items
+        .iter()
+        .filter(|a| a.action == "sandbox.rotate_tokens")
+        .map(|a| a.status.as_str())
+        .collect();
+    assert_eq!(
+        audited.len(),
+        2,
+        "the rotation and the refusal: {audited:?}"
     );
     h.shutdown().await;
     Ok(())

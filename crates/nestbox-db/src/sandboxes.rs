@@ -61,6 +61,8 @@ pub struct Sandbox {
     pub public_traffic: bool,
     /// A request to one of its ports resumes it when it is paused.
     pub auto_resume: bool,
+    /// The generation its guest and traffic tokens derive from (bumped by a rotation).
+    pub token_generation: u64,
 }
 
 /// What [`insert`] needs. The sandbox starts `pending`.
@@ -106,7 +108,7 @@ const COLUMNS: &str = "s.id, s.team_id, s.host_id, s.template_id, s.template_nam
                        s.error, s.vcpus, s.memory_mb, s.disk_size_mb, s.timeout_sec, s.env, \
                        s.created_by, s.created_at, s.started_at, s.stopped_at, s.last_active_at, \
                        s.updated_at, s.expires_at, s.lifetime_sec, s.on_expiry, s.egress, \
-                       s.public_traffic, s.auto_resume";
+                       s.public_traffic, s.auto_resume, s.token_generation";
 
 fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
     let env = r.json("env")?;
@@ -141,6 +143,8 @@ fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
         egress,
         public_traffic: r.bool("public_traffic")?,
         auto_resume: r.bool("auto_resume")?,
+        token_generation: u64::try_from(r.i64("token_generation")?)
+            .map_err(|_| DbError::corrupt("token_generation", "negative"))?,
     })
 }
 
@@ -577,6 +581,35 @@ async fn change_egress(
         .await?;
     tx.commit().await?;
     Ok(Some(change))
+}
+
+/// Moves a sandbox's tokens to the next generation (a rotation) if they are still at
+/// `from`; returns the new generation, `None` when the sandbox does not exist or another
+/// rotation came first.
+pub async fn rotate_tokens(db: &Db, id: SandboxId, from: u64) -> Result<Option<u64>, DbError> {
+    let from =
+        i64::try_from(from).map_err(|_| DbError::corrupt("token_generation", "too large"))?;
+    let n = db
+        .execute(
+            "UPDATE sandboxes SET token_generation = $3, updated_at = $4 \
+             WHERE id = $1 AND token_generation = $2",
+            args![id, from, from + 1, now()],
+        )
+        .await?;
+    Ok((n == 1).then(|| u64::try_from(from + 1).unwrap_or(u64::MAX)))
+}
+
+/// Undoes a rotation to `to` (its host refused it), if no later one was made.
+pub async fn unrotate_tokens(db: &Db, id: SandboxId, to: u64) -> Result<bool, DbError> {
+    let to = i64::try_from(to).map_err(|_| DbError::corrupt("token_generation", "too large"))?;
+    let n = db
+        .execute(
+            "UPDATE sandboxes SET token_generation = $3, updated_at = $4 \
+             WHERE id = $1 AND token_generation = $2",
+            args![id, to, to - 1, now()],
+        )
+        .await?;
+    Ok(n == 1)
 }
 
 /// Records new egress rules under the next version; `None` when the sandbox does not

@@ -373,6 +373,15 @@ impl HostFirewall {
             "    type filter hook forward priority filter - 5; policy accept;"
         );
         let _ = writeln!(r, "    iifname \"{PREFIX}h*\" oifname \"{PREFIX}h*\" drop");
+        // Nothing from elsewhere is forwarded to a sandbox but replies: the host reaches
+        // its sandboxes only from itself (the agent's proxy), never on anyone's behalf.
+        let _ = writeln!(
+            r,
+            "    oifname \"{PREFIX}h*\" ct state established,related accept"
+        );
+        let _ = writeln!(r, "    oifname \"{PREFIX}h*\" drop");
+        // Sandboxes speak IPv4 only.
+        let _ = writeln!(r, "    iifname \"{PREFIX}h*\" meta nfproto ipv6 drop");
         // Only sandbox addresses come from sandbox links (spoofed sources never leave).
         let _ = writeln!(
             r,
@@ -485,7 +494,8 @@ impl SandboxNet {
     /// The `dns` chain is empty unless the rules name domains; then every DNS query the
     /// guest sends, whatever its destination, goes to the pinning resolver listening on
     /// the gateway address. Packets from the guest with another source address than its
-    /// own are dropped before anything else sees them.
+    /// own are dropped before anything else sees them, and IPv6 (sandboxes speak IPv4
+    /// only) is dropped on both of the namespace's links, counted.
     pub fn ns_ruleset(addrs: &SlotAddrs) -> String {
         let g = &addrs.ns_if;
         let sip = addrs.sandbox_ip;
@@ -527,6 +537,12 @@ impl SandboxNet {
     iifname \"lo\" accept
     ct state established,related accept
     iifname \"{TAP_NAME}\" ip daddr {GUEST_GATEWAY} meta l4proto {{ tcp, udp }} th dport 53 accept
+  }}
+}}
+table ip6 {NS_TABLE} {{
+  chain pre {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname {{ \"{TAP_NAME}\", \"{g}\" }} counter drop
   }}
 }}
 "
@@ -785,6 +801,13 @@ mod tests {
     }
 
     #[test]
+    fn namespaces_drop_ipv6_on_both_links() {
+        let r = SandboxNet::ns_ruleset(&SlotAddrs::new(7));
+        assert!(r.contains("table ip6 nestbox"));
+        assert!(r.contains("iifname { \"tap0\", \"nbxg7\" } counter drop"));
+    }
+
+    #[test]
     fn host_ruleset_isolates() {
         let fw = HostFirewall::new("t1");
         let policy = EgressPolicy {
@@ -794,6 +817,12 @@ mod tests {
         let r = fw.ruleset(&policy);
         assert!(r.contains("table inet nestbox_t1"));
         assert!(r.contains("iifname \"nbxh*\" oifname \"nbxh*\" drop"));
+        // Only replies are forwarded to sandboxes; no IPv6 leaves them.
+        let established = r
+            .find("oifname \"nbxh*\" ct state established,related accept")
+            .unwrap();
+        assert!(r.find("\n    oifname \"nbxh*\" drop").unwrap() > established);
+        assert!(r.contains("iifname \"nbxh*\" meta nfproto ipv6 drop"));
         assert!(r.contains("10.0.0.0/8"));
         assert!(r.contains("10.255.255.53"));
         let open = fw.ruleset(&EgressPolicy {

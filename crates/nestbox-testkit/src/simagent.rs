@@ -198,6 +198,8 @@ pub enum SimOp {
     PingSandbox,
     /// `SetEgress`.
     SetEgress,
+    /// `RotateSandboxToken`.
+    RotateToken,
     /// `CreateTemplate`.
     CreateTemplate,
     /// `DeleteTemplate`.
@@ -1673,6 +1675,22 @@ impl HostAgent for Service {
                 }
             }
             Ok(Response::new(pb::SetEgressResponse {}))
+        })
+    }
+
+    async fn rotate_sandbox_token(
+        &self,
+        request: Request<pb::RotateSandboxTokenRequest>,
+    ) -> Result<Response<pb::RotateSandboxTokenResponse>, Status> {
+        self.shared.enter(SimOp::RotateToken).await?;
+        let req = request.into_inner();
+        if req.access_token.len() < 16 {
+            return Err(invalid("access_token must be at least 16 characters"));
+        }
+        // As the real agent: only a running guest takes a new token.
+        self.with_running(&req.sandbox_id, |sb| {
+            sb.request.access_token = req.access_token;
+            Ok(Response::new(pb::RotateSandboxTokenResponse {}))
         })
     }
 

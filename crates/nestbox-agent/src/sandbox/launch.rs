@@ -139,6 +139,7 @@ impl Manager {
             dir_alias: None,
             egress: p.egress.clone(),
             egress_version: 0,
+            rotating_to: None,
         };
         let origin = match p.template_id {
             Some(tpl) => {

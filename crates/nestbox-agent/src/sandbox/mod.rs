@@ -210,6 +210,11 @@ pub(crate) enum Command {
         kind: Kind,
         reply: oneshot::Sender<Result<StoredTemplate, AgentError>>,
     },
+    /// Give the guest agent a new access token.
+    RotateToken {
+        token: String,
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
     /// Leave the VM running, untouched, for the next run of the agent to take back (an
     /// upgrade restart); the task ends.
     Detach {
@@ -800,7 +805,7 @@ impl Manager {
             None
         } else {
             match self.guest_client(id, &live.net, &st.access_token) {
-                Ok(g) => Some(g),
+                Ok(g) => Some(self.settle_rotation(&mut st, &live, g).await),
                 Err(e) => {
                     tracing::error!(sandbox = %id, error = %e.public_message(), "taking back a sandbox: its guest client");
                     self.release(&mut st, Some(live), &dir, true).await;
@@ -829,6 +834,42 @@ impl Manager {
         tokio::spawn(task.run(rx));
         self.register(handle);
         tracing::info!(sandbox = %id, held, "took back a sandbox left running by an earlier run");
+    }
+
+    /// After a crash in the middle of a token rotation: the guest agent holds either the
+    /// old token or the new one; ask it (an authenticated call), and keep the one it
+    /// holds. Returns the client with that token.
+    async fn settle_rotation(
+        &self,
+        st: &mut state::StateFile,
+        live: &launch::Live,
+        guest: EnvdClient,
+    ) -> EnvdClient {
+        let Some(next) = st.rotating_to.take() else {
+            return guest;
+        };
+        let id = st.sandbox_id;
+        let refused = matches!(
+            guest.with_timeout(Duration::from_secs(10)).envs().await,
+            Err(e) if e.is_unauthenticated()
+        );
+        let guest = if refused {
+            match self.guest_client(id, &live.net, &next) {
+                Ok(g) => {
+                    tracing::warn!(sandbox = %id, "a token rotation had reached the guest before a restart; keeping it");
+                    st.access_token = next;
+                    g
+                }
+                Err(_) => guest,
+            }
+        } else {
+            guest
+        };
+        let dir = sandbox_dir(&self.inner.cfg.data_dir, id);
+        if let Err(e) = state::write(&dir, st) {
+            tracing::warn!(sandbox = %id, error = %e.public_message(), "recording a settled token rotation");
+        }
+        guest
     }
 
     /// Destroys a sandbox: stops its VM (if any) and releases everything. Errors of the
@@ -868,6 +909,19 @@ impl Manager {
                 version,
                 reply,
             })
+            .await
+    }
+
+    /// Gives a running sandbox's guest agent a new access token; from then on it accepts
+    /// only that one.
+    pub async fn rotate_token(&self, id: SandboxId, token: String) -> Result<(), AgentError> {
+        if token.len() < 16 {
+            return Err(AgentError::Invalid(
+                "access_token must be at least 16 characters".into(),
+            ));
+        }
+        self.get(id)?
+            .request(|reply| Command::RotateToken { token, reply })
             .await
     }
 

@@ -372,6 +372,10 @@ impl Manager {
         st.timeout_sec = p.timeout_sec;
         st.pooled = false;
         st.pool_template = None;
+        // Starting until its guest holds the sandbox's token: a crash before that is an
+        // interrupted create (rolled back), never a running sandbox whose guest refuses
+        // the token on record.
+        st.phase = Phase::Starting;
         let taken = async {
             // The tenant's egress rules hold before the sandbox is theirs.
             let egress = super::egress::parse(id, &p.egress)?;

@@ -126,6 +126,10 @@ pub struct StateFile {
     /// The version of the last egress change taken (0: the rules it was created with).
     #[serde(default)]
     pub egress_version: u64,
+    /// A token rotation in progress: the guest agent may hold this token already (a crash
+    /// before the rotation was recorded); the next start finds out which one it holds.
+    #[serde(default)]
+    pub rotating_to: Option<String>,
 }
 
 impl std::fmt::Debug for StateFile {

@@ -183,6 +183,9 @@ impl SandboxTask {
                         Command::SetEgress { rules, version, reply } => {
                             let _ = reply.send(self.set_egress(rules, version).await);
                         }
+                        Command::RotateToken { token, reply } => {
+                            let _ = reply.send(self.rotate_token(token).await);
+                        }
                         Command::Detach { reply } => {
                             self.detach().await;
                             let _ = reply.send(Ok(()));
@@ -251,6 +254,43 @@ impl SandboxTask {
                 }
             }
         }
+    }
+
+    /// Gives the running guest agent a new token (presenting the one it holds), then
+    /// records it and talks to the guest with it from then on.
+    async fn rotate_token(&mut self, token: String) -> Result<(), AgentError> {
+        let id = self.st.sandbox_id;
+        let state = self.handle.state();
+        let Some(live) = self.live.as_mut().filter(|_| state == State::Running) else {
+            return Err(AgentError::WrongState {
+                id,
+                state: state.as_str(),
+            });
+        };
+        let guest = self.manager.guest_client(id, &live.net, &token)?;
+        let init = Init {
+            present: Some(self.st.access_token.clone()),
+            token: token.clone(),
+            env: None,
+            hostname: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let console = self.dir.join("console.log");
+        // Recorded first: a crash from here on leaves the guest holding either token, and
+        // the next start asks it which.
+        self.st.rotating_to = Some(token.clone());
+        state::write(&self.dir, &self.st)?;
+        let sent = send_init(&guest, init, live.vm.as_mut(), id, deadline, &console).await;
+        self.st.rotating_to = None;
+        if let Err(e) = sent {
+            let _ = state::write(&self.dir, &self.st);
+            return Err(e);
+        }
+        self.st.access_token = token;
+        state::write(&self.dir, &self.st)?;
+        self.handle.set(|s| s.guest = Some(guest));
+        tracing::info!(sandbox = %id, "guest agent token rotated");
+        Ok(())
     }
 
     /// Lets go of the sandbox without touching it (see [`Manager::detach_all`]): a copy of

@@ -301,6 +301,14 @@ pub enum SandboxCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Give running sandboxes new guest and traffic tokens; the old ones stop working.
+    RotateTokens {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// Resume paused sandboxes where they were.
     Resume {
         #[command(flatten)]
@@ -593,6 +601,16 @@ pub async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("pausing {id}"))?;
                 println!("paused {id}");
+            }
+            Ok(())
+        }
+        SandboxCommand::RotateTokens { conn, ids } => {
+            let c = client(&conn)?;
+            for id in ids {
+                c.rotate_tokens(parse_id(&id)?)
+                    .await
+                    .with_context(|| format!("rotating the tokens of {id}"))?;
+                println!("rotated the tokens of {id}");
             }
             Ok(())
         }

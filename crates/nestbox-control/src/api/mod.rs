@@ -109,6 +109,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::ping_sandbox))
         .routes(routes!(sandboxes::set_lifetime))
         .routes(routes!(sandboxes::set_egress))
+        .routes(routes!(sandboxes::rotate_tokens))
         .routes(routes!(sandboxes::fork_sandbox))
         .routes(routes!(
             snapshots::create_snapshot,

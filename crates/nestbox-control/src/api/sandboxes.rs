@@ -160,6 +160,23 @@ pub async fn fork_sandbox(
     Ok((StatusCode::CREATED, axum::Json(ForkResult { items })))
 }
 
+/// Gives a running sandbox new access tokens (`envd_access_token` for its guest agent,
+/// `traffic_access_token` for its ports): the old ones stop working at once — for
+/// instance after a member who fetched them left the team. Returns the sandbox with the
+/// new tokens.
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/rotate-tokens", tag = "sandboxes", security(("api_key" = []), ("session" = [])),
+    params(("sandbox_id" = SandboxId, Path)),
+    responses((status = 200, description = "the sandbox with its new tokens", body = Sandbox), (status = 404, body = ErrorBody),
+              (status = 409, description = "not running (`sandbox_not_running`), or rotated concurrently (`conflict`)", body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+pub async fn rotate_tokens(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+) -> ApiResult<axum::Json<Sandbox>> {
+    s.services.rotate_tokens(&caller, id).await.map(axum::Json)
+}
+
 /// Replaces a running or paused sandbox's egress rules (a paused one gets them on
 /// resume). New connections follow the new rules at once; established ones carry on.
 #[utoipa::path(put, path = "/v1/sandboxes/{sandbox_id}/egress", tag = "sandboxes", security(("api_key" = []), ("session" = [])),

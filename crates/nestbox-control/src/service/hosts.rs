@@ -53,6 +53,37 @@ fn validate_address(address: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The host part of an `http(s)://` URL, lowercased (`[::1]`, `10.0.0.5`, `agent.example`).
+fn url_host(address: &str) -> Option<String> {
+    let rest = address.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if authority.starts_with('[') {
+        authority.split_inclusive(']').next()?
+    } else {
+        authority.split(':').next()?
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// A heartbeat may move its agent to another port (a restart), never to another host,
+/// and never from `https` back to plain `http`: a stolen host token cannot point the
+/// control plane at an address of the thief's choosing or strip its TLS.
+fn same_host(current: &str, proposed: &str) -> Result<(), ApiError> {
+    if current.starts_with("https://") && !proposed.starts_with("https://") {
+        return Err(ApiError::invalid(
+            "address must stay https: the host's agent serves TLS",
+        ));
+    }
+    if url_host(current) != url_host(proposed) {
+        return Err(ApiError::invalid(format!(
+            "address must name the host that registered ({})",
+            url_host(current).unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
 impl Services {
     /// Creates a pending host and its registration token. Platform admins only.
     pub async fn create_host(&self, caller: &Caller, name: &str) -> ApiResult<CreatedHost> {
@@ -157,6 +188,9 @@ impl Services {
             ));
         }
         validate_address(&req.address)?;
+        if let Some(current) = &found.address {
+            same_host(current, &req.address)?;
+        }
         if req.version.is_empty() || req.version.len() > 64 {
             return Err(ApiError::invalid("version must be 1–64 characters"));
         }
@@ -289,5 +323,32 @@ mod tests {
         assert!(validate_address("127.0.0.1:5000").is_err());
         assert!(validate_address("http://").is_err());
         assert!(validate_address("http://a b").is_err());
+    }
+
+    #[test]
+    fn hosts_are_read_from_urls() {
+        assert_eq!(
+            url_host("https://10.0.0.5:7701").as_deref(),
+            Some("10.0.0.5")
+        );
+        assert_eq!(url_host("https://[::1]:7701/x").as_deref(), Some("[::1]"));
+        assert_eq!(
+            url_host("http://Agent.Example/").as_deref(),
+            Some("agent.example")
+        );
+        assert_eq!(
+            url_host("https://evil@10.0.0.5:1").as_deref(),
+            Some("10.0.0.5")
+        );
+        assert_eq!(url_host("nonsense"), None);
+    }
+
+    #[test]
+    fn heartbeats_move_ports_not_hosts_nor_down_to_http() {
+        assert!(same_host("https://10.0.0.5:7701", "https://10.0.0.5:7702").is_ok());
+        assert!(same_host("http://10.0.0.5:7701", "https://10.0.0.5:7701").is_ok());
+        assert!(same_host("https://10.0.0.5:7701", "http://10.0.0.5:7701").is_err());
+        assert!(same_host("https://10.0.0.5:7701", "https://10.0.0.6:7701").is_err());
+        assert!(same_host("https://10.0.0.5:7701", "https://10.0.0.5.evil.example:1").is_err());
     }
 }

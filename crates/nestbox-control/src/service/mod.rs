@@ -17,6 +17,7 @@ pub mod processes;
 pub mod sandboxes;
 pub mod teams;
 pub mod templates;
+pub mod tokens;
 pub mod users;
 
 use nestbox_db::{ActorType, AuditStatus, audit};

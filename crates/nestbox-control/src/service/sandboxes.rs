@@ -301,11 +301,23 @@ impl Services {
 
     /// The caller's team's sandbox, with its access tokens.
     pub async fn get_sandbox(&self, caller: &Caller, id: SandboxId) -> ApiResult<api::Sandbox> {
-        let mut view = sandbox_view(&self.sandbox_row(caller, id).await?);
+        let sb = self.sandbox_row(caller, id).await?;
+        Ok(self.with_tokens(&sb))
+    }
+
+    /// A sandbox's view with its current access tokens.
+    pub(crate) fn with_tokens(&self, sb: &sandboxes::Sandbox) -> api::Sandbox {
+        let mut view = sandbox_view(sb);
         let secret = &self.cfg.master_secret;
-        view.traffic_access_token = Some(sandbox_secret(secret, SandboxSecret::Traffic, id));
-        view.envd_access_token = Some(sandbox_secret(secret, SandboxSecret::Envd, id));
-        Ok(view)
+        let (id, generation) = (sb.id, sb.token_generation);
+        view.traffic_access_token = Some(sandbox_secret(
+            secret,
+            SandboxSecret::Traffic,
+            id,
+            generation,
+        ));
+        view.envd_access_token = Some(sandbox_secret(secret, SandboxSecret::Envd, id, generation));
+        view
     }
 
     pub(crate) async fn sandbox_row(
@@ -554,7 +566,12 @@ impl Services {
         )
         .await?;
 
-        let access_token = sandbox_secret(&self.cfg.master_secret, SandboxSecret::Envd, id);
+        let access_token = sandbox_secret(
+            &self.cfg.master_secret,
+            SandboxSecret::Envd,
+            id,
+            sb.token_generation,
+        );
         let request = PbCreate {
             sandbox_id: id.to_string(),
             team_id: caller.team.to_string(),

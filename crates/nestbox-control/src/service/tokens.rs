@@ -1,0 +1,85 @@
+//! Rotating a sandbox's tokens (`POST /v1/sandboxes/{id}/rotate-tokens`).
+//!
+//! A sandbox's guest token (`envd_access_token`, which its guest agent requires) and
+//! traffic token (which opens its ports through the proxy) derive from the master secret,
+//! its id and its *token generation* ([`crate::auth::sandbox_secret`]). A rotation takes
+//! the next generation: recorded first (from then on the proxy accepts only the new
+//! tokens), then the sandbox's guest agent is given the new guest token (presenting the
+//! one it holds), after which it refuses the old one too. If its host refuses, the
+//! generation is put back. Only a running sandbox can be rotated (its guest agent must
+//! answer); a member's removal or an API key's deletion is the moment to do it.
+
+use nestbox_db::sandboxes;
+use nestbox_proto::hostagent::RotateSandboxTokenRequest;
+use nestbox_types::{ErrorCode, SandboxId, SandboxStatus, api};
+
+use super::{AuditActor, AuditEntry, detached, write_audit};
+use crate::auth::{SandboxSecret, sandbox_secret};
+use crate::error::{ApiError, ApiResult, from_agent};
+use crate::extract::Caller;
+use crate::state::Services;
+
+impl Services {
+    /// Gives a running sandbox new guest and traffic tokens; the old ones stop working.
+    /// Returns the sandbox with its new tokens.
+    pub async fn rotate_tokens(&self, caller: &Caller, id: SandboxId) -> ApiResult<api::Sandbox> {
+        let sb = self.sandbox_row(caller, id).await?;
+        if sb.status != SandboxStatus::Running {
+            return Err(ApiError::new(
+                ErrorCode::SandboxNotRunning,
+                format!(
+                    "sandbox {id} is {}; tokens are rotated while it runs (resume it first)",
+                    sb.status
+                ),
+            ));
+        }
+        let (host, mut client) = self.agent_for(sb.host_id).await?;
+        let db = self.db.clone();
+        let secret = self.cfg.master_secret.clone();
+        let who = *caller;
+        let from = sb.token_generation;
+        detached(async move {
+            let outcome = match sandboxes::rotate_tokens(&db, id, from).await {
+                Err(e) => Err(ApiError::from(e)),
+                Ok(None) => Err(ApiError::conflict(format!(
+                    "sandbox {id}'s tokens were rotated meanwhile"
+                ))),
+                Ok(Some(next)) => {
+                    let request = RotateSandboxTokenRequest {
+                        sandbox_id: id.to_string(),
+                        access_token: sandbox_secret(&secret, SandboxSecret::Envd, id, next),
+                    };
+                    match client.rotate_sandbox_token(request).await {
+                        Ok(_) => Ok(next),
+                        Err(status) => {
+                            if let Err(e) = sandboxes::unrotate_tokens(&db, id, next).await {
+                                tracing::error!(sandbox = %id, error = %e, "undoing a refused token rotation");
+                            }
+                            Err(from_agent(&status))
+                        }
+                    }
+                }
+            };
+            write_audit(
+                &db,
+                AuditEntry {
+                    actor: AuditActor::Caller(who),
+                    team: Some(who.team),
+                    action: "sandbox.rotate_tokens",
+                    resource_type: "sandbox",
+                    resource_id: Some(id.to_string()),
+                    ok: outcome.is_ok(),
+                    details: serde_json::json!({
+                        "host": host.to_string(),
+                        "generation": outcome.as_ref().ok(),
+                        "error": outcome.as_ref().err().map(|e| e.message.clone()),
+                    }),
+                },
+            )
+            .await;
+            outcome.map(drop)
+        })
+        .await?;
+        self.get_sandbox(caller, id).await
+    }
+}

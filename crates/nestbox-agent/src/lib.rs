@@ -502,6 +502,7 @@ async fn vmm_for(
         probe,
         state_dir: Some(PathBuf::from("/run/nestbox")),
         cgroups,
+        seccomp: true,
     })
     .await
     .map_err(|e| step("starting the QEMU driver")(Box::new(e)))?;

@@ -9,7 +9,9 @@
 //! clean stop leaves nothing of the instance on the host.
 //!
 //! `NESTBOX_CRASH_ROUNDS` sets the number of rounds (default 100), `NESTBOX_CRASH_SEED`
-//! the random seed (printed, for replaying a failure).
+//! the random seed (printed, for replaying a failure). The probe is bounded in time:
+//! no round starts after `NESTBOX_CRASH_BUDGET_SECS` (default 600), and at least 20
+//! rounds must have run by then.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -186,7 +188,15 @@ async fn kill_9_at_random_points_loses_no_running_sandbox_and_leaks_nothing() {
         stable.push((id, i, footprint(&nb, id).vmm_pid));
     }
     let mut mine: Vec<SandboxId> = Vec::new();
+    let budget = Duration::from_secs(env_u64("NESTBOX_CRASH_BUDGET_SECS").unwrap_or(600));
+    let started = std::time::Instant::now();
+    let mut done = 0;
     for round in 0..rounds {
+        if started.elapsed() > budget {
+            eprintln!("time budget spent after {done} rounds");
+            break;
+        }
+        done += 1;
         let client = nb.client();
         // The workload runs until the kill, which comes at a random moment of it.
         let kill_after = Duration::from_millis(rng.below(4000));
@@ -236,6 +246,11 @@ async fn kill_9_at_random_points_loses_no_running_sandbox_and_leaks_nothing() {
             listed.values().collect::<Vec<_>>()
         );
     }
+
+    assert!(
+        done >= rounds.min(20),
+        "only {done} rounds ran within {budget:?}"
+    );
 
     // Creates the crashes interrupted are settled (twice the create timeout), never left
     // starting; sandboxes that ran keep running.

@@ -10,11 +10,85 @@
 //! Invariants: a base file at its final path is complete (built under a temporary name and
 //! renamed); bases are never written once in use (overlays only read them); an overlay's
 //! virtual size equals its base's size, so the guest's filesystem fills its disk.
+//!
+//! Filesystem images may come from guests (a team's image template is a sandbox's disk),
+//! so the tools that parse them (`e2fsck`, `resize2fs`, `dumpe2fs`) never run as root:
+//! each runs confined ([`Cmd::confined`]: as `nobody`, no capabilities, no new
+//! privileges, no network, empty scratch directories) on the one image it is handed as a
+//! descriptor, which belongs to `nobody` only while a tool writes it.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::process::{Cmd, ProcessError};
+use crate::process::{Cmd, Output, ProcessError};
+
+/// The user filesystem tools run as (`nobody`).
+const TOOL_USER: u32 = 65534;
+
+/// Runs `tool args… /proc/self/fd/3` confined on the image at `path` (see the module
+/// docs); with `write`, the image belongs to the tool's user while it runs, and to its
+/// owner again after, whatever the outcome. Returns the output whatever the exit status.
+async fn confined_tool(
+    tool: &str,
+    args: &[&str],
+    path: &Path,
+    write: bool,
+) -> Result<Output, DiskError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if write {
+        std::os::unix::fs::chown(path, Some(TOOL_USER), Some(TOOL_USER)).map_err(io_err(path))?;
+    }
+    let result = async {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(io_err(path))?;
+        Cmd::new(tool)
+            .args(args.iter().copied())
+            .arg("/proc/self/fd/3")
+            .confined(TOOL_USER, TOOL_USER, Some(OwnedFd::from(file)))
+            .output()
+            .await
+            .map_err(|source| DiskError::Command {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+    .await;
+    if write {
+        std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid())).map_err(io_err(path))?;
+    }
+    result
+}
+
+/// [`confined_tool`], a non-zero exit being [`ProcessError::Failed`] (unless listed in
+/// `ok`).
+async fn confined_run(
+    tool: &str,
+    args: &[&str],
+    path: &Path,
+    write: bool,
+    ok: &[i32],
+) -> Result<Output, DiskError> {
+    let out = confined_tool(tool, args, path, write).await?;
+    if out.status.code().is_some_and(|c| ok.contains(&c)) {
+        return Ok(out);
+    }
+    Err(DiskError::Command {
+        path: path.to_path_buf(),
+        source: ProcessError::Failed {
+            argv: format!("{tool} {} {}", args.join(" "), path.display()),
+            status: crate::process::Exit::Status(out.status),
+            stderr: crate::process::tail(if out.stderr.is_empty() {
+                &out.stdout
+            } else {
+                &out.stderr
+            }),
+        },
+    })
+}
 
 /// A disk operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -171,10 +245,6 @@ impl BaseImages {
 /// Grows the ext4 filesystem image at `path` to `size_mb` (sparse: no blocks are written
 /// for the new space). Shrinking is refused by resize2fs.
 pub async fn expand_ext4(path: &Path, size_mb: u64) -> Result<(), DiskError> {
-    let wrap = |source| DiskError::Command {
-        path: path.to_path_buf(),
-        source,
-    };
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -183,12 +253,7 @@ pub async fn expand_ext4(path: &Path, size_mb: u64) -> Result<(), DiskError> {
     drop(file);
     // Template images are checked when they are built and never mounted on the host, so
     // the "run e2fsck first" safety check of resize2fs is skipped with -f.
-    Cmd::new("resize2fs")
-        .arg("-f")
-        .arg(path)
-        .run()
-        .await
-        .map_err(wrap)?;
+    confined_run("resize2fs", &["-f"], path, true, &[0]).await?;
     Ok(())
 }
 
@@ -247,39 +312,10 @@ pub async fn sparse_copy(from: &Path, to: &Path) -> Result<(), DiskError> {
 /// Shrinks the ext4 image at `path` to its smallest size (checked first, then
 /// `resize2fs -M`, then truncated to the filesystem). Returns the new size in bytes.
 pub async fn shrink_ext4(path: &Path) -> Result<u64, DiskError> {
-    let wrap = |source| DiskError::Command {
-        path: path.to_path_buf(),
-        source,
-    };
     // e2fsck exits 1 when it fixed something (a crash-consistent copy replays its journal).
-    let check = Cmd::new("e2fsck")
-        .args(["-fy"])
-        .arg(path)
-        .output()
-        .await
-        .map_err(wrap)?;
-    if !matches!(check.status.code(), Some(0 | 1)) {
-        return Err(DiskError::Command {
-            path: path.to_path_buf(),
-            source: ProcessError::Failed {
-                argv: format!("e2fsck -fy {}", path.display()),
-                status: crate::process::Exit::Status(check.status),
-                stderr: crate::process::tail(&check.stdout),
-            },
-        });
-    }
-    Cmd::new("resize2fs")
-        .args(["-f", "-M"])
-        .arg(path)
-        .run()
-        .await
-        .map_err(wrap)?;
-    let out = Cmd::new("dumpe2fs")
-        .arg("-h")
-        .arg(path)
-        .run()
-        .await
-        .map_err(wrap)?;
+    confined_run("e2fsck", &["-fy"], path, true, &[0, 1]).await?;
+    confined_run("resize2fs", &["-f", "-M"], path, true, &[0]).await?;
+    let out = confined_run("dumpe2fs", &["-h"], path, false, &[0]).await?;
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |name: &str| {
         text.lines()

@@ -12,7 +12,9 @@
 //! - many create/destroy cycles, then a check that nothing is left on the host;
 //! - the platform's own CPU use (control plane + host agent, this process) over a window
 //!   with N idle sandboxes, next to the same window with none: what the per-sandbox work
-//!   that never stops (the metrics sampler, the sandbox tasks' ticks) costs.
+//!   that never stops (the metrics sampler, the sandbox tasks' ticks) costs;
+//! - VMM confinement (seccomp filter + control group) against none: boot, guest agent
+//!   round trip, pause and resume (`--only-confinement`).
 //!
 //! Numbers are printed, never asserted: speed is measured, not tested.
 
@@ -59,6 +61,10 @@ pub struct BenchArgs {
     /// Runs only the fork measurement.
     #[arg(long)]
     pub only_fork: bool,
+    /// Runs only the confinement measurement (VMMs with and without their seccomp filter
+    /// and control group).
+    #[arg(long)]
+    pub only_confinement: bool,
     /// A Python with E2B's SDK (`pip install e2b`) for the SDK-vs-REST comparison;
     /// without one that comparison is skipped.
     #[arg(long, env = "NESTBOX_BENCH_PYTHON")]
@@ -110,6 +116,133 @@ fn row(name: &str, s: &Stats, unit: &str) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// VMM confinement (QEMU's seccomp filter and a control group with the sandbox's limits)
+/// against none, at the VMM, interleaved run by run: boot to a ready guest agent, the
+/// guest agent's round trip, a pause (suspend into a snapshot) and a resume (restore).
+async fn confinement(
+    args: &BenchArgs,
+    base: &Path,
+    kernel: &nestbox_image::KernelImage,
+    scratch: &Path,
+) -> anyhow::Result<()> {
+    use nestbox_vmm::Vmm as _;
+    use nestbox_vmm::qemu::{Cgroups, QemuOptions, QemuVmm};
+    let pid = std::process::id();
+    let probe = Some(nestbox_vmm::qemu::ProbeImages {
+        kernel: kernel.kernel.clone(),
+        initrd: kernel.initramfs.clone(),
+    });
+    let hierarchy = nestbox_hostsys::cgroup::Hierarchy::detect();
+    let parent = PathBuf::from(format!("nestbox-bench-{pid}"));
+    let confined = QemuVmm::new(QemuOptions {
+        probe: probe.clone(),
+        state_dir: Some(PathBuf::from("/run/nestbox")),
+        cgroups: hierarchy.clone().map(|hierarchy| Cgroups {
+            hierarchy,
+            parent: parent.clone(),
+        }),
+        seccomp: true,
+        ..Default::default()
+    })
+    .await?;
+    let open = QemuVmm::new(QemuOptions {
+        probe,
+        state_dir: Some(PathBuf::from("/run/nestbox")),
+        cgroups: None,
+        seccomp: false,
+        ..Default::default()
+    })
+    .await?;
+    println!(
+        "confinement: seccomp filter + {} vs. none ({})",
+        hierarchy.as_ref().map_or("no cgroup", |h| h.describe()),
+        confined.info()
+    );
+    let http = reqwest::Client::new();
+    // [unconfined, confined] × [boot, round trip, pause, resume]
+    let mut samples: [[Vec<f64>; 4]; 2] = Default::default();
+    for i in 0..args.runs {
+        for (k, vmm) in [&open, &confined].into_iter().enumerate() {
+            let run_dir = scratch.join(format!("conf-{k}-{i}"));
+            std::fs::create_dir_all(&run_dir)?;
+            let overlay = run_dir.join("root.qcow2");
+            nestbox_hostsys::disk::create_overlay(base, &overlay, None).await?;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let spec = VmSpec {
+                id: format!("bench-conf-{k}-{i}"),
+                vcpus: 1,
+                memory_mb: 512,
+                kernel: kernel.kernel.clone(),
+                initrd: Some(kernel.initramfs.clone()),
+                cmdline_extra: Vec::new(),
+                root_disk: Disk {
+                    path: overlay,
+                    format: DiskFormat::Qcow2,
+                },
+                network: NetworkSpec::User { host_port: port },
+                guest: GuestConfig::default(),
+                run_dir: run_dir.clone(),
+                memory_dir: PathBuf::from("/dev/shm").join(format!("nbx-bench-{pid}-{k}-{i}")),
+            };
+            let (mut vm, ready) =
+                nestbox_vmm::boot_and_wait_ready(vmm, spec.clone(), Duration::from_secs(120))
+                    .await?;
+            samples[k][0].push(ms(ready.elapsed));
+            let health = format!("http://127.0.0.1:{port}/health");
+            let mut trips = Vec::new();
+            for _ in 0..20 {
+                let t = Instant::now();
+                let answered = http.get(&health).send().await;
+                if answered.is_ok_and(|r| r.status().is_success()) {
+                    trips.push(ms(t.elapsed()));
+                }
+            }
+            samples[k][1].push(stats(trips).median);
+            let snap = run_dir.join("snap");
+            let t = Instant::now();
+            vm.save(&snap, nestbox_vmm::SaveMode::Suspend, None).await?;
+            samples[k][2].push(ms(t.elapsed()));
+            drop(vm);
+            let t = Instant::now();
+            let restored = vmm
+                .restore(spec.clone(), &snap, nestbox_vmm::RestoreMemory::Resume)
+                .await?;
+            samples[k][3].push(ms(t.elapsed()));
+            let mut vm = restored.vm;
+            vm.stop(Duration::from_secs(5)).await?;
+            let _ = std::fs::remove_dir_all(&run_dir);
+            let _ = std::fs::remove_dir_all(&spec.memory_dir);
+        }
+    }
+    if let Some(h) = &hierarchy {
+        let _ = h.group(&parent).remove();
+    }
+    println!(
+        "{:<44} {:>10} {:<4} {:>9} {:>9} {:>5}",
+        "measurement", "median", "", "min", "max", "runs"
+    );
+    let names = [
+        "boot → guest agent ready",
+        "guest agent round trip",
+        "pause (suspend into a snapshot)",
+        "resume (restore the snapshot)",
+    ];
+    let [open, confined] = samples;
+    for ((name, o), c) in names.iter().zip(open).zip(confined) {
+        let (o, c) = (stats(o), stats(c));
+        row(&format!("{name}, unconfined"), &o, "ms");
+        row(&format!("{name}, confined"), &c, "ms");
+        println!(
+            "{:<44} {:>10.3} ×    (target ≤ 1.05×)",
+            "  confined / unconfined",
+            c.median / o.median
+        );
+    }
+    Ok(())
 }
 
 /// Runs the benchmarks.
@@ -205,6 +338,9 @@ async fn measure(
         .base_image("minimal", &template, cold_disk)
         .await
         .context("preparing the base image")?;
+    if args.only_confinement {
+        return confinement(args, &base, &kernel, scratch).await;
+    }
     // Untimed: the first create of a new size prepares its base image.
     let first = client.create_sandbox(&cold).await?;
     client.destroy_sandbox(first.id).await?;
@@ -374,6 +510,9 @@ async fn measure(
 
     // 8. Create → first command through E2B's Python SDK vs. our REST API.
     sdk_vs_rest(args, launched, &client, &key).await?;
+
+    // 8b. VMM confinement (seccomp filter + control group) vs. none.
+    confinement(args, &base, &kernel, scratch).await?;
 
     // 9. Create/destroy cycles leave nothing behind (the pooled clones are stopped
     // before the check, as at shutdown).

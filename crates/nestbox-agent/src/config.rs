@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub warm_templates: Vec<String>,
     /// Where warm snapshots live (machine-wide, shared by every agent on the host).
     pub warm_dir: PathBuf,
+    /// The memory filesystem guest RAM lives on (the instance's directory is made in it):
+    /// tmpfs, whose size bounds the guest memory this host admits.
+    pub memory_root: PathBuf,
     /// How long a paused sandbox keeps its VMM (stopped) for a fast resume; zero: never.
     pub pause_hold: Duration,
     /// Most paused sandboxes holding their VMM at once (each costs the VMM's own memory,
@@ -100,6 +103,7 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(15),
             warm_templates: vec![nestbox_types::limits::DEFAULT_TEMPLATE.to_string()],
             warm_dir: PathBuf::from("/var/cache/nestbox/warm"),
+            memory_root: PathBuf::from("/dev/shm"),
             pause_hold: Duration::from_secs(300),
             max_held: 16,
             clone_pool: 1,

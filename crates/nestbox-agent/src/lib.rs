@@ -257,7 +257,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         .and_then(|()| nestbox_hostsys::dirs::private_dir(&cfg.data_dir.join("sandboxes")))
         .map_err(|e| step("preparing the data directory")(Box::new(e)))?;
     let tag = instance_tag(&cfg.data_dir);
-    let mem_root = sandbox::mem_root(&tag);
+    let mem_root = sandbox::mem_root(&cfg.memory_root, &tag);
     nestbox_hostsys::dirs::private_dir(&mem_root)
         .map_err(|e| step("preparing the guest memory directory")(Box::new(e)))?;
     let slots = SlotAllocator::new(&cfg.slots_dir, tag.clone())

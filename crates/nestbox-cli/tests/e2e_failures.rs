@@ -312,3 +312,66 @@ fn which(tool: &str) -> std::path::PathBuf {
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("{tool} not installed"))
 }
+
+#[tokio::test]
+async fn guest_memory_is_admitted_only_as_far_as_its_memory_filesystem_holds_it() {
+    // A small memory filesystem of its own: room for two default guests (512 MiB), one
+    // of which the start-up warm-up may hold for a while.
+    let shm = tempfile::Builder::new()
+        .prefix("nbx-shm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1200m,mode=0700", "tmpfs"])
+        .arg(shm.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let shm_dir = shm.path().to_string_lossy().into_owned();
+    let nb = Nestbox::up_env(&[
+        ("NESTBOX_MEMORY_DIR", shm_dir.as_str()),
+        ("NESTBOX_CLONE_POOL", "0"),
+    ]);
+    let client = nb.client();
+    let a = client
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap()
+        .id;
+    let fa = footprint(&nb, a);
+    assert!(
+        fa.mem_dir.starts_with(shm.path()),
+        "guest RAM lives on the configured memory filesystem: {}",
+        fa.mem_dir.display()
+    );
+    // A second one does not fit next to it (and a warm-up build): refused, retryable,
+    // and nothing of it is left on the host.
+    let refused = client
+        .create_sandbox(&CreateSandboxRequest {
+            memory_mb: Some(768),
+            ..Default::default()
+        })
+        .await
+        .expect_err("more guest memory than the filesystem holds");
+    assert_eq!(refused.code(), Some(ErrorCode::NoCapacity), "{refused}");
+    assert!(refused.to_string().contains("guest memory"), "{refused}");
+    // Memory given back is admitted again (once a warm-up build, if any, is done).
+    client.destroy_sandbox(a).await.unwrap();
+    assert_gone(&nb, &fa, a);
+    let b = eventually(Duration::from_secs(180), "room for the guest", || async {
+        client
+            .create_sandbox(&CreateSandboxRequest {
+                memory_mb: Some(768),
+                ..Default::default()
+            })
+            .await
+            .ok()
+            .map(|sb| sb.id)
+    })
+    .await;
+    client.destroy_sandbox(b).await.unwrap();
+    drop(nb);
+    let _ = std::process::Command::new("umount")
+        .arg(shm.path())
+        .status();
+}

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::pool::{self, PoolKey};
 use super::state::{self, Phase, StartedBy, StateFile};
-use super::{CreateParams, Manager, mem_dir, min_disk_mb, remove_dir_if_exists, sandbox_dir};
+use super::{CreateParams, Manager, min_disk_mb, remove_dir_if_exists, sandbox_dir};
 use crate::error::AgentError;
 use crate::templates::{Kind, StoredTemplate};
 
@@ -128,7 +128,7 @@ impl Manager {
             slot: None,
             vmm_pid: None,
             vmm_name: None,
-            mem_dir: mem_dir(&inner.tag, id),
+            mem_dir: self.mem_dir(id),
             snapshot_durable: false,
             started_at: Utc::now(),
             boot_ms: 0,

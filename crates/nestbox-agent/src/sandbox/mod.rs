@@ -314,8 +314,8 @@ impl SandboxHandle {
 }
 
 enum Slot {
-    /// Create in progress.
-    Reserved,
+    /// Create in progress, with its guest memory (MiB).
+    Reserved(u32),
     /// Started (any state after Starting).
     Ready(Arc<SandboxHandle>),
 }
@@ -373,14 +373,17 @@ pub fn sandbox_dir(data_dir: &Path, id: SandboxId) -> PathBuf {
     data_dir.join("sandboxes").join(id.to_string())
 }
 
-/// Directory of a sandbox's tmpfs files (guest RAM, fast snapshot).
-pub fn mem_dir(tag: &str, id: SandboxId) -> PathBuf {
-    mem_root(tag).join(id.to_string())
+/// Directory of every tmpfs file of an agent instance, on the memory filesystem at `base`.
+pub fn mem_root(base: &Path, tag: &str) -> PathBuf {
+    base.join(format!("nestbox-{tag}"))
 }
 
-/// Directory of every tmpfs file of an agent instance.
-pub fn mem_root(tag: &str) -> PathBuf {
-    PathBuf::from("/dev/shm").join(format!("nestbox-{tag}"))
+/// Whether `asked` MiB more of guest RAM fit on a memory filesystem of `capacity` bytes
+/// that `committed` MiB are promised to already. Guest RAM files are sparse, but a guest
+/// may touch all of its memory: a filesystem promised more than it holds makes some VM die
+/// of `SIGBUS` when it fills, so nothing is overcommitted.
+pub(crate) fn admits(committed_mb: u64, asked_mb: u64, capacity: u64) -> bool {
+    (committed_mb + asked_mb) << 20 <= capacity
 }
 
 /// Smallest disk a template's filesystem fits in, with room to boot and work (MiB).
@@ -451,7 +454,7 @@ impl Manager {
             .map_err(|_| AgentError::Internal("sandbox map poisoned".into()))?;
         match map.get(&id) {
             Some(Slot::Ready(h)) if !h.facts.internal => Ok(h.clone()),
-            Some(Slot::Reserved) => Err(AgentError::WrongState {
+            Some(Slot::Reserved(_)) => Err(AgentError::WrongState {
                 id,
                 state: "starting",
             }),
@@ -588,7 +591,69 @@ impl Manager {
         Ok(())
     }
 
-    fn reserve(&self, id: SandboxId) -> Result<(), AgentError> {
+    /// Directory of a sandbox's tmpfs files (guest RAM, fast snapshot).
+    pub(crate) fn mem_dir(&self, id: SandboxId) -> PathBuf {
+        mem_root(&self.inner.cfg.memory_root, &self.inner.tag).join(id.to_string())
+    }
+
+    /// Guest memory (MiB) this host has promised on its memory filesystem: every VM that
+    /// runs or is being started (its RAM file), every paused sandbox whose snapshot is
+    /// still there, and pooled clones.
+    fn committed_mb(&self, map: &HashMap<SandboxId, Slot>) -> u64 {
+        let sandboxes: u64 = map
+            .iter()
+            .map(|(id, slot)| match slot {
+                Slot::Reserved(mb) => u64::from(*mb),
+                Slot::Ready(h) => {
+                    let on_tmpfs =
+                        h.state() != State::Paused || self.mem_dir(*id).join("snapshot").exists();
+                    if on_tmpfs {
+                        u64::from(h.facts.memory_mb)
+                    } else {
+                        0
+                    }
+                }
+            })
+            .sum();
+        sandboxes + self.inner.pool.memory_mb()
+    }
+
+    /// The size of the memory filesystem guest RAM lives on, bytes.
+    fn memory_capacity(&self) -> u64 {
+        nix::sys::statvfs::statvfs(&self.inner.cfg.memory_root)
+            .map(|s| s.blocks() * s.fragment_size())
+            .unwrap_or(0)
+    }
+
+    /// Refuses `memory_mb` more of guest RAM that the memory filesystem cannot hold.
+    pub(crate) fn admit_memory(&self, memory_mb: u32) -> Result<(), AgentError> {
+        let map = self
+            .inner
+            .sandboxes
+            .lock()
+            .map_err(|_| AgentError::Internal("sandbox map poisoned".into()))?;
+        self.check_memory(&map, memory_mb)
+    }
+
+    fn check_memory(
+        &self,
+        map: &HashMap<SandboxId, Slot>,
+        memory_mb: u32,
+    ) -> Result<(), AgentError> {
+        let committed = self.committed_mb(map);
+        let capacity = self.memory_capacity();
+        if admits(committed, u64::from(memory_mb), capacity) {
+            Ok(())
+        } else {
+            Err(AgentError::NoCapacity(format!(
+                "guest memory: {memory_mb} MiB more do not fit ({committed} of {} MiB on {} promised)",
+                capacity >> 20,
+                self.inner.cfg.memory_root.display()
+            )))
+        }
+    }
+
+    fn reserve(&self, id: SandboxId, memory_mb: u32) -> Result<(), AgentError> {
         let mut map = self
             .inner
             .sandboxes
@@ -604,7 +669,8 @@ impl Manager {
                 self.inner.cfg.max_sandboxes
             )));
         }
-        map.insert(id, Slot::Reserved);
+        self.check_memory(&map, memory_mb)?;
+        map.insert(id, Slot::Reserved(memory_mb));
         Ok(())
     }
 
@@ -642,7 +708,15 @@ impl Manager {
                 "a sandbox needs at least 1 vCPU and 128 MiB".into(),
             ));
         }
-        self.reserve(id)?;
+        if let Err(e) = self.reserve(id, params.memory_mb) {
+            // Pooled clones give way to sandboxes: their memory is freed and it is tried
+            // again (a create that would have taken one over restores instead).
+            if !matches!(e, AgentError::NoCapacity(_)) || self.pooled() == 0 {
+                return Err(e);
+            }
+            self.drain_pool(|_| true).await;
+            self.reserve(id, params.memory_mb)?;
+        }
         let started = Instant::now();
         let disk = if params.disk_size_mb == 0 {
             self.inner.cfg.default_disk_mb
@@ -1085,7 +1159,7 @@ impl Manager {
                 m.iter()
                     .filter_map(|(id, s)| match s {
                         Slot::Ready(_) => Some(*id),
-                        Slot::Reserved => None,
+                        Slot::Reserved(_) => None,
                     })
                     .collect()
             })
@@ -1121,5 +1195,20 @@ impl Manager {
         self.start_pool_reaper();
         let manager = self.clone();
         tokio::spawn(async move { warm::warm_up(manager).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admits;
+
+    #[test]
+    fn guest_memory_is_never_overcommitted() {
+        let gib = 1u64 << 30;
+        assert!(admits(0, 512, gib));
+        assert!(admits(512, 512, gib), "exactly full fits");
+        assert!(!admits(513, 512, gib));
+        assert!(!admits(0, 2048, gib));
+        assert!(!admits(0, 1, 0), "no memory filesystem, no guest");
     }
 }

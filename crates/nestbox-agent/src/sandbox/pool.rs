@@ -37,7 +37,7 @@ use nestbox_types::SandboxId;
 
 use super::launch::{Init, Live, hostname, send_init};
 use super::state::{self, Phase, StateFile};
-use super::{CreateParams, Manager, mem_dir, sandbox_dir};
+use super::{CreateParams, Manager, sandbox_dir};
 use crate::error::AgentError;
 use crate::guest::{self, ExecParams};
 use crate::templates::StoredTemplate;
@@ -109,6 +109,16 @@ impl Pool {
     pub(crate) fn len(&self) -> usize {
         let s = self.lock();
         s.ready.values().map(Vec::len).sum::<usize>() + s.filling.len()
+    }
+
+    /// Guest memory of the clones ready in the pool, MiB.
+    pub(crate) fn memory_mb(&self) -> u64 {
+        self.lock()
+            .ready
+            .values()
+            .flatten()
+            .map(|p| u64::from(p.st.memory_mb))
+            .sum()
     }
 
     /// Whether clones are being started.
@@ -210,8 +220,11 @@ impl Manager {
                 }
                 s.epochs.get(&key).copied().unwrap_or(0)
             };
-            // The pool never takes the last places of a host (it counts this clone).
-            if self.count() + self.inner().pool.len() >= self.inner().cfg.max_sandboxes as usize {
+            // The pool never takes the last places of a host (it counts this clone), nor
+            // memory the host does not have.
+            if self.count() + self.inner().pool.len() >= self.inner().cfg.max_sandboxes as usize
+                || self.admit_memory(recipe.memory_mb).is_err()
+            {
                 break;
             }
             let entry = match self.start_pooled(&key, &recipe).await {
@@ -357,7 +370,7 @@ impl Manager {
             return Err(AgentError::host("linking a pooled clone's old name", id, e));
         }
         st.dir_alias = Some(from_dir);
-        let memory = mem_dir(&inner.tag, id);
+        let memory = self.mem_dir(id);
         if let Err(e) = tokio::fs::rename(&st.mem_dir, &memory).await {
             self.release(&mut st, Some(live), &dir, true).await;
             return Err(AgentError::host("moving a pooled clone's memory", id, e));

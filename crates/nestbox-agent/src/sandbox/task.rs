@@ -618,6 +618,12 @@ impl SandboxTask {
         let source = if has_snapshot(&fast) {
             fast.clone()
         } else {
+            // Its memory comes back onto the memory filesystem: only if it fits (resuming,
+            // it is counted already).
+            if let Err(e) = self.manager.admit_memory(0) {
+                self.handle.set(|s| s.state = State::Paused);
+                return Err(e);
+            }
             durable.clone()
         };
         if !has_snapshot(&source) {

@@ -74,6 +74,10 @@ pub struct HostArgs {
     /// hierarchy (otherwise the agent refuses to start there).
     #[arg(long, env = "NESTBOX_UNCONFINED")]
     pub unconfined: bool,
+    /// The memory filesystem (tmpfs) guest RAM lives on; its size bounds the guest
+    /// memory the host admits.
+    #[arg(long, env = "NESTBOX_MEMORY_DIR", default_value = "/dev/shm")]
+    pub memory_dir: PathBuf,
 }
 
 impl Default for HostArgs {
@@ -87,6 +91,7 @@ impl Default for HostArgs {
             pause_hold_secs: 300,
             clone_pool: 1,
             unconfined: false,
+            memory_dir: "/dev/shm".into(),
         }
     }
 }
@@ -104,6 +109,7 @@ impl HostArgs {
         cfg.pause_hold = std::time::Duration::from_secs(self.pause_hold_secs);
         cfg.clone_pool = self.clone_pool;
         cfg.unconfined = self.unconfined;
+        cfg.memory_root = self.memory_dir.clone();
     }
 }
 

@@ -8,6 +8,10 @@
 //! directory). After the last round: no record is left in a transitional state, and a
 //! clean stop leaves nothing of the instance on the host.
 //!
+//! A second probe stops `nestbox up` with SIGTERM at random moments of its start-up (its
+//! warm-up boot, its pool refill), deletes its data directory, and checks that the host
+//! holds nothing of it: no VMM, namespace, slot, firewall table, cgroup or guest memory.
+//!
 //! `NESTBOX_CRASH_ROUNDS` sets the number of rounds (default 100), `NESTBOX_CRASH_SEED`
 //! the random seed (printed, for replaying a failure). The probe is bounded in time:
 //! no round starts after `NESTBOX_CRASH_BUDGET_SECS` (default 600), and at least 20
@@ -285,4 +289,64 @@ async fn kill_9_at_random_points_loses_no_running_sandbox_and_leaks_nothing() {
         "a clean stop leaves no VMM behind"
     );
     assert_instance_clean(&tag);
+}
+
+#[tokio::test]
+async fn sigterm_during_start_up_leaves_nothing_once_the_data_directory_is_gone() {
+    let mut rng = Rng(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1);
+    for round in 0..6 {
+        let dir = tempfile::Builder::new()
+            .prefix("nbx-term-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let data = dir.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.path().join("nestbox.log")).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nestbox"))
+            .args(["up", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--images-dir")
+            .arg(common::images_dir())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let after = Duration::from_millis(300 + rng.below(5000));
+        tokio::time::sleep(after).await;
+        // The tag only exists once the agent made its directory; read it before the stop.
+        let tag = eventually(Duration::from_secs(60), "the agent's directory", || async {
+            data.join("agent")
+                .exists()
+                .then(|| common::nestbox_agent_tag(&data.join("agent")))
+        })
+        .await;
+        // SAFETY: kill(2) on our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let log = std::fs::read_to_string(dir.path().join("nestbox.log")).unwrap_or_default();
+        assert!(
+            status.success(),
+            "round {round}: a stop {after:?} into start-up exits cleanly ({status}):\n{log}"
+        );
+        let vmms = instance_vmms(&data);
+        drop(dir);
+        assert!(vmms.is_empty(), "round {round}: VMMs left: {vmms:?}");
+        assert_instance_clean(&tag);
+        eprintln!("round {round}: stopped {after:?} into start-up; nothing left");
+    }
 }

@@ -131,6 +131,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     cfg.advertise_url = args.advertise;
     cfg.max_sandboxes = args.max_sandboxes;
     args.host.apply(&mut cfg);
+    // Listening from the start: a stop during start-up is a clean stop once started.
+    let stop = tokio::spawn(super::server::shutdown_signal());
     let agent = nestbox_agent::start(cfg)
         .await
         .context("starting the host agent")?;
@@ -138,7 +140,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "Nestbox host agent {} serving on {}",
         agent.host_id, agent.url
     );
-    match super::server::shutdown_signal().await {
+    match stop.await.unwrap_or(super::server::Stop::Full) {
         super::server::Stop::Full => {
             agent.shutdown().await;
         }

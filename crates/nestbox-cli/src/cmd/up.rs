@@ -280,6 +280,10 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
 
 /// Runs the platform until interrupted.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    // Listening from the start: a stop asked for while the platform starts (its warm-up
+    // boot, its pool) is a clean stop once it has started, never a kill in the middle
+    // that would strand its VMs and namespaces.
+    let stop = tokio::spawn(super::server::shutdown_signal());
     let launched = launch(&args).await?;
     let url = launched.url.clone();
     if let Some(first) = &launched.first_run {
@@ -299,7 +303,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         launched.agent.host_id,
         launched.agent.url
     );
-    match super::server::shutdown_signal().await {
+    match stop.await.unwrap_or(super::server::Stop::Full) {
         super::server::Stop::Full => launched.shutdown().await,
         super::server::Stop::Restart => launched.detach().await,
     }

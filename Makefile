@@ -38,8 +38,15 @@ sdk-deps:
 	npm ci --prefix sdk-tests/js --no-audit --no-fund --loglevel=error
 
 ## The whole test suite. Needs root (namespaces, TAP, nftables, VMs), like the host agent.
+## It ends by checking that the machine holds nothing of Nestbox's that it did not hold
+## before (namespaces, links, slots, firewall tables, cgroups, guest memory, VMMs).
 test: deps test-images sdk-deps
+	./scripts/host-footprint.sh | sort > target/host-before.txt
 	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_SDK_VENV=$(SDK_VENV) $(CARGO) nextest run --locked --workspace --no-fail-fast
+	./scripts/host-footprint.sh | sort > target/host-after.txt
+	@left=$$(comm -13 target/host-before.txt target/host-after.txt); \
+	if [ -n "$$left" ]; then echo "the test suite left behind:"; echo "$$left"; exit 1; fi; \
+	echo "the test suite left nothing behind on this machine"
 
 ## Formatting and lints, as CI runs them.
 check:

@@ -138,6 +138,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
 #[derive(Debug, Clone)]
 pub struct BaseImages {
     dir: PathBuf,
+    /// Held (shared) from choosing a base until an overlay names it; pruning takes it
+    /// exclusively, so it never removes a base a create is about to use.
+    uses: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 impl BaseImages {
@@ -145,7 +148,10 @@ impl BaseImages {
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, DiskError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            uses: Default::default(),
+        })
     }
 
     /// Where the base of `template` at `size_mb` lives. `key` distinguishes builds of the
@@ -222,24 +228,81 @@ impl BaseImages {
         result.map(|()| target)
     }
 
-    /// Removes bases of `template` whose key is not `keep_key` (old builds).
-    pub async fn prune(&self, template: &str, keep_key: &str) -> Result<usize, DiskError> {
-        let dir = self.dir.join(template);
-        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+    /// A use of the bases: hold it from [`BaseImages::ensure`] until the overlay that
+    /// names the base exists (or the create gave up).
+    pub async fn use_guard(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.uses.clone().read_owned().await
+    }
+
+    /// Removes every base that no overlay in `overlays` is backed by, that is not in
+    /// `keep` and that was made more than `grace` ago (old builds, sizes no sandbox uses
+    /// any more, deleted templates), and the template directories left empty. Bases being
+    /// built are left alone.
+    pub async fn prune_unused(
+        &self,
+        overlays: &[PathBuf],
+        keep: &std::collections::HashSet<PathBuf>,
+        grace: std::time::Duration,
+    ) -> Result<usize, DiskError> {
+        let _exclusive = self.uses.write().await;
+        let mut in_use: std::collections::HashSet<PathBuf> = keep.clone();
+        for overlay in overlays {
+            if let Ok(Some(base)) = backing_file(overlay) {
+                in_use.insert(base);
+            }
+        }
+        let mut removed = 0;
+        let Ok(templates) = std::fs::read_dir(&self.dir) else {
             return Ok(0);
         };
-        let mut removed = 0;
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(&format!("{keep_key}-")) {
-                tokio::fs::remove_file(entry.path())
-                    .await
-                    .map_err(io_err(&entry.path()))?;
-                removed += 1;
+        for template in templates.flatten() {
+            let Ok(files) = std::fs::read_dir(template.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let path = file.path();
+                let building = file.file_name().to_string_lossy().starts_with('.');
+                let recent = file
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|age| age < grace);
+                if !building && !recent && !in_use.contains(&path) {
+                    std::fs::remove_file(&path).map_err(io_err(&path))?;
+                    removed += 1;
+                }
             }
+            // Only if empty.
+            let _ = std::fs::remove_dir(template.path());
         }
         Ok(removed)
     }
+}
+
+/// The backing file a qcow2 image names in its header (`None`: it has none), read from
+/// the header itself (no tool runs on the image).
+pub fn backing_file(qcow2: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::ffi::OsStringExt;
+    let mut f = std::fs::File::open(qcow2)?;
+    let mut header = [0u8; 20];
+    f.read_exact(&mut header)?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(std::io::Error::other("not a qcow2 image"));
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().unwrap_or_default());
+    let size = u32::from_be_bytes(header[16..20].try_into().unwrap_or_default());
+    if offset == 0 || size == 0 {
+        return Ok(None);
+    }
+    if size > 4096 {
+        return Err(std::io::Error::other("backing file name too long"));
+    }
+    let mut name = vec![0u8; size as usize];
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(&mut name)?;
+    Ok(Some(PathBuf::from(std::ffi::OsString::from_vec(name))))
 }
 
 /// Grows the ext4 filesystem image at `path` to `size_mb` (sparse: no blocks are written
@@ -420,9 +483,41 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
-        // A new build key prunes the old bases.
-        bases.ensure("t", "k2", &src, 64, 32).await.unwrap();
-        assert_eq!(bases.prune("t", "k2").await.unwrap(), 2);
-        assert!(!base.exists());
+        // Pruning keeps what an overlay is backed by and what is asked to be kept, and
+        // removes the rest (the 512 MiB base, an old build's).
+        assert_eq!(backing_file(&overlay).unwrap(), Some(base.clone()));
+        let kept = bases.ensure("t", "k2", &src, 64, 32).await.unwrap();
+        let keep = std::collections::HashSet::from([kept.clone()]);
+        assert_eq!(
+            bases
+                .prune_unused(
+                    std::slice::from_ref(&overlay),
+                    &keep,
+                    std::time::Duration::ZERO
+                )
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(base.exists() && kept.exists() && !first.exists());
+        // Without its overlay, the base goes too.
+        std::fs::remove_file(&overlay).unwrap();
+        // Young bases are left alone (a create may be about to use one).
+        assert_eq!(
+            bases
+                .prune_unused(&[], &keep, std::time::Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            bases
+                .prune_unused(&[], &keep, std::time::Duration::ZERO)
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(!base.exists() && kept.exists());
+        assert_eq!(backing_file(&flat).ok(), None, "not a qcow2 image");
     }
 }

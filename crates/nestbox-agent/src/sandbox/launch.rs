@@ -304,6 +304,8 @@ impl Manager {
                 .map_err(|e| AgentError::host("creating the guest memory directory", id, e))?;
             let overlay = dir.join("rootfs.qcow2");
             let disk_mb = u64::from(st.disk_size_mb);
+            // No base is pruned between choosing it and the overlay naming it.
+            let using_bases = inner.bases.use_guard().await;
             let (base, size) = match &origin {
                 Origin::Boot {
                     base_name,
@@ -327,6 +329,7 @@ impl Manager {
             disk::create_overlay(&base, &overlay, size)
                 .await
                 .map_err(|e| AgentError::host("creating the root disk", id, e))?;
+            drop(using_bases);
             let init = Init {
                 present: match &origin {
                     Origin::Boot { .. } => None,

@@ -368,6 +368,9 @@ impl std::fmt::Debug for Manager {
     }
 }
 
+/// A base image younger than this is never pruned (a create may be about to use it).
+const BASE_GRACE: Duration = Duration::from_secs(3600);
+
 /// Directory of a sandbox's files.
 pub fn sandbox_dir(data_dir: &Path, id: SandboxId) -> PathBuf {
     data_dir.join("sandboxes").join(id.to_string())
@@ -568,7 +571,7 @@ impl Manager {
     }
 
     /// Prepares base images at the default disk size for every built-in template (the
-    /// seed's EnsureImageSizes) and removes bases of old builds.
+    /// seed's EnsureImageSizes) and removes the bases nothing uses ([`Self::prune_bases`]).
     pub async fn prepare_images(&self) -> Result<(), AgentError> {
         for name in self.templates() {
             let image = self
@@ -579,16 +582,56 @@ impl Manager {
             let started = Instant::now();
             self.base_image(&name, &image, self.inner.cfg.default_disk_mb)
                 .await?;
-            let pruned = self
-                .inner
-                .bases
-                .prune(&name, &launch::image_key(&image))
-                .await
-                .unwrap_or(0);
-            tracing::info!(template = %name, pruned, elapsed_ms = started.elapsed().as_millis() as u64, "base image ready");
+            tracing::info!(template = %name, elapsed_ms = started.elapsed().as_millis() as u64, "base image ready");
         }
+        self.prune_bases().await;
         self.inner.templates.clean_staging();
         Ok(())
+    }
+
+    /// Removes the base images no sandbox's disk is backed by, except each built-in
+    /// template's current build at the default size: old builds, sizes no sandbox uses any
+    /// more, deleted image templates' bases. A sandbox's base stays as long as its
+    /// directory does (paused ones included), so it can always start again.
+    pub async fn prune_bases(&self) -> usize {
+        let sandboxes = self.inner.cfg.data_dir.join("sandboxes");
+        let overlays: Vec<PathBuf> = std::fs::read_dir(&sandboxes)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path().join("rootfs.qcow2"))
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut keep = std::collections::HashSet::new();
+        for name in self.templates() {
+            if let Ok(image) = self.inner.images.template(&name) {
+                let min_mb = min_disk_mb(image.manifest.fs_min_bytes);
+                let size = self.inner.cfg.default_disk_mb.max(min_mb);
+                keep.insert(
+                    self.inner
+                        .bases
+                        .path(&name, &launch::image_key(&image), size),
+                );
+            }
+        }
+        match self
+            .inner
+            .bases
+            .prune_unused(&overlays, &keep, BASE_GRACE)
+            .await
+        {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(removed = n, "removed base images nothing uses");
+                }
+                n
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning base images");
+                0
+            }
+        }
     }
 
     /// Directory of a sandbox's tmpfs files (guest RAM, fast snapshot).

@@ -463,6 +463,7 @@ impl Manager {
     pub(crate) fn start_pool_reaper(&self) {
         let weak = std::sync::Arc::downgrade(&self.inner);
         tokio::spawn(async move {
+            let mut ticks: u64 = 0;
             loop {
                 tokio::time::sleep(REAP_EVERY).await;
                 // The agent is gone once nothing else holds its manager.
@@ -498,6 +499,11 @@ impl Manager {
                 for entry in dead {
                     tracing::warn!(clone = %entry.st.sandbox_id, "a pooled clone's VMM exited");
                     manager.release_pooled(entry).await;
+                }
+                // Every 10 minutes: base images nothing uses any more.
+                ticks += 1;
+                if ticks.is_multiple_of(20) {
+                    manager.prune_bases().await;
                 }
             }
         });

@@ -25,7 +25,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Nestbox, assert_instance_clean, eventually, footprint, new_sandbox, sh_ok};
+use common::{
+    Nestbox, assert_instance_clean, eventually, footprint, instance_slots, new_sandbox, sh_ok,
+};
 use nestbox_client::Client;
 use nestbox_types::api::{ExecRequest, SandboxListQuery};
 use nestbox_types::{SandboxId, SandboxStatus};
@@ -127,22 +129,6 @@ fn accounted(data_dir: &Path) -> (BTreeSet<u32>, BTreeSet<u32>) {
         }
     }
     (pids, slots)
-}
-
-/// The network slots the instance holds machine-wide.
-fn instance_slots(tag: &str) -> BTreeSet<u32> {
-    std::fs::read_dir("/run/nestbox/slots")
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| {
-                    std::fs::read_to_string(e.path())
-                        .unwrap_or_default()
-                        .starts_with(tag)
-                })
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Waits until every VMM process and slot of the instance belongs to a sandbox directory

@@ -10,25 +10,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Nestbox, assert_gone, eventually, footprint, sh_ok, vmm_alive};
+use common::{Nestbox, assert_gone, eventually, footprint, instance_slots, sh_ok, vmm_alive};
 use nestbox_types::api::CreateSandboxRequest;
 use nestbox_types::{ErrorCode, SandboxStatus};
-
-/// Slot files this instance holds.
-fn slots_of(tag: &str) -> Vec<String> {
-    std::fs::read_dir("/run/nestbox/slots")
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| {
-                    std::fs::read_to_string(e.path())
-                        .unwrap_or_default()
-                        .starts_with(tag)
-                })
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 fn qemu_of(id: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
@@ -78,7 +62,10 @@ async fn a_failed_boot_releases_everything_and_records_the_reason() {
         sb.error
     );
     let id = sb.id.to_string();
-    assert!(slots_of(&nb.tag()).is_empty(), "no network slot is held");
+    assert!(
+        instance_slots(&nb.tag()).is_empty(),
+        "no network slot is held"
+    );
     assert!(!qemu_of(&id), "no VMM is left");
     assert!(
         !nb.data_dir().join("agent/sandboxes").join(&id).exists(),
@@ -197,7 +184,7 @@ async fn create_destroy_cycles_leave_nothing_behind() {
     // The default template's pooled clone is the only thing the instance still holds; a
     // clean stop removes it too.
     nb.stop();
-    assert!(slots_of(&nb.tag()).is_empty());
+    assert!(instance_slots(&nb.tag()).is_empty());
     let left: Vec<_> = std::fs::read_dir(nb.data_dir().join("agent/sandboxes"))
         .unwrap()
         .flatten()
@@ -259,7 +246,7 @@ async fn validation_happens_before_anything_is_taken() {
         .await
         .unwrap();
     assert!(all.items.is_empty(), "rejected requests create nothing");
-    assert!(slots_of(&nb.tag()).is_empty());
+    assert!(instance_slots(&nb.tag()).is_empty());
     // No credentials → 401.
     let err = nb
         .anonymous()

@@ -118,6 +118,33 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The spec of a bare VM like a default sandbox's (1 vCPU, 512 MiB) on `overlay`.
+fn bare_spec(
+    id: String,
+    kernel: &nestbox_image::KernelImage,
+    overlay: PathBuf,
+    network: NetworkSpec,
+    run_dir: &Path,
+    memory_dir: PathBuf,
+) -> VmSpec {
+    VmSpec {
+        id,
+        vcpus: 1,
+        memory_mb: 512,
+        kernel: kernel.kernel.clone(),
+        initrd: Some(kernel.initramfs.clone()),
+        cmdline_extra: Vec::new(),
+        root_disk: Disk {
+            path: overlay,
+            format: DiskFormat::Qcow2,
+        },
+        network,
+        guest: GuestConfig::default(),
+        run_dir: run_dir.to_path_buf(),
+        memory_dir,
+    }
+}
+
 /// VMM confinement (QEMU's seccomp filter and a control group with the sandbox's limits)
 /// against none, at the VMM, interleaved run by run: boot to a ready guest agent, the
 /// guest agent's round trip, a pause (suspend into a snapshot) and a resume (restore).
@@ -172,22 +199,14 @@ async fn confinement(
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
-            let spec = VmSpec {
-                id: format!("bench-conf-{k}-{i}"),
-                vcpus: 1,
-                memory_mb: 512,
-                kernel: kernel.kernel.clone(),
-                initrd: Some(kernel.initramfs.clone()),
-                cmdline_extra: Vec::new(),
-                root_disk: Disk {
-                    path: overlay,
-                    format: DiskFormat::Qcow2,
-                },
-                network: NetworkSpec::User { host_port: port },
-                guest: GuestConfig::default(),
-                run_dir: run_dir.clone(),
-                memory_dir: PathBuf::from("/dev/shm").join(format!("nbx-bench-{pid}-{k}-{i}")),
-            };
+            let spec = bare_spec(
+                format!("bench-conf-{k}-{i}"),
+                kernel,
+                overlay,
+                NetworkSpec::User { host_port: port },
+                &run_dir,
+                PathBuf::from("/dev/shm").join(format!("nbx-bench-{pid}-{k}-{i}")),
+            );
             let (mut vm, ready) =
                 nestbox_vmm::boot_and_wait_ready(vmm, spec.clone(), Duration::from_secs(120))
                     .await?;
@@ -351,22 +370,14 @@ async fn measure(
         std::fs::create_dir_all(&run_dir)?;
         let overlay = run_dir.join("root.qcow2");
         nestbox_hostsys::disk::create_overlay(&base, &overlay, None).await?;
-        let spec = VmSpec {
-            id: format!("bench-bare-{i}"),
-            vcpus: 1,
-            memory_mb: 512,
-            kernel: kernel.kernel.clone(),
-            initrd: Some(kernel.initramfs.clone()),
-            cmdline_extra: Vec::new(),
-            root_disk: Disk {
-                path: overlay,
-                format: DiskFormat::Qcow2,
-            },
-            network: NetworkSpec::None,
-            guest: GuestConfig::default(),
-            run_dir: run_dir.clone(),
-            memory_dir: PathBuf::from("/dev/shm").join(format!("nbx-bench-{}", std::process::id())),
-        };
+        let spec = bare_spec(
+            format!("bench-bare-{i}"),
+            &kernel,
+            overlay,
+            NetworkSpec::None,
+            &run_dir,
+            PathBuf::from("/dev/shm").join(format!("nbx-bench-{}", std::process::id())),
+        );
         let (mut vm, ready) =
             nestbox_vmm::boot_and_wait_ready(bare_vmm.as_ref(), spec, Duration::from_secs(120))
                 .await?;

@@ -315,6 +315,22 @@ impl Drop for Nestbox {
     }
 }
 
+/// The network slots an instance (by its tag) holds machine-wide.
+pub fn instance_slots(tag: &str) -> std::collections::BTreeSet<u32> {
+    std::fs::read_dir("/run/nestbox/slots")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .starts_with(tag)
+                })
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The agent's instance tag for a data directory (same derivation as the agent).
 pub fn nestbox_agent_tag(agent_dir: &Path) -> String {
     use sha2::Digest;

@@ -30,6 +30,7 @@ both_engines!(
     list_filters_and_pages,
     destroy_stops_and_is_idempotent,
     rotating_tokens_replaces_both_and_a_refusal_keeps_the_old,
+    removing_a_member_or_a_key_can_rotate_the_teams_tokens,
     exec_collects_output_and_exit_codes,
     exec_streams_events,
     exec_validation,
@@ -1034,6 +1035,78 @@ async fn rotating_tokens_replaces_both_and_a_refusal_keeps_the_old(
         audited.len(),
         2,
         "the rotation and the refusal: {audited:?}"
+    );
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn removing_a_member_or_a_key_can_rotate_the_teams_tokens(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let running = h.sandbox().await?;
+    let paused = h.sandbox().await?;
+    h.key.pause_sandbox(paused.id).await?;
+    let guest_token = |id| h.agent.sandbox(id).unwrap().request.access_token;
+    let (run0, paused0) = (guest_token(running.id), guest_token(paused.id));
+    let delete = |path: String| {
+        let (http, url) = h.raw(&path);
+        http.delete(url).bearer_auth(&h.admin.token).send()
+    };
+
+    // Deleting a key without asking rotates nothing.
+    let key = h.admin.client.create_api_key(h.team, "plain").await?;
+    let r = delete(format!("/v1/teams/{}/api-keys/{}", h.team, key.api_key.id)).await?;
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(guest_token(running.id), run0);
+
+    // Asking rotates every running sandbox of the team; a paused one keeps its tokens.
+    let key = h.admin.client.create_api_key(h.team, "leaked").await?;
+    let r = delete(format!(
+        "/v1/teams/{}/api-keys/{}?rotate_tokens=true",
+        h.team, key.api_key.id
+    ))
+    .await?;
+    assert_eq!(r.status().as_u16(), 204);
+    let run1 = guest_token(running.id);
+    assert_ne!(run1, run0, "the running sandbox got a new token");
+    assert_eq!(guest_token(paused.id), paused0);
+    assert_eq!(
+        h.key.get_sandbox(running.id).await?.envd_access_token,
+        Some(run1.clone())
+    );
+
+    // The same when a member is removed.
+    let bob = h.user("rotate-bob").await?;
+    h.admin
+        .client
+        .add_member(
+            h.team,
+            &nestbox_types::api::AddMemberRequest {
+                email: bob.email.clone(),
+                role: Some(nestbox_types::TeamRole::Member),
+            },
+        )
+        .await?;
+    let r = delete(format!(
+        "/v1/teams/{}/members/{}?rotate_tokens=true",
+        h.team, bob.id
+    ))
+    .await?;
+    assert_eq!(r.status().as_u16(), 204);
+    assert_ne!(guest_token(running.id), run1);
+    // A bad flag is a clear error, and nothing is removed.
+    let key = h.admin.client.create_api_key(h.team, "kept").await?;
+    let r = delete(format!(
+        "/v1/teams/{}/api-keys/{}?rotate_tokens=maybe",
+        h.team, key.api_key.id
+    ))
+    .await?;
+    assert_eq!(r.status().as_u16(), 400);
+    let keys = h.admin.client.list_api_keys(h.team).await?;
+    assert!(
+        keys.iter().any(|k| k.id == key.api_key.id),
+        "the key is still there"
     );
     h.shutdown().await;
     Ok(())

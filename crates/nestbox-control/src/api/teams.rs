@@ -9,7 +9,7 @@ use nestbox_types::api::{
 use nestbox_types::{ApiKeyId, ErrorBody, TeamId, UserId};
 
 use crate::error::ApiResult;
-use crate::extract::{Caller, Json, Path};
+use crate::extract::{Caller, Json, Path, Query};
 use crate::state::AppState;
 
 fn page<T>(items: Vec<T>) -> axum::Json<Page<T>> {
@@ -127,17 +127,29 @@ pub async fn update_member(
 
 /// Removes a member (owners and admins), or leaves the team (the member).
 #[utoipa::path(delete, path = "/v1/teams/{team_id}/members/{user_id}", tag = "teams", security(("session" = [])),
-    params(("team_id" = TeamId, Path), ("user_id" = UserId, Path)),
+    params(("team_id" = TeamId, Path), ("user_id" = UserId, Path), RotateQuery),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn remove_member(
     State(s): State<AppState>,
     caller: Caller,
     Path((team, user)): Path<(TeamId, UserId)>,
+    Query(q): Query<RotateQuery>,
 ) -> ApiResult<StatusCode> {
-    s.services
-        .remove_member(&caller, team, user)
-        .await
-        .map(|()| StatusCode::NO_CONTENT)
+    let acting = s.services.remove_member(&caller, team, user).await?;
+    if q.rotate_tokens.unwrap_or(false) {
+        s.services.rotate_team_tokens(&acting).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether to rotate the tokens of the team's running sandboxes too.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RotateQuery {
+    /// Also give every running sandbox of the team new guest and traffic tokens
+    /// (`POST /v1/sandboxes/{id}/rotate-tokens` for each), so what the removed member or
+    /// the deleted key fetched stops working.
+    pub rotate_tokens: Option<bool>,
 }
 
 /// API keys of a team (without their secrets).
@@ -168,15 +180,17 @@ pub async fn create_api_key(
 
 /// Revokes an API key (owners and admins).
 #[utoipa::path(delete, path = "/v1/teams/{team_id}/api-keys/{key_id}", tag = "teams", security(("session" = [])),
-    params(("team_id" = TeamId, Path), ("key_id" = ApiKeyId, Path)),
+    params(("team_id" = TeamId, Path), ("key_id" = ApiKeyId, Path), RotateQuery),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete_api_key(
     State(s): State<AppState>,
     caller: Caller,
     Path((team, key)): Path<(TeamId, ApiKeyId)>,
+    Query(q): Query<RotateQuery>,
 ) -> ApiResult<StatusCode> {
-    s.services
-        .delete_api_key(&caller, team, key)
-        .await
-        .map(|()| StatusCode::NO_CONTENT)
+    let acting = s.services.delete_api_key(&caller, team, key).await?;
+    if q.rotate_tokens.unwrap_or(false) {
+        s.services.rotate_team_tokens(&acting).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -292,13 +292,14 @@ impl Services {
         self.member(team, user).await
     }
 
-    /// Removes a member (managers), or leaves (the member themselves).
+    /// Removes a member (managers), or leaves (the member themselves). Returns the caller
+    /// acting for that team (for a rotation of its sandboxes' tokens that follows).
     pub async fn remove_member(
         &self,
         caller: &Caller,
         team: TeamId,
         user: UserId,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<Caller> {
         let (me, my_role) = self.role_in(caller, team).await?;
         if me != user && !my_role.can_manage() {
             return Err(ApiError::forbidden(
@@ -328,7 +329,11 @@ impl Services {
             serde_json::json!({}),
         ))
         .await;
-        Ok(())
+        Ok(Caller {
+            actor: caller.actor,
+            team,
+            role: my_role,
+        })
     }
 
     /// API keys of a team.
@@ -400,7 +405,7 @@ impl Services {
         caller: &Caller,
         team: TeamId,
         key: ApiKeyId,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<Caller> {
         self.manager_of(caller, team).await?;
         if !api_keys::delete(&self.db, team, key).await? {
             return Err(ApiError::new(
@@ -417,6 +422,11 @@ impl Services {
             serde_json::json!({}),
         ))
         .await;
-        Ok(())
+        // A manager of the team (its owner or an admin).
+        Ok(Caller {
+            actor: caller.actor,
+            team,
+            role: TeamRole::Admin,
+        })
     }
 }

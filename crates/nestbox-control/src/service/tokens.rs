@@ -7,7 +7,9 @@
 //! tokens), then the sandbox's guest agent is given the new guest token (presenting the
 //! one it holds), after which it refuses the old one too. If its host refuses, the
 //! generation is put back. Only a running sandbox can be rotated (its guest agent must
-//! answer); a member's removal or an API key's deletion is the moment to do it.
+//! answer). Removing a member or deleting an API key offers it for the whole team
+//! (`?rotate_tokens=true`): every running sandbox of the team gets new tokens
+//! ([`Services::rotate_team_tokens`]).
 
 use nestbox_db::sandboxes;
 use nestbox_proto::hostagent::RotateSandboxTokenRequest;
@@ -20,6 +22,24 @@ use crate::extract::Caller;
 use crate::state::Services;
 
 impl Services {
+    /// Rotates the tokens of every running sandbox of `acting.team` (after a member's
+    /// removal or an API key's deletion: what they fetched stops working). Returns how
+    /// many were rotated; one that cannot be is logged and audited as failed, and the
+    /// others go on.
+    pub async fn rotate_team_tokens(&self, acting: &Caller) -> ApiResult<u32> {
+        let running = sandboxes::list_by_status(&self.db, &[SandboxStatus::Running]).await?;
+        let mut rotated = 0;
+        for sb in running.into_iter().filter(|sb| sb.team_id == acting.team) {
+            match self.rotate_tokens(acting, sb.id).await {
+                Ok(_) => rotated += 1,
+                Err(e) => {
+                    tracing::warn!(sandbox = %sb.id, error = %e.message, "rotating a sandbox's tokens with its team's");
+                }
+            }
+        }
+        Ok(rotated)
+    }
+
     /// Gives a running sandbox new guest and traffic tokens; the old ones stop working.
     /// Returns the sandbox with its new tokens.
     pub async fn rotate_tokens(&self, caller: &Caller, id: SandboxId) -> ApiResult<api::Sandbox> {

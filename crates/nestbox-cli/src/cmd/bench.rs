@@ -733,21 +733,15 @@ async fn snapshots(
     let manager = &launched.agent.manager;
     let vmm = manager.vmm();
     let mem_dir = PathBuf::from("/dev/shm").join(format!("nbx-bench-snap-{}", std::process::id()));
-    let spec_for = |dir: &Path, i: usize| VmSpec {
-        id: format!("bench-snap-{i}"),
-        vcpus: 1,
-        memory_mb: 512,
-        kernel: kernel.kernel.clone(),
-        initrd: Some(kernel.initramfs.clone()),
-        cmdline_extra: Vec::new(),
-        root_disk: Disk {
-            path: dir.join("root.qcow2"),
-            format: DiskFormat::Qcow2,
-        },
-        network: NetworkSpec::None,
-        guest: GuestConfig::default(),
-        run_dir: dir.to_path_buf(),
-        memory_dir: mem_dir.clone(),
+    let spec_for = |dir: &Path, i: usize| {
+        bare_spec(
+            format!("bench-snap-{i}"),
+            kernel,
+            dir.join("root.qcow2"),
+            NetworkSpec::None,
+            dir,
+            mem_dir.clone(),
+        )
     };
     // Bare VMM: suspend a booted VM, restore it (resume), checkpoint it and restore a clone.
     let (mut bare_pause, mut bare_resume, mut bare_clone) = (Vec::new(), Vec::new(), Vec::new());

@@ -150,10 +150,14 @@ async fn kill_and_wait(pid: u32) {
 }
 
 /// QEMU processes of this instance that nothing accounts for: their command line names a
-/// file under the instance's sandbox directory, and they are not among `keep` (the
-/// adopted VMMs). A crash between a VMM's start and the record of its pid leaves one.
+/// file under the instance's sandbox directory (an absolute path: see [`crate::start`]),
+/// and they are not among `keep` (the adopted VMMs). A crash between a VMM's start and
+/// the record of its pid leaves one.
 fn stray_vmms(sandboxes: &Path, keep: &HashSet<u32>) -> Vec<u32> {
-    let needle = format!("{}/", sandboxes.display());
+    if !sandboxes.is_absolute() {
+        return Vec::new();
+    }
+    let needle = format!("={}/", sandboxes.display());
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

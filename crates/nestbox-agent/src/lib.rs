@@ -248,14 +248,19 @@ impl RunningAgent {
 
 /// Starts the agent: preflight, cleanup, firewall, VMM, images, gRPC server, registration
 /// and heartbeats.
-pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, StartError> {
+pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     cfg.validate().map_err(StartError::Config)?;
     preflight(&cfg)?;
-    let cfg = Arc::new(cfg);
     // Sandbox files and guest RAM live in directories nobody else may own, replace or read.
     nestbox_hostsys::dirs::private_dir(&cfg.data_dir)
         .and_then(|()| nestbox_hostsys::dirs::private_dir(&cfg.data_dir.join("sandboxes")))
         .map_err(|e| step("preparing the data directory")(Box::new(e)))?;
+    // Absolute from here on: every path a VMM's command line names starts with it, which
+    // is how start-up recovery tells this instance's VMMs from another's.
+    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
+        .map_err(|e| step("resolving the data directory")(Box::new(e)))?;
+    cfg.validate().map_err(StartError::Config)?;
+    let cfg = Arc::new(cfg);
     let tag = instance_tag(&cfg.data_dir);
     let mem_root = sandbox::mem_root(&cfg.memory_root, &tag);
     nestbox_hostsys::dirs::private_dir(&mem_root)

@@ -51,8 +51,8 @@ pub struct AgentConfig {
     pub dns: Option<Vec<Ipv4Addr>>,
     /// Let guests reach private and link-local ranges.
     pub allow_private_egress: bool,
-    /// Run VMMs without control groups where the host has no usable hierarchy (else the
-    /// agent refuses to start).
+    /// Run VMMs without control groups where the host has no usable hierarchy, and
+    /// unjailed where it cannot jail them (else the agent refuses to start).
     pub unconfined: bool,
     /// Where slot files live (machine-wide, shared by agents on one host).
     pub slots_dir: PathBuf,

@@ -270,7 +270,8 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
 
     let cgroups = confinement(&cfg, &tag)?;
     let images = ImageStore::new(&cfg.images_dir);
-    let vmm = crate::vmm_for(&cfg, &images, cgroups.clone()).await?;
+    let jail = jail_works(&cfg).await?;
+    let vmm = crate::vmm_for(&cfg, &images, cgroups.clone(), jail).await?;
     tracing::info!(vmm = %vmm.info(), "VMM ready");
 
     let (_, recovered) = cleanup::run(&cfg.data_dir, &mem_root, &slots, vmm.as_ref()).await;
@@ -485,10 +486,46 @@ fn confinement(
     }
 }
 
+/// Whether VMMs can run jailed here (a private mount namespace, their own user, no
+/// capabilities): tried once with a jailed `true`. A host where it fails is refused unless
+/// the configuration says to run unconfined.
+async fn jail_works(cfg: &AgentConfig) -> Result<bool, StartError> {
+    let probe = async {
+        let root = cfg.data_dir.join(".jail-probe");
+        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        // Above every slot's user: no VMM runs as it.
+        let uid = nestbox_vmm::qemu::jail::VMM_UID_BASE + 65_535;
+        let ran = nestbox_hostsys::process::Cmd::new("true")
+            .jail(nestbox_hostsys::jail::Jail::new(&root, uid, uid).with_system())
+            .timeout(std::time::Duration::from_secs(10))
+            .run()
+            .await;
+        let _ = std::fs::remove_dir(&root);
+        ran.map(drop).map_err(|e| {
+            let cause = std::error::Error::source(&e).map(|s| format!(": {s}"));
+            format!("{e}{}", cause.unwrap_or_default())
+        })
+    };
+    match probe.await {
+        Ok(()) => {
+            tracing::info!("VMMs run jailed: own user, private mount namespace, no capabilities");
+            Ok(true)
+        }
+        Err(reason) if cfg.unconfined => {
+            tracing::warn!(%reason, "VMMs cannot be jailed here: they run as root and see the host's files (--unconfined)");
+            Ok(false)
+        }
+        Err(reason) => Err(StartError::Preflight(format!(
+            "VMMs cannot be jailed on this host ({reason}): a VMM bug would reach the host as root; fix that, or pass --unconfined to run without"
+        ))),
+    }
+}
+
 async fn vmm_for(
     cfg: &AgentConfig,
     images: &ImageStore,
     cgroups: Option<nestbox_vmm::qemu::Cgroups>,
+    jail: bool,
 ) -> Result<Arc<dyn nestbox_vmm::Vmm>, StartError> {
     let accel = match cfg.accel {
         AccelChoice::Auto => nestbox_vmm::AccelChoice::Auto,
@@ -508,6 +545,7 @@ async fn vmm_for(
         state_dir: Some(PathBuf::from("/run/nestbox")),
         cgroups,
         seccomp: true,
+        jail,
     })
     .await
     .map_err(|e| step("starting the QEMU driver")(Box::new(e)))?;

@@ -7,6 +7,8 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::{Internet, Nestbox, footprint, host_primary_ip, sh, sh_ok};
 use nestbox_client::Client;
 use nestbox_hostsys::net::SlotAddrs;
@@ -36,8 +38,51 @@ async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
         .await
         .unwrap()
         .id;
-    let addr_a = SlotAddrs::new(footprint(&nb, a).slot);
-    let addr_b = SlotAddrs::new(footprint(&nb, b).slot);
+    let (foot_a, foot_b) = (footprint(&nb, a), footprint(&nb, b));
+    let addr_a = SlotAddrs::new(foot_a.slot);
+    let addr_b = SlotAddrs::new(foot_b.slot);
+
+    // Each VMM is jailed: its own unprivileged user (not its neighbour's), no
+    // capabilities, QEMU's seccomp filter, and a root of its own in which the neighbour's
+    // disk, RAM and directory do not exist.
+    for (me, other) in [(&foot_a, &foot_b), (&foot_b, &foot_a)] {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", me.vmm_pid)).unwrap();
+        let uid = nestbox_vmm::qemu::jail::uid_for_slot(me.slot);
+        for want in [
+            format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}"),
+            "CapEff:\t0000000000000000".into(),
+            "CapBnd:\t0000000000000000".into(),
+            "NoNewPrivs:\t1".into(),
+            "Seccomp:\t2".into(),
+        ] {
+            assert!(
+                status.lines().any(|l| l == want),
+                "{want} missing:\n{status}"
+            );
+        }
+        let root = PathBuf::from(format!("/proc/{}/root", me.vmm_pid));
+        let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+        assert!(inside(&me.sandbox_dir.join("rootfs.qcow2")).exists());
+        for theirs in [
+            other.sandbox_dir.clone(),
+            other.mem_dir.clone(),
+            PathBuf::from("/etc/shadow"),
+        ] {
+            assert!(
+                !inside(&theirs).exists(),
+                "{} is visible to a VMM",
+                theirs.display()
+            );
+        }
+        // What the VMM can list of its own directory: its disk and its console; nothing
+        // the agent keeps there.
+        let mut own: Vec<String> = std::fs::read_dir(inside(&me.sandbox_dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        own.sort();
+        assert_eq!(own, ["console.log", "rootfs.qcow2"], "{own:?}");
+    }
 
     // A service on the host, listening on every address.
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();

@@ -341,12 +341,22 @@ pub async fn create_overlay(
     Ok(())
 }
 
-/// Writes the whole disk seen through `overlay` (a qcow2 with its backing chain) into a
-/// standalone raw image at `out`. Zeroed regions stay holes, so the result is sparse.
-pub async fn flatten(overlay: &Path, out: &Path) -> Result<(), DiskError> {
+/// Writes the whole disk seen through `overlay` (a qcow2 over the raw image `backing`)
+/// into a standalone raw image at `out`. Zeroed regions stay holes, so the result is
+/// sparse. The backing image is the one given, whatever the overlay's header names: a VMM
+/// that ran the disk could have rewritten the header to point at any host file.
+pub async fn flatten(overlay: &Path, backing: &Path, out: &Path) -> Result<(), DiskError> {
+    let esc = |p: &Path| p.to_string_lossy().replace(',', ",,");
+    let source = format!(
+        "driver=qcow2,file.driver=file,file.filename={},backing.driver=raw,\
+         backing.file.driver=file,backing.file.filename={}",
+        esc(overlay),
+        esc(backing)
+    );
     Cmd::new("qemu-img")
-        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-        .arg(overlay)
+        .args(["convert", "-q", "--image-opts"])
+        .arg(source)
+        .args(["-O", "raw"])
         .arg(out)
         .run()
         .await
@@ -432,6 +442,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn flattening_reads_the_recorded_backing_image_not_the_header() {
+        assert!(tools_present(), "needs e2fsprogs and qemu-utils installed");
+        let dir = tempfile::tempdir().unwrap();
+        let image = |name: &str, mark: &[u8]| {
+            let path = dir.path().join(name);
+            let mut data = mark.to_vec();
+            data.resize(1 << 20, 0);
+            std::fs::write(&path, data).unwrap();
+            path
+        };
+        let base = image("base.raw", b"BASEDATA");
+        // A header rewritten to name another host file (as a VMM that ran the disk could).
+        let secret = image("secret.raw", b"SECRETS!");
+        let overlay = dir.path().join("o.qcow2");
+        create_overlay(&secret, &overlay, None).await.unwrap();
+        let flat = dir.path().join("flat.raw");
+        flatten(&overlay, &base, &flat).await.unwrap();
+        assert_eq!(&std::fs::read(&flat).unwrap()[..8], b"BASEDATA");
+    }
+
+    #[tokio::test]
     async fn ensure_expands_sparsely_and_caches() {
         assert!(tools_present(), "needs e2fsprogs and qemu-utils installed");
         let dir = tempfile::tempdir().unwrap();
@@ -455,7 +486,7 @@ mod tests {
         assert!(allocated_bytes(&overlay).unwrap() < 1024 * 1024);
         // Flatten the overlay back into a standalone sparse image, and shrink it.
         let flat = dir.path().join("flat.ext4");
-        flatten(&overlay, &flat).await.unwrap();
+        flatten(&overlay, &base, &flat).await.unwrap();
         assert_eq!(std::fs::metadata(&flat).unwrap().len(), 256 * 1024 * 1024);
         assert!(
             allocated_bytes(&flat).unwrap() < 64 * 1024 * 1024,

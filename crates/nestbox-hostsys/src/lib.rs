@@ -11,9 +11,12 @@
 //! - [`disk`]: template base images expanded per disk size, qcow2 copy-on-write overlays.
 //! - [`dirs`]: private directories (0700, ours, not links) for data and guest RAM.
 //! - [`cgroup`]: a control group per VMM with limits from its sandbox's size (v1 or v2).
+//! - [`jail`]: a private root (mount namespace, pivot_root) and an unprivileged user for
+//!   one process.
 
 pub mod cgroup;
 pub mod dirs;
 pub mod disk;
+pub mod jail;
 pub mod net;
 pub mod process;

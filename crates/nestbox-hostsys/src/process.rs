@@ -74,6 +74,9 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    /// The jail to run in cannot be built.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// The network namespace to run in could not be opened.
     #[error("cannot open network namespace {path}")]
     Netns {
@@ -149,6 +152,9 @@ pub struct Cmd {
     inherit_output: bool,
     cgroups: Vec<PathBuf>,
     confined: Option<Confined>,
+    jail: Option<crate::jail::Jail>,
+    pass: Vec<(std::sync::Arc<OwnedFd>, i32)>,
+    tap: Option<(String, i32)>,
 }
 
 impl Cmd {
@@ -166,6 +172,9 @@ impl Cmd {
             inherit_output: false,
             cgroups: Vec::new(),
             confined: None,
+            jail: None,
+            pass: Vec::new(),
+            tap: None,
         }
     }
 
@@ -226,6 +235,27 @@ impl Cmd {
             gid,
             file: file.map(std::sync::Arc::new),
         });
+        self
+    }
+
+    /// Runs the command in `jail` (see [`crate::jail`]): its own mount namespace holding
+    /// only the jail's files, as the jail's unprivileged user.
+    pub fn jail(mut self, jail: crate::jail::Jail) -> Self {
+        self.jail = Some(jail);
+        self
+    }
+
+    /// Hands the command `fd` as its descriptor `target` (3..64).
+    pub fn pass_fd(mut self, fd: OwnedFd, target: i32) -> Self {
+        self.pass.push((std::sync::Arc::new(fd), target));
+        self
+    }
+
+    /// Opens the TAP device `ifname` of the command's network namespace ([`Cmd::netns`])
+    /// for it, as its descriptor `target` (3..64): the command needs no privilege to use
+    /// it.
+    pub fn open_tap(mut self, ifname: impl Into<String>, target: i32) -> Self {
+        self.tap = Some((ifname.into(), target));
         self
     }
 
@@ -335,6 +365,9 @@ impl Cmd {
         }
         let mut held: Vec<OwnedFd> = netns.into_iter().collect();
         held.extend(procs);
+        if !self.pass.is_empty() || self.tap.is_some() || self.jail.is_some() {
+            self.handover(&mut cmd, &mut held)?;
+        }
         if let Some(c) = &self.confined {
             let file = match &c.file {
                 Some(f) => Some(f.try_clone().map_err(|source| ProcessError::Spawn {
@@ -401,6 +434,96 @@ impl Cmd {
             }
         }
         Ok((cmd, held))
+    }
+
+    /// Registers the child's descriptor hand-over (passed descriptors, the TAP device) and
+    /// its jail. Runs after the namespace and control-group steps, so the TAP device is
+    /// the namespace's.
+    fn handover(
+        &self,
+        cmd: &mut tokio::process::Command,
+        held: &mut Vec<OwnedFd>,
+    ) -> Result<(), ProcessError> {
+        /// Descriptors are parked at or above this number before they move to their
+        /// targets, so no source is overwritten by another's target.
+        const PARK: i32 = 64;
+        let bad_target = |target: i32| ProcessError::Spawn {
+            argv: self.argv(),
+            source: std::io::Error::other(format!("descriptor target {target} is not in 3..64")),
+        };
+        // Fixed-size, built before the fork: the child may not allocate.
+        let mut moves = [(-1i32, -1i32); 8];
+        if self.pass.len() > moves.len() {
+            return Err(ProcessError::Spawn {
+                argv: self.argv(),
+                source: std::io::Error::other("more than 8 descriptors to pass"),
+            });
+        }
+        for (slot, (fd, target)) in moves.iter_mut().zip(&self.pass) {
+            if !(3..PARK).contains(target) {
+                return Err(bad_target(*target));
+            }
+            let fd = fd.try_clone().map_err(|source| ProcessError::Spawn {
+                argv: self.argv(),
+                source,
+            })?;
+            *slot = (fd.as_raw_fd(), *target);
+            held.push(fd);
+        }
+        let tap = match &self.tap {
+            Some((name, target)) => {
+                if !(3..PARK).contains(target) {
+                    return Err(bad_target(*target));
+                }
+                let ifr = crate::jail::tap_request(name).ok_or_else(|| ProcessError::Spawn {
+                    argv: self.argv(),
+                    source: std::io::Error::other(format!("bad TAP device name {name:?}")),
+                })?;
+                Some((ifr, *target))
+            }
+            None => None,
+        };
+        let jail = self.jail.as_ref().map(|j| j.prepare()).transpose()?;
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (open, ioctl, fcntl, dup2, close and the jail's
+        // mount and credential calls) on buffers built before the fork and descriptors the
+        // parent keeps open until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut parked = [-1i32; 9];
+                for (i, (fd, _)) in moves.iter().enumerate().filter(|(_, m)| m.0 >= 0) {
+                    let p = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, PARK);
+                    if p < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    parked[i] = p;
+                }
+                if let Some((ifr, _)) = &tap {
+                    let fd = crate::jail::open_tap(ifr)?;
+                    let p = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, PARK);
+                    libc::close(fd);
+                    if p < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    parked[8] = p;
+                }
+                let targets = moves
+                    .iter()
+                    .map(|m| m.1)
+                    .chain(std::iter::once(tap.as_ref().map_or(-1, |t| t.1)));
+                for (p, target) in parked.iter().copied().zip(targets) {
+                    // dup2 leaves the target without close-on-exec: it survives exec.
+                    if p >= 0 && libc::dup2(p, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(j) = &jail {
+                    j.enter()?;
+                }
+                Ok(())
+            });
+        }
+        Ok(())
     }
 
     fn spawn_error(&self, source: std::io::Error) -> ProcessError {

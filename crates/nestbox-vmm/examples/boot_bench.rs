@@ -65,11 +65,13 @@ async fn main() -> anyhow::Result<()> {
             root_disk: Disk {
                 path: disk.clone(),
                 format: DiskFormat::Qcow2,
+                backing: None,
             },
             network: NetworkSpec::User { host_port: port },
             guest: GuestConfig::default(),
             run_dir: dir.path().join(format!("run{i}")),
             memory_dir: shm.path().to_path_buf(),
+            uid: None,
         };
         let (mut vm, ready) =
             nestbox_vmm::boot_and_wait_ready(&vmm, spec, Duration::from_secs(120)).await?;

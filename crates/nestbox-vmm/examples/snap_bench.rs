@@ -134,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
         root_disk: Disk {
             path: disk.to_path_buf(),
             format: DiskFormat::Qcow2,
+            backing: None,
         },
         network: NetworkSpec::User { host_port: port },
         guest: GuestConfig {
@@ -142,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         },
         run_dir: work.path().join(format!("run-{id}")),
         memory_dir: shm.path().join("mem"),
+        uid: None,
     };
 
     let port = free_port()?;

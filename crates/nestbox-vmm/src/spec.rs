@@ -50,6 +50,11 @@ pub struct Disk {
     pub path: PathBuf,
     /// Its format.
     pub format: DiskFormat,
+    /// The image a qcow2 overlay was made over (raw, one level), as its maker recorded
+    /// it. A jailed VMM's overlay must name exactly this image: the header is writable by
+    /// the VMM that ran the disk, so what it says is not trusted.
+    #[serde(default)]
+    pub backing: Option<PathBuf>,
 }
 
 /// How the guest reaches the network.
@@ -116,6 +121,11 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Directory of the guest RAM file (`<id>.ram`), normally on tmpfs (`/dev/shm/…`).
     pub memory_dir: PathBuf,
+    /// The unprivileged user (and group) a jailed VMM runs as: one no other live VMM
+    /// uses (the caller owns that; see [`crate::qemu::jail`]). Required by a driver that
+    /// jails its VMMs.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 impl VmSpec {
@@ -131,6 +141,9 @@ impl VmSpec {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return invalid("id", format!("`{}` must be 1-64 of [A-Za-z0-9_-]", self.id));
+        }
+        if self.uid == Some(0) {
+            return invalid("uid", "a VMM never runs as root".into());
         }
         if self.vcpus == 0 || self.vcpus > 64 {
             return invalid("vcpus", format!("{} is not in 1..=64", self.vcpus));

@@ -88,6 +88,7 @@ fn spec(id: &str, kernel: &KernelImage, disk: Disk, network: NetworkSpec, dir: &
         },
         run_dir: dir.join("run"),
         memory_dir: dir.join("mem"),
+        uid: None,
     }
 }
 
@@ -123,6 +124,7 @@ async fn boots_to_ready_serves_health_and_stops_clean() {
         Disk {
             path: disk,
             format: DiskFormat::Qcow2,
+            backing: None,
         },
         NetworkSpec::User { host_port: port },
         dir.path(),
@@ -187,6 +189,7 @@ async fn a_guest_that_cannot_mount_root_powers_off_and_says_why() {
         Disk {
             path: disk,
             format: DiskFormat::Raw,
+            backing: None,
         },
         NetworkSpec::None,
         dir.path(),
@@ -218,6 +221,7 @@ async fn dropping_a_vm_kills_it() {
         Disk {
             path: disk,
             format: DiskFormat::Qcow2,
+            backing: None,
         },
         NetworkSpec::None,
         dir.path(),
@@ -332,6 +336,7 @@ async fn tap_networking_inside_a_netns_uses_the_static_address() {
         Disk {
             path: disk,
             format: DiskFormat::Qcow2,
+            backing: None,
         },
         NetworkSpec::Tap {
             netns: ns.path(),
@@ -399,6 +404,7 @@ async fn a_vm_runs_in_its_cgroup_with_limits_from_its_size() {
         Disk {
             path: disk,
             format: DiskFormat::Qcow2,
+            backing: None,
         },
         NetworkSpec::User {
             host_port: free_port(),
@@ -443,4 +449,126 @@ async fn a_vm_runs_in_its_cgroup_with_limits_from_its_size() {
         "the group goes with the VMM"
     );
     let _ = hierarchy.group(&parent).remove();
+}
+
+/// The attack surface of a jailed VMM: its own unprivileged user, no capabilities, no new
+/// privileges, QEMU's seccomp filter, and a mount namespace in which only its own files
+/// exist — not a neighbour's disk, not the host's configuration, no other process.
+#[tokio::test]
+async fn a_jailed_vmm_has_no_privilege_and_sees_only_its_files() {
+    if !is_root() {
+        eprintln!("skipped: jails need root");
+        return;
+    }
+    let (template, kernel) = images();
+    let base = std::fs::canonicalize(&template.rootfs).unwrap();
+    let kernel_file = std::fs::canonicalize(&kernel.kernel).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = overlay(&base, dir.path(), "1G").await;
+    // A neighbour's files, next to this VM's.
+    let neighbour = dir.path().join("neighbour");
+    std::fs::create_dir(&neighbour).unwrap();
+    std::fs::write(neighbour.join("rootfs.qcow2"), "another tenant's disk").unwrap();
+    let vmm = QemuVmm::new(QemuOptions {
+        accel: AccelChoice::Tcg,
+        jail: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port();
+    let uid = nestbox_vmm::qemu::jail::VMM_UID_BASE + 90_000 + std::process::id() % 10_000;
+    let mut s = spec(
+        "jailed",
+        &kernel,
+        Disk {
+            path: disk.clone(),
+            format: DiskFormat::Qcow2,
+            backing: Some(base.clone()),
+        },
+        NetworkSpec::User { host_port: port },
+        dir.path(),
+    );
+    s.uid = Some(uid);
+    // Without its own user a jailed VMM does not start.
+    let mut nobody = s.clone();
+    nobody.uid = None;
+    let err = vmm.boot(nobody).await.map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("uid"), "{err}");
+    // Nor with a disk whose header names another backing image than recorded.
+    let mut redirected = s.clone();
+    redirected.root_disk.backing = Some(neighbour.join("rootfs.qcow2"));
+    let err = vmm.boot(redirected).await.map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("backing image"), "{err}");
+
+    let (mut vm, _) = nestbox_vmm::boot_and_wait_ready(&vmm, s, READY_WITHIN)
+        .await
+        .unwrap();
+    let pid = vm.pid();
+    assert!(http_status(port, "/health").unwrap().contains(" 204"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for want in [
+        format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}"),
+        format!("Gid:\t{uid}\t{uid}\t{uid}\t{uid}"),
+        "CapEff:\t0000000000000000".into(),
+        "CapPrm:\t0000000000000000".into(),
+        "CapBnd:\t0000000000000000".into(),
+        "NoNewPrivs:\t1".into(),
+        "Seccomp:\t2".into(),
+    ] {
+        assert!(
+            status.lines().any(|l| l == want),
+            "{want} missing:\n{status}"
+        );
+    }
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(&pid.to_string()),
+        ns("self"),
+        "no mount namespace of its own"
+    );
+    // Its root: the system directories, its devices, its own process table, and the
+    // paths of its own files.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    let own_top = dir.path().components().nth(1).unwrap();
+    let own_top = own_top.as_os_str().to_string_lossy().into_owned();
+    for name in &top {
+        assert!(
+            [
+                "usr", "lib", "lib64", "bin", "sbin", "etc", "dev", "proc", "nix"
+            ]
+            .contains(&name.as_str())
+                || *name == own_top
+                || kernel_file.starts_with(format!("/{name}")),
+            "unexpected {name} in the jail: {top:?}"
+        );
+    }
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    assert!(inside(&disk).exists(), "its own disk is there");
+    assert!(inside(&base).exists(), "its backing image is there");
+    assert!(inside(&kernel_file).exists(), "its kernel is there");
+    assert!(
+        !inside(&neighbour).exists(),
+        "a neighbour's files are visible"
+    );
+    assert!(!inside(Path::new("/etc/passwd")).exists());
+    let procs: Vec<String> = std::fs::read_dir(inside(Path::new("/proc")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    // Root looking through the VMM's /proc still sees everything (hidepid hides other
+    // users' processes from the VMM's user only); the VMM itself is there.
+    assert!(procs.contains(&pid.to_string()), "{procs:?}");
+    // The backing image is read-only in there, the disk is the VMM's.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&disk).unwrap().uid(), uid);
+    assert_eq!(std::fs::metadata(&base).unwrap().uid(), 0);
+    vm.stop(Duration::from_secs(10)).await.unwrap();
+    assert!(process_gone(pid));
 }

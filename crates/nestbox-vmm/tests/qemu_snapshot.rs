@@ -60,13 +60,24 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The driver as a host agent runs it: every VMM jailed.
 async fn tcg() -> QemuVmm {
     QemuVmm::new(QemuOptions {
         accel: AccelChoice::Tcg,
+        jail: true,
         ..Default::default()
     })
     .await
     .unwrap()
+}
+
+/// A VMM user for VM `id` of this test process: above every network slot's, and
+/// (practically) unique among concurrent tests.
+fn test_uid(id: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (id, std::process::id()).hash(&mut h);
+    nestbox_vmm::qemu::jail::VMM_UID_BASE + 100_000 + (h.finish() % 1_000_000) as u32
 }
 
 /// Disk scratch space and a tmpfs directory for RAM and snapshots.
@@ -119,6 +130,8 @@ impl Scratch {
             root_disk: Disk {
                 path: disk.to_path_buf(),
                 format: DiskFormat::Qcow2,
+                // Made by this test: its header is what the test wrote.
+                backing: nestbox_hostsys::disk::backing_file(disk).ok().flatten(),
             },
             network,
             guest: GuestConfig {
@@ -128,6 +141,7 @@ impl Scratch {
             },
             run_dir: self.disk.path().join(format!("run-{id}")),
             memory_dir: self.memory_dir(),
+            uid: Some(test_uid(id)),
         }
     }
 }

@@ -140,6 +140,7 @@ impl Manager {
             egress: p.egress.clone(),
             egress_version: 0,
             rotating_to: None,
+            disk_backing: None,
         };
         let origin = match p.template_id {
             Some(tpl) => {
@@ -329,6 +330,7 @@ impl Manager {
             disk::create_overlay(&base, &overlay, size)
                 .await
                 .map_err(|e| AgentError::host("creating the root disk", id, e))?;
+            st.disk_backing = Some(base.clone());
             drop(using_bases);
             let init = Init {
                 present: match &origin {
@@ -417,6 +419,7 @@ impl Manager {
             root_disk: Disk {
                 path: dir.join("rootfs.qcow2"),
                 format: DiskFormat::Qcow2,
+                backing: self.disk_backing(st, &dir.join("rootfs.qcow2")),
             },
             network: NetworkSpec::Tap {
                 netns: net.addrs.netns_path(),
@@ -432,6 +435,8 @@ impl Manager {
             },
             run_dir: dir.to_path_buf(),
             memory_dir: st.mem_dir.clone(),
+            // Slots are unique machine-wide, so are the VMM users made from them.
+            uid: Some(nestbox_vmm::qemu::jail::uid_for_slot(slot)),
         };
         let console = dir.join("console.log");
         let started_vm = match &snapshot {
@@ -504,6 +509,28 @@ impl Manager {
     }
 
     /// A client of the guest agent behind `net`, presenting `token`.
+    /// The image `st`'s overlay at `disk` was made over: as recorded at its creation, or
+    /// (a sandbox made before that was recorded) the one its header names if that is one
+    /// of this host's base or template images.
+    pub(super) fn disk_backing(&self, st: &StateFile, disk: &Path) -> Option<PathBuf> {
+        if st.disk_backing.is_some() {
+            return st.disk_backing.clone();
+        }
+        let named = disk::backing_file(disk).ok().flatten()?;
+        let data = &self.inner().cfg.data_dir;
+        let ours = [
+            data.join("bases"),
+            data.join("templates"),
+            self.inner().cfg.warm_dir.clone(),
+        ]
+        .iter()
+        .any(|root| {
+            named.parent().and_then(Path::parent) == Some(root.as_path())
+                || named.parent() == Some(root.as_path())
+        });
+        ours.then_some(named)
+    }
+
     pub(super) fn guest_client(
         &self,
         id: SandboxId,

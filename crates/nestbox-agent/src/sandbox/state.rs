@@ -130,6 +130,11 @@ pub struct StateFile {
     /// before the rotation was recorded); the next start finds out which one it holds.
     #[serde(default)]
     pub rotating_to: Option<String>,
+    /// The image the root disk's overlay was made over (a VMM can rewrite the overlay's
+    /// header, so the image it names there is not trusted). `None` in the record of a
+    /// sandbox made before this was kept.
+    #[serde(default)]
+    pub disk_backing: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for StateFile {

@@ -935,7 +935,18 @@ impl SandboxTask {
         }
         // The disk becomes a standalone sparse image (the overlay's backing file is not
         // the template's to keep).
-        disk::flatten(&frozen_disk, &rootfs)
+        let overlay = self.dir.join("rootfs.qcow2");
+        let backing = self
+            .manager
+            .disk_backing(&self.st, &overlay)
+            .ok_or_else(|| {
+                AgentError::host(
+                    "flattening the disk",
+                    id,
+                    std::io::Error::other("its overlay's backing image is not known"),
+                )
+            })?;
+        disk::flatten(&frozen_disk, &backing, &rootfs)
             .await
             .map_err(|e| AgentError::host("flattening the disk", id, e))?;
         let _ = tokio::fs::remove_file(&frozen_disk).await;

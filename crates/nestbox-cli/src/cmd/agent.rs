@@ -70,8 +70,9 @@ pub struct HostArgs {
     /// one over instead of restoring (each costs an idle sandbox's memory; 0: none).
     #[arg(long, env = "NESTBOX_CLONE_POOL", default_value_t = 1)]
     pub clone_pool: u32,
-    /// Run VMMs without their control groups when the host has no usable cgroup
-    /// hierarchy (otherwise the agent refuses to start there).
+    /// Run VMMs without what the host cannot give them: their control groups where it
+    /// has no usable cgroup hierarchy, their jails where it cannot make one (otherwise
+    /// the agent refuses to start there).
     #[arg(long, env = "NESTBOX_UNCONFINED")]
     pub unconfined: bool,
     /// The memory filesystem (tmpfs) guest RAM lives on; its size bounds the guest

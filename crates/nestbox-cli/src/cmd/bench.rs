@@ -13,7 +13,7 @@
 //! - the platform's own CPU use (control plane + host agent, this process) over a window
 //!   with N idle sandboxes, next to the same window with none: what the per-sandbox work
 //!   that never stops (the metrics sampler, the sandbox tasks' ticks) costs;
-//! - VMM confinement (seccomp filter + control group) against none: boot, guest agent
+//! - VMM confinement (jail + seccomp filter + control group) against none: boot, guest agent
 //!   round trip, pause and resume (`--only-confinement`).
 //!
 //! Numbers are printed, never asserted: speed is measured, not tested.
@@ -135,6 +135,8 @@ fn bare_spec(
         initrd: Some(kernel.initramfs.clone()),
         cmdline_extra: Vec::new(),
         root_disk: Disk {
+            // Made here a moment ago: its header is what this process wrote.
+            backing: nestbox_hostsys::disk::backing_file(&overlay).ok().flatten(),
             path: overlay,
             format: DiskFormat::Qcow2,
         },
@@ -142,11 +144,12 @@ fn bare_spec(
         guest: GuestConfig::default(),
         run_dir: run_dir.to_path_buf(),
         memory_dir,
+        uid: None,
     }
 }
 
-/// VMM confinement (QEMU's seccomp filter and a control group with the sandbox's limits)
-/// against none, at the VMM, interleaved run by run: boot to a ready guest agent, the
+/// VMM confinement (a jail of its own, QEMU's seccomp filter and a control group with the
+/// sandbox's limits) against none, at the VMM, interleaved run by run: boot to a ready guest agent, the
 /// guest agent's round trip, a pause (suspend into a snapshot) and a resume (restore).
 async fn confinement(
     args: &BenchArgs,
@@ -171,6 +174,7 @@ async fn confinement(
             parent: parent.clone(),
         }),
         seccomp: true,
+        jail: true,
         ..Default::default()
     })
     .await?;
@@ -183,7 +187,7 @@ async fn confinement(
     })
     .await?;
     println!(
-        "confinement: seccomp filter + {} vs. none ({})",
+        "confinement: jail + seccomp filter + {} vs. none ({})",
         hierarchy.as_ref().map_or("no cgroup", |h| h.describe()),
         confined.info()
     );
@@ -199,7 +203,7 @@ async fn confinement(
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
-            let spec = bare_spec(
+            let mut spec = bare_spec(
                 format!("bench-conf-{k}-{i}"),
                 kernel,
                 overlay,
@@ -207,6 +211,8 @@ async fn confinement(
                 &run_dir,
                 PathBuf::from("/dev/shm").join(format!("nbx-bench-{pid}-{k}-{i}")),
             );
+            // Above every network slot's user (the confined driver jails its VMMs).
+            spec.uid = Some(nestbox_vmm::qemu::jail::VMM_UID_BASE + 70_000 + i as u32);
             let (mut vm, ready) =
                 nestbox_vmm::boot_and_wait_ready(vmm, spec.clone(), Duration::from_secs(120))
                     .await?;

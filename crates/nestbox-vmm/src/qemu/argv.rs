@@ -45,7 +45,7 @@ pub struct RunPaths {
     pub qmp_socket: PathBuf,
     /// Serial console log.
     pub console_log: PathBuf,
-    /// QEMU's pid file (for crash clean-up).
+    /// QEMU's pid, written by the agent (for crash clean-up).
     pub pid_file: PathBuf,
     /// QEMU's own stdout/stderr.
     pub stderr_log: PathBuf,
@@ -143,20 +143,31 @@ pub fn machine_argv(
         "-serial",
         "chardev:con0",
     ]);
+    // QMP on the listening socket the agent binds and hands in: QEMU creates no file.
     push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", esc(&paths.qmp_socket)),
+        "-chardev",
+        &format!(
+            "socket,id=qmp0,fd={},server=on,wait=off",
+            super::jail::QMP_FD
+        ),
+        "-mon",
+        "chardev=qmp0,mode=control",
     ]);
-    push(&["-pidfile", &paths.pid_file.to_string_lossy()]);
     push(&["-kernel", &spec.kernel.to_string_lossy()]);
     if let Some(initrd) = &spec.initrd {
         push(&["-initrd", &initrd.to_string_lossy()]);
     }
     push(&["-append", cmdline]);
+    // An overlay's backing image is named here, not taken from its header (which the
+    // VMM that ran the disk could have rewritten).
+    let backing = match &spec.root_disk.backing {
+        Some(b) => format!(",backing.driver=raw,backing.file.filename={}", esc(b)),
+        None => String::new(),
+    };
     push(&[
         "-drive",
         &format!(
-            "id=root,file={},format={},if=none,cache=writeback,discard=unmap",
+            "id=root,file={},format={},if=none,cache=writeback,discard=unmap{backing}",
             esc(&spec.root_disk.path),
             spec.root_disk.format.as_str()
         ),
@@ -165,9 +176,10 @@ pub fn machine_argv(
     ]);
     match &spec.network {
         NetworkSpec::None => {}
-        NetworkSpec::Tap { ifname, mac, .. } => push(&[
+        // The TAP device the agent opens in the sandbox's namespace and hands in.
+        NetworkSpec::Tap { mac, .. } => push(&[
             "-netdev",
-            &format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
+            &format!("tap,id=net0,fd={}", super::jail::TAP_FD),
             "-device",
             &format!("virtio-net-device,netdev=net0,mac={mac}"),
         ]),
@@ -238,6 +250,7 @@ mod tests {
             root_disk: Disk {
                 path: "/disks/sb1.qcow2".into(),
                 format: DiskFormat::Qcow2,
+                backing: None,
             },
             network,
             guest: GuestConfig {
@@ -249,6 +262,7 @@ mod tests {
             },
             run_dir: "/run/nbx/sb1".into(),
             memory_dir: "/dev/shm/nbx".into(),
+            uid: None,
         }
     }
 
@@ -286,23 +300,21 @@ mod tests {
         );
         assert_eq!(
             value_after(&argv, "-chardev"),
-            ["file,id=con0,path=/run/nbx/sb1/console.log"]
+            [
+                "file,id=con0,path=/run/nbx/sb1/console.log",
+                "socket,id=qmp0,fd=3,server=on,wait=off"
+            ]
         );
         assert_eq!(value_after(&argv, "-serial"), ["chardev:con0"]);
-        assert_eq!(
-            value_after(&argv, "-qmp"),
-            ["unix:/run/nbx/sb1/qmp.sock,server=on,wait=off"]
-        );
-        assert_eq!(value_after(&argv, "-pidfile"), ["/run/nbx/sb1/qemu.pid"]);
+        assert_eq!(value_after(&argv, "-mon"), ["chardev=qmp0,mode=control"]);
+        // Nothing QEMU would create in the run directory itself.
+        assert!(value_after(&argv, "-qmp").is_empty() && value_after(&argv, "-pidfile").is_empty());
         assert_eq!(value_after(&argv, "-initrd"), ["/img/initramfs.cpio"]);
         assert_eq!(
             value_after(&argv, "-drive"),
             ["id=root,file=/disks/sb1.qcow2,format=qcow2,if=none,cache=writeback,discard=unmap"]
         );
-        assert_eq!(
-            value_after(&argv, "-netdev"),
-            ["tap,id=net0,ifname=tap0,script=no,downscript=no"]
-        );
+        assert_eq!(value_after(&argv, "-netdev"), ["tap,id=net0,fd=4"]);
         assert_eq!(
             value_after(&argv, "-device"),
             [

@@ -18,6 +18,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod jail;
 pub mod record;
 pub mod snapshot;
 
@@ -71,6 +72,9 @@ pub struct QemuOptions {
     /// QEMU's seccomp filter ([`argv::SECCOMP`]); on unless turned off to measure what it
     /// costs.
     pub seccomp: bool,
+    /// Each VMM in a jail of its own ([`jail`]): its own user ([`VmSpec::uid`]), a mount
+    /// namespace holding only its files, no capabilities.
+    pub jail: bool,
 }
 
 /// Where VMMs' control groups are made.
@@ -112,6 +116,7 @@ impl Default for QemuOptions {
             state_dir: None,
             cgroups: None,
             seccomp: true,
+            jail: false,
         }
     }
 }
@@ -132,6 +137,9 @@ pub struct QemuVmm {
     digests: Arc<DigestCache>,
     cgroups: Option<Cgroups>,
     seccomp: bool,
+    jail: bool,
+    /// Templates' RAM as sealed copies for jailed clones.
+    sealed: Arc<jail::SealedRam>,
 }
 
 /// The kernel and initramfs a VM booted: their paths and stamps, hashed (through the
@@ -246,7 +254,29 @@ impl QemuVmm {
             digests: Arc::new(DigestCache::default()),
             cgroups: opts.cgroups,
             seccomp: opts.seccomp,
+            jail: opts.jail,
+            sealed: Arc::default(),
         })
+    }
+
+    /// `spec` with its image and disk paths resolved, when VMMs are jailed: a jail binds
+    /// files at their real paths, and QEMU must name them the same way.
+    pub(crate) fn resolved(&self, mut spec: VmSpec) -> Result<VmSpec, VmmError> {
+        if !self.jail {
+            return Ok(spec);
+        }
+        let real = |p: &Path| {
+            std::fs::canonicalize(p).map_err(|source| VmmError::Io {
+                op: "resolve",
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        spec.kernel = real(&spec.kernel)?;
+        spec.initrd = spec.initrd.as_deref().map(real).transpose()?;
+        spec.root_disk.path = real(&spec.root_disk.path)?;
+        spec.root_disk.backing = spec.root_disk.backing.as_deref().map(real).transpose()?;
+        Ok(spec)
     }
 
     /// The control group of VM `id`, if VMMs are confined (not created here).
@@ -275,6 +305,7 @@ impl QemuVmm {
 
     async fn boot_vm(&self, spec: VmSpec) -> Result<QemuVm, VmmError> {
         spec.validate()?;
+        let spec = self.resolved(spec)?;
         let paths = prepare_run_dir(&spec)?;
         let images = GuestImages::of(&spec)?;
         let clock_ms = std::time::SystemTime::now()
@@ -284,7 +315,11 @@ impl QemuVmm {
         let cmdline = spec.kernel_cmdline(self.tsc_khz, clock_ms);
         let memory = MemoryBacking::Owned(paths.memory_file.clone());
         let argv = machine_argv(&spec, self.info.accel, &paths, &cmdline, &memory, false);
-        let launched = self.launch(&spec, &paths, argv).await;
+        let ram = GuestRam {
+            backing: &memory,
+            sealed: None,
+        };
+        let launched = self.launch(&spec, &paths, argv, ram).await;
         let (child, qmp) = match launched {
             Ok(x) => x,
             Err(e) => {
@@ -314,28 +349,57 @@ impl QemuVmm {
             digests: self.digests.clone(),
             memory,
             machine,
+            _template_ram: None,
         };
         vm.write_record();
         Ok(vm)
     }
 
-    /// Starts QEMU with `argv` and connects QMP. On failure the process is killed and
-    /// reaped and the QMP socket and pid file removed (the RAM file is the caller's).
+    /// Starts QEMU with `argv` and its guest RAM and connects QMP. On failure the process
+    /// is killed and reaped and the QMP socket and pid file removed (the RAM file is the
+    /// caller's).
     async fn launch(
         &self,
         spec: &VmSpec,
         paths: &RunPaths,
         argv: Vec<String>,
+        ram: GuestRam<'_>,
     ) -> Result<(Supervised, QmpClient), VmmError> {
+        let GuestRam {
+            backing: memory,
+            sealed: template_ram,
+        } = ram;
         let argv = if self.seccomp {
             argv
         } else {
             without_seccomp(argv)
         };
         let mut cmd = Cmd::new(&self.binary).args(argv).new_session();
-        if let NetworkSpec::Tap { netns, .. } = &spec.network {
-            cmd = cmd.netns(netns);
+        if self.jail {
+            let ram = match memory {
+                MemoryBacking::Owned(p) => Some(p.as_path()),
+                MemoryBacking::Private(_) | MemoryBacking::Anonymous => None,
+            };
+            cmd = cmd.jail(jail::vmm_jail(
+                spec,
+                paths,
+                &self.binary,
+                self.info.accel,
+                ram,
+            )?);
         }
+        if let NetworkSpec::Tap { netns, ifname, .. } = &spec.network {
+            cmd = cmd.netns(netns).open_tap(ifname.as_str(), jail::TAP_FD);
+        }
+        if let Some(fd) = template_ram {
+            let fd = fd.try_clone().map_err(|source| VmmError::Io {
+                op: "pass the template ram",
+                path: paths.memory_file.clone(),
+                source,
+            })?;
+            cmd = cmd.pass_fd(fd, jail::RAM_FD);
+        }
+        cmd = cmd.pass_fd(jail::qmp_listener(&paths.qmp_socket)?, jail::QMP_FD);
         // Its control group first: the VMM joins it before it runs anything.
         let group = match &self.cgroups {
             Some(c) => Some(
@@ -353,18 +417,24 @@ impl QemuVmm {
         }
         tracing::debug!(id = %spec.id, argv = %cmd.argv(), "starting qemu");
         let spawned = cmd.spawn(Some(&paths.stderr_log));
+        drop(cmd);
         let mut child = match spawned {
             Ok(child) => child,
             Err(source) => {
                 if let Some(g) = &group {
                     let _ = g.remove();
                 }
+                remove_run_files(paths, None);
                 return Err(VmmError::Spawn {
                     id: spec.id.clone(),
                     source,
                 });
             }
         };
+        if let Err(error) = std::fs::write(&paths.pid_file, child.pid().to_string()) {
+            // Only crash clean-up reads it, and that also finds VMMs by command line.
+            tracing::warn!(%error, "cannot write the vmm's pid file");
+        }
         let result = self.connect(spec, paths, &mut child).await;
         if result.is_err()
             && let Some(g) = &group
@@ -560,6 +630,14 @@ impl Vmm for QemuVmm {
     }
 }
 
+/// A VMM's guest RAM: its backing and, for a jailed clone, the sealed copy of its
+/// template's RAM that is handed in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GuestRam<'a> {
+    pub(crate) backing: &'a MemoryBacking,
+    pub(crate) sealed: Option<&'a Arc<std::os::fd::OwnedFd>>,
+}
+
 /// A held VM's snapshot: where it is and how its RAM file got there.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Held {
@@ -598,6 +676,9 @@ pub struct QemuVm {
     digests: Arc<DigestCache>,
     memory: MemoryBacking,
     machine: MachineConfig,
+    /// A jailed clone's sealed template RAM: held while it runs, so later clones of the
+    /// same template share its pages.
+    _template_ram: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl QemuVm {
@@ -879,11 +960,13 @@ mod tests {
             root_disk: crate::Disk {
                 path: disk,
                 format: crate::DiskFormat::Raw,
+                backing: None,
             },
             network: NetworkSpec::None,
             guest: Default::default(),
             run_dir: dir.path().join("run"),
             memory_dir: dir.path().join("mem"),
+            uid: None,
         };
         let snap = dir.path().join("snap");
         std::fs::create_dir(&snap).unwrap();

@@ -156,6 +156,8 @@ impl QemuVmm {
             digests: self.digests.clone(),
             memory: record.memory,
             spec,
+            // Its QEMU holds its own descriptor of any sealed template RAM.
+            _template_ram: None,
         };
         if let Some(dir) = record.saving.filter(|_| vm.held.is_none()) {
             vm.undo_interrupted_save(&dir).await?;

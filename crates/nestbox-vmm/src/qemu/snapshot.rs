@@ -737,6 +737,7 @@ impl QemuVmm {
     ) -> Result<Restored, VmmError> {
         let started = Instant::now();
         spec.validate()?;
+        let spec = self.resolved(spec)?;
         let dir = absolute(snapshot)?;
         let (manifest, images) = self.check_and_stamp(&spec, &dir).await?;
         let mut timings = RestoreTimings {
@@ -779,17 +780,43 @@ impl QemuVmm {
             (Some(m), RestoreMemory::Clone) => (MemoryBacking::Private(dir.join(&m.file)), None),
             (None, _) => (MemoryBacking::Anonymous, None),
         };
+        // A jailed clone maps a sealed copy of the template's RAM (handed in): QEMU opens
+        // a private RAM file read-write, and the template's must stay unwritable.
+        let template_ram = match &memory {
+            MemoryBacking::Private(file) if self.jail => {
+                let (sealed, f) = (self.sealed.clone(), file.clone());
+                Some(blocking("seal the template ram", file, move || sealed.get(&f)).await?)
+            }
+            _ => None,
+        };
         timings.memory = t.elapsed();
 
+        let mapped = match &template_ram {
+            Some(_) => MemoryBacking::Private(super::jail::RAM_FD_PATH.into()),
+            None => memory.clone(),
+        };
         let argv = machine_argv(
             &spec,
             self.info.accel,
             &paths,
             &manifest.guest.cmdline,
-            &memory,
+            &mapped,
             true,
         );
-        let (child, qmp) = match self.load(&spec, &paths, argv, &state, &mut timings).await {
+        let loaded = self
+            .load(
+                &spec,
+                &paths,
+                argv,
+                &state,
+                &mut timings,
+                super::GuestRam {
+                    backing: &memory,
+                    sealed: template_ram.as_ref(),
+                },
+            )
+            .await;
+        let (child, qmp) = match loaded {
             Ok(x) => x,
             Err(e) => {
                 if let Some((src, placement)) = &placed
@@ -837,6 +864,7 @@ impl QemuVmm {
             images,
             digests: self.digests.clone(),
             memory,
+            _template_ram: template_ram,
         };
         vm.write_record();
         Ok(Restored {
@@ -855,9 +883,10 @@ impl QemuVmm {
         argv: Vec<String>,
         state: &Path,
         timings: &mut RestoreTimings,
+        ram: super::GuestRam<'_>,
     ) -> Result<(Supervised, QmpClient), VmmError> {
         let t = Instant::now();
-        let (mut child, qmp) = self.launch(spec, paths, argv).await?;
+        let (mut child, qmp) = self.launch(spec, paths, argv, ram).await?;
         timings.spawn = t.elapsed();
         let id = spec.id.as_str();
         let t = Instant::now();

@@ -291,6 +291,21 @@ impl Client {
         self.get(&format!("/v1/teams/{team}")).await
     }
 
+    /// A team's quotas and usage.
+    pub async fn team_quotas(&self, team: TeamId) -> Result<TeamQuotas, ClientError> {
+        self.get(&format!("/v1/teams/{team}/quotas")).await
+    }
+
+    /// Sets a team's quotas, all at once (platform admins).
+    pub async fn set_team_quotas(
+        &self,
+        team: TeamId,
+        limits: &TeamQuotaLimits,
+    ) -> Result<TeamQuotas, ClientError> {
+        self.put(&format!("/v1/admin/teams/{team}/quotas"), limits)
+            .await
+    }
+
     /// Renames a team.
     pub async fn rename_team(&self, team: TeamId, name: &str) -> Result<Team, ClientError> {
         self.patch(

@@ -111,6 +111,9 @@ impl From<DbError> for ApiError {
             DbError::NotFound { .. } => ApiError::new(ErrorCode::NotFound, err.to_string()),
             DbError::Conflict { .. } => ApiError::new(ErrorCode::AlreadyExists, err.to_string()),
             DbError::InvalidCursor => ApiError::invalid("invalid cursor"),
+            DbError::QuotaExceeded { .. } => {
+                ApiError::new(ErrorCode::QuotaExceeded, err.to_string())
+            }
             _ => ApiError::internal(&err),
         }
     }

@@ -176,6 +176,8 @@ const MATRIX: &[Row] = &[
         "/v1/teams/{team_id}/api-keys/{key_id}",
         TEAM_MANAGERS,
     ),
+    row("GET", "/v1/teams/{team_id}/quotas", TEAM_RESOURCE),
+    row("PUT", "/v1/admin/teams/{team_id}/quotas", PLATFORM_ADMINS),
     row("GET", "/v1/admin/users", PLATFORM_ADMINS),
     row("POST", "/v1/admin/users", PLATFORM_ADMINS),
     row("GET", "/v1/admin/hosts", PLATFORM_ADMINS),
@@ -563,6 +565,10 @@ impl World {
             (_, p) if p.starts_with("/v1/teams/{team_id}") => {
                 call(p.replace("{team_id}", &team.to_string()), Body::Empty)
             }
+            ("PUT", "/v1/admin/teams/{team_id}/quotas") => call(
+                format!("/v1/admin/teams/{team}/quotas"),
+                Body::Json(json!({})),
+            ),
             ("POST", "/v1/admin/users") => call(
                 path.into(),
                 Body::Json(json!({

@@ -55,6 +55,20 @@ pub enum DbError {
         /// The offending value (truncated).
         value: String,
     },
+    /// A write would take a team past one of its quotas.
+    #[error(
+        "the team's quota of {limit} {resource} would be exceeded ({used} in use, {requested} more asked)"
+    )]
+    QuotaExceeded {
+        /// What is limited, e.g. `running sandboxes`.
+        resource: &'static str,
+        /// The limit.
+        limit: u32,
+        /// The team's usage now.
+        used: u64,
+        /// What the write would add.
+        requested: u64,
+    },
     /// Any other database failure (connection, I/O, SQL error, decoding).
     #[error("database error")]
     Database(#[source] sqlx::Error),

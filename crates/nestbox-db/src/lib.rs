@@ -4,7 +4,7 @@
 //!   `Db::connect("postgres://…")` (a fleet). Connecting applies the embedded migrations: one
 //!   consolidated initial migration per engine (`migrations/{sqlite,postgres}/0001_init.sql`).
 //! - One module per table group ([`users`], [`teams`], [`api_keys`], [`hosts`], [`templates`],
-//!   [`sandboxes`], [`audit`], [`metrics`]) with free functions taking `&Db`, typed inputs and outputs
+//!   [`sandboxes`], [`audit`], [`metrics`], [`quotas`]) with free functions taking `&Db`, typed inputs and outputs
 //!   (`nestbox-types` ids and statuses). Every query is written once, in portable SQL; the
 //!   engine dispatch lives in one place (`engine`).
 //! - Repositories record and read; business rules (who may do what, which transitions are
@@ -26,6 +26,7 @@ mod leader;
 pub mod metrics;
 pub mod model;
 mod page;
+pub mod quotas;
 pub mod sandboxes;
 pub mod teams;
 pub mod templates;

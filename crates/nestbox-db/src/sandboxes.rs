@@ -148,8 +148,9 @@ fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
     })
 }
 
-/// Records a new `pending` sandbox with its metadata, in one transaction.
-/// [`DbError::NotFound`] if the team or template does not exist.
+/// Records a new `pending` sandbox with its metadata, in one transaction that first admits
+/// it against its team's quota ([`crate::quotas`]). [`DbError::NotFound`] if the team or
+/// template does not exist, [`DbError::QuotaExceeded`] if it does not fit.
 pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
     let id = SandboxId::new();
     let at = now();
@@ -160,6 +161,14 @@ pub async fn insert(db: &Db, new: &NewSandbox) -> Result<Sandbox, DbError> {
         .collect();
     let env = serde_json::Value::Object(env);
     let mut tx = db.begin().await?;
+    let demand = crate::quotas::Demand {
+        running: 1,
+        vcpus: u64::from(new.vcpus),
+        memory_mb: u64::from(new.memory_mb),
+        disk_mb: u64::from(new.disk_size_mb),
+        ..Default::default()
+    };
+    crate::quotas::admit(&mut tx.conn(), new.team_id, &demand).await?;
     tx.conn()
         .execute(
             "INSERT INTO sandboxes (id, team_id, template_id, template_name, status, vcpus, \
@@ -352,6 +361,32 @@ pub async fn transition(
         .push(" AND status IN ")
         .bind_list(from.iter().copied());
     Ok(db.execute(&sql.text, sql.args).await? > 0)
+}
+
+/// [`transition`] of a sandbox of `team`, admitted against the team's quota for
+/// `demand` in the same transaction ([`crate::quotas`]): [`DbError::QuotaExceeded`] and
+/// nothing changed if it does not fit.
+pub async fn transition_within_quota(
+    db: &Db,
+    team: TeamId,
+    id: SandboxId,
+    from: &[SandboxStatus],
+    to: SandboxStatus,
+    demand: &crate::quotas::Demand,
+) -> Result<bool, DbError> {
+    let mut tx = db.begin().await?;
+    crate::quotas::admit(&mut tx.conn(), team, demand).await?;
+    let mut sql = Sql::new("UPDATE sandboxes SET status = ");
+    sql.bind(to).push(", updated_at = ").bind(now());
+    sql.push(" WHERE id = ")
+        .bind(id)
+        .push(" AND team_id = ")
+        .bind(team)
+        .push(" AND status IN ")
+        .bind_list(from.iter().copied());
+    let changed = tx.conn().execute(&sql.text, sql.args).await? > 0;
+    tx.commit().await?;
+    Ok(changed)
 }
 
 /// Records that the sandbox runs on `host` since `started_at`: status `running`, error cleared,

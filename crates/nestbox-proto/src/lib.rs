@@ -51,9 +51,10 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
         ErrorCode::PayloadTooLarge | ErrorCode::InsufficientStorage => {
             tonic::Code::ResourceExhausted
         }
-        ErrorCode::RateLimited | ErrorCode::NoCapacity | ErrorCode::Busy => {
-            tonic::Code::ResourceExhausted
-        }
+        ErrorCode::RateLimited
+        | ErrorCode::QuotaExceeded
+        | ErrorCode::NoCapacity
+        | ErrorCode::Busy => tonic::Code::ResourceExhausted,
         ErrorCode::Internal => tonic::Code::Internal,
         ErrorCode::NotImplemented => tonic::Code::Unimplemented,
         ErrorCode::AgentError | ErrorCode::HostUnavailable | ErrorCode::PortUnreachable => {

@@ -144,6 +144,62 @@ pub struct TeamRequest {
     pub name: String,
 }
 
+/// A team's quotas (`null`: no limit). `PUT /v1/admin/teams/{id}/quotas` sets all of
+/// them at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TeamQuotaLimits {
+    /// Sandboxes running or being started.
+    #[serde(default)]
+    pub max_running: Option<u32>,
+    /// Paused sandboxes (explicit pauses are refused past it; inactivity pauses are not).
+    #[serde(default)]
+    pub max_paused: Option<u32>,
+    /// vCPUs of running sandboxes.
+    #[serde(default)]
+    pub max_vcpus: Option<u32>,
+    /// Memory of running sandboxes, MiB.
+    #[serde(default)]
+    pub max_memory_mb: Option<u32>,
+    /// Disk of running and paused sandboxes, MiB.
+    #[serde(default)]
+    pub max_disk_mb: Option<u32>,
+    /// Templates the team owns.
+    #[serde(default)]
+    pub max_templates: Option<u32>,
+}
+
+/// What a team uses of its quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct TeamQuotaUsage {
+    /// Sandboxes running or being started.
+    pub running: u64,
+    /// Paused sandboxes.
+    pub paused: u64,
+    /// vCPUs of running sandboxes.
+    pub vcpus: u64,
+    /// Memory of running sandboxes, MiB.
+    pub memory_mb: u64,
+    /// Disk of running and paused sandboxes, MiB.
+    pub disk_mb: u64,
+    /// Templates.
+    pub templates: u64,
+}
+
+/// A team's quotas and usage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct TeamQuotas {
+    /// The team.
+    pub team_id: TeamId,
+    /// Its limits.
+    pub limits: TeamQuotaLimits,
+    /// What it uses now.
+    pub usage: TeamQuotaUsage,
+}
+
 /// A member of a team.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

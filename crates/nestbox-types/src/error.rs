@@ -79,6 +79,9 @@ error_codes! {
     PayloadTooLarge => ("payload_too_large", 413, false),
     /// Too many requests; slow down.
     RateLimited => ("rate_limited", 429, true),
+    /// The request would take the team past one of its quotas; the message names it
+    /// (free some, or ask a platform admin to raise it).
+    QuotaExceeded => ("quota_exceeded", 429, false),
     /// An unexpected failure; the message carries a request id for the logs.
     Internal => ("internal", 500, false),
     /// The operation is not implemented by this runtime or host.

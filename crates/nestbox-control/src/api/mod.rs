@@ -93,6 +93,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(teams::update_member, teams::remove_member))
         .routes(routes!(teams::list_api_keys, teams::create_api_key))
         .routes(routes!(teams::delete_api_key))
+        .routes(routes!(teams::get_team_quotas))
+        .routes(routes!(teams::set_team_quotas))
         .routes(routes!(auth::create_user, auth::list_users))
         .routes(routes!(hosts::create_host, hosts::list_hosts))
         .routes(routes!(hosts::delete_host))

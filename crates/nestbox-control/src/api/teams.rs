@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use nestbox_types::api::{
     AddMemberRequest, ApiKey, CreateApiKeyRequest, CreatedApiKey, Member, Page, Team,
-    TeamMembership, TeamRequest, UpdateMemberRequest,
+    TeamMembership, TeamQuotaLimits, TeamQuotas, TeamRequest, UpdateMemberRequest,
 };
 use nestbox_types::{ApiKeyId, ErrorBody, TeamId, UserId};
 
@@ -52,6 +52,34 @@ pub async fn get_team(
     Path(team): Path<TeamId>,
 ) -> ApiResult<axum::Json<Team>> {
     s.services.get_team(&caller, team).await.map(axum::Json)
+}
+
+/// The team's quotas and what it uses of them (members; the team's API keys).
+#[utoipa::path(get, path = "/v1/teams/{team_id}/quotas", tag = "teams", security(("api_key" = []), ("session" = [])), params(("team_id" = TeamId, Path)),
+    responses((status = 200, body = TeamQuotas), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_team_quotas(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+) -> ApiResult<axum::Json<TeamQuotas>> {
+    s.services.team_quotas(&caller, team).await.map(axum::Json)
+}
+
+/// Sets a team's quotas, all at once (`null`: no limit; platform admins). What the team
+/// already uses above a new limit keeps running; requests that would add to it get
+/// `429 quota_exceeded`.
+#[utoipa::path(put, path = "/v1/admin/teams/{team_id}/quotas", tag = "admin", security(("session" = [])), params(("team_id" = TeamId, Path)), request_body = TeamQuotaLimits,
+    responses((status = 200, body = TeamQuotas), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn set_team_quotas(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+    Json(req): Json<TeamQuotaLimits>,
+) -> ApiResult<axum::Json<TeamQuotas>> {
+    s.services
+        .set_team_quotas(&caller, team, &req)
+        .await
+        .map(axum::Json)
 }
 
 /// Renames a team (owners and admins).

@@ -86,12 +86,18 @@ impl Services {
         let (host, mut client) = self.agent_for(sb.host_id).await?;
         // Marked first: from here on the monitor leaves the sandbox alone while its VM is
         // being saved.
-        let marked = sandboxes::transition(
+        let marked = sandboxes::transition_within_quota(
             &self.db,
+            sb.team_id,
             id,
             &[SandboxStatus::Running],
             SandboxStatus::Paused,
-            None,
+            &nestbox_db::quotas::Demand {
+                // The platform's own pauses (a lifetime's end) are never refused: they free
+                // what the sandbox ran on, and count once done.
+                paused: u64::from(!matches!(caller.actor, crate::extract::Actor::System)),
+                ..Default::default()
+            },
         )
         .await?;
         if !marked {
@@ -186,6 +192,15 @@ impl Services {
             }
         }
         let (host, mut client) = self.agent_for(sb.host_id).await?;
+        // Running again counts against the team's quota (checked, not reserved: the
+        // sandbox stays `paused` until its host has resumed it).
+        let back = nestbox_db::quotas::Demand {
+            running: 1,
+            vcpus: u64::from(sb.vcpus),
+            memory_mb: u64::from(sb.memory_mb),
+            ..Default::default()
+        };
+        nestbox_db::quotas::check(&self.db, sb.team_id, &back).await?;
         let db = self.db.clone();
         let who = *caller;
         let team = sb.team_id;

@@ -11,7 +11,7 @@
 //! - to anyone who is not a member, a team does not exist (404), so ids cannot be probed;
 //! - the platform team is managed by platform admins only.
 
-use nestbox_db::{api_keys, sandboxes, teams, users};
+use nestbox_db::{api_keys, quotas, sandboxes, teams, users};
 use nestbox_types::api::{self, ApiKey, CreatedApiKey, Member};
 use nestbox_types::{ApiKeyId, ErrorCode, SandboxStatus, TeamId, TeamRole, UserId};
 
@@ -71,6 +71,82 @@ impl Services {
             ));
         }
         Ok(user)
+    }
+
+    /// A team's quotas and usage: its members, and its own API keys.
+    pub async fn team_quotas(&self, caller: &Caller, team: TeamId) -> ApiResult<api::TeamQuotas> {
+        if caller.require_user().is_ok() {
+            self.role_in(caller, team).await?;
+        } else if caller.team != team {
+            return Err(not_found(team));
+        }
+        self.quotas_view(team).await
+    }
+
+    /// Sets a team's quotas (platform admins). Usage above a new limit is left running;
+    /// only what would add to it is refused.
+    pub async fn set_team_quotas(
+        &self,
+        caller: &Caller,
+        team: TeamId,
+        limits: &api::TeamQuotaLimits,
+    ) -> ApiResult<api::TeamQuotas> {
+        caller.require_admin()?;
+        let q = quotas::Quota {
+            max_running: limits.max_running,
+            max_paused: limits.max_paused,
+            max_vcpus: limits.max_vcpus,
+            max_memory_mb: limits.max_memory_mb,
+            max_disk_mb: limits.max_disk_mb,
+            max_templates: limits.max_templates,
+        };
+        quotas::set(&self.db, team, &q).await.map_err(|e| {
+            if e.is_not_found() {
+                not_found(team)
+            } else {
+                e.into()
+            }
+        })?;
+        self.audit(self.team_audit(
+            caller,
+            team,
+            "team.quotas_set",
+            "team",
+            team.to_string(),
+            serde_json::to_value(limits).unwrap_or_default(),
+        ))
+        .await;
+        self.quotas_view(team).await
+    }
+
+    async fn quotas_view(&self, team: TeamId) -> ApiResult<api::TeamQuotas> {
+        let q = quotas::get(&self.db, team).await.map_err(|e| {
+            if e.is_not_found() {
+                not_found(team)
+            } else {
+                e.into()
+            }
+        })?;
+        let u = quotas::usage(&self.db, team).await?;
+        Ok(api::TeamQuotas {
+            team_id: team,
+            limits: api::TeamQuotaLimits {
+                max_running: q.max_running,
+                max_paused: q.max_paused,
+                max_vcpus: q.max_vcpus,
+                max_memory_mb: q.max_memory_mb,
+                max_disk_mb: q.max_disk_mb,
+                max_templates: q.max_templates,
+            },
+            usage: api::TeamQuotaUsage {
+                running: u.running,
+                paused: u.paused,
+                vcpus: u.vcpus,
+                memory_mb: u.memory_mb,
+                disk_mb: u.disk_mb,
+                templates: u.templates,
+            },
+        })
     }
 
     fn team_audit<'a>(

@@ -337,6 +337,14 @@ impl Services {
                 Some((t, hosts))
             }
         };
+        // A new name counts against the team's template quota (an overwrite replaces).
+        if old.is_none() {
+            let one = nestbox_db::quotas::Demand {
+                templates: 1,
+                ..Default::default()
+            };
+            nestbox_db::quotas::check(&self.db, caller.team, &one).await?;
+        }
         let mut making = self
             .making(caller, &sb, req.name.clone(), kind, false)
             .await?;

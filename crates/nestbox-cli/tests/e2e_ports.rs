@@ -405,8 +405,22 @@ async fn a_server_in_a_sandbox_answers_through_the_proxy() {
         .unwrap();
     assert_eq!(r.status(), 409);
     assert_eq!(error_code(r).await, ErrorCode::SandboxNotRunning);
+    // Tokens rotated while it is paused: its guest agent takes the new one as it resumes,
+    // and refuses the one it held before the pause.
+    let rotated = client.rotate_tokens(id).await.unwrap();
+    let envd3 = rotated.envd_access_token.unwrap();
+    assert_ne!(envd3, envd2);
     // Resumed, the same server (same process, same memory) answers again.
     client.resume_sandbox(id).await.unwrap();
+    for (token, want) in [(&envd2, 401), (&envd3, 200)] {
+        let r = http
+            .get(&file)
+            .header("x-access-token", token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "after a rotation while paused");
+    }
     let text = http
         .get(format!("{}/v1/sandboxes/{id}/ports/{PORT}/again", nb.url))
         .header("x-api-key", &nb.api_key)

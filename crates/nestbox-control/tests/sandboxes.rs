@@ -1012,8 +1012,16 @@ async fn rotating_tokens_replaces_both_and_a_refusal_keeps_the_old(
     assert_eq!(kept.envd_access_token, rotated.envd_access_token);
     assert_eq!(kept.traffic_access_token, rotated.traffic_access_token);
 
-    // Only a running sandbox is rotated.
+    // A paused sandbox is rotated too (its guest takes the token when it resumes); a
+    // destroyed one has nothing to rotate.
     h.key.pause_sandbox(sb.id).await?;
+    let while_paused = h.key.rotate_tokens(sb.id).await?;
+    assert_ne!(while_paused.envd_access_token, rotated.envd_access_token);
+    assert_eq!(
+        h.agent.sandbox(sb.id).unwrap().request.access_token,
+        while_paused.envd_access_token.clone().unwrap()
+    );
+    h.key.destroy_sandbox(sb.id).await?;
     api_error(
         h.key.rotate_tokens(sb.id).await,
         409,
@@ -1033,8 +1041,8 @@ async fn rotating_tokens_replaces_both_and_a_refusal_keeps_the_old(
         .collect();
     assert_eq!(
         audited.len(),
-        2,
-        "the rotation and the refusal: {audited:?}"
+        3,
+        "two rotations and the refusal: {audited:?}"
     );
     h.shutdown().await;
     Ok(())
@@ -1060,7 +1068,7 @@ async fn removing_a_member_or_a_key_can_rotate_the_teams_tokens(
     assert_eq!(r.status().as_u16(), 204);
     assert_eq!(guest_token(running.id), run0);
 
-    // Asking rotates every running sandbox of the team; a paused one keeps its tokens.
+    // Asking rotates every running and paused sandbox of the team.
     let key = h.admin.client.create_api_key(h.team, "leaked").await?;
     let r = delete(format!(
         "/v1/teams/{}/api-keys/{}?rotate_tokens=true",
@@ -1070,7 +1078,7 @@ async fn removing_a_member_or_a_key_can_rotate_the_teams_tokens(
     assert_eq!(r.status().as_u16(), 204);
     let run1 = guest_token(running.id);
     assert_ne!(run1, run0, "the running sandbox got a new token");
-    assert_eq!(guest_token(paused.id), paused0);
+    assert_ne!(guest_token(paused.id), paused0, "so did the paused one");
     assert_eq!(
         h.key.get_sandbox(running.id).await?.envd_access_token,
         Some(run1.clone())

@@ -1687,8 +1687,9 @@ impl HostAgent for Service {
         if req.access_token.len() < 16 {
             return Err(invalid("access_token must be at least 16 characters"));
         }
-        // As the real agent: only a running guest takes a new token.
-        self.with_running(&req.sandbox_id, |sb| {
+        // As the real agent: a running guest takes it now, a paused one when it resumes
+        // (the sim keeps no guest, so both just hold it).
+        self.with_sandbox(&req.sandbox_id, |sb| {
             sb.request.access_token = req.access_token;
             Ok(Response::new(pb::RotateSandboxTokenResponse {}))
         })

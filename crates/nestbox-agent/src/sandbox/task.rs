@@ -257,10 +257,17 @@ impl SandboxTask {
     }
 
     /// Gives the running guest agent a new token (presenting the one it holds), then
-    /// records it and talks to the guest with it from then on.
+    /// records it and talks to the guest with it from then on. A paused sandbox's guest
+    /// gets it when it resumes (recorded now; a later rotation replaces it).
     async fn rotate_token(&mut self, token: String) -> Result<(), AgentError> {
         let id = self.st.sandbox_id;
         let state = self.handle.state();
+        if state == State::Paused {
+            self.st.rotating_to = Some(token);
+            state::write(&self.dir, &self.st)?;
+            tracing::info!(sandbox = %id, "guest agent token rotation recorded for the next resume");
+            return Ok(());
+        }
         let Some(live) = self.live.as_mut().filter(|_| state == State::Running) else {
             return Err(AgentError::WrongState {
                 id,
@@ -636,9 +643,10 @@ impl SandboxTask {
         let _ = tokio::fs::create_dir_all(&self.st.mem_dir).await;
         // The restored VMM writes a new console file.
         self.log(|l| l.new_console()).await;
+        // A rotation recorded while it was paused reaches the guest now.
         let init = Init {
             present: Some(self.st.access_token.clone()),
-            token: self.st.access_token.clone(),
+            token: self.next_token(),
             env: None,
             hostname: None,
         };
@@ -654,6 +662,7 @@ impl SandboxTask {
             .await
         {
             Ok((live, guest, version)) => {
+                self.rotated_on_resume();
                 self.running_again(live, guest, version, started, "restored")
                     .await
             }
@@ -732,10 +741,9 @@ impl SandboxTask {
         let Some(mut held) = self.held.take() else {
             return Err(AgentError::Internal(format!("sandbox {id} holds no VMM")));
         };
-        let guest = match self
-            .manager
-            .guest_client(id, &held.live.net, &self.st.access_token)
-        {
+        let next = self.next_token();
+        let rotating = next != self.st.access_token;
+        let guest = match self.manager.guest_client(id, &held.live.net, &next) {
             Ok(guest) => guest,
             Err(e) => {
                 self.held = Some(held);
@@ -750,10 +758,11 @@ impl SandboxTask {
             return Err(AgentError::host("running the held VM again", id, e));
         }
         // The guest runs: from here on the sandbox is running, whatever its agent answers
-        // (it keeps its token; /init sets its clock).
+        // (it keeps its token; /init sets its clock), unless a rotation recorded while it
+        // was paused did not reach it: then the snapshot is restored instead.
         let init = Init {
             present: Some(self.st.access_token.clone()),
-            token: self.st.access_token.clone(),
+            token: next,
             env: None,
             hostname: None,
         };
@@ -761,11 +770,35 @@ impl SandboxTask {
         let console = self.dir.join("console.log");
         if let Err(e) = send_init(&guest, init, held.live.vm.as_mut(), id, deadline, &console).await
         {
+            if rotating {
+                self.held = Some(held);
+                self.release_held().await;
+                return Err(e);
+            }
             tracing::warn!(sandbox = %id, error = %e.public_message(), "the resumed guest's clock was not set");
         }
+        self.rotated_on_resume();
         let version = self.st.guest_version.clone();
         self.running_again(held.live, guest, version, started, "held VMM")
             .await
+    }
+
+    /// The token the guest should hold once it runs again: a rotation recorded while it
+    /// was paused, else the one it has.
+    fn next_token(&self) -> String {
+        self.st
+            .rotating_to
+            .clone()
+            .unwrap_or_else(|| self.st.access_token.clone())
+    }
+
+    /// A resumed guest took [`Self::next_token`]: it is the sandbox's token from now on
+    /// (recorded by the caller's next state write).
+    fn rotated_on_resume(&mut self) {
+        if let Some(token) = self.st.rotating_to.take() {
+            self.st.access_token = token;
+            tracing::info!(sandbox = %self.st.sandbox_id, "guest agent token rotated on resume");
+        }
     }
 
     /// Records a resumed sandbox as running: its snapshot copies are spent (one was

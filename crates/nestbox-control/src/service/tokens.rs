@@ -6,10 +6,11 @@
 //! the next generation: recorded first (from then on the proxy accepts only the new
 //! tokens), then the sandbox's guest agent is given the new guest token (presenting the
 //! one it holds), after which it refuses the old one too. If its host refuses, the
-//! generation is put back. Only a running sandbox can be rotated (its guest agent must
-//! answer). Removing a member or deleting an API key offers it for the whole team
-//! (`?rotate_tokens=true`): every running sandbox of the team gets new tokens
-//! ([`Services::rotate_team_tokens`]).
+//! generation is put back. A running or paused sandbox can be rotated: a paused one's host
+//! records the new guest token and its guest agent gets it when it resumes (a resume that
+//! cannot give it fails and leaves the sandbox paused). Removing a member or deleting an
+//! API key offers it for the whole team (`?rotate_tokens=true`): every running and paused
+//! sandbox of the team gets new tokens ([`Services::rotate_team_tokens`]).
 
 use nestbox_db::sandboxes;
 use nestbox_proto::hostagent::RotateSandboxTokenRequest;
@@ -22,12 +23,14 @@ use crate::extract::Caller;
 use crate::state::Services;
 
 impl Services {
-    /// Rotates the tokens of every running sandbox of `acting.team` (after a member's
-    /// removal or an API key's deletion: what they fetched stops working). Returns how
-    /// many were rotated; one that cannot be is logged and audited as failed, and the
-    /// others go on.
+    /// Rotates the tokens of every running and paused sandbox of `acting.team` (after a
+    /// member's removal or an API key's deletion: what they fetched stops working).
+    /// Returns how many were rotated; one that cannot be is logged and audited as failed,
+    /// and the others go on.
     pub async fn rotate_team_tokens(&self, acting: &Caller) -> ApiResult<u32> {
-        let running = sandboxes::list_by_status(&self.db, &[SandboxStatus::Running]).await?;
+        let running =
+            sandboxes::list_by_status(&self.db, &[SandboxStatus::Running, SandboxStatus::Paused])
+                .await?;
         let mut rotated = 0;
         for sb in running.into_iter().filter(|sb| sb.team_id == acting.team) {
             match self.rotate_tokens(acting, sb.id).await {
@@ -40,15 +43,15 @@ impl Services {
         Ok(rotated)
     }
 
-    /// Gives a running sandbox new guest and traffic tokens; the old ones stop working.
-    /// Returns the sandbox with its new tokens.
+    /// Gives a running or paused sandbox new guest and traffic tokens; the old ones stop
+    /// working. Returns the sandbox with its new tokens.
     pub async fn rotate_tokens(&self, caller: &Caller, id: SandboxId) -> ApiResult<api::Sandbox> {
         let sb = self.sandbox_row(caller, id).await?;
-        if sb.status != SandboxStatus::Running {
+        if !matches!(sb.status, SandboxStatus::Running | SandboxStatus::Paused) {
             return Err(ApiError::new(
                 ErrorCode::SandboxNotRunning,
                 format!(
-                    "sandbox {id} is {}; tokens are rotated while it runs (resume it first)",
+                    "sandbox {id} is {}; only a running or paused sandbox has tokens to rotate",
                     sb.status
                 ),
             ));

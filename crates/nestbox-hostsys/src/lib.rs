@@ -20,3 +20,4 @@ pub mod disk;
 pub mod jail;
 pub mod net;
 pub mod process;
+pub mod seccomp;

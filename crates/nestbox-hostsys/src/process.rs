@@ -88,6 +88,16 @@ pub enum ProcessError {
     },
 }
 
+/// The confined tools' seccomp filter, compiled once.
+fn tool_filter() -> Result<&'static crate::seccomp::ToolFilter, &'static crate::seccomp::FilterError> {
+    static FILTER: std::sync::OnceLock<
+        Result<crate::seccomp::ToolFilter, crate::seccomp::FilterError>,
+    > = std::sync::OnceLock::new();
+    FILTER
+        .get_or_init(crate::seccomp::ToolFilter::build)
+        .as_ref()
+}
+
 /// The Debian package that provides a tool, for "not found" errors.
 pub fn package_hint(program: &str) -> Option<&'static str> {
     let name = Path::new(program).file_name()?.to_str()?;
@@ -388,9 +398,14 @@ impl Cmd {
             let tmpfs = c"tmpfs";
             let options = c"size=1m,mode=1777";
             let root = c"/";
+            let filter = tool_filter().map_err(|e| ProcessError::Spawn {
+                argv: self.argv(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
             // SAFETY: the closure runs in the forked child before exec and only makes
             // async-signal-safe system calls (unshare, mount, dup2, setgroups, setresgid,
-            // setresuid, prctl) on strings and descriptors made before the fork.
+            // setresuid, prctl, seccomp) on strings, descriptors and a filter made before
+            // the fork.
             unsafe {
                 cmd.pre_exec(move || {
                     let check = |r: libc::c_int| {
@@ -429,6 +444,7 @@ impl Cmd {
                     check(libc::setresgid(gid, gid, gid))?;
                     check(libc::setresuid(uid, uid, uid))?;
                     check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                    filter.install()?;
                     Ok(())
                 });
             }
@@ -987,7 +1003,10 @@ mod tests {
                 "-c",
                 "id -u; id -G; cat /proc/self/fd/3; echo; grep -c : /proc/net/dev; \
                  ls /dev/shm | wc -l; grep CapEff /proc/self/status; grep NoNewPrivs /proc/self/status; \
-                 cat /proc/1/root/etc/hostname 2>/dev/null || echo denied",
+                 cat /proc/1/root/etc/hostname 2>/dev/null || echo denied; \
+                 grep Seccomp: /proc/self/status; \
+                 python3 -c 'import socket; socket.socket()' 2>&1 | tail -1; \
+                 unshare -U true 2>&1 | tail -1",
             ])
             .confined(65534, 65534, Some(fd))
             .run()
@@ -1007,6 +1026,13 @@ mod tests {
         );
         assert!(lines[6].ends_with('1'), "no new privileges: {text}");
         assert_eq!(lines[7], "denied", "{text}");
+        // Under its seccomp filter: no socket, no namespace of its own.
+        assert!(lines[8].ends_with('2'), "seccomp filter mode: {text}");
+        assert!(
+            lines[9].contains("PermissionError") && lines[9].contains("Errno 1"),
+            "a socket was made: {text}"
+        );
+        assert!(lines[10].contains("Operation not permitted"), "{text}");
     }
 
     #[tokio::test]

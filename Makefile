@@ -10,7 +10,7 @@ GUEST_BIN := target/$(TARGET)/guest/nestbox-guest
 TEST_IMAGES := $(CURDIR)/target/nestbox-images
 DATA_DIR ?= /var/lib/nestbox
 
-.PHONY: up test check guest images test-images sdk-deps openapi bench deps fmt clean-test-state
+.PHONY: up test check guest images test-images sdk-deps tool-deps openapi bench deps fmt clean-test-state
 
 ## System packages the platform needs (Debian/Ubuntu).
 deps:
@@ -37,12 +37,18 @@ sdk-deps:
 	$(SDK_VENV)/bin/pip install --quiet --disable-pip-version-check -r sdk-tests/python/requirements.txt
 	npm ci --prefix sdk-tests/js --no-audit --no-fund --loglevel=error
 
+## Test tools from PyPI (pinned): schemathesis, run over the whole OpenAPI document.
+TOOLS_VENV := $(CURDIR)/target/tools-venv
+tool-deps:
+	[ -x $(TOOLS_VENV)/bin/pip ] || python3 -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-tools.txt
+
 ## The whole test suite. Needs root (namespaces, TAP, nftables, VMs), like the host agent.
 ## It ends by checking that the machine holds nothing of Nestbox's that it did not hold
 ## before (namespaces, links, slots, firewall tables, cgroups, guest memory, VMMs).
-test: deps test-images sdk-deps
+test: deps test-images sdk-deps tool-deps
 	./scripts/host-footprint.sh | sort > target/host-before.txt
-	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_SDK_VENV=$(SDK_VENV) $(CARGO) nextest run --locked --workspace --no-fail-fast
+	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_SDK_VENV=$(SDK_VENV) NESTBOX_TOOLS_VENV=$(TOOLS_VENV) $(CARGO) nextest run --locked --workspace --no-fail-fast
 	./scripts/host-footprint.sh | sort > target/host-after.txt
 	@left=$$(comm -13 target/host-before.txt target/host-after.txt); \
 	if [ -n "$$left" ]; then echo "the test suite left behind:"; echo "$$left"; exit 1; fi; \

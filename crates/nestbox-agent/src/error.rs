@@ -121,6 +121,12 @@ impl AgentError {
                 }
                 Code::ResourceExhausted => ErrorCode::Busy,
                 Code::FailedPrecondition => ErrorCode::Conflict,
+                // The host agent's own token is always right: a guest agent that says
+                // "unauthenticated" refuses the user named in the request (E2B's envd
+                // answers so for a user the sandbox does not have).
+                Code::Unauthenticated if source.to_string().contains("does not exist") => {
+                    ErrorCode::InvalidRequest
+                }
                 _ => ErrorCode::AgentError,
             },
         }

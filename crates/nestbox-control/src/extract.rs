@@ -94,18 +94,26 @@ impl Caller {
 
     /// Fails unless the caller is a user (not an API key).
     pub fn require_user(&self) -> Result<UserId, ApiError> {
-        self.actor.user().ok_or_else(|| {
-            ApiError::forbidden("this operation needs a user session, not an API key")
-        })
+        self.actor.user().ok_or_else(session_required)
     }
 
     /// Fails unless the caller is a platform admin.
     pub fn require_admin(&self) -> Result<UserId, ApiError> {
         match self.actor {
             Actor::User { id, is_admin: true } => Ok(id),
-            _ => Err(ApiError::forbidden("platform admins only")),
+            Actor::User { .. } => Err(ApiError::forbidden("platform admins only")),
+            Actor::ApiKey { .. } | Actor::System => Err(session_required()),
         }
     }
+}
+
+/// An operation that only a user session may call, called with an API key: the
+/// credential it needs (`Authorization: Bearer`) is missing.
+fn session_required() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unauthorized,
+        "this operation needs a user session (`Authorization: Bearer`); API keys cannot call it",
+    )
 }
 
 fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
@@ -192,6 +200,38 @@ impl FromRequestParts<AppState> for Caller {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Json<T>(pub T);
 
+/// A request body's `T`: a JSON object (serde would also read a struct from an array),
+/// with whole numbers as integers ([`whole_numbers`]).
+fn from_body<T: DeserializeOwned>(mut v: serde_json::Value) -> Result<T, ApiError> {
+    if !v.is_object() {
+        return Err(ApiError::invalid("a request body is a JSON object"));
+    }
+    whole_numbers(&mut v);
+    serde_json::from_value(v).map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
+}
+
+/// Writes every number with no fractional part as an integer (`5.0` → `5`): JSON Schema
+/// counts `5.0` as an integer, so an integer field must take it.
+pub(crate) fn whole_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
+                // Exact in an i64/u64 only below 2^53; beyond, leave it as it came.
+                if f.abs() < 9_007_199_254_740_992.0 {
+                    *n = if f < 0.0 {
+                        serde_json::Number::from(f as i64)
+                    } else {
+                        serde_json::Number::from(f as u64)
+                    };
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(whole_numbers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(whole_numbers),
+        _ => {}
+    }
+}
+
 impl<T, S> FromRequest<S> for Json<T>
 where
     T: DeserializeOwned,
@@ -200,8 +240,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => from_body(v).map(Json),
             Err(rejection) => {
                 use axum::extract::rejection::JsonRejection::*;
                 Err(match rejection {
@@ -289,8 +329,8 @@ where
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
-        serde_json::from_slice(&bytes)
-            .map(OptionalJson)
-            .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(format!("malformed JSON: {e}")))?;
+        from_body(v).map(OptionalJson)
     }
 }

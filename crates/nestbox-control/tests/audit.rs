@@ -205,13 +205,18 @@ async fn the_platform_scope_is_for_platform_admins(engine: Engine) -> anyhow::Re
 
     // Owners of a team, its admins and API keys are not platform admins.
     let team_admin = admin.client.clone().with_team(owner.team);
-    for who in [&owner.client, &team_admin, &h.key] {
+    for who in [&owner.client, &team_admin] {
         api_error(
             who.audit_logs_filtered(&platform).await,
             403,
             ErrorCode::Forbidden,
         );
     }
+    api_error(
+        h.key.audit_logs_filtered(&platform).await,
+        401,
+        ErrorCode::Unauthorized,
+    );
     // The team scope still works for the team's owner and admins and shows only theirs.
     for who in [&owner.client, &team_admin] {
         let own = who.audit_logs_filtered(&AuditLogQuery::default()).await?;

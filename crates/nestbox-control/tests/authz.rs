@@ -117,14 +117,14 @@ const fn row(method: &'static str, path: &'static str, expect: [Expect; 8]) -> R
 const PUBLIC: [Expect; 8] = [OK; 8];
 /// Any authenticated caller, acting for their own team.
 const ANY_CALLER: [Expect; 8] = [UNAUTH, OK, OK, OK, OK, OK, OK, OK];
-/// Any user (not an API key), for themselves.
-const ANY_USER: [Expect; 8] = [UNAUTH, FORBID, OK, FORBID, OK, OK, OK, OK];
+/// Any user, for themselves (an API key lacks the session these need: `401`).
+const ANY_USER: [Expect; 8] = [UNAUTH, UNAUTH, OK, UNAUTH, OK, OK, OK, OK];
 /// Users who are members of team A.
-const TEAM_USERS: [Expect; 8] = [UNAUTH, FORBID, HIDDEN, FORBID, OK, OK, OK, HIDDEN];
+const TEAM_USERS: [Expect; 8] = [UNAUTH, UNAUTH, HIDDEN, UNAUTH, OK, OK, OK, HIDDEN];
 /// Owners and admins of team A.
-const TEAM_MANAGERS: [Expect; 8] = [UNAUTH, FORBID, HIDDEN, FORBID, FORBID, OK, OK, HIDDEN];
+const TEAM_MANAGERS: [Expect; 8] = [UNAUTH, UNAUTH, HIDDEN, UNAUTH, FORBID, OK, OK, HIDDEN];
 /// The owner of team A.
-const TEAM_OWNER: [Expect; 8] = [UNAUTH, FORBID, HIDDEN, FORBID, FORBID, FORBID, OK, HIDDEN];
+const TEAM_OWNER: [Expect; 8] = [UNAUTH, UNAUTH, HIDDEN, UNAUTH, FORBID, FORBID, OK, HIDDEN];
 /// Team A's resources, for anyone acting for team A (users and its API key).
 const TEAM_RESOURCE: [Expect; 8] = [UNAUTH, HIDDEN, HIDDEN, OK, OK, OK, OK, HIDDEN];
 /// A team A resource over a WebSocket: a plain request from team A gets `400` (no upgrade)
@@ -140,7 +140,7 @@ const TEAM_WEBSOCKET: [Expect; 8] = [
     HIDDEN,
 ];
 /// Platform admins.
-const PLATFORM_ADMINS: [Expect; 8] = [UNAUTH, FORBID, FORBID, FORBID, FORBID, FORBID, FORBID, OK];
+const PLATFORM_ADMINS: [Expect; 8] = [UNAUTH, UNAUTH, FORBID, UNAUTH, FORBID, FORBID, FORBID, OK];
 /// Host agents only (none of these callers holds a host credential).
 const HOSTS_ONLY: [Expect; 8] = [UNAUTH; 8];
 /// The audit log: owners and admins of the team they act for.

@@ -133,11 +133,12 @@ async fn quotas_hold_creates_pauses_resumes_and_templates(engine: Engine) -> any
     assert_eq!(h.key.team_quotas(h.team).await?.usage.templates, 1);
     h.sandbox().await?;
 
-    // Only platform admins set quotas, and every change is audited.
+    // Only platform admins set quotas (an API key lacks the session it takes), and every
+    // change is audited.
     api_error(
         h.key.set_team_quotas(h.team, &one).await,
-        403,
-        ErrorCode::Forbidden,
+        401,
+        ErrorCode::Unauthorized,
     );
     let audit = admin
         .audit_logs_filtered(&AuditLogQuery {

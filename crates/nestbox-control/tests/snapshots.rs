@@ -618,9 +618,17 @@ async fn platform_admins_list_every_teams_templates(engine: Engine) -> anyhow::R
         ["minimal", "theirs"],
         "a team sees only its own and the platform's"
     );
-    for caller in [other.api(), h.key_api()] {
-        api_error(caller.admin_templates().await, 403, ErrorCode::Forbidden);
-    }
+    api_error(
+        other.api().admin_templates().await,
+        403,
+        ErrorCode::Forbidden,
+    );
+    // An API key lacks the session this needs.
+    api_error(
+        h.key_api().admin_templates().await,
+        401,
+        ErrorCode::Unauthorized,
+    );
     h.shutdown().await;
     Ok(())
 }

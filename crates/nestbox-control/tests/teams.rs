@@ -80,8 +80,8 @@ async fn create_rename_and_read_a_team(engine: Engine) -> anyhow::Result<()> {
     }
     api_error(
         h.key.create_team("keys cannot").await,
-        403,
-        ErrorCode::Forbidden,
+        401,
+        ErrorCode::Unauthorized,
     );
     h.shutdown().await;
     Ok(())
@@ -373,8 +373,8 @@ async fn api_keys_work_until_revoked(engine: Engine) -> anyhow::Result<()> {
     );
     api_error(
         ci.create_api_key(team, "keys do not make keys").await,
-        403,
-        ErrorCode::Forbidden,
+        401,
+        ErrorCode::Unauthorized,
     );
 
     alice

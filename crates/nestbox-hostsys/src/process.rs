@@ -89,7 +89,8 @@ pub enum ProcessError {
 }
 
 /// The confined tools' seccomp filter, compiled once.
-fn tool_filter() -> Result<&'static crate::seccomp::ToolFilter, &'static crate::seccomp::FilterError> {
+fn tool_filter() -> Result<&'static crate::seccomp::ToolFilter, &'static crate::seccomp::FilterError>
+{
     static FILTER: std::sync::OnceLock<
         Result<crate::seccomp::ToolFilter, crate::seccomp::FilterError>,
     > = std::sync::OnceLock::new();

@@ -98,8 +98,8 @@ pub struct FilterError(String);
 impl ToolFilter {
     /// Compiles the deny list for this machine's architecture.
     pub(crate) fn build() -> Result<Self, FilterError> {
-        let arch = TargetArch::try_from(std::env::consts::ARCH)
-            .map_err(|e| FilterError(e.to_string()))?;
+        let arch =
+            TargetArch::try_from(std::env::consts::ARCH).map_err(|e| FilterError(e.to_string()))?;
         let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
             DENIED.iter().map(|nr| (*nr, Vec::new())).collect();
         let filter = SeccompFilter::new(

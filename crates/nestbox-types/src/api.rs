@@ -37,6 +37,7 @@ pub struct Page<T> {
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Items per page, 1–200 (default 50).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 200))]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -310,18 +311,26 @@ pub struct CreatedUser {
 pub struct CreateSandboxRequest {
     /// Template name (default `minimal`).
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    )]
     pub template: Option<String>,
     /// Virtual CPUs.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 8))]
     pub vcpus: Option<u32>,
     /// Memory, MiB.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 128))]
     pub memory_mb: Option<u32>,
     /// Root disk, MiB (default 5120).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 102400))]
     pub disk_size_mb: Option<u32>,
     /// Inactivity timeout, seconds; 0 means never.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 604800))]
     pub timeout_sec: Option<u32>,
     /// Environment variables for every process in the sandbox.
     #[serde(default)]
@@ -333,6 +342,7 @@ pub struct CreateSandboxRequest {
     /// after each resume) unless extended (`POST /v1/sandboxes/{id}/lifetime`); omitted: no
     /// deadline. Independent of the inactivity timeout.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub lifetime_sec: Option<u32>,
     /// What the end of its lifetime does: `destroy` (default) or `pause`.
     #[serde(default)]
@@ -397,9 +407,11 @@ impl EgressRequest {
 pub struct ForkRequest {
     /// How many copies, 1–20 (default 1).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 20))]
     pub count: Option<u32>,
     /// Lifetime of each copy, seconds (default: the source's, if it has one).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub lifetime_sec: Option<u32>,
 }
 
@@ -429,6 +441,7 @@ pub struct ForkResult {
 #[serde(deny_unknown_fields)]
 pub struct LifetimeRequest {
     /// The sandbox now ends this many seconds from now (sooner or later than before).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub lifetime_sec: u32,
     /// Only move the deadline later, never sooner (a keep-alive).
     #[serde(default)]
@@ -442,6 +455,7 @@ pub struct LifetimeRequest {
 pub struct ResumeRequest {
     /// The new lifetime from now, seconds; omitted: the one it had (if any).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub lifetime_sec: Option<u32>,
 }
 
@@ -517,6 +531,7 @@ pub struct SandboxListQuery {
     /// `key=value` pairs, comma-separated; all must match.
     pub metadata: Option<String>,
     /// Items per page, 1–200 (default 50).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 200))]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -542,12 +557,17 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// User to run as (default `root`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
     /// Kill the command after this many seconds (default 60).
     #[serde(default)]
     pub timeout_sec: Option<u32>,
     /// Standard input, base64.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
+    )]
     pub stdin_base64: Option<String>,
 }
 
@@ -682,10 +702,16 @@ pub struct FileList {
 #[serde(deny_unknown_fields)]
 pub struct PathQuery {
     /// Absolute path, or relative to the user's home.
+    #[cfg_attr(
+        feature = "openapi",
+        param(min_length = 1, max_length = 4096, pattern = "^[^\\x00]+$")
+    )]
     pub path: String,
     /// User whose permissions apply (default `root`).
+    #[cfg_attr(feature = "openapi", param(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
     /// Levels to list (directories only; default 1).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 10))]
     pub depth: Option<u32>,
 }
 
@@ -695,9 +721,14 @@ pub struct PathQuery {
 #[serde(deny_unknown_fields)]
 pub struct MkdirRequest {
     /// Directory to create, with its parents.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 4096, pattern = "^[^\\x00]+$")
+    )]
     pub path: String,
     /// Owner (default `root`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
 }
 
@@ -741,6 +772,10 @@ pub struct CreateSnapshotRequest {
     /// The sandbox to capture; it keeps running (or stays paused).
     pub sandbox_id: SandboxId,
     /// Template name: 1–64 letters, digits, `.`, `_` or `-`, starting with a letter or digit.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    )]
     pub name: String,
     /// Replace the team's template of that name (default: refuse with `already_exists`).
     #[serde(default)]
@@ -822,8 +857,10 @@ pub struct RegisterHostRequest {
     /// The one-time registration token.
     pub token: String,
     /// gRPC URL where the control plane reaches the agent.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^https?://[^\\s]+$"))]
     pub address: String,
     /// Agent version.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 64))]
     pub version: String,
     /// CPUs.
     pub vcpus: u32,
@@ -879,6 +916,7 @@ pub struct HeartbeatRequest {
     /// Sandboxes the agent runs.
     pub sandboxes: u32,
     /// Agent version.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 64))]
     pub version: String,
     /// gRPC URL where the control plane reaches the agent now.
     pub address: String,
@@ -892,6 +930,7 @@ pub struct HeartbeatRequest {
 #[serde(deny_unknown_fields)]
 pub struct MetricsQuery {
     /// `10m` (the default: 500 ms samples), `2h` (30 s averages) or `24h` (5 min averages).
+    #[cfg_attr(feature = "openapi", param(pattern = "^(10m|2h|24h)$"))]
     pub range: Option<String>,
 }
 
@@ -985,6 +1024,7 @@ pub enum LogDirection {
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Entries per page, 1–1000 (default 100).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub limit: Option<u32>,
     /// `forward` (the default: oldest first) or `backward` (newest first).
     pub direction: Option<LogDirection>,
@@ -1037,15 +1077,19 @@ pub struct SandboxLogs {
 #[serde(deny_unknown_fields)]
 pub struct AuditLogQuery {
     /// Items per page, 1–200 (default 50).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 200))]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
     /// Only entries about this kind of resource, e.g. `sandbox`.
+    #[cfg_attr(feature = "openapi", param(pattern = "^[a-z0-9_]{1,64}$"))]
     pub resource_type: Option<String>,
     /// Only entries of this action, e.g. `sandbox.create`.
+    #[cfg_attr(feature = "openapi", param(pattern = "^[a-z0-9_.]{1,64}$"))]
     pub action: Option<String>,
     /// `team` (the default: the caller's team's entries; its owner and admins) or
     /// `platform` (entries of no team, such as host registrations; platform admins only).
+    #[cfg_attr(feature = "openapi", param(pattern = "^(team|platform)$"))]
     pub scope: Option<String>,
 }
 

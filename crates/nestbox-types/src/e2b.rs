@@ -35,10 +35,15 @@ pub struct Error {
 pub struct NewSandbox {
     /// Template name (`base` is the platform's default template) or id.
     #[serde(rename = "templateID")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    )]
     pub template_id: String,
     /// Lifetime, seconds (default 300): the sandbox is killed (or paused, with
     /// `autoPause`) this long after it starts unless extended.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub timeout: Option<u32>,
     /// Pause instead of kill when the lifetime ends.
     #[serde(default)]
@@ -155,6 +160,7 @@ pub struct NetworkUpdate {
 pub struct ConnectSandbox {
     /// A new lifetime from now, seconds (a running sandbox's is only extended).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub timeout: Option<u32>,
     /// `false`: boot afresh instead of resuming memory (not supported: refused).
     #[serde(default)]
@@ -169,6 +175,7 @@ pub struct ConnectSandbox {
 pub struct ResumedSandbox {
     /// A new lifetime from now, seconds.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub timeout: Option<u32>,
     /// Ignored (deprecated by E2B).
     #[serde(default)]
@@ -198,6 +205,7 @@ pub struct PauseSandbox {
 #[cfg_attr(feature = "openapi", schema(as = e2b::SandboxTimeout))]
 pub struct SandboxTimeout {
     /// The sandbox now ends this many seconds from now.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub timeout: u32,
 }
 
@@ -208,6 +216,7 @@ pub struct SandboxTimeout {
 pub struct SandboxRefresh {
     /// Keep the sandbox alive at least this many seconds from now (0–3600, default 60).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 3600))]
     pub duration: Option<u32>,
 }
 
@@ -218,9 +227,11 @@ pub struct SandboxRefresh {
 pub struct SandboxForkRequest {
     /// Lifetime of each copy, seconds (default: the source's).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub timeout: Option<u32>,
     /// How many copies, 1–20 (default 1).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 20))]
     pub count: Option<u32>,
 }
 
@@ -353,8 +364,13 @@ pub struct ListQuery {
     /// `key=value` pairs, form-encoded, each key and value percent-encoded.
     pub metadata: Option<String>,
     /// Comma-separated states (`running`, `paused`); default both.
+    #[cfg_attr(
+        feature = "openapi",
+        param(pattern = "^((running|paused)(,(running|paused))*)?$")
+    )]
     pub state: Option<String>,
     /// Items per page, 1–100 (default 100).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 100))]
     pub limit: Option<u32>,
     /// The `x-next-token` header of the previous page.
     pub next_token: Option<String>,
@@ -479,6 +495,7 @@ pub struct LogsQuery {
     /// Oldest entry, Unix milliseconds.
     pub start: Option<i64>,
     /// At most this many entries (1–1000, default 1000).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub limit: Option<u32>,
 }
 
@@ -490,10 +507,13 @@ pub struct LogsV2Query {
     /// Forward: entries at or after this time (Unix milliseconds); backward: at or before.
     pub cursor: Option<i64>,
     /// At most this many entries (1–1000, default 1000).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub limit: Option<u32>,
     /// `forward` (oldest first, the default) or `backward` (newest first).
+    #[cfg_attr(feature = "openapi", param(pattern = "^(forward|backward)$"))]
     pub direction: Option<String>,
     /// Only entries at least this severe: `debug`, `info`, `warn` or `error`.
+    #[cfg_attr(feature = "openapi", param(pattern = "^(debug|info|warn|error)$"))]
     pub level: Option<String>,
     /// Only entries whose message contains this (case-insensitive).
     pub search: Option<String>,
@@ -506,6 +526,10 @@ pub struct LogsV2Query {
 pub struct NewSnapshot {
     /// Template name; default a generated one.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    )]
     pub name: Option<String>,
     /// `false`: the disk only (an image template); default memory and disk.
     #[serde(default)]
@@ -536,6 +560,7 @@ pub struct SnapshotListQuery {
     /// Only the snapshot of this name.
     pub name: Option<String>,
     /// Items per page, 1–100 (default 100).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 100))]
     pub limit: Option<u32>,
     /// The `x-next-token` header of the previous page.
     pub next_token: Option<String>,

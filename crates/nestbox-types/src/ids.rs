@@ -95,6 +95,10 @@ macro_rules! typed_id {
                     expected: $prefix,
                     got: truncate(s),
                 })?;
+                // The hyphenated form only, as ids are written (and as the schema says).
+                if rest.len() != 36 {
+                    return Err(IdParseError::BadUuid { kind: $kind, got: truncate(s) });
+                }
                 Uuid::try_parse(rest)
                     .map(Self)
                     .map_err(|_| IdParseError::BadUuid { kind: $kind, got: truncate(s) })
@@ -126,6 +130,10 @@ macro_rules! typed_id {
                 utoipa::openapi::ObjectBuilder::new()
                     .schema_type(utoipa::openapi::schema::Type::String)
                     .description(Some(concat!("A ", $kind, " id: `", $prefix, "` followed by a UUID.")))
+                    .pattern(Some(concat!(
+                        "^", $prefix,
+                        "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+                    )))
                     .examples([serde_json::json!(concat!($prefix, "6f0c8a62-4f0e-4a2b-9d7e-1c2b3a4d5e6f"))])
                     .into()
             }

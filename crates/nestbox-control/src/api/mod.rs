@@ -39,7 +39,7 @@ const JSON_LIMIT: usize = 32 << 20;
         license(name = "Apache-2.0")
     ),
     modifiers(&Security),
-    components(schemas(ErrorBody, ErrorCode)),
+    components(schemas(ErrorBody, ErrorCode, nestbox_types::api::LogDirection)),
     tags(
         (name = "system", description = "Health and documentation"),
         (name = "auth", description = "Sessions and the caller"),
@@ -143,6 +143,249 @@ fn api_router() -> OpenApiRouter<AppState> {
 /// The OpenAPI document of the API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, api) = api_router().split_for_parts();
+    finished(api)
+}
+
+/// The generated document completed with what the annotations cannot say.
+fn finished(api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    refine_schemas(with_common_errors(api))
+}
+
+/// Constraints the derived schemas cannot express, as the server checks them: a command
+/// is exactly one of `command` and `argv`; E2B's flags that only `true` is supported for;
+/// egress destinations are never empty strings.
+fn refine_schemas(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::{
+        AllOfBuilder, ArrayBuilder, ArrayItems, ObjectBuilder, OneOfBuilder, Schema, Type,
+    };
+    let Some(components) = api.components.as_mut() else {
+        return api;
+    };
+    let schemas = &mut components.schemas;
+    for name in ["ExecRequest", "StartProcessRequest"] {
+        let Some(original) = schemas.remove(name) else {
+            continue;
+        };
+        // The other one absent or null.
+        let null = || ObjectBuilder::new().schema_type(Type::Null);
+        let command = ObjectBuilder::new()
+            .required("command")
+            .property(
+                "command",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1)),
+            )
+            .property("argv", null());
+        // No argument holds NUL, and the program (the first) is not empty.
+        let argument = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[^\\x00]*$"))
+        };
+        let argv = ObjectBuilder::new()
+            .required("argv")
+            .property(
+                "argv",
+                ArrayBuilder::new()
+                    .prefix_items([argument().min_length(Some(1))])
+                    .items(argument())
+                    .min_items(Some(1)),
+            )
+            .property("command", null());
+        let exactly_one = OneOfBuilder::new().item(command).item(argv);
+        let refined = AllOfBuilder::new().item(original).item(exactly_one);
+        schemas.insert(name.to_string(), refined.into());
+    }
+    for (schema, field) in [
+        ("e2b.ConnectSandbox", "memory"),
+        ("e2b.ResumedSandbox", "memory"),
+        ("e2b.PauseSandbox", "memory"),
+        ("e2b.NewSandbox", "autoPauseMemory"),
+    ] {
+        if let Some(Schema::Object(o)) = property(schemas, schema, field) {
+            o.enum_values = Some(vec![serde_json::Value::Bool(true), serde_json::Value::Null]);
+        }
+    }
+    // Input for a process: exactly one of text and base64.
+    if let Some(original) = schemas.remove("ProcessInputRequest") {
+        let field = |name: &str| {
+            ObjectBuilder::new()
+                .required(name)
+                .property(name, ObjectBuilder::new().schema_type(Type::String))
+        };
+        let exactly_one = OneOfBuilder::new()
+            .item(field("data"))
+            .item(field("data_base64"));
+        let refined = AllOfBuilder::new().item(original).item(exactly_one);
+        schemas.insert("ProcessInputRequest".to_string(), refined.into());
+    }
+    // Environment variable names.
+    for (schema, field) in [
+        ("CreateSandboxRequest", "env"),
+        ("ExecRequest", "env"),
+        ("StartProcessRequest", "env"),
+        ("StartTerminalRequest", "env"),
+        ("e2b.NewSandbox", "envVars"),
+    ] {
+        if let Some(Schema::Object(o)) = property(&mut *schemas, schema, field) {
+            o.property_names = Some(Box::new(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some("^[A-Za-z_][A-Za-z0-9_]{0,255}$"))
+                    .into(),
+            ));
+        }
+    }
+    // Accepted by E2B's API, not supported here: only their absence is.
+    for (schema, field) in [
+        ("e2b.NewSandbox", "mcp"),
+        ("e2b.NewSandbox", "volumeMounts"),
+        ("e2b.NetworkConfig", "rules"),
+        ("e2b.NetworkConfig", "egressProxy"),
+        ("e2b.NetworkConfig", "httpsPorts"),
+        ("e2b.SandboxNetworkUpdateConfig", "rules"),
+    ] {
+        match property(&mut *schemas, schema, field) {
+            Some(Schema::Object(o)) => o.enum_values = Some(vec![serde_json::Value::Null]),
+            // A list: only an empty one.
+            Some(Schema::Array(a)) => a.max_items = Some(0),
+            _ => {}
+        }
+    }
+    for (schema, field) in [
+        ("e2b.NetworkConfig", "dnsServers"),
+        ("e2b.SandboxNetworkUpdateConfig", "dnsServers"),
+        ("EgressRequest", "allow_out"),
+        ("EgressRequest", "deny_out"),
+        ("EgressRules", "allow_out"),
+        ("EgressRules", "deny_out"),
+        ("e2b.NetworkConfig", "allowOut"),
+        ("e2b.NetworkConfig", "denyOut"),
+        ("e2b.SandboxNetworkUpdateConfig", "allowOut"),
+        ("e2b.SandboxNetworkUpdateConfig", "denyOut"),
+    ] {
+        if let Some(Schema::Array(a)) = property(schemas, schema, field)
+            && let ArrayItems::RefOrSchema(item) = &mut a.items
+            && let RefOr::T(Schema::Object(o)) = item.as_mut()
+        {
+            o.min_length = Some(1);
+            // Addresses or blocks, never names (only E2B's `allowOut` takes domains).
+            if field == "dnsServers" {
+                o.pattern = Some(IPV4.to_string());
+            } else if field != "allowOut" {
+                o.pattern = Some(IPV4_OR_CIDR.to_string());
+            }
+        }
+    }
+    api
+}
+
+/// An IPv4 address.
+const IPV4: &str = "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$";
+/// An IPv4 address, or a CIDR block of them.
+const IPV4_OR_CIDR: &str = "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/(3[0-2]|[12]?[0-9]))?$";
+
+/// A property's own (inline) schema in component `schema`.
+fn property<'a>(
+    schemas: &'a mut std::collections::BTreeMap<
+        String,
+        utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+    >,
+    schema: &str,
+    field: &str,
+) -> Option<&'a mut utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::Schema;
+    match schemas.get_mut(schema)? {
+        RefOr::T(Schema::Object(o)) => match o.properties.get_mut(field)? {
+            RefOr::T(s) => Some(s),
+            RefOr::Ref(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// `POST` operations whose body may be left out (`OptionalJson`).
+const OPTIONAL_BODIES: &[&str] = &[
+    "/sandboxes/{sandboxID}/connect",
+    "/v2/sandboxes/{sandboxID}/connect",
+    "/sandboxes/{sandboxID}/fork",
+    "/sandboxes/{sandboxID}/pause",
+    "/sandboxes/{sandboxID}/refreshes",
+    "/sandboxes/{sandboxID}/resume",
+    "/sandboxes/{sandboxID}/snapshots",
+    "/v1/sandboxes/{sandbox_id}/fork",
+    "/v1/sandboxes/{sandbox_id}/resume",
+];
+
+/// Adds the error answers any operation can give where its annotation does not list them:
+/// `400` (a path, query or body that does not parse), `500` (an unexpected failure) and,
+/// for operations that need a credential, `401` (none, or the wrong kind) and `403`.
+fn with_common_errors(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |what: &str, schema: &str| {
+        ResponseBuilder::new()
+            .description(what)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name(schema)))
+                    .build(),
+            )
+            .build()
+    };
+    let global = api.security.clone().unwrap_or_default();
+    for (path, item) in api.paths.paths.iter_mut() {
+        // E2B's paths answer in E2B's error shape.
+        let ours = path.starts_with("/v1/") || path.starts_with("/health");
+        let schema = if ours { "ErrorBody" } else { "e2b.Error" };
+        // Whatever acts inside a sandbox finds it not running (paused, destroyed).
+        let inside = path.starts_with("/v1/sandboxes/{sandbox_id}/");
+        if let Some(post) = item.post.as_mut()
+            && OPTIONAL_BODIES.contains(&path.as_str())
+            && let Some(body) = post.request_body.as_mut()
+        {
+            body.required = Some(utoipa::openapi::Required::False);
+        }
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            let secured = op
+                .security
+                .as_ref()
+                .map_or(!global.is_empty(), |s| !s.is_empty());
+            let mut common = vec![
+                (
+                    "400",
+                    "a path, query or body that does not parse (`invalid_request`)",
+                ),
+                ("500", "an unexpected failure (`internal`)"),
+            ];
+            if inside {
+                common.push(("409", "the sandbox is not running (`sandbox_not_running`)"));
+            }
+            if secured {
+                common.push((
+                    "401",
+                    "no credential, or not the kind this operation needs (`unauthorized`)",
+                ));
+                common.push(("403", "a credential that may not do this (`forbidden`)"));
+            }
+            for (code, what) in common {
+                op.responses
+                    .responses
+                    .entry(code.to_string())
+                    .or_insert_with(|| error(what, schema).into());
+            }
+        }
+    }
     api
 }
 
@@ -160,7 +403,7 @@ async fn not_found() -> impl IntoResponse {
 /// The complete router.
 pub fn router(state: AppState) -> Router {
     let (router, api) = api_router().split_for_parts();
-    let spec = std::sync::Arc::new(api);
+    let spec = std::sync::Arc::new(finished(api));
     let api = router
         .route(
             "/openapi.json",

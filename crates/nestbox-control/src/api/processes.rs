@@ -61,7 +61,7 @@ pub async fn list_processes(
 
 /// Kills a process (`SIGKILL` to its group).
 #[utoipa::path(delete, path = "/v1/sandboxes/{sandbox_id}/processes/{process}", tag = "processes", security(("api_key" = []), ("session" = [])),
-    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag")),
+    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag", max_length = 64, pattern = r"^([1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-5]|[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*)$")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn kill_process(
     State(s): State<AppState>,
@@ -76,7 +76,7 @@ pub async fn kill_process(
 
 /// Sends a signal to a process's group.
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/processes/{process}/signal", tag = "processes", security(("api_key" = []), ("session" = [])),
-    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag")), request_body = SignalRequest,
+    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag", max_length = 64, pattern = r"^([1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-5]|[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*)$")), request_body = SignalRequest,
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn signal_process(
     State(s): State<AppState>,
@@ -92,7 +92,7 @@ pub async fn signal_process(
 
 /// Writes to a process's stdin (it must have been started with `stdin: true`).
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/processes/{process}/stdin", tag = "processes", security(("api_key" = []), ("session" = [])),
-    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag")), request_body = ProcessInputRequest,
+    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag", max_length = 64, pattern = r"^([1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-5]|[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*)$")), request_body = ProcessInputRequest,
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn send_stdin(
     State(s): State<AppState>,
@@ -108,7 +108,7 @@ pub async fn send_stdin(
 
 /// Closes a process's stdin (end of input).
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox_id}/processes/{process}/close-stdin", tag = "processes", security(("api_key" = []), ("session" = [])),
-    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag")),
+    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag", max_length = 64, pattern = r"^([1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-5]|[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*)$")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn close_stdin(
     State(s): State<AppState>,
@@ -125,7 +125,7 @@ pub async fn close_stdin(
 /// (`started`, `stdout`, `stderr`, then `exit` or `error`), from now on. Leaving does not
 /// stop the process.
 #[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}/processes/{process}/output", tag = "processes", security(("api_key" = []), ("session" = [])),
-    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag")),
+    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag", max_length = 64, pattern = r"^([1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-5]|[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*)$")),
     responses((status = 200, description = "text/event-stream of ExecEvent", body = ExecEvent, content_type = "text/event-stream"),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn process_output(
@@ -162,7 +162,7 @@ pub async fn start_terminal(
 /// A plain request without the upgrade is `400 invalid_request` once the caller, the
 /// sandbox and the process are known.
 #[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}/terminals/{process}", tag = "processes", security(("api_key" = []), ("session" = [])),
-    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag")),
+    params(("sandbox_id" = SandboxId, Path), ("process" = String, Path, description = "pid, or tag", max_length = 64, pattern = r"^([1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-5]|[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*)$")),
     responses((status = 101, description = "WebSocket: binary frames are terminal bytes, text frames JSON control messages (TerminalClientMessage, TerminalServerMessage)"),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn attach_terminal(

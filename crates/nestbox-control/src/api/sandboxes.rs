@@ -317,7 +317,8 @@ pub async fn remove_path(
 /// Describes a path.
 #[utoipa::path(get, path = "/v1/sandboxes/{sandbox_id}/files/stat", tag = "files", security(("api_key" = []), ("session" = [])),
     params(("sandbox_id" = SandboxId, Path), PathQuery),
-    responses((status = 200, body = EntryInfo), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = EntryInfo), (status = 404, body = ErrorBody),
+              (status = 409, description = "not running (`sandbox_not_running`)", body = ErrorBody)))]
 pub async fn stat(
     State(s): State<AppState>,
     caller: Caller,

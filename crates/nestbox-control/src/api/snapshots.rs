@@ -41,7 +41,7 @@ pub async fn list_snapshots(
 /// Deletes a template (the team's own, else the platform's: platform admins only) and its
 /// files, unless sandboxes made from it still hold resources.
 #[utoipa::path(delete, path = "/v1/snapshots/{name}", tag = "templates", security(("api_key" = []), ("session" = [])),
-    params(("name" = String, Path, description = "Template name")),
+    params(("name" = String, Path, description = "Template name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     responses((status = 204), (status = 400, body = ErrorBody),
               (status = 403, description = "a platform template, and the caller is not a platform admin", body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, description = "in use", body = ErrorBody),

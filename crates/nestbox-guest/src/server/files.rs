@@ -96,7 +96,10 @@ impl FilesError {
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => FilesError::NoSpace {
                 path: path.to_path_buf(),
             },
-            io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory => {
+            // ENAMETOOLONG: a name the caller chose.
+            io::ErrorKind::NotADirectory
+            | io::ErrorKind::IsADirectory
+            | io::ErrorKind::InvalidFilename => {
                 FilesError::BadRequest(format!("{operation} {shown}: {source}"))
             }
             _ => FilesError::Io {

@@ -29,6 +29,7 @@ pub struct StartProcessRequest {
     pub cwd: Option<String>,
     /// User to run as (default `root`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
     /// A name to reach the process by instead of its pid: 1–64 letters, digits, `.`, `_`
     /// or `-`, not all digits, unique among the sandbox's running processes.
@@ -61,6 +62,7 @@ pub struct StartTerminalRequest {
     pub cwd: Option<String>,
     /// User to run as (default `root`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
     /// A name to reattach by; same rules as a process tag.
     #[serde(default)]
@@ -103,6 +105,10 @@ pub struct ProcessInputRequest {
     pub data: Option<String>,
     /// Bytes to write, base64.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
+    )]
     pub data_base64: Option<String>,
 }
 
@@ -147,6 +153,7 @@ pub struct WatchQuery {
     /// Watch its subdirectories too (default `false`).
     pub recursive: Option<bool>,
     /// User whose home relative paths start from (default `root`).
+    #[cfg_attr(feature = "openapi", param(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
 }
 

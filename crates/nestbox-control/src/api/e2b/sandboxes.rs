@@ -401,7 +401,8 @@ pub async fn set_timeout(
 /// Keeps a running sandbox alive at least `duration` seconds from now.
 #[utoipa::path(post, path = "/sandboxes/{sandboxID}/refreshes", tag = super::TAG, security(("api_key" = [])),
     params(("sandboxID" = String, Path)), request_body = SandboxRefresh,
-    responses((status = 204), (status = 400, body = Error), (status = 401, body = Error), (status = 404, body = Error)))]
+    responses((status = 204), (status = 400, body = Error), (status = 401, body = Error), (status = 404, body = Error),
+              (status = 409, description = "paused", body = Error)))]
 pub async fn refresh(
     State(s): State<AppState>,
     caller: Result<Caller, ApiError>,

@@ -110,7 +110,8 @@ pub async fn create_snapshot(
 #[utoipa::path(get, path = "/snapshots", tag = super::TAG, security(("api_key" = [])), params(SnapshotListQuery),
     responses((status = 200, body = Vec<SnapshotInfo>,
                headers(("x-next-token" = String, description = "the next page's `nextToken`; absent on the last page"))),
-              (status = 400, body = Error), (status = 401, body = Error)))]
+              (status = 400, body = Error), (status = 401, body = Error),
+              (status = 404, description = "`sandboxID` names no sandbox of the team", body = Error)))]
 pub async fn list_snapshots(
     State(s): State<AppState>,
     caller: Result<Caller, ApiError>,

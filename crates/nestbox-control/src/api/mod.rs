@@ -341,8 +341,10 @@ fn with_common_errors(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
         // E2B's paths answer in E2B's error shape.
         let ours = path.starts_with("/v1/") || path.starts_with("/health");
         let schema = if ours { "ErrorBody" } else { "e2b.Error" };
-        // Whatever acts inside a sandbox finds it not running (paused, destroyed).
+        // Whatever acts inside a sandbox finds it not running (paused, destroyed), or its
+        // host or guest agent not answering.
         let inside = path.starts_with("/v1/sandboxes/{sandbox_id}/");
+        let reaches_agent = inside || path.contains("{sandboxID}");
         if let Some(post) = item.post.as_mut()
             && OPTIONAL_BODIES.contains(&path.as_str())
             && let Some(body) = post.request_body.as_mut()
@@ -370,6 +372,12 @@ fn with_common_errors(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
             ];
             if inside {
                 common.push(("409", "the sandbox is not running (`sandbox_not_running`)"));
+            }
+            if reaches_agent {
+                common.push((
+                    "502",
+                    "the sandbox's host or guest agent failed (`agent_error`)",
+                ));
             }
             if secured {
                 common.push((

@@ -30,7 +30,7 @@ pub struct Quota {
     pub max_templates: Option<u32>,
 }
 
-/// What a team holds now.
+/// What a team holds now (and, as [`Demand`], what a request would add).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     /// Running sandboxes (as [`Quota::max_running`] counts them).
@@ -47,22 +47,8 @@ pub struct Usage {
     pub templates: u64,
 }
 
-/// What a request would add to a team's usage.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Demand {
-    /// Running sandboxes.
-    pub running: u64,
-    /// Paused sandboxes.
-    pub paused: u64,
-    /// vCPUs.
-    pub vcpus: u64,
-    /// Memory, MiB.
-    pub memory_mb: u64,
-    /// Disk, MiB.
-    pub disk_mb: u64,
-    /// Templates.
-    pub templates: u64,
-}
+/// What a request would add to a team's usage: an amount of each resource.
+pub type Demand = Usage;
 
 /// The statuses [`Quota::max_running`] counts.
 const RUNNING: &str = "('pending', 'starting', 'running', 'missing')";

@@ -26,6 +26,17 @@ fn not_found(team: TeamId) -> ApiError {
     ApiError::new(ErrorCode::TeamNotFound, format!("team {team} not found"))
 }
 
+/// A database error about `team`, as callers see it ("not found" is the team's).
+fn team_error(team: TeamId) -> impl FnOnce(nestbox_db::DbError) -> ApiError {
+    move |e| {
+        if e.is_not_found() {
+            not_found(team)
+        } else {
+            e.into()
+        }
+    }
+}
+
 fn member_view(m: &teams::Member) -> Member {
     Member {
         user_id: m.user.id,
@@ -100,13 +111,9 @@ impl Services {
             max_disk_mb: limits.max_disk_mb,
             max_templates: limits.max_templates,
         };
-        quotas::set(&self.db, team, &q).await.map_err(|e| {
-            if e.is_not_found() {
-                not_found(team)
-            } else {
-                e.into()
-            }
-        })?;
+        quotas::set(&self.db, team, &q)
+            .await
+            .map_err(team_error(team))?;
         self.audit(self.team_audit(
             caller,
             team,
@@ -120,13 +127,9 @@ impl Services {
     }
 
     async fn quotas_view(&self, team: TeamId) -> ApiResult<api::TeamQuotas> {
-        let q = quotas::get(&self.db, team).await.map_err(|e| {
-            if e.is_not_found() {
-                not_found(team)
-            } else {
-                e.into()
-            }
-        })?;
+        let q = quotas::get(&self.db, team)
+            .await
+            .map_err(team_error(team))?;
         let u = quotas::usage(&self.db, team).await?;
         Ok(api::TeamQuotas {
             team_id: team,

@@ -399,7 +399,6 @@ impl QemuVmm {
             })?;
             cmd = cmd.pass_fd(fd, jail::RAM_FD);
         }
-        cmd = cmd.pass_fd(jail::qmp_listener(&paths.qmp_socket)?, jail::QMP_FD);
         // Its control group first: the VMM joins it before it runs anything.
         let group = match &self.cgroups {
             Some(c) => Some(
@@ -415,6 +414,17 @@ impl QemuVmm {
         if let Some(g) = &group {
             cmd = cmd.join_cgroups(g.procs_files());
         }
+        // Bound last: nothing before the spawn can fail with the socket left behind.
+        let qmp = match jail::qmp_listener(&paths.qmp_socket) {
+            Ok(fd) => fd,
+            Err(e) => {
+                if let Some(g) = &group {
+                    let _ = g.remove();
+                }
+                return Err(e);
+            }
+        };
+        cmd = cmd.pass_fd(qmp, jail::QMP_FD);
         tracing::debug!(id = %spec.id, argv = %cmd.argv(), "starting qemu");
         let spawned = cmd.spawn(Some(&paths.stderr_log));
         drop(cmd);

@@ -28,9 +28,11 @@ use std::collections::HashSet;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use nestbox_hostsys::net::{SandboxNet, SlotAddrs, SlotAllocator};
+use nestbox_hostsys::net::SlotAllocator;
+use nestbox_vmm::Vm;
 use nestbox_vmm::snapshot::{MANIFEST_FILE, MEMORY_FILE};
-use nestbox_vmm::{Vm, Vmm};
+
+use crate::host::Host;
 
 use crate::sandbox::state::{self, Phase, StateFile};
 
@@ -60,21 +62,17 @@ pub struct Recovered {
 }
 
 /// Takes over the VMM of the sandbox in `dir` if it can be: see the module docs.
-async fn adopt_live(vmm: &dyn Vmm, dir: &Path) -> Option<(StateFile, Box<dyn Vm>)> {
+async fn adopt_live(host: &Host, dir: &Path) -> Option<(StateFile, Box<dyn Vm>)> {
     let mut st = state::read(dir)?;
     let named = dir
         .file_name()
         .is_some_and(|n| n.to_string_lossy() == st.sandbox_id.to_string());
     let slot = st.slot?;
     let pid = st.vmm_pid?;
-    if !named
-        || st.internal
-        || st.phase == Phase::Starting
-        || !SlotAddrs::new(slot).netns_path().exists()
-    {
+    if !named || st.internal || st.phase == Phase::Starting || !host.network.exists(slot) {
         return None;
     }
-    let vm = match vmm.adopt(dir).await {
+    let vm = match host.vmm.adopt(dir).await {
         Ok(vm) if vm.pid() == pid => vm,
         Ok(_) => return None,
         Err(e) => {
@@ -206,7 +204,7 @@ pub async fn run(
     data_dir: &Path,
     mem_root: &Path,
     slots: &SlotAllocator,
-    vmm: &dyn Vmm,
+    host: &Host,
 ) -> (CleanupReport, Recovered) {
     let mut report = CleanupReport::default();
     let mut recovered = Recovered::default();
@@ -224,7 +222,7 @@ pub async fn run(
                 }
                 continue;
             }
-            if let Some((st, vm)) = adopt_live(vmm, &dir).await {
+            if let Some((st, vm)) = adopt_live(host, &dir).await {
                 kept_mem.insert(st.mem_dir.clone());
                 kept_slots.extend(st.slot);
                 report.adopted += 1;
@@ -247,7 +245,7 @@ pub async fn run(
                         report.processes += 1;
                     }
                     if let Some(slot) = st.slot.take() {
-                        if let Err(e) = SandboxNet::teardown_addrs(&SlotAddrs::new(slot)).await {
+                        if let Err(e) = host.network.teardown(slot).await {
                             tracing::error!(slot, error = %e, "removing a held network");
                         }
                         let _ = slots.release(slot);
@@ -272,7 +270,7 @@ pub async fn run(
                     report.processes += 1;
                 }
                 if let Some(slot) = left.slot {
-                    if let Err(e) = SandboxNet::teardown_addrs(&SlotAddrs::new(slot)).await {
+                    if let Err(e) = host.network.teardown(slot).await {
                         tracing::error!(slot, error = %e, "removing a leftover network");
                     }
                     let _ = slots.release(slot);
@@ -307,7 +305,7 @@ pub async fn run(
     if let Ok(owned) = slots.owned() {
         for (slot, holder) in owned.into_iter().filter(|(s, _)| !kept_slots.contains(s)) {
             tracing::warn!(slot, holder = %holder, "removing a leftover network slot");
-            if let Err(e) = SandboxNet::teardown_addrs(&SlotAddrs::new(slot)).await {
+            if let Err(e) = host.network.teardown(slot).await {
                 tracing::error!(slot, error = %e, "removing a leftover network");
             }
             let _ = slots.release(slot);

@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod guest;
+pub mod host;
 pub mod metrics;
 pub mod processes;
 pub mod proxy;
@@ -274,7 +275,8 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let vmm = crate::vmm_for(&cfg, &images, cgroups.clone(), jail).await?;
     tracing::info!(vmm = %vmm.info(), "VMM ready");
 
-    let (_, recovered) = cleanup::run(&cfg.data_dir, &mem_root, &slots, vmm.as_ref()).await;
+    let host = host::Host::real(vmm);
+    let (_, recovered) = cleanup::run(&cfg.data_dir, &mem_root, &slots, &host).await;
     if let Some(c) = &cgroups {
         // Groups of VMMs that are gone (the ones taken back keep theirs).
         let keep = recovered
@@ -305,10 +307,10 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         .pool_idle_timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(|e| step("building the HTTP client")(Box::new(e)))?;
-    let manager = Manager::new(sandbox::InnerParts {
+    let manager = Manager::new(sandbox::ManagerParts {
         cfg: cfg.clone(),
         tag: tag.clone(),
-        vmm,
+        host,
         images,
         bases,
         slots,

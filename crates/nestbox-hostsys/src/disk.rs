@@ -16,10 +16,16 @@
 //! each runs confined ([`Cmd::confined`]: as `nobody`, no capabilities, no new
 //! privileges, no network, empty scratch directories) on the one image it is handed as a
 //! descriptor, which belongs to `nobody` only while a tool writes it.
+//!
+//! The operations that run tools on images are behind [`DiskTools`] ([`Ext4Qcow2`] runs
+//! the real tools), so the sandbox manager can be driven with a stand-in that makes no
+//! image at all.
 
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 use crate::process::{Cmd, Output, ProcessError};
 
@@ -134,6 +140,61 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
     }
 }
 
+/// A boxed, sendable future (the trait is object-safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The operations that run tools on disk images: everything the sandbox manager does to
+/// an image besides copying it.
+pub trait DiskTools: Send + Sync {
+    /// Grows the ext4 image at `path` to `size_mb` (see [`expand_ext4`]).
+    fn expand<'a>(&'a self, path: &'a Path, size_mb: u64) -> BoxFuture<'a, Result<(), DiskError>>;
+    /// Creates a qcow2 overlay of `base` (see [`create_overlay`]).
+    fn create_overlay<'a>(
+        &'a self,
+        base: &'a Path,
+        overlay: &'a Path,
+        size_mb: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), DiskError>>;
+    /// Writes the disk `overlay` over `backing` shows into a raw image (see [`flatten`]).
+    fn flatten<'a>(
+        &'a self,
+        overlay: &'a Path,
+        backing: &'a Path,
+        out: &'a Path,
+    ) -> BoxFuture<'a, Result<(), DiskError>>;
+    /// Shrinks the ext4 image at `path`; returns its new size (see [`shrink_ext4`]).
+    fn shrink<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<u64, DiskError>>;
+}
+
+/// The real tools: `resize2fs`, `e2fsck` and `dumpe2fs` confined, `qemu-img`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ext4Qcow2;
+
+impl DiskTools for Ext4Qcow2 {
+    fn expand<'a>(&'a self, path: &'a Path, size_mb: u64) -> BoxFuture<'a, Result<(), DiskError>> {
+        Box::pin(expand_ext4(path, size_mb))
+    }
+    fn create_overlay<'a>(
+        &'a self,
+        base: &'a Path,
+        overlay: &'a Path,
+        size_mb: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), DiskError>> {
+        Box::pin(create_overlay(base, overlay, size_mb))
+    }
+    fn flatten<'a>(
+        &'a self,
+        overlay: &'a Path,
+        backing: &'a Path,
+        out: &'a Path,
+    ) -> BoxFuture<'a, Result<(), DiskError>> {
+        Box::pin(flatten(overlay, backing, out))
+    }
+    fn shrink<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<u64, DiskError>> {
+        Box::pin(shrink_ext4(path))
+    }
+}
+
 /// Expanded template images, per size.
 #[derive(Debug, Clone)]
 pub struct BaseImages {
@@ -163,9 +224,11 @@ impl BaseImages {
     }
 
     /// Returns the base of `template` at `size_mb`, creating it from the shrunk `source`
-    /// image if needed. `min_mb` is the smallest disk the template's filesystem fits.
+    /// image if needed (expanded by `tools`). `min_mb` is the smallest disk the template's
+    /// filesystem fits.
     pub async fn ensure(
         &self,
+        tools: &dyn DiskTools,
         template: &str,
         key: &str,
         source: &Path,
@@ -214,7 +277,7 @@ impl BaseImages {
                     path: tmp.clone(),
                     source: e,
                 })?;
-            expand_ext4(&tmp, size_mb).await?;
+            tools.expand(&tmp, size_mb).await?;
             // Published without replacing: a base already in place (a concurrent build
             // finished first) may be in use and stays as it is.
             match tokio::fs::hard_link(&tmp, &target).await {
@@ -469,9 +532,15 @@ mod tests {
         let src = dir.path().join("rootfs.ext4");
         make_ext4(&src, 32).await;
         let bases = BaseImages::new(dir.path().join("bases")).unwrap();
-        let err = bases.ensure("t", "k1", &src, 16, 32).await.unwrap_err();
+        let err = bases
+            .ensure(&Ext4Qcow2, "t", "k1", &src, 16, 32)
+            .await
+            .unwrap_err();
         assert!(matches!(err, DiskError::TooSmall { .. }));
-        let base = bases.ensure("t", "k1", &src, 256, 32).await.unwrap();
+        let base = bases
+            .ensure(&Ext4Qcow2, "t", "k1", &src, 256, 32)
+            .await
+            .unwrap();
         let meta = std::fs::metadata(&base).unwrap();
         assert_eq!(meta.len(), 256 * 1024 * 1024);
         assert!(
@@ -479,7 +548,10 @@ mod tests {
             "expanded sparsely"
         );
         // Cached: same path, untouched.
-        let again = bases.ensure("t", "k1", &src, 256, 32).await.unwrap();
+        let again = bases
+            .ensure(&Ext4Qcow2, "t", "k1", &src, 256, 32)
+            .await
+            .unwrap();
         assert_eq!(base, again);
         let overlay = dir.path().join("o.qcow2");
         create_overlay(&base, &overlay, None).await.unwrap();
@@ -497,7 +569,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&flat).unwrap().len(), shrunk);
         // Concurrent first builds of one new size agree on one whole base and leave no
         // temporary file.
-        let ensure = || bases.ensure("t", "k1", &src, 512, 32);
+        let ensure = || bases.ensure(&Ext4Qcow2, "t", "k1", &src, 512, 32);
         let built = tokio::join!(ensure(), ensure(), ensure(), ensure());
         let built = [built.0, built.1, built.2, built.3];
         let first = built[0].as_ref().unwrap().clone();
@@ -517,7 +589,10 @@ mod tests {
         // Pruning keeps what an overlay is backed by and what is asked to be kept, and
         // removes the rest (the 512 MiB base, an old build's).
         assert_eq!(backing_file(&overlay).unwrap(), Some(base.clone()));
-        let kept = bases.ensure("t", "k2", &src, 64, 32).await.unwrap();
+        let kept = bases
+            .ensure(&Ext4Qcow2, "t", "k2", &src, 64, 32)
+            .await
+            .unwrap();
         let keep = std::collections::HashSet::from([kept.clone()]);
         assert_eq!(
             bases

@@ -11,16 +11,16 @@
 
 use std::net::SocketAddr;
 
-use nestbox_dns::{DnsGuard, PinTable, Sockets, TableError};
-use nestbox_hostsys::net::{GUEST_GATEWAY, SandboxNet};
+use nestbox_dns::{DnsGuard, PinTable, TableError};
 use nestbox_types::SandboxId;
 use nestbox_types::egress::{Egress, EgressRules};
 
 use super::Manager;
 use crate::error::AgentError;
+use crate::host::NetHandle;
 
 /// The nftables sets of one sandbox's namespace.
-pub(crate) struct NsTable(SandboxNet);
+pub(crate) struct NsTable(NetHandle);
 
 impl PinTable for NsTable {
     async fn replace(
@@ -28,7 +28,7 @@ impl PinTable for NsTable {
         egress: &Egress,
         keep: &[std::net::Ipv4Addr],
     ) -> Result<(), TableError> {
-        Ok(self.0.apply_egress(egress, keep).await?)
+        Ok(self.0.replace_egress(egress, keep).await?)
     }
     async fn pin(&self, ips: &[std::net::Ipv4Addr]) -> Result<(), TableError> {
         Ok(self.0.pin(ips).await?)
@@ -61,12 +61,12 @@ impl Manager {
     pub(super) async fn start_egress(
         &self,
         id: SandboxId,
-        net: &SandboxNet,
+        net: &NetHandle,
         rules: &EgressRules,
     ) -> Result<Guard, AgentError> {
         let egress = parse(id, rules)?;
-        let netns = net.addrs.netns_path();
-        let sockets = Sockets::bind_in(&netns, SocketAddr::from((GUEST_GATEWAY, 53)))
+        let sockets = net
+            .resolver()
             .map_err(|e| AgentError::host("starting the sandbox's resolver", id, e))?;
         let upstream = self
             .inner()

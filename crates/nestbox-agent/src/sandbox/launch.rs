@@ -11,9 +11,8 @@ use chrono::Utc;
 use nestbox_envd::client::EnvdClient;
 use nestbox_envd::types::InitRequest;
 use nestbox_hostsys::disk;
-use nestbox_hostsys::net::{self, SandboxNet};
+use nestbox_hostsys::net;
 use nestbox_types::SandboxId;
-use nestbox_types::limits::GUEST_AGENT_PORT;
 use nestbox_vmm::snapshot::RestoreMemory;
 use nestbox_vmm::{Disk, DiskFormat, GuestConfig, NetworkSpec, Vm, VmSpec};
 use sha2::{Digest, Sha256};
@@ -22,6 +21,7 @@ use super::pool::{self, PoolKey};
 use super::state::{self, Phase, StartedBy, StateFile};
 use super::{CreateParams, Manager, min_disk_mb, remove_dir_if_exists, sandbox_dir};
 use crate::error::AgentError;
+use crate::host::NetHandle;
 use crate::templates::{Kind, StoredTemplate};
 
 /// The key of a built-in template's build (its base images are named by it).
@@ -32,7 +32,7 @@ pub(crate) fn image_key(image: &nestbox_image::TemplateImage) -> String {
 /// What a running sandbox holds on the host.
 pub(crate) struct Live {
     pub vm: Box<dyn Vm>,
-    pub net: SandboxNet,
+    pub net: NetHandle,
     /// Its resolver, holding its egress rules (dropped with the network).
     pub egress: super::egress::Guard,
 }
@@ -316,7 +316,14 @@ impl Manager {
                 } => {
                     let base = inner
                         .bases
-                        .ensure(base_name, base_key, rootfs, disk_mb, *min_mb)
+                        .ensure(
+                            inner.disks.as_ref(),
+                            base_name,
+                            base_key,
+                            rootfs,
+                            disk_mb,
+                            *min_mb,
+                        )
                         .await
                         .map_err(|e| AgentError::host("preparing the base image", id, e))?;
                     (base, None)
@@ -327,7 +334,9 @@ impl Manager {
                     (template.rootfs(), larger)
                 }
             };
-            disk::create_overlay(&base, &overlay, size)
+            inner
+                .disks
+                .create_overlay(&base, &overlay, size)
                 .await
                 .map_err(|e| AgentError::host("creating the root disk", id, e))?;
             st.disk_backing = Some(base.clone());
@@ -387,7 +396,7 @@ impl Manager {
         st.slot = Some(slot);
         let net = match async {
             state::write(dir, st)?;
-            SandboxNet::setup(slot)
+            NetHandle::setup(inner.network.clone(), slot)
                 .await
                 .map_err(|e| AgentError::host("setting up the network", id, e))
         }
@@ -422,7 +431,7 @@ impl Manager {
                 backing: self.disk_backing(st, &dir.join("rootfs.qcow2")),
             },
             network: NetworkSpec::Tap {
-                netns: net.addrs.netns_path(),
+                netns: net.netns(),
                 ifname: net::TAP_NAME.to_string(),
                 mac: guest_mac(id),
             },
@@ -534,27 +543,47 @@ impl Manager {
     pub(super) fn guest_client(
         &self,
         id: SandboxId,
-        net: &SandboxNet,
+        net: &NetHandle,
         token: &str,
     ) -> Result<EnvdClient, AgentError> {
-        let url = format!("http://{}:{GUEST_AGENT_PORT}", net.addrs.sandbox_ip);
+        let url = format!("http://{}", net.guest_agent());
         EnvdClient::with_http_client(self.inner().http.clone(), url, Some(token.to_string()))
             .map_err(|e| AgentError::Guest { id, source: e })
     }
 
-    /// Tears down a sandbox's network and frees its slot.
-    pub(super) async fn drop_network(&self, st: &mut StateFile, net: Option<SandboxNet>) {
+    /// Tears down a sandbox's network and frees its slot (see [`Self::remove_network`]);
+    /// a failure is logged.
+    pub(super) async fn drop_network(&self, st: &mut StateFile, net: Option<NetHandle>) {
+        if let Err(e) = self.remove_network(st, net).await {
+            tracing::warn!(sandbox = %st.sandbox_id, error = %e.public_message(), "removing the network");
+        }
+    }
+
+    /// Tears down the network of `st`'s slot (through `net` if the caller holds it) and
+    /// frees the slot. A teardown that fails is tried once more; a network that still
+    /// cannot be removed keeps its slot taken, so nothing is set up over it and start-up
+    /// recovery removes it, and the slot stays in `st` (recorded by the caller).
+    pub(super) async fn remove_network(
+        &self,
+        st: &mut StateFile,
+        net: Option<NetHandle>,
+    ) -> Result<(), AgentError> {
         let id = st.sandbox_id;
-        if let Some(net) = net
-            && let Err(e) = net.teardown().await
-        {
-            tracing::warn!(sandbox = %id, error = %e, "removing the network");
+        let Some(slot) = st.slot else {
+            return Ok(());
+        };
+        let net = net.unwrap_or_else(|| NetHandle::new(self.inner().network.clone(), slot));
+        if let Err(first) = net.teardown().await {
+            tracing::warn!(sandbox = %id, slot, error = %first, "removing the network; trying again");
+            net.teardown()
+                .await
+                .map_err(|e| AgentError::host("removing the network", id, e))?;
         }
-        if let Some(slot) = st.slot.take()
-            && let Err(e) = self.inner().slots.release(slot)
-        {
-            tracing::warn!(sandbox = %id, error = %e, "releasing the network slot");
-        }
+        st.slot = None;
+        self.inner()
+            .slots
+            .release(slot)
+            .map_err(|e| AgentError::host("releasing the network slot", id, e))
     }
 
     /// Releases everything of a sandbox: VM, network, slot and, with `files`, its
@@ -582,15 +611,8 @@ impl Manager {
             None => None,
         };
         st.vmm_pid = None;
-        if let Some(net) = net
-            && let Err(e) = net.teardown().await
-        {
-            note(AgentError::host("removing the network", id, e));
-        }
-        if let Some(slot) = st.slot.take()
-            && let Err(e) = self.inner().slots.release(slot)
-        {
-            note(AgentError::host("releasing the network slot", id, e));
+        if let Err(e) = self.remove_network(st, net).await {
+            note(e);
         }
         if files {
             if let Err(e) = remove_dir_if_exists(&st.mem_dir).await {

@@ -59,6 +59,7 @@ pub use state::{Phase, StartedBy};
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
+use crate::host::{DiskTools, Host, NetHandle, Network};
 use crate::templates::{Kind, StoredTemplate, TemplateStore};
 
 /// Lifecycle state as the agent sees it.
@@ -325,6 +326,8 @@ pub(crate) struct Inner {
     pub(crate) cfg: Arc<AgentConfig>,
     pub(crate) tag: String,
     pub(crate) vmm: Arc<dyn Vmm>,
+    pub(crate) network: Arc<dyn Network>,
+    pub(crate) disks: Arc<dyn DiskTools>,
     pub(crate) images: ImageStore,
     pub(crate) bases: BaseImages,
     pub(crate) slots: SlotAllocator,
@@ -341,16 +344,26 @@ pub(crate) struct Inner {
 }
 
 /// Parts to build a [`Manager`] from.
-pub(crate) struct InnerParts {
+pub struct ManagerParts {
+    /// The configuration.
     pub cfg: Arc<AgentConfig>,
+    /// The instance tag (names its tmpfs directory and firewall table).
     pub tag: String,
-    pub vmm: Arc<dyn Vmm>,
+    /// The VMM, networks and disk tools sandboxes run with.
+    pub host: Host,
+    /// Built-in templates and kernels.
     pub images: ImageStore,
+    /// Expanded bases of built-in and image templates.
     pub bases: BaseImages,
+    /// Network slots.
     pub slots: SlotAllocator,
+    /// The client guest agents are called with.
     pub http: reqwest::Client,
+    /// Upstream DNS servers of sandbox resolvers.
     pub dns: Vec<std::net::Ipv4Addr>,
+    /// Team templates stored on this host.
     pub templates: TemplateStore,
+    /// Warm snapshots of built-in templates.
     pub warm: TemplateStore,
 }
 
@@ -402,7 +415,8 @@ async fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Manager {
-    pub(crate) fn new(parts: InnerParts) -> Self {
+    /// A manager of no sandboxes yet, running them on `parts.host`.
+    pub fn new(parts: ManagerParts) -> Self {
         Self {
             inner: Arc::new(Inner {
                 warm: warm::Warm::new(parts.warm),
@@ -410,7 +424,9 @@ impl Manager {
                 pool: pool::Pool::default(),
                 cfg: parts.cfg,
                 tag: parts.tag,
-                vmm: parts.vmm,
+                vmm: parts.host.vmm,
+                network: parts.host.network,
+                disks: parts.host.disks,
                 images: parts.images,
                 bases: parts.bases,
                 slots: parts.slots,
@@ -540,7 +556,14 @@ impl Manager {
         let min_mb = min_disk_mb(template.manifest.fs_min_bytes);
         self.inner
             .bases
-            .ensure(name, &key, &template.rootfs, size_mb.max(min_mb), min_mb)
+            .ensure(
+                self.inner.disks.as_ref(),
+                name,
+                &key,
+                &template.rootfs,
+                size_mb.max(min_mb),
+                min_mb,
+            )
             .await
             .map_err(|e| AgentError::Internal(format!("preparing template {name}: {e}")))
     }
@@ -871,9 +894,7 @@ impl Manager {
         let id = st.sandbox_id;
         let dir = sandbox_dir(&self.inner.cfg.data_dir, id);
         let Some(slot) = st.slot else { return };
-        let net = nestbox_hostsys::net::SandboxNet {
-            addrs: nestbox_hostsys::net::SlotAddrs::new(slot),
-        };
+        let net = NetHandle::new(self.inner.network.clone(), slot);
         let live = match self.start_egress(id, &net, &st.egress).await {
             Ok(egress) => launch::Live { vm, net, egress },
             Err(e) => {
@@ -881,7 +902,7 @@ impl Manager {
                 let mut vm = vm;
                 let _ = vm.stop(Duration::from_secs(5)).await;
                 self.release(&mut st, None, &dir, false).await;
-                let _ = nestbox_hostsys::net::SandboxNet::teardown_addrs(&net.addrs).await;
+                let _ = net.teardown().await;
                 if st.phase == Phase::Paused {
                     // Its snapshot is whole: it stays paused, without the VMM.
                     let _ = state::write(&dir, &st);

@@ -577,11 +577,7 @@ impl SandboxTask {
 
     /// A fresh guest client for the live VM (after a failed pause).
     fn reconnect(&self, live: &Live) -> Option<nestbox_envd::client::EnvdClient> {
-        let url = format!(
-            "http://{}:{}",
-            live.net.addrs.sandbox_ip,
-            nestbox_types::limits::GUEST_AGENT_PORT
-        );
+        let url = format!("http://{}", live.net.guest_agent());
         nestbox_envd::client::EnvdClient::with_http_client(
             self.manager.inner().http.clone(),
             url,
@@ -979,14 +975,17 @@ impl SandboxTask {
                     std::io::Error::other("its overlay's backing image is not known"),
                 )
             })?;
-        disk::flatten(&frozen_disk, &backing, &rootfs)
+        let disks = self.manager.inner().disks.clone();
+        disks
+            .flatten(&frozen_disk, &backing, &rootfs)
             .await
             .map_err(|e| AgentError::host("flattening the disk", id, e))?;
         let _ = tokio::fs::remove_file(&frozen_disk).await;
         match kind {
             Kind::Snapshot => Ok(self.st.disk_size_mb),
             Kind::Image => {
-                let bytes = disk::shrink_ext4(&rootfs)
+                let bytes = disks
+                    .shrink(&rootfs)
                     .await
                     .map_err(|e| AgentError::host("shrinking the disk", id, e))?;
                 Ok(u32::try_from(super::min_disk_mb(bytes)).unwrap_or(u32::MAX))

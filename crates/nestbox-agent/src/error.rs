@@ -39,6 +39,12 @@ pub enum AgentError {
     /// The sandbox's task did not take the request in time.
     #[error("sandbox {0} is busy; retry")]
     Busy(SandboxId),
+    /// The sandbox's VMM stopped it because the host could not write its disk; it runs
+    /// again once the host has space.
+    #[error(
+        "sandbox {0} is stopped: its host is out of disk space; it runs again once space is freed"
+    )]
+    OutOfSpace(SandboxId),
     /// The VM did not become ready.
     #[error("sandbox {id} did not boot: {reason}")]
     Boot {
@@ -106,9 +112,14 @@ impl AgentError {
             AgentError::NoCapacity(_) => ErrorCode::NoCapacity,
             AgentError::Invalid(_) => ErrorCode::InvalidRequest,
             AgentError::Busy(_) => ErrorCode::Busy,
+            AgentError::OutOfSpace(_) => ErrorCode::InsufficientStorage,
             AgentError::ProcessNotFound { .. } => ErrorCode::ProcessNotFound,
             AgentError::Boot { .. } | AgentError::Host { .. } | AgentError::Internal(_) => {
-                ErrorCode::Internal
+                if self.out_of_space() {
+                    ErrorCode::InsufficientStorage
+                } else {
+                    ErrorCode::Internal
+                }
             }
             AgentError::Guest { source, .. } => match source.code() {
                 Code::NotFound => ErrorCode::FileNotFound,
@@ -132,6 +143,34 @@ impl AgentError {
         }
     }
 
+    /// Whether the host ran out of disk space: somewhere in this host-side error's chain
+    /// is an I/O error of that kind (`ENOSPC`, `EDQUOT`), or a tool that said so.
+    pub fn out_of_space(&self) -> bool {
+        if !matches!(
+            self,
+            AgentError::Boot { .. } | AgentError::Host { .. } | AgentError::Internal(_)
+        ) {
+            return false;
+        }
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                )
+            {
+                return true;
+            }
+            let text = e.to_string();
+            if text.contains("No space left on device") || text.contains("Disk quota exceeded") {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+
     /// The message clients see: full for their own mistakes, the whole chain otherwise
     /// (agent errors reach only the control plane, which logs them and decides what users
     /// see).
@@ -150,9 +189,47 @@ impl AgentError {
 impl From<AgentError> for tonic::Status {
     fn from(err: AgentError) -> Self {
         let code = err.code();
+        if err.out_of_space() {
+            // The chain names host paths: it goes to the log, the caller learns what ran out.
+            tracing::error!(error = %err.public_message(), "the host is out of disk space");
+            return nestbox_proto::status(code, "the host is out of disk space");
+        }
         if matches!(code, ErrorCode::Internal | ErrorCode::AgentError) {
             tracing::error!(error = %err.public_message(), "agent operation failed");
         }
         nestbox_proto::status(code, err.public_message())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_host_disk_is_insufficient_storage_without_paths() {
+        let id = SandboxId::new();
+        let full = AgentError::host(
+            "creating the root disk",
+            id,
+            nestbox_hostsys::disk::DiskError::Io {
+                path: "/var/lib/nestbox/sandboxes/x/rootfs.qcow2".into(),
+                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+            },
+        );
+        assert!(full.out_of_space());
+        assert_eq!(full.code(), ErrorCode::InsufficientStorage);
+        let status = tonic::Status::from(full);
+        assert_eq!(status.message(), "the host is out of disk space");
+        // A tool that said so counts too.
+        let tool = AgentError::Internal("qemu-img: No space left on device".into());
+        assert_eq!(tool.code(), ErrorCode::InsufficientStorage);
+        // Anything else stays internal; a guest's own full disk is the guest's answer.
+        let other = AgentError::host(
+            "creating the root disk",
+            id,
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(other.code(), ErrorCode::Internal);
+        assert!(!AgentError::Invalid("No space left on device".into()).out_of_space());
     }
 }

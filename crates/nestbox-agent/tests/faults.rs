@@ -670,3 +670,112 @@ async fn an_egress_change_that_fails_keeps_the_rules_in_force() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_vm_stopped_by_a_full_disk_answers_clearly_and_runs_again_when_space_returns() {
+    let rig = Rig::new(Duration::from_secs(300), 0);
+    let id = rig.create(None).await;
+    rig.fake.set_disk_full(true);
+    let h = rig.manager.get(id).unwrap();
+    for _ in 0..2000 {
+        if h.io_stopped() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = h.guest().expect_err("a stopped guest is not offered");
+    assert_eq!(
+        err.code(),
+        nestbox_types::ErrorCode::InsufficientStorage,
+        "{err}"
+    );
+    assert_eq!(
+        h.state(),
+        State::Running,
+        "it is still the tenant's running sandbox"
+    );
+    rig.fake.set_disk_full(false);
+    for _ in 0..2000 {
+        if !h.io_stopped() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.answers(id).await;
+    rig.consistent("after the disk had room again");
+    rig.empty("done").await;
+}
+
+/// Makes the sandbox's state record unwritable (as a full disk does) until dropped.
+struct Unwritable(PathBuf);
+
+impl Unwritable {
+    fn new(rig: &Rig, id: SandboxId) -> Self {
+        // The record is written to a temporary file first: a directory in its place fails
+        // every write.
+        let blocker = nestbox_agent::sandbox::sandbox_dir(&rig.data, id).join("state.json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        Unwritable(blocker)
+    }
+}
+
+impl Drop for Unwritable {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+async fn recorded(rig: &Rig, id: SandboxId, phase: Phase) {
+    let dir = nestbox_agent::sandbox::sandbox_dir(&rig.data, id);
+    for _ in 0..500 {
+        if state::read(&dir).is_some_and(|st| st.phase == phase) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{id} never recorded as {phase:?}");
+}
+
+#[tokio::test]
+async fn a_change_that_cannot_be_recorded_still_happens_and_is_recorded_later() {
+    for hold in [Duration::from_secs(300), Duration::ZERO] {
+        let rig = Rig::new(hold, 0);
+        let id = rig.create(None).await;
+        let h = rig.manager.get(id).unwrap();
+        {
+            let _full = Unwritable::new(&rig, id);
+            // A rotation is recorded before it is made: refused, nothing changes.
+            assert!(rig.manager.rotate_token(id, "x".repeat(32)).await.is_err());
+            rig.answers(id).await;
+            // A pause happens: its record follows.
+            rig.manager.pause(id).await.unwrap();
+            assert_eq!(h.state(), State::Paused);
+            let st = state::read(&nestbox_agent::sandbox::sandbox_dir(&rig.data, id)).unwrap();
+            assert_eq!(st.phase, Phase::Running, "the record is behind, not wrong");
+        }
+        recorded(&rig, id, Phase::Paused).await;
+        rig.consistent("a pause recorded late");
+        {
+            let _full = Unwritable::new(&rig, id);
+            if hold.is_zero() {
+                // A restore takes a network and a VMM, each recorded before it is taken:
+                // refused, it stays paused.
+                assert!(rig.manager.resume(id).await.is_err());
+                assert_eq!(h.state(), State::Paused);
+                rig.consistent("a restore that could not record itself");
+            } else {
+                // A held VMM runs again: its record follows.
+                rig.manager.resume(id).await.unwrap();
+                assert_eq!(h.state(), State::Running);
+                rig.answers(id).await;
+            }
+        }
+        if hold.is_zero() {
+            rig.manager.resume(id).await.unwrap();
+            rig.answers(id).await;
+        }
+        recorded(&rig, id, Phase::Running).await;
+        rig.consistent("a resume recorded late");
+        rig.empty("done").await;
+    }
+}

@@ -79,6 +79,7 @@ async fn e2b_sdks_reach_sandboxes_by_host_name_over_https() {
         ],
         listen: Some(format!("{}:443", net.ip(1))),
         https: true,
+        ..Default::default()
     });
     assert!(nb.url.starts_with("https://"), "{}", nb.url);
 

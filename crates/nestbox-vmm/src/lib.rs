@@ -361,7 +361,14 @@ pub trait Vm: Send + Sync {
     /// looks restorable half-consumed; the RAM file goes back to the VM). If the VMM had
     /// exited, nothing is touched and the error says so.
     fn resume_held(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
+    /// Runs again a VM that its VMM stopped because the host could not write its disk
+    /// (run state `io-error`: the host filesystem is full). The VMM retries the failed
+    /// writes, and stops the guest again if they still fail; nothing is lost meanwhile.
+    fn retry_io(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
 }
+
+/// The run state of a VM its VMM stopped after a failed disk write (see [`Vm::retry_io`]).
+pub const RUN_STATE_IO_ERROR: &str = "io-error";
 
 /// A microVM monitor driver.
 pub trait Vmm: Send + Sync {

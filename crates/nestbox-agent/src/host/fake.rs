@@ -124,6 +124,10 @@ struct Ledger {
     vmms: HashMap<u32, VmmEntry>,
     /// Pids whose VMM is to die.
     doomed: Vec<u32>,
+    /// The host's disk is full: running guests are stopped by their VMMs.
+    full: bool,
+    /// Every guest started, to stop them when the disk fills.
+    guests: Vec<std::sync::Weak<FakeGuest>>,
 }
 
 #[derive(Default)]
@@ -253,6 +257,20 @@ impl FakeHost {
         lock(&self.shared.ledger).egress.get(&slot).cloned()
     }
 
+    /// Fills the host's disk (`true`): every running guest stops, as a VMM stops one whose
+    /// disk write failed, and stays stopped until the disk has room again and its VMM
+    /// retries ([`Vm::retry_io`]).
+    pub fn set_disk_full(&self, full: bool) {
+        let mut ledger = lock(&self.shared.ledger);
+        ledger.full = full;
+        ledger.guests.retain(|g| g.strong_count() > 0);
+        if full {
+            for g in ledger.guests.iter().filter_map(std::sync::Weak::upgrade) {
+                g.io_stopped.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
     /// Makes the VMM `pid` die, as a crashed process does.
     pub fn kill(&self, pid: u32) {
         lock(&self.shared.ledger).doomed.push(pid);
@@ -310,10 +328,14 @@ impl FakeHost {
         let pid = self.shared.next_pid.fetch_add(1, Ordering::Relaxed);
         let guest = Arc::new(FakeGuest {
             alive: AtomicBool::new(true),
+            io_stopped: AtomicBool::new(false),
             state: Mutex::new(guest),
             host: self.clone(),
         });
         let server = serve(listener, guest.clone()).map_err(vmm_io("listen", netns))?;
+        lock(&self.shared.ledger)
+            .guests
+            .push(Arc::downgrade(&guest));
         lock(&self.shared.ledger).vmms.insert(
             pid,
             VmmEntry {
@@ -412,11 +434,18 @@ impl FakeHost {
 /// A fake guest agent.
 struct FakeGuest {
     alive: AtomicBool,
+    /// Stopped by its VMM after a failed disk write.
+    io_stopped: AtomicBool,
     state: Mutex<GuestState>,
     host: FakeHost,
 }
 
 impl FakeGuest {
+    /// Whether it answers: its VM runs.
+    fn runs(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) && !self.io_stopped.load(Ordering::SeqCst)
+    }
+
     fn authorised(&self, headers: &HeaderMap) -> bool {
         let presented = headers
             .get(nestbox_envd::headers::ACCESS_TOKEN)
@@ -441,7 +470,7 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 async fn health(State(g): State<Arc<FakeGuest>>) -> Response {
-    if !g.alive.load(Ordering::SeqCst) {
+    if !g.runs() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the VM is not running");
     }
     (
@@ -456,7 +485,7 @@ async fn init(
     headers: HeaderMap,
     axum::Json(req): axum::Json<InitRequest>,
 ) -> Response {
-    if !g.alive.load(Ordering::SeqCst) {
+    if !g.runs() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the VM is not running");
     }
     if let Err(e) = g.host.step(Step::GuestInit) {
@@ -478,7 +507,7 @@ async fn init(
 }
 
 async fn envs(State(g): State<Arc<FakeGuest>>, headers: HeaderMap) -> Response {
-    if !g.alive.load(Ordering::SeqCst) {
+    if !g.runs() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the VM is not running");
     }
     if !g.authorised(&headers) {
@@ -498,7 +527,7 @@ async fn start_process(State(g): State<Arc<FakeGuest>>, headers: HeaderMap) -> R
         Ok(meta) => meta,
         Err(refused) => return (*refused).into_response(),
     };
-    if !g.alive.load(Ordering::SeqCst) {
+    if !g.runs() {
         return meta
             .error(&ConnectError::new(
                 Code::Unavailable,
@@ -728,10 +757,20 @@ impl Vm for FakeVm {
         Box::pin(async move {
             Ok(if self.held.is_some() {
                 "paused"
+            } else if self.guest.io_stopped.load(Ordering::SeqCst) {
+                nestbox_vmm::RUN_STATE_IO_ERROR
             } else {
                 "running"
             }
             .to_string())
+        })
+    }
+    fn retry_io(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(async move {
+            // The guest runs again only if the disk has room; else it stops at once.
+            let full = lock(&self.host.shared.ledger).full;
+            self.guest.io_stopped.store(full, Ordering::SeqCst);
+            Ok(())
         })
     }
     fn stop(&mut self, _grace: Duration) -> BoxFuture<'_, Result<StopReport, VmmError>> {

@@ -183,6 +183,8 @@ struct Status {
     auto_paused: bool,
     guest: Option<EnvdClient>,
     guest_version: String,
+    /// Its VMM stopped it after a failed write to its disk (the host's disk is full).
+    io_stopped: bool,
 }
 
 /// A lifecycle request to a sandbox's task.
@@ -250,6 +252,11 @@ impl SandboxHandle {
             .unwrap_or(State::Stopping)
     }
 
+    /// Whether its VMM stopped it after a failed disk write (the host's disk is full).
+    pub fn io_stopped(&self) -> bool {
+        self.status.lock().map(|s| s.io_stopped).unwrap_or(false)
+    }
+
     /// Whether the inactivity timeout paused it.
     pub fn auto_paused(&self) -> bool {
         self.status.lock().map(|s| s.auto_paused).unwrap_or(false)
@@ -269,6 +276,9 @@ impl SandboxHandle {
             .status
             .lock()
             .map_err(|_| AgentError::Internal("sandbox status poisoned".into()))?;
+        if status.io_stopped {
+            return Err(AgentError::OutOfSpace(self.facts.id));
+        }
         match (&status.guest, status.state) {
             (Some(g), State::Running | State::Snapshotting) => {
                 self.touch();
@@ -799,9 +809,11 @@ impl Manager {
         if warm
             && let Err(e) = &result
             && !matches!(e, AgentError::Invalid(_))
+            && !e.out_of_space()
         {
             // A warm snapshot that does not restore (a VMM or kernel change the key missed)
-            // must not make creates fail: forget it and boot.
+            // must not make creates fail: forget it and boot. (Not when the host's disk is
+            // full: that is no fault of the snapshot, and a boot needs space too.)
             tracing::warn!(sandbox = %id, error = %e.public_message(), "restoring the warm snapshot failed; booting instead");
             self.inner.warm.forget(&params.template);
             result = self.launch_new(&params, started).await;
@@ -823,6 +835,7 @@ impl Manager {
                         auto_paused: false,
                         guest: Some(guest),
                         guest_version,
+                        io_stopped: false,
                     }),
                     last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
                     commands: tx,
@@ -875,6 +888,7 @@ impl Manager {
                 auto_paused: st.auto_paused,
                 guest: None,
                 guest_version: st.guest_version.clone(),
+                io_stopped: false,
             }),
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
             commands: tx,
@@ -959,6 +973,7 @@ impl Manager {
                 auto_paused: st.auto_paused,
                 guest,
                 guest_version: st.guest_version.clone(),
+                io_stopped: false,
             }),
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
             commands: tx,

@@ -43,6 +43,12 @@ const DISK_FILE: &str = "rootfs.qcow2";
 
 /// How often the task checks its VMM and the inactivity timeout.
 const TICK: Duration = Duration::from_millis(500);
+/// Ticks between checks that a running VM was not stopped by its VMM after a failed
+/// disk write (and, if it was, retries of that write).
+const IO_CHECK_TICKS: u32 = 10;
+/// How long after a failed copy of a paused sandbox's snapshot to disk (a full disk) it is
+/// tried again.
+const PERSIST_RETRY: Duration = Duration::from_secs(30);
 
 /// How long a paused sandbox's memory stays on tmpfs (for a fast resume) before it is
 /// left on disk alone, when no hold time is set (otherwise: the hold time).
@@ -60,6 +66,11 @@ pub(crate) struct SandboxTask {
     /// When it was paused, while its snapshot's memory is still on tmpfs.
     paused_at: Option<Instant>,
     persist: Option<JoinHandle<Result<(), AgentError>>>,
+    /// When the last copy of the snapshot to disk failed (it is tried again after
+    /// [`PERSIST_RETRY`]).
+    persist_failed: Option<Instant>,
+    /// The state file is behind the sandbox (its last write failed; see `record`).
+    unrecorded: bool,
 }
 
 /// A paused sandbox's VMM, stopped, with its network: resuming it is a `cont`.
@@ -119,6 +130,8 @@ impl SandboxTask {
             held: None,
             paused_at,
             persist: None,
+            persist_failed: None,
+            unrecorded: false,
         }
     }
 
@@ -154,6 +167,7 @@ impl SandboxTask {
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u32 = 0;
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
@@ -221,6 +235,17 @@ impl SandboxTask {
                             self.release_held().await;
                         }
                     }
+                    if self.unrecorded {
+                        self.record();
+                    }
+                    if self.persist.is_none()
+                        && self.persist_failed.is_some_and(|t| t.elapsed() >= PERSIST_RETRY)
+                        && self.st.phase == Phase::Paused
+                        && !self.st.snapshot_durable
+                        && has_snapshot(&tmpfs_snapshot(&self.st))
+                    {
+                        self.start_persist();
+                    }
                     if self.long_paused() {
                         // Its memory waits on disk from now on, not in RAM.
                         if let Err(e) = self.settle().await {
@@ -241,6 +266,10 @@ impl SandboxTask {
                         }
                         return;
                     }
+                    ticks = ticks.wrapping_add(1);
+                    if ticks.is_multiple_of(IO_CHECK_TICKS) {
+                        self.check_io().await;
+                    }
                     if self.inactive() {
                         tracing::info!(sandbox = %id, timeout_sec = self.st.timeout_sec, "inactive; pausing");
                         if let Err(e) = self.pause(true).await {
@@ -256,6 +285,45 @@ impl SandboxTask {
         }
     }
 
+    /// Finds out whether the running VM's VMM stopped it after a failed disk write (the
+    /// host's disk is full: QEMU stops the guest rather than fail its write, so nothing
+    /// is lost) and, while it is stopped, has the VMM retry: the guest runs again as soon
+    /// as the host has space. Meanwhile requests to its guest get a clear
+    /// `insufficient_storage` at once instead of waiting for a guest that cannot answer.
+    async fn check_io(&mut self) {
+        let id = self.st.sandbox_id;
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        if self.handle.state() != State::Running {
+            return;
+        }
+        let was = self.handle.io_stopped();
+        let stopped = match live.vm.run_state().await {
+            Ok(state) => state == nestbox_vmm::RUN_STATE_IO_ERROR,
+            // A VMM that does not answer is found out by its exit.
+            Err(_) => return,
+        };
+        match (was, stopped) {
+            (false, true) => {
+                self.handle.set(|s| s.io_stopped = true);
+                tracing::error!(sandbox = %id, "the host's disk is full: the sandbox's VM is stopped until space is freed");
+            }
+            // Still stopped: retry. Judged at the next check, not now: a retried write that
+            // fails again stops the guest only moments after it was let run.
+            (true, true) => {
+                if let Err(e) = live.vm.retry_io().await {
+                    tracing::warn!(sandbox = %id, error = %e, "retrying the VM's failed disk writes");
+                }
+            }
+            (true, false) => {
+                self.handle.set(|s| s.io_stopped = false);
+                tracing::info!(sandbox = %id, "the host has disk space again: the sandbox runs again");
+            }
+            (false, false) => {}
+        }
+    }
+
     /// Gives the running guest agent a new token (presenting the one it holds), then
     /// records it and talks to the guest with it from then on. A paused sandbox's guest
     /// gets it when it resumes (recorded now; a later rotation replaces it).
@@ -263,8 +331,11 @@ impl SandboxTask {
         let id = self.st.sandbox_id;
         let state = self.handle.state();
         if state == State::Paused {
-            self.st.rotating_to = Some(token);
-            state::write(&self.dir, &self.st)?;
+            let previous = self.st.rotating_to.replace(token);
+            if let Err(e) = state::write(&self.dir, &self.st) {
+                self.st.rotating_to = previous;
+                return Err(e);
+            }
             tracing::info!(sandbox = %id, "guest agent token rotation recorded for the next resume");
             return Ok(());
         }
@@ -286,15 +357,19 @@ impl SandboxTask {
         // Recorded first: a crash from here on leaves the guest holding either token, and
         // the next start asks it which.
         self.st.rotating_to = Some(token.clone());
-        state::write(&self.dir, &self.st)?;
+        if let Err(e) = state::write(&self.dir, &self.st) {
+            self.st.rotating_to = None;
+            return Err(e);
+        }
         let sent = send_init(&guest, init, live.vm.as_mut(), id, deadline, &console).await;
         self.st.rotating_to = None;
         if let Err(e) = sent {
-            let _ = state::write(&self.dir, &self.st);
+            self.record();
             return Err(e);
         }
+        // The guest holds the new token: from here on it is the sandbox's, recorded or not.
         self.st.access_token = token;
-        state::write(&self.dir, &self.st)?;
+        self.record();
         self.handle.set(|s| s.guest = Some(guest));
         tracing::info!(sandbox = %id, "guest agent token rotated");
         Ok(())
@@ -511,7 +586,8 @@ impl SandboxTask {
         self.st.snapshot_durable = false;
         self.paused_at = Some(Instant::now());
         let _ = tokio::fs::remove_dir_all(disk_snapshot(&self.dir)).await;
-        state::write(&self.dir, &self.st)?;
+        // The sandbox is paused, its snapshot whole, recorded or not (see `record`).
+        self.record();
         self.handle.set(|s| {
             s.state = State::Paused;
             s.auto_paused = auto;
@@ -520,18 +596,49 @@ impl SandboxTask {
         Ok(())
     }
 
+    /// Records the sandbox's state after a change that has happened on the host. If the
+    /// record cannot be written (a full disk) the sandbox is what it became all the same:
+    /// the record is written again every tick until it is (and start-up recovery finds a
+    /// pause or resume a crash left unrecorded from the VMM's own record). Returns whether
+    /// it was written.
+    fn record(&mut self) -> bool {
+        match state::write(&self.dir, &self.st) {
+            Ok(()) => {
+                if std::mem::take(&mut self.unrecorded) {
+                    tracing::info!(sandbox = %self.st.sandbox_id, "sandbox state recorded at last");
+                }
+                true
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.unrecorded, true) {
+                    tracing::error!(sandbox = %self.st.sandbox_id, error = %e.public_message(), "recording sandbox state; trying again every tick");
+                }
+                false
+            }
+        }
+    }
+
     /// Copies the tmpfs snapshot to the sandbox's directory in the background, so that it
     /// survives a reboot ([`Self::persisted`] records it).
     fn start_persist(&mut self) {
         let from = tmpfs_snapshot(&self.st);
         let staging = self.dir.join("snapshot.partial");
         let to = disk_snapshot(&self.dir);
+        self.persist_failed = None;
         self.persist = Some(tokio::spawn(async move {
             let _ = tokio::fs::remove_dir_all(&staging).await;
-            copy_snapshot(&from, &staging).await?;
-            tokio::fs::rename(&staging, &to).await.map_err(|e| {
-                AgentError::Internal(format!("moving the snapshot copy into place: {e}"))
-            })
+            let copied = async {
+                copy_snapshot(&from, &staging).await?;
+                tokio::fs::rename(&staging, &to).await.map_err(|e| {
+                    AgentError::Internal(format!("moving the snapshot copy into place: {e}"))
+                })
+            }
+            .await;
+            if copied.is_err() {
+                // A partial copy holds disk space for nothing (the disk may be full).
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+            }
+            copied
         }));
     }
 
@@ -540,13 +647,12 @@ impl SandboxTask {
         match result {
             Ok(()) if self.st.phase == Phase::Paused => {
                 self.st.snapshot_durable = true;
-                if let Err(e) = state::write(&self.dir, &self.st) {
-                    tracing::warn!(sandbox = %id, error = %e.public_message(), "recording the durable snapshot");
-                }
+                self.record();
             }
             Ok(()) => {}
             Err(e) => {
-                tracing::error!(sandbox = %id, error = %e.public_message(), "copying the snapshot to disk")
+                self.persist_failed = Some(Instant::now());
+                tracing::error!(sandbox = %id, error = %e.public_message(), retry_secs = PERSIST_RETRY.as_secs(), "copying the snapshot to disk")
             }
         }
     }
@@ -664,7 +770,7 @@ impl SandboxTask {
             }
             Err(e) => {
                 self.handle.set(|s| s.state = State::Paused);
-                let _ = state::write(&self.dir, &self.st);
+                self.record();
                 Err(e)
             }
         }
@@ -696,7 +802,8 @@ impl SandboxTask {
         if version != 0 {
             self.st.egress_version = version;
         }
-        state::write(&self.dir, &self.st)?;
+        // In force now, recorded or not (see `record`).
+        self.record();
         tracing::info!(sandbox = %id, "egress rules replaced");
         Ok(())
     }
@@ -816,7 +923,8 @@ impl SandboxTask {
         self.st.guest_version = version.clone();
         let _ = tokio::fs::remove_dir_all(tmpfs_snapshot(&self.st)).await;
         let _ = tokio::fs::remove_dir_all(disk_snapshot(&self.dir)).await;
-        state::write(&self.dir, &self.st)?;
+        // The guest runs, recorded or not (see `record`).
+        self.record();
         self.track().await;
         self.handle.touch();
         self.handle.set(|s| {

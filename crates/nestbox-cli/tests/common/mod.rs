@@ -71,6 +71,8 @@ pub struct Options {
     pub listen: Option<String>,
     /// It serves HTTPS (`NESTBOX_TLS_CERT`/`NESTBOX_TLS_KEY` in `env`).
     pub https: bool,
+    /// Its data directory (default: `data` in its own temporary directory).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Nestbox {
@@ -135,7 +137,7 @@ impl Nestbox {
             .unwrap();
         let mut cmd = Command::new(&self.binary);
         cmd.args(["up", "--data-dir"])
-            .arg(self.dir.path().join("data"))
+            .arg(self.data_dir())
             .args(["--listen", &listen])
             .arg("--images-dir")
             .arg(images)
@@ -222,7 +224,10 @@ impl Nestbox {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// The client authenticated with the first-run API key.

@@ -848,6 +848,15 @@ impl Vm for QemuVm {
         Box::pin(self.resume_held_vm())
     }
 
+    fn retry_io(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(async move {
+            self.qmp.cont().await.map_err(|source| VmmError::Qmp {
+                id: self.id.clone(),
+                source,
+            })
+        })
+    }
+
     fn is_held(&self) -> bool {
         self.held.is_some()
     }

@@ -8,9 +8,11 @@
 //! directory). After the last round: no record is left in a transitional state, and a
 //! clean stop leaves nothing of the instance on the host.
 //!
-//! A second probe stops `nestbox up` with SIGTERM at random moments of its start-up (its
-//! warm-up boot, its pool refill), deletes its data directory, and checks that the host
-//! holds nothing of it: no VMM, namespace, slot, firewall table, cgroup or guest memory.
+//! Two more probes stop `nestbox up` with SIGTERM at random moments — of its start-up (its
+//! warm-up boot, its pool refill), and of a lifecycle workload (creates with the pool
+//! refills behind them, pauses, resumes, destroys, execs, requests in flight) — delete its
+//! data directory, and check that it exited cleanly and that the host holds nothing of it:
+//! no VMM, namespace, slot, firewall table, cgroup or guest memory.
 //!
 //! `NESTBOX_CRASH_ROUNDS` sets the number of rounds (default 100), `NESTBOX_CRASH_SEED`
 //! the random seed (printed, for replaying a failure). The probe is bounded in time:
@@ -334,5 +336,52 @@ async fn sigterm_during_start_up_leaves_nothing_once_the_data_directory_is_gone(
         assert!(vmms.is_empty(), "round {round}: VMMs left: {vmms:?}");
         assert_instance_clean(&tag);
         eprintln!("round {round}: stopped {after:?} into start-up; nothing left");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_during_a_workload_leaves_nothing_once_the_data_directory_is_gone() {
+    let seed = env_u64("NESTBOX_CRASH_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1
+    });
+    eprintln!("stop probe: seed {seed} (NESTBOX_CRASH_SEED replays it)");
+    let mut rng = Rng(seed);
+    for round in 0..4 {
+        let mut nb = Nestbox::up();
+        let tag = nb.tag();
+        let data = nb.data_dir();
+        let client = nb.client();
+        let after = Duration::from_millis(rng.below(6000));
+        let mut work_rng = Rng(rng.next() | 1);
+        let work = tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                churn(&client, &mut work_rng, &mut mine).await;
+            }
+        });
+        tokio::time::sleep(after).await;
+        let status = nb.terminate();
+        work.abort();
+        let _ = work.await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "round {round}: a stop {after:?} into the workload exits cleanly ({status:?}):\n{}",
+            nb.log_problems()
+        );
+        let vmms = instance_vmms(&data);
+        assert!(vmms.is_empty(), "round {round}: VMMs left: {vmms:?}");
+        // (Checked before the harness's own clean-up runs.)
+        assert!(
+            !Path::new(&format!("/dev/shm/nestbox-{tag}")).exists(),
+            "round {round}: guest memory left after a graceful stop"
+        );
+        drop(nb);
+        assert!(!data.exists(), "the data directory is gone");
+        assert_instance_clean(&tag);
+        eprintln!("round {round}: stopped {after:?} into the workload; nothing left");
     }
 }

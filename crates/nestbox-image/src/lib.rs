@@ -386,6 +386,7 @@ pub async fn build(
 
     // Templates.
     let mut templates = Vec::new();
+    let mut trees = Vec::new();
     for recipe in &opts.templates {
         let inputs = hash_json(&(
             BUILDER_VERSION,
@@ -419,6 +420,7 @@ pub async fn build(
         }
         let base =
             rootfs::base_tree(&opts.cache_dir, &mirror, &opts.suite, recipe, progress).await?;
+        trees.push(base.clone());
         let tmp = tempdir_in(&opts.out_dir.join("templates"), ".tmp-")?;
         let work = tempdir_in(&opts.cache_dir.join("work"), "rootfs-")?;
         let pack = Step::start(progress, format!("pack {} rootfs.ext4", recipe.name));
@@ -459,6 +461,11 @@ pub async fn build(
             image: store.template(&recipe.name)?,
             cached: false,
         });
+    }
+    // Trees of old recipes, suites or mirrors go after a month unused.
+    let pruned = rootfs::prune(&opts.cache_dir, &trees, rootfs::TREE_MAX_IDLE);
+    if pruned > 0 {
+        tracing::info!(pruned, cache = %opts.cache_dir.display(), "removed stale cached trees");
     }
     Ok(BuildReport {
         kernel,

@@ -15,6 +15,11 @@
 //!
 //! Both stages write into temporary directories and rename into place, so an interrupted
 //! build leaves nothing half-written behind.
+//!
+//! Every use of a cached tree stamps it (`<key>.used` beside it, never inside: the tree is
+//! copied into images). [`prune`] removes trees no build has used for [`TREE_MAX_IDLE`]
+//! (old recipes, old suites or mirrors, old [`TREE_VERSION`]s) and scratch directories an
+//! interrupted build left, never through a mount.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -29,6 +34,95 @@ use crate::{ImageError, blocking};
 
 /// Bumped when stage 1 changes.
 const TREE_VERSION: u32 = 2;
+
+/// A cached tree no build used for this long is removed by [`prune`].
+pub const TREE_MAX_IDLE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A scratch directory of a build older than this was left by an interrupted build.
+const SCRATCH_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Records that `tree` was used now (see the module docs).
+fn stamp(tree: &Path) {
+    let Some(name) = tree.file_name() else { return };
+    let mut stamp = name.to_os_string();
+    stamp.push(".used");
+    let path = tree.with_file_name(stamp);
+    if let Err(e) = std::fs::write(&path, b"") {
+        tracing::warn!(path = %path.display(), error = %e, "stamping a cached tree");
+    }
+}
+
+/// How long ago `path` was last modified (`None`: unknown, e.g. it is gone).
+fn age(path: &Path) -> Option<Duration> {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+}
+
+/// Removes from `cache_dir` the cached trees not in `keep` that no build used for
+/// `max_idle` (by their stamp, or the tree itself if it has none) and the scratch
+/// directories of builds interrupted more than a day ago (in `rootfs/` and `work/`).
+/// Anything with a mount below it is left alone. Returns how many were removed.
+pub fn prune(cache_dir: &Path, keep: &[PathBuf], max_idle: Duration) -> usize {
+    let mut removed = 0;
+    let mut remove = |dir: &Path| {
+        if !unmount_below(dir) {
+            tracing::error!(dir = %dir.display(), "mounts remain below a stale cache directory; not deleting it");
+            return;
+        }
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "removing a stale cache directory")
+            }
+        }
+    };
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let trees = cache_dir.join("rootfs");
+    for path in entries(&trees) {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        if name.starts_with(".build-") {
+            if is_dir && age(&path).is_some_and(|a| a > SCRATCH_MAX_AGE) {
+                remove(&path);
+            }
+            continue;
+        }
+        if let Some(tree) = name.strip_suffix(".used") {
+            // A stamp whose tree is gone.
+            if !trees.join(tree).exists() {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if !is_dir || keep.contains(&path) {
+            continue;
+        }
+        let stamp = trees.join(format!("{name}.used"));
+        let idle = age(&stamp).or_else(|| age(&path));
+        if idle.is_some_and(|a| a > max_idle) {
+            remove(&path);
+            let _ = std::fs::remove_file(&stamp);
+        }
+    }
+    for path in entries(&cache_dir.join("work")) {
+        let scratch = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("rootfs-"));
+        if scratch && age(&path).is_some_and(|a| a > SCRATCH_MAX_AGE) {
+            remove(&path);
+        }
+    }
+    removed
+}
 
 /// The default unprivileged user (E2B's default user).
 pub const USER_NAME: &str = "user";
@@ -63,6 +157,7 @@ pub(crate) async fn base_tree(
     );
     if tree.join("etc/debian_version").exists() {
         step.cached();
+        stamp(&tree);
         return Ok(tree);
     }
     let tmp = scratch(&root)?;
@@ -89,6 +184,7 @@ pub(crate) async fn base_tree(
     slim(&target).await?;
     let _ = std::fs::rename(&log, target.join("var/log/nestbox-apt.log"));
     std::fs::rename(&target, &tree).map_err(ImageError::io("rename into place", &tree))?;
+    stamp(&tree);
     step.done();
     Ok(tree)
 }
@@ -108,6 +204,7 @@ async fn bare_tree(
     let step = Step::start(progress, format!("debootstrap {variant} {suite}"));
     if tree.join("etc/debian_version").exists() {
         step.cached();
+        stamp(&tree);
         return Ok(tree);
     }
     if !nix::unistd::geteuid().is_root() {
@@ -137,6 +234,7 @@ async fn bare_tree(
     // Keep the log next to the tree for later questions.
     let _ = std::fs::rename(&log, target.join("var/log/nestbox-debootstrap.log"));
     std::fs::rename(&target, &tree).map_err(ImageError::io("rename into place", &tree))?;
+    stamp(&tree);
     step.done();
     Ok(tree)
 }
@@ -489,6 +587,61 @@ pub(crate) async fn build_image(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_removes_only_stale_trees_and_old_scratch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path();
+        let trees = cache.join("rootfs");
+        let old = std::time::SystemTime::now() - Duration::from_secs(40 * 24 * 3600);
+        let make = |name: &str| {
+            let t = trees.join(name);
+            std::fs::create_dir_all(t.join("etc")).unwrap();
+            std::fs::write(t.join("etc/debian_version"), "12\n").unwrap();
+            t
+        };
+        let set_old = |p: &Path| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        };
+        // Used recently: stays.
+        let fresh = make("aaaaaaaaaaaaaaaa");
+        stamp(&fresh);
+        // Stamped long ago: goes, with its stamp.
+        let stale = make("bbbbbbbbbbbbbbbb");
+        stamp(&stale);
+        set_old(&trees.join("bbbbbbbbbbbbbbbb.used"));
+        // Stale but used by this build: stays.
+        let kept = make("cccccccccccccccc");
+        stamp(&kept);
+        set_old(&trees.join("cccccccccccccccc.used"));
+        // An old interrupted build's scratch directory goes; a running build's stays.
+        let scratch_old = trees.join(".build-old");
+        std::fs::create_dir_all(scratch_old.join("tree")).unwrap();
+        let scratch_new = trees.join(".build-new");
+        std::fs::create_dir_all(&scratch_new).unwrap();
+        let work_old = cache.join("work/rootfs-old");
+        std::fs::create_dir_all(&work_old).unwrap();
+        for d in [&scratch_old, &work_old] {
+            // Directories take their times through a descriptor opened for reading.
+            let f = std::fs::File::open(d).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        // A stamp whose tree is gone goes.
+        std::fs::write(trees.join("dddddddddddddddd.used"), b"").unwrap();
+
+        let removed = prune(cache, std::slice::from_ref(&kept), TREE_MAX_IDLE);
+        assert_eq!(removed, 3, "the stale tree and two scratch directories");
+        assert!(fresh.exists() && kept.exists());
+        assert!(!stale.exists() && !trees.join("bbbbbbbbbbbbbbbb.used").exists());
+        assert!(!scratch_old.exists() && !work_old.exists());
+        assert!(scratch_new.exists());
+        assert!(!trees.join("dddddddddddddddd.used").exists());
+    }
 
     #[test]
     fn customize_adds_user_files_and_guest() {

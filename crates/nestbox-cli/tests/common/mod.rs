@@ -271,6 +271,28 @@ impl Nestbox {
         }
     }
 
+    /// Stops with SIGTERM and returns how the process exited (`None`: it had to be
+    /// killed after the grace period of [`Nestbox::stop`]).
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops cleanly: SIGTERM, wait, SIGKILL after a grace period.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

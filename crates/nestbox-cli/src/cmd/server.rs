@@ -33,6 +33,17 @@ pub struct ServerArgs {
     /// (the control plane restarted in the middle) is settled after twice that.
     #[arg(long, env = "NESTBOX_CREATE_TIMEOUT_SECS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub create_timeout: u64,
+    /// Email of the platform admin created when the database has no user yet.
+    #[arg(
+        long,
+        env = "NESTBOX_ADMIN_EMAIL",
+        default_value = "admin@nestbox.local"
+    )]
+    pub admin_email: String,
+    /// Where that first admin's credentials are written (0600, once); without it a new
+    /// database gets no admin and the server refuses to start on one.
+    #[arg(long, env = "NESTBOX_ADMIN_ENV")]
+    pub admin_env: Option<PathBuf>,
 }
 
 /// Serving the API over HTTPS (shared by `server` and `up`).
@@ -63,18 +74,71 @@ impl TlsArgs {
 /// Runs the control plane until interrupted.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let secret = paths::master_secret(&args.secret_file)?;
-    let mut cfg = nestbox_control::ControlConfig::new(args.listen, args.database_url, secret);
-    cfg.proxy_domain = args.proxy_domain;
+    let mut cfg =
+        nestbox_control::ControlConfig::new(args.listen, args.database_url.clone(), secret);
+    cfg.proxy_domain = args.proxy_domain.clone();
     cfg.tls = args.tls.files();
     cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
     let cp = nestbox_control::start(cfg)
         .await
         .context("starting the control plane")?;
+    if let Err(e) = first_admin(&cp, &args).await {
+        cp.shutdown().await;
+        return Err(e);
+    }
     eprintln!("Nestbox control plane listening on {}", cp.url());
     // The control plane holds no sandbox: both ways of stopping are the same.
     let _ = shutdown_signal().await;
     cp.shutdown().await;
     Ok(())
+}
+
+/// Creates the first platform admin of a database without users, and writes their
+/// credentials to `--admin-env`. Replicas starting together on a new database may race:
+/// the one that loses finds the admin made (its create fails on the unique email) and
+/// goes on.
+async fn first_admin(
+    cp: &nestbox_control::RunningControlPlane,
+    args: &ServerArgs,
+) -> anyhow::Result<()> {
+    let users = nestbox_db::users::count(&cp.services.db)
+        .await
+        .context("counting users")?;
+    if users > 0 {
+        return Ok(());
+    }
+    let Some(path) = &args.admin_env else {
+        anyhow::bail!(
+            "the database has no user yet: give --admin-env FILE (NESTBOX_ADMIN_ENV) to create \
+             the first platform admin and write their credentials there"
+        );
+    };
+    match nestbox_control::bootstrap::first_run(&cp.services, &args.admin_email).await {
+        Ok(Some(first)) => {
+            let body = format!(
+                "# Created by `nestbox server` on a new database. Keep it secret.\nNESTBOX_URL={}\nNESTBOX_API_KEY={}\nNESTBOX_ADMIN_EMAIL={}\nNESTBOX_ADMIN_PASSWORD={}\n",
+                cp.url(),
+                first.api_key,
+                first.email,
+                first.password
+            );
+            paths::write_private(path, body.as_bytes())?;
+            eprintln!(
+                "created the first platform admin; credentials in {}",
+                path.display()
+            );
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => {
+            if nestbox_db::users::count(&cp.services.db).await.unwrap_or(0) > 0 {
+                // Another replica made it first.
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("creating the first admin: {e}"))
+            }
+        }
+    }
 }
 
 /// How the process was asked to stop.

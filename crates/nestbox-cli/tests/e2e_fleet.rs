@@ -1,0 +1,273 @@
+//! The control plane and a host agent as separate processes (`nestbox server`, `nestbox
+//! agent`), as a fleet runs them, with real VMs: a new database gets its first platform
+//! admin, a host registers with a one-time token, and the control plane crashes, is
+//! upgraded to a new binary and is restarted while the agent runs a sandbox and holds a
+//! paused one. Every sandbox carries on: the running one in the same VMM with its memory,
+//! the paused one resumes, creates work again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{assert_instance_clean, eventually, new_sandbox, sh_ok};
+use nestbox_client::Client;
+use nestbox_types::{SandboxId, SandboxStatus};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `nestbox server` and one `nestbox agent`, in a directory of their own.
+struct Split {
+    dir: tempfile::TempDir,
+    url: String,
+    listen: String,
+    server: Option<Child>,
+    agent: Option<Child>,
+}
+
+impl Split {
+    fn new() -> Split {
+        let dir = tempfile::Builder::new()
+            .prefix("nbx-fleet-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        Split {
+            url: format!("http://{listen}"),
+            listen,
+            dir,
+            server: None,
+            agent: None,
+        }
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .unwrap()
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Starts the control plane from `binary` and waits until it answers.
+    async fn start_server(&mut self, binary: &Path) {
+        let child = Command::new(binary)
+            .args(["server", "--listen", &self.listen, "--database-url"])
+            .arg(format!(
+                "sqlite://{}",
+                self.dir.path().join("nestbox.db").display()
+            ))
+            .arg("--secret-file")
+            .arg(self.dir.path().join("secret.key"))
+            .arg("--admin-env")
+            .arg(self.dir.path().join("admin.env"))
+            .env("NESTBOX_LOG", "info,tower_http=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(self.log("server"))
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+        let anon = Client::new(&self.url).unwrap();
+        eventually(
+            Duration::from_secs(60),
+            "the control plane answering",
+            || async { anon.health().await.ok() },
+        )
+        .await;
+    }
+
+    /// Starts the host agent (registering with `token` on its first start).
+    fn start_agent(&mut self, token: Option<&str>) {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nestbox"));
+        cmd.args(["agent", "--control-plane", &self.url, "--data-dir"])
+            .arg(self.agent_dir())
+            .arg("--images-dir")
+            .arg(common::images_dir())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--advertise", &format!("http://127.0.0.1:{port}")])
+            .env("NESTBOX_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(self.log("agent"));
+        if let Some(token) = token {
+            cmd.args(["--register-token", token]);
+        }
+        self.agent = Some(cmd.spawn().unwrap());
+    }
+
+    fn agent_dir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    /// Waits until the control plane is ready (a host online with its templates).
+    async fn ready(&self) {
+        let url = format!("{}/health/ready", self.url);
+        eventually(Duration::from_secs(240), "the platform ready", || async {
+            let ok = reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            ok.then_some(())
+        })
+        .await;
+    }
+
+    fn admin_env(&self, key: &str) -> String {
+        let env = std::fs::read_to_string(self.dir.path().join("admin.env")).unwrap();
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} in admin.env"))
+            .to_string()
+    }
+
+    fn signal(child: &mut Option<Child>, signal: i32) -> Option<std::process::ExitStatus> {
+        let mut child = child.take()?;
+        // SAFETY: kill(2) on our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(240);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Split {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log_tail("server"));
+            eprintln!("--- agent log ---\n{}", self.log_tail("agent"));
+        }
+        Split::signal(&mut self.agent, libc::SIGTERM);
+        Split::signal(&mut self.server, libc::SIGTERM);
+    }
+}
+
+/// The VMM pid recorded for a sandbox on the agent.
+fn vmm_pid(split: &Split, id: SandboxId) -> u64 {
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            split
+                .agent_dir()
+                .join("sandboxes")
+                .join(id.to_string())
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    state["vmm_pid"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_control_plane_crashes_upgrades_and_restarts_under_a_running_host() {
+    let mut split = Split::new();
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_nestbox"));
+    split.start_server(&binary).await;
+    // A new database got its first admin; they add a host.
+    let anon = Client::new(&split.url).unwrap();
+    let login = anon
+        .login(
+            &split.admin_env("NESTBOX_ADMIN_EMAIL"),
+            &split.admin_env("NESTBOX_ADMIN_PASSWORD"),
+        )
+        .await
+        .unwrap();
+    let admin = anon.clone().with_token(login.token);
+    let host = admin.create_host("host-1").await.unwrap();
+    split.start_agent(Some(&host.registration_token));
+    split.ready().await;
+    let client = Client::new(&split.url)
+        .unwrap()
+        .with_api_key(split.admin_env("NESTBOX_API_KEY"));
+
+    let running = new_sandbox(&client).await;
+    sh_ok(&client, running, "echo running > /dev/shm/mark").await;
+    let paused = new_sandbox(&client).await;
+    sh_ok(&client, paused, "echo paused > /dev/shm/mark").await;
+    client.pause_sandbox(paused).await.unwrap();
+    let vmm = vmm_pid(&split, running);
+    let tag = common::nestbox_agent_tag(&split.agent_dir());
+
+    // A crash, then an upgrade to a new binary; then a graceful restart.
+    let upgraded = split.dir.path().join("nestbox-upgraded");
+    std::fs::copy(&binary, &upgraded).unwrap();
+    for (how, signal, next) in [
+        ("crash", libc::SIGKILL, &upgraded),
+        ("restart", libc::SIGTERM, &upgraded),
+    ] {
+        let status = Split::signal(&mut split.server, signal);
+        assert!(status.is_some(), "{how}: the control plane stopped");
+        // The host runs on meanwhile.
+        assert!(
+            split
+                .agent
+                .as_mut()
+                .is_some_and(|a| a.try_wait().unwrap().is_none()),
+            "{how}: the agent exited with its control plane"
+        );
+        split.start_server(next).await;
+        split.ready().await;
+        let got = client.get_sandbox(running).await.unwrap();
+        assert_eq!(got.status, SandboxStatus::Running, "{how}: {got:?}");
+        assert_eq!(vmm_pid(&split, running), vmm, "{how}: the same VMM");
+        assert_eq!(
+            sh_ok(&client, running, "cat /dev/shm/mark").await.trim(),
+            "running",
+            "{how}"
+        );
+        let got = client.get_sandbox(paused).await.unwrap();
+        assert_eq!(got.status, SandboxStatus::Paused, "{how}: {got:?}");
+        let fresh = new_sandbox(&client).await;
+        assert_eq!(sh_ok(&client, fresh, "echo ok").await.trim(), "ok", "{how}");
+        client.destroy_sandbox(fresh).await.unwrap();
+    }
+    client.resume_sandbox(paused).await.unwrap();
+    assert_eq!(
+        sh_ok(&client, paused, "cat /dev/shm/mark").await.trim(),
+        "paused"
+    );
+    for id in [running, paused] {
+        client.destroy_sandbox(id).await.unwrap();
+    }
+
+    // A graceful stop of the host, then of the control plane, leaves nothing behind.
+    let status = Split::signal(&mut split.agent, libc::SIGTERM);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent stops cleanly: {status:?}"
+    );
+    let status = Split::signal(&mut split.server, libc::SIGTERM);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the server stops cleanly: {status:?}"
+    );
+    drop(split);
+    assert_instance_clean(&tag);
+}

@@ -16,6 +16,7 @@ use nestbox_types::{ErrorCode, SandboxStatus};
 both_engines!(
     quotas_hold_creates_pauses_resumes_and_templates,
     concurrent_creates_never_pass_a_limit_together,
+    concurrent_templates_never_pass_a_limit_together,
 );
 
 async fn live(h: &Harness) -> anyhow::Result<usize> {
@@ -165,5 +166,36 @@ async fn concurrent_creates_never_pass_a_limit_together(engine: Engine) -> anyho
     }
     assert_eq!(made, 2);
     assert_eq!(live(&h).await?, 2);
+    Ok(())
+}
+
+async fn concurrent_templates_never_pass_a_limit_together(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let mut sandboxes = Vec::new();
+    for _ in 0..4 {
+        sandboxes.push(h.sandbox().await?);
+    }
+    let one = TeamQuotaLimits {
+        max_templates: Some(1),
+        ..Default::default()
+    };
+    h.admin.client.set_team_quotas(h.team, &one).await?;
+    let snaps = sandboxes.iter().enumerate().map(|(i, sb)| {
+        let req = CreateSnapshotRequest {
+            sandbox_id: sb.id,
+            name: format!("t{i}"),
+            overwrite: false,
+            kind: None,
+        };
+        let key = h.key.clone();
+        async move { key.create_snapshot(&req).await }
+    });
+    let results = futures::future::join_all(snaps).await;
+    let made = results.iter().filter(|r| r.is_ok()).count();
+    for r in results.into_iter().filter(|r| r.is_err()) {
+        api_error(r, 429, ErrorCode::QuotaExceeded);
+    }
+    assert_eq!(made, 1);
+    assert_eq!(h.key.team_quotas(h.team).await?.usage.templates, 1);
     Ok(())
 }

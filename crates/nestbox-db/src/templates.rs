@@ -136,6 +136,25 @@ pub async fn create_with_id(
     insert(&mut db.acquire().await?.conn(), id, new).await
 }
 
+/// [`create_with_id`], admitted against the team's template quota in the same transaction
+/// ([`crate::quotas`]): concurrent creates of a team never pass its limit together.
+/// [`DbError::QuotaExceeded`] and nothing changed if it does not fit.
+pub async fn create_within_quota(
+    db: &Db,
+    id: TemplateId,
+    new: &NewTemplate,
+) -> Result<Template, DbError> {
+    let mut tx = db.begin().await?;
+    let one = crate::quotas::Demand {
+        templates: 1,
+        ..Default::default()
+    };
+    crate::quotas::admit(&mut tx.conn(), new.team_id, &one).await?;
+    let created = insert(&mut tx.conn(), id, new).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
 /// Replaces the template `old` by a new row `id` in one transaction: `old` is deleted (if it
 /// still exists) and `new` inserted. Sandboxes made from `old` lose their `template_id`, as
 /// with [`delete`]. [`DbError::Conflict`] (and nothing changes) if the team has another

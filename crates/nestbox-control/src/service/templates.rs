@@ -204,7 +204,14 @@ pub(super) async fn make_template(
             }
         };
     }
-    match templates::create_with_id(db, id, &new).await {
+    // A new name takes a place in the team's template quota, admitted with the record (a
+    // fork's one-off template takes none).
+    let stored = if new.ephemeral {
+        templates::create_with_id(db, id, &new).await
+    } else {
+        templates::create_within_quota(db, id, &new).await
+    };
+    match stored {
         Ok(t) => Ok(t),
         Err(e) => {
             discard(&client, host, id, timeout).await;
@@ -337,7 +344,8 @@ impl Services {
                 Some((t, hosts))
             }
         };
-        // A new name counts against the team's template quota (an overwrite replaces).
+        // A new name counts against the team's template quota (an overwrite replaces):
+        // refused here before any work, admitted exactly when it is recorded.
         if old.is_none() {
             let one = nestbox_db::quotas::Demand {
                 templates: 1,

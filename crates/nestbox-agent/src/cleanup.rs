@@ -61,6 +61,14 @@ pub struct Recovered {
     pub live: Vec<(StateFile, Box<dyn Vm>)>,
 }
 
+/// Whether `slot`'s file names `holder` (a record's slot may be stale: released, and
+/// perhaps another sandbox's by now). Slots no record keeps are swept at the end anyway.
+fn holds(slots: &SlotAllocator, slot: u32, holder: &str) -> bool {
+    slots
+        .owned()
+        .is_ok_and(|owned| owned.iter().any(|(s, h)| *s == slot && h == holder))
+}
+
 /// Takes over the VMM of the sandbox in `dir` if it can be: see the module docs.
 async fn adopt_live(host: &Host, dir: &Path) -> Option<(StateFile, Box<dyn Vm>)> {
     let mut st = state::read(dir)?;
@@ -244,7 +252,11 @@ pub async fn run(
                         kill_and_wait(pid).await;
                         report.processes += 1;
                     }
-                    if let Some(slot) = st.slot.take() {
+                    // Only a slot still held for it: a stale record (its release was not
+                    // recorded) must not take another sandbox's network.
+                    if let Some(slot) = st.slot.take()
+                        && holds(slots, slot, &st.sandbox_id.to_string())
+                    {
                         if let Err(e) = host.network.teardown(slot).await {
                             tracing::error!(slot, error = %e, "removing a held network");
                         }
@@ -269,7 +281,9 @@ pub async fn run(
                     kill_and_wait(pid).await;
                     report.processes += 1;
                 }
-                if let Some(slot) = left.slot {
+                if let Some(slot) = left.slot
+                    && holds(slots, slot, &left.sandbox_id.to_string())
+                {
                     if let Err(e) = host.network.teardown(slot).await {
                         tracing::error!(slot, error = %e, "removing a leftover network");
                     }

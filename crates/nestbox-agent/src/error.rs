@@ -152,6 +152,8 @@ impl AgentError {
         ) {
             return false;
         }
+        // A boot failure's reason carries the guest's console, which the tenant writes.
+        let text_counts = !matches!(self, AgentError::Boot { .. });
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = next {
             if let Some(io) = e.downcast_ref::<std::io::Error>()
@@ -163,7 +165,10 @@ impl AgentError {
                 return true;
             }
             let text = e.to_string();
-            if text.contains("No space left on device") || text.contains("Disk quota exceeded") {
+            if text_counts
+                && (text.contains("No space left on device")
+                    || text.contains("Disk quota exceeded"))
+            {
                 return true;
             }
             next = e.source();
@@ -223,6 +228,12 @@ mod tests {
         // A tool that said so counts too.
         let tool = AgentError::Internal("qemu-img: No space left on device".into());
         assert_eq!(tool.code(), ErrorCode::InsufficientStorage);
+        // A guest's console saying so does not.
+        let console = AgentError::Boot {
+            id,
+            reason: "console: No space left on device".into(),
+        };
+        assert_eq!(console.code(), ErrorCode::Internal);
         // Anything else stays internal; a guest's own full disk is the guest's answer.
         let other = AgentError::host(
             "creating the root disk",

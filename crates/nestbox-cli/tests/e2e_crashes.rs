@@ -364,7 +364,13 @@ async fn sigterm_during_a_workload_leaves_nothing_once_the_data_directory_is_gon
             }
         });
         tokio::time::sleep(after).await;
-        let status = nb.terminate();
+        // The workload goes on while the stop runs: requests arrive during the shutdown.
+        let (nb, status) = tokio::task::spawn_blocking(move || {
+            let status = nb.terminate();
+            (nb, status)
+        })
+        .await
+        .unwrap();
         work.abort();
         let _ = work.await;
         assert!(

@@ -63,7 +63,8 @@ fn age(path: &Path) -> Option<Duration> {
 /// Removes from `cache_dir` the cached trees not in `keep` that no build used for
 /// `max_idle` (by their stamp, or the tree itself if it has none) and the scratch
 /// directories of builds interrupted more than a day ago (in `rootfs/` and `work/`).
-/// Anything with a mount below it is left alone. Returns how many were removed.
+/// Mounts below one are unmounted first; if any remains, it is left alone. Returns how
+/// many were removed.
 pub fn prune(cache_dir: &Path, keep: &[PathBuf], max_idle: Duration) -> usize {
     let mut removed = 0;
     let mut remove = |dir: &Path| {
@@ -341,8 +342,11 @@ impl Drop for ScratchDir {
     }
 }
 
-/// Unmounts every mount at or below `dir`, deepest first. False if any remain.
+/// Unmounts every mount at or below `dir`, deepest first. False if any remain. (Mount
+/// points are listed by their real paths: `dir` is resolved first, through symlinks.)
 fn unmount_below(dir: &Path) -> bool {
+    let resolved = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let dir = resolved.as_path();
     let mounts = |dir: &Path| -> Vec<PathBuf> {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         info.lines()

@@ -432,6 +432,8 @@ impl SandboxTask {
         self.held.is_none()
             && self.persist.is_none()
             && self.st.snapshot_durable
+            // Recorded too: a restart trusts only a recorded disk copy.
+            && !self.unrecorded
             && self.paused_at.is_some_and(|t| {
                 let hold = self.manager.inner().cfg.pause_hold;
                 t.elapsed() >= if hold.is_zero() { TMPFS_KEEP } else { hold }
@@ -450,6 +452,7 @@ impl SandboxTask {
         self.handle.set(|s| {
             s.state = State::Stopping;
             s.guest = None;
+            s.io_stopped = false;
         });
         let live = self
             .live
@@ -521,6 +524,7 @@ impl SandboxTask {
         self.handle.set(|s| {
             s.state = State::Pausing;
             s.guest = None;
+            s.io_stopped = false;
         });
         let started = Instant::now();
         let snap = tmpfs_snapshot(&self.st);
@@ -666,8 +670,12 @@ impl SandboxTask {
                 .unwrap_or_else(|e| Err(AgentError::Internal(e.to_string())));
             self.persisted(done);
         }
+        if self.unrecorded {
+            self.record();
+        }
         if self.st.phase == Phase::Paused
             && self.st.snapshot_durable
+            && !self.unrecorded
             && has_snapshot(&disk_snapshot(&self.dir))
         {
             let _ = tokio::fs::remove_dir_all(tmpfs_snapshot(&self.st)).await;
@@ -790,20 +798,25 @@ impl SandboxTask {
             return Ok(());
         }
         let egress = super::egress::parse(id, &rules)?;
-        let normalized = egress.rules();
-        let live = self.live.as_ref().or(self.held.as_ref().map(|h| &h.live));
-        if let Some(live) = live {
-            live.egress
-                .replace(egress)
-                .await
-                .map_err(|e| AgentError::host("putting the egress rules in force", id, e))?;
-        }
-        self.st.egress = normalized;
+        let previous = (self.st.egress.clone(), self.st.egress_version);
+        self.st.egress = egress.rules();
         if version != 0 {
             self.st.egress_version = version;
         }
-        // In force now, recorded or not (see `record`).
-        self.record();
+        // Recorded before they are put in force (a restart starts the resolver from the
+        // record): rules that cannot be recorded are refused, and nothing changes.
+        if let Err(e) = state::write(&self.dir, &self.st) {
+            (self.st.egress, self.st.egress_version) = previous;
+            return Err(e);
+        }
+        let live = self.live.as_ref().or(self.held.as_ref().map(|h| &h.live));
+        if let Some(live) = live
+            && let Err(e) = live.egress.replace(egress).await
+        {
+            (self.st.egress, self.st.egress_version) = previous;
+            self.record();
+            return Err(AgentError::host("putting the egress rules in force", id, e));
+        }
         tracing::info!(sandbox = %id, "egress rules replaced");
         Ok(())
     }
@@ -823,9 +836,8 @@ impl SandboxTask {
         }
         self.st.vmm_pid = None;
         self.manager.drop_network(&mut self.st, Some(net)).await;
-        if let Err(e) = state::write(&self.dir, &self.st) {
-            tracing::warn!(sandbox = %id, error = %e.public_message(), "recording the released VMM");
-        }
+        // Its slot is free now: a record naming it must not outlive this (see `record`).
+        self.record();
     }
 
     /// Resumes a paused sandbox whose VMM was held: `cont`, then the guest's clock. On
@@ -932,6 +944,7 @@ impl SandboxTask {
             s.auto_paused = false;
             s.guest = Some(guest);
             s.guest_version = version;
+            s.io_stopped = false;
         });
         tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, how, "resumed");
         self.log(|l| l.event(super::logs::Level::Info, "resumed"))

@@ -113,6 +113,13 @@ async fn first_admin(
              the first platform admin and write their credentials there"
         );
     };
+    // The password is shown only once: the file's directory must take it before the
+    // admin exists (probed beside it, so a file another replica wrote stays whole).
+    let mut probe = path.as_os_str().to_os_string();
+    probe.push(".probe");
+    let probe = PathBuf::from(probe);
+    paths::write_private(&probe, b"").with_context(|| format!("preparing {}", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
     match nestbox_control::bootstrap::first_run(&cp.services, &args.admin_email).await {
         Ok(Some(first)) => {
             let body = format!(
@@ -122,7 +129,14 @@ async fn first_admin(
                 first.email,
                 first.password
             );
-            paths::write_private(path, body.as_bytes())?;
+            if let Err(e) = paths::write_private(path, body.as_bytes()) {
+                // Never lose them: the operator's terminal is the last place left.
+                eprintln!(
+                    "could not write {} ({e:#}); the first admin's credentials:\n{body}",
+                    path.display()
+                );
+                return Err(e);
+            }
             eprintln!(
                 "created the first platform admin; credentials in {}",
                 path.display()
@@ -130,14 +144,9 @@ async fn first_admin(
             Ok(())
         }
         Ok(None) => Ok(()),
-        Err(e) => {
-            if nestbox_db::users::count(&cp.services.db).await.unwrap_or(0) > 0 {
-                // Another replica made it first.
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!("creating the first admin: {e}"))
-            }
-        }
+        // Another replica made the admin first (the email is taken).
+        Err(e) if e.code == nestbox_types::ErrorCode::AlreadyExists => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("creating the first admin: {e}")),
     }
 }
 

@@ -205,7 +205,7 @@ pub(super) async fn make_template(
         };
     }
     // A new name takes a place in the team's template quota, admitted with the record (a
-    // fork's one-off template takes none).
+    // fork's one-off template is counted but never refused).
     let stored = if new.ephemeral {
         templates::create_with_id(db, id, &new).await
     } else {

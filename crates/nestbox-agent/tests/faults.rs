@@ -21,7 +21,7 @@ use nestbox_agent::host::fake::{self, FakeHost, Step};
 use nestbox_agent::sandbox::state::{self, Phase};
 use nestbox_agent::sandbox::{CreateParams, ManagerParts, State};
 use nestbox_agent::templates::{Kind, TemplateStore};
-use nestbox_agent::{AgentConfig, Manager};
+use nestbox_agent::{AgentConfig, AgentError, Manager};
 use nestbox_hostsys::disk::BaseImages;
 use nestbox_hostsys::net::SlotAllocator;
 use nestbox_image::ImageStore;
@@ -778,4 +778,72 @@ async fn a_change_that_cannot_be_recorded_still_happens_and_is_recorded_later() 
         rig.consistent("a resume recorded late");
         rig.empty("done").await;
     }
+}
+
+/// A stop (`pause_all`) lets a create and a resume that are under way finish and then
+/// pauses what they brought up, and refuses creates and resumes that arrive after it began:
+/// nothing comes up (or back) after its pause was decided.
+#[tokio::test]
+async fn a_stop_waits_for_work_under_way_and_refuses_new_work() {
+    let rig = Rig::new(Duration::ZERO, 0);
+    let running = rig.create(None).await;
+    let resuming = rig.create(None).await;
+    rig.manager.pause(resuming).await.unwrap();
+    let paused = rig.create(None).await;
+    rig.manager.pause(paused).await.unwrap();
+
+    let boot = rig.fake.hold(Step::Boot);
+    let restore = rig.fake.hold(Step::Restore);
+    let p = rig.params(None);
+    let creating = p.id;
+    let create = tokio::spawn({
+        let m = rig.manager.clone();
+        async move { m.create(p).await }
+    });
+    let resume = tokio::spawn({
+        let m = rig.manager.clone();
+        async move { m.resume(resuming).await }
+    });
+    boot.reached().await;
+    restore.reached().await;
+    let stop = tokio::spawn({
+        let m = rig.manager.clone();
+        async move { m.pause_all().await }
+    });
+    while rig.manager.is_open() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    match rig.manager.create(rig.params(None)).await {
+        Err(AgentError::NoCapacity(msg)) => assert!(msg.contains("stopping"), "{msg}"),
+        other => panic!("a create during a stop was not refused: {other:?}"),
+    }
+    assert!(matches!(
+        rig.manager.resume(paused).await,
+        Err(AgentError::NoCapacity(_))
+    ));
+    assert!(
+        !stop.is_finished(),
+        "the stop did not wait for work under way"
+    );
+
+    boot.open();
+    restore.open();
+    create
+        .await
+        .unwrap()
+        .expect("the create under way finishes");
+    resume
+        .await
+        .unwrap()
+        .expect("the resume under way finishes");
+    let (stopped, destroyed) = stop.await.unwrap();
+    assert!(destroyed.is_empty(), "{destroyed:?}");
+    let stopped: BTreeSet<_> = stopped.into_iter().collect();
+    let expected: BTreeSet<_> = [running, resuming, creating].into_iter().collect();
+    assert_eq!(stopped, expected);
+    for id in [running, resuming, creating, paused] {
+        assert_eq!(rig.manager.get(id).unwrap().state(), State::Paused, "{id}");
+    }
+    rig.consistent("after the stop");
+    rig.empty("done").await;
 }

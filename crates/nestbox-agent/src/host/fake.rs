@@ -134,7 +134,37 @@ struct Ledger {
 struct Faults {
     /// Steps to fail: how many calls to let through first, then how many to fail.
     armed: HashMap<Step, (u32, u32)>,
+    /// Steps whose next call waits at a gate until the test opens it.
+    gates: HashMap<Step, Arc<Gate>>,
     trace: Vec<Step>,
+}
+
+/// A point where the next call of a step waits until the test lets it through (see
+/// [`FakeHost::hold`]).
+#[derive(Debug)]
+pub struct Gate {
+    reached: tokio::sync::Semaphore,
+    open: tokio::sync::Semaphore,
+}
+
+impl Gate {
+    /// Waits until a call has reached the gate.
+    pub async fn reached(&self) {
+        if let Ok(p) = self.reached.acquire().await {
+            p.forget();
+        }
+    }
+
+    /// Lets the waiting call (and any later one) through.
+    pub fn open(&self) {
+        self.open.close();
+    }
+
+    async fn pass(&self) {
+        self.reached.add_permits(1);
+        // Closing the semaphore is what opens the gate: `acquire` then returns at once.
+        let _ = self.open.acquire().await;
+    }
 }
 
 struct Shared {
@@ -219,6 +249,24 @@ impl FakeHost {
     /// Makes `times` calls of `step` fail, after the next `after` ones.
     pub fn fail_times(&self, step: Step, after: u32, times: u32) {
         lock(&self.shared.faults).armed.insert(step, (after, times));
+    }
+
+    /// Makes the next call of `step` wait until the returned gate is opened (once).
+    pub fn hold(&self, step: Step) -> Arc<Gate> {
+        let gate = Arc::new(Gate {
+            reached: tokio::sync::Semaphore::new(0),
+            open: tokio::sync::Semaphore::new(0),
+        });
+        lock(&self.shared.faults).gates.insert(step, gate.clone());
+        gate
+    }
+
+    /// Waits at `step`'s gate if one is set (and takes it away).
+    async fn gate(&self, step: Step) {
+        let gate = lock(&self.shared.faults).gates.remove(&step);
+        if let Some(gate) = gate {
+            gate.pass().await;
+        }
     }
 
     /// Disarms every fault.
@@ -871,6 +919,7 @@ impl Vmm for FakeHost {
     }
     fn boot(&self, spec: VmSpec) -> BoxFuture<'_, Result<Box<dyn Vm>, VmmError>> {
         Box::pin(async move {
+            self.gate(Step::Boot).await;
             self.step(Step::Boot)
                 .map_err(vmm_io("boot", &spec.run_dir))?;
             let guest = GuestState {
@@ -895,6 +944,7 @@ impl Vmm for FakeHost {
         memory: RestoreMemory,
     ) -> BoxFuture<'a, Result<Restored, VmmError>> {
         Box::pin(async move {
+            self.gate(Step::Restore).await;
             let (manifest, guest) = Self::read_snapshot(&spec, snapshot)?;
             self.step(Step::Restore)
                 .map_err(vmm_io("restore", snapshot))?;

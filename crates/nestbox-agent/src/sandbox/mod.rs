@@ -350,6 +350,8 @@ pub(crate) struct Inner {
     pub(crate) pool: pool::Pool,
     /// Permits for paused sandboxes that keep their VMM (`max_held`).
     pub(crate) holds: Arc<tokio::sync::Semaphore>,
+    /// The agent is stopping: no new create, resume or pooled clone starts.
+    closing: std::sync::atomic::AtomicBool,
     sandboxes: Mutex<HashMap<SandboxId, Slot>>,
 }
 
@@ -391,6 +393,10 @@ impl std::fmt::Debug for Manager {
     }
 }
 
+/// How long a stop waits for operations under way (under TCG a create or resume takes
+/// seconds; a loaded host, more).
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(120);
+
 /// A base image younger than this is never pruned (a create may be about to use it).
 const BASE_GRACE: Duration = Duration::from_secs(3600);
 
@@ -431,6 +437,7 @@ impl Manager {
             inner: Arc::new(Inner {
                 warm: warm::Warm::new(parts.warm),
                 holds: Arc::new(tokio::sync::Semaphore::new(parts.cfg.max_held as usize)),
+                closing: std::sync::atomic::AtomicBool::new(false),
                 pool: pool::Pool::default(),
                 cfg: parts.cfg,
                 tag: parts.tag,
@@ -784,6 +791,7 @@ impl Manager {
                 "a sandbox needs at least 1 vCPU and 128 MiB".into(),
             ));
         }
+        self.open()?;
         if let Err(e) = self.reserve(id, params.memory_mb) {
             // Pooled clones give way to sandboxes: their memory is freed and it is tried
             // again (a create that would have taken one over restores instead).
@@ -1042,6 +1050,7 @@ impl Manager {
 
     /// Resumes a paused sandbox.
     pub async fn resume(&self, id: SandboxId) -> Result<(), AgentError> {
+        self.open()?;
         self.get(id)?
             .request(|reply| Command::Resume { reply })
             .await
@@ -1164,6 +1173,10 @@ impl Manager {
     /// Pauses every running sandbox (agent shutdown: they survive the restart). Returns
     /// the ids paused; those that could not be paused are destroyed.
     pub async fn pause_all(&self) -> (Vec<SandboxId>, Vec<SandboxId>) {
+        // Nothing new starts from here on; what is under way finishes first, so that no
+        // sandbox comes up (or back) after its pause was decided.
+        self.close();
+        self.settle_in_flight(IN_FLIGHT_WAIT).await;
         self.drain_pools().await;
         let mut paused = Vec::new();
         let mut destroyed = Vec::new();
@@ -1227,6 +1240,53 @@ impl Manager {
         };
         for entry in pooled {
             entry.detach();
+        }
+    }
+
+    /// Refuses new creates, resumes and pooled clones from now on (the agent is stopping).
+    pub(crate) fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether new work may start (see [`Self::close`]).
+    pub fn is_open(&self) -> bool {
+        !self.inner.closing.load(Ordering::SeqCst)
+    }
+
+    fn open(&self) -> Result<(), AgentError> {
+        if self.is_open() {
+            Ok(())
+        } else {
+            Err(AgentError::NoCapacity("the host is stopping".into()))
+        }
+    }
+
+    /// Waits (at most `limit`) until no create, pooled clone or lifecycle change is under
+    /// way.
+    async fn settle_in_flight(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let busy = self.inner.pool.filling()
+                || self.inner.sandboxes.lock().is_ok_and(|m| {
+                    m.values().any(|s| match s {
+                        Slot::Reserved(_) => true,
+                        Slot::Ready(h) => matches!(
+                            h.state(),
+                            State::Starting
+                                | State::Pausing
+                                | State::Resuming
+                                | State::Snapshotting
+                        ),
+                    })
+                });
+            if !busy {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!("operations still under way at shutdown; pausing without them");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

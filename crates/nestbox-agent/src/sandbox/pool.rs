@@ -183,7 +183,7 @@ impl Manager {
     /// returns the recipe of its clones then.
     fn begin_fill(&self, key: PoolKey, p: &CreateParams) -> Option<CreateParams> {
         let target = self.inner().cfg.clone_pool as usize;
-        if target == 0 {
+        if target == 0 || !self.is_open() {
             return None;
         }
         let mut s = self.inner().pool.lock();
@@ -215,7 +215,7 @@ impl Manager {
             let epoch = {
                 let s = self.inner().pool.lock();
                 let wanted = s.wanted.get(&key).is_some_and(|t| t.elapsed() < POOL_IDLE);
-                if !wanted || s.ready.get(&key).map_or(0, Vec::len) >= target {
+                if !wanted || !self.is_open() || s.ready.get(&key).map_or(0, Vec::len) >= target {
                     break;
                 }
                 s.epochs.get(&key).copied().unwrap_or(0)

@@ -355,9 +355,10 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     };
 
     let (vcpus, memory_mb, disk_mb) = host_specs(&cfg);
+    let creds_path = cfg.data_dir.join("credentials.json");
     let creds = register::ensure(
         &http,
-        &cfg.data_dir.join("credentials.json"),
+        &creds_path,
         &cfg.control_plane_url,
         cfg.registration_token.as_deref(),
         RegisterHostRequest {
@@ -426,22 +427,20 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     });
     // The control plane must know where the agent listens now before anyone is told it
     // is up (a restart may have moved it).
-    if let Err(e) = register::heartbeat_once(
-        &http,
+    let session = Arc::new(register::HostSession::new(
+        http,
         &cfg.control_plane_url,
-        &creds,
-        &url,
-        u32::try_from(manager.count()).unwrap_or(u32::MAX),
-    )
-    .await
+        &creds_path,
+        creds.clone(),
+    ));
+    if let Err(e) = session
+        .heartbeat(&url, u32::try_from(manager.count()).unwrap_or(u32::MAX))
+        .await
     {
         tracing::warn!(error = %e, "first heartbeat failed; retrying in the background");
     }
     let counter = manager.clone();
-    let heartbeat = tokio::spawn(register::heartbeat_loop(
-        http,
-        cfg.control_plane_url.clone(),
-        creds.clone(),
+    let heartbeat = tokio::spawn(session.heartbeat_loop(
         url.clone(),
         cfg.heartbeat_interval,
         move || u32::try_from(counter.count()).unwrap_or(u32::MAX),

@@ -1,19 +1,29 @@
-//! Registration with the control plane and heartbeats.
+//! Registration with the control plane, the host's tokens, and heartbeats.
 //!
 //! On first start the agent trades its one-time registration token for credentials (host
-//! id, heartbeat token, host key) and stores them in `credentials.json` (mode 0600, with a
-//! format version). Later starts reuse them. A heartbeat loop then reports liveness.
+//! id, host key, TLS bundle and a token pair) and stores them in `credentials.json` (mode
+//! 0600, with a format version). Later starts reuse them. A [`HostSession`] holds them
+//! while the agent runs: heartbeats carry the access token; the pair is traded for the next
+//! one (`POST /v1/hosts/refresh`) when three quarters of the access token's life have passed
+//! or when the control plane refuses it (401/403). The new pair is stored before it is used,
+//! and if the agent dies between the control plane issuing a pair and storing it, the next
+//! start trades the old refresh token again (the control plane allows that while the lost
+//! pair was never used).
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use nestbox_types::HostId;
-use nestbox_types::api::{HeartbeatRequest, RegisterHostRequest, RegisterHostResponse};
+use nestbox_types::api::{
+    HeartbeatRequest, HostTokenPair, RefreshHostRequest, RefreshHostResponse, RegisterHostRequest,
+    RegisterHostResponse,
+};
 
-/// Format version of `credentials.json`.
-pub const CREDENTIALS_FORMAT: u32 = 1;
+/// Format version of `credentials.json` (1: a long-lived host token; 2: a token pair).
+pub const CREDENTIALS_FORMAT: u32 = 2;
 
 /// Why registration failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +60,21 @@ pub enum RegisterError {
     },
 }
 
+/// Why a refresh failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// The control plane refused the refresh token (revoked, expired, replayed, or the host
+    /// was deleted): the host must be registered again.
+    #[error("the control plane refused this host's refresh token ({0}); register the host again")]
+    Refused(String),
+    /// The control plane could not be reached or answered otherwise (tried again later).
+    #[error("refreshing the host's tokens failed: {0}")]
+    Unavailable(String),
+    /// The new pair could not be stored (it is not used: the old one is kept).
+    #[error(transparent)]
+    Store(#[from] RegisterError),
+}
+
 /// What a registered agent holds.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Credentials {
@@ -57,8 +82,11 @@ pub struct Credentials {
     pub format_version: u32,
     /// The host's id.
     pub host_id: HostId,
-    /// Bearer token for heartbeats.
-    pub host_token: String,
+    /// Its current token pair.
+    pub tokens: HostTokenPair,
+    /// When the pair was obtained (its refresh is due after three quarters of the access
+    /// token's life).
+    pub obtained_at: DateTime<Utc>,
     /// Key the control plane signs calls with.
     pub host_key: String,
     /// The control plane it registered with.
@@ -69,11 +97,31 @@ pub struct Credentials {
     pub tls: Option<nestbox_types::api::HostTls>,
 }
 
+/// `credentials.json` of format 1: a long-lived host token.
+#[derive(serde::Deserialize)]
+struct CredentialsV1 {
+    host_id: HostId,
+    host_token: String,
+    host_key: String,
+    control_plane_url: String,
+    #[serde(default)]
+    tls: Option<nestbox_types::api::HostTls>,
+}
+
+impl Credentials {
+    /// Whether the pair should be traded for the next one now.
+    pub fn refresh_due(&self, now: DateTime<Utc>) -> bool {
+        let life = self.tokens.access_expires_at - self.obtained_at;
+        now >= self.tokens.access_expires_at - life / 4
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
             .field("host_id", &self.host_id)
             .field("control_plane_url", &self.control_plane_url)
+            .field("tokens", &self.tokens)
             .finish_non_exhaustive()
     }
 }
@@ -89,21 +137,44 @@ fn load(path: &Path) -> Result<Option<Credentials>, RegisterError> {
             });
         }
     };
-    let creds: Credentials =
-        serde_json::from_slice(&bytes).map_err(|e| RegisterError::BadCredentials {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-    if creds.format_version != CREDENTIALS_FORMAT {
-        return Err(RegisterError::BadCredentials {
-            path: path.into(),
-            reason: format!(
-                "format version {} is not supported (expected {CREDENTIALS_FORMAT})",
-                creds.format_version
-            ),
-        });
+    let bad = |reason: String| RegisterError::BadCredentials {
+        path: path.into(),
+        reason,
+    };
+    let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(|e| bad(e.to_string()))?
+        .get("format_version")
+        .and_then(serde_json::Value::as_u64);
+    match version {
+        Some(1) => {
+            // A host token of format 1 is traded once for a pair: until then it stands for
+            // both tokens, due for a refresh at once.
+            let v1: CredentialsV1 =
+                serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+            let now = Utc::now();
+            Ok(Some(Credentials {
+                format_version: CREDENTIALS_FORMAT,
+                host_id: v1.host_id,
+                tokens: HostTokenPair {
+                    access_token: v1.host_token.clone(),
+                    access_expires_at: now,
+                    refresh_token: v1.host_token,
+                    refresh_expires_at: now + chrono::Duration::days(3650),
+                },
+                obtained_at: now - chrono::Duration::seconds(1),
+                host_key: v1.host_key,
+                control_plane_url: v1.control_plane_url,
+                tls: v1.tls,
+            }))
+        }
+        Some(v) if v == u64::from(CREDENTIALS_FORMAT) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| bad(e.to_string())),
+        other => Err(bad(format!(
+            "format version {} is not supported (expected {CREDENTIALS_FORMAT})",
+            other.map_or_else(|| "(none)".to_string(), |v| v.to_string())
+        ))),
     }
-    Ok(Some(creds))
 }
 
 fn store(path: &Path, creds: &Credentials) -> Result<(), RegisterError> {
@@ -163,7 +234,8 @@ pub async fn ensure(
     let creds = Credentials {
         format_version: CREDENTIALS_FORMAT,
         host_id: reg.host_id,
-        host_token: reg.host_token,
+        tokens: reg.credentials,
+        obtained_at: Utc::now(),
         host_key: reg.host_key,
         control_plane_url: control_plane.to_string(),
         tls: reg.tls,
@@ -173,65 +245,251 @@ pub async fn ensure(
     Ok(creds)
 }
 
-/// Sends one heartbeat: the control plane learns that the agent is up, and at which
-/// address, at once (a restarted agent may listen on another port).
-pub async fn heartbeat_once(
-    http: &reqwest::Client,
-    control_plane: &str,
-    creds: &Credentials,
-    address: &str,
-    sandboxes: u32,
-) -> Result<(), String> {
-    let url = format!(
-        "{}/v1/hosts/{}/heartbeat",
-        control_plane.trim_end_matches('/'),
-        creds.host_id
-    );
-    let body = HeartbeatRequest {
-        sandboxes,
-        version: crate::VERSION.to_string(),
-        address: address.to_string(),
-    };
-    match http
-        .post(&url)
-        .bearer_auth(&creds.host_token)
-        .json(&body)
-        .send()
-        .await
-    {
-        Ok(r) if r.status().is_success() => Ok(()),
-        Ok(r) => Err(format!("refused: {}", r.status())),
-        Err(e) => Err(e.to_string()),
+/// The agent's credentials while it runs: heartbeats, and the refreshes they need.
+pub struct HostSession {
+    http: reqwest::Client,
+    /// The control plane the agent is configured with now (it may have moved since
+    /// registration).
+    control_plane: String,
+    path: PathBuf,
+    creds: tokio::sync::Mutex<Credentials>,
+    host_id: HostId,
+}
+
+impl std::fmt::Debug for HostSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostSession")
+            .field("host_id", &self.host_id)
+            .finish_non_exhaustive()
     }
 }
 
-/// Sends a heartbeat every `interval` until the task is aborted, to the control plane the
-/// agent is configured with now (it may have moved since registration).
-pub async fn heartbeat_loop(
-    http: reqwest::Client,
-    control_plane: String,
-    creds: Credentials,
-    address: String,
-    interval: Duration,
-    sandboxes: impl Fn() -> u32 + Send + 'static,
-) {
-    let mut tick = tokio::time::interval(interval);
-    let mut failing = false;
-    loop {
-        tick.tick().await;
-        match heartbeat_once(&http, &control_plane, &creds, &address, sandboxes()).await {
-            Ok(()) => {
-                if failing {
-                    tracing::info!("heartbeats reach the control plane again");
-                }
-                failing = false;
+/// How a heartbeat failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatError {
+    /// The control plane refused the host's tokens and the refresh failed too.
+    #[error(transparent)]
+    Refresh(#[from] RefreshError),
+    /// The control plane refused the heartbeat.
+    #[error("heartbeat refused: {0}")]
+    Refused(reqwest::StatusCode),
+    /// It could not be reached.
+    #[error("heartbeat failed: {0}")]
+    Unreachable(String),
+}
+
+impl HostSession {
+    /// A session on `creds`, stored at `path`, with the control plane at `control_plane`.
+    pub fn new(
+        http: reqwest::Client,
+        control_plane: &str,
+        path: &Path,
+        creds: Credentials,
+    ) -> Self {
+        Self {
+            http,
+            control_plane: control_plane.trim_end_matches('/').to_string(),
+            path: path.to_path_buf(),
+            host_id: creds.host_id,
+            creds: tokio::sync::Mutex::new(creds),
+        }
+    }
+
+    /// The host's id.
+    pub fn host_id(&self) -> HostId {
+        self.host_id
+    }
+
+    /// The credentials held now.
+    pub async fn credentials(&self) -> Credentials {
+        self.creds.lock().await.clone()
+    }
+
+    /// Trades the refresh token for the next pair and stores it; with `only_if_due`, only
+    /// when the pair is due (another caller may have refreshed meanwhile).
+    pub async fn refresh(&self, only_if_due: bool) -> Result<(), RefreshError> {
+        let mut creds = self.creds.lock().await;
+        if only_if_due && !creds.refresh_due(Utc::now()) {
+            return Ok(());
+        }
+        let url = format!("{}/v1/hosts/refresh", self.control_plane);
+        let resp = self
+            .http
+            .post(&url)
+            .json(&RefreshHostRequest {
+                refresh_token: creds.tokens.refresh_token.clone(),
+            })
+            .send()
+            .await
+            .map_err(|e| RefreshError::Unavailable(e.to_string()))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(RefreshError::Refused(format!(
+                "{status}: {}",
+                body.chars().take(300).collect::<String>()
+            )));
+        }
+        if !status.is_success() {
+            return Err(RefreshError::Unavailable(format!("{status}")));
+        }
+        let next: RefreshHostResponse = resp
+            .json()
+            .await
+            .map_err(|e| RefreshError::Unavailable(e.to_string()))?;
+        if next.host_id != creds.host_id {
+            return Err(RefreshError::Unavailable(format!(
+                "the control plane answered for another host ({})",
+                next.host_id
+            )));
+        }
+        let mut updated = creds.clone();
+        updated.tokens = next.credentials;
+        updated.obtained_at = Utc::now();
+        // Stored before it is used: a crash from here on restarts with the new pair.
+        store(&self.path, &updated)?;
+        *creds = updated;
+        tracing::info!(host = %creds.host_id, expires = %creds.tokens.access_expires_at, "host tokens refreshed");
+        Ok(())
+    }
+
+    /// Sends one heartbeat: the control plane learns that the agent is up, and at which
+    /// address, at once (a restarted agent may listen on another port). Refreshes the
+    /// tokens first when due, and once more if the control plane refuses them.
+    pub async fn heartbeat(&self, address: &str, sandboxes: u32) -> Result<(), HeartbeatError> {
+        let due = self.creds.lock().await.refresh_due(Utc::now());
+        if due && let Err(e) = self.refresh(true).await {
+            // The current access token may still work: try it.
+            tracing::warn!(error = %e, "refreshing the host's tokens before they expire");
+        }
+        match self.send_heartbeat(address, sandboxes).await {
+            Err(HeartbeatError::Refused(status))
+                if status == reqwest::StatusCode::UNAUTHORIZED
+                    || status == reqwest::StatusCode::FORBIDDEN =>
+            {
+                self.refresh(false).await?;
+                self.send_heartbeat(address, sandboxes).await
             }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "heartbeat failed");
+            other => other,
+        }
+    }
+
+    async fn send_heartbeat(&self, address: &str, sandboxes: u32) -> Result<(), HeartbeatError> {
+        let token = self.creds.lock().await.tokens.access_token.clone();
+        let url = format!("{}/v1/hosts/{}/heartbeat", self.control_plane, self.host_id);
+        let body = HeartbeatRequest {
+            sandboxes,
+            version: crate::VERSION.to_string(),
+            address: address.to_string(),
+        };
+        match self
+            .http
+            .post(&url)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(HeartbeatError::Refused(r.status())),
+            Err(e) => Err(HeartbeatError::Unreachable(e.to_string())),
+        }
+    }
+
+    /// Sends a heartbeat every `interval` until the task is aborted.
+    pub async fn heartbeat_loop(
+        self: std::sync::Arc<Self>,
+        address: String,
+        interval: Duration,
+        sandboxes: impl Fn() -> u32 + Send + 'static,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            match self.heartbeat(&address, sandboxes()).await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("heartbeats reach the control plane again");
+                    }
+                    failing = false;
                 }
-                failing = true;
+                Err(e) => {
+                    if !failing {
+                        if matches!(e, HeartbeatError::Refresh(RefreshError::Refused(_))) {
+                            tracing::error!(error = %e, "the control plane no longer accepts this host");
+                        } else {
+                            tracing::warn!(error = %e, "heartbeat failed");
+                        }
+                    }
+                    failing = true;
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pair(obtained: DateTime<Utc>, life: chrono::Duration) -> Credentials {
+        Credentials {
+            format_version: CREDENTIALS_FORMAT,
+            host_id: HostId::new(),
+            tokens: HostTokenPair {
+                access_token: "a".into(),
+                access_expires_at: obtained + life,
+                refresh_token: "r".into(),
+                refresh_expires_at: obtained + life * 8,
+            },
+            obtained_at: obtained,
+            host_key: "k".into(),
+            control_plane_url: "http://127.0.0.1:1".into(),
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn a_refresh_is_due_after_three_quarters_of_the_access_tokens_life() {
+        let t0 = Utc::now();
+        let c = pair(t0, chrono::Duration::days(7));
+        assert!(!c.refresh_due(t0));
+        assert!(!c.refresh_due(t0 + chrono::Duration::days(5)));
+        assert!(c.refresh_due(t0 + chrono::Duration::hours(5 * 24 + 6)));
+        assert!(c.refresh_due(t0 + chrono::Duration::days(8)));
+    }
+
+    #[test]
+    fn credentials_round_trip_and_first_version_ones_are_due_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.json");
+        let c = pair(Utc::now(), chrono::Duration::days(7));
+        store(&path, &c).unwrap();
+        let back = load(&path).unwrap().unwrap();
+        assert_eq!(back.tokens, c.tokens);
+        assert_eq!(back.host_id, c.host_id);
+
+        let host = HostId::new();
+        std::fs::write(
+            &path,
+            serde_json::json!({
+                "format_version": 1, "host_id": host, "host_token": "nbxhost_x",
+                "host_key": "k", "control_plane_url": "http://127.0.0.1:1",
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let v1 = load(&path).unwrap().unwrap();
+        assert_eq!(v1.host_id, host);
+        assert_eq!(v1.tokens.refresh_token, "nbxhost_x");
+        assert!(v1.refresh_due(Utc::now()));
+
+        std::fs::write(&path, r#"{"format_version": 9}"#).unwrap();
+        assert!(matches!(
+            load(&path),
+            Err(RegisterError::BadCredentials { .. })
+        ));
     }
 }

@@ -3,7 +3,9 @@
 //! admin, a host registers with a one-time token, and the control plane crashes, is
 //! upgraded to a new binary and is restarted while the agent runs a sandbox and holds a
 //! paused one. Every sandbox carries on: the running one in the same VMM with its memory,
-//! the paused one resumes, creates work again.
+//! the paused one resumes, creates work again. Host access tokens live 12 s here, so the
+//! agent trades its token pair for the next one again and again meanwhile, and comes back
+//! with the stored pair after a kill -9.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -78,6 +80,7 @@ impl Split {
             .arg("--admin-env")
             .arg(self.dir.path().join("admin.env"))
             .env("NESTBOX_LOG", "info,tower_http=warn")
+            .env("NESTBOX_HOST_ACCESS_TTL_SECS", "12")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log("server"))
@@ -129,8 +132,16 @@ impl Split {
         .await;
     }
 
-    fn admin_env(&self, key: &str) -> String {
-        let env = std::fs::read_to_string(self.dir.path().join("admin.env")).unwrap();
+    /// A value of the first admin's credentials file (written once the server has made
+    /// them, just after it first answers).
+    async fn admin_env(&self, key: &str) -> String {
+        let path = self.dir.path().join("admin.env");
+        let env = eventually(Duration::from_secs(30), "admin.env", || async {
+            std::fs::read_to_string(&path)
+                .ok()
+                .filter(|t| t.contains("NESTBOX_API_KEY="))
+        })
+        .await;
         env.lines()
             .find_map(|l| l.strip_prefix(&format!("{key}=")))
             .unwrap_or_else(|| panic!("{key} in admin.env"))
@@ -169,6 +180,18 @@ impl Drop for Split {
     }
 }
 
+/// The host's access token as its agent stored it.
+fn stored_access_token(split: &Split) -> String {
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(split.agent_dir().join("credentials.json")).unwrap())
+            .unwrap();
+    assert_eq!(creds["format_version"], 2);
+    creds["tokens"]["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// The VMM pid recorded for a sandbox on the agent.
 fn vmm_pid(split: &Split, id: SandboxId) -> u64 {
     let state: serde_json::Value = serde_json::from_slice(
@@ -194,8 +217,8 @@ async fn the_control_plane_crashes_upgrades_and_restarts_under_a_running_host() 
     let anon = Client::new(&split.url).unwrap();
     let login = anon
         .login(
-            &split.admin_env("NESTBOX_ADMIN_EMAIL"),
-            &split.admin_env("NESTBOX_ADMIN_PASSWORD"),
+            &split.admin_env("NESTBOX_ADMIN_EMAIL").await,
+            &split.admin_env("NESTBOX_ADMIN_PASSWORD").await,
         )
         .await
         .unwrap();
@@ -205,7 +228,8 @@ async fn the_control_plane_crashes_upgrades_and_restarts_under_a_running_host() 
     split.ready().await;
     let client = Client::new(&split.url)
         .unwrap()
-        .with_api_key(split.admin_env("NESTBOX_API_KEY"));
+        .with_api_key(split.admin_env("NESTBOX_API_KEY").await);
+    let first_token = stored_access_token(&split);
 
     let running = new_sandbox(&client).await;
     sh_ok(&client, running, "echo running > /dev/shm/mark").await;
@@ -256,6 +280,36 @@ async fn the_control_plane_crashes_upgrades_and_restarts_under_a_running_host() 
     for id in [running, paused] {
         client.destroy_sandbox(id).await.unwrap();
     }
+
+    // Its access token expires: the agent refreshes its pair, stores it, and the host
+    // stays online.
+    eventually(
+        Duration::from_secs(60),
+        "the agent refreshing its tokens",
+        || async { (stored_access_token(&split) != first_token).then_some(()) },
+    )
+    .await;
+    let hosts = admin.list_hosts().await.unwrap().items;
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].status, nestbox_types::HostStatus::Online);
+    // Killed and started again, the agent comes back with the pair it stored.
+    let status = Split::signal(&mut split.agent, libc::SIGKILL);
+    assert!(status.is_some(), "the agent was killed");
+    split.start_agent(None);
+    let after = split.agent_dir().join("credentials.json");
+    eventually(
+        Duration::from_secs(120),
+        "a heartbeat after the restart",
+        || async {
+            let again = admin.list_hosts().await.ok()?.items;
+            let since = again[0].last_heartbeat_at?;
+            (since > hosts[0].last_heartbeat_at? && after.exists()).then_some(())
+        },
+    )
+    .await;
+    let fresh = new_sandbox(&client).await;
+    assert_eq!(sh_ok(&client, fresh, "echo ok").await.trim(), "ok");
+    client.destroy_sandbox(fresh).await.unwrap();
 
     // A graceful stop of the host, then of the control plane, leaves nothing behind.
     let status = Split::signal(&mut split.agent, libc::SIGTERM);

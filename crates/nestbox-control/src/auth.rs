@@ -6,7 +6,10 @@
 //! - Session tokens are HS256 JWTs whose key derives from the master secret; they carry only
 //!   the user id. Every request re-reads the user, memberships and admin flag from the
 //!   database, so a disabled user or a removed member loses access at once.
-//! - Host heartbeat tokens are random like API keys and stored hashed.
+//! - Hosts hold a pair: an access token (an HS256 JWT with its own key derived from the
+//!   master secret, naming the host and the pair as `jti`; checked against the pair's row on
+//!   use, so a revoked pair or a deleted host is refused at once) and a refresh token
+//!   (random like an API key, stored hashed). See `nestbox_db::host_credentials`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -208,6 +211,89 @@ impl Sessions {
     }
 }
 
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HostClaims {
+    sub: String,
+    jti: String,
+    typ: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Prefix of host refresh tokens.
+pub const HOST_REFRESH_PREFIX: &str = "nbxhr_";
+
+/// Issues and checks host access tokens.
+#[derive(Clone)]
+pub struct HostTokens {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for HostTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostTokens").finish_non_exhaustive()
+    }
+}
+
+impl HostTokens {
+    /// Tokens signed with a key derived from `master_secret`.
+    pub fn new(master_secret: &[u8]) -> Self {
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(master_secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(b"nestbox host access v1");
+        Self {
+            key: mac.finalize().into_bytes().to_vec(),
+        }
+    }
+
+    /// An access token of `host`'s pair `pair`, valid until `expires`.
+    pub fn issue(
+        &self,
+        host: nestbox_types::HostId,
+        pair: uuid::Uuid,
+        expires: chrono::DateTime<chrono::Utc>,
+    ) -> Result<String, ApiError> {
+        let iat = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let claims = HostClaims {
+            sub: host.to_string(),
+            jti: pair.to_string(),
+            typ: "host".into(),
+            iat,
+            exp: u64::try_from(expires.timestamp()).unwrap_or(0),
+        };
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&self.key),
+        )
+        .map_err(ApiError::internal)
+    }
+
+    /// The host and pair of a well-signed, unexpired access token (whether the pair is
+    /// still the host's is the database's to say).
+    pub fn verify(&self, token: &str) -> Result<(nestbox_types::HostId, uuid::Uuid), ApiError> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        let data = jsonwebtoken::decode::<HostClaims>(
+            token,
+            &DecodingKey::from_secret(&self.key),
+            &validation,
+        )
+        .map_err(|_| ApiError::unauthorized("invalid or expired host access token"))?;
+        if data.claims.typ != "host" {
+            return Err(ApiError::unauthorized("not a host access token"));
+        }
+        let bad = || ApiError::unauthorized("invalid host access token");
+        Ok((
+            data.claims.sub.parse().map_err(|_| bad())?,
+            data.claims.jti.parse().map_err(|_| bad())?,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +317,31 @@ mod tests {
         assert!(key.starts_with(&prefix));
         let (other, _, _) = new_api_key().unwrap();
         assert_ne!(key, other);
+    }
+
+    #[test]
+    fn host_tokens() {
+        let t = HostTokens::new(&[7u8; 32]);
+        let host = nestbox_types::HostId::new();
+        let pair = uuid::Uuid::new_v4();
+        let token = t
+            .issue(host, pair, chrono::Utc::now() + chrono::Duration::hours(1))
+            .unwrap();
+        assert_eq!(t.verify(&token).unwrap(), (host, pair));
+        assert!(HostTokens::new(&[8u8; 32]).verify(&token).is_err());
+        let expired = t
+            .issue(
+                host,
+                pair,
+                chrono::Utc::now() - chrono::Duration::seconds(1),
+            )
+            .unwrap();
+        assert!(t.verify(&expired).is_err());
+        // A user session is not a host token, even under the same secret.
+        let (session, _) = Sessions::new(&[7u8; 32], Duration::from_secs(60))
+            .issue(UserId::new())
+            .unwrap();
+        assert!(t.verify(&session).is_err());
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct ControlConfig {
     pub expiry_interval: Duration,
     /// Heartbeat period announced to agents.
     pub heartbeat_interval: Duration,
+    /// Lifetime of a host's access token (a JWT its heartbeats carry).
+    pub host_access_ttl: Duration,
+    /// Lifetime of a host's refresh token (traded for the next pair before it ends).
+    pub host_refresh_ttl: Duration,
     /// Memory overcommit factor the scheduler allows per host.
     pub memory_overcommit: f64,
     /// Deadline of a sandbox create call to an agent.
@@ -118,6 +122,8 @@ impl ControlConfig {
             monitor_interval: Duration::from_secs(10),
             expiry_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(15),
+            host_access_ttl: Duration::from_secs(7 * 24 * 3600),
+            host_refresh_ttl: Duration::from_secs(60 * 24 * 3600),
             memory_overcommit: 2.0,
             create_timeout: Duration::from_secs(180),
             pause_timeout: Duration::from_secs(120),
@@ -146,6 +152,11 @@ impl ControlConfig {
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
         {
             return Err(format!("proxy domain `{domain}` is not a DNS name"));
+        }
+        if self.host_access_ttl.is_zero() || self.host_refresh_ttl <= self.host_access_ttl {
+            return Err(
+                "host tokens: the refresh token must outlive the access token (both > 0)".into(),
+            );
         }
         if self.memory_overcommit < 1.0 {
             return Err("memory_overcommit must be at least 1.0".into());

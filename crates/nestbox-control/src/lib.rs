@@ -142,6 +142,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
             source,
         })?;
     let sessions = auth::Sessions::new(&cfg.master_secret, cfg.session_ttl);
+    let cfg_secret = cfg.master_secret.clone();
     let login_limits = cfg.login_limits;
     let pool = hostpool::HostPool::new(cfg.master_secret.clone())
         .map_err(|e| StartError::Config(format!("the host certificate authority: {e}")))?;
@@ -149,6 +150,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         db,
         cfg: Arc::new(cfg),
         sessions,
+        host_tokens: auth::HostTokens::new(&cfg_secret),
         pool,
         scheduler: Box::new(scheduler::LeastLoaded),
         forwarder: nestbox_forward::Forwarder::new(),

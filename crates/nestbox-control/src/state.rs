@@ -17,6 +17,8 @@ pub struct Services {
     pub cfg: Arc<ControlConfig>,
     /// Session tokens.
     pub sessions: Sessions,
+    /// Host access tokens.
+    pub host_tokens: crate::auth::HostTokens,
     /// Host agent clients.
     pub pool: HostPool,
     /// Placement policy.

@@ -184,6 +184,7 @@ const MATRIX: &[Row] = &[
     row("POST", "/v1/admin/hosts", PLATFORM_ADMINS),
     row("DELETE", "/v1/admin/hosts/{host_id}", PLATFORM_ADMINS),
     row("POST", "/v1/hosts/register", HOSTS_ONLY),
+    row("POST", "/v1/hosts/refresh", HOSTS_ONLY),
     row("POST", "/v1/hosts/{host_id}/heartbeat", HOSTS_ONLY),
     row("GET", "/v1/templates", ANY_CALLER),
     row("GET", "/v1/sandboxes", ANY_CALLER),
@@ -591,6 +592,10 @@ impl World {
                     "max_sandboxes": 1,
                 })),
             ),
+            ("POST", "/v1/hosts/refresh") => call(
+                path.into(),
+                Body::Json(json!({ "refresh_token": "nbxhr_not-a-token" })),
+            ),
             ("POST", "/v1/hosts/{host_id}/heartbeat") => call(
                 format!("/v1/hosts/{}/heartbeat", self.h.host_id),
                 Body::Json(serde_json::to_value(HeartbeatRequest {
@@ -972,11 +977,11 @@ async fn host_routes_need_their_own_host_token(engine: Engine) -> anyhow::Result
         ),
         (
             "another host's token",
-            heartbeat(first.host_id, Some(&creds.host_token)).await?,
+            heartbeat(first.host_id, Some(&creds.credentials.access_token)).await?,
         ),
         (
             "a token for an unknown host",
-            heartbeat(HostId::new(), Some(&first.host_token)).await?,
+            heartbeat(HostId::new(), Some(&first.credentials.access_token)).await?,
         ),
         (
             "the host key instead of its token",
@@ -988,13 +993,13 @@ async fn host_routes_need_their_own_host_token(engine: Engine) -> anyhow::Result
             .await
             .map_err(|e| e.context(what))?;
     }
-    let ok = heartbeat(first.host_id, Some(&first.host_token)).await?;
+    let ok = heartbeat(first.host_id, Some(&first.credentials.access_token)).await?;
     assert_eq!(ok.status().as_u16(), 204);
     // A host's own token cannot point the control plane at another machine.
     let (http, url) = h.raw(&format!("/v1/hosts/{}/heartbeat", first.host_id));
     let elsewhere = http
         .post(url)
-        .bearer_auth(&first.host_token)
+        .bearer_auth(&first.credentials.access_token)
         .json(&HeartbeatRequest {
             sandboxes: 0,
             version: "1".into(),

@@ -65,8 +65,8 @@ pub struct Registration {
     pub address: String,
     pub version: String,
     pub specs: HostSpecs,
-    /// Hash of the long-lived host credential issued at registration.
-    pub token_hash: String,
+    /// The host's first credential pair (any pair it held before is revoked).
+    pub credentials: crate::host_credentials::NewPair,
 }
 
 const COLUMNS: &str = "id, name, kind, team_id, status, address, version, vcpus, memory_mb, \
@@ -192,36 +192,42 @@ pub async fn consume_registration_token(
         .await
 }
 
-/// Records a successful registration: address, specs, version and credential hash; the host
-/// becomes `online` with a fresh heartbeat.
+/// Records a successful registration: address, specs, version and the first credential
+/// pair (revoking any the host held); the host becomes `online` with a fresh heartbeat.
 pub async fn mark_registered(db: &Db, id: HostId, reg: &Registration) -> Result<Host, DbError> {
     let at = now();
-    db.fetch_optional(
-        &format!(
-            "UPDATE hosts SET address = $2, version = $3, vcpus = $4, memory_mb = $5, \
-             disk_mb = $6, max_sandboxes = $7, token_hash = $8, status = $9, \
-             last_heartbeat_at = $10, updated_at = $10 WHERE id = $1 RETURNING {COLUMNS}"
-        ),
-        args![
-            id,
-            &reg.address,
-            &reg.version,
-            reg.specs.vcpus,
-            reg.specs.memory_mb,
-            reg.specs.disk_mb,
-            reg.specs.max_sandboxes,
-            &reg.token_hash,
-            HostStatus::Online,
-            at,
-        ],
-        from_row,
-    )
-    .await?
-    .ok_or_else(|| DbError::not_found("host", id))
+    let mut tx = db.begin().await?;
+    let mut conn = tx.conn();
+    let host = conn
+        .fetch_optional(
+            &format!(
+                "UPDATE hosts SET address = $2, version = $3, vcpus = $4, memory_mb = $5, \
+                 disk_mb = $6, max_sandboxes = $7, token_hash = NULL, status = $8, \
+                 last_heartbeat_at = $9, updated_at = $9 WHERE id = $1 RETURNING {COLUMNS}"
+            ),
+            args![
+                id,
+                &reg.address,
+                &reg.version,
+                reg.specs.vcpus,
+                reg.specs.memory_mb,
+                reg.specs.disk_mb,
+                reg.specs.max_sandboxes,
+                HostStatus::Online,
+                at,
+            ],
+            from_row,
+        )
+        .await?
+        .ok_or_else(|| DbError::not_found("host", id))?;
+    crate::host_credentials::issue_first(&mut conn, id, &reg.credentials, at).await?;
+    tx.commit().await?;
+    Ok(host)
 }
 
-/// The host whose credential has this hash.
-pub async fn find_by_token_hash(db: &Db, token_hash: &str) -> Result<Option<Host>, DbError> {
+/// The host whose first-version credential (a long-lived token, before token pairs) has
+/// this hash. Hosts registered since hold pairs (`host_credentials`) and have none.
+pub async fn find_by_legacy_token_hash(db: &Db, token_hash: &str) -> Result<Option<Host>, DbError> {
     db.fetch_optional(
         &format!("SELECT {COLUMNS} FROM hosts WHERE token_hash = $1"),
         args![token_hash],

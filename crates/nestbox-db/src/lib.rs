@@ -21,6 +21,7 @@ pub mod api_keys;
 pub mod audit;
 mod engine;
 pub mod error;
+pub mod host_credentials;
 pub mod hosts;
 mod leader;
 pub mod metrics;

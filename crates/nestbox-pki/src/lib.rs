@@ -331,6 +331,17 @@ mod tests {
     }
 
     #[test]
+    fn a_hosts_certificate_opens_no_other_host() {
+        // A host (a deleted one, say) presenting its own certificate as a client is
+        // refused: it is for server authentication only.
+        let ca = Authority::new(b"s").unwrap();
+        let (one, two) = (HostId::new(), HostId::new());
+        let server = server_config(&ca.host(two).unwrap()).unwrap();
+        let as_client = client_config(&ca.host(one).unwrap(), &[b"h2"]).unwrap();
+        assert!(handshake(as_client, server_name(two).unwrap(), server).is_err());
+    }
+
+    #[test]
     fn configurations_build() {
         let ca = Authority::new(b"s").unwrap();
         server_config(&ca.host(HostId::new()).unwrap()).unwrap();

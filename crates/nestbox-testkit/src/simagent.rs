@@ -86,7 +86,10 @@ use nestbox_proto::hostagent::{
     ResumeSandboxRequest, SandboxInfo, StatRequest, StatResponse, TemplateInfo, WriteFileRequest,
     WriteFileResponse, exec_event, read_file_response, write_file_request,
 };
-use nestbox_types::api::{HeartbeatRequest, RegisterHostRequest, RegisterHostResponse};
+use nestbox_types::api::{
+    HeartbeatRequest, HostTokenPair, RefreshHostRequest, RefreshHostResponse, RegisterHostRequest,
+    RegisterHostResponse,
+};
 use nestbox_types::{ErrorCode, HostId, SandboxId, TemplateId};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -625,7 +628,7 @@ impl SimAgent {
                     "{}/v1/hosts/{}/heartbeat",
                     reg.control_plane, reg.creds.host_id
                 ),
-                reg.creds.host_token.clone(),
+                reg.creds.credentials.access_token.clone(),
                 HeartbeatRequest {
                     sandboxes: u32::try_from(st.sandboxes.len()).unwrap_or(u32::MAX),
                     version: SIM_VERSION.into(),
@@ -634,6 +637,46 @@ impl SimAgent {
             )
         };
         self.post(&url, Some(&token), &body).await.map(drop)
+    }
+
+    /// Trades its refresh token for the next pair (like a real agent), keeps the pair and
+    /// returns it.
+    pub async fn refresh(&self) -> Result<HostTokenPair, SimAgentError> {
+        let (url, token) = {
+            let st = self.shared.lock();
+            let reg = st.registered.as_ref().ok_or(SimAgentError::NotRegistered)?;
+            (
+                format!("{}/v1/hosts/refresh", reg.control_plane),
+                reg.creds.credentials.refresh_token.clone(),
+            )
+        };
+        let resp: RefreshHostResponse = self
+            .post(
+                &url,
+                None,
+                &RefreshHostRequest {
+                    refresh_token: token,
+                },
+            )
+            .await?
+            .json()
+            .await
+            .map_err(|source| SimAgentError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        let mut st = self.shared.lock();
+        if let Some(reg) = st.registered.as_mut() {
+            reg.creds.credentials = resp.credentials.clone();
+        }
+        Ok(resp.credentials)
+    }
+
+    /// Replaces the token pair it holds (a test restoring a pair it kept, or losing one).
+    pub fn set_tokens(&self, pair: HostTokenPair) {
+        if let Some(reg) = self.shared.lock().registered.as_mut() {
+            reg.creds.credentials = pair;
+        }
     }
 
     /// The host id it registered as.

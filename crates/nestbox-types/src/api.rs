@@ -878,8 +878,9 @@ pub struct RegisterHostRequest {
 pub struct RegisterHostResponse {
     /// The host's id.
     pub host_id: HostId,
-    /// Bearer token for heartbeats (stored hashed by the control plane).
-    pub host_token: String,
+    /// Its first token pair.
+    #[serde(flatten)]
+    pub credentials: HostTokenPair,
     /// Key the control plane signs its calls to this agent with (HS256). Secret.
     pub host_key: String,
     /// How often to heartbeat.
@@ -888,6 +889,55 @@ pub struct RegisterHostResponse {
     /// (the control plane's) it must require. Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<HostTls>,
+}
+
+/// A host's tokens: the access token its heartbeats carry and the refresh token it trades
+/// for the next pair (`POST /v1/hosts/refresh`) before the access token expires. Secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct HostTokenPair {
+    /// Bearer token of heartbeats (a JWT).
+    pub access_token: String,
+    /// When it expires.
+    pub access_expires_at: DateTime<Utc>,
+    /// Traded once for the next pair (stored hashed by the control plane).
+    pub refresh_token: String,
+    /// When it expires.
+    pub refresh_expires_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for HostTokenPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostTokenPair")
+            .field("access_expires_at", &self.access_expires_at)
+            .field("refresh_expires_at", &self.refresh_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/hosts/refresh`: a host trades its refresh token for the next pair.
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct RefreshHostRequest {
+    /// The refresh token of the host's current pair.
+    pub refresh_token: String,
+}
+
+impl std::fmt::Debug for RefreshHostRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshHostRequest").finish_non_exhaustive()
+    }
+}
+
+/// The next pair of a host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct RefreshHostResponse {
+    /// The host's id.
+    pub host_id: HostId,
+    /// Its new pair (the old one no longer works).
+    #[serde(flatten)]
+    pub credentials: HostTokenPair,
 }
 
 /// TLS material issued by the control plane's CA (PEM).

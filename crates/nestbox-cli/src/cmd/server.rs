@@ -33,6 +33,13 @@ pub struct ServerArgs {
     /// (the control plane restarted in the middle) is settled after twice that.
     #[arg(long, env = "NESTBOX_CREATE_TIMEOUT_SECS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub create_timeout: u64,
+    /// Lifetime of a host's access token, in seconds (its agent trades it for the next
+    /// pair after three quarters of it).
+    #[arg(long, env = "NESTBOX_HOST_ACCESS_TTL_SECS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(10..))]
+    pub host_access_ttl: u64,
+    /// Lifetime of a host's refresh token, in seconds (longer than the access token's).
+    #[arg(long, env = "NESTBOX_HOST_REFRESH_TTL_SECS", default_value_t = 60 * 24 * 3600, value_parser = clap::value_parser!(u64).range(20..))]
+    pub host_refresh_ttl: u64,
     /// Email of the platform admin created when the database has no user yet.
     #[arg(
         long,
@@ -79,6 +86,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     cfg.proxy_domain = args.proxy_domain.clone();
     cfg.tls = args.tls.files();
     cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
+    cfg.host_access_ttl = std::time::Duration::from_secs(args.host_access_ttl);
+    cfg.host_refresh_ttl = std::time::Duration::from_secs(args.host_refresh_ttl);
     let cp = nestbox_control::start(cfg)
         .await
         .context("starting the control plane")?;

@@ -3,8 +3,8 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use nestbox_types::api::{
-    CreateHostRequest, CreatedHost, HeartbeatRequest, Host, Page, RegisterHostRequest,
-    RegisterHostResponse,
+    CreateHostRequest, CreatedHost, HeartbeatRequest, Host, Page, RefreshHostRequest,
+    RefreshHostResponse, RegisterHostRequest, RegisterHostResponse,
 };
 use nestbox_types::{ErrorBody, HostId};
 
@@ -65,7 +65,20 @@ pub async fn register_host(
     s.services.register_host(&req).await.map(axum::Json)
 }
 
-/// An agent reports that it is alive (host token as bearer).
+/// An agent trades its refresh token for the next token pair. Any failure (a malformed
+/// body included) is 401: the agent must register again.
+#[utoipa::path(post, path = "/v1/hosts/refresh", tag = "hosts", request_body = RefreshHostRequest,
+    responses((status = 200, body = RefreshHostResponse), (status = 401, body = ErrorBody)))]
+pub async fn refresh_host(
+    State(s): State<AppState>,
+    body: axum::body::Bytes,
+) -> ApiResult<axum::Json<RefreshHostResponse>> {
+    let req: RefreshHostRequest = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::unauthorized("the body must be {\"refresh_token\": …}"))?;
+    s.services.refresh_host(&req).await.map(axum::Json)
+}
+
+/// An agent reports that it is alive (its access token as bearer).
 #[utoipa::path(post, path = "/v1/hosts/{host_id}/heartbeat", tag = "hosts", params(("host_id" = HostId, Path)), request_body = HeartbeatRequest,
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn heartbeat(

@@ -99,6 +99,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(hosts::create_host, hosts::list_hosts))
         .routes(routes!(hosts::delete_host))
         .routes(routes!(hosts::register_host))
+        .routes(routes!(hosts::refresh_host))
         .routes(routes!(hosts::heartbeat))
         .routes(routes!(sandboxes::list_templates))
         .routes(routes!(

@@ -2,13 +2,18 @@
 //! listing and deletion.
 //!
 //! Rules: only platform admins create, list and delete hosts; a registration token works
-//! once and for one hour; a host's heartbeat token is stored hashed and only authenticates
-//! heartbeats of that host; a host with sandboxes holding resources cannot be deleted.
+//! once and for one hour; a host then holds a token pair (`nestbox_db::host_credentials`):
+//! an access token (JWT) that authenticates heartbeats of that host only, while its pair is
+//! current, and a refresh token traded once for the next pair. A refresh that fails is 401
+//! whatever the reason; a replayed refresh token is refused and logged. Deleting a host
+//! deletes its pairs. A host with sandboxes holding resources cannot be deleted.
 
 use chrono::Utc;
+use nestbox_db::host_credentials::{self, NewPair, Refresh};
 use nestbox_db::{HostKind, hosts, sandboxes};
 use nestbox_types::api::{
-    self, CreatedHost, HeartbeatRequest, RegisterHostRequest, RegisterHostResponse,
+    self, CreatedHost, HeartbeatRequest, HostTokenPair, RefreshHostRequest, RefreshHostResponse,
+    RegisterHostRequest, RegisterHostResponse,
 };
 use nestbox_types::{ErrorCode, HostId};
 
@@ -137,7 +142,8 @@ impl Services {
         let host = hosts::consume_registration_token(&self.db, &auth::hash_token(&req.token))
             .await?
             .ok_or_else(|| ApiError::unauthorized("invalid, used or expired registration token"))?;
-        let host_token = format!("nbxhost_{}", auth::random_hex(32)?);
+        let (pair, refresh_token) = self.new_host_pair()?;
+        let credentials = self.host_pair_view(host.id, &pair, refresh_token)?;
         let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         let reg = hosts::Registration {
             address: req.address.clone(),
@@ -148,7 +154,7 @@ impl Services {
                 disk_mb: clamp(req.disk_mb),
                 max_sandboxes: Some(req.max_sandboxes),
             },
-            token_hash: auth::hash_token(&host_token),
+            credentials: pair,
         };
         let host = hosts::mark_registered(&self.db, host.id, &reg).await?;
         self.pool.evict(host.id);
@@ -164,7 +170,7 @@ impl Services {
         .await;
         Ok(RegisterHostResponse {
             host_id: host.id,
-            host_token,
+            credentials,
             host_key: self.pool.host_key(host.id),
             heartbeat_interval_sec: u32::try_from(self.cfg.heartbeat_interval.as_secs())
                 .unwrap_or(15),
@@ -172,21 +178,133 @@ impl Services {
         })
     }
 
-    /// Records a heartbeat of `host`, authenticated by its host token.
+    /// A new pair: what the database keeps, and the refresh token itself.
+    fn new_host_pair(&self) -> ApiResult<(NewPair, String)> {
+        let now = Utc::now();
+        let ttl = |d: std::time::Duration| {
+            chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(1))
+        };
+        let refresh_token = format!("{}{}", auth::HOST_REFRESH_PREFIX, auth::random_hex(32)?);
+        Ok((
+            NewPair {
+                id: uuid::Uuid::new_v4(),
+                refresh_hash: auth::hash_token(&refresh_token),
+                access_expires_at: now + ttl(self.cfg.host_access_ttl),
+                refresh_expires_at: now + ttl(self.cfg.host_refresh_ttl),
+            },
+            refresh_token,
+        ))
+    }
+
+    /// What `host` gets of `pair`: its access token is signed here.
+    fn host_pair_view(
+        &self,
+        host: HostId,
+        pair: &NewPair,
+        refresh_token: String,
+    ) -> ApiResult<HostTokenPair> {
+        Ok(HostTokenPair {
+            access_token: self
+                .host_tokens
+                .issue(host, pair.id, pair.access_expires_at)?,
+            access_expires_at: pair.access_expires_at,
+            refresh_token,
+            refresh_expires_at: pair.refresh_expires_at,
+        })
+    }
+
+    /// A host trades its refresh token for the next pair. Every failure is 401 (the host
+    /// must register again); a replayed token is also logged and audited.
+    pub async fn refresh_host(&self, req: &RefreshHostRequest) -> ApiResult<RefreshHostResponse> {
+        let refused = || ApiError::unauthorized("invalid, expired or already used refresh token");
+        if req.refresh_token.is_empty() || req.refresh_token.len() > 256 {
+            return Err(refused());
+        }
+        let (pair, refresh_token) = self.new_host_pair()?;
+        let outcome =
+            host_credentials::refresh(&self.db, &auth::hash_token(&req.refresh_token), &pair)
+                .await?;
+        match outcome {
+            Refresh::Issued(host) => {
+                tracing::info!(host = %host, "host credentials refreshed");
+                Ok(RefreshHostResponse {
+                    host_id: host,
+                    credentials: self.host_pair_view(host, &pair, refresh_token)?,
+                })
+            }
+            Refresh::Unknown => Err(refused()),
+            Refresh::Expired(host) => {
+                tracing::warn!(host = %host, "a host presented an expired refresh token");
+                Err(refused())
+            }
+            Refresh::Reused { host, pair } => {
+                tracing::warn!(
+                    host = %host, pair = %pair,
+                    "a revoked host refresh token was presented again (replay?); refused"
+                );
+                self.audit(AuditEntry {
+                    actor: AuditActor::Host(host.to_string()),
+                    team: None,
+                    action: "host.refresh_reused",
+                    resource_type: "host",
+                    resource_id: Some(host.to_string()),
+                    ok: false,
+                    details: serde_json::json!({ "pair": pair.to_string() }),
+                })
+                .await;
+                Err(refused())
+            }
+        }
+    }
+
+    /// The host a heartbeat's bearer token authenticates: an access token of its current
+    /// pair, or the long-lived token of a host registered before token pairs.
+    async fn authenticate_host(&self, host: HostId, token: &str) -> ApiResult<hosts::Host> {
+        if token.starts_with("nbxhost_") {
+            let found = hosts::find_by_legacy_token_hash(&self.db, &auth::hash_token(token))
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("invalid host token"))?;
+            if found.id != host {
+                return Err(ApiError::unauthorized(
+                    "the host token belongs to another host",
+                ));
+            }
+            return Ok(found);
+        }
+        let (claimed, pair) = self.host_tokens.verify(token)?;
+        if claimed != host {
+            return Err(ApiError::unauthorized(
+                "the host token belongs to another host",
+            ));
+        }
+        match host_credentials::check_access(&self.db, host, pair).await? {
+            host_credentials::AccessCheck::Valid => {}
+            host_credentials::AccessCheck::Unknown => {
+                return Err(ApiError::unauthorized("unknown host token"));
+            }
+            host_credentials::AccessCheck::Revoked => {
+                return Err(ApiError::unauthorized(
+                    "this host token was revoked: refresh",
+                ));
+            }
+        }
+        hosts::get(&self.db, host).await.map_err(|e| {
+            if e.is_not_found() {
+                ApiError::unauthorized("unknown host token")
+            } else {
+                e.into()
+            }
+        })
+    }
+
+    /// Records a heartbeat of `host`, authenticated by its access token.
     pub async fn heartbeat(
         &self,
         host: HostId,
         token: &str,
         req: &HeartbeatRequest,
     ) -> ApiResult<()> {
-        let found = hosts::find_by_token_hash(&self.db, &auth::hash_token(token))
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("invalid host token"))?;
-        if found.id != host {
-            return Err(ApiError::unauthorized(
-                "the host token belongs to another host",
-            ));
-        }
+        let found = self.authenticate_host(host, token).await?;
         validate_address(&req.address)?;
         if let Some(current) = &found.address {
             same_host(current, &req.address)?;

@@ -86,6 +86,8 @@ pub struct Options {
     pub login_limits: nestbox_control::throttle::LoginLimits,
     /// Deadline of create calls (the monitor settles creates older than twice that).
     pub create_timeout: Duration,
+    /// Lifetime of host access tokens.
+    pub host_access_ttl: Duration,
 }
 
 impl Default for Options {
@@ -97,6 +99,7 @@ impl Default for Options {
             pause_timeout: Duration::from_secs(120),
             login_limits: Default::default(),
             create_timeout: Duration::from_secs(180),
+            host_access_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -203,6 +206,7 @@ impl Harness {
         cfg.pause_timeout = opts.pause_timeout;
         cfg.login_limits = opts.login_limits;
         cfg.create_timeout = opts.create_timeout;
+        cfg.host_access_ttl = opts.host_access_ttl;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
         let base = cp.url();

@@ -1,4 +1,5 @@
 use chrono::Duration;
+use nestbox_db::host_credentials::NewPair;
 use nestbox_db::hosts::{self, HostSpecs, NewHost, Registration};
 use nestbox_db::sandboxes;
 use nestbox_db::templates::{self, NewTemplate};
@@ -7,7 +8,7 @@ use nestbox_types::{HostId, HostStatus, SandboxStatus, TeamId, TemplateKind};
 
 use crate::common::{sandbox, team};
 
-fn regular(name: &str) -> NewHost {
+pub fn regular(name: &str) -> NewHost {
     NewHost {
         name: name.into(),
         kind: HostKind::Regular,
@@ -15,7 +16,16 @@ fn regular(name: &str) -> NewHost {
     }
 }
 
-fn registration(token_hash: &str) -> Registration {
+pub fn pair(refresh_hash: &str) -> NewPair {
+    NewPair {
+        id: uuid::Uuid::new_v4(),
+        refresh_hash: refresh_hash.into(),
+        access_expires_at: now() + Duration::days(7),
+        refresh_expires_at: now() + Duration::days(60),
+    }
+}
+
+pub fn registration(refresh_hash: &str) -> Registration {
     Registration {
         address: "https://10.0.0.5:7443".into(),
         version: "0.1.0".into(),
@@ -25,7 +35,7 @@ fn registration(token_hash: &str) -> Registration {
             disk_mb: 200_000,
             max_sandboxes: Some(50),
         },
-        token_hash: token_hash.into(),
+        credentials: pair(refresh_hash),
     }
 }
 
@@ -62,9 +72,12 @@ db_test!(register_with_one_time_token, |t| {
     assert_eq!(online.specs.max_sandboxes, Some(50));
     assert_eq!(online.address.as_deref(), Some("https://10.0.0.5:7443"));
     assert!(online.last_heartbeat_at.is_some());
+    // Hosts registered with token pairs hold no first-version credential.
     assert_eq!(
-        hosts::find_by_token_hash(&t.db, "cred1").await.unwrap(),
-        Some(online.clone())
+        hosts::find_by_legacy_token_hash(&t.db, "cred1")
+            .await
+            .unwrap(),
+        None
     );
     assert_eq!(hosts::get(&t.db, host.id).await.unwrap(), online);
     assert!(

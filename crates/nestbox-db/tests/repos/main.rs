@@ -10,6 +10,7 @@ mod common;
 mod api_keys;
 mod audit;
 mod engine;
+mod host_credentials;
 mod hosts;
 mod metrics;
 mod sandboxes;

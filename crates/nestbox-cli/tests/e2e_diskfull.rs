@@ -182,12 +182,17 @@ async fn a_full_host_disk_refuses_creates_clearly_and_corrupts_nothing() {
         !err.to_string().contains('/'),
         "a host path reached the tenant: {err}"
     );
-    // (A pooled clone may have gone meanwhile; nothing new may have come.)
-    let now = instance_slots(&tag);
-    assert!(
-        now.is_subset(&slots),
-        "a failed create left a network: {now:?} against {slots:?}"
-    );
+    // (A pooled clone may have gone meanwhile, and the pool may be trying to start another,
+    // which fails on the full disk and gives its network back: nothing new may stay.)
+    eventually(
+        Duration::from_secs(60),
+        "no network beyond those held before the disk filled",
+        || async {
+            let now = instance_slots(&tag);
+            now.is_subset(&slots).then_some(())
+        },
+    )
+    .await;
     let failed = client
         .list_sandboxes(&Default::default())
         .await

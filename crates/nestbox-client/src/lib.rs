@@ -394,10 +394,63 @@ impl Client {
         self.get("/v1/admin/users").await
     }
 
-    /// Creates a host and its registration token (platform admins).
+    /// Creates a platform host and its registration token (platform admins).
     pub async fn create_host(&self, name: &str) -> Result<CreatedHost, ClientError> {
-        self.post("/v1/admin/hosts", &CreateHostRequest { name: name.into() })
-            .await
+        let req = CreateHostRequest {
+            name: name.into(),
+            team_id: None,
+        };
+        self.post("/v1/admin/hosts", &req).await
+    }
+
+    /// Creates a host of a BYOC team and its registration token (platform admins).
+    pub async fn create_byoc_host(
+        &self,
+        team: TeamId,
+        name: &str,
+    ) -> Result<CreatedHost, ClientError> {
+        let req = CreateHostRequest {
+            name: name.into(),
+            team_id: Some(team),
+        };
+        self.post("/v1/admin/hosts", &req).await
+    }
+
+    /// Every team with its BYOC flag and counts (platform admins).
+    pub async fn list_all_teams(&self) -> Result<Page<AdminTeam>, ClientError> {
+        self.get("/v1/admin/teams").await
+    }
+
+    /// Lets a team bring its own hosts, or stops it (platform admins).
+    pub async fn set_team_byoc(&self, team: TeamId, enabled: bool) -> Result<Team, ClientError> {
+        self.put(
+            &format!("/v1/admin/teams/{team}/byoc"),
+            &SetByocRequest { enabled },
+        )
+        .await
+    }
+
+    /// Registers a host of the caller's BYOC team: its one-time token (owners and admins).
+    pub async fn create_team_host(
+        &self,
+        team: TeamId,
+        name: &str,
+    ) -> Result<CreatedHost, ClientError> {
+        let req = CreateHostRequest {
+            name: name.into(),
+            team_id: None,
+        };
+        self.post(&format!("/v1/teams/{team}/hosts"), &req).await
+    }
+
+    /// A BYOC team's hosts (owners and admins).
+    pub async fn list_team_hosts(&self, team: TeamId) -> Result<Page<Host>, ClientError> {
+        self.get(&format!("/v1/teams/{team}/hosts")).await
+    }
+
+    /// Deletes a host of a BYOC team that holds no sandboxes (owners and admins).
+    pub async fn delete_team_host(&self, team: TeamId, host: HostId) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/teams/{team}/hosts/{host}")).await
     }
 
     /// All hosts (platform admins).

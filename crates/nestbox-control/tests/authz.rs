@@ -141,6 +141,9 @@ const TEAM_WEBSOCKET: [Expect; 8] = [
 ];
 /// Platform admins.
 const PLATFORM_ADMINS: [Expect; 8] = [UNAUTH, UNAUTH, FORBID, UNAUTH, FORBID, FORBID, FORBID, OK];
+/// The hosts of a team that brings its own (team A is BYOC for these rows): its owners
+/// and admins, and platform admins.
+const BYOC_MANAGERS: [Expect; 8] = [UNAUTH, UNAUTH, HIDDEN, UNAUTH, FORBID, OK, OK, OK];
 /// Host agents only (none of these callers holds a host credential).
 const HOSTS_ONLY: [Expect; 8] = [UNAUTH; 8];
 /// The audit log: owners and admins of the team they act for.
@@ -178,6 +181,15 @@ const MATRIX: &[Row] = &[
     ),
     row("GET", "/v1/teams/{team_id}/quotas", TEAM_RESOURCE),
     row("PUT", "/v1/admin/teams/{team_id}/quotas", PLATFORM_ADMINS),
+    row("GET", "/v1/admin/teams", PLATFORM_ADMINS),
+    row("PUT", "/v1/admin/teams/{team_id}/byoc", PLATFORM_ADMINS),
+    row("GET", "/v1/teams/{team_id}/hosts", BYOC_MANAGERS),
+    row("POST", "/v1/teams/{team_id}/hosts", BYOC_MANAGERS),
+    row(
+        "DELETE",
+        "/v1/teams/{team_id}/hosts/{host_id}",
+        BYOC_MANAGERS,
+    ),
     row("GET", "/v1/admin/users", PLATFORM_ADMINS),
     row("POST", "/v1/admin/users", PLATFORM_ADMINS),
     row("GET", "/v1/admin/hosts", PLATFORM_ADMINS),
@@ -505,6 +517,9 @@ impl World {
         let sb = self.sandbox.id;
         let files = |rest: &str| format!("/v1/sandboxes/{sb}/files{rest}");
         let call = |path: String, body: Body| Call { path, body };
+        // Team A brings its own hosts exactly for the routes of such hosts (BYOC would send
+        // its sandboxes to hosts it does not have everywhere else).
+        teams::set_byoc(db, team, path.starts_with("/v1/teams/{team_id}/hosts")).await?;
         Ok(match (method, path) {
             ("GET", "/health") | ("GET", "/health/ready") => call(path.into(), Body::Empty),
             ("POST", "/v1/auth/login") => call(
@@ -563,6 +578,20 @@ impl World {
                     Body::Empty,
                 )
             }
+            ("GET", "/v1/teams/{team_id}/hosts") => {
+                call(format!("/v1/teams/{team}/hosts"), Body::Empty)
+            }
+            ("POST", "/v1/teams/{team_id}/hosts") => call(
+                format!("/v1/teams/{team}/hosts"),
+                Body::Json(json!({ "name": "own host" })),
+            ),
+            ("DELETE", "/v1/teams/{team_id}/hosts/{host_id}") => {
+                let doomed = self.h.admin.client.create_byoc_host(team, "doomed").await?;
+                call(
+                    format!("/v1/teams/{team}/hosts/{}", doomed.host.id),
+                    Body::Empty,
+                )
+            }
             (_, p) if p.starts_with("/v1/teams/{team_id}") => {
                 call(p.replace("{team_id}", &team.to_string()), Body::Empty)
             }
@@ -592,6 +621,14 @@ impl World {
                     "max_sandboxes": 1,
                 })),
             ),
+            ("GET", "/v1/admin/teams") => call(path.into(), Body::Empty),
+            ("PUT", "/v1/admin/teams/{team_id}/byoc") => {
+                let target = teams::create_with_owner(db, "byoc target", self.spare.id).await?;
+                call(
+                    format!("/v1/admin/teams/{}/byoc", target.id),
+                    Body::Json(json!({ "enabled": true })),
+                )
+            }
             ("POST", "/v1/hosts/refresh") => call(
                 path.into(),
                 Body::Json(json!({ "refresh_token": "nbxhr_not-a-token" })),

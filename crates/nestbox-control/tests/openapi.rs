@@ -135,7 +135,7 @@ async fn serves_its_document_docs_and_health(engine: Engine) -> anyhow::Result<(
         (status, &body["status"]),
         (503, &serde_json::json!("starting"))
     );
-    assert_eq!(body["reason"], "no host is online yet");
+    assert_eq!(body["reason"], "no platform host is online yet");
     common::api_error(
         h.key
             .create_sandbox(&nestbox_types::api::CreateSandboxRequest {

@@ -14,6 +14,7 @@ use nestbox_types::{TeamId, TeamRole, UserId};
 
 use crate::engine::{Db, DbRow, args, now};
 use crate::error::{DbError, found, missing_as_not_found};
+use crate::page::{Page, Paged, Sql, finish_page};
 use crate::users::{self, User};
 
 /// A team.
@@ -158,6 +159,56 @@ pub async fn set_byoc(db: &Db, id: TeamId, is_byoc: bool) -> Result<(), DbError>
         )
         .await?;
     found(n, "team", id)
+}
+
+/// Stops a live team from bringing its own hosts, unless it still has some: `Ok(false)`
+/// then (its hosts must be deleted first), in the same statement.
+pub async fn disable_byoc(db: &Db, id: TeamId) -> Result<bool, DbError> {
+    let n = db
+        .execute(
+            "UPDATE teams SET is_byoc = FALSE WHERE id = $1 AND deleted_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.team_id = $1)",
+            args![id],
+        )
+        .await?;
+    if n == 1 {
+        return Ok(true);
+    }
+    get(db, id).await.map(|_| false)
+}
+
+/// A team as platform admins see it in the list of every team.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeamSummary {
+    pub team: Team,
+    /// Its members.
+    pub members: u64,
+    /// Its BYOC hosts.
+    pub hosts: u64,
+}
+
+/// Every live team but the platform's, newest first, a page at a time.
+pub async fn list_all(db: &Db, page: &Page) -> Result<Paged<TeamSummary>, DbError> {
+    let mut sql = Sql::new(&format!(
+        "SELECT {TEAM_COLUMNS}, \
+         (SELECT COUNT(*) FROM team_members m WHERE m.team_id = t.id) AS members, \
+         (SELECT COUNT(*) FROM hosts h WHERE h.team_id = t.id) AS hosts \
+         FROM teams t WHERE t.deleted_at IS NULL AND t.id <> "
+    ));
+    sql.bind(nestbox_types::PLATFORM_TEAM);
+    sql.page("t", page)?;
+    let rows = db
+        .fetch_all(&sql.text, sql.args, |r| {
+            Ok(TeamSummary {
+                team: team_from_row(r)?,
+                members: r.u64("members")?,
+                hosts: r.u64("hosts")?,
+            })
+        })
+        .await?;
+    Ok(finish_page(rows, page.effective_limit(), |t| {
+        (t.team.created_at, t.team.id.uuid())
+    }))
 }
 
 /// Soft-deletes a team (one transaction): sets `deleted_at` and clears the default flag of its

@@ -132,8 +132,38 @@ pub struct Team {
     pub id: TeamId,
     /// Name.
     pub name: String,
+    /// Whether the team brings its own hosts (BYOC): its sandboxes run only on them, and
+    /// its owners and admins register and remove them.
+    pub is_byoc: bool,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+}
+
+/// A team in the platform admins' list of every team (`GET /v1/admin/teams`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct AdminTeam {
+    /// Id.
+    pub id: TeamId,
+    /// Name.
+    pub name: String,
+    /// Whether the team brings its own hosts.
+    pub is_byoc: bool,
+    /// Its members.
+    pub members: u64,
+    /// Its hosts (BYOC).
+    pub hosts: u64,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// `PUT /v1/admin/teams/{team_id}/byoc`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetByocRequest {
+    /// Whether the team brings its own hosts (turning it off needs its hosts gone).
+    pub enabled: bool,
 }
 
 /// `POST /v1/teams`, `PATCH /v1/teams/{id}`.
@@ -804,6 +834,10 @@ pub struct TemplateListQuery {
 pub struct CreateHostRequest {
     /// Label.
     pub name: String,
+    /// On `POST /v1/admin/hosts`: the BYOC team the host belongs to (none: a platform
+    /// host). Not accepted on `POST /v1/teams/{team_id}/hosts`, whose team it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<TeamId>,
 }
 
 /// A new host and its one-time registration token (valid one hour).
@@ -842,6 +876,12 @@ pub struct Host {
     pub disk_mb: u64,
     /// Most sandboxes it takes at once.
     pub max_sandboxes: u32,
+    /// The team whose own host it is (BYOC); absent for a platform host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<TeamId>,
+    /// That team's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_name: Option<String>,
     /// Last heartbeat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_at: Option<DateTime<Utc>>,

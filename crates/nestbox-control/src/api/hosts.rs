@@ -6,7 +6,7 @@ use nestbox_types::api::{
     CreateHostRequest, CreatedHost, HeartbeatRequest, Host, Page, RefreshHostRequest,
     RefreshHostResponse, RegisterHostRequest, RegisterHostResponse,
 };
-use nestbox_types::{ErrorBody, HostId};
+use nestbox_types::{ErrorBody, HostId, TeamId};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, Json, Path};
@@ -21,9 +21,58 @@ pub async fn create_host(
     Json(req): Json<CreateHostRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<CreatedHost>)> {
     s.services
-        .create_host(&caller, &req.name)
+        .create_host(&caller, &req)
         .await
         .map(|h| (StatusCode::CREATED, axum::Json(h)))
+}
+
+/// Registers a host of a team that brings its own hosts: its one-time registration token
+/// (the team's owners and admins).
+#[utoipa::path(post, path = "/v1/teams/{team_id}/hosts", tag = "hosts", security(("session" = [])), params(("team_id" = TeamId, Path)), request_body = CreateHostRequest,
+    responses((status = 201, body = CreatedHost), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn create_team_host(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+    Json(req): Json<CreateHostRequest>,
+) -> ApiResult<(StatusCode, axum::Json<CreatedHost>)> {
+    s.services
+        .create_team_host(&caller, team, &req)
+        .await
+        .map(|h| (StatusCode::CREATED, axum::Json(h)))
+}
+
+/// A BYOC team's hosts (the team's owners and admins).
+#[utoipa::path(get, path = "/v1/teams/{team_id}/hosts", tag = "hosts", security(("session" = [])), params(("team_id" = TeamId, Path)),
+    responses((status = 200, body = Page<Host>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn list_team_hosts(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+) -> ApiResult<axum::Json<Page<Host>>> {
+    s.services
+        .list_team_hosts(&caller, team)
+        .await
+        .map(|items| {
+            axum::Json(Page {
+                items,
+                next_cursor: None,
+            })
+        })
+}
+
+/// Deletes a BYOC team's host that holds no sandboxes (the team's owners and admins).
+#[utoipa::path(delete, path = "/v1/teams/{team_id}/hosts/{host_id}", tag = "hosts", security(("session" = [])), params(("team_id" = TeamId, Path), ("host_id" = HostId, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete_team_host(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((team, host)): Path<(TeamId, HostId)>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .delete_team_host(&caller, team, host)
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
 }
 
 /// Lists hosts (platform admins).

@@ -3,8 +3,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use nestbox_types::api::{
-    AddMemberRequest, ApiKey, CreateApiKeyRequest, CreatedApiKey, Member, Page, Team,
-    TeamMembership, TeamQuotaLimits, TeamQuotas, TeamRequest, UpdateMemberRequest,
+    AddMemberRequest, AdminTeam, ApiKey, CreateApiKeyRequest, CreatedApiKey, Member, Page,
+    PageQuery, SetByocRequest, Team, TeamMembership, TeamQuotaLimits, TeamQuotas, TeamRequest,
+    UpdateMemberRequest,
 };
 use nestbox_types::{ApiKeyId, ErrorBody, TeamId, UserId};
 
@@ -78,6 +79,40 @@ pub async fn set_team_quotas(
 ) -> ApiResult<axum::Json<TeamQuotas>> {
     s.services
         .set_team_quotas(&caller, team, &req)
+        .await
+        .map(axum::Json)
+}
+
+/// Every team with its BYOC flag, members and hosts, newest first (platform admins).
+#[utoipa::path(get, path = "/v1/admin/teams", tag = "admin", security(("session" = [])), params(PageQuery),
+    responses((status = 200, body = Page<AdminTeam>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn list_all_teams(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<axum::Json<Page<AdminTeam>>> {
+    let page = nestbox_db::Page {
+        limit: q.limit.unwrap_or(50).clamp(1, 200),
+        cursor: q.cursor,
+    };
+    s.services
+        .list_all_teams(&caller, &page)
+        .await
+        .map(axum::Json)
+}
+
+/// Lets a team bring its own hosts (BYOC), or stops it once it has none (platform
+/// admins): its sandboxes then run only on its own hosts.
+#[utoipa::path(put, path = "/v1/admin/teams/{team_id}/byoc", tag = "admin", security(("session" = [])), params(("team_id" = TeamId, Path)), request_body = SetByocRequest,
+    responses((status = 200, body = Team), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn set_team_byoc(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+    Json(req): Json<SetByocRequest>,
+) -> ApiResult<axum::Json<Team>> {
+    s.services
+        .set_team_byoc(&caller, team, req.enabled)
         .await
         .map(axum::Json)
 }

@@ -1,7 +1,9 @@
 //! Hosts: creation with a one-time registration token, agent registration, heartbeats,
 //! listing and deletion.
 //!
-//! Rules: only platform admins create, list and delete hosts; a registration token works
+//! Rules: platform admins create, list and delete every host; the owners and admins of a
+//! team that brings its own hosts (BYOC) create, list and delete that team's hosts, and
+//! nobody else sees them; a registration token works
 //! once and for one hour; a host then holds a token pair (`nestbox_db::host_credentials`):
 //! an access token (JWT) that authenticates heartbeats of that host only, while its pair is
 //! current, and a refresh token traded once for the next pair. A refresh that fails is 401
@@ -10,12 +12,12 @@
 
 use chrono::Utc;
 use nestbox_db::host_credentials::{self, NewPair, Refresh};
-use nestbox_db::{HostKind, hosts, sandboxes};
+use nestbox_db::{HostKind, hosts, sandboxes, teams};
 use nestbox_types::api::{
     self, CreatedHost, HeartbeatRequest, HostTokenPair, RefreshHostRequest, RefreshHostResponse,
     RegisterHostRequest, RegisterHostResponse,
 };
-use nestbox_types::{ErrorCode, HostId};
+use nestbox_types::{ErrorCode, HostId, TeamId};
 
 use super::{AuditActor, AuditEntry, validate_name};
 use crate::auth;
@@ -26,8 +28,8 @@ use crate::state::Services;
 /// How long a registration token is valid.
 pub const REGISTRATION_TTL: chrono::Duration = chrono::Duration::hours(1);
 
-/// API view of a host.
-pub fn host_view(h: &hosts::Host) -> api::Host {
+/// API view of a host (`team_name`: its BYOC team's).
+pub fn host_view(h: &hosts::Host, team_name: Option<String>) -> api::Host {
     api::Host {
         id: h.id,
         name: h.name.clone(),
@@ -38,6 +40,8 @@ pub fn host_view(h: &hosts::Host) -> api::Host {
         memory_mb: u64::from(h.specs.memory_mb),
         disk_mb: u64::from(h.specs.disk_mb),
         max_sandboxes: h.specs.max_sandboxes.unwrap_or(0),
+        team_id: h.team_id,
+        team_name,
         last_heartbeat_at: h.last_heartbeat_at,
         created_at: h.created_at,
     }
@@ -90,13 +94,111 @@ fn same_host(current: &str, proposed: &str) -> Result<(), ApiError> {
 }
 
 impl Services {
-    /// Creates a pending host and its registration token. Platform admins only.
-    pub async fn create_host(&self, caller: &Caller, name: &str) -> ApiResult<CreatedHost> {
+    /// Creates a pending host and its registration token. Platform admins only; with a
+    /// team, a host of that BYOC team.
+    pub async fn create_host(
+        &self,
+        caller: &Caller,
+        req: &api::CreateHostRequest,
+    ) -> ApiResult<CreatedHost> {
         caller.require_admin()?;
-        let created = self.create_host_unchecked(name).await?;
+        let team = match req.team_id {
+            Some(team) => Some(self.byoc_team(team).await.map_err(|e| {
+                if e.code == ErrorCode::Forbidden {
+                    ApiError::invalid(format!("team {team} does not bring its own hosts"))
+                } else {
+                    e
+                }
+            })?),
+            None => None,
+        };
+        self.create_host_for(caller, &req.name, team).await
+    }
+
+    /// Registers a host of a BYOC team (its owners and admins): the one-time token.
+    pub async fn create_team_host(
+        &self,
+        caller: &Caller,
+        team: TeamId,
+        req: &api::CreateHostRequest,
+    ) -> ApiResult<CreatedHost> {
+        let t = self.team_hosts_access(caller, team).await?;
+        if req.team_id.is_some_and(|other| other != team) {
+            return Err(ApiError::invalid(
+                "team_id is the team of the path here; leave it out",
+            ));
+        }
+        self.create_host_for(caller, &req.name, Some(t)).await
+    }
+
+    /// A BYOC team's hosts (its owners and admins).
+    pub async fn list_team_hosts(
+        &self,
+        caller: &Caller,
+        team: TeamId,
+    ) -> ApiResult<Vec<api::Host>> {
+        let t = self.team_hosts_access(caller, team).await?;
+        Ok(hosts::list_for_team(&self.db, team)
+            .await?
+            .iter()
+            .map(|h| host_view(h, Some(t.name.clone())))
+            .collect())
+    }
+
+    /// Deletes a host of a BYOC team that holds no sandboxes (its owners and admins).
+    pub async fn delete_team_host(
+        &self,
+        caller: &Caller,
+        team: TeamId,
+        host: HostId,
+    ) -> ApiResult<()> {
+        self.team_hosts_access(caller, team).await?;
+        let h = hosts::get(&self.db, host)
+            .await
+            .map_err(|e| host_error(e, host))?;
+        if h.team_id != Some(team) {
+            // Another team's host, or a platform host: not there for this team.
+            return Err(host_not_found(host));
+        }
+        self.delete_host_unchecked(caller, &h).await
+    }
+
+    /// The team, if the caller may manage its hosts: it brings its own hosts and the caller
+    /// is its owner or an admin (platform admins may too).
+    async fn team_hosts_access(&self, caller: &Caller, team: TeamId) -> ApiResult<teams::Team> {
+        if !caller.actor.is_admin() {
+            self.manager_of(caller, team).await?;
+        }
+        self.byoc_team(team).await
+    }
+
+    /// `team`, which must bring its own hosts (`403` otherwise; `404` if there is none).
+    async fn byoc_team(&self, team: TeamId) -> ApiResult<teams::Team> {
+        let t = teams::get(&self.db, team).await.map_err(|e| {
+            if e.is_not_found() {
+                ApiError::new(ErrorCode::TeamNotFound, format!("team {team} not found"))
+            } else {
+                e.into()
+            }
+        })?;
+        if !t.is_byoc {
+            return Err(ApiError::forbidden(format!(
+                "team {team} does not bring its own hosts (a platform admin can enable it)"
+            )));
+        }
+        Ok(t)
+    }
+
+    async fn create_host_for(
+        &self,
+        caller: &Caller,
+        name: &str,
+        team: Option<teams::Team>,
+    ) -> ApiResult<CreatedHost> {
+        let created = self.create_pending_host(name, team.as_ref()).await?;
         self.audit(AuditEntry {
             actor: AuditActor::Caller(*caller),
-            team: None,
+            team: team.as_ref().map(|t| t.id),
             action: "host.create",
             resource_type: "host",
             resource_id: Some(created.host.id.to_string()),
@@ -107,8 +209,17 @@ impl Services {
         Ok(created)
     }
 
-    /// Creates a pending host without an authorization check (the one-box bootstrap).
+    /// Creates a pending platform host without an authorization check (the one-box
+    /// bootstrap).
     pub async fn create_host_unchecked(&self, name: &str) -> ApiResult<CreatedHost> {
+        self.create_pending_host(name, None).await
+    }
+
+    async fn create_pending_host(
+        &self,
+        name: &str,
+        team: Option<&teams::Team>,
+    ) -> ApiResult<CreatedHost> {
         let name = validate_name("name", name)?;
         let token = format!("nbxreg_{}", auth::random_hex(32)?);
         let expires_at = Utc::now() + REGISTRATION_TTL;
@@ -116,15 +227,19 @@ impl Services {
             &self.db,
             &hosts::NewHost {
                 name,
-                kind: HostKind::Regular,
-                team_id: None,
+                kind: if team.is_some() {
+                    HostKind::Byoc
+                } else {
+                    HostKind::Regular
+                },
+                team_id: team.map(|t| t.id),
             },
             &auth::hash_token(&token),
             expires_at,
         )
         .await?;
         Ok(CreatedHost {
-            host: host_view(&host),
+            host: host_view(&host, team.map(|t| t.name.clone())),
             registration_token: token,
             expires_at,
         })
@@ -338,15 +453,39 @@ impl Services {
         Ok(())
     }
 
-    /// All hosts. Platform admins only.
+    /// All hosts, BYOC ones with their team. Platform admins only.
     pub async fn list_hosts(&self, caller: &Caller) -> ApiResult<Vec<api::Host>> {
         caller.require_admin()?;
-        Ok(hosts::list(&self.db).await?.iter().map(host_view).collect())
+        let all = hosts::list(&self.db).await?;
+        let mut names: std::collections::HashMap<TeamId, String> = Default::default();
+        for team in all.iter().filter_map(|h| h.team_id) {
+            if let std::collections::hash_map::Entry::Vacant(e) = names.entry(team) {
+                match teams::get(&self.db, team).await {
+                    Ok(t) => {
+                        e.insert(t.name);
+                    }
+                    Err(err) if err.is_not_found() => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        }
+        Ok(all
+            .iter()
+            .map(|h| host_view(h, h.team_id.and_then(|t| names.get(&t).cloned())))
+            .collect())
     }
 
     /// Deletes a host that holds no sandboxes. Platform admins only.
     pub async fn delete_host(&self, caller: &Caller, host: HostId) -> ApiResult<()> {
         caller.require_admin()?;
+        let h = hosts::get(&self.db, host)
+            .await
+            .map_err(|e| host_error(e, host))?;
+        self.delete_host_unchecked(caller, &h).await
+    }
+
+    async fn delete_host_unchecked(&self, caller: &Caller, h: &hosts::Host) -> ApiResult<()> {
+        let host = h.id;
         let load = sandboxes::host_load(&self.db, host).await?;
         if load.sandboxes > 0 {
             return Err(ApiError::conflict(format!(
@@ -355,15 +494,12 @@ impl Services {
             )));
         }
         if !hosts::delete(&self.db, host).await? {
-            return Err(ApiError::new(
-                ErrorCode::HostNotFound,
-                format!("host {host} not found"),
-            ));
+            return Err(host_not_found(host));
         }
         self.pool.evict(host);
         self.audit(AuditEntry {
             actor: AuditActor::Caller(*caller),
-            team: None,
+            team: h.team_id,
             action: "host.delete",
             resource_type: "host",
             resource_id: Some(host.to_string()),
@@ -372,6 +508,18 @@ impl Services {
         })
         .await;
         Ok(())
+    }
+}
+
+fn host_not_found(host: HostId) -> ApiError {
+    ApiError::new(ErrorCode::HostNotFound, format!("host {host} not found"))
+}
+
+fn host_error(e: nestbox_db::DbError, host: HostId) -> ApiError {
+    if e.is_not_found() {
+        host_not_found(host)
+    } else {
+        e.into()
     }
 }
 
@@ -413,8 +561,8 @@ impl Services {
         let online = nestbox_db::hosts::list_online(&self.db)
             .await
             .map_err(db_down)?;
-        if online.is_empty() {
-            return Err("no host is online yet".into());
+        if !online.iter().any(|h| h.team_id.is_none()) {
+            return Err("no platform host is online yet".into());
         }
         let default = nestbox_db::templates::get_visible(
             &self.db,

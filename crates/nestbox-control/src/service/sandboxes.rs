@@ -25,7 +25,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use nestbox_db::{hosts, sandboxes, templates};
+use nestbox_db::{hosts, sandboxes, teams, templates};
 use nestbox_proto::hostagent::{
     self as pb, CreateSandboxRequest as PbCreate, DestroySandboxRequest, ExecRequest as PbExec,
     exec_event, read_file_response, write_file_request,
@@ -389,11 +389,22 @@ impl Services {
         }
     }
 
-    /// Online hosts with their load.
-    async fn candidates(&self) -> ApiResult<Vec<Candidate>> {
+    /// Online hosts that may take `team`'s sandboxes, with their load: a team that brings
+    /// its own hosts (BYOC) gets only those, every other team only the platform's.
+    async fn candidates(&self, team: nestbox_types::TeamId) -> ApiResult<Vec<Candidate>> {
+        let byoc = !team.is_platform()
+            && teams::get(&self.db, team)
+                .await
+                .map(|t| t.is_byoc)
+                .or_else(|e| if e.is_not_found() { Ok(false) } else { Err(e) })?;
         let mut out = Vec::new();
         for h in hosts::list_online(&self.db).await? {
-            let Some(address) = h.address.clone() else {
+            let eligible = if byoc {
+                h.team_id == Some(team)
+            } else {
+                h.team_id.is_none()
+            };
+            let Some(address) = h.address.clone().filter(|_| eligible) else {
                 continue;
             };
             let load = sandboxes::host_load(&self.db, h.id).await?;
@@ -505,7 +516,7 @@ impl Services {
             None => EgressRules::default(),
         };
 
-        let mut candidates = self.candidates().await?;
+        let mut candidates = self.candidates(caller.team).await?;
         // A template stored on one host can only start there.
         if let Some(home) = template.host_id {
             candidates.retain(|c| c.host == home);
@@ -529,6 +540,9 @@ impl Services {
                     Some(_) => format!(
                         "the host holding template `{name}` has no room right now; retry later"
                     ),
+                    None if candidates.is_empty() => {
+                        "no host of this team's pool is online; retry later".into()
+                    }
                     None => "no host has room for this sandbox right now; retry later".into(),
                 };
                 ApiError::new(ErrorCode::NoCapacity, message)

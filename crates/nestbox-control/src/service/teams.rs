@@ -74,7 +74,7 @@ impl Services {
         Ok((user, role))
     }
 
-    async fn manager_of(&self, caller: &Caller, team: TeamId) -> ApiResult<UserId> {
+    pub(crate) async fn manager_of(&self, caller: &Caller, team: TeamId) -> ApiResult<UserId> {
         let (user, role) = self.role_in(caller, team).await?;
         if !role.can_manage() {
             return Err(ApiError::forbidden(
@@ -124,6 +124,69 @@ impl Services {
         ))
         .await;
         self.quotas_view(team).await
+    }
+
+    /// Every team, with its BYOC flag and counts (platform admins).
+    pub async fn list_all_teams(
+        &self,
+        caller: &Caller,
+        page: &nestbox_db::Page,
+    ) -> ApiResult<api::Page<api::AdminTeam>> {
+        caller.require_admin()?;
+        let paged = teams::list_all(&self.db, page).await?;
+        Ok(api::Page {
+            items: paged
+                .items
+                .iter()
+                .map(|t| api::AdminTeam {
+                    id: t.team.id,
+                    name: t.team.name.clone(),
+                    is_byoc: t.team.is_byoc,
+                    members: t.members,
+                    hosts: t.hosts,
+                    created_at: t.team.created_at,
+                })
+                .collect(),
+            next_cursor: paged.next_cursor,
+        })
+    }
+
+    /// Lets a team bring its own hosts, or stops it once it has none (platform admins).
+    pub async fn set_team_byoc(
+        &self,
+        caller: &Caller,
+        team: TeamId,
+        enabled: bool,
+    ) -> ApiResult<api::Team> {
+        caller.require_admin()?;
+        if team.is_platform() {
+            return Err(ApiError::invalid(
+                "the platform team's hosts are the platform's",
+            ));
+        }
+        if enabled {
+            teams::set_byoc(&self.db, team, true)
+                .await
+                .map_err(team_error(team))?;
+        } else if !teams::disable_byoc(&self.db, team)
+            .await
+            .map_err(team_error(team))?
+        {
+            return Err(ApiError::conflict(format!(
+                "team {team} still has hosts of its own; delete them first"
+            )));
+        }
+        self.audit(self.team_audit(
+            caller,
+            team,
+            "team.byoc_set",
+            "team",
+            team.to_string(),
+            serde_json::json!({ "enabled": enabled }),
+        ))
+        .await;
+        let t = teams::get(&self.db, team).await.map_err(team_error(team))?;
+        Ok(team_view(&t))
     }
 
     async fn quotas_view(&self, team: TeamId) -> ApiResult<api::TeamQuotas> {

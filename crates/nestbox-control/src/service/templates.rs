@@ -483,8 +483,18 @@ impl Services {
         removed
     }
 
-    /// Asks a host which templates it can boot and records them as platform templates.
+    /// Asks a platform host which templates it can boot and records them as platform
+    /// templates (a BYOC host's answer is not asked for).
     pub async fn sync_host_templates(&self, host: HostId, address: &str) -> ApiResult<usize> {
+        // A team's own host (BYOC) is run by that team: what it reports never defines the
+        // platform's templates.
+        if nestbox_db::hosts::get(&self.db, host)
+            .await?
+            .team_id
+            .is_some()
+        {
+            return Ok(0);
+        }
         let mut client = self.pool.client(host, address)?;
         let mut req = tonic::Request::new(PingRequest {});
         req.set_timeout(std::time::Duration::from_secs(10));

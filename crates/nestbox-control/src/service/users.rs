@@ -31,6 +31,7 @@ pub fn team_view(t: &teams::Team) -> api::Team {
     api::Team {
         id: t.id,
         name: t.name.clone(),
+        is_byoc: t.is_byoc,
         created_at: t.created_at,
     }
 }

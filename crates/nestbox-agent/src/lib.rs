@@ -433,18 +433,18 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         &creds_path,
         creds.clone(),
     ));
-    if let Err(e) = session
-        .heartbeat(&url, u32::try_from(manager.count()).unwrap_or(u32::MAX))
-        .await
-    {
+    let report = {
+        let manager = manager.clone();
+        move || register::HostReport {
+            sandboxes: u32::try_from(manager.count()).unwrap_or(u32::MAX),
+            guest_memory_mb: Some(manager.guest_memory_mb()),
+        }
+    };
+    if let Err(e) = session.heartbeat(&url, report()).await {
         tracing::warn!(error = %e, "first heartbeat failed; retrying in the background");
     }
-    let counter = manager.clone();
-    let heartbeat = tokio::spawn(session.heartbeat_loop(
-        url.clone(),
-        cfg.heartbeat_interval,
-        move || u32::try_from(counter.count()).unwrap_or(u32::MAX),
-    ));
+    let heartbeat =
+        tokio::spawn(session.heartbeat_loop(url.clone(), cfg.heartbeat_interval, report));
     manager.warm_up();
     tracing::info!(%addr, host = %creds.host_id, "host agent serving");
     Ok(RunningAgent {

@@ -264,6 +264,15 @@ impl std::fmt::Debug for HostSession {
     }
 }
 
+/// What a heartbeat tells the control plane about the host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostReport {
+    /// Sandboxes the agent runs.
+    pub sandboxes: u32,
+    /// The memory that backs guest RAM and what sandboxes hold of it, MiB.
+    pub guest_memory_mb: Option<(u64, u64)>,
+}
+
 /// How a heartbeat failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
@@ -356,31 +365,37 @@ impl HostSession {
     /// Sends one heartbeat: the control plane learns that the agent is up, and at which
     /// address, at once (a restarted agent may listen on another port). Refreshes the
     /// tokens first when due, and once more if the control plane refuses them.
-    pub async fn heartbeat(&self, address: &str, sandboxes: u32) -> Result<(), HeartbeatError> {
+    pub async fn heartbeat(&self, address: &str, report: HostReport) -> Result<(), HeartbeatError> {
         let due = self.creds.lock().await.refresh_due(Utc::now());
         if due && let Err(e) = self.refresh(true).await {
             // The current access token may still work: try it.
             tracing::warn!(error = %e, "refreshing the host's tokens before they expire");
         }
-        match self.send_heartbeat(address, sandboxes).await {
+        match self.send_heartbeat(address, report).await {
             Err(HeartbeatError::Refused(status))
                 if status == reqwest::StatusCode::UNAUTHORIZED
                     || status == reqwest::StatusCode::FORBIDDEN =>
             {
                 self.refresh(false).await?;
-                self.send_heartbeat(address, sandboxes).await
+                self.send_heartbeat(address, report).await
             }
             other => other,
         }
     }
 
-    async fn send_heartbeat(&self, address: &str, sandboxes: u32) -> Result<(), HeartbeatError> {
+    async fn send_heartbeat(
+        &self,
+        address: &str,
+        report: HostReport,
+    ) -> Result<(), HeartbeatError> {
         let token = self.creds.lock().await.tokens.access_token.clone();
         let url = format!("{}/v1/hosts/{}/heartbeat", self.control_plane, self.host_id);
         let body = HeartbeatRequest {
-            sandboxes,
+            sandboxes: report.sandboxes,
             version: crate::VERSION.to_string(),
             address: address.to_string(),
+            guest_memory_mb: report.guest_memory_mb.map(|(total, _)| total),
+            guest_memory_used_mb: report.guest_memory_mb.map(|(_, used)| used),
         };
         match self
             .http
@@ -401,13 +416,13 @@ impl HostSession {
         self: std::sync::Arc<Self>,
         address: String,
         interval: Duration,
-        sandboxes: impl Fn() -> u32 + Send + 'static,
+        report: impl Fn() -> HostReport + Send + 'static,
     ) {
         let mut tick = tokio::time::interval(interval);
         let mut failing = false;
         loop {
             tick.tick().await;
-            match self.heartbeat(&address, sandboxes()).await {
+            match self.heartbeat(&address, report()).await {
                 Ok(()) => {
                     if failing {
                         tracing::info!("heartbeats reach the control plane again");

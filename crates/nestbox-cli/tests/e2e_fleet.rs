@@ -292,6 +292,12 @@ async fn the_control_plane_crashes_upgrades_and_restarts_under_a_running_host() 
     let hosts = admin.list_hosts().await.unwrap().items;
     assert_eq!(hosts.len(), 1);
     assert_eq!(hosts[0].status, nestbox_types::HostStatus::Online);
+    // Its heartbeats report the memory that backs guest RAM (the scheduler's limit).
+    assert!(
+        hosts[0].guest_memory_mb.is_some_and(|m| m > 0),
+        "{:?}",
+        hosts[0]
+    );
     // Killed and started again, the agent comes back with the pair it stored.
     let status = Split::signal(&mut split.agent, libc::SIGKILL);
     assert!(status.is_some(), "the agent was killed");

@@ -75,6 +75,8 @@ pub struct ControlConfig {
     pub host_refresh_ttl: Duration,
     /// Memory overcommit factor the scheduler allows per host.
     pub memory_overcommit: f64,
+    /// How sandboxes are placed on hosts.
+    pub scheduler: crate::scheduler::Policy,
     /// Deadline of a sandbox create call to an agent.
     pub create_timeout: Duration,
     /// Deadline of a pause or resume call to an agent. The host monitor leaves a sandbox
@@ -125,6 +127,7 @@ impl ControlConfig {
             host_access_ttl: Duration::from_secs(7 * 24 * 3600),
             host_refresh_ttl: Duration::from_secs(60 * 24 * 3600),
             memory_overcommit: 2.0,
+            scheduler: crate::scheduler::Policy::LeastLoaded,
             create_timeout: Duration::from_secs(180),
             pause_timeout: Duration::from_secs(120),
             template_timeout: Duration::from_secs(600),

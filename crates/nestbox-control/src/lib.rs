@@ -143,6 +143,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         })?;
     let sessions = auth::Sessions::new(&cfg.master_secret, cfg.session_ttl);
     let cfg_secret = cfg.master_secret.clone();
+    let scheduler_policy = cfg.scheduler;
     let login_limits = cfg.login_limits;
     let pool = hostpool::HostPool::new(cfg.master_secret.clone())
         .map_err(|e| StartError::Config(format!("the host certificate authority: {e}")))?;
@@ -152,7 +153,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         sessions,
         host_tokens: auth::HostTokens::new(&cfg_secret),
         pool,
-        scheduler: Box::new(scheduler::LeastLoaded),
+        scheduler: scheduler_policy.scheduler(),
         forwarder: nestbox_forward::Forwarder::new(),
         key_uses: Default::default(),
         login: throttle::LoginThrottle::new(login_limits),

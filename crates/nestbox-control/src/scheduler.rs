@@ -2,8 +2,11 @@
 //!
 //! A [`Scheduler`] picks among *candidates*: online hosts with their capacity and current
 //! load. It is pure logic (no I/O), so every policy is unit-tested. A host fits when it has
-//! a free sandbox slot and enough (overcommitted) memory; vCPUs are time-shared and not a
-//! hard limit.
+//! a free sandbox slot and enough memory: its memory times the allowed overcommit, but
+//! never more than the memory that backs guest RAM there as its agent reported it (what
+//! the host cannot back is never promised), counting the larger of what the control plane
+//! placed there and what the agent says is held; vCPUs are time-shared and not a hard
+//! limit. The policy is chosen by configuration ([`Policy`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -24,6 +27,9 @@ pub struct Candidate {
     pub sandboxes: u64,
     /// Memory they hold, MiB.
     pub used_memory_mb: u64,
+    /// The memory that backs guest RAM there and what is held of it, MiB, as its agent
+    /// last reported (`None`: not reported).
+    pub guest_memory: Option<(u64, u64)>,
 }
 
 /// What a new sandbox needs.
@@ -36,18 +42,74 @@ pub struct Demand {
 }
 
 impl Candidate {
+    /// The most memory sandboxes may hold here, MiB.
+    fn memory_limit(&self, demand: &Demand) -> u64 {
+        let overcommitted = (self.memory_mb as f64 * demand.overcommit) as u64;
+        match self.guest_memory {
+            Some((total, _)) => overcommitted.min(total),
+            None => overcommitted,
+        }
+    }
+
+    /// The memory held here, MiB.
+    fn memory_used(&self) -> u64 {
+        let reported = self.guest_memory.map_or(0, |(_, used)| used);
+        self.used_memory_mb.max(reported)
+    }
+
     /// Whether `demand` fits.
     pub fn fits(&self, demand: &Demand) -> bool {
-        let mem_limit = (self.memory_mb as f64 * demand.overcommit) as u64;
         self.sandboxes < u64::from(self.max_sandboxes)
-            && self.used_memory_mb + u64::from(demand.memory_mb) <= mem_limit
+            && self.memory_used() + u64::from(demand.memory_mb) <= self.memory_limit(demand)
     }
 
     /// Fraction of the host in use (the larger of count and memory).
     pub fn load(&self, demand: &Demand) -> f64 {
         let count = self.sandboxes as f64 / f64::from(self.max_sandboxes.max(1));
-        let mem = self.used_memory_mb as f64 / (self.memory_mb.max(1) as f64 * demand.overcommit);
+        let mem = self.memory_used() as f64 / self.memory_limit(demand).max(1) as f64;
         count.max(mem)
+    }
+}
+
+/// The placement policies, by the names configuration uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// [`LeastLoaded`] (`least-loaded`).
+    #[default]
+    LeastLoaded,
+    /// [`RoundRobin`] (`round-robin`).
+    RoundRobin,
+}
+
+impl Policy {
+    /// The scheduler of this policy.
+    pub fn scheduler(self) -> Box<dyn Scheduler> {
+        match self {
+            Policy::LeastLoaded => Box::new(LeastLoaded),
+            Policy::RoundRobin => Box::new(RoundRobin::default()),
+        }
+    }
+
+    /// The name configuration uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::LeastLoaded => "least-loaded",
+            Policy::RoundRobin => "round-robin",
+        }
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "least-loaded" => Ok(Policy::LeastLoaded),
+            "round-robin" => Ok(Policy::RoundRobin),
+            other => Err(format!(
+                "unknown scheduling policy `{other}` (least-loaded or round-robin)"
+            )),
+        }
     }
 }
 
@@ -99,6 +161,7 @@ mod tests {
             memory_mb: 1024,
             sandboxes,
             used_memory_mb: used,
+            guest_memory: None,
         }
     }
 
@@ -124,6 +187,39 @@ mod tests {
             LeastLoaded.pick(&full, &over).is_some(),
             "overcommit lets memory stretch"
         );
+    }
+
+    #[test]
+    fn never_more_than_the_host_can_back() {
+        // 1 GiB of memory, overcommit 2: 2 GiB by the host's size, but only 768 MiB of
+        // guest memory behind it.
+        let mut h = host(0, 0);
+        h.guest_memory = Some((768, 0));
+        let over = Demand {
+            memory_mb: 512,
+            overcommit: 2.0,
+        };
+        assert!(h.fits(&over));
+        h.used_memory_mb = 512;
+        assert!(!h.fits(&over), "512 + 512 > 768 backed");
+        // What the agent says is held counts when it is more than the control plane knows
+        // (a sandbox placed a moment ago counts when the report is older).
+        let mut h = host(0, 0);
+        h.guest_memory = Some((2048, 1800));
+        assert!(!h.fits(&over));
+        h.guest_memory = Some((2048, 100));
+        h.used_memory_mb = 1600;
+        assert!(!h.fits(&over));
+        h.used_memory_mb = 1000;
+        assert!(h.fits(&over));
+    }
+
+    #[test]
+    fn policies_by_name() {
+        for p in [Policy::LeastLoaded, Policy::RoundRobin] {
+            assert_eq!(p.name().parse::<Policy>().unwrap(), p);
+        }
+        assert!("random".parse::<Policy>().is_err());
     }
 
     #[test]

@@ -639,6 +639,7 @@ impl World {
                     sandboxes: 0,
                     version: "1".into(),
                     address: self.h.agent.address(),
+                    ..Default::default()
                 })?),
             ),
             ("POST", "/v1/sandboxes") => call(path.into(), Body::Json(json!({}))),
@@ -1000,6 +1001,7 @@ async fn host_routes_need_their_own_host_token(engine: Engine) -> anyhow::Result
             sandboxes: 0,
             version: "1".into(),
             address: h.agent.address(),
+            ..Default::default()
         });
         if let Some(t) = token {
             rb = rb.bearer_auth(t);
@@ -1041,6 +1043,7 @@ async fn host_routes_need_their_own_host_token(engine: Engine) -> anyhow::Result
             sandboxes: 0,
             version: "1".into(),
             address: "https://198.51.100.7:7701".into(),
+            ..Default::default()
         })
         .send()
         .await?;

@@ -38,6 +38,7 @@ async fn heartbeat_with(h: &Harness, token: &str) -> anyhow::Result<reqwest::Res
             sandboxes: 0,
             version: "1".into(),
             address: h.agent.address(),
+            ..Default::default()
         })
         .send()
         .await?)

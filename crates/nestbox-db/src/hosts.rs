@@ -35,6 +35,8 @@ pub struct Host {
     /// The agent's version, known once registered.
     pub version: Option<String>,
     pub specs: HostSpecs,
+    /// The memory backing guest RAM on the host, as its agent last reported it.
+    pub guest_memory: Option<GuestMemory>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -48,6 +50,15 @@ pub struct HostSpecs {
     pub disk_mb: u32,
     /// Upper bound of concurrent sandboxes; `None` = no explicit limit.
     pub max_sandboxes: Option<u32>,
+}
+
+/// The memory that backs guest RAM on a host (its agent's tmpfs), MiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestMemory {
+    /// Its size.
+    pub total_mb: u32,
+    /// What the host's sandboxes hold of it.
+    pub used_mb: u32,
 }
 
 /// What [`create_pending`] needs.
@@ -70,7 +81,8 @@ pub struct Registration {
 }
 
 const COLUMNS: &str = "id, name, kind, team_id, status, address, version, vcpus, memory_mb, \
-                       disk_mb, max_sandboxes, last_heartbeat_at, created_at, updated_at";
+                       disk_mb, max_sandboxes, guest_memory_mb, guest_memory_used_mb, \
+                       last_heartbeat_at, created_at, updated_at";
 
 fn from_row(r: &dyn DbRow) -> Result<Host, DbError> {
     Ok(Host {
@@ -86,6 +98,13 @@ fn from_row(r: &dyn DbRow) -> Result<Host, DbError> {
             memory_mb: r.u32("memory_mb")?,
             disk_mb: r.u32("disk_mb")?,
             max_sandboxes: r.u32_opt("max_sandboxes")?,
+        },
+        guest_memory: match (
+            r.u32_opt("guest_memory_mb")?,
+            r.u32_opt("guest_memory_used_mb")?,
+        ) {
+            (Some(total_mb), Some(used_mb)) => Some(GuestMemory { total_mb, used_mb }),
+            _ => None,
         },
         last_heartbeat_at: r.time_opt("last_heartbeat_at")?,
         created_at: r.time("created_at")?,
@@ -236,17 +255,25 @@ pub async fn find_by_legacy_token_hash(db: &Db, token_hash: &str) -> Result<Opti
     .await
 }
 
-/// Records a heartbeat: the host is `online` as of now. Returns `true` when it was not online
-/// before (it just came back), so the caller can reconcile its sandboxes.
-pub async fn heartbeat(db: &Db, id: HostId) -> Result<bool, DbError> {
+/// Records a heartbeat: the host is `online` as of now, with the guest memory its agent
+/// reported (if it did). Returns `true` when it was not online before (it just came back),
+/// so the caller can reconcile its sandboxes.
+pub async fn heartbeat(db: &Db, id: HostId, memory: Option<GuestMemory>) -> Result<bool, DbError> {
     let at = now();
     // SET expressions see the old row: `updated_at` moves only when the status changes.
     let changed_at = db
         .fetch_optional(
             "UPDATE hosts SET status = $3, last_heartbeat_at = $2, \
+             guest_memory_mb = $4, guest_memory_used_mb = $5, \
              updated_at = CASE WHEN status <> $3 THEN $2 ELSE updated_at END \
              WHERE id = $1 RETURNING updated_at",
-            args![id, at, HostStatus::Online],
+            args![
+                id,
+                at,
+                HostStatus::Online,
+                memory.map(|m| m.total_mb),
+                memory.map(|m| m.used_mb)
+            ],
             |r| r.time("updated_at"),
         )
         .await?

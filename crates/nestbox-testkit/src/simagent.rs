@@ -150,6 +150,9 @@ pub struct SimAgentConfig {
     pub disk_mb: u64,
     /// Templates it reports in `Ping`.
     pub templates: Vec<SimTemplate>,
+    /// The memory backing guest RAM it reports with heartbeats, MiB (what its running
+    /// sandboxes hold counts as used); `None`: not reported.
+    pub guest_memory_mb: Option<u64>,
 }
 
 impl Default for SimAgentConfig {
@@ -160,6 +163,7 @@ impl Default for SimAgentConfig {
             memory_mb: 64 * 1024,
             disk_mb: 1 << 20,
             templates: vec![SimTemplate::image("minimal", 512)],
+            guest_memory_mb: None,
         }
     }
 }
@@ -633,6 +637,13 @@ impl SimAgent {
                     sandboxes: u32::try_from(st.sandboxes.len()).unwrap_or(u32::MAX),
                     version: SIM_VERSION.into(),
                     address: format!("http://{}", self.addr),
+                    guest_memory_mb: st.cfg.guest_memory_mb,
+                    guest_memory_used_mb: st.cfg.guest_memory_mb.map(|_| {
+                        st.sandboxes
+                            .values()
+                            .map(|sb| u64::from(sb.request.memory_mb))
+                            .sum()
+                    }),
                 },
             )
         };

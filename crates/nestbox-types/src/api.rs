@@ -882,6 +882,12 @@ pub struct Host {
     /// That team's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub team_name: Option<String>,
+    /// Size of the memory that backs guest RAM, MiB, as its agent last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory_mb: Option<u64>,
+    /// What its sandboxes hold of that memory, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory_used_mb: Option<u64>,
     /// Last heartbeat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_at: Option<DateTime<Utc>>,
@@ -999,7 +1005,7 @@ impl std::fmt::Debug for HostTls {
 }
 
 /// `POST /v1/hosts/{id}/heartbeat`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
@@ -1010,6 +1016,13 @@ pub struct HeartbeatRequest {
     pub version: String,
     /// gRPC URL where the control plane reaches the agent now.
     pub address: String,
+    /// Size of the memory that backs guest RAM (the agent's tmpfs), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory_mb: Option<u64>,
+    /// What its sandboxes hold of it (running, held and paused in memory; pooled clones,
+    /// which give way, not counted), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory_used_mb: Option<u64>,
 }
 
 // -------------------------------------------------------------------------- metrics

@@ -701,6 +701,19 @@ impl Manager {
         sandboxes + self.inner.pool.memory_mb()
     }
 
+    /// The memory that backs guest RAM (the memory filesystem's size) and what sandboxes
+    /// hold of it, MiB; pooled clones, which give way to sandboxes, are not counted as held.
+    pub fn guest_memory_mb(&self) -> (u64, u64) {
+        let held = self
+            .inner
+            .sandboxes
+            .lock()
+            .map(|map| self.committed_mb(&map))
+            .unwrap_or(0)
+            .saturating_sub(self.inner.pool.memory_mb());
+        (self.memory_capacity() >> 20, held)
+    }
+
     /// The size of the memory filesystem guest RAM lives on, bytes.
     fn memory_capacity(&self) -> u64 {
         nix::sys::statvfs::statvfs(&self.inner.cfg.memory_root)

@@ -291,6 +291,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         proxy_domain: None,
         tls: Default::default(),
         create_timeout: 180,
+        scheduler: Default::default(),
         host: super::agent::HostArgs {
             boot_timeout: 120,
             ..Default::default()

@@ -33,6 +33,9 @@ pub struct ServerArgs {
     /// (the control plane restarted in the middle) is settled after twice that.
     #[arg(long, env = "NESTBOX_CREATE_TIMEOUT_SECS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub create_timeout: u64,
+    /// How sandboxes are placed on hosts: `least-loaded` or `round-robin`.
+    #[arg(long, env = "NESTBOX_SCHEDULER", default_value = "least-loaded")]
+    pub scheduler: nestbox_control::scheduler::Policy,
     /// Lifetime of a host's access token, in seconds (its agent trades it for the next
     /// pair after three quarters of it).
     #[arg(long, env = "NESTBOX_HOST_ACCESS_TTL_SECS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(10..))]
@@ -86,6 +89,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     cfg.proxy_domain = args.proxy_domain.clone();
     cfg.tls = args.tls.files();
     cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
+    cfg.scheduler = args.scheduler;
     cfg.host_access_ttl = std::time::Duration::from_secs(args.host_access_ttl);
     cfg.host_refresh_ttl = std::time::Duration::from_secs(args.host_refresh_ttl);
     let cp = nestbox_control::start(cfg)

@@ -68,6 +68,9 @@ pub struct UpArgs {
     /// (a restart in the middle) is settled after twice that.
     #[arg(long, env = "NESTBOX_CREATE_TIMEOUT_SECS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub create_timeout: u64,
+    /// How sandboxes are placed on hosts: `least-loaded` or `round-robin`.
+    #[arg(long, env = "NESTBOX_SCHEDULER", default_value = "least-loaded")]
+    pub scheduler: nestbox_control::scheduler::Policy,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -192,6 +195,7 @@ pub async fn launch(args: &UpArgs) -> anyhow::Result<Launched> {
     cp_cfg.proxy_domain = args.proxy_domain.clone();
     cp_cfg.tls = args.tls.files();
     cp_cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
+    cp_cfg.scheduler = args.scheduler;
     if cp_cfg.tls.is_some() {
         // The host agent here reaches the control plane on loopback, without TLS: the
         // public certificate names the proxy domain, not this address.

@@ -42,6 +42,8 @@ pub fn host_view(h: &hosts::Host, team_name: Option<String>) -> api::Host {
         max_sandboxes: h.specs.max_sandboxes.unwrap_or(0),
         team_id: h.team_id,
         team_name,
+        guest_memory_mb: h.guest_memory.map(|m| u64::from(m.total_mb)),
+        guest_memory_used_mb: h.guest_memory.map(|m| u64::from(m.used_mb)),
         last_heartbeat_at: h.last_heartbeat_at,
         created_at: h.created_at,
     }
@@ -427,13 +429,23 @@ impl Services {
         if req.version.is_empty() || req.version.len() > 64 {
             return Err(ApiError::invalid("version must be 1–64 characters"));
         }
-        let came_back = hosts::heartbeat(&self.db, host).await.map_err(|e| {
-            if e.is_not_found() {
-                ApiError::new(ErrorCode::HostNotFound, format!("host {host} not found"))
-            } else {
-                e.into()
-            }
-        })?;
+        let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        let memory = match (req.guest_memory_mb, req.guest_memory_used_mb) {
+            (Some(total), Some(used)) => Some(hosts::GuestMemory {
+                total_mb: clamp(total),
+                used_mb: clamp(used),
+            }),
+            _ => None,
+        };
+        let came_back = hosts::heartbeat(&self.db, host, memory)
+            .await
+            .map_err(|e| {
+                if e.is_not_found() {
+                    ApiError::new(ErrorCode::HostNotFound, format!("host {host} not found"))
+                } else {
+                    e.into()
+                }
+            })?;
         if hosts::update_endpoint(&self.db, host, &req.address, &req.version).await? {
             tracing::info!(host = %host, address = %req.address, "host agent moved; updating its address");
             self.pool.evict(host);

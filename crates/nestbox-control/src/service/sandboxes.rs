@@ -415,6 +415,9 @@ impl Services {
                 memory_mb: u64::from(h.specs.memory_mb),
                 sandboxes: load.sandboxes,
                 used_memory_mb: load.memory_mb,
+                guest_memory: h
+                    .guest_memory
+                    .map(|m| (u64::from(m.total_mb), u64::from(m.used_mb))),
             });
         }
         Ok(out)

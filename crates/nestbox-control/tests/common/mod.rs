@@ -88,6 +88,8 @@ pub struct Options {
     pub create_timeout: Duration,
     /// Lifetime of host access tokens.
     pub host_access_ttl: Duration,
+    /// The placement policy.
+    pub scheduler: nestbox_control::scheduler::Policy,
 }
 
 impl Default for Options {
@@ -100,6 +102,7 @@ impl Default for Options {
             login_limits: Default::default(),
             create_timeout: Duration::from_secs(180),
             host_access_ttl: Duration::from_secs(7 * 24 * 3600),
+            scheduler: Default::default(),
         }
     }
 }
@@ -207,6 +210,7 @@ impl Harness {
         cfg.login_limits = opts.login_limits;
         cfg.create_timeout = opts.create_timeout;
         cfg.host_access_ttl = opts.host_access_ttl;
+        cfg.scheduler = opts.scheduler;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
         let base = cp.url();

@@ -247,8 +247,19 @@ db_test!(heartbeat_and_staleness, |t| {
     );
 
     // A heartbeat brings a host back, and says so once.
-    assert!(hosts::heartbeat(&t.db, a.id).await.unwrap());
-    assert!(!hosts::heartbeat(&t.db, a.id).await.unwrap());
+    assert!(hosts::heartbeat(&t.db, a.id, None).await.unwrap());
+    assert!(!hosts::heartbeat(&t.db, a.id, None).await.unwrap());
+    assert_eq!(hosts::get(&t.db, a.id).await.unwrap().guest_memory, None);
+    // What the agent reports of its guest memory is kept with each heartbeat.
+    let report = hosts::GuestMemory {
+        total_mb: 8192,
+        used_mb: 1536,
+    };
+    assert!(!hosts::heartbeat(&t.db, a.id, Some(report)).await.unwrap());
+    assert_eq!(
+        hosts::get(&t.db, a.id).await.unwrap().guest_memory,
+        Some(report)
+    );
     assert_eq!(
         hosts::list_online(&t.db)
             .await
@@ -266,7 +277,7 @@ db_test!(heartbeat_and_staleness, |t| {
             .is_empty()
     );
     assert!(
-        hosts::heartbeat(&t.db, HostId::new())
+        hosts::heartbeat(&t.db, HostId::new(), None)
             .await
             .unwrap_err()
             .is_not_found()

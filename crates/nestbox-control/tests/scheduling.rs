@@ -1,0 +1,140 @@
+//! Placement, on SQLite and PostgreSQL: each configured policy places sandboxes as it says
+//! (round-robin cycles through the hosts, least-loaded fills the emptiest), and no host is
+//! given more guest memory than its agent reports it can back, however much memory the
+//! host has: past that, `503 no_capacity` and no record.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Engine, Harness, Options, api_error, both_engines};
+use nestbox_control::scheduler::Policy;
+use nestbox_testkit::SimAgentConfig;
+use nestbox_types::api::{CreateSandboxRequest, SandboxListQuery};
+use nestbox_types::{ErrorCode, HostId};
+
+both_engines!(
+    round_robin_cycles_through_the_hosts,
+    least_loaded_fills_the_emptiest_host,
+    a_host_gets_no_more_guest_memory_than_it_can_back,
+);
+
+fn small() -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        memory_mb: Some(256),
+        ..Default::default()
+    }
+}
+
+async fn place(h: &Harness, n: usize) -> anyhow::Result<Vec<HostId>> {
+    let mut hosts = Vec::new();
+    for _ in 0..n {
+        let sb = h.key.create_sandbox(&small()).await?;
+        hosts.push(sb.host_id.expect("placed"));
+    }
+    Ok(hosts)
+}
+
+async fn round_robin_cycles_through_the_hosts(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::with(
+        engine,
+        Options {
+            scheduler: Policy::RoundRobin,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let first = place(&h, 2).await?;
+    assert_eq!(first, vec![h.host_id, h.host_id], "one host: all on it");
+    let second = h.add_agent("sim-2", SimAgentConfig::default()).await?;
+    let two = second.host_id().unwrap();
+    let placed = place(&h, 4).await?;
+    for pair in placed.chunks(2) {
+        assert_ne!(pair[0], pair[1], "alternates: {placed:?}");
+    }
+    assert_eq!(placed.iter().filter(|x| **x == two).count(), 2);
+    second.shutdown().await;
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn least_loaded_fills_the_emptiest_host(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::with(
+        engine,
+        Options {
+            scheduler: Policy::LeastLoaded,
+            ..Options::default()
+        },
+    )
+    .await?;
+    place(&h, 3).await?;
+    let second = h.add_agent("sim-2", SimAgentConfig::default()).await?;
+    let two = second.host_id().unwrap();
+    // The new host is the emptier until it holds as many.
+    assert_eq!(place(&h, 3).await?, vec![two, two, two]);
+    let next = place(&h, 2).await?;
+    assert!(next.contains(&h.host_id) && next.contains(&two), "{next:?}");
+    second.shutdown().await;
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn a_host_gets_no_more_guest_memory_than_it_can_back(engine: Engine) -> anyhow::Result<()> {
+    // 64 GiB of memory, overcommit 2, but only 700 MiB of guest memory behind it.
+    let h = Harness::with(
+        engine,
+        Options {
+            agent: SimAgentConfig {
+                guest_memory_mb: Some(700),
+                ..SimAgentConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await?;
+    h.agent.heartbeat().await?;
+    let host = h
+        .admin
+        .client
+        .list_hosts()
+        .await?
+        .items
+        .into_iter()
+        .find(|x| x.id == h.host_id)
+        .unwrap();
+    assert_eq!(host.guest_memory_mb, Some(700));
+    assert_eq!(host.guest_memory_used_mb, Some(0));
+
+    place(&h, 2).await?;
+    let full = h.key.create_sandbox(&small()).await;
+    api_error(full, 503, ErrorCode::NoCapacity);
+    let listed = h.key.list_sandboxes(&SandboxListQuery::default()).await?;
+    assert_eq!(listed.items.len(), 2, "the refused create left no record");
+
+    // The agent's own count is believed when it says more is held (e.g. paused sandboxes
+    // kept in memory that the control plane counts elsewhere).
+    h.agent.heartbeat().await?;
+    let host = h
+        .admin
+        .client
+        .list_hosts()
+        .await?
+        .items
+        .into_iter()
+        .find(|x| x.id == h.host_id)
+        .unwrap();
+    assert_eq!(host.guest_memory_used_mb, Some(512));
+    for sb in listed.items {
+        h.key.destroy_sandbox(sb.id).await?;
+    }
+    // Until the agent's next report, what it last said is held still counts.
+    api_error(
+        h.key.create_sandbox(&small()).await,
+        503,
+        ErrorCode::NoCapacity,
+    );
+    h.agent.heartbeat().await?;
+    h.key.create_sandbox(&small()).await?;
+    h.shutdown().await;
+    Ok(())
+}

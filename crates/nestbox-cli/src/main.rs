@@ -60,6 +60,16 @@ enum Command {
         #[command(subcommand)]
         command: cmd::client::TemplateCommand,
     },
+    /// Hosts: list them, make a registration token, delete one (a user session).
+    Host {
+        #[command(subcommand)]
+        command: cmd::hosts::HostCommand,
+    },
+    /// Platform administration: teams and BYOC (platform admins).
+    Admin {
+        #[command(subcommand)]
+        command: cmd::hosts::AdminCommand,
+    },
 }
 
 fn init_tracing(server: bool) {
@@ -113,6 +123,8 @@ fn main() -> ExitCode {
             Command::Sandbox { command } => cmd::client::sandbox(command).await,
             Command::File { command } => cmd::client::file(command).await,
             Command::Template { command } => cmd::client::template(command).await,
+            Command::Host { command } => cmd::hosts::host(command).await,
+            Command::Admin { command } => cmd::hosts::admin(command).await,
         }
     });
     match result {

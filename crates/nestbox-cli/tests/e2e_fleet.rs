@@ -3,7 +3,8 @@
 //! admin, a host registers with a one-time token, and the control plane crashes, is
 //! upgraded to a new binary and is restarted while the agent runs a sandbox and holds a
 //! paused one. Every sandbox carries on: the running one in the same VMM with its memory,
-//! the paused one resumes, creates work again. Host access tokens live 12 s here, so the
+//! the paused one resumes, creates work again. The admin adds the host with the CLI
+//! (`nestbox login`, `nestbox host token`, `host list`). Host access tokens live 12 s here, so the
 //! agent trades its token pair for the next one again and again meanwhile, and comes back
 //! with the stored pair after a kill -9.
 
@@ -94,6 +95,38 @@ impl Split {
             || async { anon.health().await.ok() },
         )
         .await;
+    }
+
+    /// Runs the CLI (its settings in this directory); returns its output, which must be a
+    /// success.
+    fn cli(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use std::io::Write as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nestbox"))
+            .args(args)
+            .env("NESTBOX_CONFIG", self.dir.path().join("cli.toml"))
+            .env("NESTBOX_URL", &self.url)
+            .env_remove("NESTBOX_API_KEY")
+            .env_remove("NESTBOX_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nestbox {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 
     /// Starts the host agent (registering with `token` on its first start).
@@ -223,9 +256,36 @@ async fn the_control_plane_crashes_upgrades_and_restarts_under_a_running_host() 
         .await
         .unwrap();
     let admin = anon.clone().with_token(login.token);
-    let host = admin.create_host("host-1").await.unwrap();
-    split.start_agent(Some(&host.registration_token));
+    // The admin adds the host with the CLI.
+    let email = split.admin_env("NESTBOX_ADMIN_EMAIL").await;
+    let password = split.admin_env("NESTBOX_ADMIN_PASSWORD").await;
+    split.cli(
+        &["login", "--email", &email],
+        Some(&format!("{password}\n")),
+    );
+    let made = split.cli(&["host", "token", "host-1"], None);
+    let token = made
+        .lines()
+        .find_map(|l| l.strip_prefix("token:"))
+        .expect("the token is printed")
+        .trim()
+        .to_string();
+    assert!(
+        made.contains(&format!("nestbox agent --control-plane {}", split.url)),
+        "{made}"
+    );
+    split.start_agent(Some(&token));
     split.ready().await;
+    let listed = split.cli(&["host", "list"], None);
+    assert!(
+        listed.contains("host-1") && listed.contains("online") && listed.contains("platform"),
+        "{listed}"
+    );
+    assert!(
+        split
+            .cli(&["admin", "team", "list"], None)
+            .contains("team-")
+    );
     let client = Client::new(&split.url)
         .unwrap()
         .with_api_key(split.admin_env("NESTBOX_API_KEY").await);

@@ -57,6 +57,29 @@ pub struct Conn {
     api_key: Option<String>,
 }
 
+/// A client with the user session (`nestbox login`, or `NESTBOX_TOKEN`): what host and
+/// platform administration need (API keys cannot do them).
+pub(crate) fn session_client(conn: &Conn) -> anyhow::Result<Client> {
+    let saved = load_settings();
+    let url = conn
+        .url
+        .clone()
+        .or(saved.url)
+        .unwrap_or_else(|| format!("http://{}", paths::DEFAULT_LISTEN));
+    match std::env::var("NESTBOX_TOKEN").ok().or(saved.token) {
+        Some(token) => Ok(Client::new(&url)?.with_token(token)),
+        None => bail!("this needs a user session, not an API key: run `nestbox login` first"),
+    }
+}
+
+/// The server URL a client of `conn` talks to.
+pub(crate) fn server_url(conn: &Conn) -> String {
+    conn.url
+        .clone()
+        .or(load_settings().url)
+        .unwrap_or_else(|| format!("http://{}", paths::DEFAULT_LISTEN))
+}
+
 fn client(conn: &Conn) -> anyhow::Result<Client> {
     let saved = load_settings();
     let url = conn
@@ -153,7 +176,7 @@ fn parse_id(s: &str) -> anyhow::Result<SandboxId> {
     s.parse().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }

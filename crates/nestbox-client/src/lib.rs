@@ -453,6 +453,16 @@ impl Client {
         self.delete(&format!("/v1/teams/{team}/hosts/{host}")).await
     }
 
+    /// Deletes a host of a BYOC team, destroying its sandboxes first (owners and admins).
+    pub async fn force_delete_team_host(
+        &self,
+        team: TeamId,
+        host: HostId,
+    ) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/teams/{team}/hosts/{host}?force=true"))
+            .await
+    }
+
     /// All hosts (platform admins).
     pub async fn list_hosts(&self) -> Result<Page<Host>, ClientError> {
         self.get("/v1/admin/hosts").await
@@ -461,6 +471,12 @@ impl Client {
     /// Deletes a host without sandboxes (platform admins).
     pub async fn delete_host(&self, host: HostId) -> Result<(), ClientError> {
         self.delete(&format!("/v1/admin/hosts/{host}")).await
+    }
+
+    /// Deletes a host, destroying the sandboxes it holds first (platform admins).
+    pub async fn force_delete_host(&self, host: HostId) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/admin/hosts/{host}?force=true"))
+            .await
     }
 
     // ------------------------------------------------------------------- templates

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds to wait before retrying (`Retry-After`); retryable errors without one say 2.
     pub retry_after: Option<u64>,
+    /// The sandboxes the refused request would affect.
+    pub sandbox_ids: Vec<nestbox_types::SandboxId>,
 }
 
 impl ApiError {
@@ -27,7 +29,14 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            sandbox_ids: Vec::new(),
         }
+    }
+
+    /// The same error, naming the sandboxes the request would affect.
+    pub fn with_sandboxes(mut self, ids: Vec<nestbox_types::SandboxId>) -> Self {
+        self.sandbox_ids = ids;
+        self
     }
 
     /// The same error, telling the client to retry after `secs` seconds.
@@ -89,6 +98,7 @@ impl IntoResponse for ApiError {
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut body = ErrorBody::new(self.code, self.message);
         body.error.request_id = crate::request_id::current();
+        body.error.sandbox_ids = self.sandbox_ids;
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(

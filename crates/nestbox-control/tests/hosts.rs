@@ -22,6 +22,7 @@ both_engines!(
     every_refresh_failure_is_401,
     an_expired_access_token_is_refused_until_refreshed,
     deleting_a_host_revokes_its_tokens,
+    deleting_a_host_with_sandboxes_names_them_unless_forced,
 );
 
 fn refused(e: nestbox_testkit::simagent::SimAgentError) -> Option<u16> {
@@ -206,6 +207,49 @@ async fn deleting_a_host_revokes_its_tokens(engine: Engine) -> anyhow::Result<()
     )
     .await?;
     other.shutdown().await;
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn deleting_a_host_with_sandboxes_names_them_unless_forced(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let here = h.sandbox().await?;
+    // A second host takes the next sandbox (the emptier), then goes away for good.
+    let gone = h.add_agent("sim-2", SimAgentConfig::default()).await?;
+    let gone_host = gone.host_id().unwrap();
+    let stranded = h.sandbox().await?;
+    assert_eq!(stranded.host_id, Some(gone_host));
+    let paused = h.sandbox().await?;
+    assert_eq!(paused.host_id, Some(h.host_id));
+    h.key.pause_sandbox(paused.id).await?;
+
+    // Refused, naming what it holds (running and paused alike).
+    let body = common::api_error(
+        h.admin.client.delete_host(h.host_id).await,
+        409,
+        ErrorCode::Conflict,
+    );
+    let mut named = body.error.sandbox_ids.clone();
+    named.sort();
+    let mut expected = vec![here.id, paused.id];
+    expected.sort();
+    assert_eq!(named, expected);
+
+    // Forced, even when the host no longer answers: its sandboxes are destroyed (on the
+    // host when it answers) and recorded stopped, and the host is gone.
+    gone.shutdown().await;
+    h.admin.client.force_delete_host(gone_host).await?;
+    let got = h.key.get_sandbox(stranded.id).await?;
+    assert_eq!(got.status, nestbox_types::SandboxStatus::Stopped);
+    h.admin.client.force_delete_host(h.host_id).await?;
+    for id in [here.id, paused.id] {
+        let got = h.key.get_sandbox(id).await?;
+        assert_eq!(got.status, nestbox_types::SandboxStatus::Stopped, "{id}");
+    }
+    assert!(h.agent.sandbox_ids().is_empty(), "destroyed on the host");
+    assert!(h.admin.client.list_hosts().await?.items.is_empty());
     h.shutdown().await;
     Ok(())
 }

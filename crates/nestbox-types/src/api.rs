@@ -840,6 +840,16 @@ pub struct CreateHostRequest {
     pub team_id: Option<TeamId>,
 }
 
+/// Query of the host deletes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct DeleteHostQuery {
+    /// Destroy the sandboxes the host holds first (without it, a host holding sandboxes is
+    /// refused with `409`, naming them).
+    pub force: Option<bool>,
+}
+
 /// A new host and its one-time registration token (valid one hour).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

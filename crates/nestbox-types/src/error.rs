@@ -130,6 +130,10 @@ pub struct ErrorDetail {
     /// Identifies the request in the server's logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The sandboxes the refused request would affect (deleting a host that holds them:
+    /// `?force=true` destroys them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sandbox_ids: Vec<crate::SandboxId>,
 }
 
 impl ErrorBody {
@@ -141,6 +145,7 @@ impl ErrorBody {
                 message: message.into(),
                 retryable: code.retryable(),
                 request_id: None,
+                sandbox_ids: Vec::new(),
             },
         }
     }

@@ -31,13 +31,16 @@ pub enum HostCommand {
         #[arg(long)]
         team: Option<TeamId>,
     },
-    /// Delete a host that holds no sandboxes.
+    /// Delete a host that holds no sandboxes (the refusal names those it holds).
     #[command(alias = "rm")]
     Delete {
         #[command(flatten)]
         conn: Conn,
         /// The host.
         host: HostId,
+        /// Destroy the sandboxes it holds first.
+        #[arg(long)]
+        force: bool,
         /// The BYOC team it belongs to (when you manage that team's hosts).
         #[arg(long)]
         team: Option<TeamId>,
@@ -81,13 +84,27 @@ pub async fn host(command: HostCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        HostCommand::Delete { conn, host, team } => {
+        HostCommand::Delete {
+            conn,
+            host,
+            force,
+            team,
+        } => {
             let c = session_client(&conn)?;
-            match team {
-                Some(team) => c.delete_team_host(team, host).await,
-                None => c.delete_host(host).await,
+            match (team, force) {
+                (Some(team), false) => c.delete_team_host(team, host).await,
+                (Some(team), true) => c.force_delete_team_host(team, host).await,
+                (None, false) => c.delete_host(host).await,
+                (None, true) => c.force_delete_host(host).await,
             }
-            .with_context(|| format!("deleting {host}"))?;
+            .inspect_err(|e| {
+                if let nestbox_client::ClientError::Api { body, .. } = e {
+                    for id in &body.error.sandbox_ids {
+                        eprintln!("holds {id}");
+                    }
+                }
+            })
+            .with_context(|| format!("deleting {host} (--force destroys its sandboxes)"))?;
             println!("deleted {host}");
             Ok(())
         }

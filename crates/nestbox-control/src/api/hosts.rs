@@ -3,13 +3,13 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use nestbox_types::api::{
-    CreateHostRequest, CreatedHost, HeartbeatRequest, Host, Page, RefreshHostRequest,
-    RefreshHostResponse, RegisterHostRequest, RegisterHostResponse,
+    CreateHostRequest, CreatedHost, DeleteHostQuery, HeartbeatRequest, Host, Page,
+    RefreshHostRequest, RefreshHostResponse, RegisterHostRequest, RegisterHostResponse,
 };
 use nestbox_types::{ErrorBody, HostId, TeamId};
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, Json, Path};
+use crate::extract::{Caller, Json, Path, Query};
 use crate::state::AppState;
 
 /// Creates a host and its one-time registration token (platform admins).
@@ -61,16 +61,17 @@ pub async fn list_team_hosts(
         })
 }
 
-/// Deletes a BYOC team's host that holds no sandboxes (the team's owners and admins).
-#[utoipa::path(delete, path = "/v1/teams/{team_id}/hosts/{host_id}", tag = "hosts", security(("session" = [])), params(("team_id" = TeamId, Path), ("host_id" = HostId, Path)),
+/// Deletes a BYOC team's host (the team's owners and admins); as the admins' delete.
+#[utoipa::path(delete, path = "/v1/teams/{team_id}/hosts/{host_id}", tag = "hosts", security(("session" = [])), params(("team_id" = TeamId, Path), ("host_id" = HostId, Path), DeleteHostQuery),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete_team_host(
     State(s): State<AppState>,
     caller: Caller,
     Path((team, host)): Path<(TeamId, HostId)>,
+    Query(q): Query<DeleteHostQuery>,
 ) -> ApiResult<StatusCode> {
     s.services
-        .delete_team_host(&caller, team, host)
+        .delete_team_host(&caller, team, host, q.force.unwrap_or(false))
         .await
         .map(|()| StatusCode::NO_CONTENT)
 }
@@ -90,16 +91,18 @@ pub async fn list_hosts(
     })
 }
 
-/// Deletes a host without sandboxes (platform admins).
-#[utoipa::path(delete, path = "/v1/admin/hosts/{host_id}", tag = "admin", security(("session" = [])), params(("host_id" = HostId, Path)),
+/// Deletes a host (platform admins). A host holding sandboxes gets `409` naming them in
+/// `sandbox_ids`, unless `?force=true`, which destroys them first.
+#[utoipa::path(delete, path = "/v1/admin/hosts/{host_id}", tag = "admin", security(("session" = [])), params(("host_id" = HostId, Path), DeleteHostQuery),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete_host(
     State(s): State<AppState>,
     caller: Caller,
     Path(host): Path<HostId>,
+    Query(q): Query<DeleteHostQuery>,
 ) -> ApiResult<StatusCode> {
     s.services
-        .delete_host(&caller, host)
+        .delete_host(&caller, host, q.force.unwrap_or(false))
         .await
         .map(|()| StatusCode::NO_CONTENT)
 }

@@ -17,7 +17,7 @@ use nestbox_types::api::{
     self, CreatedHost, HeartbeatRequest, HostTokenPair, RefreshHostRequest, RefreshHostResponse,
     RegisterHostRequest, RegisterHostResponse,
 };
-use nestbox_types::{ErrorCode, HostId, TeamId};
+use nestbox_types::{ErrorCode, HostId, SandboxStatus, TeamId};
 
 use super::{AuditActor, AuditEntry, validate_name};
 use crate::auth;
@@ -147,12 +147,13 @@ impl Services {
             .collect())
     }
 
-    /// Deletes a host of a BYOC team that holds no sandboxes (its owners and admins).
+    /// Deletes a host of a BYOC team (its owners and admins); as [`Self::delete_host`].
     pub async fn delete_team_host(
         &self,
         caller: &Caller,
         team: TeamId,
         host: HostId,
+        force: bool,
     ) -> ApiResult<()> {
         self.team_hosts_access(caller, team).await?;
         let h = hosts::get(&self.db, host)
@@ -162,7 +163,7 @@ impl Services {
             // Another team's host, or a platform host: not there for this team.
             return Err(host_not_found(host));
         }
-        self.delete_host_unchecked(caller, &h).await
+        self.delete_host_unchecked(caller, &h, force).await
     }
 
     /// The team, if the caller may manage its hosts: it brings its own hosts and the caller
@@ -487,23 +488,39 @@ impl Services {
             .collect())
     }
 
-    /// Deletes a host that holds no sandboxes. Platform admins only.
-    pub async fn delete_host(&self, caller: &Caller, host: HostId) -> ApiResult<()> {
+    /// Deletes a host. Platform admins only. A host holding sandboxes is refused (`409`,
+    /// naming them) unless `force`, which destroys them first.
+    pub async fn delete_host(&self, caller: &Caller, host: HostId, force: bool) -> ApiResult<()> {
         caller.require_admin()?;
         let h = hosts::get(&self.db, host)
             .await
             .map_err(|e| host_error(e, host))?;
-        self.delete_host_unchecked(caller, &h).await
+        self.delete_host_unchecked(caller, &h, force).await
     }
 
-    async fn delete_host_unchecked(&self, caller: &Caller, h: &hosts::Host) -> ApiResult<()> {
+    async fn delete_host_unchecked(
+        &self,
+        caller: &Caller,
+        h: &hosts::Host,
+        force: bool,
+    ) -> ApiResult<()> {
         let host = h.id;
-        let load = sandboxes::host_load(&self.db, host).await?;
-        if load.sandboxes > 0 {
+        let holding: Vec<SandboxStatus> = SandboxStatus::ALL
+            .iter()
+            .copied()
+            .filter(SandboxStatus::holds_host_resources)
+            .collect();
+        let affected = sandboxes::list_by_host(&self.db, host, &holding).await?;
+        if !affected.is_empty() && !force {
             return Err(ApiError::conflict(format!(
-                "host {host} still has {} sandboxes; destroy them first",
-                load.sandboxes
-            )));
+                "host {host} still has {} sandboxes (listed in sandbox_ids); destroy them \
+                 first, or delete with ?force=true to destroy them",
+                affected.len()
+            ))
+            .with_sandboxes(affected.iter().map(|sb| sb.id).collect()));
+        }
+        for sb in &affected {
+            self.destroy_for_host_removal(sb).await;
         }
         if !hosts::delete(&self.db, host).await? {
             return Err(host_not_found(host));
@@ -516,10 +533,41 @@ impl Services {
             resource_type: "host",
             resource_id: Some(host.to_string()),
             ok: true,
-            details: serde_json::json!({}),
+            details: serde_json::json!({
+                "force": force,
+                "sandboxes": affected.iter().map(|sb| sb.id.to_string()).collect::<Vec<_>>(),
+            }),
         })
         .await;
         Ok(())
+    }
+
+    /// Destroys a sandbox of a host being deleted by force: on its host if it answers,
+    /// and in the records whatever the host says (it is going away).
+    async fn destroy_for_host_removal(&self, sb: &sandboxes::Sandbox) {
+        let system = Caller::system(sb.team_id);
+        if let Err(e) = self.destroy_sandbox(&system, sb.id).await {
+            tracing::warn!(sandbox = %sb.id, error = %e.message, "destroying a sandbox of a deleted host; recording it stopped");
+        }
+        let live = [
+            SandboxStatus::Pending,
+            SandboxStatus::Starting,
+            SandboxStatus::Running,
+            SandboxStatus::Paused,
+            SandboxStatus::Missing,
+            SandboxStatus::Error,
+        ];
+        if let Err(e) = sandboxes::transition(
+            &self.db,
+            sb.id,
+            &live,
+            SandboxStatus::Stopped,
+            Some("its host was deleted"),
+        )
+        .await
+        {
+            tracing::warn!(sandbox = %sb.id, error = %e, "recording a sandbox of a deleted host stopped");
+        }
     }
 }
 

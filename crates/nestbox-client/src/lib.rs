@@ -468,6 +468,15 @@ impl Client {
         self.get("/v1/admin/hosts").await
     }
 
+    /// Cordons a host (no new sandboxes) or lets it take them again (platform admins).
+    pub async fn drain_host(&self, host: HostId, draining: bool) -> Result<Host, ClientError> {
+        self.put(
+            &format!("/v1/admin/hosts/{host}/drain"),
+            &DrainHostRequest { draining },
+        )
+        .await
+    }
+
     /// Deletes a host without sandboxes (platform admins).
     pub async fn delete_host(&self, host: HostId) -> Result<(), ClientError> {
         self.delete(&format!("/v1/admin/hosts/{host}")).await

@@ -195,6 +195,7 @@ const MATRIX: &[Row] = &[
     row("GET", "/v1/admin/hosts", PLATFORM_ADMINS),
     row("POST", "/v1/admin/hosts", PLATFORM_ADMINS),
     row("DELETE", "/v1/admin/hosts/{host_id}", PLATFORM_ADMINS),
+    row("PUT", "/v1/admin/hosts/{host_id}/drain", PLATFORM_ADMINS),
     row("POST", "/v1/hosts/register", HOSTS_ONLY),
     row("POST", "/v1/hosts/refresh", HOSTS_ONLY),
     row("POST", "/v1/hosts/{host_id}/heartbeat", HOSTS_ONLY),
@@ -609,6 +610,10 @@ impl World {
             ("POST", "/v1/admin/hosts") => {
                 call(path.into(), Body::Json(json!({ "name": "new host" })))
             }
+            ("PUT", "/v1/admin/hosts/{host_id}/drain") => call(
+                format!("/v1/admin/hosts/{}/drain", self.h.host_id),
+                Body::Json(json!({ "draining": false })),
+            ),
             ("DELETE", "/v1/admin/hosts/{host_id}") => {
                 let doomed = self.h.services.create_host_unchecked("doomed").await?;
                 call(format!("/v1/admin/hosts/{}", doomed.host.id), Body::Empty)

@@ -1,7 +1,7 @@
 //! Placement, on SQLite and PostgreSQL: each configured policy places sandboxes as it says
 //! (round-robin cycles through the hosts, least-loaded fills the emptiest), and no host is
 //! given more guest memory than its agent reports it can back, however much memory the
-//! host has: past that, `503 no_capacity` and no record.
+//! host has: past that, `503 no_capacity` and no record. A draining host takes none.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,6 +17,7 @@ both_engines!(
     round_robin_cycles_through_the_hosts,
     least_loaded_fills_the_emptiest_host,
     a_host_gets_no_more_guest_memory_than_it_can_back,
+    a_draining_host_takes_no_new_sandboxes,
 );
 
 fn small() -> CreateSandboxRequest {
@@ -135,6 +136,54 @@ async fn a_host_gets_no_more_guest_memory_than_it_can_back(engine: Engine) -> an
     );
     h.agent.heartbeat().await?;
     h.key.create_sandbox(&small()).await?;
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn a_draining_host_takes_no_new_sandboxes(engine: Engine) -> anyhow::Result<()> {
+    let h = Harness::with(
+        engine,
+        Options {
+            scheduler: Policy::RoundRobin,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let second = h.add_agent("sim-2", SimAgentConfig::default()).await?;
+    let two = second.host_id().unwrap();
+    let before = place(&h, 2).await?;
+    assert!(before.contains(&two));
+    let drained = h.admin.client.drain_host(two, true).await?;
+    assert!(drained.draining);
+    assert_eq!(place(&h, 3).await?, vec![h.host_id; 3]);
+    // What it holds stays.
+    assert_eq!(second.sandbox_ids().len(), 1);
+    // With every host draining, nothing can be placed, and nothing is recorded.
+    h.admin.client.drain_host(h.host_id, true).await?;
+    let count = h
+        .key
+        .list_sandboxes(&SandboxListQuery::default())
+        .await?
+        .items
+        .len();
+    api_error(
+        h.key.create_sandbox(&small()).await,
+        503,
+        ErrorCode::NoCapacity,
+    );
+    assert_eq!(
+        h.key
+            .list_sandboxes(&SandboxListQuery::default())
+            .await?
+            .items
+            .len(),
+        count
+    );
+    h.admin.client.drain_host(h.host_id, false).await?;
+    h.admin.client.drain_host(two, false).await?;
+    let after = place(&h, 2).await?;
+    assert!(after.contains(&two), "{after:?}");
+    second.shutdown().await;
     h.shutdown().await;
     Ok(())
 }

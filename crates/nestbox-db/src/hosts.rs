@@ -37,6 +37,8 @@ pub struct Host {
     pub specs: HostSpecs,
     /// The memory backing guest RAM on the host, as its agent last reported it.
     pub guest_memory: Option<GuestMemory>,
+    /// Cordoned: it takes no new sandboxes.
+    pub draining: bool,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -81,7 +83,7 @@ pub struct Registration {
 }
 
 const COLUMNS: &str = "id, name, kind, team_id, status, address, version, vcpus, memory_mb, \
-                       disk_mb, max_sandboxes, guest_memory_mb, guest_memory_used_mb, \
+                       disk_mb, max_sandboxes, guest_memory_mb, guest_memory_used_mb, draining, \
                        last_heartbeat_at, created_at, updated_at";
 
 fn from_row(r: &dyn DbRow) -> Result<Host, DbError> {
@@ -106,6 +108,7 @@ fn from_row(r: &dyn DbRow) -> Result<Host, DbError> {
             (Some(total_mb), Some(used_mb)) => Some(GuestMemory { total_mb, used_mb }),
             _ => None,
         },
+        draining: r.bool("draining")?,
         last_heartbeat_at: r.time_opt("last_heartbeat_at")?,
         created_at: r.time("created_at")?,
         updated_at: r.time("updated_at")?,
@@ -279,6 +282,19 @@ pub async fn heartbeat(db: &Db, id: HostId, memory: Option<GuestMemory>) -> Resu
         .await?
         .ok_or_else(|| DbError::not_found("host", id))?;
     Ok(changed_at == at)
+}
+
+/// Cordons a host (it takes no new sandboxes) or lets it take them again.
+pub async fn set_draining(db: &Db, id: HostId, draining: bool) -> Result<Host, DbError> {
+    db.fetch_optional(
+        &format!(
+            "UPDATE hosts SET draining = $2, updated_at = $3 WHERE id = $1 RETURNING {COLUMNS}"
+        ),
+        args![id, draining, now()],
+        from_row,
+    )
+    .await?
+    .ok_or_else(|| DbError::not_found("host", id))
 }
 
 /// The host with `id`.

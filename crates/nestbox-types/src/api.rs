@@ -840,6 +840,15 @@ pub struct CreateHostRequest {
     pub team_id: Option<TeamId>,
 }
 
+/// `PUT /v1/admin/hosts/{host_id}/drain`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DrainHostRequest {
+    /// Cordon the host (`true`: it takes no new sandboxes) or let it take them again.
+    pub draining: bool,
+}
+
 /// Query of the host deletes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(IntoParams))]
@@ -898,6 +907,9 @@ pub struct Host {
     /// What its sandboxes hold of that memory, MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_memory_used_mb: Option<u64>,
+    /// Cordoned: it takes no new sandboxes (`PUT /v1/admin/hosts/{host_id}/drain`).
+    #[serde(default)]
+    pub draining: bool,
     /// Last heartbeat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_at: Option<DateTime<Utc>>,

@@ -31,6 +31,17 @@ pub enum HostCommand {
         #[arg(long)]
         team: Option<TeamId>,
     },
+    /// Cordon a host: it takes no new sandboxes; what it holds stays (`--undo` lets it take
+    /// them again).
+    Drain {
+        #[command(flatten)]
+        conn: Conn,
+        /// The host.
+        host: HostId,
+        /// Let it take sandboxes again.
+        #[arg(long)]
+        undo: bool,
+    },
     /// Delete a host that holds no sandboxes (the refusal names those it holds).
     #[command(alias = "rm")]
     Delete {
@@ -81,6 +92,19 @@ pub async fn host(command: HostCommand) -> anyhow::Result<()> {
                 "register: nestbox agent --control-plane {} --register-token {}",
                 server_url(&conn),
                 created.registration_token
+            );
+            Ok(())
+        }
+        HostCommand::Drain { conn, host, undo } => {
+            let h = session_client(&conn)?.drain_host(host, !undo).await?;
+            println!(
+                "{} {}",
+                h.id,
+                if h.draining {
+                    "draining: takes no new sandboxes"
+                } else {
+                    "takes sandboxes"
+                }
             );
             Ok(())
         }

@@ -3,8 +3,8 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use nestbox_types::api::{
-    CreateHostRequest, CreatedHost, DeleteHostQuery, HeartbeatRequest, Host, Page,
-    RefreshHostRequest, RefreshHostResponse, RegisterHostRequest, RegisterHostResponse,
+    CreateHostRequest, CreatedHost, DeleteHostQuery, DrainHostRequest, HeartbeatRequest, Host,
+    Page, RefreshHostRequest, RefreshHostResponse, RegisterHostRequest, RegisterHostResponse,
 };
 use nestbox_types::{ErrorBody, HostId, TeamId};
 
@@ -89,6 +89,22 @@ pub async fn list_hosts(
             next_cursor: None,
         })
     })
+}
+
+/// Cordons a host, or lets it take sandboxes again (platform admins): a draining host
+/// takes no new sandboxes; what it holds stays.
+#[utoipa::path(put, path = "/v1/admin/hosts/{host_id}/drain", tag = "admin", security(("session" = [])), params(("host_id" = HostId, Path)), request_body = DrainHostRequest,
+    responses((status = 200, body = Host), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn drain_host(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(host): Path<HostId>,
+    Json(req): Json<DrainHostRequest>,
+) -> ApiResult<axum::Json<Host>> {
+    s.services
+        .drain_host(&caller, host, req.draining)
+        .await
+        .map(axum::Json)
 }
 
 /// Deletes a host (platform admins). A host holding sandboxes gets `409` naming them in

@@ -44,6 +44,7 @@ pub fn host_view(h: &hosts::Host, team_name: Option<String>) -> api::Host {
         team_name,
         guest_memory_mb: h.guest_memory.map(|m| u64::from(m.total_mb)),
         guest_memory_used_mb: h.guest_memory.map(|m| u64::from(m.used_mb)),
+        draining: h.draining,
         last_heartbeat_at: h.last_heartbeat_at,
         created_at: h.created_at,
     }
@@ -486,6 +487,39 @@ impl Services {
             .iter()
             .map(|h| host_view(h, h.team_id.and_then(|t| names.get(&t).cloned())))
             .collect())
+    }
+
+    /// Cordons a host (it takes no new sandboxes; what it holds stays) or lets it take them
+    /// again. Platform admins only.
+    pub async fn drain_host(
+        &self,
+        caller: &Caller,
+        host: HostId,
+        draining: bool,
+    ) -> ApiResult<api::Host> {
+        caller.require_admin()?;
+        let h = hosts::set_draining(&self.db, host, draining)
+            .await
+            .map_err(|e| host_error(e, host))?;
+        self.audit(AuditEntry {
+            actor: AuditActor::Caller(*caller),
+            team: h.team_id,
+            action: if draining {
+                "host.drain"
+            } else {
+                "host.undrain"
+            },
+            resource_type: "host",
+            resource_id: Some(host.to_string()),
+            ok: true,
+            details: serde_json::json!({}),
+        })
+        .await;
+        let team_name = match h.team_id {
+            Some(t) => Some(teams::get(&self.db, t).await?.name),
+            None => None,
+        };
+        Ok(host_view(&h, team_name))
     }
 
     /// Deletes a host. Platform admins only. A host holding sandboxes is refused (`409`,

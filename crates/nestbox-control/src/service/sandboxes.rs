@@ -390,7 +390,8 @@ impl Services {
     }
 
     /// Online hosts that may take `team`'s sandboxes, with their load: a team that brings
-    /// its own hosts (BYOC) gets only those, every other team only the platform's.
+    /// its own hosts (BYOC) gets only those, every other team only the platform's; a
+    /// draining host takes none.
     async fn candidates(&self, team: nestbox_types::TeamId) -> ApiResult<Vec<Candidate>> {
         let byoc = !team.is_platform()
             && teams::get(&self.db, team)
@@ -399,11 +400,12 @@ impl Services {
                 .or_else(|e| if e.is_not_found() { Ok(false) } else { Err(e) })?;
         let mut out = Vec::new();
         for h in hosts::list_online(&self.db).await? {
-            let eligible = if byoc {
-                h.team_id == Some(team)
-            } else {
-                h.team_id.is_none()
-            };
+            let eligible = !h.draining
+                && if byoc {
+                    h.team_id == Some(team)
+                } else {
+                    h.team_id.is_none()
+                };
             let Some(address) = h.address.clone().filter(|_| eligible) else {
                 continue;
             };

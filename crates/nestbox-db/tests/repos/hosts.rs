@@ -250,6 +250,27 @@ db_test!(heartbeat_and_staleness, |t| {
     assert!(hosts::heartbeat(&t.db, a.id, None).await.unwrap());
     assert!(!hosts::heartbeat(&t.db, a.id, None).await.unwrap());
     assert_eq!(hosts::get(&t.db, a.id).await.unwrap().guest_memory, None);
+    // Draining is set and cleared, and leaves the host online.
+    assert!(!hosts::get(&t.db, a.id).await.unwrap().draining);
+    assert!(
+        hosts::set_draining(&t.db, a.id, true)
+            .await
+            .unwrap()
+            .draining
+    );
+    assert_eq!(hosts::list_online(&t.db).await.unwrap().len(), 1);
+    assert!(
+        !hosts::set_draining(&t.db, a.id, false)
+            .await
+            .unwrap()
+            .draining
+    );
+    assert!(
+        hosts::set_draining(&t.db, HostId::new(), true)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
     // What the agent reports of its guest memory is kept with each heartbeat.
     let report = hosts::GuestMemory {
         total_mb: 8192,

@@ -45,6 +45,15 @@ pub enum AgentError {
         "sandbox {0} is stopped: its host is out of disk space; it runs again once space is freed"
     )]
     OutOfSpace(SandboxId),
+    /// An operation failed while the host's disk was full (whatever the step that failed
+    /// said: a guest whose disk cannot be written does not come up either).
+    #[error("{what} failed: the host is out of disk space ({cause})")]
+    NoDiskSpace {
+        /// The operation.
+        what: String,
+        /// How it failed.
+        cause: String,
+    },
     /// The VM did not become ready.
     #[error("sandbox {id} did not boot: {reason}")]
     Boot {
@@ -112,7 +121,9 @@ impl AgentError {
             AgentError::NoCapacity(_) => ErrorCode::NoCapacity,
             AgentError::Invalid(_) => ErrorCode::InvalidRequest,
             AgentError::Busy(_) => ErrorCode::Busy,
-            AgentError::OutOfSpace(_) => ErrorCode::InsufficientStorage,
+            AgentError::OutOfSpace(_) | AgentError::NoDiskSpace { .. } => {
+                ErrorCode::InsufficientStorage
+            }
             AgentError::ProcessNotFound { .. } => ErrorCode::ProcessNotFound,
             AgentError::Boot { .. } | AgentError::Host { .. } | AgentError::Internal(_) => {
                 if self.out_of_space() {
@@ -146,6 +157,9 @@ impl AgentError {
     /// Whether the host ran out of disk space: somewhere in this host-side error's chain
     /// is an I/O error of that kind (`ENOSPC`, `EDQUOT`), or a tool that said so.
     pub fn out_of_space(&self) -> bool {
+        if matches!(self, AgentError::NoDiskSpace { .. }) {
+            return true;
+        }
         if !matches!(
             self,
             AgentError::Boot { .. } | AgentError::Host { .. } | AgentError::Internal(_)

@@ -57,6 +57,11 @@ impl Candidate {
         self.used_memory_mb.max(reported)
     }
 
+    /// Whether it has a free sandbox slot (whatever the memory).
+    pub fn has_slot(&self) -> bool {
+        self.sandboxes < u64::from(self.max_sandboxes)
+    }
+
     /// Whether `demand` fits.
     pub fn fits(&self, demand: &Demand) -> bool {
         self.sandboxes < u64::from(self.max_sandboxes)

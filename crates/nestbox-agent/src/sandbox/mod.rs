@@ -714,6 +714,13 @@ impl Manager {
         (self.memory_capacity() >> 20, held)
     }
 
+    /// Whether the filesystem of the data directory (sandbox disks, snapshots, state) is
+    /// full: less than 16 MiB left for the agent.
+    pub(crate) fn disk_full(&self) -> bool {
+        nix::sys::statvfs::statvfs(&self.inner.cfg.data_dir)
+            .is_ok_and(|s| s.blocks_available() * s.fragment_size() < 16 << 20)
+    }
+
     /// The size of the memory filesystem guest RAM lives on, bytes.
     fn memory_capacity(&self) -> u64 {
         nix::sys::statvfs::statvfs(&self.inner.cfg.memory_root)
@@ -831,6 +838,7 @@ impl Manager {
             && let Err(e) = &result
             && !matches!(e, AgentError::Invalid(_))
             && !e.out_of_space()
+            && !self.disk_full()
         {
             // A warm snapshot that does not restore (a VMM or kernel change the key missed)
             // must not make creates fail: forget it and boot. (Not when the host's disk is
@@ -872,6 +880,12 @@ impl Manager {
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e.public_message(), "create failed");
                 self.unreserve(id);
+                if !e.out_of_space() && self.disk_full() {
+                    return Err(AgentError::NoDiskSpace {
+                        what: format!("creating sandbox {id}"),
+                        cause: e.public_message(),
+                    });
+                }
                 Err(e)
             }
         }

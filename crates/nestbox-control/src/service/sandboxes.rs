@@ -548,6 +548,9 @@ impl Services {
                     None if candidates.is_empty() => {
                         "no host of this team's pool is online; retry later".into()
                     }
+                    None if candidates.iter().any(Candidate::has_slot) => format!(
+                        "no host has guest memory for {memory_mb} MiB more right now; retry later"
+                    ),
                     None => "no host has room for this sandbox right now; retry later".into(),
                 };
                 ApiError::new(ErrorCode::NoCapacity, message)

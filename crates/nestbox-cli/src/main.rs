@@ -6,11 +6,12 @@
 //! `file …`, `template list`.
 
 mod cmd;
+mod config;
 mod paths;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -91,7 +92,14 @@ fn init_tracing(server: bool) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match config::expand(&Cli::command(), std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let server = matches!(
         cli.command,
         Command::Up(_) | Command::Server(_) | Command::Agent(_)

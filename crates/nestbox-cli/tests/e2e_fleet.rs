@@ -4,7 +4,8 @@
 //! upgraded to a new binary and is restarted while the agent runs a sandbox and holds a
 //! paused one. Every sandbox carries on: the running one in the same VMM with its memory,
 //! the paused one resumes, creates work again. The admin adds the host with the CLI
-//! (`nestbox login`, `nestbox host token`, `host list`). Host access tokens live 12 s here, so the
+//! (`nestbox login`, `nestbox host token`, `host list`); the agent runs from a config file
+//! and a `.env` file. Host access tokens live 12 s here, so the
 //! agent trades its token pair for the next one again and again meanwhile, and comes back
 //! with the stored pair after a kill -9.
 
@@ -129,17 +130,38 @@ impl Split {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// Starts the host agent (registering with `token` on its first start).
+    /// Starts the host agent (registering with `token` on its first start), its settings
+    /// in a config file and its address in a `.env` file, as an operator would.
     fn start_agent(&mut self, token: Option<&str>) {
         let port = free_port();
+        let config = self.dir.path().join("nestbox.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\ncontrol-plane = \"{}\"\ndata-dir = \"{}\"\nimages_dir = \"{}\"\n",
+                self.url,
+                self.agent_dir().display(),
+                common::images_dir().display()
+            ),
+        )
+        .unwrap();
+        let cwd = self.dir.path().join("agent-cwd");
+        std::fs::create_dir_all(&cwd).unwrap();
+        std::fs::write(
+            cwd.join(".env"),
+            format!(
+                "NESTBOX_AGENT_LISTEN=127.0.0.1:{port}\nNESTBOX_AGENT_ADVERTISE=http://127.0.0.1:{port}\n"
+            ),
+        )
+        .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nestbox"));
-        cmd.args(["agent", "--control-plane", &self.url, "--data-dir"])
-            .arg(self.agent_dir())
-            .arg("--images-dir")
-            .arg(common::images_dir())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--advertise", &format!("http://127.0.0.1:{port}")])
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .current_dir(&cwd)
             .env("NESTBOX_LOG", "info")
+            .env_remove("NESTBOX_AGENT_LISTEN")
+            .env_remove("NESTBOX_AGENT_ADVERTISE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log("agent"));

@@ -9,6 +9,11 @@ use nestbox_agent::{AccelChoice, AgentConfig};
 /// Arguments of `agent`.
 #[derive(clap::Args)]
 pub struct AgentArgs {
+    /// A TOML file of settings: its `[agent]` table's keys are this command's flags
+    /// (command line and environment take precedence). `.env` in the working directory
+    /// is read too.
+    #[arg(long, env = "NESTBOX_CONFIG_FILE")]
+    pub config: Option<PathBuf>,
     /// The control plane's URL.
     #[arg(long, env = "NESTBOX_CONTROL_PLANE")]
     pub control_plane: String,

@@ -281,6 +281,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .tempdir_in("/tmp")
         .context("creating a scratch directory")?;
     let up = UpArgs {
+        config: None,
         data_dir: dir.path().join("data"),
         listen: "127.0.0.1:0".parse()?,
         database_url: None,

@@ -10,6 +10,11 @@ use crate::paths;
 /// Arguments of `server`.
 #[derive(clap::Args)]
 pub struct ServerArgs {
+    /// A TOML file of settings: its `[server]` table's keys are this command's flags
+    /// (command line and environment take precedence). `.env` in the working directory
+    /// is read too.
+    #[arg(long, env = "NESTBOX_CONFIG_FILE")]
+    pub config: Option<PathBuf>,
     /// Where the REST API listens.
     #[arg(long, env = "NESTBOX_LISTEN", default_value = paths::DEFAULT_LISTEN)]
     pub listen: SocketAddr,

@@ -28,6 +28,11 @@ use crate::paths;
 /// Arguments of `up`.
 #[derive(clap::Args)]
 pub struct UpArgs {
+    /// A TOML file of settings: its `[up]` table's keys are this command's flags
+    /// (command line and environment take precedence). `.env` in the working directory
+    /// is read too.
+    #[arg(long, env = "NESTBOX_CONFIG_FILE")]
+    pub config: Option<PathBuf>,
     /// Where all state lives.
     #[arg(long, env = "NESTBOX_DATA_DIR", default_value = paths::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,

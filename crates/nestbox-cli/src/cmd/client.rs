@@ -57,16 +57,25 @@ pub struct Conn {
     api_key: Option<String>,
 }
 
+/// The server URL: the flag or `NESTBOX_URL`, else the saved one, else the local default.
+fn url_of(conn: &Conn, saved: &Settings) -> String {
+    conn.url
+        .clone()
+        .or_else(|| saved.url.clone())
+        .unwrap_or_else(|| format!("http://{}", paths::DEFAULT_LISTEN))
+}
+
+/// The user session: `NESTBOX_TOKEN`, else the one `nestbox login` saved.
+fn session_of(saved: Settings) -> Option<String> {
+    std::env::var("NESTBOX_TOKEN").ok().or(saved.token)
+}
+
 /// A client with the user session (`nestbox login`, or `NESTBOX_TOKEN`): what host and
 /// platform administration need (API keys cannot do them).
 pub(crate) fn session_client(conn: &Conn) -> anyhow::Result<Client> {
     let saved = load_settings();
-    let url = conn
-        .url
-        .clone()
-        .or(saved.url)
-        .unwrap_or_else(|| format!("http://{}", paths::DEFAULT_LISTEN));
-    match std::env::var("NESTBOX_TOKEN").ok().or(saved.token) {
+    let url = url_of(conn, &saved);
+    match session_of(saved) {
         Some(token) => Ok(Client::new(&url)?.with_token(token)),
         None => bail!("this needs a user session, not an API key: run `nestbox login` first"),
     }
@@ -74,24 +83,16 @@ pub(crate) fn session_client(conn: &Conn) -> anyhow::Result<Client> {
 
 /// The server URL a client of `conn` talks to.
 pub(crate) fn server_url(conn: &Conn) -> String {
-    conn.url
-        .clone()
-        .or(load_settings().url)
-        .unwrap_or_else(|| format!("http://{}", paths::DEFAULT_LISTEN))
+    url_of(conn, &load_settings())
 }
 
 fn client(conn: &Conn) -> anyhow::Result<Client> {
-    let saved = load_settings();
-    let url = conn
-        .url
-        .clone()
-        .or(saved.url)
-        .unwrap_or_else(|| format!("http://{}", paths::DEFAULT_LISTEN));
-    let client = Client::new(&url)?;
-    if let Some(key) = conn.api_key.clone().or(saved.api_key) {
+    let mut saved = load_settings();
+    let client = Client::new(&url_of(conn, &saved))?;
+    if let Some(key) = conn.api_key.clone().or(saved.api_key.take()) {
         return Ok(client.with_api_key(key));
     }
-    if let Some(token) = std::env::var("NESTBOX_TOKEN").ok().or(saved.token) {
+    if let Some(token) = session_of(saved) {
         return Ok(client.with_token(token));
     }
     bail!("no credentials: run `nestbox login` or `nestbox configure`, or set NESTBOX_API_KEY")

@@ -36,6 +36,15 @@ async fn place(h: &Harness, n: usize) -> anyhow::Result<Vec<HostId>> {
     Ok(hosts)
 }
 
+/// The harness's host as platform admins see it.
+async fn harness_host(h: &Harness) -> anyhow::Result<nestbox_types::api::Host> {
+    let hosts = h.admin.client.list_hosts().await?.items;
+    Ok(hosts
+        .into_iter()
+        .find(|x| x.id == h.host_id)
+        .expect("the harness's host is listed"))
+}
+
 async fn round_robin_cycles_through_the_hosts(engine: Engine) -> anyhow::Result<()> {
     let h = Harness::with(
         engine,
@@ -94,15 +103,7 @@ async fn a_host_gets_no_more_guest_memory_than_it_can_back(engine: Engine) -> an
     )
     .await?;
     h.agent.heartbeat().await?;
-    let host = h
-        .admin
-        .client
-        .list_hosts()
-        .await?
-        .items
-        .into_iter()
-        .find(|x| x.id == h.host_id)
-        .unwrap();
+    let host = harness_host(&h).await?;
     assert_eq!(host.guest_memory_mb, Some(700));
     assert_eq!(host.guest_memory_used_mb, Some(0));
 
@@ -115,15 +116,7 @@ async fn a_host_gets_no_more_guest_memory_than_it_can_back(engine: Engine) -> an
     // The agent's own count is believed when it says more is held (e.g. paused sandboxes
     // kept in memory that the control plane counts elsewhere).
     h.agent.heartbeat().await?;
-    let host = h
-        .admin
-        .client
-        .list_hosts()
-        .await?
-        .items
-        .into_iter()
-        .find(|x| x.id == h.host_id)
-        .unwrap();
+    let host = harness_host(&h).await?;
     assert_eq!(host.guest_memory_used_mb, Some(512));
     for sb in listed.items {
         h.key.destroy_sandbox(sb.id).await?;

@@ -84,6 +84,11 @@ fn parse_sandbox(s: &str) -> Result<SandboxId, Status> {
         .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))
 }
 
+fn parse_template(s: &str) -> Result<nestbox_types::TemplateId, Status> {
+    s.parse()
+        .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -115,9 +120,15 @@ fn info(h: &SandboxHandle, vmm: &str) -> SandboxInfo {
     }
 }
 
-fn template_info(t: &crate::templates::StoredTemplate) -> TemplateInfo {
+/// A team template stored here, as the control plane sees it.
+pub(crate) fn template_info(t: &crate::templates::StoredTemplate) -> TemplateInfo {
     let r = &t.record;
+    let stored_at = std::fs::metadata(t.dir.join(crate::templates::RECORD_FILE))
+        .and_then(|m| m.modified())
+        .map(|at| chrono::DateTime::<chrono::Utc>::from(at).timestamp_millis())
+        .unwrap_or(0);
     TemplateInfo {
+        stored_at_unix_ms: stored_at,
         name: r.base_template.clone(),
         min_disk_mb: r.disk_size_mb,
         size_bytes: r.size_bytes,
@@ -375,6 +386,74 @@ impl HostAgent for Service {
             .map_err(|e: nestbox_types::IdParseError| Status::invalid_argument(e.to_string()))?;
         self.manager.delete_template(template).await?;
         Ok(Response::new(DeleteTemplateResponse {}))
+    }
+
+    async fn get_template_manifest(
+        &self,
+        req: Request<GetTemplateManifestRequest>,
+    ) -> Result<Response<TemplateManifest>, Status> {
+        let id = parse_template(&req.into_inner().template_id)?;
+        Ok(Response::new(self.manager.template_manifest(id).await?))
+    }
+
+    type ReadTemplateFileStream = BoxStream<FileBlock>;
+
+    async fn read_template_file(
+        &self,
+        req: Request<ReadTemplateFileRequest>,
+    ) -> Result<Response<Self::ReadTemplateFileStream>, Status> {
+        let r = req.into_inner();
+        let id = parse_template(&r.template_id)?;
+        let rx = self.manager.read_template_file(id, r.name, r.offset)?;
+        let stream = ReceiverStream::new(rx).map(|b| b.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn begin_template_import(
+        &self,
+        req: Request<TemplateManifest>,
+    ) -> Result<Response<BeginTemplateImportResponse>, Status> {
+        let begun = self.manager.begin_template_import(req.into_inner()).await?;
+        Ok(Response::new(BeginTemplateImportResponse {
+            resume_at: begun.resume_at,
+            present: begun.present,
+        }))
+    }
+
+    async fn write_template_file(
+        &self,
+        req: Request<Streaming<FileBlock>>,
+    ) -> Result<Response<WriteTemplateFileResponse>, Status> {
+        let mut stream = req.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(Status::invalid_argument("no block was sent"));
+        };
+        // Blocks flow to the writer as they arrive; a stream that breaks ends the write
+        // where it stands (synced), so the next one resumes there.
+        let (tx, rx) = mpsc::channel(8);
+        let pump = tokio::spawn(async move {
+            while let Ok(Some(block)) = stream.message().await {
+                if tx.send(block).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let next_offset = self.manager.write_template_file(first, rx).await;
+        pump.abort();
+        Ok(Response::new(WriteTemplateFileResponse {
+            next_offset: next_offset?,
+        }))
+    }
+
+    async fn commit_template_import(
+        &self,
+        req: Request<CommitTemplateImportRequest>,
+    ) -> Result<Response<CreateTemplateResponse>, Status> {
+        let id = parse_template(&req.into_inner().template_id)?;
+        let stored = self.manager.commit_template_import(id).await?;
+        Ok(Response::new(CreateTemplateResponse {
+            template: Some(template_info(&stored)),
+        }))
     }
 
     async fn destroy_sandbox(

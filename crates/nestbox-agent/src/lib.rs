@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod register;
 pub mod sandbox;
 pub mod templates;
+pub mod transfer;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

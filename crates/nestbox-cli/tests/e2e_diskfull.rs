@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Nestbox, Options, eventually, instance_slots, new_sandbox, sh_ok};
+use common::{
+    Nestbox, Options, eventually, instance_slot_holders, instance_slots, new_sandbox, sh_ok,
+};
 use nestbox_client::ClientError;
 use nestbox_types::api::{CreateSandboxRequest, ExecRequest};
 use nestbox_types::{ErrorCode, SandboxStatus};
@@ -113,6 +115,14 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// Whether the sandbox directory `dir` is a pooled clone that finished starting.
+fn is_pooled(dir: &Path) -> bool {
+    std::fs::read(dir.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|st| st["pooled"] == true)
+}
+
 fn code(err: &ClientError) -> Option<ErrorCode> {
     match err {
         ClientError::Api { body, .. } => Some(body.error.code),
@@ -183,13 +193,25 @@ async fn a_full_host_disk_refuses_creates_clearly_and_corrupts_nothing() {
         "a host path reached the tenant: {err}"
     );
     // (A pooled clone may have gone meanwhile, and the pool may be trying to start another,
-    // which fails on the full disk and gives its network back: nothing new may stay.)
+    // which gives its network back if it fails on the full disk, or is pooled if the space
+    // a failed create gave back was enough for it: no other network may stay.)
+    let sandboxes = nb.data_dir().join("agent/sandboxes");
     eventually(
         Duration::from_secs(60),
-        "no network beyond those held before the disk filled",
+        "no network beyond those held before the disk filled, the takers' and the pool's",
         || async {
-            let now = instance_slots(&tag);
-            now.is_subset(&slots).then_some(())
+            let strays: Vec<_> = instance_slot_holders(&tag)
+                .into_iter()
+                .filter(|(slot, holder)| {
+                    !slots.contains(slot)
+                        && !taken.iter().any(|t| t.to_string() == *holder)
+                        && !is_pooled(&sandboxes.join(holder))
+                })
+                .collect();
+            if !strays.is_empty() {
+                eprintln!("networks still held: {strays:?}");
+            }
+            strays.is_empty().then_some(())
         },
     )
     .await;

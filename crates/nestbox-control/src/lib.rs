@@ -156,6 +156,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         scheduler: scheduler_policy.scheduler(),
         forwarder: nestbox_forward::Forwarder::new(),
         key_uses: Default::default(),
+        copies: Default::default(),
         login: throttle::LoginThrottle::new(login_limits),
     }))
 }

@@ -20,7 +20,11 @@
 //!    - known to the agent but stopped, failed or unknown in the database → destroyed on
 //!      the agent (an orphan).
 //!
-//! 3. fork templates no sandbox uses any more are deleted
+//!    A host's team templates are compared too: files of templates that no longer exist
+//!    are deleted there ([`Services::sweep_orphan_templates`]).
+//! 3. platform templates are copied to every online platform host that lacks them
+//!    ([`Services::spread_platform_templates`]); fork templates no sandbox uses any more
+//!    are deleted
 //!    ([`Services::sweep_fork_templates`]).
 //!
 //! 4. sandboxes `pending` or `starting` for longer than twice the create call's deadline
@@ -109,6 +113,8 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
             tracing::warn!(host = %host.id, error = %e, "reconciling sandboxes");
         }
     }
+    // Platform templates belong on every platform host (copies run in the background).
+    services.spread_platform_templates();
     // Fork templates whose copies are all gone (a minute's grace for forks in flight).
     services
         .sweep_fork_templates(Utc::now() - chrono::Duration::seconds(60))

@@ -31,6 +31,8 @@ pub struct Services {
         std::sync::Mutex<std::collections::HashMap<nestbox_types::ApiKeyId, std::time::Instant>>,
     /// Login rate limits and the password-hashing slots.
     pub login: crate::throttle::LoginThrottle,
+    /// Template copies between hosts under way in this process.
+    pub copies: Arc<crate::service::copies::Copies>,
 }
 
 /// How often an API key's `last_used_at` is written.

@@ -7,9 +7,9 @@
 mod common;
 
 use common::api::snapshot;
-use common::{Engine, Harness, Options, api_error, arrived, both_engines};
+use common::{Engine, Harness, Options, api_error, arrived, both_engines, wait_until};
 use nestbox_db::templates::{self, NewTemplate};
-use nestbox_testkit::{SimAgentConfig, SimOp, SimState, TemplateCall};
+use nestbox_testkit::{SimAgent, SimAgentConfig, SimOp, SimState, TemplateCall};
 use nestbox_types::api::{CreateSandboxRequest, CreateSnapshotRequest, PageQuery, Template};
 use nestbox_types::{ErrorCode, HostStatus, PLATFORM_TEAM, SandboxStatus, TemplateKind};
 
@@ -21,7 +21,9 @@ both_engines!(
     a_failed_overwrite_keeps_the_old_template,
     templates_in_use_are_neither_deleted_nor_overwritten,
     a_delete_the_host_refuses_keeps_the_record,
+    a_template_deleted_while_its_host_is_away_leaves_it_when_it_returns,
     only_platform_admins_delete_platform_templates,
+    platform_templates_reach_every_platform_host_and_leave_them_all,
     platform_admins_list_every_teams_templates,
     snapshot_sandboxes_start_on_their_templates_host,
 );
@@ -492,16 +494,6 @@ async fn a_delete_the_host_refuses_keeps_the_record(engine: Engine) -> anyhow::R
     assert_eq!(visible(&h, "keep").await?, Some(t.clone()));
     assert!(h.agent.template(t.id).is_some());
 
-    // A host that cannot be reached is not a deleted file either.
-    nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Unreachable).await?;
-    api_error(
-        api.delete_snapshot("keep").await,
-        503,
-        ErrorCode::HostUnavailable,
-    );
-    assert_eq!(visible(&h, "keep").await?, Some(t.clone()));
-    nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Online).await?;
-
     // Files the host no longer has are no reason to keep the record.
     h.agent.fail_next(
         SimOp::DeleteTemplate,
@@ -510,6 +502,43 @@ async fn a_delete_the_host_refuses_keeps_the_record(engine: Engine) -> anyhow::R
     );
     api.delete_snapshot("keep").await?;
     assert_eq!(visible(&h, "keep").await?, None);
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn a_template_deleted_while_its_host_is_away_leaves_it_when_it_returns(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    let h = Harness::with(
+        engine,
+        Options {
+            // Files of templates that no longer exist are deleted once this old.
+            template_timeout: std::time::Duration::from_secs(2),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let api = h.key_api();
+    let sb = h.sandbox().await?;
+    let t = api.snapshot(&snapshot(sb.id, "away")).await?;
+    h.key.destroy_sandbox(sb.id).await?;
+    nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Unreachable).await?;
+    api.delete_snapshot("away").await?;
+    assert_eq!(visible(&h, "away").await?, None, "the record goes at once");
+    assert!(h.agent.template(t.id).is_some(), "the host was away");
+    nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Online).await?;
+    // (A template made moments ago may be one whose record is still being written.)
+    h.monitor_pass().await?;
+    assert!(
+        h.agent.template(t.id).is_some(),
+        "too fresh to be an orphan"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    h.monitor_pass().await?;
+    assert!(
+        h.agent.template(t.id).is_none(),
+        "the returning host deletes the files"
+    );
     h.shutdown().await;
     Ok(())
 }
@@ -584,6 +613,57 @@ async fn only_platform_admins_delete_platform_templates(engine: Engine) -> anyho
             .iter()
             .all(|x| x.name != "golden")
     );
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn platform_templates_reach_every_platform_host_and_leave_them_all(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let sb = h.sandbox().await?;
+    let t = h.key_api().snapshot(&snapshot(sb.id, "golden")).await?;
+    publish(&h, &t).await?;
+    h.key.destroy_sandbox(sb.id).await?;
+    let second = h.add_agent("sim-2", SimAgentConfig::default()).await?;
+    let third = h.add_agent("sim-3", SimAgentConfig::default()).await?;
+    // A BYOC team's host never gets the platform's templates by itself.
+    let owner = h.user("byoc-owner").await?;
+    h.admin.client.set_team_byoc(owner.team, true).await?;
+    let created = owner.client.create_team_host(owner.team, "own").await?;
+    let byoc = SimAgent::start(SimAgentConfig::default()).await?;
+    byoc.register(&h.url, &created.registration_token).await?;
+    byoc.heartbeat().await?;
+
+    h.monitor_pass().await?;
+    let every = [
+        h.host_id,
+        second.host_id().unwrap(),
+        third.host_id().unwrap(),
+    ];
+    wait_until("the platform template on every platform host", || async {
+        templates::holders(&h.services.db, t.id)
+            .await
+            .is_ok_and(|held| every.iter().all(|x| held.contains(x)))
+    })
+    .await?;
+    for agent in [&second, &third] {
+        assert!(agent.template(t.id).is_some());
+    }
+    assert!(byoc.template(t.id).is_none());
+    assert_eq!(byoc.calls(SimOp::BeginImport), 0);
+    // Another pass copies nothing again.
+    h.monitor_pass().await?;
+    assert_eq!(second.calls(SimOp::BeginImport), 1);
+
+    // Deleting it deletes it everywhere.
+    h.admin.api().delete_snapshot("golden").await?;
+    for agent in [&h.agent, &second, &third] {
+        assert!(agent.template(t.id).is_none());
+    }
+    byoc.shutdown().await;
+    third.shutdown().await;
+    second.shutdown().await;
     h.shutdown().await;
     Ok(())
 }
@@ -706,29 +786,49 @@ async fn snapshot_sandboxes_start_on_their_templates_host(engine: Engine) -> any
     );
     assert!(second.sandbox_ids().is_empty());
 
-    // Its host is full now: retry later, not elsewhere.
-    let body = api_error(
-        h.key.create_sandbox(&from("warm")).await,
-        503,
-        ErrorCode::NoCapacity,
+    // Its host is full now: the next one starts on the other host, which gets a copy
+    // of the template first (a copy cut short resumes where it stood).
+    h.agent.fail_next(
+        SimOp::ReadTemplateFile,
+        ErrorCode::Internal,
+        "connection reset",
     );
-    assert!(body.error.retryable);
-    assert_eq!(second.calls(SimOp::Create), 0);
-    let elsewhere = h.sandbox().await?;
+    let moved = h.key.create_sandbox(&from("warm")).await?;
     assert_eq!(
-        elsewhere.host_id,
+        moved.host_id,
         second.host_id(),
-        "other templates go elsewhere"
+        "copied to where there is room"
     );
+    assert_eq!(
+        second.template_log(),
+        vec![TemplateCall::Import {
+            template_id: t.id.to_string()
+        }]
+    );
+    assert_eq!(second.calls(SimOp::WriteTemplateFile), 2, "resumed once");
+    assert_eq!(
+        nestbox_db::templates::holders(&h.services.db, t.id).await?,
+        vec![h.host_id, second.host_id().unwrap()]
+    );
+    // Both hold it now; the next goes to the one with room, with no copy.
+    let begun = second.calls(SimOp::BeginImport);
+    let again = h.key.create_sandbox(&from("warm")).await?;
+    assert_eq!(again.host_id, second.host_id());
+    assert_eq!(second.calls(SimOp::BeginImport), begun, "no second copy");
 
-    // Its host is down.
-    nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Unreachable).await?;
+    // Its holders are down: a host that lacks it has nowhere to copy it from.
+    let third = h.add_agent("sim-3", SimAgentConfig::default()).await?;
+    for host in [h.host_id, second.host_id().unwrap()] {
+        nestbox_db::hosts::set_status(&h.services.db, host, HostStatus::Unreachable).await?;
+    }
     let body = api_error(
         h.key.create_sandbox(&from("warm")).await,
         503,
         ErrorCode::HostUnavailable,
     );
     assert!(body.error.retryable);
+    assert_eq!(third.calls(SimOp::Create), 0);
+    third.shutdown().await;
     second.shutdown().await;
     h.shutdown().await;
     Ok(())

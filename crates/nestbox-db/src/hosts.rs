@@ -361,10 +361,26 @@ pub async fn mark_stale_unreachable(
 
 /// Deletes a host; returns whether it existed. Cascades as described in the module docs.
 pub async fn delete(db: &Db, id: HostId) -> Result<bool, DbError> {
-    Ok(db
+    let mut tx = db.begin().await?;
+    // Templates made here and copied elsewhere live on at another holder.
+    tx.conn()
+        .execute(
+            "UPDATE templates SET host_id = ( \
+                SELECT th.host_id FROM template_hosts th \
+                WHERE th.template_id = templates.id AND th.host_id <> $1 \
+                ORDER BY th.created_at, th.host_id LIMIT 1) \
+             WHERE host_id = $1 AND EXISTS ( \
+                SELECT 1 FROM template_hosts th \
+                WHERE th.template_id = templates.id AND th.host_id <> $1)",
+            args![id],
+        )
+        .await?;
+    let n = tx
+        .conn()
         .execute("DELETE FROM hosts WHERE id = $1", args![id])
-        .await?
-        > 0)
+        .await?;
+    tx.commit().await?;
+    Ok(n > 0)
 }
 
 /// Sets a host's status directly (e.g. an admin draining it back to `pending`).

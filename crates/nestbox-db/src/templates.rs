@@ -5,6 +5,11 @@
 //! [`get_visible`] and [`list_visible`] alike. Names are unique per team. An [`upsert`] keeps
 //! the row's id; callers that keep files per generation must name them themselves.
 //!
+//! A team template's files are on the host it was made on (`host_id`) and on every host it
+//! was copied to since: `template_hosts` lists them all ([`holders`]), the first included
+//! (written with the template). Deleting a host re-homes the templates it made to another
+//! holder ([`crate::hosts::delete`]), or deletes those it alone held.
+//!
 //! A fork's one-off template (`ephemeral`) belongs to its team but is never visible by name
 //! ([`get_visible`], [`list_visible`]); [`unused_ephemeral`] finds those no sandbox holds
 //! any more, for deletion.
@@ -179,6 +184,22 @@ async fn insert(
     id: TemplateId,
     new: &NewTemplate,
 ) -> Result<Template, DbError> {
+    let template = insert_row(conn, id, new).await?;
+    if let Some(host) = new.host_id {
+        conn.execute(
+            "INSERT INTO template_hosts (template_id, host_id, created_at) VALUES ($1, $2, $3)",
+            args![id, host, now()],
+        )
+        .await?;
+    }
+    Ok(template)
+}
+
+async fn insert_row(
+    conn: &mut Conn<'_>,
+    id: TemplateId,
+    new: &NewTemplate,
+) -> Result<Template, DbError> {
     conn.fetch_one(
         &format!(
             "INSERT INTO templates (id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, \
@@ -302,4 +323,82 @@ pub async fn made_from(
         from_row,
     )
     .await
+}
+
+/// The hosts holding template `id`'s files, first copied first (the host it was made on
+/// leads).
+pub async fn holders(db: &Db, id: TemplateId) -> Result<Vec<HostId>, DbError> {
+    db.fetch_all(
+        "SELECT host_id FROM template_hosts WHERE template_id = $1 ORDER BY created_at, host_id",
+        args![id],
+        |r| r.id("host_id"),
+    )
+    .await
+}
+
+/// Records that `host` holds template `id`'s files (again is fine).
+/// [`DbError::NotFound`] if either is gone.
+pub async fn add_holder(db: &Db, id: TemplateId, host: HostId) -> Result<(), DbError> {
+    db.execute(
+        "INSERT INTO template_hosts (template_id, host_id, created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (template_id, host_id) DO NOTHING",
+        args![id, host, now()],
+    )
+    .await
+    .map_err(|e| missing_as_not_found(e, "template or host", id))?;
+    Ok(())
+}
+
+/// Records that `host` no longer holds template `id`'s files.
+pub async fn remove_holder(db: &Db, id: TemplateId, host: HostId) -> Result<(), DbError> {
+    db.execute(
+        "DELETE FROM template_hosts WHERE template_id = $1 AND host_id = $2",
+        args![id, host],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Team templates whose files live on hosts (kind either), with their holders; those of
+/// the platform team only when `platform_only`.
+pub async fn with_holders(
+    db: &Db,
+    platform_only: bool,
+) -> Result<Vec<(Template, Vec<HostId>)>, DbError> {
+    let list = if platform_only {
+        db.fetch_all(
+            &format!(
+                "SELECT {COLUMNS} FROM templates WHERE host_id IS NOT NULL AND team_id = $1 \
+                 ORDER BY created_at"
+            ),
+            args![PLATFORM_TEAM],
+            from_row,
+        )
+        .await?
+    } else {
+        db.fetch_all(
+            &format!(
+                "SELECT {COLUMNS} FROM templates WHERE host_id IS NOT NULL ORDER BY created_at"
+            ),
+            args![],
+            from_row,
+        )
+        .await?
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for t in list {
+        let h = holders(db, t.id).await?;
+        out.push((t, h));
+    }
+    Ok(out)
+}
+
+/// Whether a template with `id` exists.
+pub async fn exists(db: &Db, id: TemplateId) -> Result<bool, DbError> {
+    Ok(db
+        .fetch_optional("SELECT id FROM templates WHERE id = $1", args![id], |r| {
+            r.id::<TemplateId>("id")
+        })
+        .await?
+        .is_some())
 }

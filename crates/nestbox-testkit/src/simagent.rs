@@ -50,6 +50,13 @@
 //!   templates, with `template_id` set. `DeleteTemplate` of an unknown id is
 //!   `template_not_found`. Every template call is logged in arrival order
 //!   ([`SimAgent::template_log`]).
+//! - **Template copies**: `GetTemplateManifest` describes a stored template as a record
+//!   (its metadata and files, JSON) and one file, `disk.img` ([`SIM_COPY_FILE_BYTES`] of
+//!   bytes derived from the id, with a block of zeros in the middle, which `ReadTemplateFile`
+//!   leaves out); `BeginTemplateImport`, `WriteTemplateFile` and `CommitTemplateImport` keep
+//!   a copy in memory, resume it where it stood, check its digest and then store the
+//!   template (logged as [`TemplateCall::Import`]). A failure injected into
+//!   `ReadTemplateFile` cuts its stream after the first data block (a copy cut short).
 //! - **Background processes** (`StartProcess`, terminals included) get the next pid and
 //!   never exit by themselves; a tag is unique per sandbox (`already_exists`). Input is kept
 //!   and replayed as stdout by `ConnectProcess` after the `started` event (then the stream
@@ -103,6 +110,13 @@ pub const STDOUT_HEX_ENV: &str = "SIM_STDOUT_HEX";
 pub const SIM_VERSION: &str = "0.0.0-sim";
 /// Home directory relative paths resolve against.
 pub const HOME: &str = "/root";
+/// Length of the one file a simulated template copy carries.
+pub const SIM_COPY_FILE_BYTES: u64 = 5 * SIM_COPY_BLOCK;
+/// Block size of simulated template copies.
+pub const SIM_COPY_BLOCK: u64 = 64 << 10;
+/// Name of the file a simulated template copy carries.
+const SIM_COPY_FILE: &str = "disk.img";
+
 /// Points in a simulated sandbox's 10 min metrics tier.
 pub const SIM_METRIC_POINTS: usize = 4;
 /// CPU percent of every simulated metric point.
@@ -217,6 +231,16 @@ pub enum SimOp {
     GetSandboxLogs,
     /// `FlushSandboxMetrics`.
     FlushSandboxMetrics,
+    /// `GetTemplateManifest`.
+    TemplateManifest,
+    /// `ReadTemplateFile`.
+    ReadTemplateFile,
+    /// `BeginTemplateImport`.
+    BeginImport,
+    /// `WriteTemplateFile`.
+    WriteTemplateFile,
+    /// `CommitTemplateImport`.
+    CommitImport,
 }
 
 /// Whether a simulated sandbox's VM runs.
@@ -243,6 +267,11 @@ pub enum TemplateCall {
         /// The template whose files to delete.
         template_id: String,
     },
+    /// `CommitTemplateImport` that stored a copied template.
+    Import {
+        /// The template copied here.
+        template_id: String,
+    },
 }
 
 /// A template the simulated agent stores (made by `CreateTemplate`).
@@ -262,6 +291,8 @@ pub struct SimStoredTemplate {
     pub size_bytes: u64,
     /// The sandbox it was made from.
     pub sandbox_id: String,
+    /// When it was stored on this agent, Unix ms.
+    pub stored_at_unix_ms: i64,
     files: BTreeMap<String, Node>,
 }
 
@@ -386,6 +417,8 @@ struct State {
     last_exec: Option<ExecRequest>,
     next_pid: u32,
     templates: BTreeMap<String, SimStoredTemplate>,
+    /// Template copies under way: the manifest, and the file with where it stands.
+    imports: BTreeMap<String, (pb::TemplateManifest, Vec<u8>, u64)>,
     template_log: Vec<TemplateCall>,
     holds: HashMap<SimOp, Arc<Gate>>,
     /// 24 h tiers of destroyed sandboxes, until flushed.
@@ -519,6 +552,7 @@ impl SimAgent {
             last_exec: None,
             next_pid: 100,
             templates: BTreeMap::new(),
+            imports: BTreeMap::new(),
             template_log: Vec::new(),
             holds: HashMap::new(),
             retired_metrics: BTreeMap::new(),
@@ -940,6 +974,93 @@ fn info(sb: &SimSandbox) -> SandboxInfo {
     }
 }
 
+/// A simulated template as a copy's record carries it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SimRecord {
+    id: String,
+    kind: i32,
+    vcpus: u32,
+    memory_mb: u32,
+    disk_size_mb: u32,
+    size_bytes: u64,
+    sandbox_id: String,
+    /// Path → content (hex; none for a directory).
+    files: BTreeMap<String, (Option<String>, i64)>,
+}
+
+impl SimRecord {
+    fn of(t: &SimStoredTemplate) -> Self {
+        Self {
+            id: t.id.clone(),
+            kind: t.kind as i32,
+            vcpus: t.vcpus,
+            memory_mb: t.memory_mb,
+            disk_size_mb: t.disk_size_mb,
+            size_bytes: t.size_bytes,
+            sandbox_id: t.sandbox_id.clone(),
+            files: t
+                .files
+                .iter()
+                .map(|(p, n)| {
+                    (
+                        p.clone(),
+                        (n.data.as_ref().map(hex::encode), n.modified_unix_ms),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn template(self) -> Result<SimStoredTemplate, Status> {
+        let mut files = BTreeMap::new();
+        for (path, (data, modified_unix_ms)) in self.files {
+            let data = match data {
+                Some(h) => Some(hex::decode(h).map_err(|e| invalid(e.to_string()))?),
+                None => None,
+            };
+            files.insert(
+                path,
+                Node {
+                    data,
+                    modified_unix_ms,
+                },
+            );
+        }
+        Ok(SimStoredTemplate {
+            id: self.id,
+            kind: pb::TemplateKind::try_from(self.kind).unwrap_or(pb::TemplateKind::Image),
+            vcpus: self.vcpus,
+            memory_mb: self.memory_mb,
+            disk_size_mb: self.disk_size_mb,
+            size_bytes: self.size_bytes,
+            sandbox_id: self.sandbox_id,
+            stored_at_unix_ms: now_ms(),
+            files,
+        })
+    }
+}
+
+/// The content of a simulated template's one file: bytes derived from its id, with the
+/// middle block all zeros.
+fn sim_copy_content(id: &str) -> Vec<u8> {
+    use sha2::Digest;
+    let mut out = Vec::with_capacity(SIM_COPY_FILE_BYTES as usize);
+    let mut seed = sha2::Sha256::digest(id.as_bytes()).to_vec();
+    while (out.len() as u64) < SIM_COPY_FILE_BYTES {
+        seed = sha2::Sha256::digest(&seed).to_vec();
+        out.extend_from_slice(&seed);
+    }
+    out.truncate(SIM_COPY_FILE_BYTES as usize);
+    let mid = (2 * SIM_COPY_BLOCK) as usize;
+    out[mid..mid + SIM_COPY_BLOCK as usize].fill(0);
+    out
+}
+
+fn sim_digest(content: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sim-sha256:{}", hex::encode(sha2::Sha256::digest(content)))
+}
+
 fn template_info(t: &SimStoredTemplate) -> TemplateInfo {
     TemplateInfo {
         name: t.id.clone(),
@@ -953,6 +1074,7 @@ fn template_info(t: &SimStoredTemplate) -> TemplateInfo {
         template_id: t.id.clone(),
         vcpus: t.vcpus,
         memory_mb: t.memory_mb,
+        stored_at_unix_ms: t.stored_at_unix_ms,
     }
 }
 
@@ -1797,6 +1919,7 @@ impl HostAgent for Service {
             disk_size_mb: sb.request.disk_size_mb,
             size_bytes: (64 << 20) + files + memory,
             sandbox_id: req.sandbox_id.clone(),
+            stored_at_unix_ms: now_ms(),
             files: sb.files.clone(),
         };
         let out = template_info(&template);
@@ -1819,6 +1942,189 @@ impl HostAgent for Service {
             Some(_) => Ok(Response::new(DeleteTemplateResponse {})),
             None => Err(template_not_found(&id)),
         }
+    }
+
+    async fn get_template_manifest(
+        &self,
+        request: Request<pb::GetTemplateManifestRequest>,
+    ) -> Result<Response<pb::TemplateManifest>, Status> {
+        self.shared.enter(SimOp::TemplateManifest).await?;
+        let id = request.into_inner().template_id;
+        let st = self.shared.lock();
+        let t = st
+            .templates
+            .get(&id)
+            .ok_or_else(|| template_not_found(&id))?;
+        let content = sim_copy_content(&id);
+        let record = serde_json::to_vec(&SimRecord::of(t)).map_err(|e| invalid(e.to_string()))?;
+        Ok(Response::new(pb::TemplateManifest {
+            template_id: id,
+            record,
+            files: vec![pb::TemplateFile {
+                name: SIM_COPY_FILE.into(),
+                size: SIM_COPY_FILE_BYTES,
+                data_bytes: SIM_COPY_FILE_BYTES - SIM_COPY_BLOCK,
+                digest: sim_digest(&content),
+            }],
+        }))
+    }
+
+    type ReadTemplateFileStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FileBlock, Status>> + Send>>;
+
+    async fn read_template_file(
+        &self,
+        request: Request<pb::ReadTemplateFileRequest>,
+    ) -> Result<Response<Self::ReadTemplateFileStream>, Status> {
+        let req = request.into_inner();
+        let cut = self.shared.enter(SimOp::ReadTemplateFile).await.err();
+        if !self.shared.lock().templates.contains_key(&req.template_id) {
+            return Err(template_not_found(&req.template_id));
+        }
+        if req.name != SIM_COPY_FILE
+            || !req.offset.is_multiple_of(SIM_COPY_BLOCK)
+            || req.offset > SIM_COPY_FILE_BYTES
+        {
+            return Err(invalid("no such file or offset"));
+        }
+        let content = sim_copy_content(&req.template_id);
+        let block = |offset: u64, data: Vec<u8>| pb::FileBlock {
+            template_id: req.template_id.clone(),
+            name: req.name.clone(),
+            offset,
+            data,
+        };
+        let mut out = Vec::new();
+        if req.offset < SIM_COPY_FILE_BYTES {
+            out.push(Ok(block(req.offset, Vec::new())));
+        }
+        let mut at = req.offset;
+        let mut sent = 0;
+        while at < SIM_COPY_FILE_BYTES {
+            let data = &content[at as usize..(at + SIM_COPY_BLOCK) as usize];
+            if data.iter().any(|b| *b != 0) {
+                if let Some(status) = &cut
+                    && sent == 1
+                {
+                    out.push(Err(status.clone()));
+                    break;
+                }
+                out.push(Ok(block(at, data.to_vec())));
+                sent += 1;
+            }
+            at += SIM_COPY_BLOCK;
+        }
+        if at >= SIM_COPY_FILE_BYTES {
+            out.push(Ok(block(SIM_COPY_FILE_BYTES, Vec::new())));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(out))))
+    }
+
+    async fn begin_template_import(
+        &self,
+        request: Request<pb::TemplateManifest>,
+    ) -> Result<Response<pb::BeginTemplateImportResponse>, Status> {
+        self.shared.enter(SimOp::BeginImport).await?;
+        let m = request.into_inner();
+        if m.files.len() != 1 || m.files[0].name != SIM_COPY_FILE {
+            return Err(invalid("a simulated copy carries one file"));
+        }
+        let mut st = self.shared.lock();
+        if st.templates.contains_key(&m.template_id) {
+            return Ok(Response::new(pb::BeginTemplateImportResponse {
+                resume_at: vec![m.files[0].size],
+                present: true,
+            }));
+        }
+        let size = m.files[0].size;
+        let at = match st.imports.get(&m.template_id) {
+            Some((same, _, at)) if *same == m => *at,
+            _ => {
+                st.imports.insert(
+                    m.template_id.clone(),
+                    (m.clone(), vec![0; size as usize], 0),
+                );
+                0
+            }
+        };
+        Ok(Response::new(pb::BeginTemplateImportResponse {
+            resume_at: vec![at],
+            present: false,
+        }))
+    }
+
+    async fn write_template_file(
+        &self,
+        request: Request<Streaming<pb::FileBlock>>,
+    ) -> Result<Response<pb::WriteTemplateFileResponse>, Status> {
+        self.shared.enter(SimOp::WriteTemplateFile).await?;
+        let mut stream = request.into_inner();
+        let mut first = true;
+        let mut id = String::new();
+        // A broken stream ends the write where it stands.
+        while let Ok(Some(b)) = stream.message().await {
+            let mut st = self.shared.lock();
+            let (_, content, at) = st
+                .imports
+                .get_mut(&b.template_id)
+                .ok_or_else(|| invalid("no copy of this template is under way"))?;
+            if first && b.offset != *at {
+                return Err(invalid(format!(
+                    "the copy stands at {at}, not {}",
+                    b.offset
+                )));
+            }
+            if b.offset < *at || b.offset as usize + b.data.len() > content.len() {
+                return Err(invalid("block out of order or out of the file"));
+            }
+            first = false;
+            id = b.template_id.clone();
+            content[b.offset as usize..b.offset as usize + b.data.len()].copy_from_slice(&b.data);
+            *at = if b.data.is_empty() {
+                b.offset
+            } else {
+                b.offset + b.data.len() as u64
+            };
+        }
+        let at = self.shared.lock().imports.get(&id).map_or(0, |i| i.2);
+        Ok(Response::new(pb::WriteTemplateFileResponse {
+            next_offset: at,
+        }))
+    }
+
+    async fn commit_template_import(
+        &self,
+        request: Request<pb::CommitTemplateImportRequest>,
+    ) -> Result<Response<CreateTemplateResponse>, Status> {
+        self.shared.enter(SimOp::CommitImport).await?;
+        let id = request.into_inner().template_id;
+        let mut st = self.shared.lock();
+        if let Some(t) = st.templates.get(&id) {
+            return Ok(Response::new(CreateTemplateResponse {
+                template: Some(template_info(t)),
+            }));
+        }
+        let (m, content, at) = st
+            .imports
+            .remove(&id)
+            .ok_or_else(|| invalid("no copy of this template is under way"))?;
+        if at < m.files[0].size || sim_digest(&content) != m.files[0].digest {
+            st.imports.insert(id, (m, vec![0; content.len()], 0));
+            return Err(nestbox_proto::status(
+                ErrorCode::Internal,
+                "the copy is incomplete or damaged; copy it again",
+            ));
+        }
+        let record: SimRecord =
+            serde_json::from_slice(&m.record).map_err(|e| invalid(e.to_string()))?;
+        let template = record.template()?;
+        let out = template_info(&template);
+        st.templates.insert(id.clone(), template);
+        st.template_log
+            .push(TemplateCall::Import { template_id: id });
+        Ok(Response::new(CreateTemplateResponse {
+            template: Some(out),
+        }))
     }
 
     async fn get_sandbox_metrics(

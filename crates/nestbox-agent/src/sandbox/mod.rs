@@ -32,6 +32,7 @@
 //!   restore; those are released after that time, at shutdown, or when the VMM dies, and
 //!   the snapshot is untouched by that.
 
+mod copy;
 mod egress;
 mod launch;
 pub mod logs;
@@ -344,6 +345,8 @@ pub(crate) struct Inner {
     pub(crate) http: reqwest::Client,
     pub(crate) dns: Vec<std::net::Ipv4Addr>,
     pub(crate) templates: TemplateStore,
+    /// Templates being copied here from other hosts.
+    pub(crate) imports: crate::transfer::Imports,
     pub(crate) warm: warm::Warm,
     pub(crate) metrics: crate::metrics::Metrics,
     /// Started clones of snapshot templates for creates to take over.
@@ -449,6 +452,7 @@ impl Manager {
                 slots: parts.slots,
                 http: parts.http,
                 dns: parts.dns,
+                imports: crate::transfer::Imports::new(parts.templates.clone()),
                 templates: parts.templates,
                 metrics: crate::metrics::Metrics::start(),
                 sandboxes: Mutex::new(HashMap::new()),
@@ -590,7 +594,8 @@ impl Manager {
         self.inner.cfg.default_disk_mb
     }
 
-    /// Details of the built-in templates, for the control plane's catalogue.
+    /// Details of the built-in templates, for the control plane's catalogue, then of the
+    /// team templates stored here.
     pub fn template_infos(&self) -> Vec<nestbox_proto::hostagent::TemplateInfo> {
         self.templates()
             .into_iter()
@@ -605,8 +610,16 @@ impl Manager {
                     template_id: String::new(),
                     vcpus: 0,
                     memory_mb: 0,
+                    stored_at_unix_ms: 0,
                 })
             })
+            .chain(
+                self.inner
+                    .templates
+                    .list()
+                    .iter()
+                    .map(crate::grpc::template_info),
+            )
             .collect()
     }
 
@@ -626,6 +639,13 @@ impl Manager {
         }
         self.prune_bases().await;
         self.inner.templates.clean_staging();
+        let stale = self.inner.imports.sweep(crate::transfer::STALE_IMPORT);
+        if stale > 0 {
+            tracing::info!(
+                removed = stale,
+                "removed template copies left unfinished for a day"
+            );
+        }
         Ok(())
     }
 
@@ -1174,6 +1194,8 @@ impl Manager {
                 sandboxes: users.len(),
             });
         }
+        // A copy of it under way here goes too.
+        self.inner.imports.discard(template);
         if self.inner.templates.delete(&template.to_string())? {
             Ok(())
         } else {

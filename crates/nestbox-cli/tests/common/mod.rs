@@ -358,6 +358,22 @@ pub fn instance_slots(tag: &str) -> std::collections::BTreeSet<u32> {
         .unwrap_or_default()
 }
 
+/// The network slots of the agent instance `tag`, with the sandbox each is held for.
+pub fn instance_slot_holders(tag: &str) -> std::collections::BTreeMap<u32, String> {
+    std::fs::read_dir("/run/nestbox/slots")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let slot = e.file_name().to_str()?.parse().ok()?;
+                    let text = std::fs::read_to_string(e.path()).ok()?;
+                    let (owner, holder) = text.trim().split_once(' ')?;
+                    (owner == tag).then(|| (slot, holder.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The agent's instance tag for a data directory (same derivation as the agent).
 pub fn nestbox_agent_tag(agent_dir: &Path) -> String {
     use sha2::Digest;

@@ -6,6 +6,7 @@
 //! writes an audit entry for every change.
 
 pub mod auditlog;
+pub mod copies;
 pub mod egress;
 pub mod fork;
 pub mod hosts;

@@ -521,37 +521,36 @@ impl Services {
             None => EgressRules::default(),
         };
 
-        let mut candidates = self.candidates(caller.team).await?;
-        // A template stored on one host can only start there.
-        if let Some(home) = template.host_id {
-            candidates.retain(|c| c.host == home);
-            if candidates.is_empty() {
-                return Err(ApiError::new(
-                    ErrorCode::HostUnavailable,
-                    format!("the host holding template `{name}` is not online; retry later"),
-                ));
-            }
-        }
+        let candidates = self.candidates(caller.team).await?;
         let demand = Demand {
             memory_mb,
             overcommit: self.cfg.memory_overcommit,
         };
+        // A template whose files live on hosts starts on one that holds them if one has
+        // room; otherwise on another host of the pool, which gets a copy first.
+        let holders = match template.host_id {
+            Some(_) => templates::holders(&self.db, template.id).await?,
+            None => Vec::new(),
+        };
+        let holding: Vec<Candidate> = candidates
+            .iter()
+            .filter(|c| holders.contains(&c.host))
+            .cloned()
+            .collect();
         let placed = self
             .scheduler
-            .pick(&candidates, &demand)
+            .pick(&holding, &demand)
+            .or_else(|| self.scheduler.pick(&candidates, &demand))
             .cloned()
             .ok_or_else(|| {
-                let message = match template.host_id {
-                    Some(_) => format!(
-                        "the host holding template `{name}` has no room right now; retry later"
-                    ),
-                    None if candidates.is_empty() => {
+                let message = match () {
+                    () if candidates.is_empty() => {
                         "no host of this team's pool is online; retry later".into()
                     }
-                    None if candidates.iter().any(Candidate::has_slot) => format!(
+                    () if candidates.iter().any(Candidate::has_slot) => format!(
                         "no host has guest memory for {memory_mb} MiB more right now; retry later"
                     ),
-                    None => "no host has room for this sandbox right now; retry later".into(),
+                    () => "no host has room for this sandbox right now; retry later".into(),
                 };
                 ApiError::new(ErrorCode::NoCapacity, message)
             })?;
@@ -617,11 +616,32 @@ impl Services {
         let db = self.db.clone();
         let host = placed.host;
         let timeout = self.cfg.create_timeout;
+        // A host that lacks the template's files gets a copy first.
+        let copy = (!holders.contains(&host) && template.host_id.is_some())
+            .then(|| (self.copier(), template.clone()));
         // Detached: the outcome is recorded even if the client disconnects meanwhile.
         let outcome = tokio::spawn(async move {
-            let mut rpc = tonic::Request::new(request);
-            rpc.set_timeout(timeout);
-            match client.create_sandbox(rpc).await {
+            let copied = match copy {
+                Some((copier, template)) => copier.ensure(&template, host, &client).await,
+                None => Ok(()),
+            };
+            let created = match copied {
+                Ok(()) => {
+                    let mut rpc = tonic::Request::new(request);
+                    rpc.set_timeout(timeout);
+                    client.create_sandbox(rpc).await.map_err(|s| {
+                        let err = from_agent(&s);
+                        let reason = format!("{}: {}", err.code, s.message());
+                        (err, reason)
+                    })
+                }
+                Err(err) => {
+                    let reason =
+                        format!("{}: copying its template here: {}", err.code, err.message);
+                    Err((err, reason))
+                }
+            };
+            match created {
                 Ok(resp) => {
                     let started = resp
                         .into_inner()
@@ -639,9 +659,7 @@ impl Services {
                         Err(e) => Err(ApiError::from(e)),
                     }
                 }
-                Err(status) => {
-                    let err = from_agent(&status);
-                    let reason = format!("{}: {}", err.code, status.message());
+                Err((err, reason)) => {
                     if let Err(e) = sandboxes::transition(
                         &db,
                         id,

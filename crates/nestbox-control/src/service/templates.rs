@@ -7,7 +7,8 @@
 //! - **team templates** are made from a team's running or paused sandbox
 //!   (`POST /v1/snapshots`): kind `snapshot` (memory and disk: sandboxes from it continue
 //!   where it was, on the same machine size) or `image` (the disk: sandboxes boot from it).
-//!   Their files stay on the sandbox's host (`host_id`), where sandboxes from them start.
+//!   Their files are made on the sandbox's host (`host_id`) and copied to other hosts of the
+//!   team's pool as sandboxes from them are placed there ([`super::copies`]).
 //!
 //! A team sees its own templates and the platform's. Rules:
 //! - names are [`is_valid_template_name`] and unique per team; a platform template's name is
@@ -276,17 +277,22 @@ impl Services {
         Ok(())
     }
 
-    /// The hosts holding a template's files: its host, or every online host for templates
-    /// every host has.
+    /// The online hosts holding a template's files: those it was made on or copied to, or
+    /// every online host for templates every host has. (One that is away deletes the files
+    /// of a deleted template when it returns: [`Services::sweep_orphan_templates`].)
     async fn template_hosts(
         &self,
         t: &templates::Template,
     ) -> ApiResult<Vec<(HostId, AgentClient)>> {
-        if t.host_id.is_some() {
-            return Ok(vec![self.agent_for(t.host_id).await?]);
-        }
+        let holders = match t.host_id {
+            Some(_) => Some(templates::holders(&self.db, t.id).await?),
+            None => None,
+        };
         let mut out = Vec::new();
         for h in hosts::list_online(&self.db).await? {
+            if holders.as_ref().is_some_and(|held| !held.contains(&h.id)) {
+                continue;
+            }
             if let Some(address) = &h.address {
                 out.push((h.id, self.pool.client(h.id, address)?));
             }
@@ -483,18 +489,14 @@ impl Services {
         removed
     }
 
-    /// Asks a platform host which templates it can boot and records them as platform
-    /// templates (a BYOC host's answer is not asked for).
+    /// Asks a host which templates it holds: team templates that no longer exist are
+    /// deleted there ([`Services::sweep_orphan_templates`]); a platform host's built-in
+    /// templates are recorded as platform templates (a BYOC host's never are).
     pub async fn sync_host_templates(&self, host: HostId, address: &str) -> ApiResult<usize> {
-        // A team's own host (BYOC) is run by that team: what it reports never defines the
-        // platform's templates.
-        if nestbox_db::hosts::get(&self.db, host)
+        let byoc = nestbox_db::hosts::get(&self.db, host)
             .await?
             .team_id
-            .is_some()
-        {
-            return Ok(0);
-        }
+            .is_some();
         let mut client = self.pool.client(host, address)?;
         let mut req = tonic::Request::new(PingRequest {});
         req.set_timeout(std::time::Duration::from_secs(10));
@@ -503,6 +505,13 @@ impl Services {
             .await
             .map_err(|s| from_agent(&s))?
             .into_inner();
+        self.sweep_orphan_templates(host, &mut client, &ping.template_infos)
+            .await?;
+        // A team's own host (BYOC) is run by that team: what it reports never defines the
+        // platform's templates.
+        if byoc {
+            return Ok(0);
+        }
         let mut n = 0;
         for info in &ping.template_infos {
             // Team templates stored on the host are recorded when they are made.

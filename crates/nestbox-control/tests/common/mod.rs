@@ -90,6 +90,9 @@ pub struct Options {
     pub host_access_ttl: Duration,
     /// The placement policy.
     pub scheduler: nestbox_control::scheduler::Policy,
+    /// Deadline of template calls (and how old files of a template that no longer exists
+    /// must be before a host's are deleted).
+    pub template_timeout: Duration,
 }
 
 impl Default for Options {
@@ -103,6 +106,7 @@ impl Default for Options {
             create_timeout: Duration::from_secs(180),
             host_access_ttl: Duration::from_secs(7 * 24 * 3600),
             scheduler: Default::default(),
+            template_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -211,6 +215,7 @@ impl Harness {
         cfg.create_timeout = opts.create_timeout;
         cfg.host_access_ttl = opts.host_access_ttl;
         cfg.scheduler = opts.scheduler;
+        cfg.template_timeout = opts.template_timeout;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
         let base = cp.url();

@@ -227,6 +227,20 @@ fn copy_into(s: &File, d: &File) -> io::Result<Placement> {
     Ok(Placement::Copied)
 }
 
+/// The first region of data of `f` at or after `from`, as `[start, end)` (`end` at most
+/// `size`); `None` when only holes follow. Filesystems without hole support report
+/// everything as data.
+pub fn next_data(f: &File, from: u64, size: u64) -> io::Result<Option<(u64, u64)>> {
+    if from >= size {
+        return Ok(None);
+    }
+    let Some(start) = seek(f, from, libc::SEEK_DATA)?.filter(|s| *s < size) else {
+        return Ok(None);
+    };
+    let end = seek(f, start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+    Ok(Some((start, end.max(start + 1).min(size))))
+}
+
 /// `lseek(SEEK_DATA | SEEK_HOLE)`; `None` past the last data. Filesystems without hole
 /// support report everything as data.
 fn seek(f: &File, from: u64, whence: i32) -> io::Result<Option<u64>> {

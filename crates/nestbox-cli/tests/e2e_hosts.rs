@@ -1,0 +1,358 @@
+//! A fleet on one machine: the control plane (`nestbox server`) on PostgreSQL and several
+//! host agents (`nestbox agent`), each its own process with its own data directory, in a
+//! network namespace of its own with an address of its own on a bridge (a "host" per
+//! namespace), with real VMs.
+//!
+//! A template made on one host starts sandboxes on another: the control plane copies its
+//! files there (a memory snapshot: the new sandbox carries on with the template's disk and
+//! memory), and deleting the template deletes them on every host.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_instance_clean, eventually, nestbox_agent_tag, sh_ok};
+use nestbox_client::Client;
+use nestbox_types::api::{CreateSandboxRequest, CreateSnapshotRequest};
+use nestbox_types::{HostId, HostStatus, TemplateKind};
+
+/// Port every agent listens on, in its own namespace.
+const AGENT_PORT: u16 = 7070;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A bridge in the root namespace, the control plane on its address, and one namespace
+/// per host plugged into it.
+struct Fleet {
+    dir: tempfile::TempDir,
+    /// Interface and namespace names start with it.
+    prefix: String,
+    /// The bridge's /24, as `10.251.N`.
+    net: String,
+    url: String,
+    server: Option<Child>,
+    agents: Vec<Option<Child>>,
+}
+
+impl Fleet {
+    fn new(hosts: usize) -> Fleet {
+        let dir = tempfile::Builder::new()
+            .prefix("nbx-hosts-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let id: u16 = rand_u16();
+        let prefix = format!("nbf{:04x}", id);
+        let net = format!("10.251.{}", id % 250);
+        let bridge = prefix.clone();
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{net}.1/24"), "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
+        let port = {
+            let l = std::net::TcpListener::bind(format!("{net}.1:0")).unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut fleet = Fleet {
+            url: format!("http://{net}.1:{port}"),
+            dir,
+            prefix,
+            net,
+            server: None,
+            agents: Vec::new(),
+        };
+        for n in 0..hosts {
+            let ns = fleet.netns(n);
+            let outside = format!("{}v{n}", fleet.prefix);
+            let inside = format!("{}p{n}", fleet.prefix);
+            ip(&["netns", "add", &ns]);
+            ip(&[
+                "link", "add", &outside, "type", "veth", "peer", "name", &inside,
+            ]);
+            ip(&["link", "set", &inside, "netns", &ns]);
+            ip(&["link", "set", &outside, "master", &bridge, "up"]);
+            ip(&["-n", &ns, "link", "set", &inside, "name", "uplink"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", fleet.host_ip(n)),
+                "dev",
+                "uplink",
+            ]);
+            ip(&["-n", &ns, "link", "set", "uplink", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            fleet.agents.push(None);
+        }
+        fleet
+    }
+
+    fn netns(&self, n: usize) -> String {
+        format!("{}h{n}", self.prefix)
+    }
+
+    fn host_ip(&self, n: usize) -> String {
+        format!("{}.{}", self.net, 10 + n)
+    }
+
+    fn agent_dir(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-{n}"))
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .unwrap()
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Starts the control plane on `database` and returns the first admin's client.
+    async fn start_server(&mut self, database: &str) -> Client {
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let child = Command::new(env!("CARGO_BIN_EXE_nestbox"))
+            .args(["server", "--listen", &listen, "--database-url", database])
+            .arg("--secret-file")
+            .arg(self.dir.path().join("secret.key"))
+            .arg("--admin-env")
+            .arg(self.dir.path().join("admin.env"))
+            .env("NESTBOX_LOG", "info,tower_http=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(self.log("server"))
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+        let path = self.dir.path().join("admin.env");
+        let env = eventually(Duration::from_secs(60), "admin.env", || async {
+            std::fs::read_to_string(&path)
+                .ok()
+                .filter(|t| t.contains("NESTBOX_API_KEY="))
+        })
+        .await;
+        let get = |key: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap()
+                .to_string()
+        };
+        let anon = Client::new(&self.url).unwrap();
+        let login = eventually(
+            Duration::from_secs(60),
+            "the first admin's login",
+            || async {
+                anon.login(&get("NESTBOX_ADMIN_EMAIL"), &get("NESTBOX_ADMIN_PASSWORD"))
+                    .await
+                    .ok()
+            },
+        )
+        .await;
+        anon.with_token(login.token)
+    }
+
+    /// Starts host `n`'s agent in its namespace, registering with `token`.
+    fn start_agent(&mut self, n: usize, token: &str) {
+        let addr = format!("{}:{AGENT_PORT}", self.host_ip(n));
+        // Only the network namespace: `ip netns exec` would also remount /sys, hiding the
+        // cgroup hierarchies the agent confines VMMs with.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns(n)))
+            .arg(env!("CARGO_BIN_EXE_nestbox"))
+            .args([
+                "agent",
+                "--control-plane",
+                &self.url,
+                "--register-token",
+                token,
+            ])
+            .arg("--data-dir")
+            .arg(self.agent_dir(n))
+            .arg("--images-dir")
+            .arg(common::images_dir())
+            .args(["--listen", &addr, "--advertise", &format!("http://{addr}")])
+            .env("NESTBOX_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("agent-{n}")))
+            .spawn()
+            .unwrap();
+        self.agents[n] = Some(child);
+    }
+
+    fn stop(child: &mut Option<Child>) -> Option<std::process::ExitStatus> {
+        let mut child = child.take()?;
+        // SAFETY: kill(2) on our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log_tail("server"));
+            for n in 0..self.agents.len() {
+                eprintln!(
+                    "--- agent {n} log ---\n{}",
+                    self.log_tail(&format!("agent-{n}"))
+                );
+            }
+        }
+        for n in 0..self.agents.len() {
+            Fleet::stop(&mut self.agents[n]);
+        }
+        Fleet::stop(&mut self.server);
+        for n in 0..self.agents.len() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns(n)])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.prefix])
+            .status();
+    }
+}
+
+fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    getrandom::fill(&mut b).unwrap();
+    u16::from_le_bytes(b)
+}
+
+/// The files of template `id` in an agent's data directory.
+fn template_dir(agent_dir: &Path, id: impl std::fmt::Display) -> PathBuf {
+    agent_dir.join("templates").join(id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_template_made_on_one_host_starts_sandboxes_on_another() {
+    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let mut fleet = Fleet::new(2);
+    let admin = fleet.start_server(&database).await;
+    for n in 0..2 {
+        let created = admin.create_host(&format!("host-{n}")).await.unwrap();
+        fleet.start_agent(n, &created.registration_token);
+    }
+    let hosts: Vec<HostId> = eventually(Duration::from_secs(240), "both hosts online", || async {
+        let list = admin.list_hosts().await.ok()?.items;
+        (list.len() == 2 && list.iter().all(|h| h.status == HostStatus::Online))
+            .then(|| list.iter().map(|h| h.id).collect())
+    })
+    .await;
+    let ready = format!("{}/health/ready", fleet.url);
+    eventually(Duration::from_secs(120), "the platform ready", || async {
+        reqwest::get(&ready)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+            .then_some(())
+    })
+    .await;
+
+    // A sandbox with state on disk and in memory becomes a template on its host.
+    let made = admin
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+    sh_ok(
+        &admin,
+        made.id,
+        "echo disk > /root/mark && echo memory > /dev/shm/mark && sync",
+    )
+    .await;
+    let template = admin
+        .create_snapshot(&CreateSnapshotRequest {
+            sandbox_id: made.id,
+            name: "carried".into(),
+            kind: Some(TemplateKind::Snapshot),
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    admin.destroy_sandbox(made.id).await.unwrap();
+    let home = made.host_id.unwrap();
+    let n_home = hosts.iter().position(|h| *h == home).unwrap();
+    let n_other = 1 - n_home;
+    let other = hosts[n_other];
+    assert!(template_dir(&fleet.agent_dir(n_home), template.id).exists());
+    assert!(!template_dir(&fleet.agent_dir(n_other), template.id).exists());
+
+    // Its host takes no new sandboxes: one from the template starts on the other host,
+    // which gets the template's files first, and carries on where the template was.
+    admin.drain_host(home, true).await.unwrap();
+    let started = Instant::now();
+    let moved = admin
+        .create_sandbox(&CreateSandboxRequest {
+            template: Some("carried".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eprintln!(
+        "a sandbox from a template made on another host (copy included) started in {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(moved.host_id, Some(other));
+    assert!(
+        template_dir(&fleet.agent_dir(n_other), template.id)
+            .join("template.json")
+            .exists()
+    );
+    assert_eq!(
+        sh_ok(&admin, moved.id, "cat /root/mark /dev/shm/mark").await,
+        "disk\nmemory\n"
+    );
+
+    // Both hold it now; deleting it deletes it on both.
+    admin.drain_host(home, false).await.unwrap();
+    admin.destroy_sandbox(moved.id).await.unwrap();
+    admin.delete_snapshot("carried").await.unwrap();
+    for n in 0..2 {
+        assert!(
+            !template_dir(&fleet.agent_dir(n), template.id).exists(),
+            "host {n} keeps the files"
+        );
+    }
+
+    let tags: Vec<String> = (0..2)
+        .map(|n| nestbox_agent_tag(&fleet.agent_dir(n)))
+        .collect();
+    for n in 0..2 {
+        let status = Fleet::stop(&mut fleet.agents[n]);
+        assert!(status.is_some_and(|s| s.success()), "agent {n}: {status:?}");
+    }
+    drop(fleet);
+    for tag in tags {
+        assert_instance_clean(&tag);
+    }
+}

@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub slots_dir: PathBuf,
     /// Heartbeat period.
     pub heartbeat_interval: Duration,
+    /// How long without reaching the control plane before every running sandbox is
+    /// paused with its memory; `None`: never.
+    pub pause_all_after: Option<Duration>,
     /// Built-in templates to keep a warm snapshot of (default creates restore from it).
     pub warm_templates: Vec<String>,
     /// Where warm snapshots live (machine-wide, shared by every agent on the host).
@@ -101,6 +104,7 @@ impl AgentConfig {
             unconfined: false,
             slots_dir: PathBuf::from("/run/nestbox/slots"),
             heartbeat_interval: Duration::from_secs(15),
+            pause_all_after: Some(Duration::from_secs(300)),
             warm_templates: vec![nestbox_types::limits::DEFAULT_TEMPLATE.to_string()],
             warm_dir: PathBuf::from("/var/cache/nestbox/warm"),
             memory_root: PathBuf::from("/dev/shm"),

@@ -444,8 +444,24 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     if let Err(e) = session.heartbeat(&url, report()).await {
         tracing::warn!(error = %e, "first heartbeat failed; retrying in the background");
     }
+    let lost = cfg.pause_all_after.map(|after| {
+        let manager = manager.clone();
+        register::LostContact {
+            after,
+            pause: Box::new(move || {
+                let manager = manager.clone();
+                Box::pin(async move {
+                    let paused = manager.pause_running().await;
+                    tracing::warn!(
+                        paused = paused.len(),
+                        "sandboxes paused while the control plane is away"
+                    );
+                })
+            }),
+        }
+    });
     let heartbeat =
-        tokio::spawn(session.heartbeat_loop(url.clone(), cfg.heartbeat_interval, report));
+        tokio::spawn(session.heartbeat_loop(url.clone(), cfg.heartbeat_interval, report, lost));
     manager.warm_up();
     tracing::info!(%addr, host = %creds.host_id, "host agent serving");
     Ok(RunningAgent {

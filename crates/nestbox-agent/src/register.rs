@@ -245,6 +245,18 @@ pub async fn ensure(
     Ok(creds)
 }
 
+/// How long one heartbeat may take (a partitioned network must not hang the loop).
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the agent does when it cannot reach its control plane for long (see
+/// [`HostSession::heartbeat_loop`]).
+pub struct LostContact {
+    /// How long without a successful heartbeat.
+    pub after: Duration,
+    /// What to do then (pause every running sandbox).
+    pub pause: Box<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+}
+
 /// The agent's credentials while it runs: heartbeats, and the refreshes they need.
 pub struct HostSession {
     http: reqwest::Client,
@@ -401,6 +413,7 @@ impl HostSession {
             .http
             .post(&url)
             .bearer_auth(token)
+            .timeout(HEARTBEAT_TIMEOUT)
             .json(&body)
             .send()
             .await
@@ -411,15 +424,20 @@ impl HostSession {
         }
     }
 
-    /// Sends a heartbeat every `interval` until the task is aborted.
+    /// Sends a heartbeat every `interval` until the task is aborted. When heartbeats
+    /// (refreshes included) have failed for `lost.after`, runs `lost.pause` once per
+    /// outage.
     pub async fn heartbeat_loop(
         self: std::sync::Arc<Self>,
         address: String,
         interval: Duration,
         report: impl Fn() -> HostReport + Send + 'static,
+        lost: Option<LostContact>,
     ) {
         let mut tick = tokio::time::interval(interval);
         let mut failing = false;
+        let mut last_ok = std::time::Instant::now();
+        let mut paused = false;
         loop {
             tick.tick().await;
             match self.heartbeat(&address, report()).await {
@@ -427,7 +445,14 @@ impl HostSession {
                     if failing {
                         tracing::info!("heartbeats reach the control plane again");
                     }
+                    if paused {
+                        tracing::info!(
+                            "the sandboxes paused while the control plane was away stay paused until resumed"
+                        );
+                    }
                     failing = false;
+                    paused = false;
+                    last_ok = std::time::Instant::now();
                 }
                 Err(e) => {
                     if !failing {
@@ -438,6 +463,17 @@ impl HostSession {
                         }
                     }
                     failing = true;
+                    if let Some(lost) = &lost
+                        && !paused
+                        && last_ok.elapsed() >= lost.after
+                    {
+                        tracing::warn!(
+                            secs = last_ok.elapsed().as_secs(),
+                            "the control plane is out of reach: pausing every running sandbox with its memory"
+                        );
+                        (lost.pause)().await;
+                        paused = true;
+                    }
                 }
             }
         }

@@ -3,9 +3,12 @@
 //! network namespace of its own with an address of its own on a bridge (a "host" per
 //! namespace), with real VMs.
 //!
-//! A template made on one host starts sandboxes on another: the control plane copies its
-//! files there (a memory snapshot: the new sandbox carries on with the template's disk and
-//! memory), and deleting the template deletes them on every host.
+//! - A template made on one host starts sandboxes on another: the control plane copies its
+//!   files there (a memory snapshot: the new sandbox carries on with the template's disk
+//!   and memory), and deleting the template deletes them on every host.
+//! - A host cut off from the control plane for longer than its pause-all threshold pauses
+//!   its running sandboxes with their memory; once the network heals the control plane
+//!   sees them paused, and they resume where they were.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -169,6 +172,11 @@ impl Fleet {
 
     /// Starts host `n`'s agent in its namespace, registering with `token`.
     fn start_agent(&mut self, n: usize, token: &str) {
+        self.start_agent_with(n, token, &[]);
+    }
+
+    /// [`Fleet::start_agent`] with more flags.
+    fn start_agent_with(&mut self, n: usize, token: &str, flags: &[&str]) {
         let addr = format!("{}:{AGENT_PORT}", self.host_ip(n));
         // Only the network namespace: `ip netns exec` would also remount /sys, hiding the
         // cgroup hierarchies the agent confines VMMs with.
@@ -187,6 +195,7 @@ impl Fleet {
             .arg("--images-dir")
             .arg(common::images_dir())
             .args(["--listen", &addr, "--advertise", &format!("http://{addr}")])
+            .args(flags)
             .env("NESTBOX_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -243,6 +252,57 @@ impl Drop for Fleet {
     }
 }
 
+/// Cuts host `n` off the bridge (`false`) or plugs it back (`true`).
+fn plug(fleet: &Fleet, n: usize, up: bool) {
+    let link = format!("{}v{n}", fleet.prefix);
+    ip(&["link", "set", &link, if up { "up" } else { "down" }]);
+}
+
+/// Registers and starts `hosts` agents (with `flags`), waits until all are online and
+/// the platform is ready; returns their ids in order.
+async fn join(fleet: &mut Fleet, admin: &Client, hosts: usize, flags: &[&str]) -> Vec<HostId> {
+    let mut ids = Vec::new();
+    for n in 0..hosts {
+        let created = admin.create_host(&format!("host-{n}")).await.unwrap();
+        ids.push(created.host.id);
+        fleet.start_agent_with(n, &created.registration_token, flags);
+    }
+    eventually(Duration::from_secs(240), "every host online", || async {
+        let list = admin.list_hosts().await.ok()?.items;
+        ids.iter()
+            .all(|id| {
+                list.iter()
+                    .any(|h| h.id == *id && h.status == HostStatus::Online)
+            })
+            .then_some(())
+    })
+    .await;
+    let ready = format!("{}/health/ready", fleet.url);
+    eventually(Duration::from_secs(120), "the platform ready", || async {
+        reqwest::get(&ready)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+            .then_some(())
+    })
+    .await;
+    ids
+}
+
+/// Stops every agent gracefully, then the fleet, and checks nothing of theirs is left.
+fn finish(mut fleet: Fleet, hosts: usize) {
+    let tags: Vec<String> = (0..hosts)
+        .map(|n| nestbox_agent_tag(&fleet.agent_dir(n)))
+        .collect();
+    for n in 0..hosts {
+        let status = Fleet::stop(&mut fleet.agents[n]);
+        assert!(status.is_some_and(|s| s.success()), "agent {n}: {status:?}");
+    }
+    drop(fleet);
+    for tag in tags {
+        assert_instance_clean(&tag);
+    }
+}
+
 fn rand_u16() -> u16 {
     let mut b = [0u8; 2];
     getrandom::fill(&mut b).unwrap();
@@ -260,24 +320,7 @@ async fn a_template_made_on_one_host_starts_sandboxes_on_another() {
     let database = pg.fresh_database().await.unwrap();
     let mut fleet = Fleet::new(2);
     let admin = fleet.start_server(&database).await;
-    for n in 0..2 {
-        let created = admin.create_host(&format!("host-{n}")).await.unwrap();
-        fleet.start_agent(n, &created.registration_token);
-    }
-    let hosts: Vec<HostId> = eventually(Duration::from_secs(240), "both hosts online", || async {
-        let list = admin.list_hosts().await.ok()?.items;
-        (list.len() == 2 && list.iter().all(|h| h.status == HostStatus::Online))
-            .then(|| list.iter().map(|h| h.id).collect())
-    })
-    .await;
-    let ready = format!("{}/health/ready", fleet.url);
-    eventually(Duration::from_secs(120), "the platform ready", || async {
-        reqwest::get(&ready)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-            .then_some(())
-    })
-    .await;
+    let hosts = join(&mut fleet, &admin, 2, &[]).await;
 
     // A sandbox with state on disk and in memory becomes a template on its host.
     let made = admin
@@ -344,15 +387,72 @@ async fn a_template_made_on_one_host_starts_sandboxes_on_another() {
         );
     }
 
-    let tags: Vec<String> = (0..2)
-        .map(|n| nestbox_agent_tag(&fleet.agent_dir(n)))
-        .collect();
-    for n in 0..2 {
-        let status = Fleet::stop(&mut fleet.agents[n]);
-        assert!(status.is_some_and(|s| s.success()), "agent {n}: {status:?}");
-    }
-    drop(fleet);
-    for tag in tags {
-        assert_instance_clean(&tag);
-    }
+    finish(fleet, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_cut_off_pauses_its_sandboxes_and_they_resume_after() {
+    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let mut fleet = Fleet::new(1);
+    let admin = fleet.start_server(&database).await;
+    join(&mut fleet, &admin, 1, &["--pause-all-after-secs", "5"]).await;
+    let sb = admin
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+    sh_ok(
+        &admin,
+        sb.id,
+        "echo kept > /dev/shm/mark; nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done' >/dev/null 2>&1 &",
+    )
+    .await;
+
+    // The network between the host and the control plane breaks.
+    plug(&fleet, 0, false);
+    let state = fleet
+        .agent_dir(0)
+        .join("sandboxes")
+        .join(sb.id.to_string())
+        .join("state.json");
+    eventually(
+        Duration::from_secs(120),
+        "the host pausing its sandbox on its own",
+        || async {
+            let st: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
+            (st["phase"] == "paused").then_some(())
+        },
+    )
+    .await;
+
+    // It heals: the control plane sees the sandbox paused; it resumes where it was.
+    plug(&fleet, 0, true);
+    eventually(
+        Duration::from_secs(120),
+        "the control plane seeing it paused",
+        || async {
+            let got = admin.get_sandbox(sb.id).await.ok()?;
+            (got.status == nestbox_types::SandboxStatus::Paused).then_some(())
+        },
+    )
+    .await;
+    let count = |out: String| out.trim().parse::<u64>().unwrap();
+    admin.resume_sandbox(sb.id).await.unwrap();
+    assert_eq!(
+        sh_ok(&admin, sb.id, "cat /dev/shm/mark").await.trim(),
+        "kept"
+    );
+    let before = count(sh_ok(&admin, sb.id, "cat /tmp/count").await);
+    eventually(
+        Duration::from_secs(30),
+        "its process counting on",
+        || async {
+            let now = count(sh_ok(&admin, sb.id, "cat /tmp/count").await);
+            (now > before).then_some(())
+        },
+    )
+    .await;
+    admin.destroy_sandbox(sb.id).await.unwrap();
+    finish(fleet, 1);
 }

@@ -1266,6 +1266,33 @@ impl Manager {
         (paused, destroyed)
     }
 
+    /// Pauses every running sandbox with its memory because the control plane has been out
+    /// of reach for long (the seed's PauseAll): nothing runs unobserved and unbilled, and
+    /// nothing is lost. They stay paused, marked as paused by the host, until resumed on
+    /// request once the control plane is back (it sees them paused when it reconciles).
+    /// Unlike [`Self::pause_all`], the agent stays open. Returns the ids paused.
+    pub async fn pause_running(&self) -> Vec<SandboxId> {
+        let mut paused = Vec::new();
+        for h in self.list() {
+            if h.state() != State::Running {
+                continue;
+            }
+            let id = h.facts.id;
+            match h
+                .request(|reply| Command::Pause { auto: true, reply })
+                .await
+            {
+                Ok(()) => paused.push(id),
+                // It keeps running: better than destroying what the control plane did not
+                // ask to end.
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %e.public_message(), "pausing while the control plane is away failed")
+                }
+            }
+        }
+        paused
+    }
+
     /// Lets go of every sandbox without touching it (an upgrade restart): VMMs, networks
     /// and files stay as they are for the next run to take back ([`crate::cleanup`]).
     /// Pooled clones stay too; internal sandboxes (warm-up builds) are destroyed.

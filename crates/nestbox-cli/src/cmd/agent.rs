@@ -44,6 +44,10 @@ pub struct AgentArgs {
     /// Most sandboxes at once.
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: u32,
+    /// After this many seconds without reaching the control plane, pause every running
+    /// sandbox with its memory (they resume on request once it is back); 0: never.
+    #[arg(long, env = "NESTBOX_PAUSE_ALL_AFTER_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=7 * 24 * 3600))]
+    pub pause_all_after_secs: u64,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -136,6 +140,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     cfg.listen = args.listen;
     cfg.advertise_url = args.advertise;
     cfg.max_sandboxes = args.max_sandboxes;
+    cfg.pause_all_after = (args.pause_all_after_secs > 0)
+        .then(|| std::time::Duration::from_secs(args.pause_all_after_secs));
     args.host.apply(&mut cfg);
     // Listening from the start: a stop during start-up is a clean stop once started.
     let stop = tokio::spawn(super::server::shutdown_signal());

@@ -170,12 +170,7 @@ impl Fleet {
         anon.with_token(login.token)
     }
 
-    /// Starts host `n`'s agent in its namespace, registering with `token`.
-    fn start_agent(&mut self, n: usize, token: &str) {
-        self.start_agent_with(n, token, &[]);
-    }
-
-    /// [`Fleet::start_agent`] with more flags.
+    /// Starts host `n`'s agent in its namespace, registering with `token`, with `flags`.
     fn start_agent_with(&mut self, n: usize, token: &str, flags: &[&str]) {
         let addr = format!("{}:{AGENT_PORT}", self.host_ip(n));
         // Only the network namespace: `ip netns exec` would also remount /sys, hiding the

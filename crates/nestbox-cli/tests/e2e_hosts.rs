@@ -6,6 +6,9 @@
 //! - A template made on one host starts sandboxes on another: the control plane copies its
 //!   files there (a memory snapshot: the new sandbox carries on with the template's disk
 //!   and memory), and deleting the template deletes them on every host.
+//! - An agent killed with `kill -9`: its host becomes `unreachable` and its sandboxes
+//!   `missing`, new sandboxes go to the other host; restarted, it takes its VMMs back and
+//!   they are `running` (or `paused`) again with nothing lost.
 //! - A host cut off from the control plane for longer than its pause-all threshold pauses
 //!   its running sandboxes with their memory; once the network heals the control plane
 //!   sees them paused, and they resume where they were.
@@ -127,11 +130,13 @@ impl Fleet {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    /// Starts the control plane on `database` and returns the first admin's client.
-    async fn start_server(&mut self, database: &str) -> Client {
+    /// Starts the control plane on `database` (with `flags`) and returns the first admin's
+    /// client.
+    async fn start_server(&mut self, database: &str, flags: &[&str]) -> Client {
         let listen = self.url.trim_start_matches("http://").to_string();
         let child = Command::new(env!("CARGO_BIN_EXE_nestbox"))
             .args(["server", "--listen", &listen, "--database-url", database])
+            .args(flags)
             .arg("--secret-file")
             .arg(self.dir.path().join("secret.key"))
             .arg("--admin-env")
@@ -170,21 +175,17 @@ impl Fleet {
         anon.with_token(login.token)
     }
 
-    /// Starts host `n`'s agent in its namespace, registering with `token`, with `flags`.
-    fn start_agent_with(&mut self, n: usize, token: &str, flags: &[&str]) {
+    /// Starts host `n`'s agent in its namespace (registering with `token` the first time),
+    /// with `flags`.
+    fn start_agent_with(&mut self, n: usize, token: Option<&str>, flags: &[&str]) {
         let addr = format!("{}:{AGENT_PORT}", self.host_ip(n));
         // Only the network namespace: `ip netns exec` would also remount /sys, hiding the
         // cgroup hierarchies the agent confines VMMs with.
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns(n)))
             .arg(env!("CARGO_BIN_EXE_nestbox"))
-            .args([
-                "agent",
-                "--control-plane",
-                &self.url,
-                "--register-token",
-                token,
-            ])
+            .args(["agent", "--control-plane", &self.url])
+            .args(token.map(|t| ["--register-token", t]).into_iter().flatten())
             .arg("--data-dir")
             .arg(self.agent_dir(n))
             .arg("--images-dir")
@@ -260,7 +261,7 @@ async fn join(fleet: &mut Fleet, admin: &Client, hosts: usize, flags: &[&str]) -
     for n in 0..hosts {
         let created = admin.create_host(&format!("host-{n}")).await.unwrap();
         ids.push(created.host.id);
-        fleet.start_agent_with(n, &created.registration_token, flags);
+        fleet.start_agent_with(n, Some(&created.registration_token), flags);
     }
     eventually(Duration::from_secs(240), "every host online", || async {
         let list = admin.list_hosts().await.ok()?.items;
@@ -314,7 +315,7 @@ async fn a_template_made_on_one_host_starts_sandboxes_on_another() {
     let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
     let database = pg.fresh_database().await.unwrap();
     let mut fleet = Fleet::new(2);
-    let admin = fleet.start_server(&database).await;
+    let admin = fleet.start_server(&database, &[]).await;
     let hosts = join(&mut fleet, &admin, 2, &[]).await;
 
     // A sandbox with state on disk and in memory becomes a template on its host.
@@ -390,18 +391,13 @@ async fn a_host_cut_off_pauses_its_sandboxes_and_they_resume_after() {
     let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
     let database = pg.fresh_database().await.unwrap();
     let mut fleet = Fleet::new(1);
-    let admin = fleet.start_server(&database).await;
+    let admin = fleet.start_server(&database, &[]).await;
     join(&mut fleet, &admin, 1, &["--pause-all-after-secs", "5"]).await;
     let sb = admin
         .create_sandbox(&CreateSandboxRequest::default())
         .await
         .unwrap();
-    sh_ok(
-        &admin,
-        sb.id,
-        "echo kept > /dev/shm/mark; nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done' >/dev/null 2>&1 &",
-    )
-    .await;
+    leave_state(&admin, sb.id).await;
 
     // The network between the host and the control plane breaks.
     plug(&fleet, 0, false);
@@ -432,22 +428,109 @@ async fn a_host_cut_off_pauses_its_sandboxes_and_they_resume_after() {
         },
     )
     .await;
-    let count = |out: String| out.trim().parse::<u64>().unwrap();
     admin.resume_sandbox(sb.id).await.unwrap();
-    assert_eq!(
-        sh_ok(&admin, sb.id, "cat /dev/shm/mark").await.trim(),
-        "kept"
-    );
-    let before = count(sh_ok(&admin, sb.id, "cat /tmp/count").await);
+    state_kept(&admin, sb.id).await;
+    admin.destroy_sandbox(sb.id).await.unwrap();
+    finish(fleet, 1);
+}
+
+/// Starts a counter in the background of sandbox `id` and marks its memory.
+async fn leave_state(admin: &Client, id: nestbox_types::SandboxId) {
+    sh_ok(
+        admin,
+        id,
+        "echo kept > /dev/shm/mark; nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done' >/dev/null 2>&1 &",
+    )
+    .await;
+}
+
+/// Checks what [`leave_state`] left: the mark, and the counter still counting.
+async fn state_kept(admin: &Client, id: nestbox_types::SandboxId) {
+    assert_eq!(sh_ok(admin, id, "cat /dev/shm/mark").await.trim(), "kept");
+    let count = |out: String| out.trim().parse::<u64>().unwrap();
+    let before = count(sh_ok(admin, id, "cat /tmp/count").await);
     eventually(
         Duration::from_secs(30),
         "its process counting on",
         || async {
-            let now = count(sh_ok(&admin, sb.id, "cat /tmp/count").await);
+            let now = count(sh_ok(admin, id, "cat /tmp/count").await);
             (now > before).then_some(())
         },
     )
     .await;
-    admin.destroy_sandbox(sb.id).await.unwrap();
-    finish(fleet, 1);
+}
+
+/// Waits until sandbox `id` has status `want`.
+async fn status_is(
+    admin: &Client,
+    id: nestbox_types::SandboxId,
+    want: nestbox_types::SandboxStatus,
+) {
+    eventually(
+        Duration::from_secs(120),
+        &format!("{id} {want}"),
+        || async {
+            let got = admin.get_sandbox(id).await.ok()?;
+            (got.status == want).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agent_comes_back_to_its_sandboxes() {
+    use nestbox_types::SandboxStatus;
+    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let mut fleet = Fleet::new(2);
+    let admin = fleet.start_server(&database, &["--host-grace", "10"]).await;
+    let hosts = join(&mut fleet, &admin, 2, &[]).await;
+    // Both sandboxes on host 0.
+    admin.drain_host(hosts[1], true).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let sb = admin
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(sb.host_id, Some(hosts[0]));
+        leave_state(&admin, sb.id).await;
+        ids.push(sb.id);
+    }
+    let (running, paused) = (ids[0], ids[1]);
+    admin.pause_sandbox(paused).await.unwrap();
+    admin.drain_host(hosts[1], false).await.unwrap();
+
+    // kill -9: the host stops answering.
+    let mut agent = fleet.agents[0].take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    eventually(Duration::from_secs(120), "host 0 unreachable", || async {
+        let list = admin.list_hosts().await.ok()?.items;
+        list.iter()
+            .any(|h| h.id == hosts[0] && h.status == HostStatus::Unreachable)
+            .then_some(())
+    })
+    .await;
+    for id in [running, paused] {
+        status_is(&admin, id, SandboxStatus::Missing).await;
+    }
+    // New sandboxes go to the host that answers.
+    let elsewhere = admin
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.host_id, Some(hosts[1]));
+
+    // Restarted (with the credentials it stored), it takes its sandboxes back.
+    fleet.start_agent_with(0, None, &[]);
+    status_is(&admin, running, SandboxStatus::Running).await;
+    status_is(&admin, paused, SandboxStatus::Paused).await;
+    state_kept(&admin, running).await;
+    admin.resume_sandbox(paused).await.unwrap();
+    state_kept(&admin, paused).await;
+    for id in [running, paused, elsewhere.id] {
+        admin.destroy_sandbox(id).await.unwrap();
+    }
+    finish(fleet, 2);
 }

@@ -48,6 +48,10 @@ pub struct ServerArgs {
     /// Lifetime of a host's refresh token, in seconds (longer than the access token's).
     #[arg(long, env = "NESTBOX_HOST_REFRESH_TTL_SECS", default_value_t = 60 * 24 * 3600, value_parser = clap::value_parser!(u64).range(20..))]
     pub host_refresh_ttl: u64,
+    /// How long a host may go without a heartbeat before it is `unreachable` and its
+    /// sandboxes `missing`, in seconds.
+    #[arg(long, env = "NESTBOX_HOST_GRACE_SECS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(5..=86400))]
+    pub host_grace: u64,
     /// Email of the platform admin created when the database has no user yet.
     #[arg(
         long,
@@ -94,6 +98,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     cfg.proxy_domain = args.proxy_domain.clone();
     cfg.tls = args.tls.files();
     cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
+    cfg.host_grace = std::time::Duration::from_secs(args.host_grace);
     cfg.scheduler = args.scheduler;
     cfg.host_access_ttl = std::time::Duration::from_secs(args.host_access_ttl);
     cfg.host_refresh_ttl = std::time::Duration::from_secs(args.host_refresh_ttl);

@@ -58,6 +58,10 @@ pub struct AgentConfig {
     pub slots_dir: PathBuf,
     /// Heartbeat period.
     pub heartbeat_interval: Duration,
+    /// Where to serve Prometheus metrics (plain HTTP; `None`: nowhere).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The bearer token a metrics scrape must carry (needed with `metrics_listen`).
+    pub metrics_token: Option<String>,
     /// How long without reaching the control plane before every running sandbox is
     /// paused with its memory; `None`: never.
     pub pause_all_after: Option<Duration>,
@@ -105,6 +109,8 @@ impl AgentConfig {
             slots_dir: PathBuf::from("/run/nestbox/slots"),
             heartbeat_interval: Duration::from_secs(15),
             pause_all_after: Some(Duration::from_secs(300)),
+            metrics_listen: None,
+            metrics_token: None,
             warm_templates: vec![nestbox_types::limits::DEFAULT_TEMPLATE.to_string()],
             warm_dir: PathBuf::from("/var/cache/nestbox/warm"),
             memory_root: PathBuf::from("/dev/shm"),
@@ -116,6 +122,14 @@ impl AgentConfig {
 
     /// Checks values that would only fail later.
     pub fn validate(&self) -> Result<(), String> {
+        if self.metrics_listen.is_some()
+            && self.metrics_token.as_deref().is_none_or(|t| t.len() < 16)
+        {
+            return Err(
+                "serving metrics needs a token of at least 16 characters (nothing is served unauthenticated)"
+                    .into(),
+            );
+        }
         if self.max_sandboxes == 0 {
             return Err("max_sandboxes must be at least 1".into());
         }

@@ -278,9 +278,18 @@ impl HostAgent for Service {
         // The create runs to its end even if the caller goes away: a half-created sandbox
         // must be either finished or released, never abandoned.
         let manager = self.manager.clone();
-        let handle = tokio::spawn(async move { manager.create(params).await })
+        let started = std::time::Instant::now();
+        let created = tokio::spawn(async move { manager.create(params).await })
             .await
-            .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
+            .map_err(|e| Status::internal(format!("create task failed: {e}")))?;
+        let outcome = match &created {
+            Ok(_) => "ok",
+            Err(e) => e.code().as_str(),
+        };
+        self.manager
+            .telemetry()
+            .create(outcome, started.elapsed().as_secs_f64());
+        let handle = created?;
         let vmm = self.manager.inner().vmm.info().to_string();
         Ok(Response::new(CreateSandboxResponse {
             sandbox: Some(info(&handle, &vmm)),

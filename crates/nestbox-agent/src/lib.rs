@@ -24,6 +24,7 @@ pub mod processes;
 pub mod proxy;
 pub mod register;
 pub mod sandbox;
+pub mod telemetry;
 pub mod templates;
 pub mod transfer;
 
@@ -170,6 +171,7 @@ pub struct RunningAgent {
     cgroups: Option<nestbox_vmm::qemu::Cgroups>,
     server: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
+    metrics: Option<JoinHandle<()>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -201,6 +203,9 @@ impl RunningAgent {
             let _ = tx.send(());
         }
         self.heartbeat.abort();
+        if let Some(m) = &self.metrics {
+            m.abort();
+        }
         let (paused, destroyed) = self.manager.pause_all().await;
         let _ = (&mut self.server).await;
         // Paused sandboxes keep their tmpfs snapshots; remove the directory only if empty.
@@ -226,6 +231,9 @@ impl RunningAgent {
             let _ = tx.send(());
         }
         self.heartbeat.abort();
+        if let Some(m) = &self.metrics {
+            m.abort();
+        }
         self.manager.detach_all().await;
         let _ = (&mut self.server).await;
         tracing::info!("host agent stopped; its sandboxes run on for the next start");
@@ -238,6 +246,9 @@ impl RunningAgent {
             let _ = tx.send(());
         }
         self.heartbeat.abort();
+        if let Some(m) = &self.metrics {
+            m.abort();
+        }
         self.manager.destroy_all().await;
         let _ = (&mut self.server).await;
         let _ = std::fs::remove_dir_all(&self.mem_root);
@@ -460,6 +471,21 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
             }),
         }
     });
+    let metrics = match (cfg.metrics_listen, cfg.metrics_token.clone()) {
+        (Some(at), Some(token)) => {
+            let listener = telemetry::bind(at)
+                .await
+                .map_err(|e| step("binding the metrics listener")(Box::new(e)))?;
+            tracing::info!(addr = %at, "serving metrics");
+            Some(tokio::spawn(telemetry::serve(
+                listener,
+                token,
+                manager.clone(),
+                session.clone(),
+            )))
+        }
+        _ => None,
+    };
     let heartbeat =
         tokio::spawn(session.heartbeat_loop(url.clone(), cfg.heartbeat_interval, report, lost));
     manager.warm_up();
@@ -474,6 +500,7 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         cgroups,
         server,
         heartbeat,
+        metrics,
         shutdown: Some(tx),
     })
 }

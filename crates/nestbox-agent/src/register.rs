@@ -266,6 +266,8 @@ pub struct HostSession {
     path: PathBuf,
     creds: tokio::sync::Mutex<Credentials>,
     host_id: HostId,
+    /// When the control plane last accepted a heartbeat (Unix ms; 0: never).
+    last_ok_ms: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for HostSession {
@@ -313,6 +315,7 @@ impl HostSession {
             path: path.to_path_buf(),
             host_id: creds.host_id,
             creds: tokio::sync::Mutex::new(creds),
+            last_ok_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -374,6 +377,14 @@ impl HostSession {
         Ok(())
     }
 
+    /// When the control plane last accepted a heartbeat from this process.
+    pub fn last_heartbeat(&self) -> Option<DateTime<Utc>> {
+        match self.last_ok_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => DateTime::from_timestamp_millis(ms),
+        }
+    }
+
     /// Sends one heartbeat: the control plane learns that the agent is up, and at which
     /// address, at once (a restarted agent may listen on another port). Refreshes the
     /// tokens first when due, and once more if the control plane refuses them.
@@ -418,7 +429,13 @@ impl HostSession {
             .send()
             .await
         {
-            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) if r.status().is_success() => {
+                self.last_ok_ms.store(
+                    Utc::now().timestamp_millis(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                Ok(())
+            }
             Ok(r) => Err(HeartbeatError::Refused(r.status())),
             Err(e) => Err(HeartbeatError::Unreachable(e.to_string())),
         }

@@ -3,7 +3,8 @@
 //! network namespace of its own with an address of its own on a bridge (a "host" per
 //! namespace), with real VMs.
 //!
-//! - A template made on one host starts sandboxes on another: the control plane copies its
+//! - A template made on one host starts sandboxes on another (what happened shows in the
+//!   Prometheus metrics of the control plane and of the hosts): the control plane copies its
 //!   files there (a memory snapshot: the new sandbox carries on with the template's disk
 //!   and memory), and deleting the template deletes them on every host.
 //! - An agent killed with `kill -9`: its host becomes `unreachable` and its sandboxes
@@ -305,6 +306,29 @@ fn rand_u16() -> u16 {
     u16::from_le_bytes(b)
 }
 
+/// The scrape token of every metrics endpoint of the fleet.
+const METRICS_TOKEN: &str = "fleet-metrics-token-0123456789";
+
+/// What `{base}/metrics` answers to the scrape token.
+async fn scrape(base: &str) -> String {
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth(METRICS_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{base}");
+    resp.text().await.unwrap()
+}
+
+/// The value of the sample named (with its labels) `name` in `text`.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
 /// The files of template `id` in an agent's data directory.
 fn template_dir(agent_dir: &Path, id: impl std::fmt::Display) -> PathBuf {
     agent_dir.join("templates").join(id.to_string())
@@ -315,8 +339,25 @@ async fn a_template_made_on_one_host_starts_sandboxes_on_another() {
     let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
     let database = pg.fresh_database().await.unwrap();
     let mut fleet = Fleet::new(2);
-    let admin = fleet.start_server(&database, &[]).await;
-    let hosts = join(&mut fleet, &admin, 2, &[]).await;
+    // Metrics are scraped with a token, from the control plane and from each host.
+    let token_file = fleet.dir.path().join("metrics.token");
+    std::fs::write(&token_file, format!("{METRICS_TOKEN}\n")).unwrap();
+    let token_flag = token_file.display().to_string();
+    let admin = fleet
+        .start_server(&database, &["--metrics-token-file", &token_flag])
+        .await;
+    let hosts = join(
+        &mut fleet,
+        &admin,
+        2,
+        &[
+            "--metrics-listen",
+            "0.0.0.0:9100",
+            "--metrics-token-file",
+            &token_flag,
+        ],
+    )
+    .await;
 
     // A sandbox with state on disk and in memory becomes a template on its host.
     let made = admin
@@ -370,6 +411,27 @@ async fn a_template_made_on_one_host_starts_sandboxes_on_another() {
     assert_eq!(
         sh_ok(&admin, moved.id, "cat /root/mark /dev/shm/mark").await,
         "disk\nmemory\n"
+    );
+
+    // The hosts' metrics and the control plane's tell what happened.
+    let received = scrape(&format!("http://{}:9100", fleet.host_ip(n_other))).await;
+    assert!(
+        metric(&received, "nestbox_agent_template_copy_bytes_total") > 0.0,
+        "{received}"
+    );
+    assert_eq!(
+        metric(&received, "nestbox_agent_sandboxes{state=\"running\"}"),
+        1.0
+    );
+    assert!(metric(&received, "nestbox_agent_guest_memory_mib{kind=\"total\"}") > 0.0);
+    let control = scrape(&fleet.url).await;
+    assert_eq!(metric(&control, "nestbox_hosts{status=\"online\"}"), 2.0);
+    assert_eq!(
+        metric(
+            &control,
+            "nestbox_sandbox_create_duration_seconds_count{outcome=\"ok\"}"
+        ),
+        2.0
     );
 
     // Both hold it now; deleting it deletes it on both.

@@ -77,6 +77,9 @@ pub struct ControlConfig {
     pub memory_overcommit: f64,
     /// How sandboxes are placed on hosts.
     pub scheduler: crate::scheduler::Policy,
+    /// A bearer token that may read `/metrics` (for a Prometheus scraper); platform
+    /// admins may read it either way.
+    pub metrics_token: Option<String>,
     /// Deadline of a sandbox create call to an agent.
     pub create_timeout: Duration,
     /// Deadline of a pause or resume call to an agent. The host monitor leaves a sandbox
@@ -128,6 +131,7 @@ impl ControlConfig {
             host_refresh_ttl: Duration::from_secs(60 * 24 * 3600),
             memory_overcommit: 2.0,
             scheduler: crate::scheduler::Policy::LeastLoaded,
+            metrics_token: None,
             create_timeout: Duration::from_secs(180),
             pause_timeout: Duration::from_secs(120),
             template_timeout: Duration::from_secs(600),

@@ -21,6 +21,7 @@ pub mod request_id;
 pub mod scheduler;
 pub mod service;
 pub mod state;
+pub mod telemetry;
 pub mod throttle;
 
 use std::net::SocketAddr;
@@ -157,6 +158,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         forwarder: nestbox_forward::Forwarder::new(),
         key_uses: Default::default(),
         copies: Default::default(),
+        telemetry: Default::default(),
         login: throttle::LoginThrottle::new(login_limits),
     }))
 }

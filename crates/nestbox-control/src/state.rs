@@ -31,6 +31,8 @@ pub struct Services {
         std::sync::Mutex<std::collections::HashMap<nestbox_types::ApiKeyId, std::time::Instant>>,
     /// Login rate limits and the password-hashing slots.
     pub login: crate::throttle::LoginThrottle,
+    /// Prometheus metrics of this process.
+    pub telemetry: crate::telemetry::Telemetry,
     /// Template copies between hosts under way in this process.
     pub copies: Arc<crate::service::copies::Copies>,
 }

@@ -153,6 +153,7 @@ const AUDIT: [Expect; 8] = [UNAUTH, FORBID, OK, FORBID, FORBID, OK, OK, OK];
 const MATRIX: &[Row] = &[
     row("GET", "/health", PUBLIC),
     row("GET", "/health/ready", PUBLIC),
+    row("GET", "/metrics", PLATFORM_ADMINS),
     row("POST", "/v1/auth/login", PUBLIC),
     row("GET", "/v1/me", ANY_CALLER),
     row("GET", "/v1/teams", ANY_USER),
@@ -522,7 +523,9 @@ impl World {
         // its sandboxes to hosts it does not have everywhere else).
         teams::set_byoc(db, team, path.starts_with("/v1/teams/{team_id}/hosts")).await?;
         Ok(match (method, path) {
-            ("GET", "/health") | ("GET", "/health/ready") => call(path.into(), Body::Empty),
+            ("GET", "/health") | ("GET", "/health/ready") | ("GET", "/metrics") => {
+                call(path.into(), Body::Empty)
+            }
             ("POST", "/v1/auth/login") => call(
                 path.into(),
                 Body::Json(json!({ "email": self.spare.email, "password": common::PASSWORD })),

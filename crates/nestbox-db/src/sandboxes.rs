@@ -542,6 +542,44 @@ pub async fn host_load(db: &Db, host: HostId) -> Result<HostLoad, DbError> {
     .await
 }
 
+/// [`host_load`] of every host that holds something, in one query (placement reads the
+/// whole fleet's load at once).
+pub async fn load_by_host(db: &Db) -> Result<std::collections::HashMap<HostId, HostLoad>, DbError> {
+    let holding = SandboxStatus::ALL
+        .iter()
+        .copied()
+        .filter(SandboxStatus::holds_host_resources);
+    let mut sql = Sql::new(
+        "SELECT host_id, COUNT(*) AS n, CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
+         CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT) AS memory_mb FROM sandboxes \
+         WHERE host_id IS NOT NULL AND status IN ",
+    );
+    sql.bind_list(holding).push(" GROUP BY host_id");
+    let rows = db
+        .fetch_all(&sql.text, sql.args, |r| {
+            Ok((
+                r.id::<HostId>("host_id")?,
+                HostLoad {
+                    sandboxes: r.u64("n")?,
+                    vcpus: r.u64("vcpus")?,
+                    memory_mb: r.u64("memory_mb")?,
+                },
+            ))
+        })
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// How many sandboxes there are in each status (statuses with none are left out).
+pub async fn count_by_status(db: &Db) -> Result<Vec<(SandboxStatus, u64)>, DbError> {
+    db.fetch_all(
+        "SELECT status, COUNT(*) AS n FROM sandboxes GROUP BY status",
+        args![],
+        |r| Ok((r.parse::<SandboxStatus>("status")?, r.u64("n")?)),
+    )
+    .await
+}
+
 /// How many sandboxes made from `template` are in one of `statuses` (all statuses if empty);
 /// lets the service refuse to delete a template in use.
 pub async fn count_by_template(

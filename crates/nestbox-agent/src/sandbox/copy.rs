@@ -144,6 +144,7 @@ impl Manager {
         let _held = self.inner.imports.lock(id).await;
         let manager = self.clone();
         let stored = blocking(move || manager.inner.imports.commit(id)).await?;
+        self.inner.telemetry.copied(stored.record.size_bytes);
         tracing::info!(template = %id, bytes = stored.record.size_bytes, "template copied to this host");
         Ok(stored)
     }

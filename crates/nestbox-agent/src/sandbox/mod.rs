@@ -83,6 +83,17 @@ pub enum State {
 }
 
 impl State {
+    /// Every state.
+    pub const ALL: [State; 7] = [
+        State::Starting,
+        State::Running,
+        State::Pausing,
+        State::Paused,
+        State::Resuming,
+        State::Snapshotting,
+        State::Stopping,
+    ];
+
     /// Name for errors and logs.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -347,6 +358,8 @@ pub(crate) struct Inner {
     pub(crate) templates: TemplateStore,
     /// Templates being copied here from other hosts.
     pub(crate) imports: crate::transfer::Imports,
+    /// Prometheus metrics.
+    pub(crate) telemetry: crate::telemetry::Telemetry,
     pub(crate) warm: warm::Warm,
     pub(crate) metrics: crate::metrics::Metrics,
     /// Started clones of snapshot templates for creates to take over.
@@ -453,6 +466,7 @@ impl Manager {
                 http: parts.http,
                 dns: parts.dns,
                 imports: crate::transfer::Imports::new(parts.templates.clone()),
+                telemetry: crate::telemetry::Telemetry::default(),
                 templates: parts.templates,
                 metrics: crate::metrics::Metrics::start(),
                 sandboxes: Mutex::new(HashMap::new()),
@@ -528,6 +542,11 @@ impl Manager {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The agent's Prometheus metrics.
+    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.inner.telemetry
     }
 
     /// Number of sandboxes, starting and paused ones included.

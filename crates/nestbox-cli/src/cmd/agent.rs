@@ -48,6 +48,13 @@ pub struct AgentArgs {
     /// sandbox with its memory (they resume on request once it is back); 0: never.
     #[arg(long, env = "NESTBOX_PAUSE_ALL_AFTER_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=7 * 24 * 3600))]
     pub pause_all_after_secs: u64,
+    /// Serve Prometheus metrics on this address (`/metrics`, plain HTTP); needs
+    /// `--metrics-token-file`.
+    #[arg(long, env = "NESTBOX_METRICS_LISTEN", requires = "metrics_token_file")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A file holding the bearer token a metrics scrape must carry.
+    #[arg(long, env = "NESTBOX_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -140,6 +147,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     cfg.listen = args.listen;
     cfg.advertise_url = args.advertise;
     cfg.max_sandboxes = args.max_sandboxes;
+    cfg.metrics_listen = args.metrics_listen;
+    cfg.metrics_token = match &args.metrics_token_file {
+        Some(path) => Some(super::read_token_file(path)?),
+        None => None,
+    };
     cfg.pause_all_after = (args.pause_all_after_secs > 0)
         .then(|| std::time::Duration::from_secs(args.pause_all_after_secs));
     args.host.apply(&mut cfg);

@@ -52,6 +52,10 @@ pub struct ServerArgs {
     /// sandboxes `missing`, in seconds.
     #[arg(long, env = "NESTBOX_HOST_GRACE_SECS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(5..=86400))]
     pub host_grace: u64,
+    /// A file holding a bearer token that may read `/metrics` (for a Prometheus
+    /// scraper; platform admins may read it either way).
+    #[arg(long, env = "NESTBOX_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<std::path::PathBuf>,
     /// Email of the platform admin created when the database has no user yet.
     #[arg(
         long,
@@ -99,6 +103,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     cfg.tls = args.tls.files();
     cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
     cfg.host_grace = std::time::Duration::from_secs(args.host_grace);
+    cfg.metrics_token = match &args.metrics_token_file {
+        Some(path) => Some(super::read_token_file(path)?),
+        None => None,
+    };
     cfg.scheduler = args.scheduler;
     cfg.host_access_ttl = std::time::Duration::from_secs(args.host_access_ttl);
     cfg.host_refresh_ttl = std::time::Duration::from_secs(args.host_refresh_ttl);

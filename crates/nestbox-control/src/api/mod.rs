@@ -81,6 +81,7 @@ fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(docs::health))
         .routes(routes!(docs::ready))
+        .routes(routes!(docs::metrics))
         .routes(routes!(auth::login))
         .routes(routes!(auth::me))
         .routes(routes!(teams::list_teams, teams::create_team))
@@ -429,6 +430,10 @@ pub fn router(state: AppState) -> Router {
         .route("/docs", get(docs::docs_page))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            docs::track,
+        ))
         .with_state(state.clone());
     // The proxy sees every request first: one carrying a sandbox target never reaches the
     // API's routes (or its body limit).

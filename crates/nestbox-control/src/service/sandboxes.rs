@@ -399,6 +399,7 @@ impl Services {
                 .map(|t| t.is_byoc)
                 .or_else(|e| if e.is_not_found() { Ok(false) } else { Err(e) })?;
         let mut out = Vec::new();
+        let loads = sandboxes::load_by_host(&self.db).await?;
         for h in hosts::list_online(&self.db).await? {
             let eligible = !h.draining
                 && if byoc {
@@ -409,7 +410,7 @@ impl Services {
             let Some(address) = h.address.clone().filter(|_| eligible) else {
                 continue;
             };
-            let load = sandboxes::host_load(&self.db, h.id).await?;
+            let load = loads.get(&h.id).copied().unwrap_or_default();
             out.push(Candidate {
                 host: h.id,
                 address,
@@ -431,6 +432,18 @@ impl Services {
         caller: &Caller,
         req: &CreateSandboxRequest,
     ) -> ApiResult<api::Sandbox> {
+        let started = std::time::Instant::now();
+        let created = self.create(caller, req).await;
+        let outcome = match &created {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.code.to_string(),
+        };
+        self.telemetry
+            .create(&outcome, started.elapsed().as_secs_f64());
+        created
+    }
+
+    async fn create(&self, caller: &Caller, req: &CreateSandboxRequest) -> ApiResult<api::Sandbox> {
         let name = req
             .template
             .clone()
@@ -541,19 +554,27 @@ impl Services {
             .scheduler
             .pick(&holding, &demand)
             .or_else(|| self.scheduler.pick(&candidates, &demand))
-            .cloned()
-            .ok_or_else(|| {
-                let message = match () {
-                    () if candidates.is_empty() => {
-                        "no host of this team's pool is online; retry later".into()
-                    }
-                    () if candidates.iter().any(Candidate::has_slot) => format!(
-                        "no host has guest memory for {memory_mb} MiB more right now; retry later"
-                    ),
-                    () => "no host has room for this sandbox right now; retry later".into(),
-                };
-                ApiError::new(ErrorCode::NoCapacity, message)
-            })?;
+            .cloned();
+        self.telemetry.decision(
+            self.cfg.scheduler.name(),
+            if placed.is_some() {
+                "placed"
+            } else {
+                "no_capacity"
+            },
+        );
+        let placed = placed.ok_or_else(|| {
+            let message = match () {
+                () if candidates.is_empty() => {
+                    "no host of this team's pool is online; retry later".into()
+                }
+                () if candidates.iter().any(Candidate::has_slot) => format!(
+                    "no host has guest memory for {memory_mb} MiB more right now; retry later"
+                ),
+                () => "no host has room for this sandbox right now; retry later".into(),
+            };
+            ApiError::new(ErrorCode::NoCapacity, message)
+        })?;
 
         let sb = sandboxes::insert(
             &self.db,

@@ -93,6 +93,8 @@ pub struct Options {
     /// Deadline of template calls (and how old files of a template that no longer exists
     /// must be before a host's are deleted).
     pub template_timeout: Duration,
+    /// The scrape token of `/metrics`.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for Options {
@@ -107,6 +109,7 @@ impl Default for Options {
             host_access_ttl: Duration::from_secs(7 * 24 * 3600),
             scheduler: Default::default(),
             template_timeout: Duration::from_secs(600),
+            metrics_token: None,
         }
     }
 }
@@ -216,6 +219,7 @@ impl Harness {
         cfg.host_access_ttl = opts.host_access_ttl;
         cfg.scheduler = opts.scheduler;
         cfg.template_timeout = opts.template_timeout;
+        cfg.metrics_token = opts.metrics_token;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
         let base = cp.url();

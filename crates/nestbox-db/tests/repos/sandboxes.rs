@@ -244,6 +244,28 @@ db_test!(running_host_activity_and_load, |t| {
         sandboxes::host_load(&t.db, other).await.unwrap(),
         HostLoad::default()
     );
+    // The whole fleet's load at once agrees.
+    let loads = sandboxes::load_by_host(&t.db).await.unwrap();
+    assert_eq!(
+        loads.get(&h).copied(),
+        Some(sandboxes::host_load(&t.db, h).await.unwrap())
+    );
+    assert_eq!(
+        loads.get(&other),
+        None,
+        "a host holding nothing is left out"
+    );
+    let by_status = sandboxes::count_by_status(&t.db).await.unwrap();
+    let count = |st: SandboxStatus| {
+        by_status
+            .iter()
+            .find(|(s, _)| *s == st)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!(
+        (count(SandboxStatus::Running), count(SandboxStatus::Pending)),
+        (1, 1)
+    );
 
     let on_host: Vec<_> = sandboxes::list_by_host(&t.db, h, &[])
         .await

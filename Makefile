@@ -10,7 +10,7 @@ GUEST_BIN := target/$(TARGET)/guest/nestbox-guest
 TEST_IMAGES := $(CURDIR)/target/nestbox-images
 DATA_DIR ?= /var/lib/nestbox
 
-.PHONY: up test check guest images test-images sdk-deps tool-deps openapi bench deps fmt clean-test-state
+.PHONY: up test check guest images test-images sdk-deps tool-deps openapi bench bench-fleet deps fmt clean-test-state
 
 ## System packages the platform needs (Debian/Ubuntu).
 deps:
@@ -70,3 +70,7 @@ openapi:
 bench: test-images sdk-deps
 	$(CARGO) build --locked --release -p nestbox-cli
 	$(SUDO) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_BENCH_PYTHON=$(SDK_VENV)/bin/python ./target/release/nestbox bench --images-dir $(TEST_IMAGES)
+
+## The fleet benchmark: a control plane on PostgreSQL, 1,000 simulated hosts, 10,000 creates.
+bench-fleet:
+	$(CARGO) bench --locked -p nestbox-cli --bench fleet

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt;
 use nestbox_db::{hosts, sandboxes};
 use nestbox_proto::hostagent::{
     DestroySandboxRequest, GetSandboxRequest, ListSandboxesRequest, SandboxInfo, SandboxState,
@@ -46,6 +47,9 @@ use nestbox_types::{ErrorCode, SandboxId, SandboxStatus};
 
 use crate::service::{AuditActor, AuditEntry};
 use crate::state::Services;
+
+/// Hosts a pass works on at once.
+const HOSTS_AT_ONCE: usize = 32;
 
 /// Key of the monitor's leader lock: with several control-plane replicas on one
 /// PostgreSQL, only the replica holding it runs passes.
@@ -57,10 +61,14 @@ pub async fn run(services: Arc<Services>) {
     let every = services.cfg.monitor_interval;
     let mut ticker = crate::leader::LeaderTicker::new(&services, LEADER_KEY, every, "host monitor");
     loop {
-        if ticker.leading().await
-            && let Err(e) = pass(&services).await
-        {
-            tracing::warn!(error = %e, "host monitor pass failed");
+        if ticker.leading().await {
+            let started = std::time::Instant::now();
+            if let Err(e) = pass(&services).await {
+                tracing::warn!(error = %e, "host monitor pass failed");
+            }
+            services
+                .telemetry
+                .monitor_pass(started.elapsed().as_secs_f64());
         }
     }
 }
@@ -102,17 +110,21 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
             interrupted(services, &sb).await?;
         }
     }
-    for host in hosts::list_online(&services.db).await? {
-        let Some(address) = host.address.clone() else {
-            continue;
-        };
-        if let Err(e) = services.sync_host_templates(host.id, &address).await {
-            tracing::debug!(host = %host.id, error = %e, "template refresh");
-        }
-        if let Err(e) = reconcile(services, host.id, &address).await {
-            tracing::warn!(host = %host.id, error = %e, "reconciling sandboxes");
-        }
-    }
+    // Hosts are independent: several at a time, so one pass over a large fleet (or one
+    // slow host) stays short.
+    futures::stream::iter(hosts::list_online(&services.db).await?)
+        .for_each_concurrent(HOSTS_AT_ONCE, |host| async move {
+            let Some(address) = host.address.clone() else {
+                return;
+            };
+            if let Err(e) = services.sync_host_templates(host.id, &address).await {
+                tracing::debug!(host = %host.id, error = %e, "template refresh");
+            }
+            if let Err(e) = reconcile(services, host.id, &address).await {
+                tracing::warn!(host = %host.id, error = %e, "reconciling sandboxes");
+            }
+        })
+        .await;
     // Platform templates belong on every platform host (copies run in the background).
     services.spread_platform_templates();
     // Fork templates whose copies are all gone (a minute's grace for forks in flight).

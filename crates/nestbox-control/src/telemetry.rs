@@ -7,7 +7,10 @@
 //! - `nestbox_sandbox_create_duration_seconds`: sandbox creates by outcome (`ok` or the
 //!   error code), from request to running;
 //! - `nestbox_scheduler_decisions`: placements by policy and outcome (`placed`,
-//!   `no_capacity`).
+//!   `no_capacity`), and `nestbox_scheduler_placement_duration_seconds`: how long reading
+//!   the candidates and picking one took;
+//! - `nestbox_monitor_pass_duration_seconds`: passes of the host monitor (on the replica
+//!   that leads it).
 //!
 //! Read from the database at each scrape (the same in every replica): sandboxes by status
 //! (`nestbox_sandboxes`), hosts by status (`nestbox_hosts`) and each registered host's
@@ -90,6 +93,8 @@ pub struct Telemetry {
     request_seconds: Histograms<RouteLabels>,
     create_seconds: Histograms<OutcomeLabels>,
     decisions: Family<DecisionLabels, Counter>,
+    placement_seconds: Histogram,
+    monitor_seconds: Histogram,
     sandboxes: Family<StatusLabels, Gauge>,
     hosts: Family<StatusLabels, Gauge>,
     heartbeat_age: Family<HostLabels, Gauge<f64, AtomicU64>>,
@@ -131,6 +136,20 @@ impl Default for Telemetry {
             "Placement decisions by policy and outcome",
             decisions.clone(),
         );
+        // 0.1 ms … about 3 s.
+        let placement_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        registry.register(
+            "scheduler_placement_duration_seconds",
+            "Placement (reading the team's candidate hosts and their load, then picking one)",
+            placement_seconds.clone(),
+        );
+        // 10 ms … about 80 s.
+        let monitor_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "monitor_pass_duration_seconds",
+            "Passes of the host monitor over the fleet",
+            monitor_seconds.clone(),
+        );
         let sandboxes = Family::<StatusLabels, Gauge>::default();
         registry.register("sandboxes", "Sandboxes by status", sandboxes.clone());
         let hosts = Family::<StatusLabels, Gauge>::default();
@@ -147,6 +166,8 @@ impl Default for Telemetry {
             request_seconds,
             create_seconds,
             decisions,
+            placement_seconds,
+            monitor_seconds,
             sandboxes,
             hosts,
             heartbeat_age,
@@ -190,6 +211,16 @@ impl Telemetry {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+
+    /// Times one placement.
+    pub fn placement(&self, seconds: f64) {
+        self.placement_seconds.observe(seconds);
+    }
+
+    /// Times one pass of the host monitor.
+    pub fn monitor_pass(&self, seconds: f64) {
+        self.monitor_seconds.observe(seconds);
     }
 
     /// Reads the fleet's state from the database and encodes every metric.

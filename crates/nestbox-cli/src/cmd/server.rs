@@ -52,6 +52,9 @@ pub struct ServerArgs {
     /// sandboxes `missing`, in seconds.
     #[arg(long, env = "NESTBOX_HOST_GRACE_SECS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(5..=86400))]
     pub host_grace: u64,
+    /// How often the host monitor reconciles the fleet, in seconds.
+    #[arg(long, env = "NESTBOX_MONITOR_INTERVAL_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub monitor_interval: u64,
     /// A file holding a bearer token that may read `/metrics` (for a Prometheus
     /// scraper; platform admins may read it either way).
     #[arg(long, env = "NESTBOX_METRICS_TOKEN_FILE")]
@@ -103,6 +106,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     cfg.tls = args.tls.files();
     cfg.create_timeout = std::time::Duration::from_secs(args.create_timeout);
     cfg.host_grace = std::time::Duration::from_secs(args.host_grace);
+    cfg.monitor_interval = std::time::Duration::from_secs(args.monitor_interval);
     cfg.metrics_token = match &args.metrics_token_file {
         Some(path) => Some(super::read_token_file(path)?),
         None => None,

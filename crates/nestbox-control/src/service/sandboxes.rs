@@ -534,6 +534,7 @@ impl Services {
             None => EgressRules::default(),
         };
 
+        let placing = std::time::Instant::now();
         let candidates = self.candidates(caller.team).await?;
         let demand = Demand {
             memory_mb,
@@ -555,6 +556,7 @@ impl Services {
             .pick(&holding, &demand)
             .or_else(|| self.scheduler.pick(&candidates, &demand))
             .cloned();
+        self.telemetry.placement(placing.elapsed().as_secs_f64());
         self.telemetry.decision(
             self.cfg.scheduler.name(),
             if placed.is_some() {

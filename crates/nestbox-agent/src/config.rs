@@ -136,14 +136,14 @@ impl AgentConfig {
         if self.default_disk_mb < 256 {
             return Err("default_disk_mb must be at least 256".into());
         }
-        // Unix socket paths (QMP) live in each sandbox's directory and are limited to 107
-        // bytes: `<data>/sandboxes/sb-<36>/qmp.sock`.
+        // Unix socket paths (QMP) live in each sandbox's directory and must fit what the
+        // VMM driver accepts: `<data>/sandboxes/sb-<36>/qmp.sock`.
         let longest = self
             .data_dir
             .join("sandboxes")
             .join(format!("sb-{}", "0".repeat(36)))
-            .join("qmp.sock");
-        if longest.as_os_str().len() > 107 {
+            .join(nestbox_vmm::qemu::QMP_SOCKET);
+        if longest.as_os_str().len() > nestbox_vmm::qemu::MAX_SOCKET_PATH {
             return Err(format!(
                 "data directory {} is too long for unix sockets; use a shorter path",
                 self.data_dir.display()

@@ -596,3 +596,241 @@ async fn a_killed_agent_comes_back_to_its_sandboxes() {
     }
     finish(fleet, 2);
 }
+
+/// The `sh {tag}` blocks of `docs/fleet.md`, in order.
+fn guide_blocks(tag: &str) -> Vec<String> {
+    let guide =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/fleet.md"))
+            .unwrap();
+    guide
+        .split(&format!("```sh {tag}\n"))
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap().to_string())
+        .collect()
+}
+
+/// What stands in for `sudo`, `install` of the binary, and systemd: `systemctl enable --now
+/// UNIT` runs the unit's `ExecStart` (with its `EnvironmentFile`, `WorkingDirectory` and
+/// `StateDirectory`) in the background, in `$NETNS_EXEC`, its paths under `$ROOT`.
+const GUIDE_PRELUDE: &str = r#"set -euo pipefail
+sudo() { "$@"; }
+install() {
+  local src="${@: -2:1}" dst="${@: -1}"
+  if [ "$src" = nestbox ]; then mkdir -p "$(dirname "$dst")"; ln -sf "$NESTBOX_BIN" "$dst"; else command install "$@"; fi
+}
+under_root() { sed -e "s#/usr/local/bin/#$ROOT/usr/local/bin/#g" -e "s#/etc/nestbox#$ROOT/etc/nestbox#g" -e "s#/var/lib/nestbox#$ROOT/var/lib/nestbox#g"; }
+systemctl() {
+  case "$1" in
+    daemon-reload) ;;
+    enable)
+      local file="$ROOT/etc/systemd/system/$3.service"
+      local start envfile workdir state
+      start=$(sed -n 's/^ExecStart=//p' "$file" | under_root)
+      envfile=$(sed -n 's/^EnvironmentFile=//p' "$file" | under_root)
+      workdir=$(sed -n 's/^WorkingDirectory=//p' "$file" | under_root)
+      state=$(sed -n 's/^StateDirectory=//p' "$file")
+      if [ -n "$state" ]; then
+        export STATE_DIRECTORY="$ROOT/var/lib/$state"; mkdir -p "$STATE_DIRECTORY"
+        start="${start//\$\{STATE_DIRECTORY\}/$STATE_DIRECTORY}"
+      fi
+      (
+        if [ -n "$envfile" ]; then set -a; . "$envfile"; set +a; fi
+        cd "${workdir:-/}"
+        exec $NETNS_EXEC $start
+      ) >>"$LOGS/$3-${HOST_NAME:-cp}.log" 2>&1 &
+      echo $! >> "$PIDS"
+      ;;
+    *) echo "systemctl $* is not played here" >&2; return 1 ;;
+  esac
+}
+"#;
+
+/// Runs `block` of the guide as `root`'s machine (in `netns`, if any) with `env`.
+fn run_guide_block(
+    fleet: &Fleet,
+    work: &Path,
+    root: &Path,
+    netns: Option<String>,
+    block: &str,
+    env: &[(&str, String)],
+    listen: &str,
+) -> String {
+    // What every machine has.
+    std::fs::create_dir_all(root.join("etc/systemd/system")).unwrap();
+    let root_s = root.display().to_string();
+    let script = block
+        .replace("/usr/local/bin/", &format!("{root_s}/usr/local/bin/"))
+        .replace("/etc/nestbox", &format!("{root_s}/etc/nestbox"))
+        .replace(
+            "/etc/systemd/system",
+            &format!("{root_s}/etc/systemd/system"),
+        )
+        .replace("/var/lib/nestbox", &format!("{root_s}/var/lib/nestbox"))
+        .replace("0.0.0.0:8080", listen);
+    // A block that waits for something that never comes must not hang the suite.
+    let mut cmd = Command::new("timeout");
+    cmd.args(["300", "bash", "-c"])
+        .arg(format!("{GUIDE_PRELUDE}\n{script}"))
+        .current_dir(work)
+        .env("ROOT", root)
+        .env("NESTBOX_BIN", env!("CARGO_BIN_EXE_nestbox"))
+        .env("NESTBOX_CONFIG", work.join("cli.toml"))
+        .env("LOGS", fleet.dir.path())
+        .env("PIDS", fleet.dir.path().join("guide.pids"))
+        .env(
+            "NETNS_EXEC",
+            netns
+                .map(|ns| format!("nsenter --net=/run/netns/{ns}"))
+                .unwrap_or_default(),
+        )
+        .env(
+            "PATH",
+            format!(
+                "{root_s}/usr/local/bin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env_remove("NESTBOX_API_KEY")
+        .env_remove("NESTBOX_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        let mut logs = String::new();
+        for e in std::fs::read_dir(fleet.dir.path()).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".log") {
+                logs += &format!(
+                    "--- {name} ---\n{}\n",
+                    fleet.log_tail(&name[..name.len() - 4])
+                );
+            }
+        }
+        panic!(
+            "the guide's block failed ({}):\n{block}\n--- stdout ---\n{stdout}\n--- stderr ---\n{}\n{logs}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+}
+
+/// What the guide started and where its machines' files are: stopped (as systemd would)
+/// and removed when dropped, also when the test fails.
+struct GuideMachines {
+    pids: PathBuf,
+    roots: Vec<PathBuf>,
+}
+
+impl GuideMachines {
+    /// Stops what the guide started, the hosts' agents first.
+    fn stop(&self) {
+        let pids = std::fs::read_to_string(&self.pids).unwrap_or_default();
+        let pids: Vec<i32> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        for &pid in pids.iter().rev() {
+            // SAFETY: kill(2) on a process this test started.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            // (Gone, or a zombie nobody has reaped yet.)
+            let alive = || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| !r.trim_start().starts_with('Z'))
+                })
+            };
+            let deadline = Instant::now() + Duration::from_secs(240);
+            while alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = std::fs::remove_file(&self.pids);
+    }
+}
+
+impl Drop for GuideMachines {
+    fn drop(&mut self) {
+        self.stop();
+        for root in &self.roots {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fleet_guide_runs_as_written() {
+    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let fleet = Fleet::new(3);
+    let work = fleet.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::os::unix::fs::symlink(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy"),
+        work.join("deploy"),
+    )
+    .unwrap();
+    let listen = fleet.url.trim_start_matches("http://").to_string();
+    let common = [
+        ("DATABASE_URL", database.clone()),
+        ("CONTROL_PLANE", fleet.url.clone()),
+    ];
+    // Each machine's files under a short root of its own (the agent's sockets live under
+    // its data directory, and unix socket paths are short).
+    let machine_root = |name: &str| PathBuf::from(format!("/tmp/{}{name}", fleet.prefix));
+    let machines = GuideMachines {
+        pids: fleet.dir.path().join("guide.pids"),
+        roots: ["c", "h1", "h2", "h3"]
+            .iter()
+            .map(|m| machine_root(m))
+            .collect(),
+    };
+    let cp_root = machine_root("c");
+    let cp = guide_blocks("control-plane");
+    let host = guide_blocks("host");
+    assert_eq!(
+        (cp.len(), host.len()),
+        (3, 1),
+        "the guide's runnable blocks"
+    );
+    // The control plane, then the tokens.
+    for block in &cp[..2] {
+        run_guide_block(&fleet, &work, &cp_root, None, block, &common, &listen);
+    }
+    // Three hosts, each its own machine.
+    let mut tags = Vec::new();
+    for n in 0..3 {
+        let root = machine_root(&format!("h{}", n + 1));
+        let images = root.join("var/lib/nestbox/images");
+        std::fs::create_dir_all(images.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(common::images_dir(), &images).unwrap();
+        let mut env = common.to_vec();
+        env.push(("HOST_NAME", format!("host-{}", n + 1)));
+        env.push(("HOST_ADDR", fleet.host_ip(n)));
+        run_guide_block(
+            &fleet,
+            &work,
+            &root,
+            Some(fleet.netns(n)),
+            &host[0],
+            &env,
+            &listen,
+        );
+        tags.push(root.join("var/lib/nestbox/agent"));
+    }
+    // The check: three hosts online, sandboxes on them.
+    let out = run_guide_block(&fleet, &work, &cp_root, None, &cp[2], &common, &listen);
+    assert_eq!(out.matches(" online ").count(), 3, "{out}");
+    assert_eq!(out.matches("hello from").count(), 3, "{out}");
+
+    // Stop what the guide started (as systemd would), then check nothing is left.
+    let tags: Vec<String> = tags.iter().map(|d| nestbox_agent_tag(d)).collect();
+    machines.stop();
+    drop(machines);
+    drop(fleet);
+    for tag in tags {
+        assert_instance_clean(&tag);
+    }
+}

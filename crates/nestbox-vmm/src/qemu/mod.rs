@@ -51,7 +51,7 @@ pub const STDERR_LOG: &str = "qemu.log";
 /// How long QEMU may take to open its QMP socket.
 const QMP_WAIT: Duration = Duration::from_secs(15);
 /// Unix socket paths longer than this do not fit `sockaddr_un`.
-const MAX_SOCKET_PATH: usize = 100;
+pub const MAX_SOCKET_PATH: usize = 100;
 
 const NAME: &str = "qemu";
 

@@ -152,3 +152,19 @@ impl AgentConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_whose_sockets_the_vmm_refuses_is_refused() {
+        let cfg = |dir: &str| AgentConfig::new(dir, "/images", "http://cp");
+        cfg("/var/lib/nestbox/agent").validate().unwrap();
+        // The longest that fits: its sockets are exactly as long as the VMM accepts.
+        let fits = format!("/{}", "d".repeat(nestbox_vmm::qemu::MAX_SOCKET_PATH - 60));
+        cfg(&fits).validate().unwrap();
+        let err = cfg(&format!("{fits}x")).validate().unwrap_err();
+        assert!(err.contains("too long"), "{err}");
+    }
+}

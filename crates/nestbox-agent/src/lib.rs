@@ -259,6 +259,18 @@ impl RunningAgent {
     }
 }
 
+/// A directory start-up made, removed (if still empty) unless start-up succeeds.
+struct MadeDir(Option<PathBuf>);
+
+impl Drop for MadeDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            // Only when empty: RAM files of VMMs a previous run left stay.
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
 /// Starts the agent: preflight, cleanup, firewall, VMM, images, gRPC server, registration
 /// and heartbeats.
 pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
@@ -278,6 +290,8 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
     let mem_root = sandbox::mem_root(&cfg.memory_root, &tag);
     nestbox_hostsys::dirs::private_dir(&mem_root)
         .map_err(|e| step("preparing the guest memory directory")(Box::new(e)))?;
+    // A start that fails from here on leaves no empty memory directory behind.
+    let mut made = MadeDir(Some(mem_root.clone()));
     let slots = SlotAllocator::new(&cfg.slots_dir, tag.clone())
         .map_err(|e| step("opening the slot directory")(Box::new(e)))?;
 
@@ -490,6 +504,7 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, StartError> {
         tokio::spawn(session.heartbeat_loop(url.clone(), cfg.heartbeat_interval, report, lost));
     manager.warm_up();
     tracing::info!(%addr, host = %creds.host_id, "host agent serving");
+    made.0 = None;
     Ok(RunningAgent {
         addr,
         url,

@@ -509,15 +509,19 @@ async fn leave_state(admin: &Client, id: nestbox_types::SandboxId) {
 /// Checks what [`leave_state`] left: the mark, and the counter still counting.
 async fn state_kept(admin: &Client, id: nestbox_types::SandboxId) {
     assert_eq!(sh_ok(admin, id, "cat /dev/shm/mark").await.trim(), "kept");
-    let count = |out: String| out.trim().parse::<u64>().unwrap();
-    let before = count(sh_ok(admin, id, "cat /tmp/count").await);
+    // (The counter rewrites its file: a read may find it empty for a moment.)
+    let count = || async move {
+        sh_ok(admin, id, "cat /tmp/count")
+            .await
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    let before = eventually(Duration::from_secs(30), "the counter's file", count).await;
     eventually(
         Duration::from_secs(30),
         "its process counting on",
-        || async {
-            let now = count(sh_ok(admin, id, "cat /tmp/count").await);
-            (now > before).then_some(())
-        },
+        || async { count().await.filter(|now| *now > before) },
     )
     .await;
 }

@@ -346,7 +346,7 @@ fn with_common_errors(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
     let global = api.security.clone().unwrap_or_default();
     for (path, item) in api.paths.paths.iter_mut() {
         // E2B's paths answer in E2B's error shape.
-        let ours = path.starts_with("/v1/") || path.starts_with("/health");
+        let ours = path.starts_with("/v1/") || path.starts_with("/health") || path == "/metrics";
         let schema = if ours { "ErrorBody" } else { "e2b.Error" };
         // Whatever acts inside a sandbox finds it not running (paused, destroyed), or its
         // host or guest agent not answering.

@@ -203,23 +203,7 @@ impl Fleet {
     }
 
     fn stop(child: &mut Option<Child>) -> Option<std::process::ExitStatus> {
-        let mut child = child.take()?;
-        // SAFETY: kill(2) on our own child process.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::terminate(child.take()?)
     }
 }
 

@@ -10,6 +10,12 @@ use crate::error::AgentError;
 use crate::templates::StoredTemplate;
 use crate::transfer::{self, Begun};
 
+/// A template id off the wire.
+fn template_id(s: &str) -> Result<TemplateId, AgentError> {
+    s.parse()
+        .map_err(|e: nestbox_types::IdParseError| AgentError::Invalid(e.to_string()))
+}
+
 /// Runs blocking file work on the blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
@@ -82,10 +88,7 @@ impl Manager {
 
     /// Starts or resumes receiving a template.
     pub async fn begin_template_import(&self, m: TemplateManifest) -> Result<Begun, AgentError> {
-        let id: TemplateId = m
-            .template_id
-            .parse()
-            .map_err(|e: nestbox_types::IdParseError| AgentError::Invalid(e.to_string()))?;
+        let id = template_id(&m.template_id)?;
         let _held = self.inner.imports.lock(id).await;
         let manager = self.clone();
         blocking(move || {
@@ -109,10 +112,7 @@ impl Manager {
         first: FileBlock,
         mut blocks: mpsc::Receiver<FileBlock>,
     ) -> Result<u64, AgentError> {
-        let id: TemplateId = first
-            .template_id
-            .parse()
-            .map_err(|e: nestbox_types::IdParseError| AgentError::Invalid(e.to_string()))?;
+        let id = template_id(&first.template_id)?;
         let _held = self.inner.imports.lock(id).await;
         let manager = self.clone();
         blocking(move || {

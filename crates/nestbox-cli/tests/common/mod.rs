@@ -274,23 +274,7 @@ impl Nestbox {
     /// Stops with SIGTERM and returns how the process exited (`None`: it had to be
     /// killed after the grace period of [`Nestbox::stop`]).
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        // SAFETY: kill(2) on our own child process.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        terminate(self.child.take()?)
     }
 
     /// Stops cleanly: SIGTERM, wait, SIGKILL after a grace period.
@@ -796,4 +780,25 @@ pub fn host_primary_ip() -> String {
         }
     }
     panic!("no source address in `{text}`");
+}
+
+/// Sends SIGTERM to `child` and waits for it (killed after 240 s); `None` if it had to be
+/// killed.
+pub fn terminate(mut child: std::process::Child) -> Option<std::process::ExitStatus> {
+    // SAFETY: kill(2) on our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -397,6 +397,57 @@ impl HostAgent for Service {
         Ok(Response::new(DeleteTemplateResponse {}))
     }
 
+    async fn export_sandbox(
+        &self,
+        req: Request<ExportSandboxRequest>,
+    ) -> Result<Response<CreateTemplateResponse>, Status> {
+        let r = req.into_inner();
+        let id = parse_sandbox(&r.sandbox_id)?;
+        let export = parse_template(&r.export_id)?;
+        let manager = self.manager.clone();
+        let stored = tokio::spawn(async move { manager.export_sandbox(id, export).await })
+            .await
+            .map_err(|e| Status::internal(format!("export task failed: {e}")))??;
+        Ok(Response::new(CreateTemplateResponse {
+            template: Some(template_info(&stored)),
+        }))
+    }
+
+    async fn adopt_sandbox(
+        &self,
+        req: Request<AdoptSandboxRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        let r = req.into_inner();
+        let template_id = if r.template_id.is_empty() {
+            None
+        } else {
+            Some(parse_template(&r.template_id)?)
+        };
+        let params = crate::sandbox::AdoptParams {
+            id: parse_sandbox(&r.sandbox_id)?,
+            export: parse_template(&r.export_id)?,
+            team: r
+                .team_id
+                .parse()
+                .map_err(|e: nestbox_types::IdParseError| {
+                    Status::invalid_argument(e.to_string())
+                })?,
+            template: r.template,
+            template_id,
+            timeout_sec: r.timeout_sec,
+            egress: egress_rules(r.egress),
+            egress_version: r.egress_version,
+        };
+        let manager = self.manager.clone();
+        let h = tokio::spawn(async move { manager.adopt_sandbox(params).await })
+            .await
+            .map_err(|e| Status::internal(format!("adopt task failed: {e}")))??;
+        Ok(Response::new(info(
+            &h,
+            &self.manager.inner().vmm.info().to_string(),
+        )))
+    }
+
     async fn get_template_manifest(
         &self,
         req: Request<GetTemplateManifestRequest>,

@@ -23,7 +23,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use nestbox_types::TemplateId;
+use nestbox_types::{SandboxId, TemplateId};
 
 use crate::error::AgentError;
 
@@ -82,6 +82,10 @@ pub struct TemplateRecord {
     pub size_bytes: u64,
     /// When it was made.
     pub created_at: DateTime<Utc>,
+    /// A move package of this paused sandbox (see the agent's `ExportSandbox`), not a
+    /// template: never listed, never started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub move_of: Option<SandboxId>,
 }
 
 impl std::fmt::Debug for TemplateRecord {
@@ -217,19 +221,41 @@ impl TemplateStore {
         }
     }
 
-    /// Every complete template.
+    /// Every complete template (move packages left out).
     pub fn list(&self) -> Vec<StoredTemplate> {
-        let Ok(rd) = std::fs::read_dir(&self.root) else {
-            return Vec::new();
-        };
-        let mut out: Vec<StoredTemplate> = rd
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().map(String::from))
-            .filter(|name| !name.starts_with('.'))
-            .filter_map(|name| self.get(&name).ok())
+        let mut out: Vec<StoredTemplate> = self
+            .all()
+            .into_iter()
+            .filter(|t| t.record.move_of.is_none())
             .collect();
         out.sort_by(|a, b| a.record.key.cmp(&b.record.key));
         out
+    }
+
+    /// Every complete template and move package.
+    fn all(&self) -> Vec<StoredTemplate> {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .filter(|name| !name.starts_with('.'))
+            .filter_map(|name| self.get(&name).ok())
+            .collect()
+    }
+
+    /// Removes move packages made more than `max_age` ago (a move that never finished:
+    /// its control plane went away). Returns how many.
+    pub fn sweep_moves(&self, max_age: std::time::Duration) -> usize {
+        let Ok(age) = chrono::Duration::from_std(max_age) else {
+            return 0;
+        };
+        let before = Utc::now() - age;
+        self.all()
+            .into_iter()
+            .filter(|t| t.record.move_of.is_some() && t.record.created_at < before)
+            .filter(|t| std::fs::remove_dir_all(&t.dir).is_ok())
+            .count()
     }
 
     /// Removes staging directories left by a crash.
@@ -275,6 +301,7 @@ mod tests {
             access_token: Some("secret-token-value".into()),
             size_bytes: 0,
             created_at: Utc::now(),
+            move_of: None,
         }
     }
 

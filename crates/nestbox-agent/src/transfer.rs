@@ -682,6 +682,7 @@ mod tests {
             access_token: Some("secret".into()),
             size_bytes: 0,
             created_at: Utc::now(),
+            move_of: None,
         }
     }
 

@@ -8,7 +8,8 @@
 //! have had the outcome its contract promises: a failed create leaves nothing, a failed
 //! pause leaves the sandbox running, a failed resume leaves it paused (and a later resume
 //! works), a failed snapshot leaves the sandbox as it was and no template, a destroy always
-//! removes the sandbox.
+//! removes the sandbox, a sandbox moved from another host is taken over whole (and
+//! resumes) or leaves nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -846,4 +847,120 @@ async fn a_stop_waits_for_work_under_way_and_refuses_new_work() {
     }
     rig.consistent("after the stop");
     rig.empty("done").await;
+}
+
+/// Copies a directory's files (one level), as a move package's relay would.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_moved_sandbox_is_taken_over_whole_or_not_at_all() {
+    let source = Rig::new(Duration::ZERO, 0);
+    let rig = Rig::new(Duration::from_secs(300), 0);
+    let params = |id: SandboxId, export: TemplateId| nestbox_agent::sandbox::AdoptParams {
+        id,
+        export,
+        team: source.team,
+        template: "minimal".into(),
+        template_id: None,
+        timeout_sec: 0,
+        egress: EgressRules::default(),
+        egress_version: 3,
+    };
+    // A running sandbox is not packed; a paused one is, and asked again, answers the same.
+    let id = source.create(None).await;
+    let export = TemplateId::new();
+    assert!(matches!(
+        source.manager.export_sandbox(id, export).await,
+        Err(AgentError::WrongState { .. })
+    ));
+    source.manager.pause(id).await.unwrap();
+    let package = source.manager.export_sandbox(id, export).await.unwrap();
+    let again = source.manager.export_sandbox(id, export).await.unwrap();
+    assert_eq!(package.dir, again.dir);
+    assert_eq!(package.record.move_of, Some(id));
+    // A package is no template: not listed, not started from, not another sandbox's.
+    assert!(
+        !source
+            .manager
+            .template_infos()
+            .iter()
+            .any(|t| t.template_id == export.to_string())
+    );
+    let mut from_package = source.params(Some(export));
+    from_package.template_id = Some(export);
+    assert!(matches!(
+        source.manager.create(from_package).await,
+        Err(AgentError::TemplateNotFound(_))
+    ));
+    assert!(matches!(
+        source
+            .manager
+            .export_sandbox(SandboxId::new(), export)
+            .await,
+        Err(AgentError::Invalid(_))
+    ));
+    // Packing left the sandbox paused where it is, and it resumes there.
+    source.manager.resume(id).await.unwrap();
+    source.answers(id).await;
+    source.manager.destroy(id).await.unwrap();
+    source.manager.delete_template(export).await.unwrap();
+
+    // Taken over and resumed on another host, failing at each step in turn.
+    sweep(
+        &rig,
+        "take over and resume",
+        async |rig| {
+            let id = source.create(None).await;
+            source.manager.pause(id).await.unwrap();
+            let export = TemplateId::new();
+            let package = source.manager.export_sandbox(id, export).await.unwrap();
+            copy_dir(
+                &package.dir,
+                &rig.data.join("templates").join(export.to_string()),
+            );
+            source.manager.destroy(id).await.unwrap();
+            source.manager.delete_template(export).await.unwrap();
+            (id, export)
+        },
+        async |rig, (id, export)| {
+            rig.manager.adopt_sandbox(params(*id, *export)).await?;
+            assert_eq!(rig.manager.get(*id).unwrap().state(), State::Paused);
+            rig.manager.resume(*id).await
+        },
+        async |rig, (id, export), outcome, fault| match (outcome, fault) {
+            (Ok(()), _) => {
+                rig.answers(*id).await;
+                let dir = nestbox_agent::sandbox::sandbox_dir(&rig.data, *id);
+                let st = state::read(&dir).unwrap();
+                assert_eq!(st.egress_version, 3);
+                assert!(
+                    rig.manager.template(*export).is_err(),
+                    "the package is consumed"
+                );
+            }
+            (Err(e), Some(step)) => match rig.manager.get(*id) {
+                // Taken over, its resume failed: paused, and it resumes.
+                Ok(h) => {
+                    assert_eq!(h.state(), State::Paused, "after {step}: {e}");
+                    rig.consistent(&format!("resume failed at {step}"));
+                    rig.manager.resume(*id).await.expect("a second resume");
+                    rig.answers(*id).await;
+                }
+                // Not taken over: nothing of it here.
+                Err(_) => {
+                    let dir = nestbox_agent::sandbox::sandbox_dir(&rig.data, *id);
+                    assert!(!dir.exists(), "after {step}: {e}: its directory is left");
+                    let _ = rig.manager.delete_template(*export).await;
+                }
+            },
+            (Err(e), None) => panic!("take-over failed with no fault: {e}"),
+        },
+    )
+    .await;
+    source.empty("source").await;
 }

@@ -13,6 +13,9 @@
 //! - A host cut off from the control plane for longer than its pause-all threshold pauses
 //!   its running sandboxes with their memory; once the network heals the control plane
 //!   sees them paused, and they resume where they were.
+//! - A drained host's sandboxes move to another host — a paused one as it is, a running
+//!   one paused, moved and resumed — and carry on with their processes, memory and disks;
+//!   an operator's move of a paused sandbox is timed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use common::{assert_instance_clean, eventually, nestbox_agent_tag, sh_ok};
 use nestbox_client::Client;
-use nestbox_types::api::{CreateSandboxRequest, CreateSnapshotRequest};
+use nestbox_types::api::{CreateSandboxRequest, CreateSnapshotRequest, DrainMoves};
 use nestbox_types::{HostId, HostStatus, TemplateKind};
 
 /// Port every agent listens on, in its own namespace.
@@ -373,7 +376,10 @@ async fn a_template_made_on_one_host_starts_sandboxes_on_another() {
 
     // Its host takes no new sandboxes: one from the template starts on the other host,
     // which gets the template's files first, and carries on where the template was.
-    admin.drain_host(home, true).await.unwrap();
+    admin
+        .drain_host(home, true, DrainMoves::None)
+        .await
+        .unwrap();
     let started = Instant::now();
     let moved = admin
         .create_sandbox(&CreateSandboxRequest {
@@ -419,7 +425,10 @@ async fn a_template_made_on_one_host_starts_sandboxes_on_another() {
     );
 
     // Both hold it now; deleting it deletes it on both.
-    admin.drain_host(home, false).await.unwrap();
+    admin
+        .drain_host(home, false, DrainMoves::None)
+        .await
+        .unwrap();
     admin.destroy_sandbox(moved.id).await.unwrap();
     admin.delete_snapshot("carried").await.unwrap();
     for n in 0..2 {
@@ -536,7 +545,10 @@ async fn a_killed_agent_comes_back_to_its_sandboxes() {
     let admin = fleet.start_server(&database, &["--host-grace", "10"]).await;
     let hosts = join(&mut fleet, &admin, 2, &[]).await;
     // Both sandboxes on host 0.
-    admin.drain_host(hosts[1], true).await.unwrap();
+    admin
+        .drain_host(hosts[1], true, DrainMoves::None)
+        .await
+        .unwrap();
     let mut ids = Vec::new();
     for _ in 0..2 {
         let sb = admin
@@ -549,7 +561,10 @@ async fn a_killed_agent_comes_back_to_its_sandboxes() {
     }
     let (running, paused) = (ids[0], ids[1]);
     admin.pause_sandbox(paused).await.unwrap();
-    admin.drain_host(hosts[1], false).await.unwrap();
+    admin
+        .drain_host(hosts[1], false, DrainMoves::None)
+        .await
+        .unwrap();
 
     // kill -9: the host stops answering.
     let mut agent = fleet.agents[0].take().unwrap();
@@ -821,4 +836,119 @@ async fn the_fleet_guide_runs_as_written() {
     for tag in tags {
         assert_instance_clean(&tag);
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_moves_paused_and_running_sandboxes_with_their_state() {
+    use nestbox_types::SandboxStatus;
+    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let mut fleet = Fleet::new(2);
+    let admin = fleet.start_server(&database, &[]).await;
+    let hosts = join(&mut fleet, &admin, 2, &[]).await;
+    // Both sandboxes on host 0, each with state on disk, in memory and in a process.
+    admin
+        .drain_host(hosts[1], true, DrainMoves::None)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let sb = admin
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(sb.host_id, Some(hosts[0]));
+        sh_ok(&admin, sb.id, "echo disk > /root/mark && sync").await;
+        leave_state(&admin, sb.id).await;
+        ids.push(sb.id);
+    }
+    let (paused, running) = (ids[0], ids[1]);
+    admin.pause_sandbox(paused).await.unwrap();
+    admin
+        .drain_host(hosts[1], false, DrainMoves::None)
+        .await
+        .unwrap();
+
+    // Host 0 drains: both move to host 1, the running one paused, moved and resumed.
+    let started = Instant::now();
+    let drain = admin
+        .drain_host(hosts[0], true, DrainMoves::All)
+        .await
+        .unwrap();
+    assert_eq!(drain.moving, vec![paused, running]);
+    for (id, want) in [
+        (paused, SandboxStatus::Paused),
+        (running, SandboxStatus::Running),
+    ] {
+        eventually(
+            Duration::from_secs(300),
+            &format!("{id} {want} on host 1"),
+            || async {
+                let got = admin.get_sandbox(id).await.ok()?;
+                (got.host_id == Some(hosts[1]) && got.status == want).then_some(())
+            },
+        )
+        .await;
+    }
+    eprintln!(
+        "a drain moved a paused and a running sandbox in {} ms",
+        started.elapsed().as_millis()
+    );
+    // They carry on where they were: the running one's process counts on, the paused
+    // one resumes with its memory, and both keep their disks.
+    state_kept(&admin, running).await;
+    admin.resume_sandbox(paused).await.unwrap();
+    state_kept(&admin, paused).await;
+    for id in [paused, running] {
+        assert_eq!(sh_ok(&admin, id, "cat /root/mark").await, "disk\n");
+    }
+    // Nothing of them is left on host 0 (its pool of warm clones aside): no sandbox
+    // directory, and no move package on either host.
+    eventually(Duration::from_secs(60), "host 0 emptied", || async {
+        [paused, running]
+            .iter()
+            .all(|id| {
+                !fleet
+                    .agent_dir(0)
+                    .join("sandboxes")
+                    .join(id.to_string())
+                    .exists()
+            })
+            .then_some(())
+    })
+    .await;
+    for n in 0..2 {
+        let packages: Vec<String> = std::fs::read_dir(fleet.agent_dir(n).join("templates"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(packages.is_empty(), "host {n} keeps {packages:?}");
+    }
+
+    // An operator's move back, of the paused one (512 MiB of memory): timed.
+    admin
+        .drain_host(hosts[0], false, DrainMoves::None)
+        .await
+        .unwrap();
+    admin.pause_sandbox(paused).await.unwrap();
+    let started = Instant::now();
+    let back = admin.move_sandbox(paused, Some(hosts[0])).await.unwrap();
+    eprintln!(
+        "moved a paused {} MiB sandbox between two hosts in {} ms",
+        back.memory_mb,
+        started.elapsed().as_millis()
+    );
+    assert_eq!(
+        (back.host_id, back.status),
+        (Some(hosts[0]), SandboxStatus::Paused)
+    );
+    admin.resume_sandbox(paused).await.unwrap();
+    state_kept(&admin, paused).await;
+    for id in [paused, running] {
+        admin.destroy_sandbox(id).await.unwrap();
+    }
+    finish(fleet, 2);
 }

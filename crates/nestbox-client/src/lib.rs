@@ -468,11 +468,34 @@ impl Client {
         self.get("/v1/admin/hosts").await
     }
 
-    /// Cordons a host (no new sandboxes) or lets it take them again (platform admins).
-    pub async fn drain_host(&self, host: HostId, draining: bool) -> Result<Host, ClientError> {
+    /// Cordons a host (no new sandboxes) and starts moving what `moves` names to other
+    /// hosts of its pool, or lets it take sandboxes again (platform admins).
+    pub async fn drain_host(
+        &self,
+        host: HostId,
+        draining: bool,
+        moves: DrainMoves,
+    ) -> Result<HostDrain, ClientError> {
         self.put(
             &format!("/v1/admin/hosts/{host}/drain"),
-            &DrainHostRequest { draining },
+            &DrainHostRequest {
+                draining,
+                moves: Some(moves),
+            },
+        )
+        .await
+    }
+
+    /// Moves a running or paused sandbox to another host of its pool (`to`, or the one the
+    /// scheduler picks); answers once it has arrived (platform admins).
+    pub async fn move_sandbox(
+        &self,
+        id: SandboxId,
+        to: Option<HostId>,
+    ) -> Result<Sandbox, ClientError> {
+        self.post(
+            &format!("/v1/admin/sandboxes/{id}/move"),
+            &MoveSandboxRequest { host_id: to },
         )
         .await
     }

@@ -17,8 +17,8 @@
 //!      → `running`, but only once the sandbox was marked paused longer ago than
 //!      `pause_timeout`: a pause marks the sandbox before its agent call, so until then the
 //!      call may still be in flight and the VM still running;
-//!    - known to the agent but stopped, failed or unknown in the database → destroyed on
-//!      the agent (an orphan).
+//!    - known to the agent but stopped, failed or unknown in the database, or recorded on
+//!      another host (and not moving here) → destroyed on the agent (an orphan).
 //!
 //!    A host's team templates are compared too: files of templates that no longer exist
 //!    are deleted there ([`Services::sweep_orphan_templates`]).
@@ -27,7 +27,10 @@
 //!    are deleted
 //!    ([`Services::sweep_fork_templates`]).
 //!
-//! 4. sandboxes `pending` or `starting` for longer than twice the create call's deadline
+//! 4. moves begun longer ago than their deadline are given up
+//!    ([`crate::service::moves`]): the sandbox stays where it was.
+//!
+//! 5. sandboxes `pending` or `starting` for longer than twice the create call's deadline
 //!    have lost their create call (the control plane restarted in the middle):
 //!    → `running` if their host runs them, else `error` (audited as
 //!    `sandbox.create_interrupted`). Younger ones are never touched: their create call
@@ -108,6 +111,19 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
     for sb in sandboxes::list_by_status(&services.db, &[SandboxStatus::Pending]).await? {
         if sb.host_id.is_none() && sb.updated_at < stale {
             interrupted(services, &sb).await?;
+        }
+    }
+    // Moves whose control plane went away: the sandbox stays where it was, and the copy
+    // its destination took over (if any) becomes an orphan there.
+    let deadline = chrono::Duration::from_std(crate::service::moves::move_deadline(
+        services.cfg.template_timeout,
+    ))
+    .unwrap_or(chrono::Duration::hours(1));
+    for sb in sandboxes::moves_begun_before(&services.db, Utc::now() - deadline).await? {
+        if let Some(to) = sb.moving_to
+            && sandboxes::end_move(&services.db, sb.id, to).await?
+        {
+            tracing::warn!(sandbox = %sb.id, to = %to, "gave up a move that outlived its deadline");
         }
     }
     // Hosts are independent: several at a time, so one pass over a large fleet (or one
@@ -240,7 +256,10 @@ async fn reconcile(
     }
     for id in on_agent.into_keys() {
         let orphan = match sandboxes::get(&services.db, id).await {
-            Ok(sb) => sb.status.is_terminal() || sb.host_id != Some(host),
+            // A sandbox's copy on the host it is moving to is the move's.
+            Ok(sb) => {
+                sb.status.is_terminal() || (sb.host_id != Some(host) && sb.moving_to != Some(host))
+            }
             Err(e) if e.is_not_found() => true,
             Err(e) => return Err(e.into()),
         };

@@ -322,6 +322,12 @@ const MATRIX: &[Row] = &[
     row("GET", "/templates/{templateID}", ANY_CALLER),
     row("DELETE", "/templates/{templateID}", TEAM_RESOURCE),
     row("GET", "/templates/aliases/{alias}", ANY_CALLER),
+    // Last: its call registers a second host, which then takes part in placement.
+    row(
+        "POST",
+        "/v1/admin/sandboxes/{sandbox_id}/move",
+        PLATFORM_ADMINS,
+    ),
 ];
 
 /// `(METHOD, path)` of every operation in the OpenAPI document.
@@ -397,6 +403,8 @@ struct World {
     key: String,
     other_key: String,
     sandbox: Sandbox,
+    /// A second host, for moves (registered at the first).
+    second: tokio::sync::OnceCell<SimAgent>,
 }
 
 /// A request to send.
@@ -466,6 +474,7 @@ impl World {
             key,
             other_key,
             sandbox,
+            second: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -612,6 +621,16 @@ impl World {
             ),
             ("POST", "/v1/admin/hosts") => {
                 call(path.into(), Body::Json(json!({ "name": "new host" })))
+            }
+            ("POST", "/v1/admin/sandboxes/{sandbox_id}/move") => {
+                self.second
+                    .get_or_try_init(|| self.h.add_agent("second", SimAgentConfig::default()))
+                    .await?;
+                let fresh = self.fresh_sandbox().await?;
+                call(
+                    format!("/v1/admin/sandboxes/{}/move", fresh.id),
+                    Body::Json(json!({})),
+                )
             }
             ("PUT", "/v1/admin/hosts/{host_id}/drain") => call(
                 format!("/v1/admin/hosts/{}/drain", self.h.host_id),

@@ -10,7 +10,7 @@ mod common;
 use common::{Engine, Harness, Options, api_error, both_engines};
 use nestbox_control::scheduler::Policy;
 use nestbox_testkit::SimAgentConfig;
-use nestbox_types::api::{CreateSandboxRequest, SandboxListQuery};
+use nestbox_types::api::{CreateSandboxRequest, DrainMoves, SandboxListQuery};
 use nestbox_types::{ErrorCode, HostId};
 
 both_engines!(
@@ -146,13 +146,21 @@ async fn a_draining_host_takes_no_new_sandboxes(engine: Engine) -> anyhow::Resul
     let two = second.host_id().unwrap();
     let before = place(&h, 2).await?;
     assert!(before.contains(&two));
-    let drained = h.admin.client.drain_host(two, true).await?;
-    assert!(drained.draining);
+    let drained = h
+        .admin
+        .client
+        .drain_host(two, true, DrainMoves::None)
+        .await?;
+    assert!(drained.host.draining);
+    assert!(drained.moving.is_empty());
     assert_eq!(place(&h, 3).await?, vec![h.host_id; 3]);
     // What it holds stays.
     assert_eq!(second.sandbox_ids().len(), 1);
     // With every host draining, nothing can be placed, and nothing is recorded.
-    h.admin.client.drain_host(h.host_id, true).await?;
+    h.admin
+        .client
+        .drain_host(h.host_id, true, DrainMoves::None)
+        .await?;
     let count = h
         .key
         .list_sandboxes(&SandboxListQuery::default())
@@ -172,8 +180,14 @@ async fn a_draining_host_takes_no_new_sandboxes(engine: Engine) -> anyhow::Resul
             .len(),
         count
     );
-    h.admin.client.drain_host(h.host_id, false).await?;
-    h.admin.client.drain_host(two, false).await?;
+    h.admin
+        .client
+        .drain_host(h.host_id, false, DrainMoves::None)
+        .await?;
+    h.admin
+        .client
+        .drain_host(two, false, DrainMoves::None)
+        .await?;
     let after = place(&h, 2).await?;
     assert!(after.contains(&two), "{after:?}");
     second.shutdown().await;

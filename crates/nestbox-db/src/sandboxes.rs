@@ -63,6 +63,13 @@ pub struct Sandbox {
     pub auto_resume: bool,
     /// The generation its guest and traffic tokens derive from (bumped by a rotation).
     pub token_generation: u64,
+    /// The version of its egress rules (one more at each change).
+    pub egress_version: u64,
+    /// The host a move is taking it to ([`begin_move`]); it stays on `host_id` until the
+    /// move re-points it.
+    pub moving_to: Option<HostId>,
+    /// When that move began.
+    pub moving_since: Option<DateTime<Utc>>,
 }
 
 /// What [`insert`] needs. The sandbox starts `pending`.
@@ -108,7 +115,9 @@ const COLUMNS: &str = "s.id, s.team_id, s.host_id, s.template_id, s.template_nam
                        s.error, s.vcpus, s.memory_mb, s.disk_size_mb, s.timeout_sec, s.env, \
                        s.created_by, s.created_at, s.started_at, s.stopped_at, s.last_active_at, \
                        s.updated_at, s.expires_at, s.lifetime_sec, s.on_expiry, s.egress, \
-                       s.public_traffic, s.auto_resume, s.token_generation";
+                       s.public_traffic, s.auto_resume, s.token_generation, s.egress_version, \
+                       s.moving_to, \
+                       s.moving_since";
 
 fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
     let env = r.json("env")?;
@@ -145,6 +154,10 @@ fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
         auto_resume: r.bool("auto_resume")?,
         token_generation: u64::try_from(r.i64("token_generation")?)
             .map_err(|_| DbError::corrupt("token_generation", "negative"))?,
+        egress_version: u64::try_from(r.i64("egress_version")?)
+            .map_err(|_| DbError::corrupt("egress_version", "negative"))?,
+        moving_to: r.id_opt("moving_to")?,
+        moving_since: r.time_opt("moving_since")?,
     })
 }
 
@@ -518,6 +531,64 @@ pub async fn set_host(db: &Db, id: SandboxId, host: Option<HostId>) -> Result<bo
             missing_as_not_found(e, "host", host.map(|h| h.to_string()).unwrap_or_default())
         })?;
     Ok(n > 0)
+}
+
+/// Marks paused sandbox `id` on `from` as moving to `to`. Applies only to a sandbox that
+/// is `paused` on `from` and not moving already; returns whether it applied.
+pub async fn begin_move(db: &Db, id: SandboxId, from: HostId, to: HostId) -> Result<bool, DbError> {
+    let at = now();
+    let n = db
+        .execute(
+            "UPDATE sandboxes SET moving_to = $2, moving_since = $3, updated_at = $3 \
+             WHERE id = $1 AND host_id = $4 AND status = $5 AND moving_to IS NULL",
+            args![id, to, at, from, SandboxStatus::Paused],
+        )
+        .await
+        .map_err(|e| missing_as_not_found(e, "host", to))?;
+    Ok(n > 0)
+}
+
+/// Re-points a moving sandbox to the host it moved to. Applies only if it is still `paused`
+/// on `from` and moving to `to` (nothing changed it meanwhile); returns whether it applied.
+pub async fn finish_move(
+    db: &Db,
+    id: SandboxId,
+    from: HostId,
+    to: HostId,
+) -> Result<bool, DbError> {
+    let n = db
+        .execute(
+            "UPDATE sandboxes SET host_id = $2, moving_to = NULL, moving_since = NULL, \
+             updated_at = $3 WHERE id = $1 AND host_id = $4 AND moving_to = $2 AND status = $5",
+            args![id, to, now(), from, SandboxStatus::Paused],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+/// Ends a move to `to` that did not happen: the sandbox stays where it is. Returns whether
+/// it was moving there.
+pub async fn end_move(db: &Db, id: SandboxId, to: HostId) -> Result<bool, DbError> {
+    let n = db
+        .execute(
+            "UPDATE sandboxes SET moving_to = NULL, moving_since = NULL, updated_at = $3 \
+             WHERE id = $1 AND moving_to = $2",
+            args![id, to, now()],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+/// Sandboxes whose move began before `before`.
+pub async fn moves_begun_before(db: &Db, before: DateTime<Utc>) -> Result<Vec<Sandbox>, DbError> {
+    let mut sql = Sql::new(&format!(
+        "SELECT {COLUMNS} FROM sandboxes s WHERE s.moving_to IS NOT NULL AND s.moving_since < "
+    ));
+    sql.bind(before).push(" ORDER BY s.moving_since, s.id");
+    let mut conn = db.acquire().await?;
+    let mut rows = conn.conn().fetch_all(&sql.text, sql.args, from_row).await?;
+    attach_metadata(&mut conn.conn(), &mut rows).await?;
+    Ok(rows)
 }
 
 /// What the sandboxes on `host` hold: count, vCPUs and memory of those whose status holds host

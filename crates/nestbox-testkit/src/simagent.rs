@@ -241,6 +241,10 @@ pub enum SimOp {
     WriteTemplateFile,
     /// `CommitTemplateImport`.
     CommitImport,
+    /// `ExportSandbox`.
+    ExportSandbox,
+    /// `AdoptSandbox`.
+    AdoptSandbox,
 }
 
 /// Whether a simulated sandbox's VM runs.
@@ -294,6 +298,71 @@ pub struct SimStoredTemplate {
     /// When it was stored on this agent, Unix ms.
     pub stored_at_unix_ms: i64,
     files: BTreeMap<String, Node>,
+    /// A move package (`ExportSandbox`): the paused sandbox it carries. Never listed.
+    moved: Option<SimMoved>,
+}
+
+impl SimStoredTemplate {
+    /// Whether it is a move package rather than a template.
+    pub fn is_move_package(&self) -> bool {
+        self.moved.is_some()
+    }
+}
+
+/// What a move package carries besides the sandbox's files, in a form its record can hold.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct SimMoved {
+    /// The create request (protobuf, hex).
+    request: String,
+    started_at_unix_ms: i64,
+    /// Background processes: info (protobuf, hex) and stdin (hex).
+    processes: Vec<(String, String)>,
+}
+
+impl SimMoved {
+    fn of(sb: &SimSandbox) -> Self {
+        use prost::Message;
+        Self {
+            request: hex::encode(sb.request.encode_to_vec()),
+            started_at_unix_ms: sb.started_at_unix_ms,
+            processes: sb
+                .processes
+                .values()
+                .map(|p| (hex::encode(p.info.encode_to_vec()), hex::encode(&p.stdin)))
+                .collect(),
+        }
+    }
+
+    fn sandbox_id(&self) -> Option<String> {
+        use prost::Message;
+        let bytes = hex::decode(&self.request).ok()?;
+        Some(
+            CreateSandboxRequest::decode(bytes.as_slice())
+                .ok()?
+                .sandbox_id,
+        )
+    }
+
+    /// The paused sandbox it carries, with `files`.
+    fn sandbox(&self, files: BTreeMap<String, Node>) -> Result<SimSandbox, Status> {
+        use prost::Message;
+        let bad = |e: String| invalid(format!("unreadable move package: {e}"));
+        let bytes = hex::decode(&self.request).map_err(|e| bad(e.to_string()))?;
+        let request =
+            CreateSandboxRequest::decode(bytes.as_slice()).map_err(|e| bad(e.to_string()))?;
+        let mut sb = new_sandbox(request);
+        sb.files = files;
+        sb.state = SimState::Paused;
+        sb.started_at_unix_ms = self.started_at_unix_ms;
+        sb.started_by = "move".into();
+        for (info, stdin) in &self.processes {
+            let info = hex::decode(info).map_err(|e| bad(e.to_string()))?;
+            let info = pb::ProcessInfo::decode(info.as_slice()).map_err(|e| bad(e.to_string()))?;
+            let stdin = hex::decode(stdin).map_err(|e| bad(e.to_string()))?;
+            sb.processes.insert(info.pid, SimProcess { info, stdin });
+        }
+        Ok(sb)
+    }
 }
 
 /// A sandbox the simulated agent runs: what the control plane asked for.
@@ -986,6 +1055,8 @@ struct SimRecord {
     sandbox_id: String,
     /// Path → content (hex; none for a directory).
     files: BTreeMap<String, (Option<String>, i64)>,
+    #[serde(default)]
+    moved: Option<SimMoved>,
 }
 
 impl SimRecord {
@@ -998,6 +1069,7 @@ impl SimRecord {
             disk_size_mb: t.disk_size_mb,
             size_bytes: t.size_bytes,
             sandbox_id: t.sandbox_id.clone(),
+            moved: t.moved.clone(),
             files: t
                 .files
                 .iter()
@@ -1036,6 +1108,7 @@ impl SimRecord {
             sandbox_id: self.sandbox_id,
             stored_at_unix_ms: now_ms(),
             files,
+            moved: self.moved,
         })
     }
 }
@@ -1353,7 +1426,12 @@ impl HostAgent for Service {
                     kind: t.kind.clone(),
                     ..Default::default()
                 })
-                .chain(st.templates.values().map(template_info))
+                .chain(
+                    st.templates
+                        .values()
+                        .filter(|t| t.moved.is_none())
+                        .map(template_info),
+                )
                 .collect(),
         }))
     }
@@ -1921,6 +1999,7 @@ impl HostAgent for Service {
             sandbox_id: req.sandbox_id.clone(),
             stored_at_unix_ms: now_ms(),
             files: sb.files.clone(),
+            moved: None,
         };
         let out = template_info(&template);
         st.templates.insert(template.id.clone(), template);
@@ -1942,6 +2021,94 @@ impl HostAgent for Service {
             Some(_) => Ok(Response::new(DeleteTemplateResponse {})),
             None => Err(template_not_found(&id)),
         }
+    }
+
+    async fn export_sandbox(
+        &self,
+        request: Request<pb::ExportSandboxRequest>,
+    ) -> Result<Response<CreateTemplateResponse>, Status> {
+        self.shared.enter(SimOp::ExportSandbox).await?;
+        let req = request.into_inner();
+        req.export_id
+            .parse::<TemplateId>()
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut st = self.shared.lock();
+        if let Some(t) = st.templates.get(&req.export_id) {
+            return match &t.moved {
+                Some(m) if m.sandbox_id().as_deref() == Some(req.sandbox_id.as_str()) => {
+                    Ok(Response::new(CreateTemplateResponse {
+                        template: Some(template_info(t)),
+                    }))
+                }
+                _ => Err(invalid(format!("{} already exists", req.export_id))),
+            };
+        }
+        let sb = st
+            .sandboxes
+            .get(&req.sandbox_id)
+            .ok_or_else(|| not_found(&req.sandbox_id))?;
+        if sb.state != SimState::Paused {
+            return Err(nestbox_proto::status(
+                ErrorCode::SandboxNotRunning,
+                format!("sandbox {} is running", req.sandbox_id),
+            ));
+        }
+        let package = SimStoredTemplate {
+            id: req.export_id.clone(),
+            kind: pb::TemplateKind::Snapshot,
+            vcpus: sb.request.vcpus,
+            memory_mb: sb.request.memory_mb,
+            disk_size_mb: sb.request.disk_size_mb,
+            size_bytes: (64 << 20) + (u64::from(sb.request.memory_mb) << 20),
+            sandbox_id: req.sandbox_id.clone(),
+            stored_at_unix_ms: now_ms(),
+            files: sb.files.clone(),
+            moved: Some(SimMoved::of(sb)),
+        };
+        let out = template_info(&package);
+        st.templates.insert(req.export_id, package);
+        Ok(Response::new(CreateTemplateResponse {
+            template: Some(out),
+        }))
+    }
+
+    async fn adopt_sandbox(
+        &self,
+        request: Request<pb::AdoptSandboxRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        self.shared.enter(SimOp::AdoptSandbox).await?;
+        let req = request.into_inner();
+        let mut st = self.shared.lock();
+        if st.sandboxes.contains_key(&req.sandbox_id) {
+            return Err(nestbox_proto::status(
+                ErrorCode::AlreadyExists,
+                format!("sandbox {} exists", req.sandbox_id),
+            ));
+        }
+        let package = st
+            .templates
+            .get(&req.export_id)
+            .ok_or_else(|| template_not_found(&req.export_id))?;
+        let moved = match &package.moved {
+            Some(m) if m.sandbox_id().as_deref() == Some(req.sandbox_id.as_str()) => m,
+            _ => {
+                return Err(invalid(format!(
+                    "{} is not a move package of {}",
+                    req.export_id, req.sandbox_id
+                )));
+            }
+        };
+        let mut sb = moved.sandbox(package.files.clone())?;
+        sb.request.team_id = req.team_id;
+        sb.request.template = req.template;
+        sb.request.template_id = req.template_id;
+        sb.request.timeout_sec = req.timeout_sec;
+        sb.request.egress = req.egress;
+        sb.egress_version = req.egress_version;
+        let out = info(&sb);
+        st.templates.remove(&req.export_id);
+        st.sandboxes.insert(req.sandbox_id, sb);
+        Ok(Response::new(out))
     }
 
     async fn get_template_manifest(

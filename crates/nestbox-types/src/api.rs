@@ -847,6 +847,48 @@ pub struct CreateHostRequest {
 pub struct DrainHostRequest {
     /// Cordon the host (`true`: it takes no new sandboxes) or let it take them again.
     pub draining: bool,
+    /// What a cordon moves to other hosts of the host's pool, in the background (default
+    /// `paused`). Ignored when `draining` is `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moves: Option<DrainMoves>,
+}
+
+/// The sandboxes a drain moves away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DrainMoves {
+    /// None: a cordon only.
+    None,
+    /// Paused sandboxes.
+    #[default]
+    Paused,
+    /// Paused and running sandboxes (a running one is paused, moved and resumed with its
+    /// processes, memory and disk).
+    All,
+}
+
+/// The answer to a drain: the host, and the sandboxes it moves away.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct HostDrain {
+    /// The host as it is now.
+    pub host: Host,
+    /// Sandboxes being moved to other hosts of its pool, one at a time (each move is
+    /// audited as `sandbox.move`; one that fails stays where it is, and draining again
+    /// retries it).
+    pub moving: Vec<SandboxId>,
+}
+
+/// `POST /v1/admin/sandboxes/{sandbox_id}/move`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MoveSandboxRequest {
+    /// The host to move it to: an online, undrained host of the sandbox's pool (default:
+    /// the one the scheduler picks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<HostId>,
 }
 
 /// Query of the host deletes.

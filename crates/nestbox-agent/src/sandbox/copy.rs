@@ -145,7 +145,14 @@ impl Manager {
         let manager = self.clone();
         let stored = blocking(move || manager.inner.imports.commit(id)).await?;
         self.inner.telemetry.copied(stored.record.size_bytes);
-        tracing::info!(template = %id, bytes = stored.record.size_bytes, "template copied to this host");
+        match stored.record.move_of {
+            Some(sandbox) => {
+                tracing::info!(package = %id, %sandbox, bytes = stored.record.size_bytes, "move package copied to this host")
+            }
+            None => {
+                tracing::info!(template = %id, bytes = stored.record.size_bytes, "template copied to this host")
+            }
+        }
         Ok(stored)
     }
 }

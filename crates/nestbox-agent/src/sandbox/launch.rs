@@ -145,6 +145,9 @@ impl Manager {
         let origin = match p.template_id {
             Some(tpl) => {
                 let template = self.template(tpl)?;
+                if template.record.move_of.is_some() {
+                    return Err(AgentError::TemplateNotFound(tpl.to_string()));
+                }
                 let kernel = inner
                     .images
                     .kernel(&template.record.kernel_version)

@@ -36,6 +36,7 @@ mod copy;
 mod egress;
 mod launch;
 pub mod logs;
+mod moving;
 mod pool;
 pub mod state;
 mod task;
@@ -56,6 +57,7 @@ use nestbox_types::{SandboxId, TeamId, TemplateId};
 use nestbox_vmm::Vmm;
 use tokio::sync::{mpsc, oneshot};
 
+pub use moving::AdoptParams;
 pub use state::{Phase, StartedBy};
 
 use crate::config::AgentConfig;
@@ -223,6 +225,8 @@ pub(crate) enum Command {
         store: TemplateStore,
         key: String,
         kind: Kind,
+        /// A move package rather than a template (the sandbox must be paused).
+        move_of: bool,
         reply: oneshot::Sender<Result<StoredTemplate, AgentError>>,
     },
     /// Give the guest agent a new access token.
@@ -658,6 +662,13 @@ impl Manager {
         }
         self.prune_bases().await;
         self.inner.templates.clean_staging();
+        let moves = self
+            .inner
+            .templates
+            .sweep_moves(crate::transfer::STALE_IMPORT);
+        if moves > 0 {
+            tracing::info!(removed = moves, "removed move packages left for a day");
+        }
         let stale = self.inner.imports.sweep(crate::transfer::STALE_IMPORT);
         if stale > 0 {
             tracing::info!(
@@ -1189,6 +1200,7 @@ impl Manager {
                 store,
                 key: template.to_string(),
                 kind,
+                move_of: false,
                 reply,
             })
             .await

@@ -191,8 +191,8 @@ impl SandboxTask {
                         Command::Settle { reply } => {
                             let _ = reply.send(self.settle().await);
                         }
-                        Command::CreateTemplate { store, key, kind, reply } => {
-                            let _ = reply.send(self.create_template(&store, &key, kind).await);
+                        Command::CreateTemplate { store, key, kind, move_of, reply } => {
+                            let _ = reply.send(self.create_template(&store, &key, kind, move_of).await);
                         }
                         Command::SetEgress { rules, version, reply } => {
                             let _ = reply.send(self.set_egress(rules, version).await);
@@ -741,7 +741,23 @@ impl SandboxTask {
                 self.handle.set(|s| s.state = State::Paused);
                 return Err(e);
             }
-            durable.clone()
+            // A restore consumes the snapshot it resumes: it gets a copy there, so the
+            // copy on disk stays whole until the guest runs (a resume that fails after the
+            // VMM restored can be tried again).
+            let _ = tokio::fs::remove_dir_all(&fast).await;
+            let copied = async {
+                tokio::fs::create_dir_all(&self.st.mem_dir)
+                    .await
+                    .map_err(|e| AgentError::host("creating the guest memory directory", id, e))?;
+                copy_snapshot(&durable, &fast).await
+            }
+            .await;
+            if let Err(e) = copied {
+                let _ = tokio::fs::remove_dir_all(&fast).await;
+                self.handle.set(|s| s.state = State::Paused);
+                return Err(e);
+            }
+            fast.clone()
         };
         if !has_snapshot(&source) {
             self.handle.set(|s| s.state = State::Paused);
@@ -958,10 +974,18 @@ impl SandboxTask {
         store: &TemplateStore,
         key: &str,
         kind: Kind,
+        move_of: bool,
     ) -> Result<StoredTemplate, AgentError> {
         let id = self.st.sandbox_id;
         let state = self.handle.state();
-        if !matches!(state, State::Running | State::Paused) {
+        // A move package is of a paused sandbox: it stays paused until it is destroyed here
+        // (its move is done) or resumed (its move failed).
+        let allowed = if move_of {
+            state == State::Paused
+        } else {
+            matches!(state, State::Running | State::Paused)
+        };
+        if !allowed {
             return Err(AgentError::WrongState {
                 id,
                 state: state.as_str(),
@@ -1000,6 +1024,7 @@ impl SandboxTask {
             access_token: (kind == Kind::Snapshot).then(|| self.st.access_token.clone()),
             size_bytes: 0,
             created_at: Utc::now(),
+            move_of: move_of.then_some(id),
         };
         let stored = store.commit(&staging, record);
         if stored.is_err() {

@@ -279,6 +279,7 @@ async fn build(
                 store: store.clone(),
                 key: key.to_string(),
                 kind: Kind::Snapshot,
+                move_of: false,
                 reply,
             })
             .await

@@ -3,7 +3,8 @@
 
 use anyhow::Context;
 use clap::Subcommand;
-use nestbox_types::{HostId, TeamId};
+use nestbox_types::api::DrainMoves;
+use nestbox_types::{HostId, SandboxId, TeamId};
 
 use super::client::{Conn, print_json, server_url, session_client};
 
@@ -31,16 +32,31 @@ pub enum HostCommand {
         #[arg(long)]
         team: Option<TeamId>,
     },
-    /// Cordon a host: it takes no new sandboxes; what it holds stays (`--undo` lets it take
-    /// them again).
+    /// Drain a host: it takes no new sandboxes, and its paused sandboxes (`--moves all`:
+    /// running ones too) move to other hosts of its pool in the background (`--undo` lets
+    /// it take sandboxes again).
     Drain {
         #[command(flatten)]
         conn: Conn,
         /// The host.
         host: HostId,
+        /// What moves away: none (a cordon only), paused, or all.
+        #[arg(long, value_parser = parse_moves, default_value = "paused")]
+        moves: DrainMoves,
         /// Let it take sandboxes again.
         #[arg(long)]
         undo: bool,
+    },
+    /// Move a running or paused sandbox to another host of its pool, with its processes,
+    /// memory and disk (a running one is paused, moved and resumed).
+    Move {
+        #[command(flatten)]
+        conn: Conn,
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The host to move it to (default: the scheduler's pick).
+        #[arg(long)]
+        to: Option<HostId>,
     },
     /// Delete a host that holds no sandboxes (the refusal names those it holds).
     #[command(alias = "rm")]
@@ -95,16 +111,36 @@ pub async fn host(command: HostCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        HostCommand::Drain { conn, host, undo } => {
-            let h = session_client(&conn)?.drain_host(host, !undo).await?;
+        HostCommand::Drain {
+            conn,
+            host,
+            moves,
+            undo,
+        } => {
+            let drain = session_client(&conn)?
+                .drain_host(host, !undo, moves)
+                .await?;
             println!(
                 "{} {}",
-                h.id,
-                if h.draining {
+                drain.host.id,
+                if drain.host.draining {
                     "draining: takes no new sandboxes"
                 } else {
                     "takes sandboxes"
                 }
+            );
+            for id in &drain.moving {
+                println!("moving {id}");
+            }
+            Ok(())
+        }
+        HostCommand::Move { conn, sandbox, to } => {
+            let sb = session_client(&conn)?.move_sandbox(sandbox, to).await?;
+            println!(
+                "{} {} on host {}",
+                sb.id,
+                sb.status,
+                sb.host_id.map(|h| h.to_string()).unwrap_or_default()
             );
             Ok(())
         }
@@ -192,5 +228,15 @@ pub async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 .await?;
             print_json(&t)
         }
+    }
+}
+
+/// `--moves` off the command line.
+fn parse_moves(s: &str) -> Result<DrainMoves, String> {
+    match s {
+        "none" => Ok(DrainMoves::None),
+        "paused" => Ok(DrainMoves::Paused),
+        "all" => Ok(DrainMoves::All),
+        other => Err(format!("`{other}`: expected none, paused or all")),
     }
 }

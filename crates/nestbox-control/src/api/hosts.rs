@@ -4,9 +4,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use nestbox_types::api::{
     CreateHostRequest, CreatedHost, DeleteHostQuery, DrainHostRequest, HeartbeatRequest, Host,
-    Page, RefreshHostRequest, RefreshHostResponse, RegisterHostRequest, RegisterHostResponse,
+    HostDrain, MoveSandboxRequest, Page, RefreshHostRequest, RefreshHostResponse,
+    RegisterHostRequest, RegisterHostResponse, Sandbox,
 };
-use nestbox_types::{ErrorBody, HostId, TeamId};
+use nestbox_types::{ErrorBody, HostId, SandboxId, TeamId};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, Json, Path, Query};
@@ -92,17 +93,34 @@ pub async fn list_hosts(
 }
 
 /// Cordons a host, or lets it take sandboxes again (platform admins): a draining host
-/// takes no new sandboxes; what it holds stays.
+/// takes no new sandboxes, and what it holds is moved to other hosts of its pool in the
+/// background as `moves` asks (paused sandboxes by default; `all`: running ones too, each
+/// paused, moved and resumed with its processes, memory and disk).
 #[utoipa::path(put, path = "/v1/admin/hosts/{host_id}/drain", tag = "admin", security(("session" = [])), params(("host_id" = HostId, Path)), request_body = DrainHostRequest,
-    responses((status = 200, body = Host), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = HostDrain), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn drain_host(
     State(s): State<AppState>,
     caller: Caller,
     Path(host): Path<HostId>,
     Json(req): Json<DrainHostRequest>,
-) -> ApiResult<axum::Json<Host>> {
+) -> ApiResult<axum::Json<HostDrain>> {
+    s.services.drain(&caller, host, req).await.map(axum::Json)
+}
+
+/// Moves a running or paused sandbox to another host of its pool (platform admins): it
+/// is paused (if running), its memory, devices and disk are copied to the new host, and it
+/// is resumed there (if it was running) with its processes intact. Answers once it has
+/// arrived.
+#[utoipa::path(post, path = "/v1/admin/sandboxes/{sandbox_id}/move", tag = "admin", security(("session" = [])), params(("sandbox_id" = SandboxId, Path)), request_body = MoveSandboxRequest,
+    responses((status = 200, body = Sandbox), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn move_sandbox(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<SandboxId>,
+    Json(req): Json<MoveSandboxRequest>,
+) -> ApiResult<axum::Json<Sandbox>> {
     s.services
-        .drain_host(&caller, host, req.draining)
+        .move_sandbox(&caller, id, req)
         .await
         .map(axum::Json)
 }

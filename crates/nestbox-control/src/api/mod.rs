@@ -102,6 +102,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(hosts::create_host, hosts::list_hosts))
         .routes(routes!(hosts::delete_host))
         .routes(routes!(hosts::drain_host))
+        .routes(routes!(hosts::move_sandbox))
         .routes(routes!(hosts::create_team_host, hosts::list_team_hosts))
         .routes(routes!(hosts::delete_team_host))
         .routes(routes!(hosts::register_host))

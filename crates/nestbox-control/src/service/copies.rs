@@ -38,7 +38,7 @@ use crate::hostpool::AgentClient;
 use crate::state::Services;
 
 /// Attempts of one copy before it fails (each resumes where the last stood).
-const ATTEMPTS: usize = 3;
+pub(crate) const ATTEMPTS: usize = 3;
 
 /// Copies under way in this process, by template and receiving host.
 #[derive(Debug, Default)]
@@ -89,7 +89,7 @@ impl Copies {
 
 /// Relays template `id` from `from` to `to`, once: resumes each file where `to` says it
 /// stands. Returns the template as `to` stored it.
-async fn relay(
+pub(crate) async fn relay(
     id: TemplateId,
     from: &mut AgentClient,
     to: &mut AgentClient,
@@ -361,7 +361,7 @@ impl Services {
 }
 
 /// Deletes template `id`'s files on a host, best effort.
-async fn delete_on(client: &mut AgentClient, id: TemplateId, timeout: Duration) {
+pub(crate) async fn delete_on(client: &mut AgentClient, id: TemplateId, timeout: Duration) {
     let mut rpc = tonic::Request::new(DeleteTemplateRequest {
         template_id: id.to_string(),
     });

@@ -62,6 +62,7 @@ impl Services {
                 )));
             }
         }
+        super::moves::moving(&sb)?;
         let (host, mut client) = self.agent_for(sb.host_id).await?;
         let db = self.db.clone();
         let who = *caller;

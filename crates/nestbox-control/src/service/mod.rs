@@ -13,6 +13,7 @@ pub mod hosts;
 pub mod lifetime;
 pub mod logs;
 pub mod metrics;
+pub mod moves;
 pub mod pause;
 pub mod processes;
 pub mod sandboxes;

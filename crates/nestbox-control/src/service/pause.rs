@@ -191,6 +191,7 @@ impl Services {
                 )));
             }
         }
+        super::moves::moving(&sb)?;
         let (host, mut client) = self.agent_for(sb.host_id).await?;
         // Running again counts against the team's quota (checked, not reserved: the
         // sandbox stays `paused` until its host has resumed it).

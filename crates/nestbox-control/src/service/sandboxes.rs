@@ -89,7 +89,7 @@ pub fn sandbox_view(s: &sandboxes::Sandbox) -> api::Sandbox {
     }
 }
 
-fn sandbox_not_found(id: SandboxId) -> ApiError {
+pub(crate) fn sandbox_not_found(id: SandboxId) -> ApiError {
     ApiError::new(
         ErrorCode::SandboxNotFound,
         format!("sandbox {id} not found"),
@@ -392,7 +392,10 @@ impl Services {
     /// Online hosts that may take `team`'s sandboxes, with their load: a team that brings
     /// its own hosts (BYOC) gets only those, every other team only the platform's; a
     /// draining host takes none.
-    async fn candidates(&self, team: nestbox_types::TeamId) -> ApiResult<Vec<Candidate>> {
+    pub(crate) async fn candidates(
+        &self,
+        team: nestbox_types::TeamId,
+    ) -> ApiResult<Vec<Candidate>> {
         let byoc = !team.is_platform()
             && teams::get(&self.db, team)
                 .await

@@ -324,6 +324,7 @@ impl Services {
                 sb.id, sb.status
             )));
         }
+        super::moves::moving(&sb)?;
         let old = match templates::get_visible(&self.db, caller.team, &req.name).await? {
             None => None,
             Some(t) if t.team_id != caller.team => {

@@ -56,6 +56,7 @@ impl Services {
                 ),
             ));
         }
+        super::moves::moving(&sb)?;
         let (host, mut client) = self.agent_for(sb.host_id).await?;
         let db = self.db.clone();
         let secret = self.cfg.master_secret.clone();

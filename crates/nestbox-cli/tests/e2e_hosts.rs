@@ -16,6 +16,14 @@
 //! - A drained host's sandboxes move to another host — a paused one as it is, a running
 //!   one paused, moved and resumed — and carry on with their processes, memory and disks;
 //!   an operator's move of a paused sandbox is timed.
+//! - Placement with real agents: round robin alternates between the platform's hosts and
+//!   least loaded fills the emptier one; a BYOC team's sandboxes run on its own host only
+//!   and no other team's do; deleting that host is refused while it holds a sandbox
+//!   (naming it) and, forced, destroys it and revokes the host; the team then gets
+//!   `no_capacity` and no record.
+//! - Host credentials: an agent killed in the middle of a rotation (the next pair issued,
+//!   never stored) is not locked out when it restarts, and the refresh token it had,
+//!   presented again, is refused as a replay and audited.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -951,4 +959,272 @@ async fn a_drain_moves_paused_and_running_sandboxes_with_their_state() {
         admin.destroy_sandbox(id).await.unwrap();
     }
     finish(fleet, 2);
+}
+
+/// The status and error body of a failed call.
+fn refused<T: std::fmt::Debug>(
+    result: Result<T, nestbox_client::ClientError>,
+) -> (u16, nestbox_types::ErrorBody) {
+    match result {
+        Err(nestbox_client::ClientError::Api { status, body }) => (status.as_u16(), body),
+        other => panic!("expected an error answer, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_byoc_and_host_deletes_with_real_agents() {
+    use nestbox_types::{ErrorCode, SandboxStatus};
+    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let mut fleet = Fleet::new(3);
+    let mut admin = fleet
+        .start_server(&database, &["--scheduler", "round-robin"])
+        .await;
+    let platform = join(&mut fleet, &admin, 2, &[]).await;
+    // A team that brings its own host: host 2.
+    let team = admin.create_team("own hardware").await.unwrap();
+    admin.set_team_byoc(team.id, true).await.unwrap();
+    let own = admin.create_byoc_host(team.id, "own-host").await.unwrap();
+    fleet.start_agent_with(2, Some(&own.registration_token), &[]);
+    eventually(
+        Duration::from_secs(240),
+        "the team's host online",
+        || async {
+            let list = admin.list_hosts().await.ok()?.items;
+            list.iter()
+                .any(|h| {
+                    h.id == own.host.id
+                        && h.status == HostStatus::Online
+                        && h.team_id == Some(team.id)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let key = admin.create_api_key(team.id, "own").await.unwrap().key;
+    let theirs = Client::new(&fleet.url).unwrap().with_api_key(key);
+
+    // Round robin: the platform's sandboxes take turns on the platform's hosts, never on
+    // the team's.
+    let mut placed = Vec::new();
+    for _ in 0..4 {
+        let sb = admin
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await
+            .unwrap();
+        placed.push((sb.id, sb.host_id.unwrap()));
+    }
+    for pair in placed.windows(2) {
+        assert_ne!(pair[0].1, pair[1].1, "round robin alternates: {placed:?}");
+    }
+    assert!(
+        placed.iter().all(|(_, h)| platform.contains(h)),
+        "{placed:?}"
+    );
+    for (id, _) in &placed {
+        admin.destroy_sandbox(*id).await.unwrap();
+    }
+    // The team's sandboxes go to its own host only.
+    let mine = theirs
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(mine.host_id, Some(own.host.id));
+    assert_eq!(sh_ok(&theirs, mine.id, "echo ok").await, "ok\n");
+
+    // Deleting the team's host (its owner) while it holds a sandbox is refused, naming
+    // it; forced, it destroys the sandbox on the host first and revokes the host.
+    let (status, body) = refused(admin.delete_team_host(team.id, own.host.id).await);
+    assert_eq!((status, body.error.code), (409, ErrorCode::Conflict));
+    assert_eq!(body.error.sandbox_ids, vec![mine.id]);
+    admin
+        .force_delete_team_host(team.id, own.host.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        theirs.get_sandbox(mine.id).await.unwrap().status,
+        SandboxStatus::Stopped
+    );
+    assert!(
+        !fleet
+            .agent_dir(2)
+            .join("sandboxes")
+            .join(mine.id.to_string())
+            .exists(),
+        "the sandbox was destroyed on its host"
+    );
+    assert!(
+        !admin
+            .list_hosts()
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|h| h.id == own.host.id)
+    );
+    // The deleted host gets nothing any more: its stored access token is refused.
+    let creds: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fleet.agent_dir(2).join("credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let beat = reqwest::Client::new()
+        .post(format!("{}/v1/hosts/{}/heartbeat", fleet.url, own.host.id))
+        .bearer_auth(creds["tokens"]["access_token"].as_str().unwrap())
+        .json(&serde_json::json!({
+            "sandboxes": 0, "version": "1",
+            "address": format!("http://{}:{AGENT_PORT}", fleet.host_ip(2)),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beat.status().as_u16(), 401);
+    // With no host of its own online, the team's creates get no_capacity and leave no
+    // record.
+    let before = theirs
+        .list_sandboxes(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    let (status, body) = refused(
+        theirs
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await,
+    );
+    assert_eq!((status, body.error.code), (503, ErrorCode::NoCapacity));
+    assert_eq!(
+        theirs
+            .list_sandboxes(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        before
+    );
+    Fleet::stop(&mut fleet.agents[2]);
+
+    // Least loaded (the control plane restarted with that policy; the hosts carry on):
+    // with two sandboxes on host 0, the next two go to host 1.
+    Fleet::stop(&mut fleet.server);
+    admin = fleet
+        .start_server(&database, &["--scheduler", "least-loaded"])
+        .await;
+    admin
+        .drain_host(platform[1], true, DrainMoves::None)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let sb = admin
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(sb.host_id, Some(platform[0]));
+        ids.push(sb.id);
+    }
+    admin
+        .drain_host(platform[1], false, DrainMoves::None)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let sb = admin
+            .create_sandbox(&CreateSandboxRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(sb.host_id, Some(platform[1]), "the least loaded host");
+        ids.push(sb.id);
+    }
+    for id in ids {
+        admin.destroy_sandbox(id).await.unwrap();
+    }
+    finish(fleet, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_credentials_survive_a_crash_mid_rotation_and_a_replay_is_refused() {
+    use nestbox_types::api::AuditLogQuery;
+    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let mut fleet = Fleet::new(1);
+    let admin = fleet.start_server(&database, &[]).await;
+    let hosts = join(&mut fleet, &admin, 1, &[]).await;
+    let stored = |fleet: &Fleet| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(fleet.agent_dir(0).join("credentials.json")).unwrap())
+            .unwrap()
+    };
+    let refresh_url = format!("{}/v1/hosts/refresh", fleet.url);
+    let refresh = |token: String| {
+        let url = refresh_url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&serde_json::json!({ "refresh_token": token }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let first = stored(&fleet)["tokens"]["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The agent dies in the middle of a rotation: the control plane issued the next pair
+    // (and revoked this one), the agent never stored it.
+    let mut agent = fleet.agents[0].take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert_eq!(
+        refresh(first.clone()).await,
+        200,
+        "the rotation the crash cut"
+    );
+    let last_beat = admin.list_hosts().await.unwrap().items[0].last_heartbeat_at;
+
+    // Restarted with the pair it stored, it is not locked out: it asks for the lost pair
+    // again, gets a new one, and its heartbeats go on.
+    fleet.start_agent_with(0, None, &[]);
+    eventually(
+        Duration::from_secs(120),
+        "heartbeats with a new pair",
+        || async {
+            let now = stored(&fleet)["tokens"]["refresh_token"]
+                .as_str()
+                .map(String::from)?;
+            let host = admin.list_hosts().await.ok()?.items.pop()?;
+            (now != first
+                && host.status == HostStatus::Online
+                && host.last_heartbeat_at > last_beat)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // That refresh token, presented again, is a replay: refused, logged and audited; the
+    // host keeps its current pair.
+    assert_eq!(refresh(first).await, 401);
+    let audited = admin
+        .audit_logs_filtered(&AuditLogQuery {
+            action: Some("host.refresh_reused".into()),
+            scope: Some("platform".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0].resource_id, Some(hosts[0].to_string()));
+    let since = admin.list_hosts().await.unwrap().items[0].last_heartbeat_at;
+    eventually(
+        Duration::from_secs(60),
+        "heartbeats after the replay",
+        || async {
+            let host = admin.list_hosts().await.ok()?.items.pop()?;
+            (host.status == HostStatus::Online && host.last_heartbeat_at > since).then_some(())
+        },
+    )
+    .await;
+    finish(fleet, 1);
 }

@@ -88,6 +88,9 @@ pub struct ControlConfig {
     pub pause_timeout: Duration,
     /// Deadline of a call that writes or deletes a template's files on an agent.
     pub template_timeout: Duration,
+    /// How often placement's view of the fleet is read from the database (see
+    /// [`crate::fleet_view`]); zero: every create reads the database.
+    pub placement_refresh: Duration,
     /// Domain under which `{port}-{sandbox_id}.{domain}` reaches a port in a sandbox (a
     /// wildcard DNS name pointing at the control plane); `None` turns host routing off.
     pub proxy_domain: Option<String>,
@@ -135,6 +138,7 @@ impl ControlConfig {
             create_timeout: Duration::from_secs(180),
             pause_timeout: Duration::from_secs(120),
             template_timeout: Duration::from_secs(600),
+            placement_refresh: Duration::from_millis(250),
             proxy_domain: None,
             tls: None,
             local_listen: None,

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod expiry;
 pub mod extract;
+pub mod fleet_view;
 pub mod hostpool;
 pub mod leader;
 pub mod monitor;
@@ -146,6 +147,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
     let cfg_secret = cfg.master_secret.clone();
     let scheduler_policy = cfg.scheduler;
     let login_limits = cfg.login_limits;
+    let placement_refresh = cfg.placement_refresh;
     let pool = hostpool::HostPool::new(cfg.master_secret.clone())
         .map_err(|e| StartError::Config(format!("the host certificate authority: {e}")))?;
     Ok(Arc::new(Services {
@@ -158,6 +160,7 @@ pub async fn services(cfg: ControlConfig) -> Result<Arc<Services>, StartError> {
         forwarder: nestbox_forward::Forwarder::new(),
         key_uses: Default::default(),
         copies: Default::default(),
+        fleet: fleet_view::FleetView::new(placement_refresh),
         telemetry: Default::default(),
         login: throttle::LoginThrottle::new(login_limits),
     }))
@@ -260,7 +263,8 @@ pub async fn start(cfg: ControlConfig) -> Result<RunningControlPlane, StartError
     let monitor = tokio::spawn(async move {
         tokio::join!(
             monitor::run(background.clone()),
-            expiry::run(background.clone())
+            expiry::run(background.clone()),
+            fleet_view::run(background.clone())
         );
     });
     tracing::info!(%addr, tls = tls.is_some(), ?local_addr, "control plane listening");

@@ -83,6 +83,7 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
             .unwrap_or(chrono::Duration::seconds(90));
     for host in hosts::mark_stale_unreachable(&services.db, cutoff).await? {
         tracing::warn!(host = %host, "host missed its heartbeats; marking it unreachable");
+        services.fleet.invalidate();
         let live = [SandboxStatus::Running, SandboxStatus::Paused];
         for sb in sandboxes::list_by_host(&services.db, host, &live).await? {
             sandboxes::transition(

@@ -35,6 +35,8 @@ pub struct Services {
     pub telemetry: crate::telemetry::Telemetry,
     /// Template copies between hosts under way in this process.
     pub copies: Arc<crate::service::copies::Copies>,
+    /// Placement's view of the fleet.
+    pub fleet: crate::fleet_view::FleetView,
 }
 
 /// How often an API key's `last_used_at` is written.

@@ -139,6 +139,7 @@ async fn pausing_or_resuming_in_the_wrong_state_is_refused(engine: Engine) -> an
 
     // A host that cannot be reached is not asked, and the sandbox keeps its status.
     nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Unreachable).await?;
+    h.services.fleet.invalidate();
     api_error(api.pause(theirs.id).await, 503, ErrorCode::HostUnavailable);
     assert_eq!(status(&h, theirs.id).await?, SandboxStatus::Running);
     h.shutdown().await;

@@ -742,12 +742,14 @@ async fn no_capacity_is_retryable(engine: Engine) -> anyhow::Result<()> {
 
     // No online host at all.
     nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Unreachable).await?;
+    h.services.fleet.invalidate();
     let creates = h.agent.calls(SimOp::Create);
     let body = api_error(h.sandbox().await, 503, ErrorCode::NoCapacity);
     assert!(body.error.retryable, "{body:?}");
     assert_eq!(h.agent.calls(SimOp::Create), creates, "no host was asked");
 
     nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Online).await?;
+    h.services.fleet.invalidate();
     h.sandbox().await?;
     assert_eq!(
         h.key.get_sandbox(kept.id).await?.status,

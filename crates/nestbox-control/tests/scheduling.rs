@@ -9,7 +9,7 @@ mod common;
 
 use common::{Engine, Harness, Options, api_error, both_engines};
 use nestbox_control::scheduler::Policy;
-use nestbox_testkit::SimAgentConfig;
+use nestbox_testkit::{SimAgentConfig, SimOp};
 use nestbox_types::api::{CreateSandboxRequest, DrainMoves, SandboxListQuery};
 use nestbox_types::{ErrorCode, HostId};
 
@@ -18,6 +18,7 @@ both_engines!(
     least_loaded_fills_the_emptiest_host,
     a_host_gets_no_more_guest_memory_than_it_can_back,
     a_draining_host_takes_no_new_sandboxes,
+    placement_between_reads_of_the_fleet_counts_what_changed,
 );
 
 fn small() -> CreateSandboxRequest {
@@ -190,6 +191,62 @@ async fn a_draining_host_takes_no_new_sandboxes(engine: Engine) -> anyhow::Resul
         .await?;
     let after = place(&h, 2).await?;
     assert!(after.contains(&two), "{after:?}");
+    second.shutdown().await;
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn placement_between_reads_of_the_fleet_counts_what_changed(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    // The view of the fleet is read once (at start and when dropped), never on a timer:
+    // whatever placement decides comes from the view and what it was told since.
+    let h = Harness::with(
+        engine,
+        Options {
+            agent: SimAgentConfig {
+                guest_memory_mb: Some(700),
+                ..SimAgentConfig::default()
+            },
+            placement_refresh: std::time::Duration::from_secs(3600),
+            ..Options::default()
+        },
+    )
+    .await?;
+    h.agent.heartbeat().await?;
+    // Its own placements count: the third does not fit in 700 MiB.
+    let placed = place(&h, 2).await?;
+    assert_eq!(placed.len(), 2);
+    api_error(
+        h.key.create_sandbox(&small()).await,
+        503,
+        ErrorCode::NoCapacity,
+    );
+    assert_eq!(
+        h.agent.calls(SimOp::Create),
+        2,
+        "refused without asking the host"
+    );
+    // A destroy frees the room at once, and the host's report counts from its heartbeat.
+    let listed = h.key.list_sandboxes(&SandboxListQuery::default()).await?;
+    h.key.destroy_sandbox(listed.items[0].id).await?;
+    h.agent.heartbeat().await?;
+    h.key.create_sandbox(&small()).await?;
+    // A drain shows at once.
+    h.admin
+        .client
+        .drain_host(h.host_id, true, DrainMoves::None)
+        .await?;
+    h.key.destroy_sandbox(listed.items[1].id).await?;
+    api_error(
+        h.key.create_sandbox(&small()).await,
+        503,
+        ErrorCode::NoCapacity,
+    );
+    // And so does a new host.
+    let second = h.add_agent("sim-2", SimAgentConfig::default()).await?;
+    let sb = h.key.create_sandbox(&small()).await?;
+    assert_eq!(sb.host_id, second.host_id());
     second.shutdown().await;
     h.shutdown().await;
     Ok(())

@@ -523,10 +523,12 @@ async fn a_template_deleted_while_its_host_is_away_leaves_it_when_it_returns(
     let t = api.snapshot(&snapshot(sb.id, "away")).await?;
     h.key.destroy_sandbox(sb.id).await?;
     nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Unreachable).await?;
+    h.services.fleet.invalidate();
     api.delete_snapshot("away").await?;
     assert_eq!(visible(&h, "away").await?, None, "the record goes at once");
     assert!(h.agent.template(t.id).is_some(), "the host was away");
     nestbox_db::hosts::set_status(&h.services.db, h.host_id, HostStatus::Online).await?;
+    h.services.fleet.invalidate();
     // (A template made moments ago may be one whose record is still being written.)
     h.monitor_pass().await?;
     assert!(
@@ -820,6 +822,7 @@ async fn snapshot_sandboxes_start_on_their_templates_host(engine: Engine) -> any
     let third = h.add_agent("sim-3", SimAgentConfig::default()).await?;
     for host in [h.host_id, second.host_id().unwrap()] {
         nestbox_db::hosts::set_status(&h.services.db, host, HostStatus::Unreachable).await?;
+        h.services.fleet.invalidate();
     }
     let body = api_error(
         h.key.create_sandbox(&from("warm")).await,

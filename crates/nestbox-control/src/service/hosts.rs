@@ -276,6 +276,7 @@ impl Services {
             credentials: pair,
         };
         let host = hosts::mark_registered(&self.db, host.id, &reg).await?;
+        self.fleet.invalidate();
         self.pool.evict(host.id);
         self.audit(AuditEntry {
             actor: AuditActor::Host(host.id.to_string()),
@@ -448,9 +449,16 @@ impl Services {
                     e.into()
                 }
             })?;
+        if let Some(m) = memory {
+            self.fleet.reported(host, m);
+        }
         if hosts::update_endpoint(&self.db, host, &req.address, &req.version).await? {
             tracing::info!(host = %host, address = %req.address, "host agent moved; updating its address");
             self.pool.evict(host);
+            self.fleet.invalidate();
+        }
+        if found.status != nestbox_types::HostStatus::Online {
+            self.fleet.invalidate();
         }
         if came_back && found.status == nestbox_types::HostStatus::Unreachable {
             self.audit(AuditEntry {
@@ -501,6 +509,7 @@ impl Services {
         let h = hosts::set_draining(&self.db, host, draining)
             .await
             .map_err(|e| host_error(e, host))?;
+        self.fleet.invalidate();
         self.audit(AuditEntry {
             actor: AuditActor::Caller(*caller),
             team: h.team_id,
@@ -556,7 +565,9 @@ impl Services {
         for sb in &affected {
             self.destroy_for_host_removal(sb).await;
         }
-        if !hosts::delete(&self.db, host).await? {
+        let deleted = hosts::delete(&self.db, host).await?;
+        self.fleet.invalidate();
+        if !deleted {
             return Err(host_not_found(host));
         }
         self.pool.evict(host);

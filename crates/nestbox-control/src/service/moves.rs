@@ -350,6 +350,7 @@ impl Services {
                 now.status
             )));
         }
+        self.fleet.invalidate();
         tracing::info!(
             sandbox = %id, from = %from_host, to = %to_host,
             bytes = package.map_or(0, |p| p.size_bytes), stored = copied.size_bytes,

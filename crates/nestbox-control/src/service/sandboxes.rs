@@ -402,8 +402,7 @@ impl Services {
                 .map(|t| t.is_byoc)
                 .or_else(|e| if e.is_not_found() { Ok(false) } else { Err(e) })?;
         let mut out = Vec::new();
-        let loads = sandboxes::load_by_host(&self.db).await?;
-        for h in hosts::list_online(&self.db).await? {
+        for (h, load) in self.fleet.hosts(&self.db).await? {
             let eligible = !h.draining
                 && if byoc {
                     h.team_id == Some(team)
@@ -413,7 +412,6 @@ impl Services {
             let Some(address) = h.address.clone().filter(|_| eligible) else {
                 continue;
             };
-            let load = loads.get(&h.id).copied().unwrap_or_default();
             out.push(Candidate {
                 host: h.id,
                 address,
@@ -604,6 +602,7 @@ impl Services {
         .await?;
         let id = sb.id;
         sandboxes::set_host(&self.db, id, Some(placed.host)).await?;
+        self.fleet.placed(placed.host, memory_mb);
         sandboxes::transition(
             &self.db,
             id,
@@ -703,6 +702,10 @@ impl Services {
         })
         .await
         .map_err(|e| ApiError::internal(format!("create task: {e}")))?;
+        if outcome.is_err() {
+            // What it held is free again.
+            self.fleet.invalidate();
+        }
 
         self.audit(AuditEntry {
             actor: AuditActor::Caller(*caller),
@@ -835,6 +838,7 @@ impl Services {
             sb.error.as_deref(),
         )
         .await?;
+        self.fleet.invalidate();
         self.audit(AuditEntry {
             actor: AuditActor::Caller(*caller),
             team: Some(caller.team),

@@ -95,6 +95,8 @@ pub struct Options {
     pub template_timeout: Duration,
     /// The scrape token of `/metrics`.
     pub metrics_token: Option<String>,
+    /// How often placement's view of the fleet is read.
+    pub placement_refresh: Duration,
 }
 
 impl Default for Options {
@@ -110,6 +112,12 @@ impl Default for Options {
             scheduler: Default::default(),
             template_timeout: Duration::from_secs(600),
             metrics_token: None,
+            placement_refresh: ControlConfig::new(
+                "127.0.0.1:0".parse().expect("an address"),
+                String::new(),
+                Vec::new(),
+            )
+            .placement_refresh,
         }
     }
 }
@@ -220,6 +228,7 @@ impl Harness {
         cfg.scheduler = opts.scheduler;
         cfg.template_timeout = opts.template_timeout;
         cfg.metrics_token = opts.metrics_token;
+        cfg.placement_refresh = opts.placement_refresh;
         let cp = nestbox_control::start(cfg).await?;
         let services = cp.services.clone();
         let base = cp.url();

@@ -3,7 +3,8 @@
 //! Every `monitor_interval`:
 //! 1. hosts without a heartbeat for `host_grace` become `unreachable`, and their running and
 //!    paused sandboxes `missing` (reversible);
-//! 2. for each online host: refresh its platform templates, then compare its agent's list
+//! 2. for each online host (the live sandboxes and the platform's templates read once for
+//!    all of them): refresh its platform templates, then compare its agent's list
 //!    (running and paused sandboxes, with their state) with the database —
 //!    - `running`, `paused` or `missing` in the database but unknown to the agent (checked
 //!      twice, so a destroy in flight is not mistaken for a loss) → `error` ("lost by its
@@ -127,17 +128,29 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
             tracing::warn!(sandbox = %sb.id, to = %to, "gave up a move that outlived its deadline");
         }
     }
+    // What every host's step needs of the database, read once (a pass over a thousand
+    // hosts would otherwise be tens of thousands of queries).
+    let (online, live, platform) = tokio::try_join!(
+        async { Ok::<_, crate::error::ApiError>(hosts::list_online(&services.db).await?) },
+        async { Ok(PassView::read(&services.db).await?) },
+        crate::service::templates::platform_templates(&services.db),
+    )?;
+    let (live, platform) = (&live, &platform);
     // Hosts are independent: several at a time, so one pass over a large fleet (or one
     // slow host) stays short.
-    futures::stream::iter(hosts::list_online(&services.db).await?)
+    futures::stream::iter(online)
         .for_each_concurrent(HOSTS_AT_ONCE, |host| async move {
             let Some(address) = host.address.clone() else {
                 return;
             };
-            if let Err(e) = services.sync_host_templates(host.id, &address).await {
+            let byoc = host.team_id.is_some();
+            if let Err(e) = services
+                .sync_host_templates_with(host.id, byoc, &address, platform)
+                .await
+            {
                 tracing::debug!(host = %host.id, error = %e, "template refresh");
             }
-            if let Err(e) = reconcile(services, host.id, &address).await {
+            if let Err(e) = reconcile(services, host.id, &address, live).await {
                 tracing::warn!(host = %host.id, error = %e, "reconciling sandboxes");
             }
         })
@@ -151,10 +164,62 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
     Ok(())
 }
 
+/// The live sandboxes (not yet ended) as a pass read them once, before asking any host.
+/// Reconciling decides from it only what a compare-and-set makes safe against a change
+/// since; a sandbox it would destroy as an orphan is read again first.
+struct PassView {
+    by_host: HashMap<nestbox_types::HostId, Vec<sandboxes::Sandbox>>,
+    by_id: HashMap<SandboxId, (Option<nestbox_types::HostId>, Option<nestbox_types::HostId>)>,
+}
+
+impl PassView {
+    async fn read(db: &nestbox_db::Db) -> Result<PassView, nestbox_db::DbError> {
+        let live = sandboxes::list_by_status(
+            db,
+            &[
+                SandboxStatus::Pending,
+                SandboxStatus::Starting,
+                SandboxStatus::Running,
+                SandboxStatus::Paused,
+                SandboxStatus::Missing,
+            ],
+        )
+        .await?;
+        let mut view = PassView {
+            by_host: HashMap::new(),
+            by_id: HashMap::new(),
+        };
+        for sb in live {
+            view.by_id.insert(sb.id, (sb.host_id, sb.moving_to));
+            if let Some(h) = sb.host_id {
+                view.by_host.entry(h).or_default().push(sb);
+            }
+        }
+        Ok(view)
+    }
+
+    /// `host`'s sandboxes in one of `statuses`.
+    fn on(
+        &self,
+        host: nestbox_types::HostId,
+        statuses: &[SandboxStatus],
+    ) -> Vec<&sandboxes::Sandbox> {
+        self.by_host
+            .get(&host)
+            .map(|all| {
+                all.iter()
+                    .filter(|s| statuses.contains(&s.status))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 async fn reconcile(
     services: &Services,
     host: nestbox_types::HostId,
     address: &str,
+    view: &PassView,
 ) -> Result<(), crate::error::ApiError> {
     let mut client = services.pool.client(host, address)?;
     let mut req = tonic::Request::new(ListSandboxesRequest {});
@@ -172,17 +237,15 @@ async fn reconcile(
     let settle = chrono::Duration::from_std(services.cfg.pause_timeout)
         .unwrap_or(chrono::Duration::minutes(2));
 
-    let in_db = sandboxes::list_by_host(
-        &services.db,
+    let in_db = view.on(
         host,
         &[
             SandboxStatus::Running,
             SandboxStatus::Paused,
             SandboxStatus::Missing,
         ],
-    )
-    .await?;
-    for sb in &in_db {
+    );
+    for sb in in_db {
         let Some(info) = on_agent.get(&sb.id) else {
             // Ask again: a destroy may have finished between the list and now.
             let again = client
@@ -236,13 +299,8 @@ async fn reconcile(
     // Creates that outlived every deadline: their create call is gone (a restart of the
     // control plane in the middle). The host's answer settles them.
     let stale = Utc::now() - create_deadline(services);
-    let starting = sandboxes::list_by_host(
-        &services.db,
-        host,
-        &[SandboxStatus::Pending, SandboxStatus::Starting],
-    )
-    .await?;
-    for sb in starting.iter().filter(|sb| sb.updated_at < stale) {
+    let starting = view.on(host, &[SandboxStatus::Pending, SandboxStatus::Starting]);
+    for sb in starting.into_iter().filter(|sb| sb.updated_at < stale) {
         match on_agent.get(&sb.id) {
             Some(info) if SandboxState::try_from(info.state) == Ok(SandboxState::Running) => {
                 let started = chrono::DateTime::from_timestamp_millis(info.started_at_unix_ms)
@@ -256,6 +314,13 @@ async fn reconcile(
         }
     }
     for id in on_agent.into_keys() {
+        // Live and here (or moving here) when the pass began: no orphan. Anything else is
+        // read again: it may have been created or moved here since.
+        if let Some((on, moving)) = view.by_id.get(&id)
+            && (*on == Some(host) || *moving == Some(host))
+        {
+            continue;
+        }
         let orphan = match sandboxes::get(&services.db, id).await {
             // A sandbox's copy on the host it is moving to is the move's.
             Ok(sb) => {

@@ -376,6 +376,27 @@ pub async fn transition(
     Ok(db.execute(&sql.text, sql.args).await? > 0)
 }
 
+/// Records that `host` lost the sandbox: `error` (with `reason`), only if it is still in
+/// status `was` on that host (a sandbox that moved elsewhere meanwhile is not this host's
+/// to lose). Returns whether it applied.
+pub async fn mark_lost(
+    db: &Db,
+    id: SandboxId,
+    host: HostId,
+    was: SandboxStatus,
+    reason: &str,
+) -> Result<bool, DbError> {
+    let n = db
+        .execute(
+            "UPDATE sandboxes SET status = $2, error = $3, updated_at = $4, \
+             stopped_at = COALESCE(stopped_at, $4) \
+             WHERE id = $1 AND status = $5 AND host_id = $6",
+            args![id, SandboxStatus::Error, reason, now(), was, host],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
 /// [`transition`] of a sandbox of `team`, admitted against the team's quota for
 /// `demand` in the same transaction ([`crate::quotas`]): [`DbError::QuotaExceeded`] and
 /// nothing changed if it does not fit.

@@ -79,12 +79,12 @@ pub(crate) async fn record_lost(
     team: nestbox_types::TeamId,
     was: nestbox_types::SandboxStatus,
 ) -> Result<bool, ApiError> {
-    let applied = nestbox_db::sandboxes::transition(
+    let applied = nestbox_db::sandboxes::mark_lost(
         db,
         id,
-        &[was],
-        nestbox_types::SandboxStatus::Error,
-        Some("lost by its host (the VM exited or the host agent restarted)"),
+        host,
+        was,
+        "lost by its host (the VM exited or the host agent restarted)",
     )
     .await?;
     if applied {

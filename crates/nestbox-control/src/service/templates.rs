@@ -498,6 +498,20 @@ impl Services {
             .await?
             .team_id
             .is_some();
+        let platform = platform_templates(&self.db).await?;
+        self.sync_host_templates_with(host, byoc, address, &platform)
+            .await
+    }
+
+    /// [`Self::sync_host_templates`] with what a monitor pass read once for every host:
+    /// whether the host is a team's (`byoc`) and the platform's templates by name.
+    pub(crate) async fn sync_host_templates_with(
+        &self,
+        host: HostId,
+        byoc: bool,
+        address: &str,
+        platform: &std::collections::HashMap<String, templates::Template>,
+    ) -> ApiResult<usize> {
         let mut client = self.pool.client(host, address)?;
         let mut req = tonic::Request::new(PingRequest {});
         req.set_timeout(std::time::Duration::from_secs(10));
@@ -523,8 +537,7 @@ impl Services {
                 tracing::warn!(host = %host, name = %info.name, "host reports an invalid template name; ignored");
                 continue;
             }
-            let existing = templates::get_visible(&self.db, PLATFORM_TEAM, &info.name).await?;
-            let unchanged = existing.as_ref().is_some_and(|t| {
+            let unchanged = platform.get(&info.name).is_some_and(|t| {
                 t.team_id.is_platform()
                     && t.disk_size_mb == info.min_disk_mb
                     && t.size_bytes == info.size_bytes
@@ -557,4 +570,15 @@ impl Services {
         }
         Ok(n)
     }
+}
+
+/// The platform's templates by name (what every platform host should report).
+pub(crate) async fn platform_templates(
+    db: &nestbox_db::Db,
+) -> ApiResult<std::collections::HashMap<String, templates::Template>> {
+    Ok(templates::list_visible(db, PLATFORM_TEAM)
+        .await?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect())
 }

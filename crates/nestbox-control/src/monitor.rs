@@ -53,7 +53,7 @@ use crate::service::{AuditActor, AuditEntry};
 use crate::state::Services;
 
 /// Hosts a pass works on at once.
-const HOSTS_AT_ONCE: usize = 32;
+const HOSTS_AT_ONCE: usize = 64;
 
 /// Key of the monitor's leader lock: with several control-plane replicas on one
 /// PostgreSQL, only the replica holding it runs passes.
@@ -144,13 +144,15 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
                 return;
             };
             let byoc = host.team_id.is_some();
-            if let Err(e) = services
-                .sync_host_templates_with(host.id, byoc, &address, platform)
-                .await
-            {
+            // Its templates and its sandboxes are independent: both asked at once.
+            let (templates, reconciled) = tokio::join!(
+                services.sync_host_templates_with(host.id, byoc, &address, platform),
+                reconcile(services, host.id, &address, live)
+            );
+            if let Err(e) = templates {
                 tracing::debug!(host = %host.id, error = %e, "template refresh");
             }
-            if let Err(e) = reconcile(services, host.id, &address, live).await {
+            if let Err(e) = reconciled {
                 tracing::warn!(host = %host.id, error = %e, "reconciling sandboxes");
             }
         })

@@ -437,6 +437,7 @@ impl HostAgent for Service {
             timeout_sec: r.timeout_sec,
             egress: egress_rules(r.egress),
             egress_version: r.egress_version,
+            access_token: (!r.access_token.is_empty()).then_some(r.access_token),
         };
         let manager = self.manager.clone();
         let h = tokio::spawn(async move { manager.adopt_sandbox(params).await })

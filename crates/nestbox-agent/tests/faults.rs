@@ -870,6 +870,8 @@ async fn a_moved_sandbox_is_taken_over_whole_or_not_at_all() {
         timeout_sec: 0,
         egress: EgressRules::default(),
         egress_version: 3,
+        // A rotation made while it was paused travels with it.
+        access_token: Some(format!("rotated-while-moving-{id}")),
     };
     // A running sandbox is not packed; a paused one is, and asked again, answers the same.
     let id = source.create(None).await;
@@ -938,6 +940,8 @@ async fn a_moved_sandbox_is_taken_over_whole_or_not_at_all() {
                 let dir = nestbox_agent::sandbox::sandbox_dir(&rig.data, *id);
                 let st = state::read(&dir).unwrap();
                 assert_eq!(st.egress_version, 3);
+                assert_eq!(st.access_token, format!("rotated-while-moving-{id}"));
+                assert_eq!(st.rotating_to, None);
                 assert!(
                     rig.manager.template(*export).is_err(),
                     "the package is consumed"

@@ -122,8 +122,8 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
     ))
     .unwrap_or(chrono::Duration::hours(1));
     for sb in sandboxes::moves_begun_before(&services.db, Utc::now() - deadline).await? {
-        if let Some(to) = sb.moving_to
-            && sandboxes::end_move(&services.db, sb.id, to).await?
+        if let (Some(to), Some(move_id)) = (sb.moving_to, sb.moving_id)
+            && sandboxes::end_move(&services.db, sb.id, move_id).await?
         {
             tracing::warn!(sandbox = %sb.id, to = %to, "gave up a move that outlived its deadline");
         }
@@ -273,7 +273,8 @@ async fn reconcile(
             }
             _ => continue,
         };
-        let applied = sandboxes::transition(&services.db, sb.id, &[sb.status], to, None).await?;
+        let applied =
+            sandboxes::transition_on_host(&services.db, sb.id, host, sb.status, to, None).await?;
         if !applied {
             continue;
         }

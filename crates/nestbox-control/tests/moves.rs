@@ -368,8 +368,29 @@ async fn the_monitor_gives_up_a_move_whose_control_plane_went_away(
     let id = on_first(&h).await?;
     h.key.pause_sandbox(id).await?;
     // A move whose control plane went away right after it began.
-    assert!(sandboxes::begin_move(&h.services.db, id, h.host_id, two).await?);
-    assert!(!sandboxes::begin_move(&h.services.db, id, h.host_id, two).await?);
+    let move_id = nestbox_types::TemplateId::new();
+    assert!(sandboxes::begin_move(&h.services.db, id, h.host_id, two, move_id).await?);
+    assert!(
+        !sandboxes::begin_move(
+            &h.services.db,
+            id,
+            h.host_id,
+            two,
+            nestbox_types::TemplateId::new()
+        )
+        .await?
+    );
+    // Another move's mark is not this one's to finish.
+    assert!(
+        !sandboxes::finish_move(
+            &h.services.db,
+            id,
+            h.host_id,
+            two,
+            nestbox_types::TemplateId::new()
+        )
+        .await?
+    );
     h.monitor_pass().await?;
     let row = sandboxes::get(&h.services.db, id).await?;
     if row

@@ -68,6 +68,8 @@ pub struct Sandbox {
     /// The host a move is taking it to ([`begin_move`]); it stays on `host_id` until the
     /// move re-points it.
     pub moving_to: Option<HostId>,
+    /// That move (its package's id): only it may finish or end the move.
+    pub moving_id: Option<TemplateId>,
     /// When that move began.
     pub moving_since: Option<DateTime<Utc>>,
 }
@@ -116,8 +118,7 @@ const COLUMNS: &str = "s.id, s.team_id, s.host_id, s.template_id, s.template_nam
                        s.created_by, s.created_at, s.started_at, s.stopped_at, s.last_active_at, \
                        s.updated_at, s.expires_at, s.lifetime_sec, s.on_expiry, s.egress, \
                        s.public_traffic, s.auto_resume, s.token_generation, s.egress_version, \
-                       s.moving_to, \
-                       s.moving_since";
+                       s.moving_to, s.moving_id, s.moving_since";
 
 fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
     let env = r.json("env")?;
@@ -157,6 +158,7 @@ fn from_row(r: &dyn DbRow) -> Result<Sandbox, DbError> {
         egress_version: u64::try_from(r.i64("egress_version")?)
             .map_err(|_| DbError::corrupt("egress_version", "negative"))?,
         moving_to: r.id_opt("moving_to")?,
+        moving_id: r.id_opt("moving_id")?,
         moving_since: r.time_opt("moving_since")?,
     })
 }
@@ -376,22 +378,25 @@ pub async fn transition(
     Ok(db.execute(&sql.text, sql.args).await? > 0)
 }
 
-/// Records that `host` lost the sandbox: `error` (with `reason`), only if it is still in
-/// status `was` on that host (a sandbox that moved elsewhere meanwhile is not this host's
-/// to lose). Returns whether it applied.
-pub async fn mark_lost(
+/// [`transition`] from `was` to `to` of a sandbox still recorded on `host` (what a host
+/// reports changes only its own sandboxes: one that moved elsewhere meanwhile is not its).
+/// Returns whether it applied.
+pub async fn transition_on_host(
     db: &Db,
     id: SandboxId,
     host: HostId,
     was: SandboxStatus,
-    reason: &str,
+    to: SandboxStatus,
+    error: Option<&str>,
 ) -> Result<bool, DbError> {
+    let at = now();
+    let stopped_at = to.is_terminal().then_some(at);
     let n = db
         .execute(
             "UPDATE sandboxes SET status = $2, error = $3, updated_at = $4, \
-             stopped_at = COALESCE(stopped_at, $4) \
+             stopped_at = COALESCE(stopped_at, $7) \
              WHERE id = $1 AND status = $5 AND host_id = $6",
-            args![id, SandboxStatus::Error, reason, now(), was, host],
+            args![id, to, error, at, was, host, stopped_at],
         )
         .await?;
     Ok(n > 0)
@@ -554,15 +559,22 @@ pub async fn set_host(db: &Db, id: SandboxId, host: Option<HostId>) -> Result<bo
     Ok(n > 0)
 }
 
-/// Marks paused sandbox `id` on `from` as moving to `to`. Applies only to a sandbox that
-/// is `paused` on `from` and not moving already; returns whether it applied.
-pub async fn begin_move(db: &Db, id: SandboxId, from: HostId, to: HostId) -> Result<bool, DbError> {
+/// Marks paused sandbox `id` on `from` as moving to `to` by move `move_id`. Applies only to
+/// a sandbox that is `paused` on `from` and not moving already; returns whether it applied.
+pub async fn begin_move(
+    db: &Db,
+    id: SandboxId,
+    from: HostId,
+    to: HostId,
+    move_id: TemplateId,
+) -> Result<bool, DbError> {
     let at = now();
     let n = db
         .execute(
-            "UPDATE sandboxes SET moving_to = $2, moving_since = $3, updated_at = $3 \
+            "UPDATE sandboxes SET moving_to = $2, moving_since = $3, updated_at = $3, \
+             moving_id = $6 \
              WHERE id = $1 AND host_id = $4 AND status = $5 AND moving_to IS NULL",
-            args![id, to, at, from, SandboxStatus::Paused],
+            args![id, to, at, from, SandboxStatus::Paused, move_id],
         )
         .await
         .map_err(|e| missing_as_not_found(e, "host", to))?;
@@ -570,31 +582,35 @@ pub async fn begin_move(db: &Db, id: SandboxId, from: HostId, to: HostId) -> Res
 }
 
 /// Re-points a moving sandbox to the host it moved to. Applies only if it is still `paused`
-/// on `from` and moving to `to` (nothing changed it meanwhile); returns whether it applied.
+/// on `from` and moving to `to` by move `move_id` (nothing changed it meanwhile, and the
+/// move was not given up); returns whether it applied.
 pub async fn finish_move(
     db: &Db,
     id: SandboxId,
     from: HostId,
     to: HostId,
+    move_id: TemplateId,
 ) -> Result<bool, DbError> {
     let n = db
         .execute(
-            "UPDATE sandboxes SET host_id = $2, moving_to = NULL, moving_since = NULL, \
-             updated_at = $3 WHERE id = $1 AND host_id = $4 AND moving_to = $2 AND status = $5",
-            args![id, to, now(), from, SandboxStatus::Paused],
+            "UPDATE sandboxes SET host_id = $2, moving_to = NULL, moving_id = NULL, \
+             moving_since = NULL, updated_at = $3 \
+             WHERE id = $1 AND host_id = $4 AND moving_to = $2 AND status = $5 \
+             AND moving_id = $6",
+            args![id, to, now(), from, SandboxStatus::Paused, move_id],
         )
         .await?;
     Ok(n > 0)
 }
 
-/// Ends a move to `to` that did not happen: the sandbox stays where it is. Returns whether
-/// it was moving there.
-pub async fn end_move(db: &Db, id: SandboxId, to: HostId) -> Result<bool, DbError> {
+/// Ends move `move_id`, which did not happen: the sandbox stays where it is. Returns
+/// whether that move was under way.
+pub async fn end_move(db: &Db, id: SandboxId, move_id: TemplateId) -> Result<bool, DbError> {
     let n = db
         .execute(
-            "UPDATE sandboxes SET moving_to = NULL, moving_since = NULL, updated_at = $3 \
-             WHERE id = $1 AND moving_to = $2",
-            args![id, to, now()],
+            "UPDATE sandboxes SET moving_to = NULL, moving_id = NULL, moving_since = NULL, \
+             updated_at = $3 WHERE id = $1 AND moving_id = $2",
+            args![id, move_id, now()],
         )
         .await?;
     Ok(n > 0)

@@ -662,13 +662,7 @@ impl Manager {
         }
         self.prune_bases().await;
         self.inner.templates.clean_staging();
-        let moves = self
-            .inner
-            .templates
-            .sweep_moves(crate::transfer::STALE_IMPORT);
-        if moves > 0 {
-            tracing::info!(removed = moves, "removed move packages left for a day");
-        }
+        self.sweep_packages();
         let stale = self.inner.imports.sweep(crate::transfer::STALE_IMPORT);
         if stale > 0 {
             tracing::info!(

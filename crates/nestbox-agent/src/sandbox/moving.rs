@@ -5,7 +5,8 @@
 //! A **move package** is a snapshot template of the paused sandbox — its memory and device
 //! state, and its disk flattened into a standalone image — whose record names the sandbox
 //! (`move_of`). The store never lists one and no create starts from one; a package nothing
-//! took over is removed a day after it was made (start-up sweep).
+//! took over is removed [`PACKAGE_TTL`] after it was made (at start-up, and whenever a move
+//! packs or takes over one here).
 //!
 //! Taking a package over makes the sandbox paused here exactly as a pause leaves one whose
 //! snapshot reached the disk: `rootfs.qcow2` a fresh overlay over the package's image
@@ -31,6 +32,9 @@ use crate::templates::{Kind, StoredTemplate};
 
 /// A taken-over sandbox's disk image (its overlay's backing), in its directory.
 const BASE_FILE: &str = "base.ext4";
+/// A move package older than this is left over (a move is given up long before): removed
+/// at start-up and whenever another move packs or takes over one here.
+pub const PACKAGE_TTL: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
 /// What the control plane knows of a sandbox that the package does not carry.
 #[derive(Debug, Clone)]
@@ -51,6 +55,9 @@ pub struct AdoptParams {
     pub egress: nestbox_types::egress::EgressRules,
     /// Their version.
     pub egress_version: u64,
+    /// The token its guest must hold from now on, when a rotation made while it was paused
+    /// changed it (`None`: the package's).
+    pub access_token: Option<String>,
 }
 
 impl Manager {
@@ -61,6 +68,7 @@ impl Manager {
         id: SandboxId,
         export: TemplateId,
     ) -> Result<StoredTemplate, AgentError> {
+        self.sweep_packages();
         if let Ok(made) = self.inner().templates.get_id(export) {
             return if made.record.move_of == Some(id) {
                 Ok(made)
@@ -85,6 +93,7 @@ impl Manager {
     /// Makes sandbox `p.id` paused here from its move package (consumed on success).
     pub async fn adopt_sandbox(&self, p: AdoptParams) -> Result<Arc<SandboxHandle>, AgentError> {
         let id = p.id;
+        self.sweep_packages();
         let package = self.inner().templates.get_id(p.export)?;
         if package.record.move_of != Some(id) || package.record.kind != Kind::Snapshot {
             return Err(AgentError::Invalid(format!(
@@ -105,9 +114,27 @@ impl Manager {
                     package.record.kernel_version
                 ))
             })?;
+        if let Some(token) = &p.access_token
+            && token.len() < 16
+        {
+            return Err(AgentError::Invalid(
+                "access_token must be at least 16 characters".into(),
+            ));
+        }
         self.open()?;
-        self.reserve(id, package.record.memory_mb)?;
         let dir = sandbox_dir(&self.inner().cfg.data_dir, id);
+        // Only a directory made here is removed on failure.
+        if tokio::fs::try_exists(&dir).await.unwrap_or(true) {
+            return Err(AgentError::SandboxExists(id));
+        }
+        if let Err(e) = self.reserve(id, package.record.memory_mb) {
+            // Pooled clones give way, as they do to a create.
+            if !matches!(e, AgentError::NoCapacity(_)) || self.pooled() == 0 {
+                return Err(e);
+            }
+            self.drain_pool(|_| true).await;
+            self.reserve(id, package.record.memory_mb)?;
+        }
         let st = StateFile {
             format_version: state::STATE_FORMAT,
             sandbox_id: id,
@@ -139,7 +166,9 @@ impl Manager {
             dir_alias: None,
             egress: p.egress,
             egress_version: p.egress_version,
-            rotating_to: None,
+            rotating_to: p
+                .access_token
+                .filter(|t| Some(t) != package.record.access_token.as_ref()),
             disk_backing: Some(dir.join(BASE_FILE)),
         };
         match self.unpack(&package, &dir, &st).await {
@@ -159,6 +188,15 @@ impl Manager {
         }
     }
 
+    /// Removes move packages older than [`PACKAGE_TTL`].
+    pub(crate) fn sweep_packages(&self) -> usize {
+        let removed = self.inner().templates.sweep_moves(PACKAGE_TTL);
+        if removed > 0 {
+            tracing::info!(removed, "removed move packages nothing took over");
+        }
+        removed
+    }
+
     /// Moves the package's files into the sandbox's new directory, makes its disk and
     /// records it.
     async fn unpack(
@@ -169,9 +207,6 @@ impl Manager {
     ) -> Result<(), AgentError> {
         let id = st.sandbox_id;
         let io = |what: &'static str| move |e: std::io::Error| AgentError::host(what, id, e);
-        if tokio::fs::try_exists(dir).await.unwrap_or(true) {
-            return Err(AgentError::SandboxExists(id));
-        }
         let snapshot = dir.join("snapshot");
         tokio::fs::create_dir_all(&snapshot)
             .await

@@ -548,6 +548,13 @@ impl Services {
         force: bool,
     ) -> ApiResult<()> {
         let host = h.id;
+        if force {
+            // Nothing new lands there while what it holds is destroyed.
+            hosts::set_draining(&self.db, host, true)
+                .await
+                .map_err(|e| host_error(e, host))?;
+            self.fleet.invalidate();
+        }
         let holding: Vec<SandboxStatus> = SandboxStatus::ALL
             .iter()
             .copied()

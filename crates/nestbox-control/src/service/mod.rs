@@ -79,12 +79,13 @@ pub(crate) async fn record_lost(
     team: nestbox_types::TeamId,
     was: nestbox_types::SandboxStatus,
 ) -> Result<bool, ApiError> {
-    let applied = nestbox_db::sandboxes::mark_lost(
+    let applied = nestbox_db::sandboxes::transition_on_host(
         db,
         id,
         host,
         was,
-        "lost by its host (the VM exited or the host agent restarted)",
+        nestbox_types::SandboxStatus::Error,
+        Some("lost by its host (the VM exited or the host agent restarted)"),
     )
     .await?;
     if applied {

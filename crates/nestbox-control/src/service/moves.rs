@@ -20,8 +20,12 @@
 //! - a failure before the commit point undoes what was done — the destination's copy
 //!   destroyed, the packages deleted, the mark cleared — and leaves the sandbox where it
 //!   was, resumed there if it was running;
-//! - a control plane that dies mid-move leaves the mark behind: the monitor clears marks
-//!   older than [`move_deadline`], and a move still alive past it fails at its commit point;
+//! - a move is one mark (its package's id): only that move may finish or end it. A move
+//!   gives itself up after [`move_give_up`]; a control plane that dies mid-move leaves the
+//!   mark behind, which the monitor clears once older than [`move_deadline`] (later), so a
+//!   move past its time never commits over another's mark;
+//! - what the destination gets (egress rules, the guest's token) is read after the mark is
+//!   set, so changes made before it travel with the sandbox;
 //! - a destroy during a move wins: the commit point finds the sandbox stopped, and the
 //!   destination's copy is destroyed;
 //! - the destination is a host of the sandbox's own pool (its team's hosts for a BYOC team,
@@ -40,6 +44,7 @@ use nestbox_types::{ErrorCode, HostId, SandboxId, SandboxStatus, TemplateId};
 
 use super::copies::{ATTEMPTS, delete_on, relay};
 use super::{AuditActor, AuditEntry};
+use crate::auth::{SandboxSecret, sandbox_secret};
 use crate::error::{ApiError, ApiResult, from_agent};
 use crate::extract::Caller;
 use crate::hostpool::AgentClient;
@@ -50,6 +55,11 @@ use crate::state::Services;
 /// template deadline, and the packing and take-over besides.
 pub(crate) fn move_deadline(template_timeout: Duration) -> Duration {
     template_timeout * (ATTEMPTS as u32 + 2)
+}
+
+/// How long a move takes before it gives itself up (well before [`move_deadline`]).
+pub(crate) fn move_give_up(template_timeout: Duration) -> Duration {
+    template_timeout * (ATTEMPTS as u32 + 1)
 }
 
 /// The answer of a sandbox call while it moves.
@@ -79,6 +89,35 @@ struct Undo {
     adopted: bool,
 }
 
+/// The moves of a drain, one at a time: each sandbox read again first, and moved only if it
+/// is still on the drained host in one of `statuses`.
+async fn drain_moves(
+    services: Arc<Services>,
+    host: HostId,
+    ids: Vec<SandboxId>,
+    statuses: Vec<SandboxStatus>,
+    actor: AuditActor,
+) {
+    let mut moved = 0usize;
+    for id in &ids {
+        let sb = match sandboxes::get(&services.db, *id).await {
+            Ok(sb) if sb.host_id == Some(host) && statuses.contains(&sb.status) => sb,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "a drain's move: reading the sandbox");
+                continue;
+            }
+        };
+        match services.move_one(&sb, None, actor.clone()).await {
+            Ok(_) => moved += 1,
+            Err(e) => {
+                tracing::warn!(sandbox = %id, host = %host, error = %e, "a drain's move failed; drain again to retry")
+            }
+        }
+    }
+    tracing::info!(host = %host, moved, of = ids.len(), "drain moves done");
+}
+
 impl Undo {
     async fn run(mut self, services: &Services, sb: &Sandbox) {
         let timeout = services.cfg.template_timeout;
@@ -95,7 +134,7 @@ impl Undo {
         }
         delete_on(&mut self.to, self.export, timeout).await;
         delete_on(&mut self.from, self.export, timeout).await;
-        if let Err(e) = sandboxes::end_move(&services.db, sb.id, self.to_host).await {
+        if let Err(e) = sandboxes::end_move(&services.db, sb.id, self.export).await {
             tracing::warn!(sandbox = %sb.id, error = %e, "clearing a failed move's mark (the monitor will)");
         }
     }
@@ -144,21 +183,14 @@ impl Services {
             sandboxes::list_by_host(&self.db, host, statuses).await?
         };
         let moving: Vec<SandboxId> = to_move.iter().map(|sb| sb.id).collect();
-        if !to_move.is_empty() {
-            let services = self.clone();
-            let actor = AuditActor::Caller(*caller);
-            tokio::spawn(crate::request_id::scoped(async move {
-                let mut moved = 0usize;
-                for sb in &to_move {
-                    match services.move_one(sb, None, actor.clone()).await {
-                        Ok(_) => moved += 1,
-                        Err(e) => {
-                            tracing::warn!(sandbox = %sb.id, host = %host, error = %e, "a drain's move failed; drain again to retry")
-                        }
-                    }
-                }
-                tracing::info!(host = %host, moved, of = to_move.len(), "drain moves done");
-            }));
+        if !moving.is_empty() {
+            tokio::spawn(crate::request_id::scoped(drain_moves(
+                self.clone(),
+                host,
+                moving.clone(),
+                statuses.to_vec(),
+                AuditActor::Caller(*caller),
+            )));
         }
         Ok(api::HostDrain { host: view, moving })
     }
@@ -287,7 +319,8 @@ impl Services {
     ) -> ApiResult<()> {
         let id = sb.id;
         let timeout = self.cfg.template_timeout;
-        if !sandboxes::begin_move(&self.db, id, from_host, to_host).await? {
+        let export = TemplateId::new();
+        if !sandboxes::begin_move(&self.db, id, from_host, to_host, export).await? {
             let now = sandboxes::get(&self.db, id).await?;
             moving(&now)?;
             return Err(ApiError::conflict(format!(
@@ -295,7 +328,9 @@ impl Services {
                 now.status
             )));
         }
-        let export = TemplateId::new();
+        // What travels with it is read now that it is marked (a change made before the mark
+        // is in; one made after is refused).
+        let sb = &sandboxes::get(&self.db, id).await?;
         let mut undo = Undo {
             export,
             from: from.clone(),
@@ -303,7 +338,7 @@ impl Services {
             to_host,
             adopted: false,
         };
-        let carried = async {
+        let carried = tokio::time::timeout(move_give_up(timeout), async {
             let mut rpc = tonic::Request::new(ExportSandboxRequest {
                 sandbox_id: id.to_string(),
                 export_id: export.to_string(),
@@ -328,21 +363,38 @@ impl Services {
                     deny_out: sb.egress.deny_out.clone(),
                 }),
                 egress_version: sb.egress_version,
+                access_token: sandbox_secret(
+                    &self.cfg.master_secret,
+                    SandboxSecret::Envd,
+                    id,
+                    sb.token_generation,
+                ),
             });
             rpc.set_timeout(timeout);
             to.adopt_sandbox(rpc).await.map_err(|s| from_agent(&s))?;
             Ok::<_, ApiError>((package, copied))
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                ErrorCode::HostUnavailable,
+                format!("moving sandbox {id} took too long; it stays on host {from_host}"),
+            ))
+        });
         let (package, copied) = match carried {
             Ok(done) => done,
             Err(e) => {
+                // It may have been taken over just as the time ran out (destroying a copy
+                // that is not there is nothing).
+                undo.adopted = true;
                 undo.run(self, sb).await;
                 return Err(e);
             }
         };
         undo.adopted = true;
-        if !sandboxes::finish_move(&self.db, id, from_host, to_host).await? {
+        // It holds room on its new host from now on.
+        self.fleet.placed(to_host, sb.memory_mb);
+        if !sandboxes::finish_move(&self.db, id, from_host, to_host, export).await? {
             undo.run(self, sb).await;
             let now = sandboxes::get(&self.db, id).await?;
             return Err(ApiError::conflict(format!(

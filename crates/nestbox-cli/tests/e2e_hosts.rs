@@ -544,15 +544,12 @@ async fn status_is(
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_killed_agent_comes_back_to_its_sandboxes() {
-    use nestbox_types::SandboxStatus;
-    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
-    let database = pg.fresh_database().await.unwrap();
-    let mut fleet = Fleet::new(2);
-    let admin = fleet.start_server(&database, &["--host-grace", "10"]).await;
-    let hosts = join(&mut fleet, &admin, 2, &[]).await;
-    // Both sandboxes on host 0.
+/// Two sandboxes on host 0 (host 1 cordoned meanwhile), each with state on disk, in memory
+/// and in a process; the second paused. Returns (running, paused).
+async fn two_on_first_host(
+    admin: &Client,
+    hosts: &[HostId],
+) -> (nestbox_types::SandboxId, nestbox_types::SandboxId) {
     admin
         .drain_host(hosts[1], true, DrainMoves::None)
         .await
@@ -564,15 +561,27 @@ async fn a_killed_agent_comes_back_to_its_sandboxes() {
             .await
             .unwrap();
         assert_eq!(sb.host_id, Some(hosts[0]));
-        leave_state(&admin, sb.id).await;
+        sh_ok(admin, sb.id, "echo disk > /root/mark && sync").await;
+        leave_state(admin, sb.id).await;
         ids.push(sb.id);
     }
-    let (running, paused) = (ids[0], ids[1]);
-    admin.pause_sandbox(paused).await.unwrap();
+    admin.pause_sandbox(ids[1]).await.unwrap();
     admin
         .drain_host(hosts[1], false, DrainMoves::None)
         .await
         .unwrap();
+    (ids[0], ids[1])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agent_comes_back_to_its_sandboxes() {
+    use nestbox_types::SandboxStatus;
+    let pg = nestbox_testkit::PgCluster::shared().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let mut fleet = Fleet::new(2);
+    let admin = fleet.start_server(&database, &["--host-grace", "10"]).await;
+    let hosts = join(&mut fleet, &admin, 2, &[]).await;
+    let (running, paused) = two_on_first_host(&admin, &hosts).await;
 
     // kill -9: the host stops answering.
     let mut agent = fleet.agents[0].take().unwrap();
@@ -854,28 +863,7 @@ async fn a_drain_moves_paused_and_running_sandboxes_with_their_state() {
     let mut fleet = Fleet::new(2);
     let admin = fleet.start_server(&database, &[]).await;
     let hosts = join(&mut fleet, &admin, 2, &[]).await;
-    // Both sandboxes on host 0, each with state on disk, in memory and in a process.
-    admin
-        .drain_host(hosts[1], true, DrainMoves::None)
-        .await
-        .unwrap();
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        let sb = admin
-            .create_sandbox(&CreateSandboxRequest::default())
-            .await
-            .unwrap();
-        assert_eq!(sb.host_id, Some(hosts[0]));
-        sh_ok(&admin, sb.id, "echo disk > /root/mark && sync").await;
-        leave_state(&admin, sb.id).await;
-        ids.push(sb.id);
-    }
-    let (paused, running) = (ids[0], ids[1]);
-    admin.pause_sandbox(paused).await.unwrap();
-    admin
-        .drain_host(hosts[1], false, DrainMoves::None)
-        .await
-        .unwrap();
+    let (running, paused) = two_on_first_host(&admin, &hosts).await;
 
     // Host 0 drains: both move to host 1, the running one paused, moved and resumed.
     let started = Instant::now();
@@ -883,7 +871,7 @@ async fn a_drain_moves_paused_and_running_sandboxes_with_their_state() {
         .drain_host(hosts[0], true, DrainMoves::All)
         .await
         .unwrap();
-    assert_eq!(drain.moving, vec![paused, running]);
+    assert_eq!(drain.moving, vec![running, paused]);
     for (id, want) in [
         (paused, SandboxStatus::Paused),
         (running, SandboxStatus::Running),

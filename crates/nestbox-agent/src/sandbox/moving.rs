@@ -68,7 +68,7 @@ impl Manager {
         id: SandboxId,
         export: TemplateId,
     ) -> Result<StoredTemplate, AgentError> {
-        self.sweep_packages();
+        self.sweep_packages_off_workers().await;
         if let Ok(made) = self.inner().templates.get_id(export) {
             return if made.record.move_of == Some(id) {
                 Ok(made)
@@ -93,7 +93,7 @@ impl Manager {
     /// Makes sandbox `p.id` paused here from its move package (consumed on success).
     pub async fn adopt_sandbox(&self, p: AdoptParams) -> Result<Arc<SandboxHandle>, AgentError> {
         let id = p.id;
-        self.sweep_packages();
+        self.sweep_packages_off_workers().await;
         let package = self.inner().templates.get_id(p.export)?;
         if package.record.move_of != Some(id) || package.record.kind != Kind::Snapshot {
             return Err(AgentError::Invalid(format!(
@@ -185,6 +185,14 @@ impl Manager {
                 self.unreserve(id);
                 Err(e)
             }
+        }
+    }
+
+    /// [`Self::sweep_packages`] on the blocking pool (it reads and removes directories).
+    async fn sweep_packages_off_workers(&self) {
+        let manager = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || manager.sweep_packages()).await {
+            tracing::warn!(error = %e, "sweeping move packages");
         }
     }
 

@@ -10,18 +10,29 @@ GUEST_BIN := target/$(TARGET)/guest/nestbox-guest
 TEST_IMAGES := $(CURDIR)/target/nestbox-images
 DATA_DIR ?= /var/lib/nestbox
 
-.PHONY: up test check guest images test-images sdk-deps tool-deps openapi bench bench-fleet deps fmt clean-test-state
+.PHONY: up test check guest images test-images sdk-deps tool-deps openapi bench bench-builds bench-fleet deps fmt clean-test-state web web-deps deps-test bench-web
 
-## System packages the platform needs (Debian/Ubuntu).
+## System packages the platform needs (Debian/Ubuntu); `deps-test` adds the test suite's.
 deps:
 	$(SUDO) ./scripts/install-deps.sh
+
+deps-test:
+	$(SUDO) ./scripts/install-deps.sh --test
 
 ## The static guest agent baked into every VM image.
 guest:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --locked --profile guest -p nestbox-guest --target $(TARGET)
 
+## The web dashboard (web/, pinned by its lockfile): built into web/build, which the
+## `nestbox` binary embeds when it is compiled afterwards.
+web-deps:
+	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
+
+web: web-deps
+	npm run build --prefix web
+
 ## Run the platform: builds, then starts `nestbox up` (guest images are built on first run).
-up: deps guest
+up: deps guest web
 	$(CARGO) build --locked --release -p nestbox-cli
 	$(SUDO) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) ./target/release/nestbox up --data-dir $(DATA_DIR)
 
@@ -46,7 +57,7 @@ tool-deps:
 ## The whole test suite. Needs root (namespaces, TAP, nftables, VMs), like the host agent.
 ## It ends by checking that the machine holds nothing of Nestbox's that it did not hold
 ## before (namespaces, links, slots, firewall tables, cgroups, guest memory, VMMs).
-test: deps test-images sdk-deps tool-deps
+test: deps-test web test-images sdk-deps tool-deps
 	./scripts/host-footprint.sh | sort > target/host-before.txt
 	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_SDK_VENV=$(SDK_VENV) NESTBOX_TOOLS_VENV=$(TOOLS_VENV) $(CARGO) nextest run --locked --workspace --no-fail-fast
 	./scripts/host-footprint.sh | sort > target/host-after.txt
@@ -55,9 +66,10 @@ test: deps test-images sdk-deps tool-deps
 	echo "the test suite left nothing behind on this machine"
 
 ## Formatting and lints, as CI runs them.
-check:
+check: web-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	npm run check --prefix web
 
 fmt:
 	$(CARGO) fmt --all
@@ -70,6 +82,15 @@ openapi:
 bench: test-images sdk-deps
 	$(CARGO) build --locked --release -p nestbox-cli
 	$(SUDO) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_BENCH_PYTHON=$(SDK_VENV)/bin/python ./target/release/nestbox bench --images-dir $(TEST_IMAGES)
+
+## Template builds: a recipe built from scratch against a rebuild with its last step changed.
+bench-builds: test-images
+	$(CARGO) build --locked --release -p nestbox-cli
+	$(SUDO) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) ./target/release/nestbox bench --only-builds --images-dir $(TEST_IMAGES)
+
+## The dashboard's benchmark: the sandboxes page with 500 sandboxes (API answered by fixtures).
+bench-web: web deps-test
+	npm run bench --prefix web
 
 ## The fleet benchmark: a control plane on PostgreSQL, 1,000 simulated hosts, 10,000 creates.
 bench-fleet:

@@ -18,6 +18,16 @@ have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok ins
 for pkg in qemu-system-x86 nftables debootstrap e2fsprogs lz4 cpio iproute2 ca-certificates dnsmasq-base; do
   have "$pkg" || need+=("$pkg")
 done
+# `--test`: what only the test suite needs — Debian's Chromium, the browser the
+# dashboard's end-to-end tests drive (through playwright-core; no browser is downloaded);
+# Debian's docker-registry, umoci and skopeo (with busybox-static for the image's userland
+# and apache2-utils for the registry's password file): the OCI image tests' registry and
+# the tools that make and push images there, without Docker.
+if [ "${1:-}" = --test ]; then
+  for pkg in chromium docker-registry skopeo umoci apache2-utils busybox-static; do
+    have "$pkg" || need+=("$pkg")
+  done
+fi
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}"

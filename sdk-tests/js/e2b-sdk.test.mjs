@@ -15,6 +15,8 @@ import {
   ALL_TRAFFIC,
   ApiClient,
   ConnectionConfig,
+  Template,
+  BuildError,
 } from 'e2b'
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
@@ -371,4 +373,36 @@ test('auto-resume on traffic', async () => {
   } finally {
     await s.kill()
   }
+})
+
+test("the template SDK builds a template its sandboxes start from", async () => {
+  const { mkdtempSync, mkdirSync, writeFileSync, rmSync } = await import('node:fs')
+  const { tmpdir } = await import('node:os')
+  const { join } = await import('node:path')
+  const ctx = mkdtempSync(join(tmpdir(), 'nbx-template-'))
+  after(() => rmSync(ctx, { recursive: true, force: true }))
+  mkdirSync(join(ctx, 'site'))
+  writeFileSync(join(ctx, 'site', 'index.html'), '<h1>from the js template sdk</h1>\n')
+  const name = `sdk-js-${randomUUID().slice(0, 8)}`
+  const template = Template({ fileContextPath: ctx })
+    .fromDebianImage()
+    .copy('site/', 'www')
+    .setEnvs({ MODE: 'js' })
+    .runCmd('echo "$MODE as $(id -un)" > www/built.txt')
+  const logs = []
+  const info = await Template.build(template, name, { cpuCount: 1, memoryMB: 512, onBuildLogs: (l) => logs.push(l) })
+  assert.equal(info.name, name)
+  assert.ok(logs.length > 0)
+  const s = await Sandbox.create(name, { timeoutMs: 300_000 })
+  try {
+    // A relative destination is taken from E2B's default directory, the user's home.
+    const out = await s.commands.run('cat /home/user/www/index.html /home/user/www/built.txt')
+    assert.equal(out.stdout, '<h1>from the js template sdk</h1>\njs as user\n')
+  } finally {
+    await s.kill()
+  }
+  await assert.rejects(
+    Template.build(Template().fromTemplate('minimal').runCmd('exit 4'), `${name}-broken`),
+    (e) => e instanceof BuildError && /exit code 4/.test(e.message),
+  )
 })

@@ -441,3 +441,53 @@ def test_auto_resume_on_traffic():
         assert s.commands.run("echo hi").stdout == "hi\n"
     finally:
         s.kill()
+
+
+def test_template_sdk_builds_a_template_its_sandboxes_start_from(tmp_path):
+    """E2B's Template SDK: files uploaded by hash, steps, a start command left serving."""
+    from e2b import BuildException, Template
+
+    ctx = tmp_path / "ctx"
+    (ctx / "app" / "sub").mkdir(parents=True)
+    (ctx / "app" / "index.html").write_text("<h1>from the template sdk</h1>\n")
+    (ctx / "app" / "sub" / "b.txt").write_text("nested\n")
+    (ctx / "motd.txt").write_text("single file\n")
+    name = f"sdk-py-{uuid.uuid4().hex[:8]}"
+    ready = "python3 -c 'import urllib.request; urllib.request.urlopen(\"http://127.0.0.1:8000/\")'"
+    template = (
+        Template(file_context_path=str(ctx))
+        .from_python_image("3.11")
+        .copy("app/", "/srv/app")
+        .copy("motd.txt", "/etc/motd.txt", user="root", mode=0o640)
+        .set_envs({"GREETING": "from-the-template"})
+        .run_cmd("echo built as $(id -un) in $(pwd) > /srv/app/built.txt")
+        .set_workdir("/srv/app")
+        .set_start_cmd("python3 -m http.server 8000", ready)
+    )
+    logs = []
+    info = Template.build(template, name, cpu_count=1, memory_mb=512, on_build_logs=logs.append)
+    assert info.name == name and info.template_id == name
+    assert any("python3 -m http.server" in entry.message for entry in logs), logs
+    assert Template.exists(name)
+
+    sbx = Sandbox.create(name, timeout=300)
+    try:
+        run = lambda cmd: sbx.commands.run(cmd).stdout
+        # Steps ran as E2B's default user in its home; files landed where COPY said.
+        assert run("cat /srv/app/built.txt").strip() == "built as user in /home/user"
+        assert run("cat /srv/app/sub/b.txt").strip() == "nested"
+        assert run("stat -c '%U %a' /etc/motd.txt /srv/app/index.html") == "root 640\nuser 644\n"
+        assert run("echo $GREETING").strip() == "from-the-template"
+        # The start command is already serving.
+        page = run(
+            "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:8000/index.html\").read().decode())'"
+        )
+        assert "from the template sdk" in page
+    finally:
+        sbx.kill()
+
+    # A failing step fails the build with the SDK's exception, naming it.
+    broken = Template().from_template("minimal").run_cmd("echo going wrong >&2; exit 3")
+    with pytest.raises(BuildException) as failed:
+        Template.build(broken, f"{name}-broken")
+    assert "exit code 3" in str(failed.value), failed.value

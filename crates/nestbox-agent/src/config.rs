@@ -80,6 +80,10 @@ pub struct AgentConfig {
     /// Clones kept started, per snapshot template in use, for creates to take over
     /// (see `sandbox::pool`); zero: none.
     pub clone_pool: u32,
+    /// Registries (`host` or `host:port`) that template builds pull OCI images from over
+    /// plain HTTP, and that may be on private or loopback addresses; every other registry
+    /// is reached over HTTPS at public addresses only.
+    pub insecure_registries: Vec<String>,
 }
 
 impl AgentConfig {
@@ -117,6 +121,7 @@ impl AgentConfig {
             pause_hold: Duration::from_secs(300),
             max_held: 16,
             clone_pool: 1,
+            insecure_registries: Vec::new(),
         }
     }
 

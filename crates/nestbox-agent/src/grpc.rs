@@ -397,6 +397,45 @@ impl HostAgent for Service {
         Ok(Response::new(DeleteTemplateResponse {}))
     }
 
+    async fn resolve_image(
+        &self,
+        req: Request<ResolveImageRequest>,
+    ) -> Result<Response<ResolveImageResponse>, Status> {
+        let r = req.into_inner();
+        let cfg = self.manager.inner().cfg.clone();
+        let resolved = crate::oci::resolve(&cfg, &r.reference, r.credentials).await?;
+        Ok(Response::new(resolved))
+    }
+
+    async fn import_image(
+        &self,
+        req: Request<ImportImageRequest>,
+    ) -> Result<Response<CreateTemplateResponse>, Status> {
+        let r = req.into_inner();
+        let template = parse_template(&r.template_id)?;
+        let manager = self.manager.clone();
+        // Its own task: a caller that goes away does not leave a half-made template.
+        let stored = tokio::spawn(async move {
+            let inner = manager.inner();
+            crate::oci::import(
+                crate::oci::ImportContext {
+                    cfg: &inner.cfg,
+                    images: &inner.images,
+                    templates: &inner.templates,
+                },
+                &r.reference,
+                r.credentials,
+                template,
+            )
+            .await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("image task failed: {e}")))??;
+        Ok(Response::new(CreateTemplateResponse {
+            template: Some(template_info(&stored)),
+        }))
+    }
+
     async fn export_sandbox(
         &self,
         req: Request<ExportSandboxRequest>,
@@ -580,8 +619,16 @@ impl HostAgent for Service {
         let guest = self.manager.running(id)?.guest()?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            if let Err(e) = guest::run(id, &guest, params, Some(tx.clone())).await {
-                let _ = tx.send(Err(e.into())).await;
+            match guest::run(id, &guest, params, Some(tx.clone())).await {
+                Ok(_) => {}
+                // Nobody follows the command any more (its caller left, or the sandbox was
+                // destroyed under it): nothing to report, and no operation failed.
+                Err(e) if tx.is_closed() => {
+                    tracing::debug!(sandbox = %id, error = %e, "an unwatched command's stream ended");
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -20,6 +20,7 @@ pub mod grpc;
 pub mod guest;
 pub mod host;
 pub mod metrics;
+pub mod oci;
 pub mod processes;
 pub mod proxy;
 pub mod register;

@@ -62,7 +62,15 @@ async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
         }
         let root = PathBuf::from(format!("/proc/{}/root", me.vmm_pid));
         let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
-        assert!(inside(&me.sandbox_dir.join("rootfs.qcow2")).exists());
+        // Its own directory, and only that, under the sandboxes' directory (by the name it
+        // had when the VMM started: a pooled clone's is renamed when a create takes it over).
+        let sandboxes = me.sandbox_dir.parent().unwrap();
+        let seen: Vec<PathBuf> = std::fs::read_dir(inside(sandboxes))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(seen.len(), 1, "a VMM sees one sandbox directory: {seen:?}");
+        assert!(seen[0].join("rootfs.qcow2").exists(), "{seen:?}");
         for theirs in [
             other.sandbox_dir.clone(),
             other.mem_dir.clone(),
@@ -74,9 +82,9 @@ async fn sandboxes_reach_out_but_not_each_other_nor_the_host() {
                 theirs.display()
             );
         }
-        // What the VMM can list of its own directory: its disk and its console; nothing
-        // the agent keeps there.
-        let mut own: Vec<String> = std::fs::read_dir(inside(&me.sandbox_dir))
+        // What the VMM can list of its own directory (seen by its first name, as above): its
+        // disk and its console; nothing the agent keeps there.
+        let mut own: Vec<String> = std::fs::read_dir(&seen[0])
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();

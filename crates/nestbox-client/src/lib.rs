@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use nestbox_types::api::*;
-use nestbox_types::{ApiKeyId, ErrorBody, ErrorCode, HostId, SandboxId, TeamId, UserId};
+use nestbox_types::{ApiKeyId, BuildId, ErrorBody, ErrorCode, HostId, SandboxId, TeamId, UserId};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -635,6 +635,71 @@ impl Client {
     /// Deletes a team template (platform templates: platform admins only).
     pub async fn delete_snapshot(&self, name: &str) -> Result<(), ClientError> {
         self.delete(&format!("/v1/snapshots/{name}")).await
+    }
+
+    // ----------------------------------------------------------------- template builds
+
+    /// Starts a template build; it runs in the background (follow it with
+    /// [`Client::build_logs`]).
+    pub async fn create_build(&self, req: &CreateBuildRequest) -> Result<Build, ClientError> {
+        self.post("/v1/templates/builds", req).await
+    }
+
+    /// The team's builds, newest first.
+    pub async fn list_builds(&self) -> Result<Vec<Build>, ClientError> {
+        self.get::<Page<Build>>("/v1/templates/builds")
+            .await
+            .map(|p| p.items)
+    }
+
+    /// A build.
+    pub async fn get_build(&self, id: BuildId) -> Result<Build, ClientError> {
+        self.get(&format!("/v1/templates/builds/{id}")).await
+    }
+
+    /// A page of a build's log from `offset`.
+    pub async fn build_logs(&self, id: BuildId, offset: u64) -> Result<BuildLogs, ClientError> {
+        let path = format!("/v1/templates/builds/{id}/logs");
+        let q = BuildLogsQuery {
+            offset,
+            limit: None,
+        };
+        self.json(self.request(Method::GET, &path).query(&q), &path)
+            .await
+    }
+
+    /// Cancels a running build.
+    pub async fn cancel_build(&self, id: BuildId) -> Result<Build, ClientError> {
+        self.post(&format!("/v1/templates/builds/{id}/cancel"), &())
+            .await
+    }
+
+    /// Whether the team has uploaded the archive with this SHA-256.
+    pub async fn has_build_file(&self, hash: &str) -> Result<bool, ClientError> {
+        match self
+            .get::<BuildFile>(&format!("/v1/templates/builds/files/{hash}"))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Uploads an archive for copy steps under its SHA-256.
+    pub async fn put_build_file(
+        &self,
+        hash: &str,
+        data: Vec<u8>,
+    ) -> Result<BuildFile, ClientError> {
+        let path = format!("/v1/templates/builds/files/{hash}");
+        self.json(
+            self.request(Method::PUT, &path)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(data),
+            &path,
+        )
+        .await
     }
 
     /// Every team's templates (platform admins).

@@ -141,10 +141,12 @@ struct SessionClaims {
     exp: u64,
 }
 
-/// Issues and checks user session tokens.
+/// Issues and checks user session tokens, and derives browser sessions' CSRF tokens.
 #[derive(Clone)]
 pub struct Sessions {
     key: Vec<u8>,
+    csrf_key: Vec<u8>,
+    upload_key: Vec<u8>,
     ttl: Duration,
 }
 
@@ -162,10 +164,77 @@ impl Sessions {
         let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(master_secret)
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
         mac.update(b"nestbox user session v1");
+        let key = mac.finalize().into_bytes().to_vec();
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(master_secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(b"nestbox browser session csrf v1");
+        let csrf_key = mac.finalize().into_bytes().to_vec();
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(master_secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(b"nestbox template file upload v1");
         Self {
-            key: mac.finalize().into_bytes().to_vec(),
+            key,
+            csrf_key,
+            upload_key: mac.finalize().into_bytes().to_vec(),
             ttl,
         }
+    }
+
+    fn upload_mac(&self, team: &str, hash: &str, expires: i64) -> String {
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.upload_key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(format!("{team}\n{hash}\n{expires}").as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// A token that lets its bearer upload the files `hash` for `team` until `expires`
+    /// (Unix seconds): what an upload URL carries in place of an API key (E2B's SDKs send
+    /// none to the URL they are given).
+    pub fn upload_token(&self, team: nestbox_types::TeamId, hash: &str, expires: i64) -> String {
+        let team = team.to_string();
+        format!("{team}.{expires}.{}", self.upload_mac(&team, hash, expires))
+    }
+
+    /// The team an upload token for `hash` was issued to, if it is genuine and current.
+    pub fn check_upload_token(
+        &self,
+        token: &str,
+        hash: &str,
+        now: i64,
+    ) -> Option<nestbox_types::TeamId> {
+        use subtle::ConstantTimeEq as _;
+        let mut parts = token.splitn(3, '.');
+        let (team, expires, mac) = (parts.next()?, parts.next()?, parts.next()?);
+        let expires: i64 = expires.parse().ok()?;
+        let expected = self.upload_mac(team, hash, expires);
+        if !bool::from(expected.as_bytes().ct_eq(mac.as_bytes())) || now > expires {
+            return None;
+        }
+        team.parse().ok()
+    }
+
+    /// How long a session lasts.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The CSRF token of the browser session whose secret hashes to `token_hash`: derived,
+    /// never stored, and useless without the session's cookie.
+    pub fn csrf_token(&self, token_hash: &str) -> String {
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.csrf_key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(token_hash.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether `offered` is the CSRF token of that session (constant time).
+    pub fn check_csrf(&self, token_hash: &str, offered: &str) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(
+            self.csrf_token(token_hash)
+                .as_bytes()
+                .ct_eq(offered.as_bytes()),
+        )
     }
 
     /// A token for `user` and when it expires.

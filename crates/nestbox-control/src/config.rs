@@ -102,6 +102,36 @@ pub struct ControlConfig {
     pub local_listen: Option<SocketAddr>,
     /// Login attempts allowed per client address and per account.
     pub login_limits: crate::throttle::LoginLimits,
+    /// Template builds: archive sizes and the step cache's bounds.
+    pub builds: BuildLimits,
+}
+
+/// Bounds of template builds.
+#[derive(Debug, Clone)]
+pub struct BuildLimits {
+    /// Largest archive a copy step unpacks.
+    pub max_archive_bytes: u64,
+    /// Space all of a team's archives may take.
+    pub max_archives_bytes: u64,
+    /// Step-cache space per team; the least recently used entries beyond it are dropped.
+    pub cache_max_bytes: u64,
+    /// Cache entries and archives unused this long are dropped.
+    pub cache_max_age: Duration,
+    /// A build whose runner has not been heard of for this long is failed (its runner
+    /// stopped with its process).
+    pub stale_after: Duration,
+}
+
+impl Default for BuildLimits {
+    fn default() -> Self {
+        BuildLimits {
+            max_archive_bytes: 256 << 20,
+            max_archives_bytes: 2 << 30,
+            cache_max_bytes: 20 << 30,
+            cache_max_age: Duration::from_secs(7 * 24 * 3600),
+            stale_after: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Where the public listener's certificate and key are.
@@ -143,6 +173,7 @@ impl ControlConfig {
             tls: None,
             local_listen: None,
             login_limits: crate::throttle::LoginLimits::default(),
+            builds: BuildLimits::default(),
         }
     }
 

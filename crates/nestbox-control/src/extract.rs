@@ -2,7 +2,9 @@
 //! rejections use our error shape.
 //!
 //! Authentication order: `X-API-Key` (a team API key), else `Authorization: Bearer` (a
-//! user session). A user's request acts for the team named in `X-Nestbox-Team`, else their
+//! user session), else the browser session cookie (with its CSRF and origin rules:
+//! [`crate::browser`]). A user's request acts for the team named in `X-Nestbox-Team` (a
+//! WebSocket handshake, which cannot carry it, in its `team` query parameter), else their
 //! default team. Membership, role, admin flag and account status are read from the
 //! database on every request.
 
@@ -149,16 +151,19 @@ impl FromRequestParts<AppState> for Caller {
                 role: TeamRole::Member,
             });
         }
-        let Some(auth) = header(parts, "authorization") else {
+        let user_id = if let Some(auth) = header(parts, "authorization") {
+            let token = auth
+                .strip_prefix("Bearer ")
+                .or_else(|| auth.strip_prefix("bearer "))
+                .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
+            state.services.sessions.verify(token.trim())?
+        } else if let Some(secret) = crate::browser::session_secret(&parts.headers)? {
+            browser_user(parts, state, &secret).await?
+        } else {
             return Err(ApiError::unauthorized(
                 "missing credentials: send X-API-Key or Authorization: Bearer",
             ));
         };
-        let token = auth
-            .strip_prefix("Bearer ")
-            .or_else(|| auth.strip_prefix("bearer "))
-            .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
-        let user_id = state.services.sessions.verify(token.trim())?;
         let user = match users::get(db, user_id).await {
             Ok(u) => u,
             Err(e) if e.is_not_found() => {
@@ -173,12 +178,19 @@ impl FromRequestParts<AppState> for Caller {
             id: user.id,
             is_admin: user.is_admin,
         };
-        let (team, role) = match header(parts, TEAM_HEADER) {
+        let (team, role) = match header(parts, TEAM_HEADER).or_else(|| websocket_team(parts)) {
             Some(raw) => {
                 let team: TeamId = raw.parse().map_err(|e: nestbox_types::IdParseError| {
                     ApiError::invalid(format!("{TEAM_HEADER}: {e}"))
                 })?;
-                let role = teams::membership(db, team, user.id).await?.ok_or_else(|| {
+                // The platform team has no members: platform admins own it (its templates
+                // are every team's), and nobody else acts for it.
+                let role = if team.is_platform() {
+                    user.is_admin.then_some(TeamRole::Owner)
+                } else {
+                    teams::membership(db, team, user.id).await?
+                };
+                let role = role.ok_or_else(|| {
                     ApiError::new(ErrorCode::TeamNotFound, format!("team {team} not found"))
                 })?;
                 (team, role)
@@ -194,6 +206,45 @@ impl FromRequestParts<AppState> for Caller {
         };
         Ok(Caller { actor, team, role })
     }
+}
+
+/// The team a WebSocket handshake names in its `team` query parameter: a browser cannot
+/// send headers with one (a team id is no secret).
+fn websocket_team(parts: &Parts) -> Option<&str> {
+    let upgrade = header(parts, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return None;
+    }
+    parts
+        .uri
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("team="))
+        .filter(|v| !v.is_empty())
+}
+
+/// The user of a browser session, with the session's CSRF and origin rules checked (see
+/// [`crate::browser`]).
+async fn browser_user(parts: &Parts, state: &AppState, secret: &str) -> Result<UserId, ApiError> {
+    let hash = crate::auth::hash_token(secret);
+    let session = nestbox_db::browser_sessions::find(&state.services.db, &hash)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the browser session has ended; sign in again"))?;
+    if !crate::browser::same_origin(&parts.headers) {
+        return Err(ApiError::forbidden(
+            "a browser session is only accepted from this server's own pages",
+        ));
+    }
+    if crate::browser::is_unsafe(&parts.method) {
+        let offered = header(parts, crate::browser::CSRF_HEADER).unwrap_or_default();
+        if !state.services.sessions.check_csrf(&hash, offered) {
+            return Err(ApiError::forbidden(format!(
+                "missing or wrong CSRF token: send the session's `csrf_token` as {}",
+                crate::browser::CSRF_HEADER
+            )));
+        }
+    }
+    Ok(session.user_id)
 }
 
 /// JSON body extractor with our error shape (and a size limit from the router).
@@ -332,5 +383,29 @@ where
         let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::invalid(format!("malformed JSON: {e}")))?;
         from_body(v).map(OptionalJson)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parts(uri: &str, upgrade: bool) -> Parts {
+        let mut b = axum::http::Request::builder().uri(uri);
+        if upgrade {
+            b = b.header("upgrade", "websocket");
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn only_websocket_handshakes_name_their_team_in_the_query() {
+        let t = "team-1e0b4a5e-36b5-4b43-9d56-6f8f2ad4d4b1";
+        let with = format!("/v1/sandboxes/sb-x/terminals/term-1?team={t}");
+        assert_eq!(websocket_team(&parts(&with, true)), Some(t));
+        assert_eq!(websocket_team(&parts(&with, false)), None);
+        assert_eq!(websocket_team(&parts("/x?team=", true)), None);
+        assert_eq!(websocket_team(&parts("/x?a=1", true)), None);
     }
 }

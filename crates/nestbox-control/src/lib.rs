@@ -9,7 +9,9 @@
 pub mod api;
 pub mod auth;
 pub mod bootstrap;
+pub mod browser;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod expiry;
 pub mod extract;

@@ -26,7 +26,8 @@
 //! 3. platform templates are copied to every online platform host that lacks them
 //!    ([`Services::spread_platform_templates`]); fork templates no sandbox uses any more
 //!    are deleted
-//!    ([`Services::sweep_fork_templates`]).
+//!    ([`Services::sweep_fork_templates`]); builds whose runner stopped are failed and
+//!    the step cache pruned ([`Services::sweep_builds`]).
 //!
 //! 4. moves begun longer ago than their deadline are given up
 //!    ([`crate::service::moves`]): the sandbox stays where it was.
@@ -163,6 +164,8 @@ pub async fn pass(services: &Services) -> Result<(), crate::error::ApiError> {
     services
         .sweep_fork_templates(Utc::now() - chrono::Duration::seconds(60))
         .await;
+    // Builds whose runner stopped; the step cache and archives past their bounds.
+    services.sweep_builds().await;
     Ok(())
 }
 

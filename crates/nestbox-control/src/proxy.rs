@@ -21,8 +21,9 @@
 //! - a sandbox that is not running answers `409 sandbox_not_running` at once, a port
 //!   nobody listens on `502 port_unreachable` at once: a request never hangs on them —
 //!   except a paused sandbox created with `auto_resume`, which the request resumes first;
-//! - the platform's credentials (API key, traffic token, a session bearer) are removed
-//!   before the request goes on: code in the sandbox never sees them;
+//! - the platform's credentials (API key, traffic token, a session bearer, the dashboard's
+//!   session cookie) are removed before the request goes on: code in the sandbox never
+//!   sees them; the session cookie authenticates nothing here (see [`crate::browser`]);
 //! - the request goes to the sandbox's host agent, which forwards it to the guest
 //!   ([`nestbox_forward`]); bodies stream, WebSocket upgrades pass through.
 
@@ -178,6 +179,10 @@ async fn forward(state: &AppState, target: Target, request: Request) -> Result<R
             }
         })
     };
+    // The dashboard's session cookie never opens a sandbox's port (a page served from a
+    // sandbox under the API's paths would run in the dashboard's origin) and never reaches
+    // the sandbox.
+    crate::browser::strip_session_cookie(&mut parts.headers);
     let traffic = parts
         .headers
         .get(TRAFFIC_TOKEN_HEADER)

@@ -182,6 +182,24 @@ async fn team_header_selects_only_own_teams(engine: Engine) -> anyhow::Result<()
         .json()
         .await?;
     assert_eq!(me.team_id, carol.team);
+    // The platform team: its templates are every team's, so only platform admins act for it.
+    let platform = nestbox_types::PLATFORM_TEAM.to_string();
+    raw_error(
+        with_team(&platform).send().await?,
+        404,
+        ErrorCode::TeamNotFound,
+    )
+    .await?;
+    let admin = h.services.sessions.issue(h.admin.id)?.0;
+    let me: nestbox_types::api::Me = http
+        .get(&url)
+        .bearer_auth(&admin)
+        .header("x-nestbox-team", &platform)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(me.team_id, nestbox_types::PLATFORM_TEAM);
     h.shutdown().await;
     Ok(())
 }

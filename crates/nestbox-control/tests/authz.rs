@@ -144,6 +144,11 @@ const PLATFORM_ADMINS: [Expect; 8] = [UNAUTH, UNAUTH, FORBID, UNAUTH, FORBID, FO
 /// The hosts of a team that brings its own (team A is BYOC for these rows): its owners
 /// and admins, and platform admins.
 const BYOC_MANAGERS: [Expect; 8] = [UNAUTH, UNAUTH, HIDDEN, UNAUTH, FORBID, OK, OK, OK];
+/// A browser's own session: only its cookie (none of these callers holds one; the cookie
+/// rules are tested in `browser.rs`).
+const COOKIE_ONLY: [Expect; 8] = [UNAUTH; 8];
+/// An upload URL's own token only (none of these callers holds one).
+const TOKEN_ONLY: [Expect; 8] = [UNAUTH; 8];
 /// Host agents only (none of these callers holds a host credential).
 const HOSTS_ONLY: [Expect; 8] = [UNAUTH; 8];
 /// The audit log: owners and admins of the team they act for.
@@ -155,6 +160,10 @@ const MATRIX: &[Row] = &[
     row("GET", "/health/ready", PUBLIC),
     row("GET", "/metrics", PLATFORM_ADMINS),
     row("POST", "/v1/auth/login", PUBLIC),
+    row("POST", "/v1/auth/session", PUBLIC),
+    row("GET", "/v1/auth/session", COOKIE_ONLY),
+    // Signing out without a session only clears the (absent) cookie.
+    row("DELETE", "/v1/auth/session", PUBLIC),
     row("GET", "/v1/me", ANY_CALLER),
     row("GET", "/v1/teams", ANY_USER),
     row("POST", "/v1/teams", ANY_USER),
@@ -181,6 +190,7 @@ const MATRIX: &[Row] = &[
         TEAM_MANAGERS,
     ),
     row("GET", "/v1/teams/{team_id}/quotas", TEAM_RESOURCE),
+    row("GET", "/v1/admin/teams/{team_id}/quotas", PLATFORM_ADMINS),
     row("PUT", "/v1/admin/teams/{team_id}/quotas", PLATFORM_ADMINS),
     row("GET", "/v1/admin/teams", PLATFORM_ADMINS),
     row("PUT", "/v1/admin/teams/{team_id}/byoc", PLATFORM_ADMINS),
@@ -193,6 +203,7 @@ const MATRIX: &[Row] = &[
     ),
     row("GET", "/v1/admin/users", PLATFORM_ADMINS),
     row("POST", "/v1/admin/users", PLATFORM_ADMINS),
+    row("PATCH", "/v1/admin/users/{user_id}", PLATFORM_ADMINS),
     row("GET", "/v1/admin/hosts", PLATFORM_ADMINS),
     row("POST", "/v1/admin/hosts", PLATFORM_ADMINS),
     row("DELETE", "/v1/admin/hosts/{host_id}", PLATFORM_ADMINS),
@@ -214,6 +225,18 @@ const MATRIX: &[Row] = &[
     row("POST", "/v1/snapshots", TEAM_RESOURCE),
     row("DELETE", "/v1/snapshots/{name}", TEAM_RESOURCE),
     row("GET", "/v1/admin/templates", PLATFORM_ADMINS),
+    row("POST", "/v1/templates/builds", ANY_CALLER),
+    row("GET", "/v1/templates/builds", ANY_CALLER),
+    row("GET", "/v1/templates/builds/{build_id}", TEAM_RESOURCE),
+    row("GET", "/v1/templates/builds/{build_id}/logs", TEAM_RESOURCE),
+    row(
+        "POST",
+        "/v1/templates/builds/{build_id}/cancel",
+        TEAM_RESOURCE,
+    ),
+    // An upload lands in the caller's own team; another team never learns of it.
+    row("PUT", "/v1/templates/builds/files/{hash}", ANY_CALLER),
+    row("GET", "/v1/templates/builds/files/{hash}", TEAM_RESOURCE),
     row("POST", "/v1/sandboxes/{sandbox_id}/exec", TEAM_RESOURCE),
     row(
         "POST",
@@ -322,6 +345,21 @@ const MATRIX: &[Row] = &[
     row("GET", "/templates/{templateID}", ANY_CALLER),
     row("DELETE", "/templates/{templateID}", TEAM_RESOURCE),
     row("GET", "/templates/aliases/{alias}", ANY_CALLER),
+    row("POST", "/v3/templates", ANY_CALLER),
+    row("GET", "/templates/{templateID}/files/{hash}", ANY_CALLER),
+    // Authorised by the token of the URL the lookup above gives, never by a key or a
+    // session (a valid token: `e2b_builds.rs`).
+    row("PUT", "/templates/{templateID}/files/{hash}", TOKEN_ONLY),
+    row(
+        "POST",
+        "/v2/templates/{templateID}/builds/{buildID}",
+        TEAM_RESOURCE,
+    ),
+    row(
+        "GET",
+        "/templates/{templateID}/builds/{buildID}/status",
+        TEAM_RESOURCE,
+    ),
     // Last: its call registers a second host, which then takes part in placement.
     row(
         "POST",
@@ -535,6 +573,11 @@ impl World {
             ("GET", "/health") | ("GET", "/health/ready") | ("GET", "/metrics") => {
                 call(path.into(), Body::Empty)
             }
+            // Each sign-in route with its own account (logins are limited per account).
+            ("POST", "/v1/auth/session") => call(
+                path.into(),
+                Body::Json(json!({ "email": self.member.email, "password": common::PASSWORD })),
+            ),
             ("POST", "/v1/auth/login") => call(
                 path.into(),
                 Body::Json(json!({ "email": self.spare.email, "password": common::PASSWORD })),
@@ -608,9 +651,16 @@ impl World {
             (_, p) if p.starts_with("/v1/teams/{team_id}") => {
                 call(p.replace("{team_id}", &team.to_string()), Body::Empty)
             }
+            ("GET", "/v1/admin/teams/{team_id}/quotas") => {
+                call(format!("/v1/admin/teams/{team}/quotas"), Body::Empty)
+            }
             ("PUT", "/v1/admin/teams/{team_id}/quotas") => call(
                 format!("/v1/admin/teams/{team}/quotas"),
                 Body::Json(json!({})),
+            ),
+            ("PATCH", "/v1/admin/users/{user_id}") => call(
+                format!("/v1/admin/users/{}", self.spare.id),
+                Body::Json(json!({ "active": true })),
             ),
             ("POST", "/v1/admin/users") => call(
                 path.into(),
@@ -670,6 +720,41 @@ impl World {
                 })?),
             ),
             ("POST", "/v1/sandboxes") => call(path.into(), Body::Json(json!({}))),
+            ("POST", "/v1/templates/builds") => call(
+                path.into(),
+                Body::Json(json!({ "name": unique("built"), "recipe": { "steps": [] } })),
+            ),
+            ("GET", "/v1/templates/builds") => call(path.into(), Body::Empty),
+            (_, p) if p.starts_with("/v1/templates/builds/{build_id}") => {
+                // A fresh build of team A's for every caller (a cancel ends it).
+                let build = nestbox_db::builds::create(
+                    db,
+                    &nestbox_db::builds::NewBuild {
+                        team_id: team,
+                        name: unique("build"),
+                        recipe: Default::default(),
+                        steps: Vec::new(),
+                        created_by: "system".into(),
+                        deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+                    },
+                )
+                .await?;
+                call(p.replace("{build_id}", &build.id.to_string()), Body::Empty)
+            }
+            ("PUT", "/v1/templates/builds/files/{hash}") => {
+                let data = unique("archive").into_bytes();
+                let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+                call(
+                    format!("/v1/templates/builds/files/{hash}"),
+                    Body::Bytes(data),
+                )
+            }
+            ("GET", "/v1/templates/builds/files/{hash}") => {
+                let data = unique("archive").into_bytes();
+                let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+                nestbox_db::builds::put_file(db, team, &hash, data).await?;
+                call(format!("/v1/templates/builds/files/{hash}"), Body::Empty)
+            }
             ("DELETE", "/v1/sandboxes/{sandbox_id}") => {
                 let doomed = self.fresh_sandbox().await?;
                 call(format!("/v1/sandboxes/{}", doomed.id), Body::Empty)
@@ -789,6 +874,42 @@ impl World {
                 call(format!("/sandboxes/metrics?sandbox_ids={sb}"), Body::Empty)
             }
             ("GET", "/templates/{templateID}") => call("/templates/base".into(), Body::Empty),
+            ("POST", "/v3/templates") => call(
+                path.into(),
+                Body::Json(json!({ "name": unique("e2bbuilt"), "cpuCount": 1 })),
+            ),
+            ("GET", "/templates/{templateID}/files/{hash}") => call(
+                format!("/templates/anything/files/{}", "a".repeat(64)),
+                Body::Empty,
+            ),
+            ("PUT", "/templates/{templateID}/files/{hash}") => call(
+                format!("/templates/anything/files/{}?token=forged", "a".repeat(64)),
+                Body::Bytes(b"data".to_vec()),
+            ),
+            (m, p) if p.contains("{buildID}") => {
+                // A fresh build of team A's, announced and waiting, for every caller.
+                let name = unique("e2bbuild");
+                let build = nestbox_db::builds::create_waiting(
+                    db,
+                    &nestbox_db::builds::NewBuild {
+                        team_id: team,
+                        name: name.clone(),
+                        recipe: Default::default(),
+                        steps: Vec::new(),
+                        created_by: "system".into(),
+                        deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+                    },
+                )
+                .await?;
+                let id = build.id.to_string().trim_start_matches("bld-").to_string();
+                let path = p.replace("{templateID}", &name).replace("{buildID}", &id);
+                let body = if m == "POST" {
+                    Body::Json(json!({ "fromTemplate": "minimal", "steps": [] }))
+                } else {
+                    Body::Empty
+                };
+                call(path, body)
+            }
             ("GET", "/templates/aliases/{alias}") => {
                 call("/templates/aliases/minimal".into(), Body::Empty)
             }

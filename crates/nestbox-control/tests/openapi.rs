@@ -48,6 +48,7 @@ fn document_matches_the_checked_in_file() -> anyhow::Result<()> {
 #[test]
 fn every_operation_is_documented() {
     let doc = nestbox_control::api::openapi();
+    let mut ids = std::collections::BTreeMap::new();
     for (path, item) in &doc.paths.paths {
         let ops = [
             ("get", &item.get),
@@ -70,6 +71,12 @@ fn every_operation_is_documented() {
                 !op.responses.responses.is_empty(),
                 "{method} {path} documents no response"
             );
+            // Clients generated from the document key operations by id.
+            let id = op.operation_id.clone().unwrap_or_default();
+            assert!(!id.is_empty(), "{method} {path} has no operation id");
+            if let Some(other) = ids.insert(id.clone(), format!("{method} {path}")) {
+                panic!("{method} {path} and {other} share the operation id {id}");
+            }
         }
     }
 }
@@ -99,11 +106,25 @@ async fn serves_its_document_docs_and_health(engine: Engine) -> anyhow::Result<(
         .unwrap_or_default()
         .to_string();
     assert!(content_type.starts_with("text/html"), "{content_type}");
+    assert_eq!(resp.headers()["x-frame-options"], "DENY");
     let page = resp.text().await?;
-    assert!(
-        page.contains("/openapi.json"),
-        "the docs page renders the document"
-    );
+    assert!(page.contains("<html"), "the docs page is the dashboard's");
+    // The dashboard's routes never shadow the API's answers.
+    for path in ["/_app/immutable/nope.js", "/v1/nope", "/dashboardx"] {
+        let (_, url) = h.raw(path);
+        common::raw_error(
+            http.get(url).send().await?,
+            404,
+            nestbox_types::ErrorCode::NotFound,
+        )
+        .await?;
+    }
+    // The page is revalidated, not re-sent.
+    let (_, url) = h.raw("/dashboard/sandboxes");
+    let first = http.get(&url).send().await?.error_for_status()?;
+    let etag = first.headers()["etag"].clone();
+    let again = http.get(&url).header("if-none-match", etag).send().await?;
+    assert_eq!(again.status(), 304);
 
     let health = h.anonymous().health().await?;
     assert_eq!(health.status, "ok");

@@ -38,6 +38,23 @@ async fn quotas_hold_creates_pauses_resumes_and_templates(engine: Engine) -> any
     };
     let set = admin.set_team_quotas(h.team, &one).await?;
     assert_eq!(set.limits, one);
+    // The admin console reads any team's quotas; an unknown team is 404.
+    let (http, url) = h.raw(&format!("/v1/admin/teams/{}/quotas", h.team));
+    let token = h.services.sessions.issue(h.admin.id)?.0;
+    let read: nestbox_types::api::TeamQuotas = http
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(read.limits, one);
+    let (_, unknown) = h.raw(&format!(
+        "/v1/admin/teams/{}/quotas",
+        nestbox_types::TeamId::new()
+    ));
+    let resp = http.get(&unknown).bearer_auth(&token).send().await?;
+    common::raw_error(resp, 404, ErrorCode::TeamNotFound).await?;
     let a = h.sandbox().await?;
     let refused = api_error(h.sandbox().await, 429, ErrorCode::QuotaExceeded);
     assert!(

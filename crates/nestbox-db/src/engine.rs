@@ -340,6 +340,7 @@ macro_rules! bind_args {
                 Arg::Bool(v) => query.bind(v),
                 Arg::Time(v) => query.bind(v.map(DbTime)),
                 Arg::Json(v) => query.bind(Json(v)),
+                Arg::Bytes(v) => query.bind(v),
             };
         }
         query
@@ -445,6 +446,8 @@ pub(crate) enum Arg {
     Bool(bool),
     Time(Option<DateTime<Utc>>),
     Json(serde_json::Value),
+    /// `bytea` in PostgreSQL, `BLOB` in SQLite.
+    Bytes(Vec<u8>),
 }
 
 /// `args![a, b, c]`: a `Vec<Arg>` from values that convert into [`Arg`].
@@ -536,6 +539,11 @@ impl From<serde_json::Value> for Arg {
         Arg::Json(v)
     }
 }
+impl From<Vec<u8>> for Arg {
+    fn from(v: Vec<u8>) -> Self {
+        Arg::Bytes(v)
+    }
+}
 
 macro_rules! id_args {
     ($($id:ty),+) => {$(
@@ -558,7 +566,8 @@ id_args!(
     nestbox_types::ApiKeyId,
     nestbox_types::HostId,
     nestbox_types::TemplateId,
-    nestbox_types::AuditLogId
+    nestbox_types::AuditLogId,
+    nestbox_types::BuildId
 );
 
 macro_rules! wire_args {
@@ -576,6 +585,7 @@ wire_args!(
     nestbox_types::TeamRole,
     nestbox_types::TemplateKind,
     nestbox_types::Expiry,
+    nestbox_types::BuildStatus,
     crate::model::UserStatus,
     crate::model::HostKind,
     crate::model::ActorType,
@@ -592,6 +602,7 @@ pub(crate) trait DbRow {
     fn bool(&self, col: &str) -> Result<bool, DbError>;
     fn time_opt(&self, col: &str) -> Result<Option<DateTime<Utc>>, DbError>;
     fn json(&self, col: &str) -> Result<serde_json::Value, DbError>;
+    fn bytes(&self, col: &str) -> Result<Vec<u8>, DbError>;
 }
 
 macro_rules! impl_db_row {
@@ -617,6 +628,9 @@ macro_rules! impl_db_row {
             }
             fn json(&self, col: &str) -> Result<serde_json::Value, DbError> {
                 Ok(self.try_get::<Json<serde_json::Value>, _>(col)?.0)
+            }
+            fn bytes(&self, col: &str) -> Result<Vec<u8>, DbError> {
+                Ok(self.try_get(col)?)
             }
         }
     )+};

@@ -3,7 +3,7 @@
 //! - [`Db`] is the handle: `Db::connect("sqlite://nestbox.db")` (one box) or
 //!   `Db::connect("postgres://…")` (a fleet). Connecting applies the embedded migrations: one
 //!   consolidated initial migration per engine (`migrations/{sqlite,postgres}/0001_init.sql`).
-//! - One module per table group ([`users`], [`teams`], [`api_keys`], [`hosts`], [`templates`],
+//! - One module per table group ([`users`], [`teams`], [`api_keys`], [`browser_sessions`], [`hosts`], [`templates`], [`builds`],
 //!   [`sandboxes`], [`audit`], [`metrics`], [`quotas`]) with free functions taking `&Db`, typed inputs and outputs
 //!   (`nestbox-types` ids and statuses). Every query is written once, in portable SQL; the
 //!   engine dispatch lives in one place (`engine`).
@@ -19,6 +19,8 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod browser_sessions;
+pub mod builds;
 mod engine;
 pub mod error;
 pub mod host_credentials;

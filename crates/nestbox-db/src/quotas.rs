@@ -85,7 +85,9 @@ fn usage_sql() -> String {
     let held = "('pending', 'starting', 'running', 'missing', 'paused')";
     format!(
         "SELECT {} AS running, {} AS paused, {} AS vcpus, {} AS memory_mb, {} AS disk_mb, \
-             (SELECT COUNT(*) FROM templates t WHERE t.team_id = $1) AS templates \
+             (SELECT COUNT(*) FROM templates t WHERE t.team_id = $1 \
+                AND NOT EXISTS (SELECT 1 FROM template_build_cache c \
+                                WHERE c.template_id = t.id)) AS templates \
          FROM sandboxes s WHERE s.team_id = $1",
         sum("1", RUNNING),
         sum("1", "('paused')"),

@@ -12,7 +12,8 @@
 //!
 //! A fork's one-off template (`ephemeral`) belongs to its team but is never visible by name
 //! ([`get_visible`], [`list_visible`]); [`unused_ephemeral`] finds those no sandbox holds
-//! any more, for deletion.
+//! any more, for deletion. A build's step-cache entry is an ephemeral template too, kept
+//! while its entry in `template_build_cache` is ([`crate::builds`]).
 
 use chrono::{DateTime, Utc};
 use nestbox_types::{
@@ -304,7 +305,7 @@ pub async fn unused_ephemeral(db: &Db, before: DateTime<Utc>) -> Result<Vec<Temp
         .bind(before)
         .push(" AND NOT EXISTS (SELECT 1 FROM sandboxes s WHERE s.template_id = t.id AND s.status IN ")
         .bind_list(holding)
-        .push(")");
+        .push(") AND NOT EXISTS (SELECT 1 FROM template_build_cache c WHERE c.template_id = t.id)");
     db.fetch_all(&sql.text, sql.args, from_row).await
 }
 

@@ -109,6 +109,29 @@ pub async fn set_status(db: &Db, id: UserId, status: UserStatus) -> Result<(), D
     update(db, id, "status = $2", args![id, status]).await
 }
 
+/// Changes the account's status and admin flag at once (either may be left as it is).
+pub async fn set_access(
+    db: &Db,
+    id: UserId,
+    status: Option<UserStatus>,
+    is_admin: Option<bool>,
+) -> Result<(), DbError> {
+    let mut set = Vec::new();
+    let mut values = args![id];
+    if let Some(status) = status {
+        values.push(status.into());
+        set.push(format!("status = ${}", values.len()));
+    }
+    if let Some(is_admin) = is_admin {
+        values.push(is_admin.into());
+        set.push(format!("is_admin = ${}", values.len()));
+    }
+    if set.is_empty() {
+        return get(db, id).await.map(drop);
+    }
+    update(db, id, &set.join(", "), values).await
+}
+
 /// Replaces the password hash (`None` removes password sign-in).
 pub async fn set_password_hash(
     db: &Db,

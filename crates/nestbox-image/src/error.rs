@@ -89,6 +89,9 @@ pub enum ImageError {
         /// Why.
         reason: String,
     },
+    /// A root filesystem tree cannot be made into a template (it comes from an image).
+    #[error("{0}")]
+    BadTree(String),
     /// A manifest could not be read or written.
     #[error("manifest {}", path.display())]
     Manifest {

@@ -43,9 +43,13 @@ pub fn geometry(path: &Path) -> Result<(u64, u64), ImageError> {
     Ok((blocks, block_size))
 }
 
-/// Bytes a tree needs on ext4 (files rounded to 4 KiB, plus a block per inode).
+/// Bytes a tree needs on ext4 (files rounded to 4 KiB, plus a block per inode). A file
+/// with several links counts once, and a sparse file by what it really holds (the tree may
+/// come from an image, whose sizes are the image's to choose).
 fn tree_usage(dir: &Path) -> Result<(u64, u64), ImageError> {
+    use std::os::unix::fs::MetadataExt;
     let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let rd = std::fs::read_dir(&d).map_err(ImageError::io("list", &d))?;
@@ -54,7 +58,11 @@ fn tree_usage(dir: &Path) -> Result<(u64, u64), ImageError> {
             let Ok(md) = e.path().symlink_metadata() else {
                 continue;
             };
-            bytes += md.len().div_ceil(4096) * 4096 + 4096;
+            if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
+                continue;
+            }
+            let held = md.len().min(md.blocks().saturating_mul(512));
+            bytes = bytes.saturating_add(held.div_ceil(4096) * 4096 + 4096);
             if md.is_dir() {
                 stack.push(e.path());
             }

@@ -98,6 +98,49 @@ pub(crate) async fn build(out: &Path, guest: &Path, modules: &[Module]) -> Resul
     Ok(())
 }
 
+/// The content of the member `name` of a newc cpio archive (our initramfs: its `init` is
+/// the guest binary, which hosts add to root filesystems they make from OCI images).
+pub fn read_member(archive: &Path, name: &str) -> Result<Vec<u8>, ImageError> {
+    let data = std::fs::read(archive).map_err(ImageError::io("read", archive))?;
+    let bad = |detail: &str| ImageError::Kernel {
+        path: archive.to_path_buf(),
+        detail: format!("initramfs: {detail}"),
+    };
+    let field = |at: usize, i: usize| -> Result<usize, ImageError> {
+        let start = at + 6 + i * 8;
+        let hex = data
+            .get(start..start + 8)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| bad("truncated header"))?;
+        usize::from_str_radix(hex, 16).map_err(|_| bad("malformed header"))
+    };
+    let pad4 = |n: usize| n.div_ceil(4) * 4;
+    let mut at = 0;
+    while at + 110 <= data.len() {
+        if !matches!(&data[at..at + 6], b"070701" | b"070702") {
+            return Err(bad("not a newc archive"));
+        }
+        let size = field(at, 6)?;
+        let name_size = field(at, 11)?;
+        let name_start = at + 110;
+        let member = data
+            .get(name_start..name_start + name_size.saturating_sub(1))
+            .ok_or_else(|| bad("truncated name"))?;
+        let data_start = pad4(name_start + name_size);
+        if member == b"TRAILER!!!" {
+            break;
+        }
+        let body = data
+            .get(data_start..data_start + size)
+            .ok_or_else(|| bad("truncated member"))?;
+        if member == name.as_bytes() {
+            return Ok(body.to_vec());
+        }
+        at = pad4(data_start + size);
+    }
+    Err(bad(&format!("no member `{name}`")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +170,12 @@ mod tests {
             .unwrap()
             .stdout_text();
         let names: Vec<&str> = listing.lines().collect();
+        assert_eq!(read_member(&out, "init").unwrap(), b"\x7fELF fake");
+        assert_eq!(
+            read_member(&out, "lib/modules/order").unwrap(),
+            b"virtio_ring.ko\nvirtio.ko\n"
+        );
+        assert!(read_member(&out, "nope").is_err());
         for want in [
             "init",
             "lib/modules/order",

@@ -488,9 +488,39 @@ fn empty_dir(dir: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Appends a line to a file unless a line with the same first field exists.
+/// An account database of the tree (`/etc/passwd`, `group`, …) as text: empty when it is
+/// missing or a symbolic link (which is never followed), refused when it is not text or
+/// is huge.
+fn read_db(path: &Path) -> Result<String, ImageError> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Ok(String::new());
+    }
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(ImageError::io("read", path)(e)),
+        Ok(m) if m.len() > 4 << 20 => Err(ImageError::BadTree(format!(
+            "/etc/{} is larger than 4 MiB",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ))),
+        Ok(_) => {
+            let bytes = std::fs::read(path).map_err(ImageError::io("read", path))?;
+            String::from_utf8(bytes).map_err(|_| {
+                ImageError::BadTree(format!(
+                    "/etc/{} is not UTF-8 text",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ))
+            })
+        }
+    }
+}
+
+/// Appends a line to a file unless a line with the same first field exists. A symbolic
+/// link in the file's place is replaced, never followed.
 fn add_entry(path: &Path, line: &str) -> Result<(), ImageError> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = read_db(path)?;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(path).map_err(ImageError::io("remove", path))?;
+    }
     let key = line.split(':').next().unwrap_or_default();
     if text.lines().any(|l| l.split(':').next() == Some(key)) {
         return Ok(());
@@ -504,41 +534,136 @@ fn add_entry(path: &Path, line: &str) -> Result<(), ImageError> {
     std::fs::write(path, out).map_err(ImageError::io("write", path))
 }
 
-/// Adds our files to a copied base tree.
-fn customize(tree: &Path, guest: &Path, hostname: &str) -> Result<(), ImageError> {
-    let etc = tree.join("etc");
+/// `tree/rel` as a real directory: made where missing, refused where a symbolic link (or
+/// anything but a directory) stands on the way — the tree may come from an image, and
+/// nothing here may follow a link out of it.
+fn real_dir(tree: &Path, rel: &str) -> Result<PathBuf, ImageError> {
+    let mut at = tree.to_path_buf();
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(ImageError::BadTree(format!(
+                    "/{rel} cannot be set up: /{} is not a directory",
+                    at.strip_prefix(tree).unwrap_or(&at).display()
+                )));
+            }
+            Err(_) => std::fs::create_dir(&at).map_err(ImageError::io("create", &at))?,
+        }
+    }
+    Ok(at)
+}
+
+/// The uid and gid of our user in a tree with these `passwd` and `group`: its own if it
+/// has the user already; else [`USER_ID`], or the first id from there that no account
+/// (group) of the tree holds — an image may have its own user at 1000 (`ubuntu`, `node`).
+fn user_ids(passwd: &str, group: &str) -> (u32, u32) {
+    let field = |line: &str, i: usize| line.split(':').nth(i).map(str::to_string);
+    let entry = |db: &str| {
+        db.lines()
+            .find(|l| l.split(':').next() == Some(USER_NAME))
+            .map(str::to_string)
+    };
+    let ids = |db: &str, i: usize| -> std::collections::HashSet<u32> {
+        db.lines()
+            .filter_map(|l| field(l, i).and_then(|f| f.parse().ok()))
+            .collect()
+    };
+    let free = |taken: &std::collections::HashSet<u32>, from: u32| {
+        (from..u32::MAX)
+            .find(|n| !taken.contains(n))
+            .unwrap_or(from)
+    };
+    if let Some(line) = entry(passwd) {
+        let uid = field(&line, 2)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(USER_ID);
+        let gid = field(&line, 3).and_then(|f| f.parse().ok()).unwrap_or(uid);
+        return (uid, gid);
+    }
+    let uid = free(&ids(passwd, 2), USER_ID);
+    let gid = match entry(group)
+        .and_then(|l| field(&l, 2))
+        .and_then(|f| f.parse().ok())
+    {
+        Some(gid) => gid,
+        None => {
+            let taken = ids(group, 2);
+            if taken.contains(&uid) {
+                free(&taken, USER_ID)
+            } else {
+                uid
+            }
+        }
+    };
+    (uid, gid)
+}
+
+/// The shell of the user we add: bash where the tree has it.
+fn login_shell(tree: &Path) -> &'static str {
+    let has = |p: &str| std::fs::symlink_metadata(tree.join(p)).is_ok();
+    if has("bin/bash") || has("usr/bin/bash") {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    }
+}
+
+/// Adds our files to a root filesystem tree (a copied base tree, or an unpacked OCI
+/// image): the user `user` (uid 1000) unless the tree has one by that name, hostname,
+/// hosts, a placeholder resolv.conf and the guest agent at `/usr/local/bin/nestbox-guest`.
+/// Never follows a symbolic link of the tree: links in the place of a file are replaced,
+/// links on the way to a directory refuse the tree.
+pub fn customize(tree: &Path, guest: &Path, hostname: &str) -> Result<(), ImageError> {
+    let etc = real_dir(tree, "etc")?;
     let days = chrono::Utc::now().timestamp() / 86_400;
+    let shell = login_shell(tree);
+    let (uid, gid) = user_ids(
+        &read_db(&etc.join("passwd"))?,
+        &read_db(&etc.join("group"))?,
+    );
     add_entry(
         &etc.join("passwd"),
-        &format!("{USER_NAME}:x:{USER_ID}:{USER_ID}::/home/{USER_NAME}:/bin/bash"),
+        &format!("{USER_NAME}:x:{uid}:{gid}::/home/{USER_NAME}:{shell}"),
     )?;
-    add_entry(&etc.join("group"), &format!("{USER_NAME}:x:{USER_ID}:"))?;
+    add_entry(&etc.join("group"), &format!("{USER_NAME}:x:{gid}:"))?;
     add_entry(
         &etc.join("shadow"),
         &format!("{USER_NAME}:*:{days}:0:99999:7:::"),
     )?;
     add_entry(&etc.join("gshadow"), &format!("{USER_NAME}:!::"))?;
-    let home = tree.join("home").join(USER_NAME);
-    std::fs::create_dir_all(&home).map_err(ImageError::io("create", &home))?;
-    if let Ok(rd) = std::fs::read_dir(etc.join("skel")) {
+    let home = real_dir(tree, &format!("home/{USER_NAME}"))?;
+    let skel_is_dir = std::fs::symlink_metadata(etc.join("skel")).is_ok_and(|m| m.is_dir());
+    if skel_is_dir && let Ok(rd) = std::fs::read_dir(etc.join("skel")) {
         for e in rd.flatten() {
             if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
                 let dst = home.join(e.file_name());
+                if std::fs::symlink_metadata(&dst).is_ok() {
+                    continue;
+                }
                 std::fs::copy(e.path(), &dst).map_err(ImageError::io("copy to", &dst))?;
-                std::os::unix::fs::chown(&dst, Some(USER_ID), Some(USER_ID))
+                std::os::unix::fs::lchown(&dst, Some(uid), Some(gid))
                     .map_err(ImageError::io("chown", &dst))?;
             }
         }
     }
-    std::os::unix::fs::chown(&home, Some(USER_ID), Some(USER_ID))
+    std::os::unix::fs::lchown(&home, Some(uid), Some(gid))
         .map_err(ImageError::io("chown", &home))?;
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755))
         .map_err(ImageError::io("chmod", &home))?;
 
     let write = |rel: &str, body: String| -> Result<(), ImageError> {
         let p = tree.join(rel);
-        // debootstrap may leave a symlink here (resolv.conf); replace, never follow.
-        let _ = std::fs::remove_file(&p);
+        // An image or debootstrap may leave a symlink here (resolv.conf); replace, never
+        // follow.
+        if let Ok(m) = std::fs::symlink_metadata(&p) {
+            if m.is_dir() {
+                std::fs::remove_dir_all(&p).map_err(ImageError::io("remove", &p))?;
+            } else {
+                std::fs::remove_file(&p).map_err(ImageError::io("remove", &p))?;
+            }
+        }
         std::fs::write(&p, body).map_err(ImageError::io("write", &p))
     };
     write("etc/hostname", format!("{hostname}\n"))?;
@@ -554,9 +679,9 @@ fn customize(tree: &Path, guest: &Path, hostname: &str) -> Result<(), ImageError
         "# written by nestbox-guest at boot from nbx.dns\n".into(),
     )?;
 
-    let bin = tree.join("usr/local/bin");
-    std::fs::create_dir_all(&bin).map_err(ImageError::io("create", &bin))?;
-    let dst = bin.join("nestbox-guest");
+    real_dir(tree, "usr/local/bin")?;
+    write("usr/local/bin/nestbox-guest", String::new())?;
+    let dst = tree.join("usr/local/bin/nestbox-guest");
     std::fs::copy(guest, &dst).map_err(ImageError::io("copy the guest binary to", &dst))?;
     std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))
         .map_err(ImageError::io("chmod", &dst))?;
@@ -652,6 +777,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tree = dir.path();
         std::fs::create_dir_all(tree.join("etc/skel")).unwrap();
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::write(tree.join("bin/bash"), "").unwrap();
         std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/bash\n").unwrap();
         std::fs::write(tree.join("etc/group"), "root:x:0:\n").unwrap();
         std::fs::write(tree.join("etc/skel/.bashrc"), "# hi\n").unwrap();
@@ -693,6 +820,26 @@ mod tests {
             std::fs::read_to_string(tree.join("etc/hostname")).unwrap(),
             "nestbox\n"
         );
+    }
+
+    #[test]
+    fn our_user_takes_a_free_id_or_keeps_its_own() {
+        assert_eq!(
+            user_ids("root:x:0:0::/root:/bin/sh\n", "root:x:0:\n"),
+            (1000, 1000)
+        );
+        assert_eq!(
+            user_ids(
+                "root:x:0:0::/root:/bin/sh\nubuntu:x:1000:1000::/home/ubuntu:/bin/bash\n",
+                "root:x:0:\nubuntu:x:1000:\n"
+            ),
+            (1001, 1001)
+        );
+        assert_eq!(
+            user_ids("user:x:1500:1600::/home/user:/bin/sh\n", ""),
+            (1500, 1600)
+        );
+        assert_eq!(user_ids("", "staff:x:1000:\n"), (1000, 1001));
     }
 
     #[test]

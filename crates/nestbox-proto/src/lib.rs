@@ -45,7 +45,8 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
         | ErrorCode::UserNotFound
         | ErrorCode::HostNotFound
         | ErrorCode::FileNotFound
-        | ErrorCode::ProcessNotFound => tonic::Code::NotFound,
+        | ErrorCode::ProcessNotFound
+        | ErrorCode::BuildNotFound => tonic::Code::NotFound,
         ErrorCode::Conflict | ErrorCode::SandboxNotRunning => tonic::Code::FailedPrecondition,
         ErrorCode::AlreadyExists => tonic::Code::AlreadyExists,
         ErrorCode::PayloadTooLarge | ErrorCode::InsufficientStorage => {

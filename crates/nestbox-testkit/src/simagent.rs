@@ -225,6 +225,8 @@ pub enum SimOp {
     CreateTemplate,
     /// `DeleteTemplate`.
     DeleteTemplate,
+    /// `ImportImage`.
+    ImportImage,
     /// `GetSandboxMetrics`.
     GetSandboxMetrics,
     /// `GetSandboxLogs`.
@@ -1167,6 +1169,55 @@ fn template_not_found(id: &str) -> Status {
 
 // ------------------------------------------------------------------------------ files
 
+/// The simulated registry `sim.test`: every repository exists (its digest follows the
+/// reference; `…/private…` needs the credentials `sim`/`sim`), except `sim.test/missing`.
+/// The configuration names the image, runs `/srv` as root and serves with `serve`.
+fn sim_image(
+    reference: &str,
+    creds: Option<&pb::RegistryCredentials>,
+) -> Result<pb::ResolveImageResponse, Status> {
+    use sha2::Digest as _;
+    let (name, _) = reference.split_once('@').unwrap_or((reference, ""));
+    let Some(repo) = name.strip_prefix("sim.test/") else {
+        return Err(invalid(format!(
+            "image {reference}: not fetching from its registry: only sim.test is simulated"
+        )));
+    };
+    let repo = repo.split(':').next().unwrap_or(repo);
+    if repo == "missing" {
+        return Err(invalid(format!(
+            "image {reference}: manifest {repo} not found"
+        )));
+    }
+    if repo.starts_with("private")
+        && creds.is_none_or(|c| c.username != "sim" || c.password != "sim")
+    {
+        return Err(invalid(format!(
+            "image {reference}: registry sim.test refused access: it needs credentials"
+        )));
+    }
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(name.as_bytes()))
+    );
+    Ok(pb::ResolveImageResponse {
+        pinned: format!("{name}@{digest}"),
+        digest,
+        env: [
+            ("IMAGE_NAME".to_string(), name.to_string()),
+            ("PATH".into(), "/usr/bin:/bin".into()),
+        ]
+        .into_iter()
+        .collect(),
+        workdir: "/srv".into(),
+        user: "root".into(),
+        entrypoint: vec!["/bin/sh".into(), "-c".into()],
+        cmd: vec!["serve".into()],
+        layers: 2,
+        size_bytes: 10 << 20,
+    })
+}
+
 fn invalid(message: impl Into<String>) -> Status {
     nestbox_proto::status(ErrorCode::InvalidRequest, message)
 }
@@ -2021,6 +2072,50 @@ impl HostAgent for Service {
             Some(_) => Ok(Response::new(DeleteTemplateResponse {})),
             None => Err(template_not_found(&id)),
         }
+    }
+
+    async fn resolve_image(
+        &self,
+        request: Request<pb::ResolveImageRequest>,
+    ) -> Result<Response<pb::ResolveImageResponse>, Status> {
+        let r = request.into_inner();
+        sim_image(&r.reference, r.credentials.as_ref()).map(Response::new)
+    }
+
+    async fn import_image(
+        &self,
+        request: Request<pb::ImportImageRequest>,
+    ) -> Result<Response<CreateTemplateResponse>, Status> {
+        let r = request.into_inner();
+        self.shared.enter(SimOp::ImportImage).await?;
+        sim_image(&r.reference, r.credentials.as_ref())?;
+        r.template_id
+            .parse::<TemplateId>()
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut st = self.shared.lock();
+        if st.templates.contains_key(&r.template_id) {
+            return Err(nestbox_proto::status(
+                ErrorCode::AlreadyExists,
+                format!("template {} already exists", r.template_id),
+            ));
+        }
+        let template = SimStoredTemplate {
+            id: r.template_id.clone(),
+            kind: pb::TemplateKind::Image,
+            vcpus: 1,
+            memory_mb: 512,
+            disk_size_mb: 512,
+            size_bytes: 32 << 20,
+            sandbox_id: String::new(),
+            stored_at_unix_ms: now_ms(),
+            files: BTreeMap::new(),
+            moved: None,
+        };
+        let out = template_info(&template);
+        st.templates.insert(template.id.clone(), template);
+        Ok(Response::new(CreateTemplateResponse {
+            template: Some(out),
+        }))
     }
 
     async fn export_sandbox(

@@ -81,6 +81,20 @@ pub struct LoginResponse {
     pub user: User,
 }
 
+/// A browser's session (`POST`/`GET /v1/auth/session`). The session itself travels in an
+/// HttpOnly cookie that scripts cannot read; requests that change something must also send
+/// this CSRF token as `X-CSRF-Token`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct BrowserSession {
+    /// Send as `X-CSRF-Token` with every `POST`, `PUT`, `PATCH` and `DELETE`.
+    pub csrf_token: String,
+    /// When the session ends.
+    pub expires_at: DateTime<Utc>,
+    /// Who is signed in.
+    pub user: User,
+}
+
 /// A user account.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
@@ -320,6 +334,20 @@ pub struct CreateUserRequest {
     /// Make the user a platform admin.
     #[serde(default)]
     pub is_admin: bool,
+}
+
+/// `PATCH /v1/admin/users/{user_id}` (platform admins). Omitted fields stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUserRequest {
+    /// `false` deactivates the account: it can no longer sign in, and its sessions and
+    /// browser sessions stop working at once.
+    #[serde(default)]
+    pub active: Option<bool>,
+    /// Grant or revoke platform administration.
+    #[serde(default)]
+    pub is_admin: Option<bool>,
 }
 
 /// A created user and the personal team made for them.
@@ -1293,3 +1321,8 @@ pub struct AuditLog {
 
 mod processes;
 pub use processes::*;
+
+// ------------------------------------------------------------------ template builds
+
+mod builds;
+pub use builds::*;

@@ -664,6 +664,225 @@ pub struct TemplateAlias {
     pub public: bool,
 }
 
+/// `POST /v3/templates`: announce a build of a template (its recipe follows with
+/// `POST /v2/templates/{templateID}/builds/{buildID}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateBuildRequestV3))]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildRequestV3 {
+    /// The template's name, optionally `name:tag`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Older SDKs' spelling of `name`.
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// Tags of the build (`default` when none).
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    /// vCPUs.
+    #[serde(default)]
+    pub cpu_count: Option<u32>,
+    /// Memory, MiB.
+    #[serde(default, rename = "memoryMB")]
+    pub memory_mb: Option<u32>,
+    /// Free disk the template must leave, MiB (not used: the disk is the recipe's).
+    #[serde(default)]
+    pub min_free_disk_mb: Option<u32>,
+}
+
+/// The answer to `POST /v3/templates`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateRequestResponseV3))]
+pub struct TemplateRequestResponseV3 {
+    /// The template's id (its name).
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// The build's id.
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// Visible to every team.
+    pub public: bool,
+    /// Its names.
+    pub names: Vec<String>,
+    /// The build's tags.
+    pub tags: Vec<String>,
+    /// Its names (older SDKs).
+    pub aliases: Vec<String>,
+}
+
+/// `GET /templates/{templateID}/files/{hash}`: whether the team has the files, and where
+/// to upload them if not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateBuildFileUpload))]
+pub struct TemplateBuildFileUpload {
+    /// The files are stored already.
+    pub present: bool,
+    /// Where to `PUT` them (a URL that carries its own authorisation, valid for an hour).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// `?token=` of an upload URL.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct UploadToken {
+    /// The token the lookup gave.
+    pub token: String,
+}
+
+/// Registry credentials of `fromImage`.
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::FromImageRegistry))]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum FromImageRegistry {
+    /// A user name and password.
+    Registry {
+        /// User name.
+        username: String,
+        /// Password or token.
+        password: String,
+    },
+    /// AWS ECR credentials (not supported).
+    Aws {},
+    /// Google Artifact Registry credentials (not supported).
+    Gcp {},
+}
+
+impl std::fmt::Debug for FromImageRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Registry { username, .. } => f
+                .debug_struct("Registry")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            Self::Aws {} => f.write_str("Aws"),
+            Self::Gcp {} => f.write_str("Gcp"),
+        }
+    }
+}
+
+/// One step of a template build.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateStep))]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateStep {
+    /// `RUN`, `COPY`, `ENV`, `WORKDIR` or `USER`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `COPY`: the uploaded files' hash.
+    #[serde(default)]
+    pub files_hash: Option<String>,
+    /// Run it (and the steps after it) without the cache.
+    #[serde(default)]
+    pub force: Option<bool>,
+}
+
+/// `POST /v2/templates/{templateID}/builds/{buildID}`: the recipe of an announced build.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateBuildStartV2))]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildStartV2 {
+    /// An image to start from.
+    #[serde(default)]
+    pub from_image: Option<String>,
+    /// A template to start from.
+    #[serde(default)]
+    pub from_template: Option<String>,
+    /// Credentials for `fromImage`'s registry.
+    #[serde(default)]
+    pub from_image_registry: Option<FromImageRegistry>,
+    /// Build without the cache.
+    #[serde(default)]
+    pub force: Option<bool>,
+    /// The steps.
+    #[serde(default)]
+    pub steps: Vec<TemplateStep>,
+    /// A command left running in the template.
+    #[serde(default)]
+    pub start_cmd: Option<String>,
+    /// A command that exits 0 once the start command is ready.
+    #[serde(default)]
+    pub ready_cmd: Option<String>,
+}
+
+/// `?logsOffset=&limit=&level=` of a build's status.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(rename_all = "camelCase")]
+pub struct BuildStatusQuery {
+    /// Log entries to skip.
+    #[serde(default)]
+    pub logs_offset: Option<u64>,
+    /// Most entries (default and at most 100).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Lowest level shown (`debug`, `info`, `warn`, `error`).
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// One line of a build's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::BuildLogEntry))]
+pub struct BuildLogEntry {
+    /// When.
+    pub timestamp: DateTime<Utc>,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    /// The line.
+    pub message: String,
+    /// The step (`base`, `1`…, `finalize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// Why a build failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::BuildStatusReason))]
+pub struct BuildStatusReason {
+    /// What went wrong.
+    pub message: String,
+    /// The step (`base`, `1`…, `finalize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// `GET /templates/{templateID}/builds/{buildID}/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateBuildInfo))]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildInfo {
+    /// The template's id.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// The build's id.
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// `waiting`, `building`, `ready` or `error`.
+    pub status: String,
+    /// Plain log lines (always empty: see `logEntries`).
+    pub logs: Vec<String>,
+    /// Log entries from `logsOffset`.
+    pub log_entries: Vec<BuildLogEntry>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<BuildStatusReason>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,8 @@ error_codes! {
     FileNotFound => ("file_not_found", 404, false),
     /// No process with that pid or tag runs inside the sandbox.
     ProcessNotFound => ("process_not_found", 404, false),
+    /// No template build with that id belongs to the team.
+    BuildNotFound => ("build_not_found", 404, false),
     /// The resource is not in a state that allows the operation.
     Conflict => ("conflict", 409, false),
     /// The sandbox exists but is not running.

@@ -169,6 +169,10 @@ typed_id!(
     TemplateId, "tpl-", "template"
 );
 typed_id!(
+    /// A template build (`bld-`).
+    BuildId, "bld-", "template build"
+);
+typed_id!(
     /// An audit log entry (`log-`).
     AuditLogId, "log-", "audit log entry"
 );

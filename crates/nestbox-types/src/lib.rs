@@ -16,8 +16,10 @@ pub mod status;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use ids::{
-    ApiKeyId, AuditLogId, HostId, IdParseError, PLATFORM_TEAM, SandboxId, TeamId, TemplateId,
-    UserId,
+    ApiKeyId, AuditLogId, BuildId, HostId, IdParseError, PLATFORM_TEAM, SandboxId, TeamId,
+    TemplateId, UserId,
 };
 pub use size::{ByteSize, SizeParseError};
-pub use status::{Expiry, HostStatus, SandboxStatus, StatusParseError, TeamRole, TemplateKind};
+pub use status::{
+    BuildStatus, Expiry, HostStatus, SandboxStatus, StatusParseError, TeamRole, TemplateKind,
+};

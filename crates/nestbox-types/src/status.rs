@@ -187,3 +187,27 @@ mod tests {
         serde_json::to_string(s).unwrap()
     }
 }
+
+wire_enum!(
+    /// Where a template build stands.
+    BuildStatus, "build status", {
+        /// Announced without its recipe yet (E2B's template SDK announces a build, uploads
+        /// its files, then starts it); one never started fails after an hour.
+        Waiting => "waiting",
+        /// Accepted; its sandbox is being prepared.
+        Building => "building",
+        /// Every step ran and the template is stored.
+        Ready => "ready",
+        /// A step failed, the time limit passed or its runner stopped; nothing was stored.
+        Failed => "failed",
+        /// Cancelled by a user; nothing was stored.
+        Cancelled => "cancelled",
+    }
+);
+
+impl BuildStatus {
+    /// Whether the build has ended.
+    pub const fn is_final(&self) -> bool {
+        !matches!(self, BuildStatus::Building | BuildStatus::Waiting)
+    }
+}

@@ -95,6 +95,15 @@ pub struct HostArgs {
     /// memory the host admits.
     #[arg(long, env = "NESTBOX_MEMORY_DIR", default_value = "/dev/shm")]
     pub memory_dir: PathBuf,
+    /// A registry (`host` or `host:port`) that template builds may pull images from over
+    /// plain HTTP and at a private or loopback address (repeat, or comma-separate); any
+    /// other registry is reached over HTTPS at public addresses only.
+    #[arg(
+        long = "insecure-registry",
+        env = "NESTBOX_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for HostArgs {
@@ -109,6 +118,7 @@ impl Default for HostArgs {
             clone_pool: 1,
             unconfined: false,
             memory_dir: "/dev/shm".into(),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -127,6 +137,7 @@ impl HostArgs {
         cfg.clone_pool = self.clone_pool;
         cfg.unconfined = self.unconfined;
         cfg.memory_root = self.memory_dir.clone();
+        cfg.insecure_registries = self.insecure_registries.clone();
     }
 }
 

@@ -14,7 +14,9 @@
 //!   with N idle sandboxes, next to the same window with none: what the per-sandbox work
 //!   that never stops (the metrics sampler, the sandbox tasks' ticks) costs;
 //! - VMM confinement (jail + seccomp filter + control group) against none: boot, guest agent
-//!   round trip, pause and resume (`--only-confinement`).
+//!   round trip, pause and resume (`--only-confinement`);
+//! - a template build from scratch against a rebuild with its last step changed
+//!   (`--only-builds`, [`super::bench_builds`]).
 //!
 //! Numbers are printed, never asserted: speed is measured, not tested.
 
@@ -72,6 +74,9 @@ pub struct BenchArgs {
     /// Only the SDK-vs-REST comparison.
     #[arg(long)]
     pub only_sdk: bool,
+    /// Only the template build measurement (cold against cached).
+    #[arg(long)]
+    pub only_builds: bool,
     /// Built guest images.
     #[arg(
         long,
@@ -82,14 +87,14 @@ pub struct BenchArgs {
 }
 
 /// Median, min and max of a sample.
-struct Stats {
-    median: f64,
+pub(super) struct Stats {
+    pub(super) median: f64,
     min: f64,
     max: f64,
     n: usize,
 }
 
-fn stats(mut xs: Vec<f64>) -> Stats {
+pub(super) fn stats(mut xs: Vec<f64>) -> Stats {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     let median = if n == 0 {
@@ -107,7 +112,7 @@ fn stats(mut xs: Vec<f64>) -> Stats {
     }
 }
 
-fn row(name: &str, s: &Stats, unit: &str) {
+pub(super) fn row(name: &str, s: &Stats, unit: &str) {
     println!(
         "{name:<44} {:>10.1} {unit:<4} {:>9.1} {:>9.1} {:>5}",
         s.median, s.min, s.max, s.n
@@ -333,6 +338,9 @@ async fn measure(
     }
     if args.only_sdk {
         return sdk_vs_rest(args, launched, &client, &key).await;
+    }
+    if args.only_builds {
+        return super::bench_builds::builds(&client, args.runs.min(3)).await;
     }
     let manager = &launched.agent.manager;
     let vmm_info = launched.agent.manager.vmm_info();

@@ -86,7 +86,7 @@ pub(crate) fn server_url(conn: &Conn) -> String {
     url_of(conn, &load_settings())
 }
 
-fn client(conn: &Conn) -> anyhow::Result<Client> {
+pub(crate) fn client(conn: &Conn) -> anyhow::Result<Client> {
     let mut saved = load_settings();
     let client = Client::new(&url_of(conn, &saved))?;
     if let Some(key) = conn.api_key.clone().or(saved.api_key.take()) {
@@ -896,6 +896,27 @@ pub enum TemplateCommand {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Build a template from a recipe file (TOML) or a Dockerfile, following its log.
+    Build(super::builds::BuildArgs),
+    /// The team's template builds, newest first.
+    Builds {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A build's log (followed while it runs).
+    BuildLogs {
+        #[command(flatten)]
+        conn: Conn,
+        /// The build (`bld-…`).
+        build: String,
+    },
+    /// Cancel a running build.
+    BuildCancel {
+        #[command(flatten)]
+        conn: Conn,
+        /// The build (`bld-…`).
+        build: String,
+    },
     /// Delete a template.
     #[command(alias = "rm")]
     Delete {
@@ -929,6 +950,10 @@ pub async fn template(command: TemplateCommand) -> anyhow::Result<()> {
             };
             print_json(&client(&conn)?.create_snapshot(&req).await?)
         }
+        TemplateCommand::Build(args) => super::builds::build(args).await,
+        TemplateCommand::Builds { conn } => super::builds::list(&conn).await,
+        TemplateCommand::BuildLogs { conn, build } => super::builds::logs(&conn, &build).await,
+        TemplateCommand::BuildCancel { conn, build } => super::builds::cancel(&conn, &build).await,
         TemplateCommand::Delete { conn, names } => {
             let c = client(&conn)?;
             for name in names {

@@ -2,6 +2,8 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_builds;
+pub mod builds;
 pub mod client;
 pub mod hosts;
 pub mod image;

@@ -305,8 +305,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         say!("  API key         {}", first.api_key);
     }
     say!("Nestbox is up.");
-    say!("  API   {url}");
-    say!("  docs  {url}/docs");
+    say!("  dashboard  {url}/  (sign in as the admin)");
+    say!("  API        {url}/v1  (reference: {url}/docs)");
     say!(
         "  host  {} ({})",
         launched.agent.host_id,

@@ -6,6 +6,7 @@
 //! `openapi/nestbox.json`; a test fails when the two drift.
 
 mod auth;
+mod builds;
 mod docs;
 pub mod e2b;
 mod hosts;
@@ -34,7 +35,8 @@ const JSON_LIMIT: usize = 32 << 20;
     info(
         title = "Nestbox API",
         description = "Run untrusted code in microVM sandboxes. Authenticate with a team API key \
-                       (`X-API-Key`) or a user session (`Authorization: Bearer`). Errors are \
+                       (`X-API-Key`), a user session (`Authorization: Bearer`), or a browser \
+                       session (the `nestbox_session` cookie with `X-CSRF-Token`). Errors are \
                        `{\"error\":{\"code\",\"message\"}}` with stable codes.",
         license(name = "Apache-2.0")
     ),
@@ -66,6 +68,14 @@ impl Modify for Security {
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
         );
         components.add_security_scheme(
+            "browser_session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                crate::browser::COOKIE,
+                "The web dashboard's session (`POST /v1/auth/session`); requests that change \
+                 something also send the session's CSRF token as `X-CSRF-Token`.",
+            ))),
+        );
+        components.add_security_scheme(
             "session",
             SecurityScheme::Http(
                 HttpBuilder::new()
@@ -83,6 +93,11 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(docs::ready))
         .routes(routes!(docs::metrics))
         .routes(routes!(auth::login))
+        .routes(routes!(
+            auth::create_browser_session,
+            auth::get_browser_session,
+            auth::delete_browser_session
+        ))
         .routes(routes!(auth::me))
         .routes(routes!(teams::list_teams, teams::create_team))
         .routes(routes!(
@@ -95,10 +110,14 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(teams::list_api_keys, teams::create_api_key))
         .routes(routes!(teams::delete_api_key))
         .routes(routes!(teams::get_team_quotas))
-        .routes(routes!(teams::set_team_quotas))
+        .routes(routes!(
+            teams::get_admin_team_quotas,
+            teams::set_team_quotas
+        ))
         .routes(routes!(teams::list_all_teams))
         .routes(routes!(teams::set_team_byoc))
         .routes(routes!(auth::create_user, auth::list_users))
+        .routes(routes!(auth::update_user))
         .routes(routes!(hosts::create_host, hosts::list_hosts))
         .routes(routes!(hosts::delete_host))
         .routes(routes!(hosts::drain_host))
@@ -127,6 +146,11 @@ fn api_router() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(snapshots::delete_snapshot))
         .routes(routes!(snapshots::list_admin_templates))
+        .routes(routes!(builds::create_build, builds::list_builds))
+        .routes(routes!(builds::get_build))
+        .routes(routes!(builds::build_logs))
+        .routes(routes!(builds::cancel_build))
+        .routes(routes!(builds::put_build_file, builds::get_build_file))
         .routes(routes!(sandboxes::exec))
         .routes(routes!(sandboxes::exec_stream))
         .routes(routes!(sandboxes::list_files, sandboxes::remove_path))
@@ -156,7 +180,42 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The generated document completed with what the annotations cannot say.
 fn finished(api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
-    refine_schemas(with_common_errors(api))
+    refine_schemas(with_common_errors(e2b_operation_ids(api)))
+}
+
+/// The operations of a path.
+fn operations(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// E2B's operations get ids of their own (`e2b_…`): their handlers are named like ours
+/// (`list_templates`, `create_sandbox`), and an operation id must be unique in the document
+/// (code generators key operations by it).
+fn e2b_operation_ids(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    for (path, item) in api.paths.paths.iter_mut() {
+        let ours = path.starts_with("/v1/") || path.starts_with("/health") || path == "/metrics";
+        if ours {
+            continue;
+        }
+        for op in operations(item) {
+            if let Some(id) = op.operation_id.as_mut()
+                && !id.starts_with("e2b_")
+            {
+                *id = format!("e2b_{id}");
+            }
+        }
+    }
+    api
 }
 
 /// Constraints the derived schemas cannot express, as the server checks them: a command
@@ -359,14 +418,7 @@ fn with_common_errors(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
         {
             body.required = Some(utoipa::openapi::Required::False);
         }
-        let ops = [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.patch,
-        ];
-        for op in ops.into_iter().flatten() {
+        for op in operations(item) {
             let secured = op
                 .security
                 .as_ref()
@@ -428,7 +480,7 @@ pub fn router(state: AppState) -> Router {
                 async move { Json(spec.as_ref().clone()) }
             }),
         )
-        .route("/docs", get(docs::docs_page))
+        .merge(crate::dashboard::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
         .layer(axum::middleware::from_fn_with_state(

@@ -66,6 +66,20 @@ pub async fn get_team_quotas(
     s.services.team_quotas(&caller, team).await.map(axum::Json)
 }
 
+/// Any team's quotas and what it uses of them (platform admins).
+#[utoipa::path(get, path = "/v1/admin/teams/{team_id}/quotas", tag = "admin", security(("session" = [])), params(("team_id" = TeamId, Path)),
+    responses((status = 200, body = TeamQuotas), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_admin_team_quotas(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<TeamId>,
+) -> ApiResult<axum::Json<TeamQuotas>> {
+    s.services
+        .admin_team_quotas(&caller, team)
+        .await
+        .map(axum::Json)
+}
+
 /// Sets a team's quotas, all at once (`null`: no limit; platform admins). What the team
 /// already uses above a new limit keeps running; requests that would add to it get
 /// `429 quota_exceeded`.

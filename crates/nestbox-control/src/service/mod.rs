@@ -6,10 +6,12 @@
 //! writes an audit entry for every change.
 
 pub mod auditlog;
+pub mod builds;
 pub mod copies;
 pub mod egress;
 pub mod fork;
 pub mod hosts;
+pub mod images;
 pub mod lifetime;
 pub mod logs;
 pub mod metrics;

@@ -525,7 +525,14 @@ impl Services {
         if timeout_sec > limits.max_timeout_sec {
             return Err(ApiError::limit("timeout_sec", limits.max_timeout_sec, " s"));
         }
-        validate_env(limits, &req.env)?;
+        // A built template's environment, under the request's own.
+        let mut env = if template.team_id.is_platform() {
+            BTreeMap::new()
+        } else {
+            nestbox_db::builds::template_env(&self.db, template.id).await?
+        };
+        env.extend(req.env.clone());
+        validate_env(limits, &env)?;
         validate_metadata(limits, &req.metadata)?;
         if let Some(lifetime) = req.lifetime_sec {
             self.validate_lifetime(lifetime)?;
@@ -589,7 +596,7 @@ impl Services {
                 memory_mb,
                 disk_size_mb,
                 timeout_sec,
-                env: req.env.clone(),
+                env: env.clone(),
                 metadata: req.metadata.clone(),
                 created_by: caller.actor.id_string(),
                 lifetime_sec: req.lifetime_sec,
@@ -626,7 +633,7 @@ impl Services {
             memory_mb,
             disk_size_mb,
             timeout_sec,
-            env: req.env.clone().into_iter().collect(),
+            env: env.into_iter().collect(),
             access_token,
             // Templates stored on a host are found there by id; the built-in ones by name.
             template_id: template
@@ -856,12 +863,17 @@ impl Services {
     }
 
     /// Deletes `template` if it is a fork's one-off template that no sandbox uses any more
-    /// (else the host monitor's sweep gets it later).
+    /// (else the host monitor's sweep gets it later). A step-cache entry's hidden template
+    /// (a build sandbox starts from one) stays until the cache is pruned.
     async fn drop_fork_template(&self, template: nestbox_types::TemplateId) {
         let Ok(t) = templates::get(&self.db, template).await else {
             return;
         };
-        if !t.ephemeral {
+        if !t.ephemeral
+            || nestbox_db::builds::is_cached(&self.db, template)
+                .await
+                .unwrap_or(true)
+        {
             return;
         }
         if let Err(e) = self.remove_template(AuditActor::System, t).await {

@@ -94,6 +94,17 @@ impl Services {
         self.quotas_view(team).await
     }
 
+    /// Any team's quotas and usage (platform admins).
+    pub async fn admin_team_quotas(
+        &self,
+        caller: &Caller,
+        team: TeamId,
+    ) -> ApiResult<api::TeamQuotas> {
+        caller.require_admin()?;
+        teams::get(&self.db, team).await.map_err(team_error(team))?;
+        self.quotas_view(team).await
+    }
+
     /// Sets a team's quotas (platform admins). Usage above a new limit is left running;
     /// only what would add to it is refused.
     pub async fn set_team_quotas(
@@ -369,6 +380,11 @@ impl Services {
         req: &api::AddMemberRequest,
     ) -> ApiResult<Member> {
         self.manager_of(caller, team).await?;
+        if team.is_platform() {
+            return Err(ApiError::invalid(
+                "the platform team has no members: platform admins act for it",
+            ));
+        }
         let role = req.role.unwrap_or(TeamRole::Member);
         if role == TeamRole::Owner {
             return Err(ApiError::invalid(

@@ -107,7 +107,7 @@ async fn delete_files(
 }
 
 /// Best-effort removal of files a failed create left on a host.
-async fn discard(client: &AgentClient, host: HostId, id: TemplateId, timeout: Duration) {
+pub(super) async fn discard(client: &AgentClient, host: HostId, id: TemplateId, timeout: Duration) {
     let mut hosts = [(host, client.clone())];
     if let Err(e) = delete_files(&mut hosts, id, timeout).await {
         tracing::warn!(template = %id, host = %host, error = %e, "template files left on the host");
@@ -260,7 +260,7 @@ impl Services {
     }
 
     /// Fails if sandboxes holding host resources were made from `t`.
-    async fn ensure_unused(&self, t: &templates::Template) -> ApiResult<()> {
+    pub(super) async fn ensure_unused(&self, t: &templates::Template) -> ApiResult<()> {
         let holding: Vec<SandboxStatus> = SandboxStatus::ALL
             .iter()
             .copied()

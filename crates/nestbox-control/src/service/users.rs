@@ -4,9 +4,9 @@
 //! the same time); disabled users cannot log in and their sessions stop working at once;
 //! every new user gets a personal team they own.
 
-use nestbox_db::{Page, UserStatus, teams, users};
+use nestbox_db::{Page, UserStatus, browser_sessions, teams, users};
 use nestbox_types::api::{self, CreateUserRequest, CreatedUser, LoginResponse, Me, TeamMembership};
-use nestbox_types::{ErrorCode, TeamRole};
+use nestbox_types::{ErrorCode, TeamRole, UserId};
 
 use super::{AuditActor, AuditEntry, validate_email, validate_name};
 use crate::auth;
@@ -45,6 +45,26 @@ impl Services {
         password: &str,
         from: Option<std::net::IpAddr>,
     ) -> ApiResult<LoginResponse> {
+        let user = self
+            .check_credentials(email, password, from, "token")
+            .await?;
+        let (token, expires_at) = self.sessions.issue(user.id)?;
+        Ok(LoginResponse {
+            token,
+            expires_at,
+            user: user_view(&user),
+        })
+    }
+
+    /// Checks email and password (rate-limited; audited as `user.login` with how the user
+    /// signs in) and returns the active user.
+    async fn check_credentials(
+        &self,
+        email: &str,
+        password: &str,
+        from: Option<std::net::IpAddr>,
+        via: &str,
+    ) -> ApiResult<users::User> {
         self.login.admit(from, email)?;
         let invalid = || ApiError::unauthorized("invalid email or password");
         let Some(user) = users::get_by_email(&self.db, email).await? else {
@@ -63,7 +83,7 @@ impl Services {
             resource_type: "user",
             resource_id: Some(user.id.to_string()),
             ok,
-            details: serde_json::json!({}),
+            details: serde_json::json!({ "via": via }),
         };
         if !ok {
             self.audit(audit(false)).await;
@@ -72,13 +92,83 @@ impl Services {
         if user.status != UserStatus::Active {
             return Err(ApiError::unauthorized("the account is disabled"));
         }
-        let (token, expires_at) = self.sessions.issue(user.id)?;
         self.audit(audit(true)).await;
-        Ok(LoginResponse {
-            token,
-            expires_at,
+        Ok(user)
+    }
+
+    /// Signs a browser in: returns the secret for its cookie and the session (with its
+    /// CSRF token). Same checks and limits as [`Services::login`].
+    pub async fn start_browser_session(
+        &self,
+        email: &str,
+        password: &str,
+        from: Option<std::net::IpAddr>,
+    ) -> ApiResult<(String, api::BrowserSession)> {
+        let user = self
+            .check_credentials(email, password, from, "browser")
+            .await?;
+        let secret = auth::random_hex(32)?;
+        let hash = auth::hash_token(&secret);
+        let ttl = chrono::Duration::from_std(self.sessions.ttl())
+            .map_err(|e| ApiError::internal(format!("session lifetime: {e}")))?;
+        let session =
+            browser_sessions::create(&self.db, &hash, user.id, chrono::Utc::now() + ttl).await?;
+        Ok((
+            secret,
+            api::BrowserSession {
+                csrf_token: self.sessions.csrf_token(&hash),
+                expires_at: session.expires_at,
+                user: user_view(&user),
+            },
+        ))
+    }
+
+    /// The browser session holding `secret`, with its CSRF token; `401` once it has ended
+    /// or its user is disabled.
+    pub async fn browser_session(&self, secret: &str) -> ApiResult<api::BrowserSession> {
+        let hash = auth::hash_token(secret);
+        let ended = || ApiError::unauthorized("the browser session has ended; sign in again");
+        let session = browser_sessions::find(&self.db, &hash)
+            .await?
+            .ok_or_else(ended)?;
+        let user = users::get(&self.db, session.user_id).await?;
+        if user.status != UserStatus::Active {
+            return Err(ApiError::unauthorized("the account is disabled"));
+        }
+        Ok(api::BrowserSession {
+            csrf_token: self.sessions.csrf_token(&hash),
+            expires_at: session.expires_at,
             user: user_view(&user),
         })
+    }
+
+    /// Signs a browser out: its session ends for good (a copy of the cookie stops
+    /// working). A live session needs its CSRF token (`403` without it); one that already
+    /// ended needs nothing.
+    pub async fn end_browser_session(&self, secret: &str, csrf: &str) -> ApiResult<()> {
+        let hash = auth::hash_token(secret);
+        let Some(session) = browser_sessions::find(&self.db, &hash).await? else {
+            return Ok(());
+        };
+        if !self.sessions.check_csrf(&hash, csrf) {
+            return Err(ApiError::forbidden(format!(
+                "missing or wrong CSRF token: send the session's `csrf_token` as {}",
+                crate::browser::CSRF_HEADER
+            )));
+        }
+        if browser_sessions::delete(&self.db, &hash).await? {
+            self.audit(AuditEntry {
+                actor: AuditActor::User(session.user_id.to_string()),
+                team: None,
+                action: "user.logout",
+                resource_type: "user",
+                resource_id: Some(session.user_id.to_string()),
+                ok: true,
+                details: serde_json::json!({}),
+            })
+            .await;
+        }
+        Ok(())
     }
 
     /// The caller and their teams.
@@ -167,6 +257,58 @@ impl Services {
             user: user_view(&user),
             team: team_view(&team),
         })
+    }
+
+    /// Activates or deactivates a user, or grants or revokes platform administration.
+    /// Platform admins only; an admin cannot deactivate or demote themselves (so the
+    /// platform never locks out its last admin by accident). A deactivated user's browser
+    /// sessions are deleted, and every other credential of theirs stops working at once.
+    pub async fn update_user(
+        &self,
+        caller: &Caller,
+        id: UserId,
+        req: &api::UpdateUserRequest,
+    ) -> ApiResult<api::User> {
+        let me = caller.require_admin()?;
+        let user = match users::get(&self.db, id).await {
+            Ok(u) => u,
+            Err(e) if e.is_not_found() => {
+                return Err(ApiError::new(
+                    ErrorCode::UserNotFound,
+                    format!("user {id} not found"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if id == me && (req.active == Some(false) || req.is_admin == Some(false)) {
+            return Err(ApiError::invalid(
+                "you cannot deactivate or demote yourself; ask another platform admin",
+            ));
+        }
+        let status = req.active.map(|active| {
+            if active {
+                UserStatus::Active
+            } else {
+                UserStatus::Disabled
+            }
+        });
+        users::set_access(&self.db, id, status, req.is_admin).await?;
+        if req.active == Some(false) {
+            // Refused from now on anyway (every request reads the account); this is cleanup.
+            browser_sessions::delete_for_user(&self.db, id).await?;
+        }
+        let updated = users::get(&self.db, id).await?;
+        self.audit(AuditEntry {
+            actor: AuditActor::Caller(*caller),
+            team: None,
+            action: "user.update",
+            resource_type: "user",
+            resource_id: Some(id.to_string()),
+            ok: true,
+            details: serde_json::json!({ "email": user.email, "active": req.active, "is_admin": req.is_admin }),
+        })
+        .await;
+        Ok(user_view(&updated))
     }
 
     /// All users, paginated. Platform admins only.

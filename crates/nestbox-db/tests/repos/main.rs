@@ -9,6 +9,7 @@ mod common;
 
 mod api_keys;
 mod audit;
+mod browser_sessions;
 mod engine;
 mod host_credentials;
 mod hosts;

@@ -16,6 +16,7 @@
 //! - E2B's Python SDK retries 429/502/503/504 unless told `Should-Retry: false`: answers
 //!   to operations that must not run twice (create, snapshot) say so.
 
+mod builds;
 mod logs;
 mod network;
 mod sandboxes;
@@ -142,4 +143,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(templates::list_templates))
         .routes(routes!(templates::get_template, templates::delete_template))
         .routes(routes!(templates::get_alias))
+        .routes(routes!(builds::request_build))
+        .routes(routes!(builds::file_upload_link, builds::upload_files))
+        .routes(routes!(builds::start_build))
+        .routes(routes!(builds::build_status))
 }

@@ -10,7 +10,7 @@ GUEST_BIN := target/$(TARGET)/guest/nestbox-guest
 TEST_IMAGES := $(CURDIR)/target/nestbox-images
 DATA_DIR ?= /var/lib/nestbox
 
-.PHONY: up test check guest images test-images sdk-deps tool-deps openapi bench bench-builds bench-fleet deps fmt clean-test-state web web-deps deps-test bench-web
+.PHONY: up test check guest images test-images sdk-deps tool-deps code-interpreter-wheels openapi bench bench-builds bench-fleet deps fmt clean-test-state web web-deps deps-test bench-web
 
 ## System packages the platform needs (Debian/Ubuntu); `deps-test` adds the test suite's.
 deps:
@@ -54,12 +54,18 @@ tool-deps:
 	[ -x $(TOOLS_VENV)/bin/pip ] || python3 -m venv $(TOOLS_VENV)
 	$(TOOLS_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-tools.txt
 
+## The code-interpreter template's Python wheels (its pinned requirements, from PyPI), which
+## its end-to-end test serves to the template's build from a package host.
+CI_WHEELS := $(CURDIR)/target/code-interpreter-wheels
+code-interpreter-wheels: sdk-deps
+	$(SDK_VENV)/bin/pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps -r templates/code-interpreter/requirements.txt -d $(CI_WHEELS)
+
 ## The whole test suite. Needs root (namespaces, TAP, nftables, VMs), like the host agent.
 ## It ends by checking that the machine holds nothing of Nestbox's that it did not hold
 ## before (namespaces, links, slots, firewall tables, cgroups, guest memory, VMMs).
-test: deps-test web test-images sdk-deps tool-deps
+test: deps-test web test-images sdk-deps tool-deps code-interpreter-wheels
 	./scripts/host-footprint.sh | sort > target/host-before.txt
-	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_SDK_VENV=$(SDK_VENV) NESTBOX_TOOLS_VENV=$(TOOLS_VENV) $(CARGO) nextest run --locked --workspace --no-fail-fast
+	NESTBOX_TEST_IMAGES=$(TEST_IMAGES) NESTBOX_GUEST_BIN=$(CURDIR)/$(GUEST_BIN) NESTBOX_SDK_VENV=$(SDK_VENV) NESTBOX_TOOLS_VENV=$(TOOLS_VENV) NESTBOX_CODE_INTERPRETER_WHEELS=$(CI_WHEELS) $(CARGO) nextest run --locked --workspace --no-fail-fast
 	./scripts/host-footprint.sh | sort > target/host-after.txt
 	@left=$$(comm -13 target/host-before.txt target/host-after.txt); \
 	if [ -n "$$left" ]; then echo "the test suite left behind:"; echo "$$left"; exit 1; fi; \

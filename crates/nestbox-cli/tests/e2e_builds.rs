@@ -9,10 +9,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Internet, Nestbox, eventually, sh_ok};
+use common::{Internet, Nestbox, Served, eventually, sh_ok};
 use nestbox_client::Client;
 use nestbox_types::api::{
     BuildStep, CreateBuildRequest, CreateSandboxRequest, Recipe, SandboxListQuery,
@@ -23,15 +23,8 @@ use sha2::{Digest, Sha256};
 /// A package host: a Debian repository with one package and a Python package index with
 /// one wheel, served over HTTP from inside the test internet.
 struct PackageHost {
-    server: Child,
+    _server: Served,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for PackageHost {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
 }
 
 fn run(cmd: &mut Command) {
@@ -92,28 +85,11 @@ impl PackageHost {
             "<html><body><a href=\"nbx_hello_py-1.0-py3-none-any.whl\">nbx_hello_py-1.0-py3-none-any.whl</a></body></html>\n",
         )
         .unwrap();
-        let server = net
-            .command("python3")
-            .args([
-                "-m",
-                "http.server",
-                "8081",
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-            ])
-            .arg(root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: std::net::SocketAddr = format!("{}:8081", net.ip(2)).parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err() {
-            assert!(Instant::now() < deadline, "the package host did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        let server = net.serve_dir(root, 8081);
+        PackageHost {
+            _server: server,
+            _dir: dir,
         }
-        PackageHost { server, _dir: dir }
     }
 }
 

@@ -11,14 +11,10 @@
 mod common;
 
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::Nestbox;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::{Nestbox, workspace};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_works_in_a_real_browser() {

@@ -10,36 +10,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Internet, Nestbox, other_team_key};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn venv() -> PathBuf {
-    let venv = std::env::var_os("NESTBOX_SDK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/sdk-venv"));
-    assert!(
-        venv.join("bin/pytest").exists(),
-        "E2B's Python SDK is not installed in {}: run `make sdk-deps` (or set NESTBOX_SDK_VENV)",
-        venv.display()
-    );
-    venv
-}
-
-fn js_dir() -> PathBuf {
-    let dir = workspace().join("sdk-tests/js");
-    assert!(
-        dir.join("node_modules/e2b").exists(),
-        "E2B's JavaScript SDK is not installed in {}: run `make sdk-deps`",
-        dir.display()
-    );
-    dir
-}
+use common::{Internet, Nestbox, other_team_key, sdk_js_dir, sdk_venv, workspace};
 
 /// Runs one suite; returns its combined output and whether it passed.
 fn suite(mut cmd: Command, nb: &Nestbox, other_key: &str, net: &Internet) -> (String, bool) {
@@ -65,8 +38,8 @@ fn suite(mut cmd: Command, nb: &Nestbox, other_key: &str, net: &Internet) -> (St
 
 #[tokio::test(flavor = "multi_thread")]
 async fn e2b_sdks_work_unmodified() {
-    let venv = venv();
-    let js = js_dir();
+    let venv = sdk_venv();
+    let js = sdk_js_dir();
     // The suites' egress tests reach a test internet; the host resolves names with its DNS
     // server.
     let net = Internet::new(
@@ -81,7 +54,7 @@ async fn e2b_sdks_work_unmodified() {
     py.arg("-q")
         .arg("-p")
         .arg("no:cacheprovider")
-        .arg(workspace().join("sdk-tests/python"));
+        .arg(workspace().join("sdk-tests/python/test_e2b_sdk.py"));
     let (py_out, py_ok) = tokio::task::block_in_place(|| suite(py, &nb, &other_key, &net));
     println!("--- E2B Python SDK suite ---\n{py_out}");
 

@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Internet, Nestbox, Options};
+use common::{Internet, Nestbox, Options, workspace};
 
 const DOMAIN: &str = "sandboxes.test";
 
@@ -31,10 +31,6 @@ fn certificates(dir: &Path) {
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(dir.join("cert.pem"), format!("{}{}", cert.pem(), ca.pem())).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn run(mut cmd: std::process::Command, what: &str) {

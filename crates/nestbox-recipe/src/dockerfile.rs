@@ -9,7 +9,7 @@
 //! | `ENV k=v …` / `ENV k v` | an env step |
 //! | `WORKDIR`, `USER` | workdir and user steps |
 //! | `CMD`, `ENTRYPOINT` | the start command (entrypoint then command) |
-//! | `HEALTHCHECK CMD …` | the start command's ready check |
+//! | `HEALTHCHECK [--start-period=D] CMD …` | the start command's ready check; `--start-period` is how long it may take to pass (default 120 s); other options have no effect |
 //! | `EXPOSE`, `LABEL`, `MAINTAINER`, `STOPSIGNAL`, `VOLUME` | nothing (a warning) |
 //!
 //! Refused, with the line: several `FROM`s (multi-stage builds), `COPY --from`, URLs in
@@ -218,6 +218,37 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// A Docker duration (`90s`, `5m`, `1m30s`, `1h`) in whole seconds (at least 1).
+fn duration_sec(text: &str) -> Result<u32, String> {
+    let bad = || format!("`{text}` is not a duration such as 90s, 5m or 1m30s");
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    let mut units = text.chars().peekable();
+    while let Some(c) = units.next() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let value: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        let millis = match c {
+            'h' => value * 3_600_000,
+            's' => value * 1000,
+            'm' if units.peek() == Some(&'s') => {
+                units.next();
+                value
+            }
+            'm' => value * 60_000,
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(millis);
+    }
+    if !number.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    u32::try_from(total.div_ceil(1000)).map_err(|_| bad())
+}
+
 /// The exec form (`["a", "b"]`) as a shell command line, or the shell form as it is.
 fn command_line(args: &str) -> Result<String, String> {
     let t = args.trim();
@@ -248,6 +279,7 @@ pub fn from_dockerfile(
     let mut entrypoint: Option<String> = None;
     let mut cmd: Option<String> = None;
     let mut ready: Option<String> = None;
+    let mut ready_timeout_sec: Option<u32> = None;
 
     for (line, text) in instructions(text) {
         let fail = |message: String| RecipeError::Dockerfile { line, message };
@@ -419,10 +451,17 @@ pub fn from_dockerfile(
             "HEALTHCHECK" => {
                 if rest.eq_ignore_ascii_case("NONE") {
                     ready = None;
+                    ready_timeout_sec = None;
                 } else {
                     let at = rest
                         .find("CMD")
                         .ok_or_else(|| fail("HEALTHCHECK needs CMD".into()))?;
+                    ready_timeout_sec = None;
+                    for option in rest[..at].split_whitespace() {
+                        if let Some(d) = option.strip_prefix("--start-period=") {
+                            ready_timeout_sec = Some(duration_sec(d).map_err(fail)?);
+                        }
+                    }
                     ready = Some(command_line(&rest[at + 3..]).map_err(fail)?);
                 }
             }
@@ -450,7 +489,7 @@ pub fn from_dockerfile(
     recipe.start = start.map(|command| StartCommand {
         command,
         ready,
-        ready_timeout_sec: None,
+        ready_timeout_sec,
     });
     finish(None, recipe, None, archives, warnings)
 }
@@ -545,8 +584,40 @@ mod tests {
         let start = r.start.clone().unwrap();
         assert_eq!(start.command, "python3 -m http.server");
         assert_eq!(start.ready.as_deref(), Some("curl -sf localhost:8000"));
+        assert_eq!(start.ready_timeout_sec, None);
         assert_eq!(p.archives.len(), 3);
         assert_eq!(p.warnings.len(), 1);
+    }
+
+    #[test]
+    fn a_healthcheck_start_period_is_how_long_the_ready_check_may_take() {
+        let start = |t: &str| build(t).unwrap().recipe.start.unwrap();
+        let s = start(
+            "FROM debian
+CMD [\"srv\"]
+HEALTHCHECK --interval=5s --start-period=10m CMD [\"check\"]
+",
+        );
+        assert_eq!(
+            (s.ready.as_deref(), s.ready_timeout_sec),
+            (Some("check"), Some(600))
+        );
+        assert_eq!(duration_sec("1m30s"), Ok(90));
+        assert_eq!(duration_sec("1h"), Ok(3600));
+        assert_eq!(duration_sec("1500ms"), Ok(2));
+        for bad in ["", "10", "5x", "s", "0s"] {
+            assert!(duration_sec(bad).is_err(), "{bad}");
+        }
+        let refused = build(
+            "FROM debian
+CMD srv
+HEALTHCHECK --start-period=soon CMD check
+",
+        );
+        assert!(matches!(
+            refused.unwrap_err(),
+            RecipeError::Dockerfile { line: 3, .. }
+        ));
     }
 
     #[test]

@@ -131,6 +131,8 @@ pub struct VmmInfo {
     pub version: String,
     /// The accelerator VMs run under.
     pub accel: Accel,
+    /// The CPU model VMs get (`host` under KVM); snapshots restore only on the same.
+    pub cpu: &'static str,
 }
 
 impl std::fmt::Display for VmmInfo {

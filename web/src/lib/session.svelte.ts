@@ -50,10 +50,16 @@ export async function refresh(): Promise<void> {
   }
 }
 
+/** Counts sign-ins and sign-outs: an answer about an older session must not undo a newer
+ * one (a sign-in made while the page's first look at the session was still on its way). */
+let epoch = 0;
+
 /** Restores the session after a page load; `false` when nobody is signed in. */
 export async function restore(): Promise<boolean> {
+  const began = epoch;
   try {
     const s = await unwrap(api.GET('/v1/auth/session'));
+    if (epoch !== began) return session.user !== null;
     setCsrf(s.csrf_token);
     setTeam(rememberedTeam());
     session.user = s.user;
@@ -61,6 +67,7 @@ export async function restore(): Promise<boolean> {
     return true;
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) {
+      if (epoch !== began) return session.user !== null;
       session.user = null;
       session.me = null;
       return false;
@@ -73,6 +80,7 @@ export async function restore(): Promise<boolean> {
 
 export async function signIn(email: string, password: string): Promise<void> {
   const s = await unwrap(api.POST('/v1/auth/session', { body: { email, password } }));
+  epoch += 1;
   setCsrf(s.csrf_token);
   setTeam(rememberedTeam());
   session.user = s.user;
@@ -90,6 +98,7 @@ export async function signOut(): Promise<void> {
 
 /** Forgets the session here (it ended on the server). */
 export function forget() {
+  epoch += 1;
   setCsrf(null);
   session.user = null;
   session.me = null;

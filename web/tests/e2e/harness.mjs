@@ -50,6 +50,8 @@ export async function signIn(ctx, email, password) {
   await page.getByLabel('Password').fill(password);
   await page.getByRole('button', { name: 'Sign in' }).click();
   await page.waitForURL(/\/dashboard\/sandboxes/);
+  // Signed in for good: the shell shows (a stale answer about no session must not undo it).
+  await page.getByTestId('sign-out').waitFor({ state: 'attached' });
   return page;
 }
 

@@ -224,6 +224,7 @@ impl FakeHost {
                     name: "fake",
                     version: "1".into(),
                     accel: Accel::Tcg,
+                    cpu: "fake",
                 },
                 ledger: Mutex::default(),
                 faults: Mutex::default(),

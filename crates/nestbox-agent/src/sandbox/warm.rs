@@ -162,6 +162,7 @@ fn key_for(manager: &Manager, name: &str, disk_mb: u64) -> Result<String, AgentE
         "kernel_built_at": kernel.manifest.built_at,
         "template_built_at": image.manifest.built_at,
         "vmm": inner.vmm.info().to_string(),
+        "cpu": inner.vmm.info().cpu,
         "vcpus": DEFAULT_VCPUS,
         "memory_mb": DEFAULT_MEMORY_MB,
         "disk_mb": disk_mb,

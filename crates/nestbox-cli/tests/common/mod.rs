@@ -742,6 +742,33 @@ impl Internet {
         cmd
     }
 
+    /// Serves `dir` over plain HTTP on `port` at the block's host address (offset 2), from
+    /// inside the namespace (a package host, a mirror); stopped when dropped. Returns once
+    /// it accepts connections.
+    pub fn serve_dir(&self, dir: &Path, port: u16) -> Served {
+        let child = self
+            .command("python3")
+            .args(["-m", "http.server", &port.to_string()])
+            .args(["--bind", "0.0.0.0", "--directory"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let served = Served(child);
+        let addr: std::net::SocketAddr = format!("{}:{port}", self.ip(2)).parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "serving {} did not start",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        served
+    }
+
     /// Whether the DNS server was ever asked about `name`.
     pub fn was_asked(&self, name: &str) -> bool {
         self.dns_log()
@@ -764,6 +791,46 @@ impl Drop for Internet {
             .status();
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.ns));
     }
+}
+
+/// A web server of [`Internet::serve_dir`]; killed when dropped.
+pub struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The workspace's root directory.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The virtualenv with E2B's stock Python SDKs (`make sdk-deps`; `NESTBOX_SDK_VENV`).
+pub fn sdk_venv() -> PathBuf {
+    let venv = std::env::var_os("NESTBOX_SDK_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/sdk-venv"));
+    assert!(
+        venv.join("bin/pytest").exists(),
+        "E2B's Python SDKs are not installed in {}: run `make sdk-deps` (or set NESTBOX_SDK_VENV)",
+        venv.display()
+    );
+    venv
+}
+
+/// The directory of E2B's stock JavaScript SDKs' suites, with their packages installed.
+pub fn sdk_js_dir() -> PathBuf {
+    let dir = workspace().join("sdk-tests/js");
+    assert!(
+        dir.join("node_modules/e2b").exists()
+            && dir.join("node_modules/@e2b/code-interpreter").exists(),
+        "E2B's JavaScript SDKs are not installed in {}: run `make sdk-deps`",
+        dir.display()
+    );
+    dir
 }
 
 /// The host's own address on its default route (what a sandbox must never reach).

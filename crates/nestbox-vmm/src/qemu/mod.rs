@@ -38,7 +38,9 @@ use crate::{
     SnapshotManifest, StopReport, Vm, Vmm, VmmError, VmmInfo, console,
 };
 pub use accel::{ProbeImages, host_tsc_khz};
-pub use argv::{MemoryBacking, RunPaths, machine_argv, machine_config, qemu_argv};
+pub use argv::{
+    MemoryBacking, RunPaths, TCG_CPU, TCG_TB_SIZE_MB, machine_argv, machine_config, qemu_argv,
+};
 
 /// QMP socket name in the run directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
@@ -87,7 +89,7 @@ pub struct Cgroups {
 }
 
 /// Memory a VMM may use beyond its guest's RAM, MiB: under TCG the translated-code cache
-/// and QEMU's own allocations, under KVM less.
+/// (capped at [`argv::TCG_TB_SIZE_MB`]) and QEMU's own allocations, under KVM less.
 fn vmm_overhead_mb(accel: Accel) -> u64 {
     match accel {
         Accel::Tcg => 1024,
@@ -248,6 +250,10 @@ impl QemuVmm {
                 name: NAME,
                 version,
                 accel,
+                cpu: match accel {
+                    Accel::Kvm => "host",
+                    Accel::Tcg => argv::TCG_CPU,
+                },
             },
             tsc_khz,
             host_cpu: host_cpu_model(),

@@ -729,6 +729,7 @@ mod tests {
                 name: "qemu",
                 version: "7.2.22".into(),
                 accel: Accel::Tcg,
+                cpu: crate::qemu::TCG_CPU,
             },
             machine: machine(),
             kernel: digest("k", "k1"),

@@ -94,13 +94,18 @@ pub(crate) fn sandbox_id(raw: &str) -> Result<SandboxId, E2bError> {
     })
 }
 
-/// Our name of the template E2B names `name`: `base` (E2B's default) is our default.
+/// Our name of the template E2B names `name`: `base` (E2B's default) is our default, and
+/// `code-interpreter-v1` (the code-interpreter SDKs' default) our `code-interpreter`.
 pub(crate) fn template_name(name: &str) -> &str {
     match name {
         "" | "base" => nestbox_types::limits::DEFAULT_TEMPLATE,
+        "code-interpreter-v1" => CODE_INTERPRETER_TEMPLATE,
         other => other,
     }
 }
+
+/// The name of the template `templates/code-interpreter` builds.
+pub(crate) const CODE_INTERPRETER_TEMPLATE: &str = "code-interpreter";
 
 /// E2B's page size: 1–100, default 100.
 pub(crate) fn page_limit(limit: Option<u32>) -> E2bResult<u32> {

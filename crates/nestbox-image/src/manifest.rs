@@ -61,6 +61,11 @@ pub struct KernelManifest {
     pub built_at: String,
 }
 
+/// The tools every built-in template has, as E2B's base image does: `ps`, `pgrep` and
+/// `free` (procps), `ss` and `ip` (iproute2), and `curl` with the CA certificates — among
+/// them what E2B's ready checks run (`wait_for_port`, `wait_for_process`, `wait_for_url`).
+pub const BASE_PACKAGES: &[&str] = &["ca-certificates", "curl", "iproute2", "procps"];
+
 /// What goes into a template's root filesystem. Templates differ only in their
 /// recipe; `python` and `node` are `minimal` plus packages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,18 +80,18 @@ pub struct Recipe {
 }
 
 impl Recipe {
-    /// debootstrap minbase + nestbox-guest.
+    /// debootstrap minbase, [`BASE_PACKAGES`] and nestbox-guest.
     pub fn minimal() -> Self {
-        Self {
-            name: "minimal".into(),
-            variant: "minbase".into(),
-            packages: Vec::new(),
-        }
+        Self::with_packages("minimal", &[])
     }
 
     /// `minimal` plus extra packages, under another name.
     pub fn with_packages(name: &str, packages: &[&str]) -> Self {
-        let mut packages: Vec<String> = packages.iter().map(|p| p.to_string()).collect();
+        let mut packages: Vec<String> = BASE_PACKAGES
+            .iter()
+            .chain(packages)
+            .map(|p| p.to_string())
+            .collect();
         packages.sort();
         packages.dedup();
         Self {

@@ -16,7 +16,9 @@
 //!
 //! Invariants: a placement counts in the view until a read that began after it was
 //! recorded (so after its sandbox row was written) replaces the view; a view older than
-//! four refresh periods (its refresher stalled) is never served.
+//! four refresh periods (its refresher stalled) is never served. A read that begins
+//! between a placement's row and its record here counts it twice until the next read:
+//! for one refresh the view errs towards a host looking fuller, never emptier.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

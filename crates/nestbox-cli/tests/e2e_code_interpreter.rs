@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{Internet, Nestbox, sdk_js_dir, sdk_venv, workspace};
+use common::{Internet, Nestbox, run_sdk_suite, sdk_js_dir, sdk_venv, workspace};
 
 fn wheels() -> PathBuf {
     let dir = std::env::var_os("NESTBOX_CODE_INTERPRETER_WHEELS")
@@ -34,23 +34,10 @@ fn wheels() -> PathBuf {
     dir
 }
 
-/// Runs one suite; returns its combined output and whether it passed.
+/// Runs one suite against the template the test built.
 fn suite(mut cmd: Command, nb: &Nestbox) -> (String, bool) {
-    let out = cmd
-        .env("E2B_API_URL", &nb.url)
-        .env("E2B_API_KEY", &nb.api_key)
-        .env("E2B_SANDBOX_URL", &nb.url)
-        .env("NESTBOX_CODE_INTERPRETER_TEMPLATE", "code-interpreter")
-        .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .output()
-        .expect("starting the suite");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (text, out.status.success())
+    cmd.env("NESTBOX_CODE_INTERPRETER_TEMPLATE", "code-interpreter");
+    run_sdk_suite(cmd, nb)
 }
 
 #[tokio::test(flavor = "multi_thread")]

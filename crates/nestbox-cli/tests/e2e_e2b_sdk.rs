@@ -12,28 +12,15 @@ mod common;
 
 use std::process::Command;
 
-use common::{Internet, Nestbox, other_team_key, sdk_js_dir, sdk_venv, workspace};
+use common::{Internet, Nestbox, other_team_key, run_sdk_suite, sdk_js_dir, sdk_venv, workspace};
 
-/// Runs one suite; returns its combined output and whether it passed.
+/// Runs one suite with the variables its egress and isolation tests need.
 fn suite(mut cmd: Command, nb: &Nestbox, other_key: &str, net: &Internet) -> (String, bool) {
-    let out = cmd
-        .env("NESTBOX_TEST_IP_ALLOWED", net.ip(10))
+    cmd.env("NESTBOX_TEST_IP_ALLOWED", net.ip(10))
         .env("NESTBOX_TEST_IP_OTHER", net.ip(20))
         .env("NESTBOX_TEST_IP_OPEN", net.ip(40))
-        .env("E2B_API_URL", &nb.url)
-        .env("E2B_API_KEY", &nb.api_key)
-        .env("E2B_SANDBOX_URL", &nb.url)
-        .env("NESTBOX_OTHER_API_KEY", other_key)
-        .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .output()
-        .expect("starting the suite");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (text, out.status.success())
+        .env("NESTBOX_OTHER_API_KEY", other_key);
+    run_sdk_suite(cmd, nb)
 }
 
 #[tokio::test(flavor = "multi_thread")]

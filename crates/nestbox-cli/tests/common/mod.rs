@@ -821,6 +821,26 @@ pub fn sdk_venv() -> PathBuf {
     venv
 }
 
+/// Runs an SDK suite (or script) pointed at `nb` the way the docs tell E2B's users to
+/// (`E2B_API_URL`, `E2B_API_KEY`, `E2B_SANDBOX_URL`); returns its combined output and
+/// whether it passed. The caller adds the suite's own variables to `cmd`.
+pub fn run_sdk_suite(mut cmd: Command, nb: &Nestbox) -> (String, bool) {
+    let out = cmd
+        .env("E2B_API_URL", &nb.url)
+        .env("E2B_API_KEY", &nb.api_key)
+        .env("E2B_SANDBOX_URL", &nb.url)
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .output()
+        .expect("starting the suite");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text, out.status.success())
+}
+
 /// The directory of E2B's stock JavaScript SDKs' suites, with their packages installed.
 pub fn sdk_js_dir() -> PathBuf {
     let dir = workspace().join("sdk-tests/js");

@@ -39,7 +39,7 @@ up: deps guest web
 ## Guest images for the tests (cached by content: instant when up to date).
 test-images: guest
 	$(CARGO) build --locked -p nestbox-cli
-	./target/debug/nestbox image build --out $(TEST_IMAGES) --cache $(CURDIR)/target/nestbox-image-cache --guest-bin $(GUEST_BIN) --templates minimal,python
+	./target/debug/nestbox image build --out $(TEST_IMAGES) --cache $(CURDIR)/target/nestbox-image-cache --guest-bin $(GUEST_BIN) --templates minimal,python,node
 
 ## E2B's stock SDKs (pinned) for the compatibility suites: a virtualenv and node_modules.
 SDK_VENV := $(CURDIR)/target/sdk-venv

@@ -406,3 +406,29 @@ test("the template SDK builds a template its sandboxes start from", async () => 
     (e) => e instanceof BuildError && /exit code 4/.test(e.message),
   )
 })
+
+test("template tags pick the build a sandbox starts from", async () => {
+  const name = `sdk-js-tags-${randomUUID().slice(0, 8)}`
+  const version = (text) => Template().fromTemplate('minimal').runCmd(`echo ${text} > /home/user/version.txt`)
+  const versionIn = async (reference) => {
+    const s = await Sandbox.create(reference, { timeoutMs: 120_000 })
+    try {
+      return (await s.commands.run('cat /home/user/version.txt')).stdout.trim()
+    } finally {
+      await s.kill()
+    }
+  }
+  const first = await Template.build(version('one'), name, { cpuCount: 1, memoryMB: 512 })
+  const second = await Template.build(version('two'), name, { tags: ['v2', 'beta'], cpuCount: 1, memoryMB: 512 })
+  assert.equal(await versionIn(name), 'one')
+  assert.equal(await versionIn(`${name}:beta`), 'two')
+  const tags = Object.fromEntries((await Template.getTags(name)).map((t) => [t.tag, t.buildId]))
+  assert.deepEqual(tags, { default: first.buildId, v2: second.buildId, beta: second.buildId })
+
+  const info = await Template.assignTags(`${name}:v2`, 'default')
+  assert.equal(info.buildId, second.buildId)
+  assert.equal(await versionIn(name), 'two')
+  await Template.removeTags(name, ['v2', 'beta'])
+  assert.deepEqual((await Template.getTags(name)).map((t) => t.tag), ['default'])
+  await assert.rejects(Sandbox.create(`${name}:beta`), /not found/i)
+})

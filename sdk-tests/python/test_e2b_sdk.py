@@ -488,3 +488,49 @@ def test_template_sdk_builds_a_template_its_sandboxes_start_from(tmp_path):
     with pytest.raises(BuildException) as failed:
         Template.build(broken, f"{name}-broken")
     assert "exit code 3" in str(failed.value), failed.value
+
+
+def test_template_tags_pick_the_build_a_sandbox_starts_from():
+    """E2B's template tags: `name:tag` builds, tags listed, assigned and removed, sandboxes
+    from `name:tag`; and `from_node_image()` without a registry."""
+    from e2b import Template
+
+    name = f"sdk-tags-{uuid.uuid4().hex[:8]}"
+
+    def version(text):
+        return Template().from_template("minimal").run_cmd(f"echo {text} > /home/user/version.txt")
+
+    def version_in(reference):
+        sbx = Sandbox.create(reference, timeout=120)
+        try:
+            return sbx.commands.run("cat /home/user/version.txt").stdout.strip()
+        finally:
+            sbx.kill()
+
+    first = Template.build(version("one"), name, cpu_count=1, memory_mb=512)
+    # From `node:lts`: our `node` template, no registry involved.
+    on_node = Template().from_node_image().run_cmd(
+        """node -e 'console.log("two")' > /home/user/version.txt"""
+    )
+    second = Template.build(on_node, f"{name}:v2", cpu_count=1, memory_mb=512)
+    assert second.tags == ["v2"]
+    assert Template.exists(name)
+    assert version_in(name) == "one", "a tagged build leaves the name as it was"
+    assert version_in(f"{name}:v2") == "two"
+    assert {t.tag: t.build_id for t in Template.get_tags(name)} == {
+        "default": first.build_id,
+        "v2": second.build_id,
+    }
+
+    # `default` moved to v2's build: the name is that build now.
+    info = Template.assign_tags(f"{name}:v2", ["default", "stable"])
+    assert info.build_id == second.build_id
+    assert sorted(info.tags) == ["default", "stable"]
+    assert version_in(name) == "two"
+
+    Template.remove_tags(name, "v2")
+    assert sorted(t.tag for t in Template.get_tags(name)) == ["default", "stable"]
+    assert version_in(f"{name}:stable") == "two"
+    with pytest.raises(Exception) as gone:
+        Sandbox.create(f"{name}:v2", timeout=60)
+    assert "not found" in str(gone.value).lower(), gone.value

@@ -274,6 +274,8 @@ impl HostAgent for Service {
             access_token: r.access_token,
             no_pool: r.no_pool,
             egress: egress_rules(r.egress),
+            default_user: Some(r.default_user).filter(|u| !u.is_empty()),
+            default_workdir: Some(r.default_workdir).filter(|w| !w.is_empty()),
         };
         // The create runs to its end even if the caller goes away: a half-created sandbox
         // must be either finished or released, never abandoned.

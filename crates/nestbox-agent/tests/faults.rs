@@ -100,6 +100,8 @@ impl Rig {
             env: HashMap::from([("FROM".to_string(), "create".to_string())]),
             access_token: format!("token-{}", SandboxId::new()),
             no_pool: false,
+            default_user: None,
+            default_workdir: None,
             egress: EgressRules::default(),
         }
     }

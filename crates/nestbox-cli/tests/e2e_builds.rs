@@ -112,17 +112,22 @@ with zipfile.ZipFile(sys.argv[1] + "/nbx_hello_py-1.0-py3-none-any.whl", "w") as
     z.writestr("nbx_hello_py-1.0.dist-info/RECORD", record)
 "#;
 
-/// Runs `nestbox template build` and returns (success, stdout + stderr).
-fn cli_build(nb: &Nestbox, args: &[&str]) -> (bool, String) {
-    let mut all = vec!["template", "build"];
-    all.extend_from_slice(args);
-    let out = nb.cli(&all);
+/// Runs `nestbox ARGS` and returns (success, stdout + stderr).
+fn cli(nb: &Nestbox, args: &[&str]) -> (bool, String) {
+    let out = nb.cli(args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// Runs `nestbox template build ARGS` and returns (success, stdout + stderr).
+fn cli_build(nb: &Nestbox, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["template", "build"];
+    all.extend_from_slice(args);
+    cli(nb, &all)
 }
 
 /// A build of `name` whose steps are these shell command lines.
@@ -143,6 +148,7 @@ fn shell_build(name: &str, commands: &[&str], no_cache: bool) -> CreateBuildRequ
         timeout_sec: None,
         no_cache,
         registry_auth: None,
+        tags: Vec::new(),
     }
 }
 
@@ -317,11 +323,13 @@ async fn recipes_build_templates_with_real_vms() {
         .await,
         "user\nuser\ncopied file\n"
     );
-    // The recipe's environment is the template's; the start command runs as its user.
+    // The recipe's environment is the template's; the start command runs as its user, and
+    // so do commands that name none, in its last directory (as a container's do).
     assert_eq!(
         sh_ok(&client, sb, "echo $GREETING:$PORT").await.trim(),
         "hello from the recipe:8000"
     );
+    assert_eq!(sh_ok(&client, sb, "id -un; pwd").await, "user\n/srv/site\n");
     let procs = client.list_processes(sb).await.unwrap();
     assert!(
         procs.iter().any(|p| p.tag.as_deref() == Some("start")),
@@ -337,9 +345,9 @@ async fn recipes_build_templates_with_real_vms() {
         .trim(),
         "user"
     );
-    client.destroy_sandbox(sb).await.unwrap();
 
-    // ---- a rebuild after changing the last step takes the others from the cache
+    // ---- a rebuild after changing the last step takes the others from the cache; built
+    // as `built-web:v2` (the CLI's `NAME:TAG`), it leaves `built-web` and its sandbox be
     std::fs::write(
         &recipe_file,
         RECIPE
@@ -348,7 +356,7 @@ async fn recipes_build_templates_with_real_vms() {
     )
     .unwrap();
     let began = Instant::now();
-    let (ok, out) = cli_build(&nb, &[file]);
+    let (ok, out) = cli_build(&nb, &[file, "--name", "built-web:v2"]);
     let cached = began.elapsed();
     assert!(ok, "{out}");
     assert!(
@@ -361,6 +369,41 @@ async fn recipes_build_templates_with_real_vms() {
     let second = newest_build(&client).await;
     assert_eq!(second.cached_steps, 9, "{:?}", second.steps);
     assert_eq!(second.steps[9].status, "done");
+    assert_eq!(second.tags, ["v2"]);
+    let last_step = |sb| {
+        let client = client.clone();
+        async move { sh_ok(&client, sb, "cat /tmp/last-step.txt; echo ran").await }
+    };
+    let tagged = client
+        .create_sandbox(&CreateSandboxRequest {
+            template: Some("built-web:v2".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(sh_ok(&client, tagged, "id -un").await.trim(), "user");
+    // The tag becomes the name (the CLI's `template tag`): new sandboxes get the rebuild,
+    // the one running from the first build carries on.
+    let (ok, out) = cli(
+        &nb,
+        &["template", "tag", "built-web", "--from", "v2", "default"],
+    );
+    assert!(ok && out.contains("\"default\""), "{out}");
+    let renamed = client.template_tags("built-web").await.unwrap();
+    assert!(
+        renamed
+            .iter()
+            .all(|t| t.template_id == second.template_id.unwrap()),
+        "{renamed:?}"
+    );
+    assert_eq!(
+        last_step(sb).await,
+        "user\nran\n",
+        "the first build's sandbox runs on"
+    );
+    client.destroy_sandbox(sb).await.unwrap();
+    client.destroy_sandbox(tagged).await.unwrap();
     eprintln!(
         "cold build {:.1} s, rebuild with 9 of 10 steps cached {:.1} s",
         cold.as_secs_f64(),

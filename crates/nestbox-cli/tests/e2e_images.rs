@@ -173,6 +173,7 @@ fn image_build(name: &str, image: String, last: &str, auth: bool) -> CreateBuild
             username: "user".into(),
             password: "pass".into(),
         }),
+        tags: Vec::new(),
     }
 }
 

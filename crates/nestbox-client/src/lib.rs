@@ -637,6 +637,32 @@ impl Client {
         self.delete(&format!("/v1/snapshots/{name}")).await
     }
 
+    /// A template name's tags, `default` (the template `name` itself) first.
+    pub async fn template_tags(&self, name: &str) -> Result<Vec<TemplateTag>, ClientError> {
+        self.get(&format!("/v1/snapshots/{name}/tags")).await
+    }
+
+    /// Points `tags` of the team's template `name` at the build its tag `from` points at
+    /// (`None`: `default`); returns the name's tags afterwards.
+    pub async fn assign_template_tags(
+        &self,
+        name: &str,
+        from: Option<&str>,
+        tags: &[&str],
+    ) -> Result<Vec<TemplateTag>, ClientError> {
+        let req = AssignTagsRequest {
+            from: from.map(str::to_string),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        };
+        self.post(&format!("/v1/snapshots/{name}/tags"), &req).await
+    }
+
+    /// Takes `tag` off the team's template `name`.
+    pub async fn remove_template_tag(&self, name: &str, tag: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/snapshots/{name}/tags/{tag}"))
+            .await
+    }
+
     // ----------------------------------------------------------------- template builds
 
     /// Starts a template build; it runs in the background (follow it with

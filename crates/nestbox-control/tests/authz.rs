@@ -224,6 +224,9 @@ const MATRIX: &[Row] = &[
     row("GET", "/v1/snapshots", ANY_CALLER),
     row("POST", "/v1/snapshots", TEAM_RESOURCE),
     row("DELETE", "/v1/snapshots/{name}", TEAM_RESOURCE),
+    row("GET", "/v1/snapshots/{name}/tags", TEAM_RESOURCE),
+    row("POST", "/v1/snapshots/{name}/tags", TEAM_RESOURCE),
+    row("DELETE", "/v1/snapshots/{name}/tags/{tag}", TEAM_RESOURCE),
     row("GET", "/v1/admin/templates", PLATFORM_ADMINS),
     row("POST", "/v1/templates/builds", ANY_CALLER),
     row("GET", "/v1/templates/builds", ANY_CALLER),
@@ -345,6 +348,9 @@ const MATRIX: &[Row] = &[
     row("GET", "/templates/{templateID}", ANY_CALLER),
     row("DELETE", "/templates/{templateID}", TEAM_RESOURCE),
     row("GET", "/templates/aliases/{alias}", ANY_CALLER),
+    row("POST", "/templates/tags", TEAM_RESOURCE),
+    row("DELETE", "/templates/tags", TEAM_RESOURCE),
+    row("GET", "/templates/{templateID}/tags", TEAM_RESOURCE),
     row("POST", "/v3/templates", ANY_CALLER),
     row("GET", "/templates/{templateID}/files/{hash}", ANY_CALLER),
     // Authorised by the token of the URL the lookup above gives, never by a key or a
@@ -736,6 +742,7 @@ impl World {
                         steps: Vec::new(),
                         created_by: "system".into(),
                         deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+                        tags: vec!["default".into()],
                     },
                 )
                 .await?;
@@ -785,6 +792,37 @@ impl World {
                     .snapshot(&common::api::snapshot(sb, &unique("doomed")))
                     .await?;
                 call(format!("/v1/snapshots/{}", doomed.name), Body::Empty)
+            }
+            (m, p)
+                if p.starts_with("/v1/snapshots/{name}/tags")
+                    || p == "/templates/tags"
+                    || p == "/templates/{templateID}/tags" =>
+            {
+                // A fresh template of team A's, tagged `old`, for every caller.
+                let name = self
+                    .key_api()
+                    .snapshot(&common::api::snapshot(sb, &unique("tagged")))
+                    .await?
+                    .name;
+                let t = nestbox_db::templates::get_visible(db, team, &name)
+                    .await?
+                    .expect("the snapshot just made");
+                nestbox_db::tags::assign(db, team, &name, t.id, &["old".to_string()]).await?;
+                let path = p
+                    .replace("{name}", &name)
+                    .replace("{templateID}", &name)
+                    .replace("{tag}", "old");
+                let body = match (m, p) {
+                    ("POST", "/templates/tags") => {
+                        Body::Json(json!({ "target": format!("{name}:old"), "tags": ["new"] }))
+                    }
+                    ("DELETE", "/templates/tags") => {
+                        Body::Json(json!({ "name": name, "tags": ["old"] }))
+                    }
+                    ("POST", _) => Body::Json(json!({ "from": "old", "tags": ["new"] })),
+                    _ => Body::Empty,
+                };
+                call(path, body)
             }
             ("POST", "/v1/sandboxes/{sandbox_id}/exec")
             | ("POST", "/v1/sandboxes/{sandbox_id}/exec/stream") => call(
@@ -898,6 +936,7 @@ impl World {
                         steps: Vec::new(),
                         created_by: "system".into(),
                         deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+                        tags: vec!["default".into()],
                     },
                 )
                 .await?;

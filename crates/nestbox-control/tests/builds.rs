@@ -28,6 +28,7 @@ both_engines!(
     builds_and_archives_are_the_teams_own,
     a_build_whose_runner_stopped_is_failed_by_the_monitor,
     a_build_from_an_image_starts_with_its_configuration_and_caches_it,
+    tags_name_builds_and_a_rebuild_leaves_running_sandboxes_theirs,
 );
 
 fn run(command: &str) -> BuildStep {
@@ -57,6 +58,7 @@ fn request(name: &str, steps: Vec<BuildStep>) -> CreateBuildRequest {
         timeout_sec: None,
         no_cache: false,
         registry_auth: None,
+        tags: Vec::new(),
     }
 }
 
@@ -176,6 +178,24 @@ async fn a_build_runs_its_steps_and_makes_a_template(engine: Engine) -> anyhow::
         out.stderr.contains("GREETING=hello") && out.stderr.contains("MINE=1"),
         "{}",
         out.stderr
+    );
+    // ... and run commands as its last user, in its last directory, when they name none.
+    let created = h.agent.last_create().expect("a create reached the agent");
+    assert_eq!(
+        (
+            created.default_user.as_str(),
+            created.default_workdir.as_str()
+        ),
+        ("user", "/srv/app")
+    );
+    // A platform template leaves the guest's own (root, its home).
+    h.key
+        .create_sandbox(&CreateSandboxRequest::default())
+        .await?;
+    let created = h.agent.last_create().unwrap();
+    assert_eq!(
+        (created.default_user, created.default_workdir),
+        (String::new(), String::new())
     );
     assert_eq!(live_build_sandboxes(&h.key).await, 0);
     // Audited.
@@ -345,7 +365,7 @@ async fn what_would_fail_at_the_end_is_refused_at_the_start(engine: Engine) -> a
     long.timeout_sec = Some(7201);
     api_error(refused(long).await, 400, ErrorCode::LimitExceeded);
 
-    // A template sandboxes are made from cannot be replaced; nor can a build's own base.
+    // A build cannot replace its own base (it can tag another build of it).
     let first = ended(
         &h.key,
         &h.key
@@ -354,22 +374,16 @@ async fn what_would_fail_at_the_end_is_refused_at_the_start(engine: Engine) -> a
     )
     .await;
     assert_eq!(first.status, BuildStatus::Ready);
-    let sb = h
-        .key
-        .create_sandbox(&CreateSandboxRequest {
-            template: Some("in-use".into()),
-            ..Default::default()
-        })
-        .await?;
-    api_error(
-        refused(request("in-use", vec![run("b")])).await,
-        409,
-        ErrorCode::Conflict,
-    );
-    h.key.destroy_sandbox(sb.id).await?;
     let mut own_base = request("in-use", vec![run("b")]);
     own_base.recipe.base = Some("in-use".into());
     api_error(refused(own_base).await, 400, ErrorCode::InvalidRequest);
+    // Tags are checked like names, ten at most.
+    let mut bad_tag = request("x", vec![]);
+    bad_tag.tags = vec!["no/slash".into()];
+    api_error(refused(bad_tag).await, 400, ErrorCode::InvalidRequest);
+    let mut many = request("x", vec![]);
+    many.tags = (0..11).map(|i| format!("t{i}")).collect();
+    api_error(refused(many).await, 400, ErrorCode::LimitExceeded);
 
     // One build of a name at a time.
     let running = nestbox_db::builds::create(
@@ -381,6 +395,7 @@ async fn what_would_fail_at_the_end_is_refused_at_the_start(engine: Engine) -> a
             steps: Vec::new(),
             created_by: "system".into(),
             deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+            tags: vec!["default".into()],
         },
     )
     .await?;
@@ -403,6 +418,233 @@ async fn what_would_fail_at_the_end_is_refused_at_the_start(engine: Engine) -> a
             .cancel
     );
     assert!(h.key.list_builds().await?.iter().all(|b| b.name != "x"));
+    h.shutdown().await;
+    Ok(())
+}
+
+/// The template a sandbox was made from, as recorded.
+async fn made_from(h: &Harness, sandbox: nestbox_types::SandboxId) -> nestbox_types::TemplateId {
+    nestbox_db::sandboxes::get(&h.services.db, sandbox)
+        .await
+        .unwrap()
+        .template_id
+        .expect("a sandbox names its template")
+}
+
+async fn create_from(h: &Harness, template: &str) -> nestbox_types::SandboxId {
+    h.key
+        .create_sandbox(&CreateSandboxRequest {
+            template: Some(template.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+async fn built(h: &Harness, name: &str, step: &str, tags: &[&str]) -> Build {
+    let mut req = request(name, vec![run(step)]);
+    req.tags = tags.iter().map(|t| t.to_string()).collect();
+    let b = ended(&h.key, &h.key.create_build(&req).await.unwrap()).await;
+    assert_eq!(b.status, BuildStatus::Ready, "{:?}", b.error);
+    b
+}
+
+async fn tags_name_builds_and_a_rebuild_leaves_running_sandboxes_theirs(
+    engine: Engine,
+) -> anyhow::Result<()> {
+    let h = Harness::start(engine).await?;
+    let db = &h.services.db;
+    let exists = |id| nestbox_db::templates::exists(db, id);
+
+    // A rebuild replaces the template while a sandbox runs from the first build: the
+    // sandbox keeps its build, hidden (one `app` is listed), new sandboxes get the new one.
+    let one = built(&h, "app", "one", &[]).await;
+    assert_eq!(one.tags, ["default"]);
+    let t1 = one.template_id.unwrap();
+    let s1 = create_from(&h, "app").await;
+    assert_eq!(made_from(&h, s1).await, t1);
+    let two = built(&h, "app", "two", &[]).await;
+    let t2 = two.template_id.unwrap();
+    assert_ne!(t1, t2);
+    let listed: Vec<_> = h.key.list_snapshots().await?;
+    let apps: Vec<_> = listed
+        .iter()
+        .filter(|t| t.name.starts_with("app"))
+        .collect();
+    assert_eq!(apps.len(), 1, "{apps:?}");
+    assert_eq!(apps[0].id, t2);
+    let s2 = create_from(&h, "app").await;
+    assert_eq!(made_from(&h, s2).await, t2);
+    assert_eq!(h.key.get_sandbox(s2).await?.template, "app");
+
+    // A tagged build leaves `app` as it was and starts sandboxes as `app:v3`.
+    let three = built(&h, "app", "three", &["v3"]).await;
+    assert_eq!(three.tags, ["v3"]);
+    let t3 = three.template_id.unwrap();
+    let s3 = create_from(&h, "app:v3").await;
+    assert_eq!(made_from(&h, s3).await, t3);
+    assert_eq!(made_from(&h, create_from(&h, "app").await).await, t2);
+    let tags = h.key.template_tags("app").await?;
+    let view: Vec<_> = tags
+        .iter()
+        .map(|t| (t.tag.as_str(), t.template_id, t.build_id))
+        .collect();
+    assert_eq!(
+        view,
+        [("default", t2, Some(two.id)), ("v3", t3, Some(three.id))]
+    );
+
+    // Moving `default` (and a new tag) to v3's build: `app` is v3's now; the build it
+    // replaced is held by its sandbox, then swept once that is gone.
+    let after = h
+        .key
+        .assign_template_tags("app", Some("v3"), &["default", "prod"])
+        .await?;
+    let view: Vec<_> = after
+        .iter()
+        .map(|t| (t.tag.as_str(), t.template_id))
+        .collect();
+    assert_eq!(view, [("default", t3), ("prod", t3), ("v3", t3)]);
+    assert_eq!(made_from(&h, create_from(&h, "app").await).await, t3);
+    for s in h
+        .key
+        .list_sandboxes(&SandboxListQuery::default())
+        .await?
+        .items
+    {
+        if s.status != SandboxStatus::Stopped && s.id != s1 {
+            h.key.destroy_sandbox(s.id).await?;
+        }
+    }
+    h.services
+        .sweep_fork_templates(chrono::Utc::now() + chrono::Duration::minutes(1))
+        .await;
+    assert!(
+        !exists(t2).await?,
+        "an untagged build no sandbox holds is deleted"
+    );
+    assert!(exists(t1).await?, "a build a sandbox runs from stays");
+    h.key.destroy_sandbox(s1).await?;
+    h.services
+        .sweep_fork_templates(chrono::Utc::now() + chrono::Duration::minutes(1))
+        .await;
+    assert!(!exists(t1).await?);
+    assert!(exists(t3).await?);
+
+    // Taking `default` off hides `app`; its tags still start sandboxes.
+    h.key.remove_template_tag("app", "v3").await?;
+    h.key.remove_template_tag("app", "default").await?;
+    api_error(
+        h.key
+            .create_sandbox(&CreateSandboxRequest {
+                template: Some("app".into()),
+                ..Default::default()
+            })
+            .await,
+        404,
+        ErrorCode::TemplateNotFound,
+    );
+    assert!(
+        h.key
+            .list_snapshots()
+            .await?
+            .iter()
+            .all(|t| !t.name.starts_with("app"))
+    );
+    let s4 = create_from(&h, "app:prod").await;
+    assert_eq!(made_from(&h, s4).await, t3);
+    let tags = h.key.template_tags("app").await?;
+    assert_eq!(
+        tags.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(),
+        ["prod"]
+    );
+    api_error(
+        h.key.remove_template_tag("app", "v3").await,
+        404,
+        ErrorCode::TemplateNotFound,
+    );
+
+    // Bad references and tags are refused; another team sees none of it.
+    for bad in ["app:", ":prod", "app:a:b", "app:no/slash"] {
+        api_error(
+            h.key
+                .create_sandbox(&CreateSandboxRequest {
+                    template: Some(bad.into()),
+                    ..Default::default()
+                })
+                .await,
+            400,
+            ErrorCode::InvalidRequest,
+        );
+    }
+    api_error(
+        h.key.assign_template_tags("app", Some("prod"), &[]).await,
+        400,
+        ErrorCode::InvalidRequest,
+    );
+    api_error(
+        h.key
+            .assign_template_tags("app", Some("prod"), &["no/slash"])
+            .await,
+        400,
+        ErrorCode::InvalidRequest,
+    );
+    api_error(
+        h.key
+            .assign_template_tags("app", Some("nope"), &["x"])
+            .await,
+        404,
+        ErrorCode::TemplateNotFound,
+    );
+    api_error(
+        h.key.assign_template_tags("minimal", None, &["mine"]).await,
+        409,
+        ErrorCode::AlreadyExists,
+    );
+    let other = h.user("other").await?;
+    api_error(
+        other.client.template_tags("app").await,
+        404,
+        ErrorCode::TemplateNotFound,
+    );
+    api_error(
+        other
+            .client
+            .assign_template_tags("app", Some("prod"), &["x"])
+            .await,
+        404,
+        ErrorCode::TemplateNotFound,
+    );
+    api_error(
+        other.client.remove_template_tag("app", "prod").await,
+        404,
+        ErrorCode::TemplateNotFound,
+    );
+    api_error(
+        other
+            .client
+            .create_sandbox(&CreateSandboxRequest {
+                template: Some("app:prod".into()),
+                ..Default::default()
+            })
+            .await,
+        404,
+        ErrorCode::TemplateNotFound,
+    );
+
+    // Deleting the name takes its tags: the build goes once its sandbox does.
+    h.key.destroy_sandbox(s4).await?;
+    h.key.delete_snapshot("app").await?;
+    api_error(
+        h.key.template_tags("app").await,
+        404,
+        ErrorCode::TemplateNotFound,
+    );
+    h.services
+        .sweep_fork_templates(chrono::Utc::now() + chrono::Duration::minutes(1))
+        .await;
+    assert!(!exists(t3).await?);
     h.shutdown().await;
     Ok(())
 }
@@ -495,6 +737,7 @@ async fn a_build_whose_runner_stopped_is_failed_by_the_monitor(
             steps: Vec::new(),
             created_by: "system".into(),
             deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+            tags: vec!["default".into()],
         },
     )
     .await?;
@@ -527,7 +770,11 @@ async fn a_build_whose_runner_stopped_is_failed_by_the_monitor(
             nestbox_control::extract::Caller::system(h.team),
         );
         let name = name.to_string();
-        async move { services.announce_build(&caller, &name, None, None).await }
+        async move {
+            services
+                .announce_build(&caller, &name, &[], None, None)
+                .await
+        }
     };
     let waiting = announce("never-started").await?;
     assert_eq!(waiting.status, BuildStatus::Waiting);

@@ -44,6 +44,8 @@ pub struct Build {
     /// When its time limit passes.
     pub deadline: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The tags its template gets (`default`: it becomes the template called `name`).
+    pub tags: Vec<String>,
 }
 
 /// What [`create`] writes.
@@ -55,6 +57,8 @@ pub struct NewBuild {
     pub steps: Vec<BuildStepState>,
     pub created_by: String,
     pub deadline: DateTime<Utc>,
+    /// The tags its template gets; never empty (`default` when none was asked for).
+    pub tags: Vec<String>,
 }
 
 /// A line for [`append_logs`].
@@ -77,7 +81,7 @@ pub struct StoredLogLine {
 
 const COLUMNS: &str = "id, team_id, name, status, recipe, steps, error, template_id, sandbox_id, \
                        cached_steps, cancel, created_by, created_at, updated_at, deadline, \
-                       finished_at";
+                       finished_at, tags";
 
 fn json_field<T: serde::de::DeserializeOwned>(
     r: &dyn DbRow,
@@ -109,6 +113,7 @@ fn from_row(r: &dyn DbRow) -> Result<Build, DbError> {
         updated_at: r.time("updated_at")?,
         deadline: r.time("deadline")?,
         finished_at: r.time_opt("finished_at")?,
+        tags: json_field(r, "tags")?,
     })
 }
 
@@ -128,8 +133,8 @@ async fn insert(db: &Db, new: &NewBuild, status: BuildStatus) -> Result<Build, D
         &format!(
             "INSERT INTO template_builds (id, team_id, name, status, recipe, steps, \
                                           cached_steps, cancel, created_by, created_at, \
-                                          updated_at, deadline) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $9, $10) RETURNING {COLUMNS}"
+                                          updated_at, deadline, tags) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $9, $10, $11) RETURNING {COLUMNS}"
         ),
         args![
             BuildId::new(),
@@ -142,6 +147,7 @@ async fn insert(db: &Db, new: &NewBuild, status: BuildStatus) -> Result<Build, D
             &new.created_by,
             at,
             new.deadline,
+            to_json(&new.tags),
         ],
         from_row,
     )
@@ -237,6 +243,16 @@ pub async fn touch(db: &Db, id: BuildId) -> Result<(), DbError> {
     )
     .await?;
     Ok(())
+}
+
+/// The build that made template `id`, if a build did.
+pub async fn made(db: &Db, id: TemplateId) -> Result<Option<BuildId>, DbError> {
+    db.fetch_optional(
+        "SELECT id FROM template_builds WHERE template_id = $1 ORDER BY created_at DESC LIMIT 1",
+        args![id],
+        |r| r.id("id"),
+    )
+    .await
 }
 
 /// Whether the team has another build of `name` running.
@@ -555,20 +571,51 @@ pub async fn cache_to_prune(
 
 // ------------------------------------------------------------ built templates' env
 
-/// Records the environment a built template gives its sandboxes.
-pub async fn set_template_env(
+/// What a built template gives its sandboxes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TemplateDefaults {
+    /// The environment of every process (under a create's own).
+    pub env: BTreeMap<String, String>,
+    /// The user commands run as when they name none (`None`: root).
+    pub user: Option<String>,
+    /// The directory they run in when they name none (`None`: the user's home).
+    pub workdir: Option<String>,
+}
+
+/// Records what a built template gives its sandboxes.
+pub async fn set_template_defaults(
     db: &Db,
     template: TemplateId,
-    env: &BTreeMap<String, String>,
+    d: &TemplateDefaults,
 ) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO template_env (template_id, env) VALUES ($1, $2) \
-         ON CONFLICT (template_id) DO UPDATE SET env = excluded.env",
-        args![template, to_json(env)],
+        "INSERT INTO template_env (template_id, env, default_user, default_workdir) \
+         VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (template_id) DO UPDATE SET env = excluded.env, \
+            default_user = excluded.default_user, default_workdir = excluded.default_workdir",
+        args![template, to_json(&d.env), d.user.clone(), d.workdir.clone()],
     )
     .await
     .map_err(|e| missing_as_not_found(e, "template", template))?;
     Ok(())
+}
+
+/// What a template gives its sandboxes (nothing for most).
+pub async fn template_defaults(db: &Db, template: TemplateId) -> Result<TemplateDefaults, DbError> {
+    Ok(db
+        .fetch_optional(
+            "SELECT env, default_user, default_workdir FROM template_env WHERE template_id = $1",
+            args![template],
+            |r| {
+                Ok(TemplateDefaults {
+                    env: json_field(r, "env")?,
+                    user: r.string_opt("default_user")?,
+                    workdir: r.string_opt("default_workdir")?,
+                })
+            },
+        )
+        .await?
+        .unwrap_or_default())
 }
 
 /// The environment a template gives its sandboxes (empty for most).
@@ -576,12 +623,5 @@ pub async fn template_env(
     db: &Db,
     template: TemplateId,
 ) -> Result<BTreeMap<String, String>, DbError> {
-    Ok(db
-        .fetch_optional(
-            "SELECT env FROM template_env WHERE template_id = $1",
-            args![template],
-            |r| json_field(r, "env"),
-        )
-        .await?
-        .unwrap_or_default())
+    Ok(template_defaults(db, template).await?.env)
 }

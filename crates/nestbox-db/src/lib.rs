@@ -3,7 +3,7 @@
 //! - [`Db`] is the handle: `Db::connect("sqlite://nestbox.db")` (one box) or
 //!   `Db::connect("postgres://…")` (a fleet). Connecting applies the embedded migrations: one
 //!   consolidated initial migration per engine (`migrations/{sqlite,postgres}/0001_init.sql`).
-//! - One module per table group ([`users`], [`teams`], [`api_keys`], [`browser_sessions`], [`hosts`], [`templates`], [`builds`],
+//! - One module per table group ([`users`], [`teams`], [`api_keys`], [`browser_sessions`], [`hosts`], [`templates`], [`tags`], [`builds`],
 //!   [`sandboxes`], [`audit`], [`metrics`], [`quotas`]) with free functions taking `&Db`, typed inputs and outputs
 //!   (`nestbox-types` ids and statuses). Every query is written once, in portable SQL; the
 //!   engine dispatch lives in one place (`engine`).
@@ -31,6 +31,7 @@ pub mod model;
 mod page;
 pub mod quotas;
 pub mod sandboxes;
+pub mod tags;
 pub mod teams;
 pub mod templates;
 pub mod users;

@@ -49,6 +49,14 @@ pub struct Template {
     pub ephemeral: bool,
 }
 
+impl Template {
+    /// The name it is known by: a hidden build of `name` ([`crate::tags::hidden_name`]) is
+    /// `name` too.
+    pub fn public_name(&self) -> &str {
+        self.name.split('~').next().unwrap_or(&self.name)
+    }
+}
+
 /// What [`upsert`] writes.
 #[derive(Debug, Clone)]
 pub struct NewTemplate {
@@ -65,10 +73,10 @@ pub struct NewTemplate {
     pub ephemeral: bool,
 }
 
-const COLUMNS: &str = "id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, size_bytes, \
+pub(crate) const COLUMNS: &str = "id, team_id, name, kind, vcpus, memory_mb, disk_size_mb, size_bytes, \
                        host_id, created_by, created_at, updated_at, source_sandbox_id, ephemeral";
 
-fn from_row(r: &dyn DbRow) -> Result<Template, DbError> {
+pub(crate) fn from_row(r: &dyn DbRow) -> Result<Template, DbError> {
     Ok(Template {
         id: r.id("id")?,
         team_id: r.id("team_id")?,
@@ -289,8 +297,9 @@ pub async fn delete(db: &Db, id: TemplateId) -> Result<bool, DbError> {
         > 0)
 }
 
-/// One-off (fork) templates that no sandbox holding host resources was made from, and that
-/// are older than `before` (so a fork still creating its sandboxes is left alone).
+/// Hidden templates (a fork's one-off template, a replaced or untagged build) that no
+/// sandbox holding host resources was made from and no tag or step-cache entry holds, and
+/// that are older than `before` (so a fork still creating its sandboxes is left alone).
 pub async fn unused_ephemeral(db: &Db, before: DateTime<Utc>) -> Result<Vec<Template>, DbError> {
     let holding: Vec<SandboxStatus> = SandboxStatus::ALL
         .iter()
@@ -305,7 +314,8 @@ pub async fn unused_ephemeral(db: &Db, before: DateTime<Utc>) -> Result<Vec<Temp
         .bind(before)
         .push(" AND NOT EXISTS (SELECT 1 FROM sandboxes s WHERE s.template_id = t.id AND s.status IN ")
         .bind_list(holding)
-        .push(") AND NOT EXISTS (SELECT 1 FROM template_build_cache c WHERE c.template_id = t.id)");
+        .push(") AND NOT EXISTS (SELECT 1 FROM template_build_cache c WHERE c.template_id = t.id)")
+        .push(" AND NOT EXISTS (SELECT 1 FROM template_tags g WHERE g.template_id = t.id)");
     db.fetch_all(&sql.text, sql.args, from_row).await
 }
 

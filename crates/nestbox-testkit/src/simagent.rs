@@ -486,6 +486,7 @@ struct State {
     rejected_calls: u32,
     aborted_writes: u32,
     last_exec: Option<ExecRequest>,
+    last_create: Option<CreateSandboxRequest>,
     next_pid: u32,
     templates: BTreeMap<String, SimStoredTemplate>,
     /// Template copies under way: the manifest, and the file with where it stands.
@@ -621,6 +622,7 @@ impl SimAgent {
             rejected_calls: 0,
             aborted_writes: 0,
             last_exec: None,
+            last_create: None,
             next_pid: 100,
             templates: BTreeMap::new(),
             imports: BTreeMap::new(),
@@ -962,6 +964,11 @@ impl SimAgent {
     /// The last `Exec`/`ExecStream` request received.
     pub fn last_exec(&self) -> Option<ExecRequest> {
         self.shared.lock().last_exec.clone()
+    }
+
+    /// The last `CreateSandbox` request received.
+    pub fn last_create(&self) -> Option<CreateSandboxRequest> {
+        self.shared.lock().last_create.clone()
     }
 
     /// Stops serving and waits for the server to end.
@@ -1497,6 +1504,7 @@ impl HostAgent for Service {
             .parse::<SandboxId>()
             .map_err(|e| invalid(e.to_string()))?;
         let mut st = self.shared.lock();
+        st.last_create = Some(req.clone());
         let (min_disk_mb, from) = if req.template_id.is_empty() {
             let template = st
                 .cfg

@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ApiKeyId, AuditLogId, ErrorCode, Expiry, HostId, HostStatus, SandboxId, SandboxStatus, TeamId,
-    TeamRole, TemplateId, TemplateKind, UserId,
+    ApiKeyId, AuditLogId, BuildId, ErrorCode, Expiry, HostId, HostStatus, SandboxId, SandboxStatus,
+    TeamId, TeamRole, TemplateId, TemplateKind, UserId,
 };
 
 #[cfg(feature = "openapi")]
@@ -367,11 +367,11 @@ pub struct CreatedUser {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandboxRequest {
-    /// Template name (default `minimal`).
+    /// Template name (default `minimal`), or `name:tag` for one of its tagged builds.
     #[serde(default)]
     #[cfg_attr(
         feature = "openapi",
-        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
     )]
     pub template: Option<String>,
     /// Virtual CPUs.
@@ -820,6 +820,40 @@ pub struct Template {
     pub host_id: Option<HostId>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+}
+
+/// A tag of a template name: `name:tag` starts sandboxes from the build it points at. The
+/// tag `default` is the template `name` itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct TemplateTag {
+    /// The tag.
+    pub tag: String,
+    /// The template it points at.
+    pub template_id: TemplateId,
+    /// The build that made that template, if a build did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<BuildId>,
+    /// When it was pointed there (for `default`: when the template was made).
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/snapshots/{name}/tags`: points tags of a template name at the build another
+/// of its tags points at.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AssignTagsRequest {
+    /// The tag whose build gets the tags (default `default`: the template `name`).
+    #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    )]
+    pub from: Option<String>,
+    /// The tags to point there (1–10; `default` makes that build the template `name`).
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 10))]
+    pub tags: Vec<String>,
 }
 
 /// `POST /v1/snapshots`: turns a running or paused sandbox into a template of the team.

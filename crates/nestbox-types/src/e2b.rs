@@ -664,6 +664,59 @@ pub struct TemplateAlias {
     pub public: bool,
 }
 
+/// `POST /templates/tags`: point tags at the build `target` (`name:tag`) names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::AssignTemplateTagsRequest))]
+pub struct AssignTemplateTagsRequest {
+    /// The build to tag: `name:tag` (a name alone is its `default` tag).
+    pub target: String,
+    /// The tags to give it (1–10).
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 10))]
+    pub tags: Vec<String>,
+}
+
+/// The answer to `POST /templates/tags`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::AssignedTemplateTags))]
+pub struct AssignedTemplateTags {
+    /// The build that was tagged.
+    #[serde(rename = "buildID")]
+    #[cfg_attr(feature = "openapi", schema(format = Uuid))]
+    pub build_id: String,
+    /// The tags given.
+    pub tags: Vec<String>,
+}
+
+/// `DELETE /templates/tags`: take tags off a template.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::DeleteTemplateTagsRequest))]
+pub struct DeleteTemplateTagsRequest {
+    /// The template's name.
+    pub name: String,
+    /// The tags to take off (1–10).
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 10))]
+    pub tags: Vec<String>,
+}
+
+/// One of `GET /templates/{templateID}/tags`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = e2b::TemplateTag))]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateTag {
+    /// The tag.
+    pub tag: String,
+    /// The build it points at.
+    #[serde(rename = "buildID")]
+    #[cfg_attr(feature = "openapi", schema(format = Uuid))]
+    pub build_id: String,
+    /// When it was pointed there.
+    pub created_at: DateTime<Utc>,
+}
+
 /// `POST /v3/templates`: announce a build of a template (its recipe follows with
 /// `POST /v2/templates/{templateID}/builds/{buildID}`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -31,12 +31,39 @@ pub fn is_valid_template_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The tag a template name alone means (`name` is `name:default`).
+pub const DEFAULT_TAG: &str = "default";
+
+/// Whether `tag` can tag a template: the same rule as names ([`is_valid_template_name`]).
+pub fn is_valid_template_tag(tag: &str) -> bool {
+    is_valid_template_name(tag)
+}
+
+/// The name and tag of a template reference, `name` or `name:tag` (a name alone is its
+/// [`DEFAULT_TAG`]); `None` if either part is not valid.
+pub fn split_template_ref(reference: &str) -> Option<(&str, &str)> {
+    let (name, tag) = reference
+        .split_once(':')
+        .unwrap_or((reference, DEFAULT_TAG));
+    (is_valid_template_name(name) && is_valid_template_tag(tag)).then_some((name, tag))
+}
+
 /// Most log entries one request returns (E2B's logs endpoints default to this too).
 pub const MAX_LOG_PAGE: u32 = 1000;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn template_references_are_a_name_and_a_tag() {
+        assert_eq!(split_template_ref("py"), Some(("py", "default")));
+        assert_eq!(split_template_ref("py:v1.2"), Some(("py", "v1.2")));
+        assert_eq!(split_template_ref("py:"), None);
+        assert_eq!(split_template_ref(":v1"), None);
+        assert_eq!(split_template_ref("py:v1:v2"), None);
+        assert_eq!(split_template_ref("py:a/b"), None);
+    }
 
     #[test]
     fn template_names() {

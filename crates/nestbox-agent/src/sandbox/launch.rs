@@ -74,6 +74,29 @@ pub(crate) struct Init {
     pub env: Option<HashMap<String, String>>,
     /// Host name to set.
     pub hostname: Option<String>,
+    /// The user and directory commands default to (`None` keeps the guest's: a new
+    /// sandbox sets them, a resumed one keeps what it had).
+    pub defaults: Option<Defaults>,
+}
+
+/// The user and directory a sandbox's commands default to.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Defaults {
+    /// `None`: root.
+    pub user: Option<String>,
+    /// `None`: the user's home.
+    pub workdir: Option<String>,
+}
+
+impl Defaults {
+    /// A create's: `None` when it names neither (the guest keeps its own: root after a
+    /// boot, the snapshot's after a restore).
+    pub(crate) fn of(p: &super::CreateParams) -> Option<Self> {
+        (p.default_user.is_some() || p.default_workdir.is_some()).then(|| Self {
+            user: p.default_user.clone(),
+            workdir: p.default_workdir.clone(),
+        })
+    }
 }
 
 /// The guest's host name for a sandbox.
@@ -352,6 +375,7 @@ impl Manager {
                 token: p.access_token.clone(),
                 env: Some(p.env.clone()),
                 hostname: Some(hostname(id)),
+                defaults: Defaults::of(p),
             };
             let snapshot = match &origin {
                 Origin::Boot { .. } => None,
@@ -648,8 +672,14 @@ pub(super) async fn send_init(
     let request = InitRequest {
         access_token: Some(init.token.clone()),
         env_vars: init.env.map(|e| e.into_iter().collect()),
-        default_user: Some("root".into()),
-        default_workdir: None,
+        default_user: init
+            .defaults
+            .as_ref()
+            .map(|d| d.user.clone().unwrap_or_else(|| "root".into())),
+        default_workdir: init
+            .defaults
+            .as_ref()
+            .map(|d| d.workdir.clone().unwrap_or_default()),
         timestamp: Some(Utc::now()),
         hostname: init.hostname,
         // A clone (or a resumed sandbox) shares its generator state with its snapshot.

@@ -137,6 +137,10 @@ pub struct CreateParams {
     pub no_pool: bool,
     /// The tenant's egress rules.
     pub egress: nestbox_types::egress::EgressRules,
+    /// The user commands run as when they name none (`None`: root).
+    pub default_user: Option<String>,
+    /// The directory they run in when they name none (`None`: the user's home).
+    pub default_workdir: Option<String>,
 }
 
 /// Facts about a sandbox that never change.

@@ -204,6 +204,8 @@ impl Manager {
             env: HashMap::new(),
             access_token: String::new(),
             no_pool: false,
+            default_user: None,
+            default_workdir: None,
             egress: Default::default(),
         })
     }
@@ -410,6 +412,7 @@ impl Manager {
                 token: p.access_token.clone(),
                 env: Some(p.env.clone()),
                 hostname: Some(hostname(id)),
+                defaults: super::launch::Defaults::of(p),
             };
             let deadline = started + inner.cfg.boot_timeout;
             let console = dir.join("console.log");

@@ -351,6 +351,7 @@ impl SandboxTask {
             token: token.clone(),
             env: None,
             hostname: None,
+            defaults: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let console = self.dir.join("console.log");
@@ -775,6 +776,7 @@ impl SandboxTask {
             token: self.next_token(),
             env: None,
             hostname: None,
+            defaults: None,
         };
         match self
             .manager
@@ -896,6 +898,7 @@ impl SandboxTask {
             token: next,
             env: None,
             hostname: None,
+            defaults: None,
         };
         let deadline = Instant::now() + self.manager.inner().cfg.boot_timeout;
         let console = self.dir.join("console.log");

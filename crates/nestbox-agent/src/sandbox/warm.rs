@@ -142,6 +142,8 @@ fn default_machine(name: &str, disk_mb: u64) -> Result<CreateParams, AgentError>
         env: HashMap::new(),
         access_token: crate::random_token()?,
         no_pool: false,
+        default_user: None,
+        default_workdir: None,
         egress: Default::default(),
     })
 }

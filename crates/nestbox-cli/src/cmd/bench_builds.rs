@@ -49,6 +49,7 @@ async fn timed_build(
             timeout_sec: Some(900),
             no_cache,
             registry_auth: None,
+            tags: Vec::new(),
         })
         .await?;
     loop {

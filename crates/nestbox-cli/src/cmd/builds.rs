@@ -23,9 +23,14 @@ pub struct BuildArgs {
     /// A recipe file (TOML) or a Dockerfile (named `Dockerfile`, `Dockerfile.*` or
     /// `*.Dockerfile`); copy sources are read from its directory.
     file: PathBuf,
-    /// Template name (default: the recipe's `name`).
+    /// Template name (default: the recipe's `name`); `NAME:TAG` tags the build instead of
+    /// replacing the template `NAME`.
     #[arg(long)]
     name: Option<String>,
+    /// A tag for the new template (repeatable; default `default`, the template `NAME`
+    /// itself). Sandboxes start from a tagged build as `NAME:TAG`.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
     /// Run every step; take nothing from the step cache.
     #[arg(long)]
     no_cache: bool,
@@ -87,8 +92,16 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     for w in &prepared.warnings {
         eprintln!("warning: {w}");
     }
-    let Some(name) = args.name.clone().or(prepared.name.clone()) else {
+    let Some(named) = args.name.clone().or(prepared.name.clone()) else {
         bail!("name the template: --name NAME, or `name = \"…\"` in the recipe file");
+    };
+    let mut tags = args.tags.clone();
+    let name = match named.split_once(':') {
+        Some((name, tag)) => {
+            tags.push(tag.to_string());
+            name.to_string()
+        }
+        None => named,
     };
     let registry_auth = registry_auth(&args)?;
     let c = client(&args.conn)?;
@@ -114,6 +127,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
             timeout_sec: args.timeout.or(prepared.timeout_sec),
             no_cache: args.no_cache,
             registry_auth,
+            tags,
         })
         .await?;
     if args.detach {

@@ -926,6 +926,37 @@ pub enum TemplateCommand {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// A template name's tags, with the build each points at (`default` is the name itself).
+    Tags {
+        #[command(flatten)]
+        conn: Conn,
+        /// Template name.
+        name: String,
+    },
+    /// Point tags of a template name at the build its tag --from points at (`default`
+    /// makes that build the template NAME).
+    Tag {
+        #[command(flatten)]
+        conn: Conn,
+        /// Template name.
+        name: String,
+        /// The tag whose build gets the tags.
+        #[arg(long, default_value = "default")]
+        from: String,
+        /// Tags to point there.
+        #[arg(required = true)]
+        tags: Vec<String>,
+    },
+    /// Take tags off a template name (`default` hides the template NAME itself).
+    Untag {
+        #[command(flatten)]
+        conn: Conn,
+        /// Template name.
+        name: String,
+        /// Tags to take off.
+        #[arg(required = true)]
+        tags: Vec<String>,
+    },
 }
 
 /// Runs a template subcommand.
@@ -954,6 +985,32 @@ pub async fn template(command: TemplateCommand) -> anyhow::Result<()> {
         TemplateCommand::Builds { conn } => super::builds::list(&conn).await,
         TemplateCommand::BuildLogs { conn, build } => super::builds::logs(&conn, &build).await,
         TemplateCommand::BuildCancel { conn, build } => super::builds::cancel(&conn, &build).await,
+        TemplateCommand::Tags { conn, name } => {
+            print_json(&client(&conn)?.template_tags(&name).await?)
+        }
+        TemplateCommand::Tag {
+            conn,
+            name,
+            from,
+            tags,
+        } => {
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            print_json(
+                &client(&conn)?
+                    .assign_template_tags(&name, Some(&from), &tags)
+                    .await?,
+            )
+        }
+        TemplateCommand::Untag { conn, name, tags } => {
+            let c = client(&conn)?;
+            for tag in tags {
+                c.remove_template_tag(&name, &tag)
+                    .await
+                    .with_context(|| format!("taking {tag} off {name}"))?;
+                println!("untagged {name}:{tag}");
+            }
+            Ok(())
+        }
         TemplateCommand::Delete { conn, names } => {
             let c = client(&conn)?;
             for name in names {

@@ -145,6 +145,8 @@ fn api_router() -> OpenApiRouter<AppState> {
             snapshots::list_snapshots
         ))
         .routes(routes!(snapshots::delete_snapshot))
+        .routes(routes!(snapshots::list_tags, snapshots::assign_tags))
+        .routes(routes!(snapshots::remove_tag))
         .routes(routes!(snapshots::list_admin_templates))
         .routes(routes!(builds::create_build, builds::list_builds))
         .routes(routes!(builds::get_build))

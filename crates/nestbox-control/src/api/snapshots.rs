@@ -1,9 +1,13 @@
-//! Snapshots: templates made from sandboxes, and the platform's view of every template.
+//! Snapshots: templates made from sandboxes, their tags, and the platform's view of every
+//! template.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use nestbox_types::ErrorBody;
-use nestbox_types::api::{CreateSnapshotRequest, Page, Template, TemplateListQuery};
+use nestbox_types::api::{
+    AssignTagsRequest, CreateSnapshotRequest, Page, Template, TemplateListQuery, TemplateTag,
+};
+use nestbox_types::limits::DEFAULT_TAG;
 
 use crate::error::ApiResult;
 use crate::extract::{Caller, Json, Path, Query};
@@ -69,4 +73,67 @@ pub async fn list_admin_templates(
         .list_all_templates(&caller, &q)
         .await
         .map(axum::Json)
+}
+
+/// A template name's tags: `default` (the template `name` itself) first, then the others,
+/// each with the template and build it points at.
+#[utoipa::path(get, path = "/v1/snapshots/{name}/tags", tag = "templates", security(("api_key" = []), ("session" = [])),
+    params(("name" = String, Path, description = "Template name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
+    responses((status = 200, body = Vec<TemplateTag>), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn list_tags(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<Vec<TemplateTag>>> {
+    s.services
+        .template_tags(&caller, &name)
+        .await
+        .map(axum::Json)
+}
+
+/// Points tags of the team's template name at the build its tag `from` points at
+/// (`default` makes that build the template `name`; the one it replaces stays while
+/// sandboxes or other tags hold it). Answers the name's tags afterwards.
+#[utoipa::path(post, path = "/v1/snapshots/{name}/tags", tag = "templates", security(("api_key" = []), ("session" = [])),
+    params(("name" = String, Path, description = "Template name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
+    request_body = AssignTagsRequest,
+    responses((status = 200, body = Vec<TemplateTag>), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody),
+              (status = 403, description = "the platform team's tags, and the caller is not a platform admin", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "a platform template's name (`already_exists`)", body = ErrorBody)))]
+pub async fn assign_tags(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<AssignTagsRequest>,
+) -> ApiResult<axum::Json<Vec<TemplateTag>>> {
+    let from = req.from.as_deref().unwrap_or(DEFAULT_TAG);
+    s.services
+        .assign_template_tags(&caller, &name, from, &req.tags)
+        .await?;
+    s.services
+        .template_tags(&caller, &name)
+        .await
+        .map(axum::Json)
+}
+
+/// Takes a tag off the team's template name. Taking `default` hides the template `name`
+/// itself: its sandboxes carry on, its other tags keep it.
+#[utoipa::path(delete, path = "/v1/snapshots/{name}/tags/{tag}", tag = "templates", security(("api_key" = []), ("session" = [])),
+    params(("name" = String, Path, description = "Template name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+           ("tag" = String, Path, description = "Tag", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, description = "the platform team's tags, and the caller is not a platform admin", body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+pub async fn remove_tag(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((name, tag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.services
+        .remove_template_tags(&caller, &name, &[tag])
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
 }

@@ -39,13 +39,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use nestbox_db::builds::{self as db, LogLine};
-use nestbox_db::templates;
+use nestbox_db::{tags, templates};
 use nestbox_types::api::{
     Build, BuildFile, BuildLogEntry, BuildLogs, BuildLogsQuery, BuildStep, BuildStepState,
-    CreateBuildRequest, CreateSandboxRequest, CreateSnapshotRequest, ExecEvent, ExecRequest,
-    StartProcessRequest, is_sha256_hex,
+    CreateBuildRequest, CreateSandboxRequest, ExecEvent, ExecRequest, StartProcessRequest,
+    is_sha256_hex,
 };
-use nestbox_types::limits::is_valid_template_name;
+use nestbox_types::limits::{DEFAULT_TAG, is_valid_template_name, is_valid_template_tag};
 use nestbox_types::{BuildId, BuildStatus, ErrorCode, SandboxId, TemplateKind};
 use sha2::{Digest, Sha256};
 
@@ -55,6 +55,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::Caller;
 use crate::state::Services;
 
+/// Most tags one build gives its template.
+const MAX_BUILD_TAGS: usize = 10;
 /// The base when a recipe names none.
 const DEFAULT_BASE: &str = "minimal";
 /// Longest log line kept; longer output is split.
@@ -126,7 +128,31 @@ pub fn build_view(b: &db::Build) -> Build {
         created_by: b.created_by.clone(),
         created_at: b.created_at,
         finished_at: b.finished_at,
+        tags: b.tags.clone(),
     }
+}
+
+/// A build's tags as asked for: checked, without repeats, `default` when none.
+fn build_tags(asked: &[String]) -> ApiResult<Vec<String>> {
+    if asked.len() > MAX_BUILD_TAGS {
+        return Err(ApiError::limit("tags", MAX_BUILD_TAGS, ""));
+    }
+    let mut tags: Vec<String> = Vec::new();
+    for tag in asked {
+        if !is_valid_template_tag(tag) {
+            return Err(ApiError::invalid(format!(
+                "tag `{}` is not valid: 1–64 letters, digits, `.`, `_` or `-`, starting with a letter or digit",
+                tag.chars().take(80).collect::<String>()
+            )));
+        }
+        if !tags.contains(tag) {
+            tags.push(tag.clone());
+        }
+    }
+    if tags.is_empty() {
+        tags.push(DEFAULT_TAG.to_string());
+    }
+    Ok(tags)
 }
 
 fn not_found(id: BuildId) -> ApiError {
@@ -846,9 +872,13 @@ impl Runner {
                 });
             }
         } else if !base.team_id.is_platform() {
-            state.env = db::template_env(&self.svc.db, base.id)
+            // A built base's environment, user and directory carry on.
+            let d = db::template_defaults(&self.svc.db, base.id)
                 .await
                 .map_err(ApiError::from)?;
+            state.env = d.env;
+            state.user = d.user;
+            state.workdir = d.workdir;
         }
         if let Some(user) = &recipe.user {
             state.user = Some(user.clone());
@@ -937,24 +967,69 @@ impl Runner {
         let sandbox = self
             .sandbox
             .ok_or_else(|| Stop::Failed("no build sandbox".into()))?;
-        let made = self
-            .svc
-            .create_snapshot(
-                &self.caller,
-                &CreateSnapshotRequest {
-                    sandbox_id: sandbox,
-                    name: self.build.name.clone(),
-                    overwrite: true,
-                    kind: Some(kind),
-                },
-            )
+        Ok(self.save(sandbox, kind, &state).await?)
+    }
+
+    /// Makes the build sandbox a template: a hidden one first, with its environment, then
+    /// the build's tags are given to it in one step (`default` makes it the template
+    /// `name`; the template it replaces stays, hidden, while sandboxes or other tags hold
+    /// it). A failure removes what was made.
+    async fn save(
+        &self,
+        sandbox: SandboxId,
+        kind: TemplateKind,
+        state: &RunState,
+    ) -> ApiResult<templates::Template> {
+        let svc = &self.svc;
+        let team = self.build.team_id;
+        let name = self.build.name.clone();
+        let known = templates::get_visible(&svc.db, team, &name)
+            .await?
+            .is_some_and(|t| t.team_id == team)
+            || !tags::list(&svc.db, team, &name).await?.is_empty();
+        if !known {
+            // A new name takes a place in the team's template quota.
+            let one = nestbox_db::quotas::Demand {
+                templates: 1,
+                ..Default::default()
+            };
+            nestbox_db::quotas::check(&svc.db, team, &one).await?;
+        }
+        let sb = svc.sandbox_row(&self.caller, sandbox).await?;
+        let mut making = svc
+            .making(&self.caller, &sb, String::new(), kind, true)
             .await?;
-        db::set_template_env(&self.svc.db, made.id, &state.env)
-            .await
-            .map_err(ApiError::from)?;
-        templates::get(&self.svc.db, made.id)
-            .await
-            .map_err(|e| Stop::Failed(ApiError::from(e).message))
+        making.new.name = tags::hidden_name(&name, making.id);
+        let db = svc.db.clone();
+        let made = super::detached(async move { make_template(&db, making).await }).await?;
+        let tagged = async {
+            // Its sandboxes' commands run as the recipe's last user, in its last directory,
+            // as a container's do.
+            let defaults = db::TemplateDefaults {
+                env: state.env.clone(),
+                user: state.user.clone(),
+                workdir: state.workdir.clone(),
+            };
+            db::set_template_defaults(&svc.db, made.id, &defaults).await?;
+            let left = tags::assign(&svc.db, team, &name, made.id, &self.build.tags).await?;
+            Ok::<_, nestbox_db::DbError>((templates::get(&svc.db, made.id).await?, left))
+        }
+        .await;
+        match tagged {
+            Ok((t, left)) => {
+                // What the new build replaced goes now unless something still holds it.
+                for id in left {
+                    svc.release_template(id).await;
+                }
+                Ok(t)
+            }
+            Err(e) => {
+                if let Err(err) = svc.remove_template(AuditActor::System, made).await {
+                    tracing::warn!(build = %self.build.id, error = %err, "an untagged build's template is left for the sweep");
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Starts the start command and waits for its ready check.
@@ -1160,6 +1235,7 @@ impl Services {
                 steps: steps.clone(),
                 created_by: caller.actor.id_string(),
                 deadline,
+                tags: build_tags(&req.tags)?,
             },
         )
         .await?;
@@ -1173,6 +1249,7 @@ impl Services {
         &self,
         caller: &Caller,
         name: &str,
+        tags: &[String],
         vcpus: Option<u32>,
         memory_mb: Option<u32>,
     ) -> ApiResult<Build> {
@@ -1186,6 +1263,7 @@ impl Services {
             timeout_sec: None,
             no_cache: false,
             registry_auth: None,
+            tags: tags.to_vec(),
         };
         // What can be checked without the recipe is checked now.
         if !is_valid_template_name(name) {
@@ -1209,6 +1287,7 @@ impl Services {
                 created_by: caller.actor.id_string(),
                 deadline: nestbox_db::now()
                     + chrono::Duration::from_std(WAITING_MAX).unwrap_or_default(),
+                tags: build_tags(&probe.tags)?,
             },
         )
         .await?;
@@ -1232,6 +1311,9 @@ impl Services {
             )));
         }
         req.name = announced.name.clone();
+        if req.tags.is_empty() {
+            req.tags = announced.tags.clone();
+        }
         req.recipe.vcpus = req.recipe.vcpus.or(announced.recipe.vcpus);
         req.recipe.memory_mb = req.recipe.memory_mb.or(announced.recipe.memory_mb);
         let checked = self.check_build(caller, &req).await;
@@ -1307,6 +1389,7 @@ impl Services {
             ));
         }
         req.recipe.validate().map_err(ApiError::invalid)?;
+        let tags = build_tags(&req.tags)?;
         if caller.team.is_platform() && !caller.actor.is_admin() {
             return Err(ApiError::forbidden(
                 "templates of the platform team are every team's; only platform admins may build them",
@@ -1356,13 +1439,14 @@ impl Services {
                     ),
                 ));
             }
-            if base_template.as_ref().is_some_and(|b| b.id == t.id) {
+            if base_template.as_ref().is_some_and(|b| b.id == t.id)
+                && tags.iter().any(|t| t == DEFAULT_TAG)
+            {
                 return Err(ApiError::invalid(format!(
                     "a build cannot replace its own base `{}`: build from another base, or under another name",
                     req.name
                 )));
             }
-            self.ensure_unused(&t).await?;
         }
         // The environment its sandboxes will get has the same bounds as a create's.
         let mut env_names: std::collections::BTreeSet<String> = match &base_template {

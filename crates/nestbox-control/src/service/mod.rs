@@ -19,6 +19,7 @@ pub mod moves;
 pub mod pause;
 pub mod processes;
 pub mod sandboxes;
+pub mod tags;
 pub mod teams;
 pub mod templates;
 pub mod tokens;

@@ -34,9 +34,7 @@ use nestbox_types::api::{
     self, CreateSandboxRequest, Encoding, EntryInfo, ExecEvent, ExecRequest, ExecResult, FileType,
 };
 use nestbox_types::egress::EgressRules;
-use nestbox_types::limits::{
-    DEFAULT_DISK_SIZE_MB, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_SEC, is_valid_template_name,
-};
+use nestbox_types::limits::{DEFAULT_DISK_SIZE_MB, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_SEC};
 use nestbox_types::{ErrorCode, HostId, SandboxId, SandboxStatus, TemplateKind};
 
 use super::egress::{pb_egress, validate_egress};
@@ -449,12 +447,7 @@ impl Services {
             .template
             .clone()
             .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
-        if !is_valid_template_name(&name) {
-            return Err(ApiError::invalid(
-                "template must be 1–64 letters, digits, `.`, `_` or `-`",
-            ));
-        }
-        let Some(template) = templates::get_visible(&self.db, caller.team, &name).await? else {
+        let Some(template) = self.resolve_template(caller, &name).await? else {
             // While no host has registered its templates, "not found" would be a lie.
             if let Err(reason) = self.readiness().await {
                 return Err(ApiError::new(
@@ -479,7 +472,7 @@ impl Services {
         template: templates::Template,
     ) -> ApiResult<api::Sandbox> {
         let limits = &self.cfg.limits;
-        let name = template.name.clone();
+        let name = template.public_name().to_string();
         // A snapshot resumes a machine as it was: its vCPUs and memory are fixed.
         let snapshot = template.kind == TemplateKind::Snapshot;
         let fixed = |field: &str, asked: Option<u32>, has: u32, unit: &str| match asked {
@@ -525,12 +518,13 @@ impl Services {
         if timeout_sec > limits.max_timeout_sec {
             return Err(ApiError::limit("timeout_sec", limits.max_timeout_sec, " s"));
         }
-        // A built template's environment, under the request's own.
-        let mut env = if template.team_id.is_platform() {
-            BTreeMap::new()
+        // A built template's environment (under the request's own), user and directory.
+        let defaults = if template.team_id.is_platform() {
+            nestbox_db::builds::TemplateDefaults::default()
         } else {
-            nestbox_db::builds::template_env(&self.db, template.id).await?
+            nestbox_db::builds::template_defaults(&self.db, template.id).await?
         };
+        let mut env = defaults.env.clone();
         env.extend(req.env.clone());
         validate_env(limits, &env)?;
         validate_metadata(limits, &req.metadata)?;
@@ -643,6 +637,8 @@ impl Services {
             // A fork's one-off template gets no pooled clone.
             no_pool: template.ephemeral,
             egress: pb_egress(&egress),
+            default_user: defaults.user.unwrap_or_default(),
+            default_workdir: defaults.workdir.unwrap_or_default(),
         };
         let mut client = self.pool.client(placed.host, &placed.address)?;
         let db = self.db.clone();
@@ -862,23 +858,11 @@ impl Services {
         Ok(())
     }
 
-    /// Deletes `template` if it is a fork's one-off template that no sandbox uses any more
-    /// (else the host monitor's sweep gets it later). A step-cache entry's hidden template
-    /// (a build sandbox starts from one) stays until the cache is pruned.
+    /// Deletes `template` if it is a hidden template (a fork's one-off template, a
+    /// replaced or untagged build) that nothing holds any more (else the host monitor's
+    /// sweep gets it later): see [`Services::release_template`].
     async fn drop_fork_template(&self, template: nestbox_types::TemplateId) {
-        let Ok(t) = templates::get(&self.db, template).await else {
-            return;
-        };
-        if !t.ephemeral
-            || nestbox_db::builds::is_cached(&self.db, template)
-                .await
-                .unwrap_or(true)
-        {
-            return;
-        }
-        if let Err(e) = self.remove_template(AuditActor::System, t).await {
-            tracing::debug!(template = %template, error = %e, "fork template kept for now");
-        }
+        self.release_template(template).await;
     }
 
     /// Runs a command and collects its output.

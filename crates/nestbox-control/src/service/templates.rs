@@ -28,12 +28,12 @@
 
 use std::time::Duration;
 
-use nestbox_db::{DbError, hosts, sandboxes, templates};
+use nestbox_db::{DbError, hosts, sandboxes, tags, templates};
 use nestbox_proto::hostagent::{
     self as pb, CreateTemplateRequest, DeleteTemplateRequest, PingRequest,
 };
 use nestbox_types::api::{self, CreateSnapshotRequest, Template, TemplateListQuery};
-use nestbox_types::limits::is_valid_template_name;
+use nestbox_types::limits::{DEFAULT_TAG, is_valid_template_name, split_template_ref};
 use nestbox_types::{ErrorCode, HostId, PLATFORM_TEAM, SandboxStatus, TemplateId, TemplateKind};
 
 use super::{AuditActor, AuditEntry, detached, write_audit};
@@ -259,6 +259,25 @@ impl Services {
         Ok(page(&list, q))
     }
 
+    /// The template a reference (`name` or `name:tag`) names for the caller's team: its
+    /// own, else the platform's. `400` if the reference is not valid.
+    pub async fn resolve_template(
+        &self,
+        caller: &Caller,
+        reference: &str,
+    ) -> ApiResult<Option<templates::Template>> {
+        let (name, tag) = split_template_ref(reference).ok_or_else(|| {
+            ApiError::invalid(
+                "template must be a name, or `name:tag`: each 1–64 letters, digits, `.`, `_` or `-`",
+            )
+        })?;
+        Ok(if tag == DEFAULT_TAG {
+            templates::get_visible(&self.db, caller.team, name).await?
+        } else {
+            tags::resolve(&self.db, caller.team, name, tag).await?
+        })
+    }
+
     /// Fails if sandboxes holding host resources were made from `t`.
     pub(super) async fn ensure_unused(&self, t: &templates::Template) -> ApiResult<()> {
         let holding: Vec<SandboxStatus> = SandboxStatus::ALL
@@ -400,20 +419,37 @@ impl Services {
         if !is_valid_template_name(name) {
             return Err(invalid_name());
         }
-        let t = templates::get_visible(&self.db, caller.team, name)
-            .await?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::TemplateNotFound,
-                    format!("template `{name}` not found"),
-                )
-            })?;
-        if t.team_id.is_platform() && !caller.actor.is_admin() {
+        let not_found = || {
+            ApiError::new(
+                ErrorCode::TemplateNotFound,
+                format!("template `{name}` not found"),
+            )
+        };
+        let visible = templates::get_visible(&self.db, caller.team, name).await?;
+        if let Some(t) = &visible
+            && t.team_id.is_platform()
+            && !caller.actor.is_admin()
+        {
             return Err(ApiError::forbidden(format!(
                 "`{name}` is a platform template; only platform admins may delete it"
             )));
         }
-        self.remove_template(AuditActor::Caller(*caller), t).await
+        if let Some(t) = &visible {
+            self.ensure_unused(t).await?;
+        }
+        let owner = visible.as_ref().map_or(caller.team, |t| t.team_id);
+        // Its tagged builds go with it (each once no sandbox holds it: the sweep of hidden
+        // templates).
+        let untagged = tags::remove_all(&self.db, owner, name).await?;
+        let removed = match visible {
+            Some(t) => self.remove_template(AuditActor::Caller(*caller), t).await,
+            None if !untagged.is_empty() => Ok(()),
+            None => Err(not_found()),
+        };
+        for id in untagged {
+            self.release_template(id).await;
+        }
+        removed
     }
 
     /// Deletes a template that no sandbox uses: its files on every host that has them,
@@ -465,6 +501,27 @@ impl Services {
     ) -> ApiResult<Vec<Template>> {
         let list = templates::made_from(&self.db, caller.team, sandbox).await?;
         Ok(list.iter().map(template_view).collect())
+    }
+
+    /// Deletes the hidden template `id` (a fork's one-off template, a replaced or untagged
+    /// build) if nothing holds it: no sandbox holding host resources, no tag, no
+    /// step-cache entry (a build sandbox starts from one; it stays until the cache is
+    /// pruned). A template still held stays, for the monitor's sweep.
+    pub(crate) async fn release_template(&self, id: TemplateId) {
+        let Ok(t) = templates::get(&self.db, id).await else {
+            return;
+        };
+        if !t.ephemeral
+            || nestbox_db::builds::is_cached(&self.db, id)
+                .await
+                .unwrap_or(true)
+            || tags::is_tagged(&self.db, id).await.unwrap_or(true)
+        {
+            return;
+        }
+        if let Err(e) = self.remove_template(AuditActor::System, t).await {
+            tracing::debug!(template = %id, error = %e, "hidden template kept for now");
+        }
     }
 
     /// Deletes the fork templates no sandbox uses any more (made before `before`, so that

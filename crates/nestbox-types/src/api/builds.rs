@@ -54,6 +54,12 @@ pub struct CreateBuildRequest {
     /// never stored, never shown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_auth: Option<RegistryAuth>,
+    /// The tags the template gets (default `["default"]`: it becomes the template `name`
+    /// itself; others make it `name:tag`, leaving `name` as it was). At most 10, each like
+    /// a name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 10))]
+    pub tags: Vec<String>,
 }
 
 /// A user name and password (or access token) for an image registry. `Debug` never
@@ -525,6 +531,8 @@ pub struct Build {
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
+    /// The tags its template gets (`default`: it is the template `name`).
+    pub tags: Vec<String>,
 }
 
 /// A line of a build's log.

@@ -13,8 +13,9 @@
 //! E2B's semantics are kept: steps run as `user` in `/home/user` until `USER`/`WORKDIR`
 //! steps say otherwise (the recipe's starting user and directory); a `COPY` copies one
 //! path of its upload; `fromImage` of Debian and Python
-//! images (and E2B's own `e2bdev/base`) are our `minimal` and `python` templates, other
-//! images are pulled from their registry. The build id E2B sees is the UUID of ours.
+//! images (and E2B's own `e2bdev/base`) are our `minimal` and `python` templates, Node.js
+//! LTS images our `node` template where the installation has one, other images are
+//! pulled from their registry. The build id E2B sees is the UUID of ours.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -63,6 +64,27 @@ fn build_not_found(raw: &str) -> ApiError {
     )
 }
 
+/// Our template with Node.js and npm (built into an installation with
+/// `--templates …,node`).
+const NODE_TEMPLATE: &str = "node";
+
+/// Whether `image` is Docker Hub's Node.js image of a version our `node` template stands
+/// for: `node:lts` (the Template SDK's `from_node_image()`), `node:latest`, `node:18…`.
+fn is_node_lts(image: &str) -> bool {
+    let image = image
+        .strip_prefix("docker.io/")
+        .unwrap_or(image)
+        .strip_prefix("library/")
+        .unwrap_or(image.strip_prefix("docker.io/").unwrap_or(image));
+    let tag = match image.split_once(':') {
+        Some(("node", tag)) => tag,
+        None if image == "node" => "latest",
+        _ => return false,
+    };
+    let version = tag.split('-').next().unwrap_or(tag);
+    matches!(version, "lts" | "latest" | "18") || version.starts_with("18.")
+}
+
 /// E2B's build id of ours.
 fn e2b_build_id(id: BuildId) -> String {
     id.to_string().trim_start_matches("bld-").to_string()
@@ -91,13 +113,11 @@ pub async fn request_build(
     if let Some((_, tag)) = raw.split_once(':') {
         tags.push(tag.to_string());
     }
-    if tags.is_empty() {
-        tags.push("default".into());
-    }
     let build = s
         .services
-        .announce_build(&caller, &name, req.cpu_count, req.memory_mb)
+        .announce_build(&caller, &name, &tags, req.cpu_count, req.memory_mb)
         .await?;
+    let tags = build.tags.clone();
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(TemplateRequestResponseV3 {
@@ -324,7 +344,17 @@ pub async fn start_build(
     if announced.name != name_of(&template) {
         return Err(build_not_found(&build).into());
     }
-    let (recipe, registry_auth, no_cache) = recipe(&req)?;
+    let (mut recipe, registry_auth, no_cache) = recipe(&req)?;
+    // `from_node_image()` is our `node` template where the installation has one.
+    if recipe.image.as_deref().is_some_and(is_node_lts)
+        && s.services
+            .resolve_template(&caller, NODE_TEMPLATE)
+            .await?
+            .is_some()
+    {
+        recipe.image = None;
+        recipe.base = Some(NODE_TEMPLATE.into());
+    }
     s.services
         .start_announced_build(
             &caller,
@@ -335,6 +365,7 @@ pub async fn start_build(
                 timeout_sec: None,
                 no_cache,
                 registry_auth,
+                tags: announced.tags,
             },
         )
         .await?;
@@ -524,6 +555,23 @@ mod tests {
         assert_eq!(base("e2bdev/base").base.as_deref(), Some("minimal"));
         assert_eq!(base("debian:stable").base.as_deref(), Some("minimal"));
         assert_eq!(base("node:lts").image.as_deref(), Some("node:lts"));
+        for node in [
+            "node:lts",
+            "node",
+            "docker.io/library/node:18-slim",
+            "node:18.19.0",
+            "node:lts-bookworm",
+        ] {
+            assert!(is_node_lts(node), "{node}");
+        }
+        for other in [
+            "node:20",
+            "nodejs:lts",
+            "ghcr.io/x/node:lts",
+            "node:current",
+        ] {
+            assert!(!is_node_lts(other), "{other}");
+        }
         let mut req = start("ghcr.io/acme/app:1", vec![step("RUN", &["x"])]);
         req.steps[0].force = Some(true);
         req.from_image_registry = Some(FromImageRegistry::Registry {

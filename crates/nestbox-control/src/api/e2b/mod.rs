@@ -104,6 +104,15 @@ pub(crate) fn template_name(name: &str) -> &str {
     }
 }
 
+/// Our reference of the template E2B names `name` or `name:tag` ([`template_name`] of its
+/// name, the tag as is).
+pub(crate) fn template_ref(reference: &str) -> String {
+    match reference.split_once(':') {
+        Some((name, tag)) => format!("{}:{tag}", template_name(name)),
+        None => template_name(reference).to_string(),
+    }
+}
+
 /// The name of the template `templates/code-interpreter` builds.
 pub(crate) const CODE_INTERPRETER_TEMPLATE: &str = "code-interpreter";
 
@@ -148,6 +157,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(templates::list_templates))
         .routes(routes!(templates::get_template, templates::delete_template))
         .routes(routes!(templates::get_alias))
+        .routes(routes!(templates::assign_tags, templates::remove_tags))
+        .routes(routes!(templates::get_tags))
         .routes(routes!(builds::request_build))
         .routes(routes!(builds::file_upload_link, builds::upload_files))
         .routes(routes!(builds::start_build))

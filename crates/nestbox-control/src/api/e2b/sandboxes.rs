@@ -152,7 +152,7 @@ fn create_request(req: NewSandbox) -> E2bResult<CreateSandboxRequest> {
         &net.rules,
         &net.egress_proxy,
     )?;
-    let template = super::template_name(&req.template_id).to_string();
+    let template = super::template_ref(&req.template_id);
     Ok(CreateSandboxRequest {
         template: Some(template),
         // E2B's sandboxes have an absolute lifetime and no inactivity timeout.

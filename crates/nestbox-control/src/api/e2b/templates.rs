@@ -6,16 +6,17 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use nestbox_types::api::{CreateSnapshotRequest, Template as OurTemplate};
 use nestbox_types::e2b::{
-    Error, NewSnapshot, SnapshotInfo, SnapshotListQuery, Template, TemplateAlias, TemplateBuild,
-    TemplateWithBuilds,
+    AssignTemplateTagsRequest, AssignedTemplateTags, DeleteTemplateTagsRequest, Error, NewSnapshot,
+    SnapshotInfo, SnapshotListQuery, Template, TemplateAlias, TemplateBuild,
+    TemplateTag as E2bTemplateTag, TemplateWithBuilds,
 };
-use nestbox_types::limits::ENVD_VERSION;
+use nestbox_types::limits::{DEFAULT_TAG, ENVD_VERSION};
 use nestbox_types::{ErrorCode, TemplateKind};
 
 use super::{E2bError, E2bResult, sandbox_id};
 use crate::error::ApiError;
 use crate::extract::OptionalJson;
-use crate::extract::{Caller, Path, Query};
+use crate::extract::{Caller, Json, Path, Query};
 use crate::state::AppState;
 
 fn template(t: &OurTemplate) -> Template {
@@ -222,9 +223,109 @@ pub async fn get_alias(
     Path(alias): Path<String>,
 ) -> E2bResult<axum::Json<TemplateAlias>> {
     let caller = caller?;
-    let t = find(&s, &caller, &alias).await?;
-    Ok(axum::Json(TemplateAlias {
-        template_id: t.name,
-        public: t.platform,
-    }))
+    match find(&s, &caller, &alias).await {
+        Ok(t) => Ok(axum::Json(TemplateAlias {
+            template_id: t.name,
+            public: t.platform,
+        })),
+        // A name with tagged builds only exists too.
+        Err(e) => match s
+            .services
+            .template_tags(&caller, super::template_name(&alias))
+            .await
+        {
+            Ok(_) => Ok(axum::Json(TemplateAlias {
+                template_id: super::template_name(&alias).to_string(),
+                public: false,
+            })),
+            Err(_) => Err(e),
+        },
+    }
+}
+
+/// E2B's build id of a tag's build: the build's UUID, or the template's for a template no
+/// build made (a snapshot).
+fn tag_build_id(
+    template: nestbox_types::TemplateId,
+    build: Option<nestbox_types::BuildId>,
+) -> String {
+    build.map_or(template.uuid(), |b| b.uuid()).to_string()
+}
+
+/// Points tags at the build `target` (`name:tag`) names; `default` makes it the template
+/// `name` itself.
+#[utoipa::path(post, path = "/templates/tags", tag = super::TAG, security(("api_key" = [])),
+    request_body = AssignTemplateTagsRequest,
+    responses((status = 201, body = AssignedTemplateTags), (status = 400, body = Error),
+              (status = 401, body = Error), (status = 403, body = Error), (status = 404, body = Error)))]
+pub async fn assign_tags(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    body: Result<Json<AssignTemplateTagsRequest>, ApiError>,
+) -> E2bResult<(StatusCode, axum::Json<AssignedTemplateTags>)> {
+    let caller = caller?;
+    let Json(req) = body?;
+    let (name, from) = req
+        .target
+        .split_once(':')
+        .unwrap_or((&req.target, DEFAULT_TAG));
+    let name = super::template_name(name);
+    let (source, tags) = s
+        .services
+        .assign_template_tags(&caller, name, from, &req.tags)
+        .await?;
+    let build = nestbox_db::builds::made(&s.services.db, source.id)
+        .await
+        .map_err(ApiError::from)?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(AssignedTemplateTags {
+            build_id: tag_build_id(source.id, build),
+            tags,
+        }),
+    ))
+}
+
+/// Takes tags off a template; `default` hides the template `name` itself (its sandboxes
+/// carry on, its other tags keep it).
+#[utoipa::path(delete, path = "/templates/tags", tag = super::TAG, security(("api_key" = [])),
+    request_body = DeleteTemplateTagsRequest,
+    responses((status = 204), (status = 400, body = Error), (status = 401, body = Error),
+              (status = 403, body = Error), (status = 404, body = Error)))]
+pub async fn remove_tags(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    body: Result<Json<DeleteTemplateTagsRequest>, ApiError>,
+) -> E2bResult<StatusCode> {
+    let caller = caller?;
+    let Json(req) = body?;
+    let name = super::template_name(&req.name);
+    s.services
+        .remove_template_tags(&caller, name, &req.tags)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A template's tags, `default` first, with the build each points at.
+#[utoipa::path(get, path = "/templates/{templateID}/tags", tag = super::TAG, security(("api_key" = [])),
+    params(("templateID" = String, Path)),
+    responses((status = 200, body = Vec<E2bTemplateTag>), (status = 400, body = Error),
+              (status = 401, body = Error), (status = 404, body = Error)))]
+pub async fn get_tags(
+    State(s): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    Path(name): Path<String>,
+) -> E2bResult<axum::Json<Vec<E2bTemplateTag>>> {
+    let caller = caller?;
+    let name = super::template_name(&name);
+    let tags = s.services.template_tags(&caller, name).await?;
+    Ok(axum::Json(
+        tags.into_iter()
+            .map(|t| E2bTemplateTag {
+                tag: t.tag,
+                build_id: tag_build_id(t.template_id, t.build_id),
+                created_at: t.created_at,
+            })
+            .collect(),
+    ))
 }

@@ -196,3 +196,61 @@ pub fn read_leftovers(dir: &Path) -> Option<Leftovers> {
     let bytes = std::fs::read(dir.join("state.json")).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A `state.json` exactly as the first release that took sandboxes back after a restart
+    /// wrote it (before token rotation and recorded disk backings): an agent upgraded from
+    /// it must read every sandbox it left, or it would lose them.
+    const OLDEST_ADOPTABLE: &str = r#"{
+      "format_version": 2,
+      "sandbox_id": "sb-6f0c2b0e-3c1d-4d55-9d0e-2f4a8b7c9e11",
+      "team_id": "team-1d2c3b4a-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+      "template": "minimal",
+      "template_id": null,
+      "vcpus": 1,
+      "memory_mb": 512,
+      "disk_size_mb": 5120,
+      "timeout_sec": 300,
+      "access_token": "a-token-of-sixteen-chars",
+      "kernel": "/var/lib/nestbox/images/kernels/vmlinuz",
+      "initrd": "/var/lib/nestbox/images/kernels/initrd.img",
+      "kernel_version": "6.1.0",
+      "phase": "running",
+      "auto_paused": false,
+      "started_by": "boot",
+      "slot": 7,
+      "vmm_pid": 4242,
+      "vmm_name": null,
+      "mem_dir": "/dev/shm/nestbox-abc/sb-6f0c2b0e-3c1d-4d55-9d0e-2f4a8b7c9e11",
+      "snapshot_durable": false,
+      "started_at": "2026-12-03T10:00:00Z",
+      "boot_ms": 1800,
+      "guest_version": "0.1.0",
+      "pooled": false,
+      "pool_template": null,
+      "internal": false,
+      "dir_alias": null,
+      "egress": {"allow_out": [], "deny_out": []},
+      "egress_version": 0
+    }"#;
+
+    #[test]
+    fn an_upgraded_agent_reads_what_the_oldest_adoptable_release_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.json"), OLDEST_ADOPTABLE).unwrap();
+        let st = read(dir.path()).expect("the older record is read");
+        assert_eq!(st.phase, Phase::Running);
+        assert_eq!((st.slot, st.vmm_pid), (Some(7), Some(4242)));
+        assert_eq!(st.rotating_to, None);
+        assert_eq!(st.disk_backing, None);
+        // Written back in today's form, it reads the same.
+        write(dir.path(), &st).unwrap();
+        let again = read(dir.path()).unwrap();
+        assert_eq!(again.sandbox_id, st.sandbox_id);
+        assert_eq!(again.access_token, st.access_token);
+    }
+}

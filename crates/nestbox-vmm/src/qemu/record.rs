@@ -166,3 +166,65 @@ impl QemuVmm {
         Ok(vm)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::spec::{Disk, DiskFormat, NetworkSpec};
+
+    /// A `vm.json` as the first release that kept records wrote it: its spec had neither
+    /// the overlay's recorded backing nor the VMM's own user (VMMs ran as root then). An
+    /// agent upgraded from it must still take those VMs over.
+    #[test]
+    fn records_of_the_oldest_adoptable_release_are_read() {
+        let record = VmRecord {
+            format: RECORD_FORMAT,
+            pid: 4242,
+            start_time: 123_456,
+            spec: VmSpec {
+                id: "sb-1".into(),
+                vcpus: 1,
+                memory_mb: 512,
+                kernel: "/img/vmlinuz".into(),
+                initrd: Some("/img/initrd.img".into()),
+                cmdline_extra: vec![],
+                root_disk: Disk {
+                    path: "/data/sandboxes/sb-1/rootfs.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                    backing: Some("/data/bases/minimal.ext4".into()),
+                },
+                network: NetworkSpec::None,
+                guest: Default::default(),
+                run_dir: "/data/sandboxes/sb-1".into(),
+                memory_dir: "/dev/shm/nbx/sb-1".into(),
+                uid: Some(0x6e62_0007),
+            },
+            cmdline: "console=ttyS0".into(),
+            memory: MemoryBacking::Owned("/dev/shm/nbx/sb-1/memory.ram".into()),
+            held: None,
+            saving: None,
+        };
+        let mut old = serde_json::to_value(&record).unwrap();
+        let spec = old["spec"].as_object_mut().unwrap();
+        assert!(spec.remove("uid").is_some());
+        assert!(
+            spec["root_disk"]
+                .as_object_mut()
+                .unwrap()
+                .remove("backing")
+                .is_some()
+        );
+        let read: VmRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            (read.format, read.pid, read.start_time),
+            (RECORD_FORMAT, 4242, 123_456)
+        );
+        assert_eq!(
+            read.spec.uid, None,
+            "an old VMM ran as root: it is not jailed"
+        );
+        assert_eq!(read.spec.root_disk.backing, None);
+        assert_eq!(read.memory, record.memory);
+    }
+}

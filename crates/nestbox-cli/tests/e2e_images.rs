@@ -237,6 +237,8 @@ async fn oci_images_from_a_registry_become_templates() {
         sh_ok(&client, sb, "echo $GREETING").await.trim(),
         "hello-from-oci"
     );
+    // Commands that name no user or directory run as the image's, as in a container.
+    assert_eq!(sh_ok(&client, sb, "id -un; pwd").await, "app\n/opt/app\n");
     // The second layer's deletions (whiteouts) and additions, and the recipe's step, which
     // ran as the image's user.
     assert_eq!(

@@ -257,7 +257,8 @@ fn tag_build_id(
 #[utoipa::path(post, path = "/templates/tags", tag = super::TAG, security(("api_key" = [])),
     request_body = AssignTemplateTagsRequest,
     responses((status = 201, body = AssignedTemplateTags), (status = 400, body = Error),
-              (status = 401, body = Error), (status = 403, body = Error), (status = 404, body = Error)))]
+              (status = 401, body = Error), (status = 403, body = Error), (status = 404, body = Error),
+              (status = 409, description = "a platform template's name", body = Error)))]
 pub async fn assign_tags(
     State(s): State<AppState>,
     caller: Result<Caller, ApiError>,

@@ -7,7 +7,8 @@
 //! (`nestbox login`, `nestbox host token`, `host list`); the agent runs from a config file
 //! and a `.env` file. Host access tokens live 12 s here, so the
 //! agent trades its token pair for the next one again and again meanwhile, and comes back
-//! with the stored pair after a kill -9.
+//! with the stored pair after a kill -9. The agent on its own is also stopped for an
+//! upgrade (SIGUSR2) under a running sandbox, and with SIGTERM at random moments.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -410,6 +411,162 @@ async fn the_control_plane_crashes_upgrades_and_restarts_under_a_running_host() 
         status.is_some_and(|s| s.success()),
         "the server stops cleanly: {status:?}"
     );
+    drop(split);
+    assert_instance_clean(&tag);
+}
+
+/// A small deterministic generator for the stop probe's moments.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+/// QEMU processes of the agent whose data directory is `dir`.
+fn agent_vmms(dir: &Path) -> Vec<u32> {
+    let needle = std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .to_string_lossy()
+        .into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
+            cmd.starts_with("qemu-system") && cmd.contains(&needle) && !zombie
+        })
+        .collect()
+}
+
+/// `nestbox agent` on its own, stopped as an operator stops it: with SIGUSR2 for an upgrade
+/// under a running sandbox (which the next agent takes back, the same VMM carrying on), and
+/// with SIGTERM at random moments — of its start-up (registration, warm-up) and of a
+/// create/exec/destroy workload. Every SIGTERM exits cleanly with no VMM and no guest
+/// memory left; once its data directory is deleted, nothing of it is left on the host.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_agent_stops_cleanly_at_any_moment_and_upgrades_under_a_sandbox() {
+    let seed = std::env::var("NESTBOX_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("agent stop probe: seed {seed} (NESTBOX_CRASH_SEED replays it)");
+    let mut rng = Rng(seed);
+    let mut split = Split::new();
+    split
+        .start_server(&PathBuf::from(env!("CARGO_BIN_EXE_nestbox")))
+        .await;
+    let admin = Client::new(&split.url)
+        .unwrap()
+        .login(
+            &split.admin_env("NESTBOX_ADMIN_EMAIL").await,
+            &split.admin_env("NESTBOX_ADMIN_PASSWORD").await,
+        )
+        .await
+        .unwrap();
+    let admin = Client::new(&split.url).unwrap().with_token(admin.token);
+    let token = admin.create_host("probe").await.unwrap().registration_token;
+    let client = Client::new(&split.url)
+        .unwrap()
+        .with_api_key(split.admin_env("NESTBOX_API_KEY").await);
+    split.start_agent(Some(&token));
+    split.ready().await;
+    let tag = common::nestbox_agent_tag(&split.agent_dir());
+
+    // An upgrade stop: the sandbox's VMM outlives the agent and the next one takes it back.
+    let running = new_sandbox(&client).await;
+    sh_ok(&client, running, "echo kept > /dev/shm/mark").await;
+    let vmm = vmm_pid(&split, running);
+    let status = Split::signal(&mut split.agent, libc::SIGUSR2);
+    assert!(status.is_some_and(|s| s.success()), "SIGUSR2: {status:?}");
+    assert!(
+        agent_vmms(&split.agent_dir()).contains(&(vmm as u32)),
+        "the VMM runs on without its agent"
+    );
+    split.start_agent(None);
+    let read_mark = nestbox_types::api::ExecRequest {
+        command: Some("cat /dev/shm/mark".into()),
+        ..Default::default()
+    };
+    eventually(Duration::from_secs(120), "the sandbox back", || async {
+        // `503` until the new agent has registered again.
+        let out = client.exec(running, &read_mark).await.ok()?;
+        (out.exit_code == 0 && out.stdout.trim() == "kept").then_some(())
+    })
+    .await;
+    assert_eq!(vmm_pid(&split, running), vmm, "the same VMM");
+    client.destroy_sandbox(running).await.unwrap();
+
+    // SIGTERM at random moments: start-up, then a workload.
+    for round in 0..4 {
+        let during_start = round % 2 == 0;
+        if round > 0 {
+            split.start_agent(None);
+        }
+        if !during_start {
+            split.ready().await;
+        }
+        let work = (!during_start).then(|| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(sb) = client
+                        .create_sandbox(&nestbox_types::api::CreateSandboxRequest::default())
+                        .await
+                    {
+                        let busy = nestbox_types::api::ExecRequest {
+                            command: Some("echo busy".into()),
+                            ..Default::default()
+                        };
+                        let _ = client.exec(sb.id, &busy).await;
+                        let _ = client.destroy_sandbox(sb.id).await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            })
+        });
+        let after = Duration::from_millis(rng.below(if during_start { 8000 } else { 6000 }));
+        tokio::time::sleep(after).await;
+        let mut agent = split.agent.take();
+        let status = tokio::task::spawn_blocking(move || Split::signal(&mut agent, libc::SIGTERM))
+            .await
+            .unwrap();
+        if let Some(work) = work {
+            work.abort();
+            let _ = work.await;
+        }
+        let what = if during_start { "start-up" } else { "workload" };
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "round {round}: a SIGTERM {after:?} into its {what} exits cleanly ({status:?}):\n{}",
+            split.log_tail("agent")
+        );
+        let left = agent_vmms(&split.agent_dir());
+        assert!(left.is_empty(), "round {round}: VMMs left: {left:?}");
+        assert!(
+            !Path::new(&format!("/dev/shm/nestbox-{tag}")).exists(),
+            "round {round}: guest memory left after a graceful stop"
+        );
+        eprintln!("round {round}: stopped {after:?} into its {what}; nothing left running");
+    }
+    // With its data directory gone, nothing of the agent is left on the host.
+    let status = Split::signal(&mut split.server, libc::SIGTERM);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
     drop(split);
     assert_instance_clean(&tag);
 }

@@ -392,6 +392,7 @@ pub struct CreateSandboxRequest {
     pub timeout_sec: Option<u32>,
     /// Environment variables for every process in the sandbox.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::env_map))]
     pub env: BTreeMap<String, String>,
     /// Free-form labels, filterable in lists.
     #[serde(default)]
@@ -407,7 +408,7 @@ pub struct CreateSandboxRequest {
     pub on_expiry: Option<Expiry>,
     /// Egress rules, in force before the sandbox's first instruction runs; omitted: none
     /// (the host's own rules always apply).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::serde_util::object_only")]
     pub egress: Option<EgressRequest>,
     /// Its ports answer through the proxy without the traffic token (default `false`).
     #[serde(default)]
@@ -609,16 +610,19 @@ pub struct ExecRequest {
     pub argv: Option<Vec<String>>,
     /// Extra environment variables.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::env_map))]
     pub env: BTreeMap<String, String>,
     /// Working directory (default: the user's home).
     #[serde(default)]
     pub cwd: Option<String>,
-    /// User to run as (default `root`).
+    /// User to run as (default: the template's user, root for most).
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
-    /// Kill the command after this many seconds (default 60).
+    /// Kill the command after this many seconds (default 60, at most 3600; an
+    /// installation may set another limit).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3600))]
     pub timeout_sec: Option<u32>,
     /// Standard input, base64.
     #[serde(default)]
@@ -852,7 +856,7 @@ pub struct AssignTagsRequest {
     )]
     pub from: Option<String>,
     /// The tags to point there (1–10; `default` makes that build the template `name`).
-    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 10))]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::some_tags))]
     pub tags: Vec<String>,
 }
 

@@ -33,11 +33,14 @@ pub struct Error {
 #[cfg_attr(feature = "openapi", schema(as = e2b::NewSandbox))]
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
-    /// Template name (`base` is the platform's default template) or id.
+    /// Template name (`base`, or empty: the platform's default template), optionally
+    /// `name:tag` for one of its tagged builds.
     #[serde(rename = "templateID")]
     #[cfg_attr(
         feature = "openapi",
-        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+        schema(
+            pattern = "^([A-Za-z0-9][A-Za-z0-9._-]{0,63}(:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?)?$"
+        )
     )]
     pub template_id: String,
     /// Lifetime, seconds (default 300): the sandbox is killed (or paused, with
@@ -52,13 +55,13 @@ pub struct NewSandbox {
     #[serde(default)]
     pub auto_pause_memory: Option<bool>,
     /// Resume the sandbox, while it is paused, when a request reaches one of its ports.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::serde_util::object_only")]
     pub auto_resume: Option<AutoResume>,
     /// Whether the sandbox may reach the internet.
     #[serde(default, rename = "allow_internet_access")]
     pub allow_internet_access: Option<bool>,
     /// Egress and ingress rules.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::serde_util::object_only")]
     pub network: Option<NetworkConfig>,
     /// Labels.
     #[serde(default)]
@@ -672,7 +675,7 @@ pub struct AssignTemplateTagsRequest {
     /// The build to tag: `name:tag` (a name alone is its `default` tag).
     pub target: String,
     /// The tags to give it (1–10).
-    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 10))]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::some_tags))]
     pub tags: Vec<String>,
 }
 
@@ -697,7 +700,7 @@ pub struct DeleteTemplateTagsRequest {
     /// The template's name.
     pub name: String,
     /// The tags to take off (1–10).
-    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 10))]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::some_tags))]
     pub tags: Vec<String>,
 }
 
@@ -726,15 +729,25 @@ pub struct TemplateTag {
 pub struct TemplateBuildRequestV3 {
     /// The template's name, optionally `name:tag`.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
+    )]
     pub name: Option<String>,
     /// Older SDKs' spelling of `name`.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
+    )]
     pub alias: Option<String>,
     /// Tags of the build (`default` when none).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::build_tags))]
     pub tags: Option<Vec<String>>,
     /// vCPUs.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub cpu_count: Option<u32>,
     /// Memory, MiB.
     #[serde(default, rename = "memoryMB")]

@@ -11,6 +11,9 @@ pub mod egress;
 pub mod error;
 pub mod ids;
 pub mod limits;
+#[cfg(feature = "openapi")]
+pub mod schemas;
+mod serde_util;
 pub mod size;
 pub mod status;
 

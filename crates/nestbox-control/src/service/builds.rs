@@ -1554,6 +1554,9 @@ impl Services {
             }
         }
         if let Some(d) = recipe.disk_size_mb {
+            if d == 0 {
+                return Err(ApiError::invalid("disk_size_mb must be at least 1"));
+            }
             if let Some(base) = base
                 && d < base.disk_size_mb.max(1)
             {
@@ -1597,7 +1600,13 @@ impl Services {
         let build = db::get(&self.db, caller.team, id)
             .await?
             .ok_or_else(|| not_found(id))?;
-        let limit = q.limit.unwrap_or(1000).clamp(1, 1000);
+        if i64::try_from(q.offset).is_err() {
+            return Err(ApiError::invalid("offset is past any log"));
+        }
+        let limit = q.limit.unwrap_or(1000);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::invalid("limit must be 1–1000"));
+        }
         let lines = db::logs(&self.db, id, q.offset, limit).await?;
         let next = lines.last().map(|l| l.seq + 1).unwrap_or(q.offset);
         let done = build.status.is_final() && (lines.len() as u32) < limit;

@@ -42,6 +42,7 @@ pub struct CreateBuildRequest {
     )]
     pub name: String,
     /// What to build.
+    #[serde(deserialize_with = "crate::serde_util::object")]
     pub recipe: Recipe,
     /// Time limit of the whole build, seconds (default 1800, at most 7200).
     #[serde(default)]
@@ -52,13 +53,17 @@ pub struct CreateBuildRequest {
     pub no_cache: bool,
     /// Credentials for the registry of the recipe's `image`. Used for this build only:
     /// never stored, never shown.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::serde_util::object_only"
+    )]
     pub registry_auth: Option<RegistryAuth>,
     /// The tags the template gets (default `["default"]`: it becomes the template `name`
     /// itself; others make it `name:tag`, leaving `name` as it was). At most 10, each like
     /// a name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[cfg_attr(feature = "openapi", schema(max_items = 10))]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::build_tags))]
     pub tags: Vec<String>,
 }
 
@@ -97,7 +102,7 @@ pub struct Recipe {
     /// directory, user and entrypoint (as the start command, unless the recipe has one)
     /// are the recipe's to begin with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(max_length = 512))]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[!-~]{1,512}$"))]
     pub image: Option<String>,
     /// The user the steps and the start command run as until a `user` step (default:
     /// the image's user, else `root`).
@@ -112,7 +117,11 @@ pub struct Recipe {
     pub steps: Vec<BuildStep>,
     /// A command left running in the template: sandboxes from it start with it already
     /// serving.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::serde_util::object_only"
+    )]
     pub start: Option<StartCommand>,
     /// `snapshot` (memory and disk: sandboxes continue with the start command running; the
     /// default) or `image` (the disk only: sandboxes boot from it; no start command).
@@ -573,6 +582,7 @@ pub struct BuildLogsQuery {
     pub offset: u64,
     /// Most entries to return (default and at most 1000).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub limit: Option<u32>,
 }
 

@@ -23,17 +23,25 @@ pub struct StartProcessRequest {
     pub argv: Option<Vec<String>>,
     /// Extra environment.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::env_map))]
     pub env: BTreeMap<String, String>,
     /// Working directory (default: the user's home).
     #[serde(default)]
     pub cwd: Option<String>,
-    /// User to run as (default `root`).
+    /// User to run as (default: the template's user, root for most).
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
     /// A name to reach the process by instead of its pid: 1–64 letters, digits, `.`, `_`
     /// or `-`, not all digits, unique among the sandbox's running processes.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = "^[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*$",
+            max_length = 64
+        )
+    )]
     pub tag: Option<String>,
     /// Keep stdin open for `…/stdin` (default `false`: stdin is closed).
     #[serde(default)]
@@ -56,16 +64,24 @@ pub struct StartTerminalRequest {
     pub argv: Option<Vec<String>>,
     /// Extra environment (`TERM` defaults to `xterm-256color`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::env_map))]
     pub env: BTreeMap<String, String>,
     /// Working directory (default: the user's home).
     #[serde(default)]
     pub cwd: Option<String>,
-    /// User to run as (default `root`).
+    /// User to run as (default: the template's user, root for most).
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(pattern = "^([a-z_][a-z0-9_-]{0,31})?$"))]
     pub user: Option<String>,
     /// A name to reattach by; same rules as a process tag.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = "^[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*$",
+            max_length = 64
+        )
+    )]
     pub tag: Option<String>,
 }
 

@@ -155,7 +155,7 @@ fn origin(state: &AppState, headers: &HeaderMap) -> String {
 /// Whether the team has uploaded the files `hash`; if not, a URL to `PUT` them to (it
 /// carries its own authorisation for an hour: the SDK sends no API key there).
 #[utoipa::path(get, path = "/templates/{templateID}/files/{hash}", tag = super::TAG, security(("api_key" = [])),
-    params(("templateID" = String, Path), ("hash" = String, Path)),
+    params(("templateID" = String, Path), ("hash" = String, Path, pattern = "^[0-9a-f]{64}$")),
     responses((status = 201, body = TemplateBuildFileUpload), (status = 400, body = Error),
               (status = 401, body = Error)))]
 pub async fn file_upload_link(
@@ -193,7 +193,7 @@ pub async fn file_upload_link(
 /// Stores the files `hash` (a gzip-compressed tar) through an upload URL: authorised by
 /// its token, not an API key.
 #[utoipa::path(put, path = "/templates/{templateID}/files/{hash}", tag = super::TAG,
-    params(("templateID" = String, Path), ("hash" = String, Path), UploadToken),
+    params(("templateID" = String, Path), ("hash" = String, Path, pattern = "^[0-9a-f]{64}$"), UploadToken),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200), (status = 400, body = Error), (status = 401, body = Error),
               (status = 413, body = Error)))]

@@ -547,7 +547,8 @@ pub async fn resume(
 #[utoipa::path(post, path = "/sandboxes/{sandboxID}/fork", tag = super::TAG, security(("api_key" = [])),
     params(("sandboxID" = String, Path)), request_body = SandboxForkRequest,
     responses((status = 201, body = Vec<SandboxForkResult>), (status = 400, body = Error), (status = 401, body = Error),
-              (status = 404, body = Error), (status = 409, body = Error)))]
+              (status = 404, body = Error), (status = 409, body = Error),
+              (status = 503, description = "no host has room for the copies right now", body = Error)))]
 pub async fn fork(
     State(s): State<AppState>,
     caller: Result<Caller, ApiError>,

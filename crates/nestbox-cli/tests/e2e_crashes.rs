@@ -28,7 +28,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Nestbox, assert_instance_clean, eventually, footprint, instance_slots, new_sandbox, sh_ok,
+    Nestbox, assert_instance_clean, eventually, footprint, instance_slots, instance_vmms,
+    new_sandbox, sh_ok,
 };
 use nestbox_client::Client;
 use nestbox_types::api::{ExecRequest, SandboxListQuery};
@@ -97,23 +98,6 @@ async fn churn(client: &Client, rng: &mut Rng, mine: &mut Vec<SandboxId>) {
         }
         _ => {}
     }
-}
-
-/// The instance's VMM processes: those whose command line names its data directory.
-fn instance_vmms(data_dir: &Path) -> BTreeSet<u32> {
-    let needle = data_dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
-            cmd.starts_with("qemu-system") && cmd.contains(&needle) && !zombie
-        })
-        .collect()
 }
 
 /// What the instance's sandbox directories account for: VMM pids and slots.

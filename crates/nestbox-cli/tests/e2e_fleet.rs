@@ -427,26 +427,6 @@ impl Rng {
     }
 }
 
-/// QEMU processes of the agent whose data directory is `dir`.
-fn agent_vmms(dir: &Path) -> Vec<u32> {
-    let needle = std::fs::canonicalize(dir)
-        .unwrap_or_else(|_| dir.to_path_buf())
-        .to_string_lossy()
-        .into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
-            cmd.starts_with("qemu-system") && cmd.contains(&needle) && !zombie
-        })
-        .collect()
-}
-
 /// `nestbox agent` on its own, stopped as an operator stops it: with SIGUSR2 for an upgrade
 /// under a running sandbox (which the next agent takes back, the same VMM carrying on), and
 /// with SIGTERM at random moments — of its start-up (registration, warm-up) and of a
@@ -494,7 +474,7 @@ async fn a_standalone_agent_stops_cleanly_at_any_moment_and_upgrades_under_a_san
     let status = Split::signal(&mut split.agent, libc::SIGUSR2);
     assert!(status.is_some_and(|s| s.success()), "SIGUSR2: {status:?}");
     assert!(
-        agent_vmms(&split.agent_dir()).contains(&(vmm as u32)),
+        common::instance_vmms(&split.agent_dir()).contains(&(vmm as u32)),
         "the VMM runs on without its agent"
     );
     split.start_agent(None);
@@ -556,7 +536,7 @@ async fn a_standalone_agent_stops_cleanly_at_any_moment_and_upgrades_under_a_san
             "round {round}: a SIGTERM {after:?} into its {what} exits cleanly ({status:?}):\n{}",
             split.log_tail("agent")
         );
-        let left = agent_vmms(&split.agent_dir());
+        let left = common::instance_vmms(&split.agent_dir());
         assert!(left.is_empty(), "round {round}: VMMs left: {left:?}");
         assert!(
             !Path::new(&format!("/dev/shm/nestbox-{tag}")).exists(),

@@ -437,6 +437,27 @@ pub async fn new_sandbox(client: &Client) -> SandboxId {
         .id
 }
 
+/// The VMM processes of the agent whose data directory is `data_dir`: those whose command
+/// line names it (a zombie does not count).
+pub fn instance_vmms(data_dir: &Path) -> std::collections::BTreeSet<u32> {
+    let needle = std::fs::canonicalize(data_dir)
+        .unwrap_or_else(|_| data_dir.to_path_buf())
+        .to_string_lossy()
+        .into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
+            cmd.starts_with("qemu-system") && cmd.contains(&needle) && !zombie
+        })
+        .collect()
+}
+
 /// Whether the VMM process `pid`, whose command line names `name`, runs (a zombie or a
 /// recycled pid does not count).
 pub fn vmm_alive(pid: u32, name: &str) -> bool {

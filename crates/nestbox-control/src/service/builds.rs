@@ -45,7 +45,7 @@ use nestbox_types::api::{
     CreateBuildRequest, CreateSandboxRequest, ExecEvent, ExecRequest, StartProcessRequest,
     is_sha256_hex,
 };
-use nestbox_types::limits::{DEFAULT_TAG, is_valid_template_name, is_valid_template_tag};
+use nestbox_types::limits::{DEFAULT_TAG, is_valid_template_name};
 use nestbox_types::{BuildId, BuildStatus, ErrorCode, SandboxId, TemplateKind};
 use sha2::{Digest, Sha256};
 
@@ -55,8 +55,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::Caller;
 use crate::state::Services;
 
-/// Most tags one build gives its template.
-const MAX_BUILD_TAGS: usize = 10;
 /// The base when a recipe names none.
 const DEFAULT_BASE: &str = "minimal";
 /// Longest log line kept; longer output is split.
@@ -134,21 +132,7 @@ pub fn build_view(b: &db::Build) -> Build {
 
 /// A build's tags as asked for: checked, without repeats, `default` when none.
 fn build_tags(asked: &[String]) -> ApiResult<Vec<String>> {
-    if asked.len() > MAX_BUILD_TAGS {
-        return Err(ApiError::limit("tags", MAX_BUILD_TAGS, ""));
-    }
-    let mut tags: Vec<String> = Vec::new();
-    for tag in asked {
-        if !is_valid_template_tag(tag) {
-            return Err(ApiError::invalid(format!(
-                "tag `{}` is not valid: 1–64 letters, digits, `.`, `_` or `-`, starting with a letter or digit",
-                tag.chars().take(80).collect::<String>()
-            )));
-        }
-        if !tags.contains(tag) {
-            tags.push(tag.clone());
-        }
-    }
+    let mut tags = super::tags::checked_tags(asked)?;
     if tags.is_empty() {
         tags.push(DEFAULT_TAG.to_string());
     }

@@ -22,7 +22,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::Caller;
 use crate::state::Services;
 
-/// Most tags one request names.
+/// Most tags one request (or build) names.
 pub const MAX_TAGS: usize = 10;
 
 fn not_found(name: &str) -> ApiError {
@@ -45,11 +45,9 @@ fn check_name(name: &str) -> ApiResult<()> {
     }
 }
 
-/// The tags of a request: checked, at least one, at most [`MAX_TAGS`], without repeats.
-fn check_tags(asked: &[String]) -> ApiResult<Vec<String>> {
-    if asked.is_empty() {
-        return Err(ApiError::invalid("name at least one tag"));
-    }
+/// Tags as asked for: each checked, at most [`MAX_TAGS`], without repeats (in the order
+/// asked).
+pub(crate) fn checked_tags(asked: &[String]) -> ApiResult<Vec<String>> {
     if asked.len() > MAX_TAGS {
         return Err(ApiError::limit("tags", MAX_TAGS, ""));
     }
@@ -66,6 +64,15 @@ fn check_tags(asked: &[String]) -> ApiResult<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+/// The tags of a request that changes tags: [`checked_tags`], at least one.
+fn check_tags(asked: &[String]) -> ApiResult<Vec<String>> {
+    let tags = checked_tags(asked)?;
+    if tags.is_empty() {
+        return Err(ApiError::invalid("name at least one tag"));
+    }
+    Ok(tags)
 }
 
 impl Services {

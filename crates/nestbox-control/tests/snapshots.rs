@@ -603,6 +603,26 @@ async fn only_platform_admins_delete_platform_templates(engine: Engine) -> anyho
         log_before,
         "refused before the host"
     );
+    // Nor tag them, or take their tags off (`default` would hide the template from every
+    // team); they only read them.
+    api_error(
+        platform
+            .assign_template_tags("golden", None, &["mine"])
+            .await,
+        403,
+        ErrorCode::Forbidden,
+    );
+    api_error(
+        platform.remove_template_tag("golden", "default").await,
+        403,
+        ErrorCode::Forbidden,
+    );
+    let tags = platform.template_tags("golden").await?;
+    assert_eq!(
+        tags.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(),
+        ["default"]
+    );
+    assert_eq!(tags[0].template_id, t.id);
 
     h.admin.api().delete_snapshot("golden").await?;
     assert!(h.agent.template(t.id).is_none());
